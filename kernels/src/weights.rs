@@ -66,24 +66,42 @@ impl SplitMix64 {
 }
 
 /// Row-major `rows x cols` weight matrix (`cols` is the inner dimension K).
+/// Rows are generated on all cores; the result does not depend on how many.
 pub fn llm_like_weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        // One stream per row keeps a row's values independent of the matrix
-        // height, so a smaller test shape is a prefix of a larger one.
-        let mut rng = SplitMix64::new(seed, r as u64 + 1);
-        let row_scale = 0.02 * (0.5 * rng.next_normal()).exp();
-        for _ in 0..cols {
-            let v = if rng.next_open01() < OUTLIER_FRACTION {
-                let sign = if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
-                sign * row_scale * (10.0 + 10.0 * rng.next_open01())
-            } else {
-                row_scale * rng.next_student_t(5)
-            };
-            out.push(v as f32);
-        }
+    let mut out = vec![0f32; rows * cols];
+    if out.is_empty() {
+        return out;
     }
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let rows_per_worker = rows.div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        for (chunk_index, chunk) in out.chunks_mut(rows_per_worker * cols).enumerate() {
+            scope.spawn(move || {
+                for (i, row) in chunk.chunks_mut(cols).enumerate() {
+                    fill_weight_row(row, chunk_index * rows_per_worker + i, seed);
+                }
+            });
+        }
+    });
     out
+}
+
+fn fill_weight_row(row: &mut [f32], row_index: usize, seed: u64) {
+    // One stream per row keeps a row's values independent of the matrix
+    // height and of the number of worker threads.
+    let mut rng = SplitMix64::new(seed, row_index as u64 + 1);
+    let row_scale = 0.02 * (0.5 * rng.next_normal()).exp();
+    for v in row.iter_mut() {
+        let value = if rng.next_open01() < OUTLIER_FRACTION {
+            let sign = if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
+            sign * row_scale * (10.0 + 10.0 * rng.next_open01())
+        } else {
+            row_scale * rng.next_student_t(5)
+        };
+        *v = value as f32;
+    }
 }
 
 /// Row-major `tokens x cols` activations (one row per token).

@@ -1,0 +1,279 @@
+//! `bench.toml`: named kernel matrices and optional custom shapes.
+//!
+//! ```toml
+//! [matrices.quick]
+//! types   = ["F32", "Q8_0", "Q4_0"]      # GGML type names, any case
+//! shapes  = ["llama3.2-1b.*"]            # catalog names, `model.*` or "all"
+//! batches = [1, 16]                      # activation tokens (N)
+//! threads = [1, "all"]                   # "all" = every core of the board
+//! warmup = 2
+//! min_reps = 5
+//! min_time_ms = 200
+//! max_time_ms = 3000
+//! repack = true                          # let GGML repack weights as llama.cpp does
+//!
+//! [shapes."mymodel.ffn_up"]              # extra shapes, rows (M) x cols (K)
+//! rows = 4096
+//! cols = 1024
+//! ```
+
+use crate::matrix::{ShapeCatalog, ThreadCount};
+use kernels::GgmlType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: matrix `{matrix}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        matrix: String,
+        message: String,
+    },
+    #[error("{path}: no matrix named `{name}` (defined: {known})")]
+    UnknownMatrix {
+        path: PathBuf,
+        name: String,
+        known: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchConfig {
+    #[serde(default)]
+    pub matrices: BTreeMap<String, MatrixSpec>,
+    #[serde(default)]
+    pub shapes: BTreeMap<String, CustomShape>,
+    /// Seed of the synthetic weights and activations.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Where this config came from, for error messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomShape {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// One named kernel matrix: the cross product of its lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixSpec {
+    pub types: Vec<GgmlType>,
+    pub shapes: Vec<String>,
+    #[serde(default = "default_batches")]
+    pub batches: Vec<usize>,
+    #[serde(default = "default_threads")]
+    pub threads: Vec<ThreadCount>,
+    #[serde(default = "default_warmup")]
+    pub warmup: u32,
+    #[serde(default = "default_min_reps")]
+    pub min_reps: u32,
+    #[serde(default = "default_min_time_ms")]
+    pub min_time_ms: u64,
+    /// Cap per cell: stop repeating after this long even below `min_reps`
+    /// (at least one timed repetition always runs).
+    #[serde(default = "default_max_time_ms")]
+    pub max_time_ms: u64,
+    #[serde(default = "default_repack")]
+    pub repack: bool,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_batches() -> Vec<usize> {
+    vec![1]
+}
+fn default_threads() -> Vec<ThreadCount> {
+    vec![ThreadCount::All]
+}
+fn default_warmup() -> u32 {
+    2
+}
+fn default_min_reps() -> u32 {
+    5
+}
+fn default_min_time_ms() -> u64 {
+    200
+}
+fn default_max_time_ms() -> u64 {
+    5000
+}
+fn default_repack() -> bool {
+    true
+}
+
+impl BenchConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: BenchConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            // toml's message already names the key and line; keep it on one line.
+            message: e.message().replace('\n', " ")
+                + &e
+                    .span()
+                    .map(|s| format!(" (at line {})", line_of(text, s.start)))
+                    .unwrap_or_default(),
+        })?;
+        config.source = path.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn catalog(&self) -> ShapeCatalog {
+        ShapeCatalog::with_custom(&self.shapes)
+    }
+
+    /// The matrix called `name`, or an error listing the defined ones.
+    pub fn matrix(&self, name: &str) -> Result<&MatrixSpec, ConfigError> {
+        self.matrices
+            .get(name)
+            .ok_or_else(|| ConfigError::UnknownMatrix {
+                path: self.source.clone(),
+                name: name.to_string(),
+                known: self.matrices.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let catalog = self.catalog();
+        for (name, spec) in &self.matrices {
+            let invalid = |message: String| ConfigError::Invalid {
+                path: self.source.clone(),
+                matrix: name.clone(),
+                message,
+            };
+            for (what, empty) in [
+                ("types", spec.types.is_empty()),
+                ("shapes", spec.shapes.is_empty()),
+                ("batches", spec.batches.is_empty()),
+                ("threads", spec.threads.is_empty()),
+            ] {
+                if empty {
+                    return Err(invalid(format!("`{what}` is empty")));
+                }
+            }
+            if spec.batches.contains(&0) {
+                return Err(invalid("`batches` must be at least 1".into()));
+            }
+            if spec.threads.contains(&ThreadCount::Fixed(0)) {
+                return Err(invalid("`threads` must be at least 1 or \"all\"".into()));
+            }
+            if spec.min_reps == 0 {
+                return Err(invalid("`min_reps` must be at least 1".into()));
+            }
+            for pattern in &spec.shapes {
+                catalog.resolve(pattern).map_err(invalid)?;
+            }
+        }
+        for (name, shape) in &self.shapes {
+            if shape.rows == 0 || shape.cols == 0 {
+                return Err(ConfigError::Parse {
+                    path: self.source.clone(),
+                    message: format!("shape `{name}` has a zero dimension"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<BenchConfig, ConfigError> {
+        BenchConfig::parse(text, Path::new("bench.toml"))
+    }
+
+    #[test]
+    fn repo_bench_toml_parses_with_quick_and_full() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench.toml");
+        let config = BenchConfig::load(&path).unwrap();
+        config.matrix("quick").unwrap();
+        config.matrix("full").unwrap();
+    }
+
+    #[test]
+    fn defaults_fill_in_omitted_keys() {
+        let c = parse("[matrices.m]\ntypes=[\"q4_0\"]\nshapes=[\"llama3.2-1b.attn_q\"]\n").unwrap();
+        let m = c.matrix("m").unwrap();
+        assert_eq!(m.types, vec![GgmlType::Q4_0]);
+        assert_eq!(m.batches, vec![1]);
+        assert_eq!(m.threads, vec![ThreadCount::All]);
+        assert!(m.repack);
+        assert_eq!(c.seed, 42);
+    }
+
+    #[test]
+    fn unknown_type_is_named_with_the_known_ones() {
+        let e = parse("[matrices.m]\ntypes=[\"q4_x\"]\nshapes=[\"all\"]\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("q4_x") && msg.contains("Q4_K"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_shape_is_named() {
+        let e = parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"llama9.attn\"]\n").unwrap_err();
+        assert!(e.to_string().contains("llama9.attn"), "{e}");
+        assert!(e.to_string().contains("matrix `m`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_and_malformed_toml_are_errors() {
+        let e = parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nbatch=[1]\n").unwrap_err();
+        assert!(e.to_string().contains("batch"), "{e}");
+        let e = parse("[matrices.m\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn unknown_matrix_lists_defined_ones() {
+        let c = parse("[matrices.a]\ntypes=[\"f32\"]\nshapes=[\"all\"]\n").unwrap();
+        let e = c.matrix("b").unwrap_err().to_string();
+        assert!(e.contains("`b`") && e.contains("a"), "{e}");
+    }
+
+    #[test]
+    fn zero_threads_or_batch_is_rejected() {
+        assert!(parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nthreads=[0]\n").is_err());
+        assert!(parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nbatches=[0]\n").is_err());
+        assert!(parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nthreads=[\"many\"]\n").is_err());
+    }
+
+    #[test]
+    fn custom_shapes_join_the_catalog() {
+        let c = parse(
+            "[shapes.\"mine.ffn\"]\nrows=64\ncols=256\n[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"mine.*\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.catalog().resolve("mine.*").unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,50 @@
+//! The agent's progress lines: one JSON object per line on stdout.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ProgressEvent {
+    /// The job was read; `total` cells will follow.
+    Started { total: usize, bandwidth_gbps: Option<f64> },
+    /// The agent starts a cell (so a crash can be pinned to it).
+    CellStarted { index: usize, cell_id: String },
+    /// A cell's row is on disk.
+    CellFinished {
+        index: usize,
+        cell_id: String,
+        status: crate::results::CellStatus,
+        median_ns: Option<f64>,
+    },
+    /// Every cell is done.
+    Finished { ok: usize, unsupported: usize, failed: usize },
+}
+
+impl ProgressEvent {
+    pub fn to_line(&self) -> String {
+        // Serializing this enum cannot fail: it holds only strings and numbers.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `None` for lines that are not progress events (e.g. library chatter).
+    pub fn parse(line: &str) -> Option<ProgressEvent> {
+        serde_json::from_str(line.trim()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_and_other_lines_are_ignored() {
+        let e = ProgressEvent::CellFinished {
+            index: 3,
+            cell_id: "x/F32/n1/t1".into(),
+            status: crate::results::CellStatus::Ok,
+            median_ns: Some(12.5),
+        };
+        assert_eq!(ProgressEvent::parse(&e.to_line()), Some(e));
+        assert_eq!(ProgressEvent::parse("repack: repack tensor"), None);
+    }
+}

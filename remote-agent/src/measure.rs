@@ -1,0 +1,242 @@
+//! Measuring a job's cells: weights, quantization, timing, error, rows.
+
+use anyhow::{Context, Result};
+use harness::matrix::{Cell, JobSpec, TimingPolicy};
+use harness::probe::{BoardProbe, ThermalReading};
+use harness::progress::ProgressEvent;
+use harness::results::{CellStatus, CsvAppender, KernelRow, SampleRow, KERNEL_ROWS_FILE, SAMPLES_FILE};
+use harness::stats::{nmse, Summary};
+use kernels::weights::{llm_like_activations, llm_like_weights};
+use kernels::{quantize, unsupported_reason, KernelError, MatMul};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The f64 reference is computed on at most this many weight rows and
+/// tokens: enough for a stable NMSE, cheap even for a 128256-row lm head.
+const REFERENCE_ROWS: usize = 256;
+const REFERENCE_TOKENS: usize = 4;
+
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub ok: usize,
+    pub unsupported: usize,
+    pub failed: usize,
+}
+
+struct Measured {
+    samples_ns: Vec<u64>,
+    nmse: f64,
+    weight_bytes: u64,
+    kernel_path: String,
+}
+
+enum Outcome {
+    Measured(Measured),
+    Unsupported(String),
+    Failed(String),
+}
+
+/// Weights of the shape being measured, kept while consecutive cells share it
+/// (cells arrive grouped by shape), since generating an lm head takes seconds.
+#[derive(Default)]
+struct WeightCache {
+    key: Option<(String, u64)>,
+    values: Vec<f32>,
+}
+
+impl WeightCache {
+    fn get(&mut self, cell: &Cell, seed: u64) -> &[f32] {
+        let key = (cell.shape.name.clone(), seed);
+        if self.key.as_ref() != Some(&key) {
+            self.values = Vec::new(); // free the old shape before allocating
+            self.values = llm_like_weights(cell.shape.rows, cell.shape.cols, seed);
+            self.key = Some(key);
+        }
+        &self.values
+    }
+}
+
+pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tally> {
+    let mut rows = CsvAppender::<KernelRow>::open(&out_dir.join(KERNEL_ROWS_FILE))?;
+    let mut samples = CsvAppender::<SampleRow>::open(&out_dir.join(SAMPLES_FILE))?;
+    let mut stdout = std::io::stdout();
+    let mut emit = |event: ProgressEvent| {
+        // A closed stdout (host gone) must not stop the measurement: rows
+        // are on disk and the host collects them when it reconnects.
+        let _ = writeln!(stdout, "{}", event.to_line());
+        let _ = stdout.flush();
+    };
+    emit(ProgressEvent::Started {
+        total: job.cells.len(),
+        bandwidth_gbps: probe.read_bandwidth_gbps,
+    });
+    let mut cache = WeightCache::default();
+    let mut tally = Tally::default();
+    for (index, cell) in job.cells.iter().enumerate() {
+        emit(ProgressEvent::CellStarted {
+            index,
+            cell_id: cell.id.clone(),
+        });
+        let threads = cell.threads.resolve(probe.cores);
+        let before = crate::sysinfo::thermal_reading();
+        let outcome = measure_cell(cell, threads, job, &mut cache);
+        let after = crate::sysinfo::thermal_reading();
+        let row = build_row(job, probe, cell, threads, &outcome, before, after);
+        if let Outcome::Measured(m) = &outcome {
+            for (i, &ns) in m.samples_ns.iter().enumerate() {
+                samples.append(&SampleRow {
+                    run_id: job.run_id.clone(),
+                    board: job.board.clone(),
+                    cell_id: cell.id.clone(),
+                    repetition: i as u32,
+                    ns,
+                })?;
+            }
+        }
+        rows.append(&row)
+            .with_context(|| format!("writing the row of {}", cell.id))?;
+        match row.status {
+            CellStatus::Ok => tally.ok += 1,
+            CellStatus::Unsupported => tally.unsupported += 1,
+            CellStatus::Failed => tally.failed += 1,
+        }
+        emit(ProgressEvent::CellFinished {
+            index,
+            cell_id: cell.id.clone(),
+            status: row.status,
+            median_ns: row.median_ns,
+        });
+    }
+    emit(ProgressEvent::Finished {
+        ok: tally.ok,
+        unsupported: tally.unsupported,
+        failed: tally.failed,
+    });
+    Ok(tally)
+}
+
+fn measure_cell(cell: &Cell, threads: usize, job: &JobSpec, cache: &mut WeightCache) -> Outcome {
+    if let Some(reason) = unsupported_reason(cell.ty, cell.shape.cols) {
+        return Outcome::Unsupported(reason);
+    }
+    match try_measure(cell, threads, job, cache) {
+        Ok(m) => Outcome::Measured(m),
+        Err(KernelError::Unsupported { reason, .. }) => Outcome::Unsupported(reason),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+fn try_measure(
+    cell: &Cell,
+    threads: usize,
+    job: &JobSpec,
+    cache: &mut WeightCache,
+) -> Result<Measured, KernelError> {
+    let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
+    let weights = cache.get(cell, job.seed);
+    let quantized = quantize(cell.ty, m, k, weights)?;
+    let activations = llm_like_activations(n, k, job.seed);
+    let mut matmul = MatMul::new(&quantized, n, threads, job.repack)?;
+    matmul.set_activations(&activations)?;
+    matmul.compute()?;
+    let error = output_nmse(weights, &activations, &matmul.output(), m, k, n);
+    let samples_ns = time_repetitions(&mut matmul, &job.timing)?;
+    Ok(Measured {
+        samples_ns,
+        nmse: error,
+        weight_bytes: quantized.bytes() as u64,
+        kernel_path: matmul.path().to_string(),
+    })
+}
+
+fn time_repetitions(matmul: &mut MatMul, policy: &TimingPolicy) -> Result<Vec<u64>, KernelError> {
+    for _ in 0..policy.warmup {
+        matmul.compute()?;
+    }
+    let min_time = Duration::from_millis(policy.min_time_ms);
+    let max_time = Duration::from_millis(policy.max_time_ms);
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    loop {
+        let t = Instant::now();
+        matmul.compute()?;
+        samples.push(t.elapsed().as_nanos() as u64);
+        let elapsed = start.elapsed();
+        let enough = samples.len() >= policy.min_reps as usize && elapsed >= min_time;
+        if enough || elapsed >= max_time {
+            return Ok(samples);
+        }
+    }
+}
+
+/// NMSE of GGML's output against an f64 product with the *unquantized*
+/// weights, on evenly spaced rows and the first tokens: the error a model
+/// would see, from weight and activation quantization together.
+fn output_nmse(weights: &[f32], x: &[f32], y: &[f32], m: usize, k: usize, n: usize) -> f64 {
+    let row_stride = m.div_ceil(REFERENCE_ROWS).max(1);
+    let mut reference = Vec::new();
+    let mut approx = Vec::new();
+    for t in 0..n.min(REFERENCE_TOKENS) {
+        let xt = &x[t * k..(t + 1) * k];
+        for r in (0..m).step_by(row_stride) {
+            let w = &weights[r * k..(r + 1) * k];
+            reference.push(w.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum());
+            approx.push(y[t * m + r] as f64);
+        }
+    }
+    nmse(&reference, &approx)
+}
+
+fn build_row(
+    job: &JobSpec,
+    probe: &BoardProbe,
+    cell: &Cell,
+    threads: usize,
+    outcome: &Outcome,
+    before: ThermalReading,
+    after: ThermalReading,
+) -> KernelRow {
+    let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
+    let mut row = KernelRow::unmeasured(
+        job,
+        cell,
+        threads,
+        &probe.agent_build,
+        CellStatus::Ok,
+        String::new(),
+    );
+    row.temp_before_c = before.temperature_c;
+    row.temp_after_c = after.temperature_c;
+    row.freq_before_mhz = before.freq_mhz;
+    row.freq_after_mhz = after.freq_mhz;
+    match outcome {
+        Outcome::Unsupported(reason) => {
+            row.status = CellStatus::Unsupported;
+            row.note = reason.clone();
+        }
+        Outcome::Failed(reason) => {
+            row.status = CellStatus::Failed;
+            row.note = reason.clone();
+        }
+        Outcome::Measured(measured) => {
+            let times: Vec<f64> = measured.samples_ns.iter().map(|&ns| ns as f64).collect();
+            row.kernel_path = measured.kernel_path.clone();
+            row.repetitions = times.len() as u32;
+            row.weight_bytes = measured.weight_bytes;
+            row.nmse = Some(measured.nmse);
+            if let Some(s) = Summary::of(&times) {
+                row.median_ns = Some(s.median);
+                row.min_ns = Some(s.min);
+                row.max_ns = Some(s.max);
+                row.mean_ns = Some(s.mean);
+                row.stddev_ns = Some(s.stddev);
+                row.gflops = Some(2.0 * (m * k * n) as f64 / s.median);
+                let gbps = measured.weight_bytes as f64 / s.median;
+                row.weight_gbps = Some(gbps);
+                row.bandwidth_share = probe.read_bandwidth_gbps.map(|bw| gbps / bw);
+            }
+        }
+    }
+    row
+}

@@ -1,0 +1,172 @@
+//! Reading the board: CPU, features, memory, clocks, temperature.
+//! Every reading is best effort: a file that is missing (containers,
+//! emulators, other kernels) gives `None`, never an error.
+
+use harness::probe::{BoardProbe, ThermalReading};
+use sha2::{Digest, Sha256};
+use std::fs;
+
+pub fn probe(with_bandwidth: bool) -> BoardProbe {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let thermal = thermal_reading();
+    BoardProbe {
+        arch: std::env::consts::ARCH.to_string(),
+        cpu_model: cpu_model(&cpuinfo),
+        cpu_features: cpu_features(&cpuinfo),
+        ggml_features: kernels::ggml_cpu_features()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        cores,
+        memory_bytes: meminfo_kib("MemTotal").unwrap_or(0) * 1024,
+        // SAFETY: sysconf has no preconditions.
+        page_size: unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64,
+        os: os_name(),
+        kernel: kernel_release(),
+        cpufreq_governor: read_trimmed("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        cpu_freq_mhz: thermal.freq_mhz,
+        cpu_max_freq_mhz: read_number("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+            .map(|khz| khz / 1000.0),
+        temperature_c: thermal.temperature_c,
+        read_bandwidth_gbps: with_bandwidth.then(|| crate::bandwidth::read_bandwidth_gbps(cores)),
+        agent_build: agent_build(),
+    }
+}
+
+pub fn thermal_reading() -> ThermalReading {
+    ThermalReading {
+        temperature_c: read_number("/sys/class/thermal/thermal_zone0/temp").map(|m| m / 1000.0),
+        freq_mhz: read_number("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
+            .map(|khz| khz / 1000.0),
+    }
+}
+
+/// First 12 hex digits of this binary's SHA-256: the same identity the host
+/// uses to deploy it, so every row names the exact build that measured it.
+pub fn agent_build() -> String {
+    let path = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let digest = Sha256::digest(&bytes);
+            digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+        }
+        Err(_) => "unknown".to_string(),
+    }
+}
+
+fn cpu_model(cpuinfo: &str) -> String {
+    if let Some(name) = cpuinfo_field(cpuinfo, "model name") {
+        return name;
+    }
+    // Arm kernels give the implementer and part number instead of a name.
+    let part = cpuinfo_field(cpuinfo, "CPU part").unwrap_or_default();
+    let named = match part.as_str() {
+        "0xd03" => "Cortex-A53",
+        "0xd08" => "Cortex-A72",
+        "0xd0b" => "Cortex-A76",
+        "0xd0d" => "Cortex-A77",
+        "0xd41" => "Cortex-A78",
+        "0xd4b" => "Cortex-A78C",
+        "0xd0c" => "Neoverse-N1",
+        "0xd40" => "Neoverse-V1",
+        "0xd49" => "Neoverse-N2",
+        _ => "",
+    };
+    let board = cpuinfo_field(cpuinfo, "Model")
+        .or_else(|| read_trimmed("/proc/device-tree/model").map(|m| m.trim_end_matches('\0').to_string()));
+    match (named, board) {
+        ("", Some(board)) => board,
+        ("", None) if !part.is_empty() => format!("Arm CPU part {part}"),
+        ("", None) => format!("unknown {} CPU", std::env::consts::ARCH),
+        (named, Some(board)) => format!("{named} ({board})"),
+        (named, None) => named.to_string(),
+    }
+}
+
+/// The features that decide GGML's kernel choice. On aarch64 they come from
+/// HWCAP (what the kernel, or qemu-user, tells programs), on x86 from
+/// /proc/cpuinfo's flags.
+fn cpu_features(cpuinfo: &str) -> Vec<String> {
+    #[cfg(target_arch = "aarch64")]
+    {
+        let _ = cpuinfo;
+        // SAFETY: getauxval has no preconditions.
+        let (hwcap, hwcap2) = unsafe {
+            (
+                libc::getauxval(libc::AT_HWCAP),
+                libc::getauxval(libc::AT_HWCAP2),
+            )
+        };
+        let bits: [(&str, u64, u64); 8] = [
+            ("neon", 1 << 1, 0),
+            ("fp16", 1 << 9, 0),
+            ("asimdhp", 1 << 10, 0),
+            ("crc32", 1 << 7, 0),
+            ("dotprod", 1 << 20, 0),
+            ("sve", 1 << 22, 0),
+            ("i8mm", 0, 1 << 13),
+            ("bf16", 0, 1 << 14),
+        ];
+        bits.iter()
+            .filter(|(_, h1, h2)| (hwcap & h1) != 0 || (hwcap2 & h2) != 0)
+            .map(|(name, _, _)| name.to_string())
+            .collect()
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        const RELEVANT: &[&str] = &[
+            "sse3", "ssse3", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+            "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "asimd", "asimddp", "fphp",
+            "i8mm", "sve",
+        ];
+        let flags = cpuinfo_field(cpuinfo, "flags")
+            .or_else(|| cpuinfo_field(cpuinfo, "Features"))
+            .unwrap_or_default();
+        RELEVANT
+            .iter()
+            .filter(|f| flags.split_whitespace().any(|x| x == **f))
+            .map(|f| f.to_string())
+            .collect()
+    }
+}
+
+fn cpuinfo_field(cpuinfo: &str, key: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
+}
+
+fn meminfo_kib(key: &str) -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn os_name() -> String {
+    let text = fs::read_to_string("/etc/os-release").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| std::env::consts::OS.to_string())
+}
+
+fn kernel_release() -> String {
+    read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into())
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn read_number(path: &str) -> Option<f64> {
+    read_trimmed(path)?.parse().ok()
+}

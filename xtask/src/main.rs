@@ -1,0 +1,95 @@
+//! `cargo xtask`: the thin command line over the `harness` library.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use harness::bench::{redraw, run_bench, BenchOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "quantbench: which GGML quantization should I ship on this board, and did my change make it slower?",
+    after_help = "Start with `cargo xtask bench --target local --matrix quick`; results land in results/<time>-<commit>/."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the agent, run a kernel matrix on a target, write CSVs, plots and a summary.
+    Bench {
+        /// Where to measure: `local` runs on this machine.
+        #[arg(long, default_value = "local")]
+        target: String,
+        /// Named matrix from the config (`quick`, `full`, `smoke`, ...).
+        #[arg(long, default_value = "quick")]
+        matrix: String,
+        /// The matrix config file.
+        #[arg(long, default_value = "bench.toml")]
+        config: PathBuf,
+        /// Parent folder of run directories.
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+    },
+    /// Redraw the plots and summary of a finished run directory.
+    Plot {
+        /// A run directory, e.g. results/20261122T170000Z-abc1234.
+        run_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench {
+            target,
+            matrix,
+            config,
+            results,
+        } => {
+            let report = run_bench(&BenchOptions {
+                config_path: config,
+                matrix: matrix.clone(),
+                target: target.clone(),
+                results_root: results,
+            })
+            .with_context(|| format!("bench of matrix `{matrix}` on `{target}`"))?;
+            println!("{}", report.summary_markdown);
+            for board in &report.boards {
+                if let Some(e) = &board.error {
+                    eprintln!("board {} failed: {e}", board.board);
+                }
+            }
+            println!(
+                "results: {} ({} plots; summary.md has every cell)",
+                report.run_dir.display(),
+                report.plots.len()
+            );
+            Ok(if report.all_succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Plot { run_dir } => {
+            let (summary, plots) =
+                redraw(&run_dir).with_context(|| format!("redrawing {}", run_dir.display()))?;
+            println!("{summary}");
+            println!("{} plots in {}", plots.len(), run_dir.join("plots").display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
