@@ -4,10 +4,12 @@
 use crate::build::{build_host_agent, workspace_root, BuildError};
 use crate::config::{BenchConfig, ConfigError};
 use crate::matrix::job_for_board;
-use crate::results::{read_csv, read_json, write_json, KernelRow, ResultsError, KERNEL_ROWS_FILE, MANIFEST_FILE};
+use crate::results::{
+    read_csv, read_json, write_json, KernelRow, ResultsError, KERNEL_ROWS_FILE, MANIFEST_FILE,
+};
 use crate::run::{
-    git_commit, llama_cpp_sys_version, merge_boards, new_run_id, run_boards, rustc_version, BoardOutcome,
-    BoardRunner, HostInfo, LocalRunner, RunManifest, Versions,
+    git_commit, llama_cpp_sys_version, merge_boards, new_run_id, run_boards, rustc_version,
+    BoardOutcome, BoardRunner, HostInfo, LocalRunner, RunManifest, Versions,
 };
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -23,6 +25,8 @@ pub enum BenchError {
     #[cfg(feature = "plot")]
     #[error(transparent)]
     Plot(#[from] crate::plot::PlotError),
+    #[error(transparent)]
+    Setup(#[from] crate::setup::SetupError),
     #[error("unknown target `{0}`: this version runs `local` (the host itself)")]
     UnknownTarget(String),
     #[error("{0} is not a run directory (no {MANIFEST_FILE} or {KERNEL_ROWS_FILE}); pass a folder under results/")]
@@ -61,6 +65,7 @@ pub fn run_bench(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let commit = git_commit(&workspace);
     let run_id = new_run_id(&commit);
     let job = job_for_board(&config, &options.matrix, &run_id, "local", false, &commit)?;
+    crate::setup::ensure(&[crate::setup::Need::HostBuild])?;
     let agent = build_host_agent(&workspace)?;
 
     let run_dir = options.results_root.join(&run_id);
@@ -121,7 +126,11 @@ pub fn redraw(run_dir: &Path) -> Result<(String, Vec<PathBuf>), BenchError> {
     render(run_dir, &rows, &manifest)
 }
 
-fn render(run_dir: &Path, rows: &[KernelRow], manifest: &RunManifest) -> Result<(String, Vec<PathBuf>), BenchError> {
+fn render(
+    run_dir: &Path,
+    rows: &[KernelRow],
+    manifest: &RunManifest,
+) -> Result<(String, Vec<PathBuf>), BenchError> {
     let types = crate::summary::type_table(rows);
     let summary = format!(
         "# quantbench run {}\n\nmatrix `{}`, commit {}, started {}\n{}\n## All cells\n\n{}",

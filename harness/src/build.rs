@@ -52,9 +52,14 @@ fn cargo() -> String {
 /// source change costs only cargo's up-to-date check.
 pub fn build_host_agent(workspace: &Path) -> Result<AgentBuild, BuildError> {
     let mut command = Command::new(cargo());
-    command
-        .current_dir(workspace)
-        .args(["build", "--release", "--package", "remote-agent", "--bin", AGENT_BIN]);
+    command.current_dir(workspace).args([
+        "build",
+        "--release",
+        "--package",
+        "remote-agent",
+        "--bin",
+        AGENT_BIN,
+    ]);
     run_build(command)?;
     let path = workspace.join("target/release").join(AGENT_BIN);
     identify(&path, host_triple())

@@ -17,8 +17,8 @@
 //! cols = 1024
 //! ```
 
+use crate::ggml_type::GgmlType;
 use crate::matrix::{ShapeCatalog, ThreadCount};
-use kernels::GgmlType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -132,8 +132,7 @@ impl BenchConfig {
             path: path.to_path_buf(),
             // toml's message already names the key and line; keep it on one line.
             message: e.message().replace('\n', " ")
-                + &e
-                    .span()
+                + &e.span()
                     .map(|s| format!(" (at line {})", line_of(text, s.start)))
                     .unwrap_or_default(),
         })?;
@@ -265,7 +264,9 @@ mod tests {
     fn zero_threads_or_batch_is_rejected() {
         assert!(parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nthreads=[0]\n").is_err());
         assert!(parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nbatches=[0]\n").is_err());
-        assert!(parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nthreads=[\"many\"]\n").is_err());
+        assert!(
+            parse("[matrices.m]\ntypes=[\"f32\"]\nshapes=[\"all\"]\nthreads=[\"many\"]\n").is_err()
+        );
     }
 
     #[test]

@@ -4,24 +4,25 @@
 //! (CSV and JSON files) -> `stats` -> `plot` and `summary`. It also defines
 //! the wire types the on-board agent shares (`matrix::JobSpec`,
 //! `results::KernelRow`, `probe::BoardProbe`, `progress::ProgressEvent`).
-//! It does not call GGML itself: that is `kernels`, run inside the agent.
+//! It does not link GGML (so `cargo xtask` builds on a machine without a C
+//! toolchain and can install one): GGML is `kernels`, run inside the agent.
 
 pub mod bench;
 pub mod build;
 pub mod config;
+pub mod ggml_type;
 pub mod matrix;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod probe;
 pub mod progress;
 pub mod results;
 pub mod run;
+pub mod setup;
 pub mod stats;
 pub mod summary;
-#[cfg(feature = "plot")]
-pub mod plot;
 
 /// Current UTC time as RFC 3339 with second precision (`2026-11-22T17:00:00Z`).
 pub fn utc_now_rfc3339() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }

@@ -1,7 +1,7 @@
 //! Weight shapes, matrix cells and the job spec sent to an agent.
 
 use crate::config::{BenchConfig, ConfigError, CustomShape, MatrixSpec};
-use kernels::GgmlType;
+use crate::ggml_type::GgmlType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(gemma.len(), 4);
         // Gemma's hidden size 1152 is not a multiple of 256: K-quants cannot hold it.
         assert_eq!(gemma.iter().filter(|s| s.cols == 1152).count(), 3);
-        assert_eq!(catalog().resolve("all").unwrap().len(), BUILTIN_SHAPES.len());
+        assert_eq!(
+            catalog().resolve("all").unwrap().len(),
+            BUILTIN_SHAPES.len()
+        );
     }
 
     #[test]

@@ -30,11 +30,23 @@ pub struct PlotContext {
 
 /// The plot kinds, one file pair (`<name>.png`, `<name>.svg`) each.
 pub const PLOTS: &[(&str, &str)] = &[
-    ("throughput_batch1", "GEMV throughput by type (batch 1, most threads)"),
-    ("speedup_vs_f32", "Speedup against F32 (batch 1, most threads)"),
-    ("thread_scaling", "Thread scaling (batch 1, geometric mean over shapes)"),
+    (
+        "throughput_batch1",
+        "GEMV throughput by type (batch 1, most threads)",
+    ),
+    (
+        "speedup_vs_f32",
+        "Speedup against F32 (batch 1, most threads)",
+    ),
+    (
+        "thread_scaling",
+        "Thread scaling (batch 1, geometric mean over shapes)",
+    ),
     ("nmse_vs_bits", "Output error against bits per weight"),
-    ("bandwidth", "Achieved weight GB/s against measured read bandwidth"),
+    (
+        "bandwidth",
+        "Achieved weight GB/s against measured read bandwidth",
+    ),
 ];
 
 static FONT: Once = Once::new();
@@ -68,7 +80,11 @@ pub fn draw_all(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let shapes = measured.iter().map(|r| &r.shape).collect::<BTreeSet<_>>().len();
+    let shapes = measured
+        .iter()
+        .map(|r| &r.shape)
+        .collect::<BTreeSet<_>>()
+        .len();
     let mut written = Vec::new();
     for &(name, what) in PLOTS {
         for ext in ["png", "svg"] {
@@ -111,21 +127,32 @@ fn draw_one<DB: DrawingBackend>(
     let label = if emulated.is_empty() {
         "real hardware".to_string()
     } else {
-        format!("EMULATED ({}): timings measure qemu, not a Pi", emulated.join(", "))
+        format!(
+            "EMULATED ({}): timings measure qemu, not a Pi",
+            emulated.join(", ")
+        )
     };
-    let title = format!("{what}\n{} | {label} | {} | {}", boards.join(", "), ctx.date, ctx.commit);
+    let title = format!(
+        "{what}\n{} | {label} | {} | {}",
+        boards.join(", "),
+        ctx.date,
+        ctx.commit
+    );
     let (top, body) = root.split_vertically(56);
     for (i, line) in title.lines().enumerate() {
         top.draw_text(
             line,
-            &("sans-serif", if i == 0 { 20 } else { 14 }).into_font().color(&BLACK),
+            &("sans-serif", if i == 0 { 20 } else { 14 })
+                .into_font()
+                .color(&BLACK),
             (12, 6 + 24 * i as i32),
         )
         .map_err(|e| e.to_string())?;
     }
     let panels = body.split_evenly((1, boards.len()));
     for (panel, board) in panels.iter().zip(boards) {
-        let board_rows: Vec<&KernelRow> = rows.iter().copied().filter(|r| &r.board == board).collect();
+        let board_rows: Vec<&KernelRow> =
+            rows.iter().copied().filter(|r| &r.board == board).collect();
         let caption = if board_rows.iter().any(|r| r.emulated) {
             format!("{board} (emulated)")
         } else {
@@ -171,7 +198,7 @@ fn types_by_bits(rows: &[&KernelRow]) -> Vec<(String, f64)> {
 
 /// A type keeps its colour in every plot: its position in GGML's type list.
 fn type_color(ty: &str) -> RGBColor {
-    let index = kernels::GgmlType::ALL
+    let index = crate::ggml_type::GgmlType::ALL
         .iter()
         .position(|t| t.name() == ty)
         .unwrap_or(0);
@@ -207,7 +234,12 @@ fn grouped_bars<DB: DrawingBackend>(
     types: &[(String, f64)],
     reference_line: Option<(f64, String)>,
 ) -> DrawResult {
-    let shapes: Vec<String> = values.keys().map(|k| k.0.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let shapes: Vec<String> = values
+        .keys()
+        .map(|k| k.0.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     if shapes.is_empty() {
         return note(area, caption, "no batch-1 rows");
     }
@@ -250,7 +282,10 @@ fn grouped_bars<DB: DrawingBackend>(
             .filter_map(|(si, shape)| {
                 let v = *values.get(&(shape.clone(), ty.clone()))?;
                 let x0 = si as f64 + 0.1 + ti as f64 * width;
-                Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], c.filled()))
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.9, v)],
+                    c.filled(),
+                ))
             })
             .collect();
         chart
@@ -279,16 +314,31 @@ fn grouped_bars<DB: DrawingBackend>(
         .map_err(|e| e.to_string())
 }
 
-fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, rows: &[&KernelRow]) -> DrawResult {
+fn throughput<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    rows: &[&KernelRow],
+) -> DrawResult {
     let decode = decode_rows(rows);
     let values = decode
         .iter()
         .filter_map(|r| Some(((r.shape.clone(), r.ty.clone()), r.gflops?)))
         .collect();
-    grouped_bars(area, caption, "GFLOP/s", &values, &types_by_bits(&decode), None)
+    grouped_bars(
+        area,
+        caption,
+        "GFLOP/s",
+        &values,
+        &types_by_bits(&decode),
+        None,
+    )
 }
 
-fn speedup<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, rows: &[&KernelRow]) -> DrawResult {
+fn speedup<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    rows: &[&KernelRow],
+) -> DrawResult {
     let decode = decode_rows(rows);
     let f32_time: BTreeMap<String, f64> = decode
         .iter()
@@ -296,7 +346,11 @@ fn speedup<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, row
         .filter_map(|r| Some((r.shape.clone(), r.median_ns?)))
         .collect();
     if f32_time.is_empty() {
-        return note(area, caption, "no F32 rows at batch 1: add F32 to the matrix");
+        return note(
+            area,
+            caption,
+            "no F32 rows at batch 1: add F32 to the matrix",
+        );
     }
     let values = decode
         .iter()
@@ -315,7 +369,11 @@ fn speedup<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, row
     )
 }
 
-fn bandwidth<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, rows: &[&KernelRow]) -> DrawResult {
+fn bandwidth<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    rows: &[&KernelRow],
+) -> DrawResult {
     let decode = decode_rows(rows);
     let values = decode
         .iter()
@@ -326,15 +384,31 @@ fn bandwidth<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, r
         .iter()
         .find_map(|r| Some(r.weight_gbps? / r.bandwidth_share?))
         .map(|bw| (bw, format!("measured read bandwidth {bw:.1} GB/s")));
-    grouped_bars(area, caption, "weight GB/s", &values, &types_by_bits(&decode), limit)
+    grouped_bars(
+        area,
+        caption,
+        "weight GB/s",
+        &values,
+        &types_by_bits(&decode),
+        limit,
+    )
 }
 
-fn thread_scaling<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, rows: &[&KernelRow]) -> DrawResult {
+fn thread_scaling<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    rows: &[&KernelRow],
+) -> DrawResult {
     // Geometric mean of GFLOP/s over the shapes measured at every thread count.
     let mut by_type: BTreeMap<String, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.n == 1) {
         if let Some(g) = r.gflops {
-            by_type.entry(r.ty.clone()).or_default().entry(r.threads).or_default().push(g.ln());
+            by_type
+                .entry(r.ty.clone())
+                .or_default()
+                .entry(r.threads)
+                .or_default()
+                .push(g.ln());
         }
     }
     let thread_counts: BTreeSet<usize> = by_type.values().flat_map(|m| m.keys().copied()).collect();
@@ -349,13 +423,22 @@ fn thread_scaling<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &s
                 ty,
                 points
                     .iter()
-                    .map(|(&t, logs)| (t as f64, (logs.iter().sum::<f64>() / logs.len() as f64).exp()))
+                    .map(|(&t, logs)| {
+                        (
+                            t as f64,
+                            (logs.iter().sum::<f64>() / logs.len() as f64).exp(),
+                        )
+                    })
                     .collect(),
             ))
         })
         .collect();
     let x_max = *thread_counts.iter().last().unwrap_or(&1) as f64;
-    let y_max = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(0.0, f64::max) * 1.15;
+    let y_max = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+        * 1.15;
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 16))
         .margin(8)
@@ -392,12 +475,20 @@ fn thread_scaling<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &s
         .map_err(|e| e.to_string())
 }
 
-fn nmse_vs_bits<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, rows: &[&KernelRow]) -> DrawResult {
+fn nmse_vs_bits<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    rows: &[&KernelRow],
+) -> DrawResult {
     // Geometric mean over shapes and batches of each type's output NMSE.
     let mut by_type: BTreeMap<String, (f64, Vec<f64>)> = BTreeMap::new();
     for r in rows {
         if let Some(e) = r.nmse.filter(|e| *e > 0.0) {
-            by_type.entry(r.ty.clone()).or_insert((r.bits_per_weight, Vec::new())).1.push(e.log10());
+            by_type
+                .entry(r.ty.clone())
+                .or_insert((r.bits_per_weight, Vec::new()))
+                .1
+                .push(e.log10());
         }
     }
     let points: Vec<(String, f64, f64)> = by_type
@@ -407,9 +498,9 @@ fn nmse_vs_bits<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str
     if points.is_empty() {
         return note(area, caption, "no error figures (F32 only?)");
     }
-    let (y_lo, y_hi) = points
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));
+    let (y_lo, y_hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.2), hi.max(p.2))
+    });
     let x_max = points.iter().map(|p| p.1).fold(0.0, f64::max) + 2.0;
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 16))
@@ -435,8 +526,22 @@ fn nmse_vs_bits<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str
     Ok(())
 }
 
-fn note<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, caption: &str, text: &str) -> DrawResult {
-    area.draw_text(caption, &("sans-serif", 16).into_font().color(&BLACK), (20, 10))
-        .and_then(|_| area.draw_text(text, &("sans-serif", 14).into_font().color(&BLACK), (20, 40)))
-        .map_err(|e| e.to_string())
+fn note<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    text: &str,
+) -> DrawResult {
+    area.draw_text(
+        caption,
+        &("sans-serif", 16).into_font().color(&BLACK),
+        (20, 10),
+    )
+    .and_then(|_| {
+        area.draw_text(
+            text,
+            &("sans-serif", 14).into_font().color(&BLACK),
+            (20, 40),
+        )
+    })
+    .map_err(|e| e.to_string())
 }

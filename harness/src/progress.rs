@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ProgressEvent {
     /// The job was read; `total` cells will follow.
-    Started { total: usize, bandwidth_gbps: Option<f64> },
+    Started {
+        total: usize,
+        bandwidth_gbps: Option<f64>,
+    },
     /// The agent starts a cell (so a crash can be pinned to it).
     CellStarted { index: usize, cell_id: String },
     /// A cell's row is on disk.
@@ -17,7 +20,11 @@ pub enum ProgressEvent {
         median_ns: Option<f64>,
     },
     /// Every cell is done.
-    Finished { ok: usize, unsupported: usize, failed: usize },
+    Finished {
+        ok: usize,
+        unsupported: usize,
+        failed: usize,
+    },
 }
 
 impl ProgressEvent {

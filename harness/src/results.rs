@@ -284,7 +284,8 @@ mod tests {
         let path = dir.path().join(KERNEL_ROWS_FILE);
         let mut unsupported = example_row("gemma3-1b.attn_q/Q4_K/n1/t2");
         unsupported.status = CellStatus::Unsupported;
-        unsupported.note = "Q4_K stores 256-element blocks and K=1152 is not a multiple of 256".into();
+        unsupported.note =
+            "Q4_K stores 256-element blocks and K=1152 is not a multiple of 256".into();
         unsupported.median_ns = None;
         unsupported.nmse = None;
         let rows = vec![example_row("a"), unsupported];
@@ -296,7 +297,11 @@ mod tests {
         CsvAppender::open(&path).unwrap().append(&rows[1]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.matches("run_id").count(), 1);
-        assert!(text.lines().next().unwrap().starts_with("run_id,board,emulated,agent_build"));
+        assert!(text
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("run_id,board,emulated,agent_build"));
         let back: Vec<KernelRow> = read_csv(&path).unwrap();
         assert_eq!(back, rows);
     }
@@ -305,11 +310,14 @@ mod tests {
     fn header_names_are_the_documented_columns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.csv");
-        CsvAppender::open(&path).unwrap().append(&example_row("a")).unwrap();
+        CsvAppender::open(&path)
+            .unwrap()
+            .append(&example_row("a"))
+            .unwrap();
         let header = std::fs::read_to_string(&path).unwrap();
         let header = header.lines().next().unwrap();
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-            .unwrap();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
         for column in header.split(',') {
             assert!(
                 readme.contains(&format!("| `{column}` |")),

@@ -192,11 +192,21 @@ pub fn board_dir(run_dir: &Path, board: &str) -> PathBuf {
     run_dir.join("boards").join(board)
 }
 
-fn run_one(runner: &mut dyn BoardRunner, job: &JobSpec, run_dir: &Path, bar: &ProgressBar) -> BoardOutcome {
+fn run_one(
+    runner: &mut dyn BoardRunner,
+    job: &JobSpec,
+    run_dir: &Path,
+    bar: &ProgressBar,
+) -> BoardOutcome {
     let dir = board_dir(run_dir, &job.board);
     let started = std::time::Instant::now();
     let result = std::fs::create_dir_all(&dir)
-        .map_err(|source| RunError::Results(ResultsError::Io { path: dir.clone(), source }))
+        .map_err(|source| {
+            RunError::Results(ResultsError::Io {
+                path: dir.clone(),
+                source,
+            })
+        })
         .and_then(|_| {
             runner.run(job, &dir, &mut |event| match event {
                 ProgressEvent::CellStarted { cell_id, .. } => bar.set_message(cell_id.clone()),
@@ -252,7 +262,11 @@ pub fn complete_rows(
     error: Option<&str>,
 ) -> Result<Vec<KernelRow>, ResultsError> {
     let path = board_dir.join(KERNEL_ROWS_FILE);
-    let mut rows: Vec<KernelRow> = if path.exists() { read_csv(&path)? } else { Vec::new() };
+    let mut rows: Vec<KernelRow> = if path.exists() {
+        read_csv(&path)?
+    } else {
+        Vec::new()
+    };
     let done: HashSet<String> = rows.iter().map(|r| r.cell_id.clone()).collect();
     let missing: Vec<_> = job.cells.iter().filter(|c| !done.contains(&c.id)).collect();
     if missing.is_empty() {
@@ -264,14 +278,24 @@ pub fn complete_rows(
     let mut appender = CsvAppender::open(&path)?;
     for cell in missing {
         let note = if Some(cell.id.as_str()) == died_in {
-            format!("agent died in this cell: {}", error.unwrap_or("unknown reason"))
+            format!(
+                "agent died in this cell: {}",
+                error.unwrap_or("unknown reason")
+            )
         } else {
             format!(
                 "not reached: the board's run ended early ({})",
                 error.unwrap_or("no reason given")
             )
         };
-        let row = KernelRow::unmeasured(job, cell, cell.threads.resolve(cores), &build, CellStatus::Failed, note);
+        let row = KernelRow::unmeasured(
+            job,
+            cell,
+            cell.threads.resolve(cores),
+            &build,
+            CellStatus::Failed,
+            note,
+        );
         appender.append(&row)?;
         rows.push(row);
     }
@@ -291,7 +315,10 @@ pub fn merge_boards(run_dir: &Path, boards: &[String]) -> Result<Vec<KernelRow>,
     let merged_samples = run_dir.join(SAMPLES_FILE);
     for path in [&merged_rows, &merged_samples] {
         if path.exists() {
-            std::fs::remove_file(path).map_err(|source| ResultsError::Io { path: path.clone(), source })?;
+            std::fs::remove_file(path).map_err(|source| ResultsError::Io {
+                path: path.clone(),
+                source,
+            })?;
         }
     }
     let mut rows_out = CsvAppender::<KernelRow>::open(&merged_rows)?;
@@ -353,8 +380,10 @@ impl HostInfo {
         let os = std::fs::read_to_string("/etc/os-release")
             .ok()
             .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+                t.lines().find_map(|l| {
+                    l.strip_prefix("PRETTY_NAME=")
+                        .map(|v| v.trim_matches('"').to_string())
+                })
             })
             .unwrap_or_else(|| std::env::consts::OS.to_string());
         HostInfo {
@@ -363,7 +392,9 @@ impl HostInfo {
                 .unwrap_or_default(),
             os,
             arch: std::env::consts::ARCH.to_string(),
-            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -405,7 +436,8 @@ pub fn git_commit(workspace: &Path) -> String {
     let Some(commit) = run(&["rev-parse", "--short=7", "HEAD"]) else {
         return "nogit".into();
     };
-    let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let dirty =
+        run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     if dirty {
         format!("{commit}-dirty")
     } else {
@@ -433,10 +465,20 @@ mod tests {
         .unwrap();
         let job = job_for_board(&config, "m", "r", "b", false, "c").unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut finished = KernelRow::unmeasured(&job, &job.cells[0], 2, "h", CellStatus::Ok, String::new());
+        let mut finished =
+            KernelRow::unmeasured(&job, &job.cells[0], 2, "h", CellStatus::Ok, String::new());
         finished.median_ns = Some(1.0);
-        CsvAppender::open(&dir.path().join(KERNEL_ROWS_FILE)).unwrap().append(&finished).unwrap();
-        let rows = complete_rows(&job, dir.path(), Some(&job.cells[1].id), Some("killed by SIGKILL")).unwrap();
+        CsvAppender::open(&dir.path().join(KERNEL_ROWS_FILE))
+            .unwrap()
+            .append(&finished)
+            .unwrap();
+        let rows = complete_rows(
+            &job,
+            dir.path(),
+            Some(&job.cells[1].id),
+            Some("killed by SIGKILL"),
+        )
+        .unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0], finished);
         assert_eq!(rows[1].status, CellStatus::Failed);

@@ -45,7 +45,10 @@ pub fn type_table(rows: &[KernelRow]) -> String {
             let of_type: Vec<&&KernelRow> = rows.iter().filter(|r| r.ty == ty).collect();
             let count = |s| of_type.iter().filter(|r| r.status == s).count();
             let dec: Vec<&KernelRow> = decode.iter().copied().filter(|r| r.ty == ty).collect();
-            let speedup = geomean(dec.iter().filter_map(|r| Some(f32_ns.get(r.shape.as_str())? / r.median_ns?)));
+            let speedup = geomean(
+                dec.iter()
+                    .filter_map(|r| Some(f32_ns.get(r.shape.as_str())? / r.median_ns?)),
+            );
             let _ = writeln!(
                 out,
                 "| {ty} | {bits:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -53,10 +56,21 @@ pub fn type_table(rows: &[KernelRow]) -> String {
                 count(CellStatus::Unsupported),
                 count(CellStatus::Failed),
                 fmt_opt(speedup, |v| format!("{v:.2}x")),
-                fmt_opt(geomean(dec.iter().filter_map(|r| r.gflops)), |v| format!("{v:.1}")),
-                fmt_opt(geomean(dec.iter().filter_map(|r| r.weight_gbps)), |v| format!("{v:.1}")),
-                fmt_opt(geomean(dec.iter().filter_map(|r| r.bandwidth_share)), |v| format!("{:.0}%", v * 100.0)),
-                fmt_opt(geomean(of_type.iter().filter_map(|r| r.nmse.filter(|e| *e > 0.0))), |v| format!("{v:.2e}")),
+                fmt_opt(geomean(dec.iter().filter_map(|r| r.gflops)), |v| format!(
+                    "{v:.1}"
+                )),
+                fmt_opt(
+                    geomean(dec.iter().filter_map(|r| r.weight_gbps)),
+                    |v| format!("{v:.1}")
+                ),
+                fmt_opt(
+                    geomean(dec.iter().filter_map(|r| r.bandwidth_share)),
+                    |v| format!("{:.0}%", v * 100.0)
+                ),
+                fmt_opt(
+                    geomean(of_type.iter().filter_map(|r| r.nmse.filter(|e| *e > 0.0))),
+                    |v| format!("{v:.2e}")
+                ),
             );
         }
     }
@@ -95,7 +109,10 @@ pub fn cell_table(rows: &[KernelRow]) -> String {
 
 fn best_thread_decode<'a>(rows: &[&'a KernelRow]) -> Vec<&'a KernelRow> {
     let mut best: BTreeMap<(&str, &str), &KernelRow> = BTreeMap::new();
-    for &r in rows.iter().filter(|r| r.n == 1 && r.status == CellStatus::Ok) {
+    for &r in rows
+        .iter()
+        .filter(|r| r.n == 1 && r.status == CellStatus::Ok)
+    {
         let key = (r.shape.as_str(), r.ty.as_str());
         if best.get(&key).is_none_or(|b| r.threads > b.threads) {
             best.insert(key, r);
@@ -130,7 +147,10 @@ mod tests {
         emu.board = "sim1".into();
         emu.emulated = true;
         let table = type_table(&[f32_row, q4, emu]);
-        assert!(table.contains("| Q4_0 | 4.50 | 1 | 0 | 0 | 4.00x |"), "{table}");
+        assert!(
+            table.contains("| Q4_0 | 4.50 | 1 | 0 | 0 | 4.00x |"),
+            "{table}"
+        );
         assert!(table.contains("### sim1 (EMULATED"), "{table}");
         assert!(!table.contains("### local (EMULATED"), "{table}");
     }

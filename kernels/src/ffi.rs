@@ -34,11 +34,13 @@ pub(crate) fn raw_type_name(raw: RawType) -> String {
         .into_owned()
 }
 
+#[cfg(test)]
 pub(crate) fn block_size(ty: GgmlType) -> usize {
     // SAFETY: pure lookup in GGML's static type table.
     unsafe { sys::ggml_blck_size(raw_type(ty)) as usize }
 }
 
+#[cfg(test)]
 pub(crate) fn row_bytes(ty: GgmlType, cols: usize) -> usize {
     // SAFETY: pure arithmetic on GGML's static type table.
     unsafe { sys::ggml_row_size(raw_type(ty), cols as i64) }
@@ -49,7 +51,7 @@ pub(crate) fn row_bytes(ty: GgmlType, cols: usize) -> usize {
 /// and that `cols` is a multiple of the type's block size.
 pub(crate) fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], rows: usize, cols: usize) {
     assert_eq!(src.len(), rows * cols);
-    assert_eq!(dst.len(), rows * row_bytes(ty, cols));
+    assert_eq!(dst.len(), rows * ty.row_bytes(cols));
     // SAFETY: lengths checked above; none of our types requires an imatrix,
     // so passing NULL is allowed (GGML asserts otherwise).
     unsafe {
@@ -68,7 +70,7 @@ pub(crate) fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], rows: usi
 /// Decodes `rows` rows of `cols` elements with GGML's `to_float`.
 pub(crate) fn dequantize_rows(ty: GgmlType, src: &[u8], dst: &mut [f32], rows: usize, cols: usize) {
     assert_eq!(dst.len(), rows * cols);
-    assert_eq!(src.len(), rows * row_bytes(ty, cols));
+    assert_eq!(src.len(), rows * ty.row_bytes(cols));
     if ty == GgmlType::F32 {
         // GGML has no to_float for F32: it is already the output format.
         for (out, bytes) in dst.iter_mut().zip(src.chunks_exact(4)) {
@@ -80,7 +82,9 @@ pub(crate) fn dequantize_rows(ty: GgmlType, src: &[u8], dst: &mut [f32], rows: u
     // every weight type we list and reads exactly `k` elements' worth of blocks.
     unsafe {
         let traits = sys::ggml_get_type_traits(raw_type(ty));
-        let to_float = (*traits).to_float.expect("every non-F32 weight type has to_float");
+        let to_float = (*traits)
+            .to_float
+            .expect("every non-F32 weight type has to_float");
         to_float(src.as_ptr().cast(), dst.as_mut_ptr(), (rows * cols) as i64);
     }
 }

@@ -12,11 +12,10 @@
 
 mod ffi;
 pub mod matmul;
-pub mod types;
 pub mod weights;
 
+pub use harness::ggml_type::{GgmlType, FAMILIES_BY_BITS};
 pub use matmul::{KernelPath, MatMul};
-pub use types::GgmlType;
 
 use thiserror::Error;
 
@@ -70,17 +69,6 @@ impl QuantizedMatrix {
     }
 }
 
-/// Why `ty` cannot store rows of `cols` elements, if it cannot.
-pub fn unsupported_reason(ty: GgmlType, cols: usize) -> Option<String> {
-    let block = ty.block_size();
-    if cols % block != 0 {
-        return Some(format!(
-            "{ty} stores {block}-element blocks and K={cols} is not a multiple of {block}"
-        ));
-    }
-    None
-}
-
 /// Quantizes a row-major `rows x cols` f32 matrix with GGML's quantizer for
 /// `ty` (the same routine `llama-quantize` uses, without an importance
 /// matrix). Rows are split across all cores, as llama.cpp's quantizer does.
@@ -96,7 +84,7 @@ pub fn quantize(
             got: values.len(),
         });
     }
-    if let Some(reason) = unsupported_reason(ty, cols) {
+    if let Some(reason) = ty.unsupported_reason(cols) {
         return Err(KernelError::Unsupported {
             ty,
             rows,
@@ -156,6 +144,14 @@ mod tests {
     }
 
     #[test]
+    fn host_side_type_table_matches_the_linked_ggml() {
+        for ty in GgmlType::ALL {
+            assert_eq!(ty.block_size(), ffi::block_size(ty), "{ty}");
+            assert_eq!(ty.row_bytes(4096), ffi::row_bytes(ty, 4096), "{ty}");
+        }
+    }
+
+    #[test]
     fn k_quant_refuses_gemma_width() {
         let w = llm_like_weights(2, 1152, 1);
         let err = quantize(GgmlType::Q4K, 2, 1152, &w).unwrap_err();
@@ -194,7 +190,7 @@ mod tests {
         let (rows, cols) = (128, 1024);
         let w = llm_like_weights(rows, cols, 7);
         let err = |ty| nmse(&w, &quantize(ty, rows, cols, &w).unwrap().dequantize());
-        for family in types::FAMILIES_BY_BITS {
+        for family in FAMILIES_BY_BITS {
             for pair in family.windows(2) {
                 let (fewer, more) = (pair[0], pair[1]);
                 assert!(

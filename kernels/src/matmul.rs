@@ -106,7 +106,7 @@ impl MatMul {
             }
             let w = sys::ggml_new_tensor_2d(
                 mm.weight_ctx,
-                weights.ty().raw(),
+                crate::ffi::raw_type(weights.ty()),
                 mm.cols as i64,
                 mm.rows as i64,
             );
@@ -214,7 +214,9 @@ impl MatMul {
         // SAFETY: backend and graph were fully built in `new`.
         let status = unsafe { sys::ggml_backend_graph_compute(self.backend, self.graph) };
         if status != sys::GGML_STATUS_SUCCESS {
-            return Err(ggml_err(&format!("graph compute failed with status {status}")));
+            return Err(ggml_err(&format!(
+                "graph compute failed with status {status}"
+            )));
         }
         Ok(())
     }
@@ -268,7 +270,9 @@ impl Drop for MatMul {
 
 /// The CPU device's extra buffer types (repacking, AMX, KleidiAI, ...), in
 /// the order llama.cpp tries them.
-unsafe fn extra_buffer_types(device: sys::ggml_backend_dev_t) -> Vec<sys::ggml_backend_buffer_type_t> {
+unsafe fn extra_buffer_types(
+    device: sys::ggml_backend_dev_t,
+) -> Vec<sys::ggml_backend_buffer_type_t> {
     let reg = sys::ggml_backend_dev_backend_reg(device);
     let proc_name = c"ggml_backend_dev_get_extra_bufts";
     let address = sys::ggml_backend_reg_get_proc_address(reg, proc_name.as_ptr());
@@ -277,8 +281,9 @@ unsafe fn extra_buffer_types(device: sys::ggml_backend_dev_t) -> Vec<sys::ggml_b
     }
     // SAFETY: GGML documents this proc address as having the
     // `ggml_backend_dev_get_extra_bufts_t` signature.
-    let get_extra: unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t =
-        std::mem::transmute(address);
+    let get_extra: unsafe extern "C" fn(
+        sys::ggml_backend_dev_t,
+    ) -> *mut sys::ggml_backend_buffer_type_t = std::mem::transmute(address);
     let mut list = Vec::new();
     let mut cursor = get_extra(device);
     while !cursor.is_null() && !(*cursor).is_null() {

@@ -150,7 +150,10 @@ mod tests {
         // A Gaussian has kurtosis 3; LLM weights are far above it.
         assert!(kurt > 6.0, "kurtosis {kurt}");
         let std = var.sqrt();
-        let beyond_8_sigma = w.iter().filter(|&&v| (v as f64 - mean).abs() > 8.0 * std).count();
+        let beyond_8_sigma = w
+            .iter()
+            .filter(|&&v| (v as f64 - mean).abs() > 8.0 * std)
+            .count();
         assert!(beyond_8_sigma > 0, "no outliers");
     }
 }

@@ -60,7 +60,11 @@ fn main() -> Result<()> {
             write_json(&out_dir.join(PROBE_FILE), &probe)?;
             let tally = measure::run_job(&job, &probe, &out_dir)?;
             if tally.failed > 0 {
-                anyhow::bail!("{} of {} cells failed (see kernels.csv)", tally.failed, job.cells.len());
+                anyhow::bail!(
+                    "{} of {} cells failed (see kernels.csv)",
+                    tally.failed,
+                    job.cells.len()
+                );
             }
         }
     }

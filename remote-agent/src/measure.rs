@@ -4,10 +4,12 @@ use anyhow::{Context, Result};
 use harness::matrix::{Cell, JobSpec, TimingPolicy};
 use harness::probe::{BoardProbe, ThermalReading};
 use harness::progress::ProgressEvent;
-use harness::results::{CellStatus, CsvAppender, KernelRow, SampleRow, KERNEL_ROWS_FILE, SAMPLES_FILE};
+use harness::results::{
+    CellStatus, CsvAppender, KernelRow, SampleRow, KERNEL_ROWS_FILE, SAMPLES_FILE,
+};
 use harness::stats::{nmse, Summary};
 use kernels::weights::{llm_like_activations, llm_like_weights};
-use kernels::{quantize, unsupported_reason, KernelError, MatMul};
+use kernels::{quantize, KernelError, MatMul};
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -117,7 +119,7 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
 }
 
 fn measure_cell(cell: &Cell, threads: usize, job: &JobSpec, cache: &mut WeightCache) -> Outcome {
-    if let Some(reason) = unsupported_reason(cell.ty, cell.shape.cols) {
+    if let Some(reason) = cell.ty.unsupported_reason(cell.shape.cols) {
         return Outcome::Unsupported(reason);
     }
     match try_measure(cell, threads, job, cache) {

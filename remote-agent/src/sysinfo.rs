@@ -75,8 +75,9 @@ fn cpu_model(cpuinfo: &str) -> String {
         "0xd49" => "Neoverse-N2",
         _ => "",
     };
-    let board = cpuinfo_field(cpuinfo, "Model")
-        .or_else(|| read_trimmed("/proc/device-tree/model").map(|m| m.trim_end_matches('\0').to_string()));
+    let board = cpuinfo_field(cpuinfo, "Model").or_else(|| {
+        read_trimmed("/proc/device-tree/model").map(|m| m.trim_end_matches('\0').to_string())
+    });
     match (named, board) {
         ("", Some(board)) => board,
         ("", None) if !part.is_empty() => format!("Arm CPU part {part}"),
@@ -118,9 +119,24 @@ fn cpu_features(cpuinfo: &str) -> Vec<String> {
     #[cfg(not(target_arch = "aarch64"))]
     {
         const RELEVANT: &[&str] = &[
-            "sse3", "ssse3", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-            "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "asimd", "asimddp", "fphp",
-            "i8mm", "sve",
+            "sse3",
+            "ssse3",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512_vnni",
+            "avx512_bf16",
+            "avx_vnni",
+            "amx_int8",
+            "asimd",
+            "asimddp",
+            "fphp",
+            "i8mm",
+            "sve",
         ];
         let flags = cpuinfo_field(cpuinfo, "flags")
             .or_else(|| cpuinfo_field(cpuinfo, "Features"))

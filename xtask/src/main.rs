@@ -6,9 +6,16 @@ use harness::bench::{redraw, run_bench, BenchOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+const ALL_NEEDS: [harness::setup::Need; 3] = [
+    harness::setup::Need::HostBuild,
+    harness::setup::Need::CrossBuild,
+    harness::setup::Need::Testbed,
+];
+
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "quantbench: which GGML quantization should I ship on this board, and did my change make it slower?",
     after_help = "Start with `cargo xtask bench --target local --matrix quick`; results land in results/<time>-<commit>/."
 )]
@@ -33,6 +40,15 @@ enum Command {
         /// Parent folder of run directories.
         #[arg(long, default_value = "results")]
         results: PathBuf,
+    },
+    /// Install what a fresh Debian machine lacks (apt packages as root, the
+    /// aarch64 Rust target); prints the exact command when not root.
+    Setup,
+    /// Set up, then run the whole test suite (`cargo test --release --workspace`).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
     },
     /// Redraw the plots and summary of a finished run directory.
     Plot {
@@ -84,11 +100,35 @@ fn run() -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Setup => {
+            harness::setup::ensure(&ALL_NEEDS)?;
+            println!("setup: everything quantbench needs is installed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { cargo_test_args } => {
+            harness::setup::ensure(&ALL_NEEDS)?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .current_dir(harness::build::workspace_root())
+                .args(["test", "--release", "--workspace"])
+                .args(&cargo_test_args)
+                .status()
+                .context("starting cargo test")?;
+            Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Plot { run_dir } => {
             let (summary, plots) =
                 redraw(&run_dir).with_context(|| format!("redrawing {}", run_dir.display()))?;
             println!("{summary}");
-            println!("{} plots in {}", plots.len(), run_dir.join("plots").display());
+            println!(
+                "{} plots in {}",
+                plots.len(),
+                run_dir.join("plots").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,6 +1,9 @@
 //! The GGML weight types this tool measures, with their storage facts.
+//!
+//! The block and byte sizes are GGML's (ggml.c `type_traits`); `kernels`
+//! checks them against the linked GGML in its tests, so the host side can
+//! know them without linking GGML.
 
-use crate::ffi;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -80,18 +83,47 @@ impl GgmlType {
         }
     }
 
-    pub(crate) fn raw(self) -> ffi::RawType {
-        ffi::raw_type(self)
-    }
-
     /// Elements per quantization block (1 for float types).
     pub fn block_size(self) -> usize {
-        ffi::block_size(self)
+        self.layout().0
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(self) -> usize {
+        self.layout().1
+    }
+
+    /// (elements, bytes) of one block, as in GGML's type traits.
+    fn layout(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q6K => (256, 210),
+            GgmlType::Q5_1 => (32, 24),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5K => (256, 176),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q4_0 | GgmlType::IQ4NL => (32, 18),
+            GgmlType::Q4K => (256, 144),
+            GgmlType::Q3K => (256, 110),
+            GgmlType::Q2K => (256, 84),
+        }
     }
 
     /// Bytes of one row of `cols` elements (`cols` a multiple of the block).
     pub fn row_bytes(self, cols: usize) -> usize {
-        ffi::row_bytes(self, cols)
+        cols / self.block_size() * self.block_bytes()
+    }
+
+    /// Why this type cannot store rows of `cols` elements, if it cannot.
+    pub fn unsupported_reason(self, cols: usize) -> Option<String> {
+        let block = self.block_size();
+        (cols % block != 0).then(|| {
+            format!(
+                "{self} stores {block}-element blocks and K={cols} is not a multiple of {block}"
+            )
+        })
     }
 
     /// Storage cost per weight, scales included (e.g. 4.5 for Q4_0).
@@ -180,7 +212,11 @@ mod tests {
         for ty in GgmlType::ALL {
             assert_eq!(ty.name().to_lowercase().parse::<GgmlType>(), Ok(ty));
         }
-        assert!("q4_x".parse::<GgmlType>().unwrap_err().to_string().contains("Q4_0"));
+        assert!("q4_x"
+            .parse::<GgmlType>()
+            .unwrap_err()
+            .to_string()
+            .contains("Q4_0"));
     }
 
     #[test]

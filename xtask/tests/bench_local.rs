@@ -1,0 +1,168 @@
+//! End to end on the `local` target: the real CLI builds the real agent,
+//! which measures real GGML kernels; we check what lands on disk.
+
+use harness::results::{read_csv, CellStatus, KernelRow, SampleRow};
+use std::path::Path;
+use std::process::{Command, Output};
+
+const TINY_MATRIX: &str = r#"
+[matrices.tiny]
+types = ["F32", "Q8_0", "Q4_0", "Q4_K"]
+shapes = ["gemma3-1b.attn_kv", "llama3.2-1b.attn_kv"]
+batches = [1, 2]
+threads = [1, "all"]
+warmup = 1
+min_reps = 3
+min_time_ms = 5
+max_time_ms = 200
+"#;
+
+fn xtask(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("xtask starts")
+}
+
+#[test]
+fn bench_local_writes_rows_samples_manifest_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), TINY_MATRIX).unwrap();
+    let out = xtask(
+        dir.path(),
+        &["bench", "--target", "local", "--matrix", "tiny"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| Q4_0 | 4.50 |"),
+        "summary table printed:\n{stdout}"
+    );
+
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("results"))
+        .unwrap()
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let run_dir = runs[0].as_ref().unwrap().path();
+    let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 2 * 4 * 2 * 2, "one row per cell");
+    for row in &rows {
+        assert!(!row.emulated && row.board == "local");
+        assert_eq!(row.agent_build.len(), 12);
+        if row.ty == "Q4_K" && row.k == 1152 {
+            assert_eq!(row.status, CellStatus::Unsupported, "{row:?}");
+            assert!(row.note.contains("multiple of 256"));
+        } else {
+            assert_eq!(row.status, CellStatus::Ok, "{row:?}");
+            assert!(row.repetitions >= 3);
+            assert!(row.median_ns.unwrap() > 0.0 && row.gflops.unwrap() > 0.0);
+            assert!(row.bandwidth_share.unwrap() > 0.0);
+            assert!(row.nmse.unwrap() < 0.05, "{row:?}");
+        }
+    }
+    let samples: Vec<SampleRow> = read_csv(&run_dir.join("samples.csv")).unwrap();
+    let ok_reps: u32 = rows.iter().map(|r| r.repetitions).sum();
+    assert_eq!(samples.len() as u32, ok_reps, "every repetition kept");
+    for file in [
+        "run.json",
+        "summary.md",
+        "boards/local/probe.json",
+        "boards/local/job.json",
+    ] {
+        assert!(run_dir.join(file).exists(), "{file}");
+    }
+    for plot in [
+        "throughput_batch1",
+        "speedup_vs_f32",
+        "thread_scaling",
+        "nmse_vs_bits",
+        "bandwidth",
+    ] {
+        for ext in ["png", "svg"] {
+            let path = run_dir.join("plots").join(format!("{plot}.{ext}"));
+            assert!(
+                std::fs::metadata(&path)
+                    .map(|m| m.len() > 1000)
+                    .unwrap_or(false),
+                "{path:?}"
+            );
+        }
+    }
+    let svg = std::fs::read_to_string(run_dir.join("plots/speedup_vs_f32.svg")).unwrap();
+    assert!(
+        svg.contains("real hardware") && svg.contains("local"),
+        "title names board and kind"
+    );
+
+    // `plot` redraws from the files alone.
+    std::fs::remove_dir_all(run_dir.join("plots")).unwrap();
+    let out = xtask(dir.path(), &["plot", run_dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run_dir.join("plots/bandwidth.png").exists());
+}
+
+fn assert_one_clear_error(out: &Output, expected: &[&str]) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got:\n{stderr}");
+    for word in expected {
+        assert!(
+            lines[0].contains(word),
+            "`{word}` missing from: {}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn bad_configs_fail_fast_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        (
+            "[matrices.m]\ntypes=[\"Q9_0\"]\nshapes=[\"all\"]\n",
+            &["--matrix", "m"],
+            &["bench.toml", "unknown GGML type `Q9_0`", "Q4_K"],
+        ),
+        (
+            "[matrices.m]\ntypes=[\"F32\"]\nshapes=[\"llama9.attn\"]\n",
+            &["--matrix", "m"],
+            &["unknown shape `llama9.attn`"],
+        ),
+        (
+            "[matrices.m]\ntypes=[\"F32\"]\nshapes=[\"all\"]\n",
+            &["--matrix", "nope"],
+            &["no matrix named `nope`", "m"],
+        ),
+        (
+            "[matrices.m\ntypes=[\"F32\"]\n",
+            &["--matrix", "m"],
+            &["bench.toml", "line 1"],
+        ),
+        (
+            "",
+            &["--target", "mars", "--matrix", "quick"],
+            &["no matrix named `quick`"],
+        ),
+    ];
+    for (config, args, expected) in cases {
+        std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+        let mut all = vec!["bench"];
+        all.extend_from_slice(args);
+        assert_one_clear_error(&xtask(dir.path(), &all), expected);
+    }
+    // A missing config file names the file.
+    std::fs::remove_file(dir.path().join("bench.toml")).unwrap();
+    assert_one_clear_error(&xtask(dir.path(), &["bench"]), &["bench.toml"]);
+    // `plot` on a folder that is not a run.
+    assert_one_clear_error(&xtask(dir.path(), &["plot", "."]), &["not a run directory"]);
+}
