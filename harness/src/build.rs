@@ -18,6 +18,8 @@ pub enum BuildError {
     Failed { command: String, status: String },
     #[error("the build finished but {0} is missing")]
     Missing(PathBuf),
+    #[error("{0}")]
+    Tool(String),
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -102,4 +104,248 @@ pub fn file_hash(path: &Path) -> Result<String, BuildError> {
 
 fn host_triple() -> String {
     format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// How to compile for a kind of board. GGML's C/C++ gets `-march`/`-mtune`
+/// through a compiler wrapper because llama-cpp-sys-2 pins
+/// `GGML_CPU_ARM_ARCH=armv8-a` for non-native aarch64 builds and ignores the
+/// environment (a plain cross-build has no `sdot`); the wrapper's flags come
+/// last on gcc's command line, so they win. Rust code gets the matching
+/// target features (`-C target-cpu=cortex-a76` would make the crate hand
+/// `-march=cortex-a76` to gcc, which rejects it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BoardProfile {
+    /// Raspberry Pi 5: Cortex-A76, Armv8.2-A with dotprod and fp16.
+    Pi5,
+    /// Raspberry Pi 4: Cortex-A72, Armv8-A with CRC.
+    Pi4,
+    /// Any 64-bit Arm board: baseline Armv8-A.
+    GenericAarch64,
+}
+
+impl BoardProfile {
+    pub const ALL: [BoardProfile; 3] = [
+        BoardProfile::Pi5,
+        BoardProfile::Pi4,
+        BoardProfile::GenericAarch64,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BoardProfile::Pi5 => "pi5",
+            BoardProfile::Pi4 => "pi4",
+            BoardProfile::GenericAarch64 => "generic-aarch64",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<BoardProfile> {
+        BoardProfile::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    pub fn target_triple(self) -> &'static str {
+        crate::setup::AARCH64_TARGET
+    }
+
+    /// Flags appended to every GGML C/C++ compile.
+    pub fn ggml_arch_flags(self) -> &'static str {
+        match self {
+            BoardProfile::Pi5 => "-march=armv8.2-a+dotprod+fp16 -mtune=cortex-a76",
+            BoardProfile::Pi4 => "-march=armv8-a+crc -mtune=cortex-a72",
+            BoardProfile::GenericAarch64 => "-march=armv8-a",
+        }
+    }
+
+    /// Rust target features; `crt-static` links glibc statically so the agent
+    /// runs on any Raspberry Pi OS whatever its glibc.
+    pub fn rust_target_features(self) -> &'static str {
+        match self {
+            BoardProfile::Pi5 => "+crt-static,+dotprod,+fp16,+rcpc",
+            BoardProfile::Pi4 => "+crt-static,+crc",
+            BoardProfile::GenericAarch64 => "+crt-static",
+        }
+    }
+
+    /// The CPU qemu should emulate for a board of this profile.
+    pub fn qemu_cpu(self) -> &'static str {
+        match self {
+            BoardProfile::Pi5 => "cortex-a76",
+            BoardProfile::Pi4 => "cortex-a72",
+            BoardProfile::GenericAarch64 => "cortex-a53",
+        }
+    }
+}
+
+/// Which tool drives the cross-build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builder {
+    /// cargo with Debian's aarch64 cross gcc: no container engine needed.
+    Cargo,
+    /// `cross` (cross-rs) in a container, configured by Cross.toml.
+    Cross,
+}
+
+/// Cross-builds a fully static agent for `profile`. Each profile has its own
+/// target directory, so switching profiles never rebuilds GGML from scratch
+/// and a warm build costs only cargo's up-to-date check.
+pub fn build_board_agent(
+    workspace: &Path,
+    profile: BoardProfile,
+    builder: Builder,
+) -> Result<AgentBuild, BuildError> {
+    let triple = profile.target_triple();
+    let target_dir = workspace.join("target/boards").join(profile.name());
+    let env_triple = triple.replace('-', "_");
+    let rustflags = format!("-C target-feature={}", profile.rust_target_features());
+    let mut command = match builder {
+        Builder::Cargo => {
+            let wrappers = write_compiler_wrappers(&target_dir, profile)?;
+            let mut c = Command::new(cargo());
+            c.env(format!("CC_{env_triple}"), &wrappers.0)
+                .env(format!("CXX_{env_triple}"), &wrappers.1)
+                .env(
+                    "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                    "aarch64-linux-gnu-gcc",
+                );
+            c
+        }
+        Builder::Cross => {
+            check_container_engine()?;
+            let mut c = Command::new("cross");
+            // Cross.toml's pre-build creates these wrappers in the image; they
+            // append QUANTBENCH_GGML_ARCH_FLAGS (passed through) to gcc.
+            c.env(format!("CC_{env_triple}"), "quantbench-aarch64-gcc")
+                .env(format!("CXX_{env_triple}"), "quantbench-aarch64-g++");
+            c
+        }
+    };
+    command
+        .current_dir(workspace)
+        .env("QUANTBENCH_GGML_ARCH_FLAGS", profile.ggml_arch_flags())
+        .env(
+            format!("CARGO_TARGET_{}_RUSTFLAGS", env_triple.to_uppercase()),
+            rustflags,
+        )
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "remote-agent",
+            "--bin",
+            AGENT_BIN,
+        ])
+        .args(["--features", "static-stdcxx", "--target", triple])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    run_build(command)?;
+    let path = target_dir.join(triple).join("release").join(AGENT_BIN);
+    identify(&path, triple.to_string())
+}
+
+/// gcc/g++ wrappers that append the profile's arch flags after the crate's.
+fn write_compiler_wrappers(
+    target_dir: &Path,
+    profile: BoardProfile,
+) -> Result<(PathBuf, PathBuf), BuildError> {
+    let dir = target_dir.join("cc-wrapper");
+    let io = |source| BuildError::Read {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let mut paths = Vec::new();
+    for (name, real) in [
+        ("gcc", "aarch64-linux-gnu-gcc"),
+        ("g++", "aarch64-linux-gnu-g++"),
+    ] {
+        let path = dir.join(format!("quantbench-aarch64-{name}"));
+        let script = format!(
+            "#!/bin/sh\nexec {real} \"$@\" {}\n",
+            profile.ggml_arch_flags()
+        );
+        // Rewrite only on change so cargo's fingerprints stay valid.
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(script.as_str()) {
+            std::fs::write(&path, script).map_err(io)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        }
+        paths.push(path);
+    }
+    Ok((paths[0].clone(), paths[1].clone()))
+}
+
+/// `cross` runs the build in a container; without a working engine it fails
+/// deep inside with a confusing message, so say it up front.
+fn check_container_engine() -> Result<(), BuildError> {
+    if !crate::setup::on_path("cross") {
+        return Err(BuildError::Tool(
+            "`--builder cross` needs cross-rs: cargo install cross (and a container engine); the default builder needs neither".into(),
+        ));
+    }
+    let engine = std::env::var("CROSS_CONTAINER_ENGINE").unwrap_or_else(|_| {
+        if crate::setup::on_path("docker") {
+            "docker".into()
+        } else {
+            "podman".into()
+        }
+    });
+    let works = Command::new(&engine)
+        .arg("info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if works {
+        Ok(())
+    } else {
+        Err(BuildError::Tool(format!(
+            "`--builder cross` needs a running container engine, but `{engine} info` fails (no Docker/Podman daemon?); use the default builder (`--builder cargo`), which needs none"
+        )))
+    }
+}
+
+/// Static-link and instruction checks on a cross-built agent.
+pub fn inspect_aarch64_binary(path: &Path) -> Result<BinaryFacts, BuildError> {
+    let output = |program: &str, args: &[&str]| -> Result<String, BuildError> {
+        let out = Command::new(program)
+            .args(args)
+            .arg(path)
+            .output()
+            .map_err(|source| BuildError::Spawn {
+                program: program.to_string(),
+                source,
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let dynamic = output(
+        "aarch64-linux-gnu-readelf",
+        &["--dynamic", "--program-headers"],
+    )?;
+    let needed: Vec<String> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .map(|l| l.trim().to_string())
+        .collect();
+    let has_interpreter = dynamic.contains("INTERP");
+    let disassembly = output("aarch64-linux-gnu-objdump", &["-d", "--no-show-raw-insn"])?;
+    let sdot_count = disassembly
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("sdot"))
+        .count();
+    Ok(BinaryFacts {
+        needed,
+        has_interpreter,
+        sdot_count,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct BinaryFacts {
+    /// Shared libraries the binary asks for (empty when fully static).
+    pub needed: Vec<String>,
+    /// True when it names a dynamic loader.
+    pub has_interpreter: bool,
+    /// Arm dot-product instructions: GGML's fast quantized paths on a Pi 5.
+    pub sdot_count: usize,
 }

@@ -54,6 +54,12 @@ pub struct BenchConfig {
     pub matrices: BTreeMap<String, MatrixSpec>,
     #[serde(default)]
     pub shapes: BTreeMap<String, CustomShape>,
+    /// Remote boards by name (see `boards`).
+    #[serde(default)]
+    pub boards: BTreeMap<String, crate::boards::BoardConfig>,
+    /// Named lists of boards, usable as `--target <group>`.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
     /// Seed of the synthetic weights and activations.
     #[serde(default = "default_seed")]
     pub seed: u64,

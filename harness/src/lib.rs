@@ -8,8 +8,11 @@
 //! toolchain and can install one): GGML is `kernels`, run inside the agent.
 
 pub mod bench;
+pub mod boards;
 pub mod build;
 pub mod config;
+#[cfg(feature = "remote")]
+pub mod deploy;
 pub mod ggml_type;
 pub mod matrix;
 #[cfg(feature = "plot")]
@@ -19,8 +22,11 @@ pub mod progress;
 pub mod results;
 pub mod run;
 pub mod setup;
+pub mod shell;
 pub mod stats;
 pub mod summary;
+#[cfg(feature = "remote")]
+pub mod transport;
 
 /// Current UTC time as RFC 3339 with second precision (`2026-11-22T17:00:00Z`).
 pub fn utc_now_rfc3339() -> String {

@@ -50,6 +50,16 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Cross-build the on-board agent for a board profile and report what it is
+    /// (path, content hash, static or not, Arm dot-product instructions).
+    BuildAgent {
+        /// Board profile: pi5, pi4 or generic-aarch64.
+        #[arg(long, default_value = "pi5")]
+        profile: String,
+        /// `cargo` (default, Debian's cross gcc) or `cross` (needs a container engine).
+        #[arg(long, default_value = "cargo")]
+        builder: String,
+    },
     /// Redraw the plots and summary of a finished run directory.
     Plot {
         /// A run directory, e.g. results/20261122T170000Z-abc1234.
@@ -120,6 +130,37 @@ fn run() -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::BuildAgent { profile, builder } => {
+            let profile = harness::build::BoardProfile::from_name(&profile).with_context(|| {
+                format!("unknown board profile `{profile}` (known: pi5, pi4, generic-aarch64)")
+            })?;
+            let builder = parse_builder(&builder)?;
+            harness::setup::ensure(&[
+                harness::setup::Need::HostBuild,
+                harness::setup::Need::CrossBuild,
+            ])?;
+            let started = std::time::Instant::now();
+            let agent = harness::build::build_board_agent(
+                &harness::build::workspace_root(),
+                profile,
+                builder,
+            )?;
+            let facts = harness::build::inspect_aarch64_binary(&agent.path)?;
+            println!(
+                "{} ({}, {}): {:.1} s; {}; {} sdot instructions",
+                agent.path.display(),
+                agent.hash,
+                profile.name(),
+                started.elapsed().as_secs_f64(),
+                if facts.needed.is_empty() && !facts.has_interpreter {
+                    "fully static".to_string()
+                } else {
+                    format!("DYNAMIC: {:?}", facts.needed)
+                },
+                facts.sdot_count
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plot { run_dir } => {
             let (summary, plots) =
                 redraw(&run_dir).with_context(|| format!("redrawing {}", run_dir.display()))?;
@@ -131,5 +172,13 @@ fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn parse_builder(name: &str) -> Result<harness::build::Builder> {
+    match name {
+        "cargo" => Ok(harness::build::Builder::Cargo),
+        "cross" => Ok(harness::build::Builder::Cross),
+        other => anyhow::bail!("unknown builder `{other}` (known: cargo, cross)"),
     }
 }

@@ -1,0 +1,483 @@
+//! Boards and `--target`: configured boards and groups, `~/.ssh/config`
+//! aliases, `user@host:port`, and `local`.
+//!
+//! ```toml
+//! [boards.kitchen]
+//! host = "192.168.1.50"          # address or ~/.ssh/config alias
+//! user = "pi"                    # default: ssh config, then $USER
+//! port = 22
+//! profile = "pi5"                # pi5 | pi4 | generic-aarch64
+//! identity = "~/.ssh/id_ed25519" # tried after ssh-agent
+//! work_dir = ".quantbench"       # relative to the login's home
+//! emulated = false
+//! runner = []                    # command prefix, e.g. ["qemu-aarch64", "-cpu", "cortex-a76"]
+//! known_hosts = "~/.ssh/known_hosts_lab"  # checked besides ~/.ssh/known_hosts
+//!
+//! [groups]
+//! lab = ["kitchen", "desk"]
+//! ```
+
+use crate::build::BoardProfile;
+use crate::shell::is_safe_value;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TargetError {
+    #[error("target `{target}`: {message}")]
+    Invalid { target: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoardConfig {
+    pub host: String,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_profile")]
+    pub profile: String,
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default = "default_work_dir")]
+    pub work_dir: String,
+    #[serde(default)]
+    pub emulated: bool,
+    #[serde(default)]
+    pub runner: Vec<String>,
+    #[serde(default)]
+    pub known_hosts: Option<String>,
+}
+
+fn default_profile() -> String {
+    "pi5".into()
+}
+fn default_work_dir() -> String {
+    ".quantbench".into()
+}
+
+/// `[boards]` and `[groups]`, as in bench.toml or the testbed's boards.toml.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoardsFile {
+    #[serde(default)]
+    pub boards: BTreeMap<String, BoardConfig>,
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+}
+
+/// A board ready to be measured.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResolvedBoard {
+    Local,
+    Remote(RemoteBoard),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteBoard {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub profile: BoardProfile,
+    pub identities: Vec<PathBuf>,
+    pub known_hosts: Vec<PathBuf>,
+    pub work_dir: String,
+    pub emulated: bool,
+    pub runner: Vec<String>,
+}
+
+impl ResolvedBoard {
+    pub fn name(&self) -> &str {
+        match self {
+            ResolvedBoard::Local => "local",
+            ResolvedBoard::Remote(b) => &b.name,
+        }
+    }
+}
+
+/// Resolves `--target` (a comma list of board names, group names, ssh
+/// aliases, `user@host:port` or `local`) into boards, without duplicates.
+pub fn resolve_targets(
+    target: &str,
+    boards: &BoardsFile,
+    ssh_config: &SshConfig,
+) -> Result<Vec<ResolvedBoard>, TargetError> {
+    let mut out: Vec<ResolvedBoard> = Vec::new();
+    for item in target.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let found: Vec<ResolvedBoard> = if item == "local" {
+            vec![ResolvedBoard::Local]
+        } else if let Some(members) = boards.groups.get(item) {
+            members
+                .iter()
+                .map(|m| {
+                    let config = boards.boards.get(m).ok_or_else(|| TargetError::Invalid {
+                        target: item.into(),
+                        message: format!(
+                            "group `{item}` names board `{m}`, which is not configured"
+                        ),
+                    })?;
+                    from_config(m, config, ssh_config).map(ResolvedBoard::Remote)
+                })
+                .collect::<Result<_, _>>()?
+        } else if let Some(config) = boards.boards.get(item) {
+            vec![ResolvedBoard::Remote(from_config(
+                item, config, ssh_config,
+            )?)]
+        } else {
+            vec![ResolvedBoard::Remote(from_destination(item, ssh_config)?)]
+        };
+        for board in found {
+            if !out.iter().any(|b| b.name() == board.name()) {
+                out.push(board);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(TargetError::Invalid {
+            target: target.into(),
+            message: "names no board".into(),
+        });
+    }
+    Ok(out)
+}
+
+fn from_config(
+    name: &str,
+    config: &BoardConfig,
+    ssh: &SshConfig,
+) -> Result<RemoteBoard, TargetError> {
+    let invalid = |message: String| TargetError::Invalid {
+        target: name.into(),
+        message,
+    };
+    let profile = BoardProfile::from_name(&config.profile).ok_or_else(|| {
+        invalid(format!(
+            "unknown profile `{}` (known: pi5, pi4, generic-aarch64)",
+            config.profile
+        ))
+    })?;
+    let alias = ssh.lookup(&config.host);
+    let mut identities: Vec<PathBuf> = config.identity.iter().map(|p| expand_home(p)).collect();
+    identities.extend(alias.identity_files.iter().map(|p| expand_home(p)));
+    identities.extend(default_identities());
+    let mut known_hosts = vec![expand_home("~/.ssh/known_hosts")];
+    known_hosts.extend(config.known_hosts.iter().map(|p| expand_home(p)));
+    let board = RemoteBoard {
+        name: name.to_string(),
+        host: alias
+            .host_name
+            .clone()
+            .unwrap_or_else(|| config.host.clone()),
+        port: config.port.or(alias.port).unwrap_or(22),
+        user: config
+            .user
+            .clone()
+            .or(alias.user.clone())
+            .unwrap_or_else(current_user),
+        profile,
+        identities,
+        known_hosts,
+        work_dir: config.work_dir.clone(),
+        emulated: config.emulated,
+        runner: config.runner.clone(),
+    };
+    validate(&board)?;
+    Ok(board)
+}
+
+/// `[user@]host[:port]` or an ssh config alias, with no board config: the
+/// profile comes from the name (`pi4...` means pi4, anything else pi5, the
+/// board this tool is for).
+fn from_destination(item: &str, ssh: &SshConfig) -> Result<RemoteBoard, TargetError> {
+    let invalid = |message: String| TargetError::Invalid {
+        target: item.into(),
+        message,
+    };
+    let (user, rest) = match item.split_once('@') {
+        Some((u, r)) => (Some(u.to_string()), r),
+        None => (None, item),
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            Some(
+                p.parse::<u16>()
+                    .map_err(|_| invalid(format!("port `{p}` is not a number")))?,
+            ),
+        ),
+        None => (rest, None),
+    };
+    let alias = ssh.lookup(host);
+    let profile = if host.starts_with("pi4") {
+        BoardProfile::Pi4
+    } else {
+        BoardProfile::Pi5
+    };
+    let mut identities: Vec<PathBuf> = alias
+        .identity_files
+        .iter()
+        .map(|p| expand_home(p))
+        .collect();
+    identities.extend(default_identities());
+    let board = RemoteBoard {
+        name: host.to_string(),
+        host: alias.host_name.clone().unwrap_or_else(|| host.to_string()),
+        port: port.or(alias.port).unwrap_or(22),
+        user: user.or(alias.user.clone()).unwrap_or_else(current_user),
+        profile,
+        identities,
+        known_hosts: vec![expand_home("~/.ssh/known_hosts")],
+        work_dir: default_work_dir(),
+        emulated: false,
+        runner: Vec::new(),
+    };
+    validate(&board)?;
+    Ok(board)
+}
+
+/// Every value that reaches a remote command line or path must be plain.
+fn validate(board: &RemoteBoard) -> Result<(), TargetError> {
+    let checks = [
+        ("board name", board.name.as_str()),
+        ("host", board.host.as_str()),
+        ("user", board.user.as_str()),
+        ("work_dir", board.work_dir.as_str()),
+    ];
+    for (what, value) in checks
+        .into_iter()
+        .chain(board.runner.iter().map(|r| ("runner", r.as_str())))
+    {
+        if !is_safe_value(value) {
+            return Err(TargetError::Invalid {
+                target: board.name.clone(),
+                message: format!(
+                    "{what} `{value}` contains characters that are not allowed (letters, digits and . _ - / ~ @ : + = , only)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn default_identities() -> Vec<PathBuf> {
+    ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"]
+        .iter()
+        .map(|p| expand_home(p))
+        .collect()
+}
+
+fn current_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "root".into())
+}
+
+pub fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// The parts of `~/.ssh/config` quantbench honours.
+#[derive(Debug, Clone, Default)]
+pub struct SshConfig {
+    blocks: Vec<(Vec<String>, SshHost)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SshHost {
+    pub host_name: Option<String>,
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    pub identity_files: Vec<String>,
+}
+
+impl SshConfig {
+    pub fn load_default() -> SshConfig {
+        std::fs::read_to_string(expand_home("~/.ssh/config"))
+            .map(|t| SshConfig::parse(&t))
+            .unwrap_or_default()
+    }
+
+    pub fn parse(text: &str) -> SshConfig {
+        let mut blocks: Vec<(Vec<String>, SshHost)> = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = match line.split_once(|c: char| c.is_whitespace() || c == '=') {
+                Some((k, v)) => (
+                    k.to_ascii_lowercase(),
+                    v.trim()
+                        .trim_start_matches('=')
+                        .trim()
+                        .trim_matches('"')
+                        .to_string(),
+                ),
+                None => continue,
+            };
+            if key == "host" {
+                blocks.push((
+                    value.split_whitespace().map(str::to_string).collect(),
+                    SshHost::default(),
+                ));
+                continue;
+            }
+            if key == "match" {
+                // Match blocks need evaluation we do not do; ignore their contents.
+                blocks.push((Vec::new(), SshHost::default()));
+                continue;
+            }
+            let Some((_, host)) = blocks.last_mut() else {
+                continue;
+            };
+            match key.as_str() {
+                "hostname" => host.host_name = Some(value),
+                "user" => host.user = Some(value),
+                "port" => host.port = value.parse().ok(),
+                "identityfile" => host.identity_files.push(value),
+                _ => {}
+            }
+        }
+        SshConfig { blocks }
+    }
+
+    /// OpenSSH semantics: for each keyword the first matching block wins;
+    /// identity files accumulate.
+    pub fn lookup(&self, alias: &str) -> SshHost {
+        let mut out = SshHost::default();
+        for (patterns, host) in &self.blocks {
+            if !patterns.iter().any(|p| glob_match(p, alias))
+                || patterns
+                    .iter()
+                    .any(|p| p.strip_prefix('!').is_some_and(|n| glob_match(n, alias)))
+            {
+                continue;
+            }
+            out.host_name = out.host_name.or(host.host_name.clone());
+            out.user = out.user.or(host.user.clone());
+            out.port = out.port.or(host.port);
+            out.identity_files
+                .extend(host.identity_files.iter().cloned());
+        }
+        if let Some(name) = &out.host_name {
+            out.host_name = Some(name.replace("%h", alias));
+        }
+        out
+    }
+}
+
+fn glob_match(pattern: &str, text: &str) -> bool {
+    fn go(p: &[u8], t: &[u8]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &t[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
+            _ => false,
+        }
+    }
+    !pattern.starts_with('!') && go(pattern.as_bytes(), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SSH_CONFIG: &str = "
+Host kitchen
+    HostName 192.168.1.50
+    User pi
+    Port 2222
+    IdentityFile ~/.ssh/pi_key
+Host pi5-*
+    User admin
+Host *
+    User fallback
+";
+
+    fn remote(b: &ResolvedBoard) -> &RemoteBoard {
+        match b {
+            ResolvedBoard::Remote(r) => r,
+            ResolvedBoard::Local => panic!("local"),
+        }
+    }
+
+    #[test]
+    fn ssh_alias_supplies_host_user_port_identity() {
+        let ssh = SshConfig::parse(SSH_CONFIG);
+        let boards = resolve_targets("kitchen", &BoardsFile::default(), &ssh).unwrap();
+        let b = remote(&boards[0]);
+        assert_eq!(
+            (b.host.as_str(), b.user.as_str(), b.port),
+            ("192.168.1.50", "pi", 2222)
+        );
+        assert!(b.identities[0].ends_with(".ssh/pi_key"));
+        assert_eq!(b.profile, BoardProfile::Pi5);
+        let b = resolve_targets("pi5-desk", &BoardsFile::default(), &ssh).unwrap();
+        assert_eq!(remote(&b[0]).user, "admin", "first matching block wins");
+    }
+
+    #[test]
+    fn user_at_host_port_and_bare_pi5_local() {
+        let ssh = SshConfig::default();
+        let b = resolve_targets("bob@10.0.0.7:2200", &BoardsFile::default(), &ssh).unwrap();
+        let r = remote(&b[0]);
+        assert_eq!(
+            (r.user.as_str(), r.host.as_str(), r.port),
+            ("bob", "10.0.0.7", 2200)
+        );
+        let b = resolve_targets("pi5.local", &BoardsFile::default(), &ssh).unwrap();
+        let r = remote(&b[0]);
+        assert_eq!(
+            (r.host.as_str(), r.port, r.profile),
+            ("pi5.local", 22, BoardProfile::Pi5)
+        );
+        let b = resolve_targets("pi4.lan", &BoardsFile::default(), &ssh).unwrap();
+        assert_eq!(remote(&b[0]).profile, BoardProfile::Pi4);
+    }
+
+    #[test]
+    fn groups_and_lists_expand_without_duplicates() {
+        let file: BoardsFile = toml::from_str(
+            "[boards.a]\nhost='10.0.0.1'\n[boards.b]\nhost='10.0.0.2'\nprofile='pi4'\n[groups]\nlab=['a','b']\n",
+        )
+        .unwrap();
+        let boards = resolve_targets("lab,a,local", &file, &SshConfig::default()).unwrap();
+        let names: Vec<&str> = boards.iter().map(ResolvedBoard::name).collect();
+        assert_eq!(names, ["a", "b", "local"]);
+        assert_eq!(remote(&boards[1]).profile, BoardProfile::Pi4);
+    }
+
+    #[test]
+    fn shell_metacharacters_in_names_or_paths_are_refused() {
+        let file: BoardsFile = toml::from_str(
+            "[boards.'x;reboot']\nhost='10.0.0.1'\n[boards.ok]\nhost='10.0.0.1'\nwork_dir='/tmp/$(id)'\n",
+        )
+        .unwrap();
+        let ssh = SshConfig::default();
+        let e = resolve_targets("x;reboot", &file, &ssh)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not allowed"), "{e}");
+        let e = resolve_targets("ok", &file, &ssh).unwrap_err().to_string();
+        assert!(e.contains("work_dir"), "{e}");
+        assert!(resolve_targets("a`id`@host", &BoardsFile::default(), &ssh).is_err());
+    }
+
+    #[test]
+    fn unknown_profile_and_bad_port_are_named() {
+        let file: BoardsFile = toml::from_str("[boards.a]\nhost='h'\nprofile='pi9'\n").unwrap();
+        assert!(resolve_targets("a", &file, &SshConfig::default())
+            .unwrap_err()
+            .to_string()
+            .contains("pi9"));
+        assert!(resolve_targets("h:99999", &BoardsFile::default(), &SshConfig::default()).is_err());
+    }
+}

@@ -1,0 +1,288 @@
+//! Putting the agent on a board and running it there, detached from the SSH
+//! session, then collecting its files.
+//!
+//! On the board, under `work_dir`:
+//! - `agents/<hash>/quantbench-agent`: content-addressed, uploaded only when
+//!   absent, through a temporary name and a rename;
+//! - `runs/<run_id>/`: `job.json`, the agent's `kernels.csv`, `samples.csv`,
+//!   `probe.json`, `progress.jsonl` (its stdout), `agent.log` (stderr), `pid`
+//!   and, once it ends, `exit_code`. The agent runs under `setsid nohup`, so a
+//!   dropped connection loses nothing: the host reconnects and carries on.
+
+use crate::boards::RemoteBoard;
+use crate::build::{AgentBuild, AGENT_BIN};
+use crate::matrix::JobSpec;
+use crate::progress::ProgressEvent;
+use crate::results::{KERNEL_ROWS_FILE, PROBE_FILE, SAMPLES_FILE};
+use crate::run::{BoardRunner, RunError};
+use crate::transport::{command_line, shell_quote, Connection, SshEndpoint, TransportError};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Reconnect back-off: 1, 2, 4, 8, 16, 16, ... seconds, for at most this long.
+const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct SshRunner {
+    pub board: RemoteBoard,
+    pub agent: AgentBuild,
+    pub accept_new_host_key: bool,
+    /// Bytes uploaded to this board during the run (0 when the agent was there).
+    pub uploaded_bytes: Arc<AtomicU64>,
+    /// Where log lines go (the progress bar's println in the CLI).
+    pub log: Arc<dyn Fn(String) + Send + Sync>,
+}
+
+impl SshRunner {
+    fn endpoint(&self) -> SshEndpoint {
+        SshEndpoint {
+            board: self.board.name.clone(),
+            host: self.board.host.clone(),
+            port: self.board.port,
+            user: self.board.user.clone(),
+            identities: self.board.identities.clone(),
+            known_hosts: self.board.known_hosts.clone(),
+            accept_new_host_key: self.accept_new_host_key,
+        }
+    }
+
+    fn agent_dir(&self) -> String {
+        format!("{}/agents/{}", self.board.work_dir, self.agent.hash)
+    }
+
+    fn agent_path(&self) -> String {
+        format!("{}/{AGENT_BIN}", self.agent_dir())
+    }
+
+    /// Refuses a board whose CPU cannot run the agent (unless a runner such
+    /// as qemu is configured), with both architectures named.
+    fn check_architecture(&self, conn: &Connection) -> Result<(), RunError> {
+        if !self.board.runner.is_empty() {
+            return Ok(());
+        }
+        let machine = conn.exec_ok("uname -m").map_err(board_err)?;
+        let machine = machine.trim();
+        let agent_arch = self.agent.target_triple.split('-').next().unwrap_or("");
+        let compatible = machine == agent_arch || (agent_arch == "aarch64" && machine == "arm64");
+        if !compatible {
+            return Err(RunError::Board(format!(
+                "board {} is {machine} but the agent is built for {agent_arch} (profile {}): wrong architecture. Use a board profile for its CPU, or set `runner = [\"qemu-aarch64\", \"-cpu\", \"{}\"]` for an emulated board",
+                self.board.name,
+                self.board.profile.name(),
+                self.board.profile.qemu_cpu()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Uploads the agent unless the board already has this exact build.
+    fn deploy_agent(&self, conn: &Connection) -> Result<(), RunError> {
+        let remote = self.agent_path();
+        if conn.exists(&remote).map_err(board_err)? {
+            (self.log)(format!(
+                "{}: agent {} already on the board, nothing uploaded",
+                self.board.name, self.agent.hash
+            ));
+            return Ok(());
+        }
+        conn.exec_ok(&command_line(&["mkdir", "-p", &self.agent_dir()]))
+            .map_err(board_err)?;
+        let bytes = conn
+            .upload(&self.agent.path, &remote, 0o755, &mut |_| {})
+            .map_err(board_err)?;
+        self.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+        (self.log)(format!(
+            "{}: uploaded agent {} ({:.1} MB)",
+            self.board.name,
+            self.agent.hash,
+            bytes as f64 / 1e6
+        ));
+        Ok(())
+    }
+
+    fn run_dir(&self, job: &JobSpec) -> String {
+        format!("{}/runs/{}", self.board.work_dir, job.run_id)
+    }
+
+    /// Starts the agent detached; returns immediately.
+    fn start(&self, conn: &Connection, job: &JobSpec) -> Result<(), RunError> {
+        let dir = self.run_dir(job);
+        conn.exec_ok(&command_line(&["mkdir", "-p", &dir]))
+            .map_err(board_err)?;
+        let job_json =
+            serde_json::to_vec_pretty(job).map_err(|e| RunError::Board(e.to_string()))?;
+        conn.write_file(&format!("{dir}/job.json"), &job_json)
+            .map_err(board_err)?;
+        // Relative work dirs are relative to the login's home, but the
+        // command runs inside the run directory.
+        let agent = self.agent_path();
+        let agent_expr = if agent.starts_with('/') {
+            shell_quote(&agent)
+        } else {
+            format!("\"$HOME\"/{}", shell_quote(&agent))
+        };
+        let mut argv: Vec<String> = self.board.runner.iter().map(|r| shell_quote(r)).collect();
+        argv.push(agent_expr);
+        let inner = format!(
+            "{} run --job job.json --out-dir . > progress.jsonl 2> agent.log < /dev/null; echo $? > exit_code",
+            argv.join(" ")
+        );
+        let command = format!(
+            "cd {} && rm -f exit_code && (setsid nohup sh -c {} > /dev/null 2>&1 < /dev/null & echo $! > pid)",
+            shell_quote(&dir),
+            shell_quote(&inner),
+        );
+        conn.exec_ok(&command).map_err(board_err)?;
+        Ok(())
+    }
+
+    /// Follows progress until the agent ends; reconnects on a dropped
+    /// connection. Returns the agent's exit code.
+    fn follow(
+        &self,
+        job: &JobSpec,
+        mut conn: Connection,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+        last_started: &mut Option<String>,
+    ) -> Result<(Connection, i32), RunError> {
+        let dir = self.run_dir(job);
+        let mut offset = 0u64;
+        let mut pending = String::new();
+        loop {
+            let step = (|| -> Result<Option<i32>, TransportError> {
+                let bytes = conn.read_from(&format!("{dir}/progress.jsonl"), offset)?;
+                offset += bytes.len() as u64;
+                pending.push_str(&String::from_utf8_lossy(&bytes));
+                while let Some(newline) = pending.find('\n') {
+                    let line: String = pending.drain(..=newline).collect();
+                    if let Some(event) = ProgressEvent::parse(&line) {
+                        if let ProgressEvent::CellStarted { cell_id, .. } = &event {
+                            *last_started = Some(cell_id.clone());
+                        }
+                        on_event(&event);
+                    }
+                }
+                let exit = conn.read_from(&format!("{dir}/exit_code"), 0)?;
+                let exit = String::from_utf8_lossy(&exit).trim().to_string();
+                if !exit.is_empty() {
+                    return Ok(Some(exit.parse().unwrap_or(-1)));
+                }
+                // No exit code: is the agent still alive? (Killed together
+                // with its shell, nothing would ever write one.)
+                let pid = String::from_utf8_lossy(&conn.read_from(&format!("{dir}/pid"), 0)?)
+                    .trim()
+                    .to_string();
+                if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) {
+                    let alive = conn.exec(&format!("kill -0 {pid}"))?;
+                    if alive.status != 0 {
+                        // Re-check the exit code: it may have been written
+                        // between the two reads.
+                        let exit = conn.read_from(&format!("{dir}/exit_code"), 0)?;
+                        let exit = String::from_utf8_lossy(&exit).trim().to_string();
+                        return Ok(Some(exit.parse().unwrap_or(137)));
+                    }
+                }
+                Ok(None)
+            })();
+            match step {
+                Ok(Some(code)) => return Ok((conn, code)),
+                Ok(None) => std::thread::sleep(POLL_INTERVAL),
+                Err(e) if e.is_connection_loss() => {
+                    (self.log)(format!(
+                        "{}: connection lost ({e}); reconnecting",
+                        self.board.name
+                    ));
+                    conn = self.reconnect()?;
+                }
+                Err(e) => return Err(board_err(e)),
+            }
+        }
+    }
+
+    fn reconnect(&self) -> Result<Connection, RunError> {
+        let started = Instant::now();
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match Connection::open(&self.endpoint()) {
+                Ok(conn) => return Ok(conn),
+                Err(e) if e.is_connection_loss() && started.elapsed() < RECONNECT_BUDGET => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(16));
+                }
+                Err(e) => {
+                    return Err(RunError::Board(format!(
+                        "{e} (gave up reconnecting after {:.0} s; the agent keeps running on the board and its rows stay under {})",
+                        started.elapsed().as_secs_f64(),
+                        self.board.work_dir
+                    )))
+                }
+            }
+        }
+    }
+
+    fn collect(&self, conn: &Connection, job: &JobSpec, board_dir: &Path) -> Result<(), RunError> {
+        let dir = self.run_dir(job);
+        for file in [
+            KERNEL_ROWS_FILE,
+            SAMPLES_FILE,
+            PROBE_FILE,
+            "agent.log",
+            "progress.jsonl",
+        ] {
+            let remote = format!("{dir}/{file}");
+            if conn.exists(&remote).map_err(board_err)? {
+                conn.download(&remote, &board_dir.join(file))
+                    .map_err(board_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn board_err(e: TransportError) -> RunError {
+    RunError::Board(e.to_string())
+}
+
+impl BoardRunner for SshRunner {
+    fn board(&self) -> &str {
+        &self.board.name
+    }
+
+    fn run(
+        &mut self,
+        job: &JobSpec,
+        board_dir: &Path,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        crate::results::write_json(&board_dir.join("job.json"), job)?;
+        let conn = Connection::open(&self.endpoint()).map_err(board_err)?;
+        self.check_architecture(&conn)?;
+        self.deploy_agent(&conn)?;
+        self.start(&conn, job)?;
+        let mut last_started = None;
+        let (conn, exit_code) = self.follow(job, conn, on_event, &mut last_started)?;
+        // Collect whatever the agent finished, success or not.
+        self.collect(&conn, job, board_dir)?;
+        if exit_code == 0 {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(board_dir.join("agent.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = tail[tail.len().saturating_sub(2)..].join(" / ");
+        let reason = match exit_code {
+            126 | 127 if log.contains("Exec format error") || log.contains("cannot execute") => format!(
+                "the board cannot execute the agent (exec format error): wrong architecture for profile {}",
+                self.board.profile.name()
+            ),
+            137 => "agent killed (SIGKILL: out of memory, or killed by hand)".to_string(),
+            143 => "agent terminated (SIGTERM)".to_string(),
+            code => format!("agent exited with status {code}: {tail}"),
+        };
+        Err(match last_started {
+            Some(cell) => RunError::AgentDied { cell, reason },
+            None => RunError::AgentFailed(reason),
+        })
+    }
+}

@@ -1,0 +1,474 @@
+//! SSH to boards (ssh2): connect, check the host key, authenticate, run
+//! commands built from quoted values, move files over SFTP.
+
+use ssh2::{CheckResult, HashType, KnownHostFileKind, Session};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+pub use crate::shell::{command_line, is_safe_value, shell_quote};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
+const IO_TIMEOUT_MS: u32 = 60_000;
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("board {board}: cannot reach {address}: {reason}. Is the board on, on the network, and running sshd?")]
+    Unreachable {
+        board: String,
+        address: String,
+        reason: String,
+    },
+    #[error("board {board}: {user}@{host} refused authentication (tried: {tried}). Add your key to the board's ~/.ssh/authorized_keys, load it into ssh-agent, or set `identity` for the board")]
+    AuthRefused {
+        board: String,
+        user: String,
+        host: String,
+        tried: String,
+    },
+    #[error("board {board}: host key of {host} is unknown ({fingerprint}). Check it on the board (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then pass --accept-new-host-key to trust it for this run, or add it to ~/.ssh/known_hosts")]
+    UnknownHostKey {
+        board: String,
+        host: String,
+        fingerprint: String,
+    },
+    #[error("board {board}: HOST KEY OF {host} HAS CHANGED ({fingerprint}), refusing to connect: someone may be intercepting, or the board was reinstalled. If you know why, remove the old key with: ssh-keygen -R {host} -f {known_hosts}")]
+    ChangedHostKey {
+        board: String,
+        host: String,
+        fingerprint: String,
+        known_hosts: String,
+    },
+    #[error("board {board}: disk full under {path} ({detail}); free space on the board or set a `work_dir` on a larger filesystem")]
+    DiskFull {
+        board: String,
+        path: String,
+        detail: String,
+    },
+    #[error("board {board}: `{command}` exited with {status}: {stderr}")]
+    Remote {
+        board: String,
+        command: String,
+        status: i32,
+        stderr: String,
+    },
+    #[error("board {board}: {step}: {source}")]
+    Ssh {
+        board: String,
+        step: String,
+        source: ssh2::Error,
+    },
+    #[error("board {board}: {step}: {source}")]
+    Io {
+        board: String,
+        step: String,
+        source: std::io::Error,
+    },
+    #[error("board {board}: unsafe value `{value}` for {what}: only letters, digits and . _ - / ~ @ : + = , are allowed")]
+    UnsafeValue {
+        board: String,
+        what: String,
+        value: String,
+    },
+}
+
+impl TransportError {
+    /// Errors worth a reconnect (the network), as opposed to a refusal.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            TransportError::Unreachable { .. } | TransportError::Io { .. } => true,
+            TransportError::Ssh { source, .. } => matches!(
+                source.code(),
+                ssh2::ErrorCode::Session(-7) // LIBSSH2_ERROR_SOCKET_SEND
+                    | ssh2::ErrorCode::Session(-43) // SOCKET_RECV
+                    | ssh2::ErrorCode::Session(-13) // SOCKET_DISCONNECT
+                    | ssh2::ErrorCode::Session(-9) // TIMEOUT
+                    | ssh2::ErrorCode::Session(-37) // EAGAIN
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Where and how to reach one board over SSH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshEndpoint {
+    pub board: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Private keys to try after ssh-agent, in order.
+    pub identities: Vec<PathBuf>,
+    /// known_hosts files to check the host key against.
+    pub known_hosts: Vec<PathBuf>,
+    /// Trust an unknown (never a changed) host key for this run.
+    pub accept_new_host_key: bool,
+}
+
+pub struct Connection {
+    session: Session,
+    pub endpoint: SshEndpoint,
+}
+
+pub struct ExecOutput {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Connection {
+    pub fn open(endpoint: &SshEndpoint) -> Result<Connection, TransportError> {
+        let board = endpoint.board.clone();
+        let address = format!("{}:{}", endpoint.host, endpoint.port);
+        let unreachable = |reason: String| TransportError::Unreachable {
+            board: board.clone(),
+            address: address.clone(),
+            reason,
+        };
+        let socket_addr = address
+            .to_socket_addrs()
+            .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| unreachable("name resolves to no address".into()))?;
+        let tcp = TcpStream::connect_timeout(&socket_addr, CONNECT_TIMEOUT)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let ssh = |step: &str| {
+            let board = board.clone();
+            let step = step.to_string();
+            move |source| TransportError::Ssh {
+                board,
+                step,
+                source,
+            }
+        };
+        let mut session = Session::new().map_err(ssh("creating an SSH session"))?;
+        session.set_tcp_stream(tcp);
+        session.set_timeout(IO_TIMEOUT_MS);
+        session
+            .handshake()
+            .map_err(|e| unreachable(format!("SSH handshake failed: {e}")))?;
+        check_host_key(&session, endpoint)?;
+        authenticate(&session, endpoint)?;
+        Ok(Connection {
+            session,
+            endpoint: endpoint.clone(),
+        })
+    }
+
+    fn ssh_err(&self, step: &str) -> impl Fn(ssh2::Error) -> TransportError + '_ {
+        let step = step.to_string();
+        move |source| TransportError::Ssh {
+            board: self.endpoint.board.clone(),
+            step: step.clone(),
+            source,
+        }
+    }
+
+    fn io_err(&self, step: &str) -> impl Fn(std::io::Error) -> TransportError + '_ {
+        let step = step.to_string();
+        move |source| TransportError::Io {
+            board: self.endpoint.board.clone(),
+            step: step.clone(),
+            source,
+        }
+    }
+
+    /// Runs a shell command line (already built from quoted values).
+    pub fn exec(&self, command: &str) -> Result<ExecOutput, TransportError> {
+        let mut channel = self
+            .session
+            .channel_session()
+            .map_err(self.ssh_err("opening a channel"))?;
+        channel
+            .exec(command)
+            .map_err(self.ssh_err("starting a command"))?;
+        let mut stdout = String::new();
+        channel
+            .read_to_string(&mut stdout)
+            .map_err(self.io_err("reading command output"))?;
+        let mut stderr = String::new();
+        channel
+            .stderr()
+            .read_to_string(&mut stderr)
+            .map_err(self.io_err("reading command errors"))?;
+        channel
+            .wait_close()
+            .map_err(self.ssh_err("closing a channel"))?;
+        let status = channel
+            .exit_status()
+            .map_err(self.ssh_err("reading an exit status"))?;
+        Ok(ExecOutput {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Runs a command and fails with its stderr when it exits non-zero.
+    pub fn exec_ok(&self, command: &str) -> Result<String, TransportError> {
+        let out = self.exec(command)?;
+        if out.status != 0 {
+            return Err(TransportError::Remote {
+                board: self.endpoint.board.clone(),
+                command: command.to_string(),
+                status: out.status,
+                stderr: out.stderr.trim().to_string(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    pub fn exists(&self, remote: &str) -> Result<bool, TransportError> {
+        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        Ok(sftp.stat(Path::new(remote)).is_ok())
+    }
+
+    /// Uploads `local` to `remote` through a temporary name and a rename, so
+    /// the final name never holds a partial file. `on_bytes` gets the running
+    /// byte count. Returns the bytes sent.
+    pub fn upload(
+        &self,
+        local: &Path,
+        remote: &str,
+        mode: i32,
+        on_bytes: &mut dyn FnMut(u64),
+    ) -> Result<u64, TransportError> {
+        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let temp = format!("{remote}.part-{}", std::process::id());
+        let mut source =
+            std::fs::File::open(local).map_err(self.io_err("opening the local file"))?;
+        let total = source.metadata().map(|m| m.len()).unwrap_or(0);
+        let result = (|| -> Result<u64, TransportError> {
+            let mut dest = sftp
+                .create(Path::new(&temp))
+                .map_err(self.ssh_err(&format!("creating {temp}")))?;
+            let mut buffer = vec![0u8; 256 * 1024];
+            let mut sent = 0u64;
+            loop {
+                let n = source
+                    .read(&mut buffer)
+                    .map_err(self.io_err("reading the local file"))?;
+                if n == 0 {
+                    break;
+                }
+                dest.write_all(&buffer[..n]).map_err(|e| {
+                    self.disk_full_or(&temp, total, self.io_err(&format!("writing {temp}"))(e))
+                })?;
+                sent += n as u64;
+                on_bytes(sent);
+            }
+            dest.fsync().ok();
+            drop(dest);
+            sftp.setstat(
+                Path::new(&temp),
+                ssh2::FileStat {
+                    size: None,
+                    uid: None,
+                    gid: None,
+                    perm: Some(mode as u32),
+                    atime: None,
+                    mtime: None,
+                },
+            )
+            .map_err(self.ssh_err("setting permissions"))?;
+            sftp.rename(
+                Path::new(&temp),
+                Path::new(remote),
+                Some(
+                    ssh2::RenameFlags::OVERWRITE
+                        | ssh2::RenameFlags::ATOMIC
+                        | ssh2::RenameFlags::NATIVE,
+                ),
+            )
+            .map_err(self.ssh_err(&format!("renaming {temp} to {remote}")))?;
+            Ok(sent)
+        })();
+        if result.is_err() {
+            let _ = sftp.unlink(Path::new(&temp));
+        }
+        result
+    }
+
+    /// A failed write on the board is reported as a full disk when `df`
+    /// agrees, since SFTP servers often report it as a generic failure.
+    fn disk_full_or(&self, path: &str, needed: u64, other: TransportError) -> TransportError {
+        let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or(".");
+        let df = self.exec(&format!("df -Pk {}", shell_quote(dir)));
+        if let Ok(out) = df {
+            let available_kib: Option<u64> = out
+                .stdout
+                .lines()
+                .nth(1)
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok());
+            if let Some(kib) = available_kib {
+                if kib * 1024 < needed.max(1) || kib < 64 {
+                    return TransportError::DiskFull {
+                        board: self.endpoint.board.clone(),
+                        path: dir.to_string(),
+                        detail: format!("{kib} KiB free, {needed} bytes needed"),
+                    };
+                }
+            }
+        }
+        other
+    }
+
+    pub fn download(&self, remote: &str, local: &Path) -> Result<(), TransportError> {
+        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let mut source = sftp
+            .open(Path::new(remote))
+            .map_err(self.ssh_err(&format!("opening {remote}")))?;
+        let mut bytes = Vec::new();
+        source
+            .read_to_end(&mut bytes)
+            .map_err(self.io_err(&format!("reading {remote}")))?;
+        std::fs::write(local, bytes).map_err(self.io_err(&format!("writing {}", local.display())))
+    }
+
+    /// Bytes of `remote` from `offset` on (for following a growing file).
+    pub fn read_from(&self, remote: &str, offset: u64) -> Result<Vec<u8>, TransportError> {
+        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let mut file = match sftp.open(Path::new(remote)) {
+            Ok(f) => f,
+            Err(_) => return Ok(Vec::new()),
+        };
+        file.seek(SeekFrom::Start(offset))
+            .map_err(self.io_err("seeking"))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(self.io_err(&format!("reading {remote}")))?;
+        Ok(bytes)
+    }
+
+    pub fn write_file(&self, remote: &str, contents: &[u8]) -> Result<(), TransportError> {
+        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let mut file = sftp
+            .create(Path::new(remote))
+            .map_err(self.ssh_err(&format!("creating {remote}")))?;
+        file.write_all(contents).map_err(|e| {
+            self.disk_full_or(
+                remote,
+                contents.len() as u64,
+                self.io_err(&format!("writing {remote}"))(e),
+            )
+        })
+    }
+}
+
+fn check_host_key(session: &Session, endpoint: &SshEndpoint) -> Result<(), TransportError> {
+    let (key, _) = session
+        .host_key()
+        .ok_or_else(|| TransportError::Unreachable {
+            board: endpoint.board.clone(),
+            address: endpoint.host.clone(),
+            reason: "the server sent no host key".into(),
+        })?;
+    let fingerprint = session
+        .host_key_hash(HashType::Sha256)
+        .map(|h| format!("SHA256:{}", base64_no_pad(h)))
+        .unwrap_or_else(|| "unknown fingerprint".into());
+    let mut known = session
+        .known_hosts()
+        .map_err(|source| TransportError::Ssh {
+            board: endpoint.board.clone(),
+            step: "reading known_hosts".into(),
+            source,
+        })?;
+    let mut files_read = Vec::new();
+    for file in &endpoint.known_hosts {
+        if file.exists() && known.read_file(file, KnownHostFileKind::OpenSSH).is_ok() {
+            files_read.push(file.display().to_string());
+        }
+    }
+    match known.check_port(&endpoint.host, endpoint.port, key) {
+        CheckResult::Match => Ok(()),
+        CheckResult::Mismatch => Err(TransportError::ChangedHostKey {
+            board: endpoint.board.clone(),
+            host: endpoint.host.clone(),
+            fingerprint,
+            known_hosts: files_read
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "~/.ssh/known_hosts".into()),
+        }),
+        CheckResult::NotFound | CheckResult::Failure if endpoint.accept_new_host_key => {
+            eprintln!(
+                "board {}: trusting unknown host key {fingerprint} for this run (--accept-new-host-key)",
+                endpoint.board
+            );
+            Ok(())
+        }
+        CheckResult::NotFound | CheckResult::Failure => Err(TransportError::UnknownHostKey {
+            board: endpoint.board.clone(),
+            host: endpoint.host.clone(),
+            fingerprint,
+        }),
+    }
+}
+
+fn authenticate(session: &Session, endpoint: &SshEndpoint) -> Result<(), TransportError> {
+    let mut tried = Vec::new();
+    if std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        tried.push("ssh-agent".to_string());
+        if session.userauth_agent(&endpoint.user).is_ok() && session.authenticated() {
+            return Ok(());
+        }
+    }
+    for identity in &endpoint.identities {
+        if !identity.exists() {
+            continue;
+        }
+        tried.push(identity.display().to_string());
+        if session
+            .userauth_pubkey_file(&endpoint.user, None, identity, None)
+            .is_ok()
+            && session.authenticated()
+        {
+            return Ok(());
+        }
+    }
+    Err(TransportError::AuthRefused {
+        board: endpoint.board.clone(),
+        user: endpoint.user.clone(),
+        host: endpoint.host.clone(),
+        tried: if tried.is_empty() {
+            "no ssh-agent and no identity file found".into()
+        } else {
+            tried.join(", ")
+        },
+    })
+}
+
+/// Standard base64 without padding, as OpenSSH prints fingerprints.
+fn base64_no_pad(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_known_vectors() {
+        assert_eq!(base64_no_pad(b"f"), "Zg");
+        assert_eq!(base64_no_pad(b"fo"), "Zm8");
+        assert_eq!(base64_no_pad(b"foo"), "Zm9v");
+        assert_eq!(base64_no_pad(b"foobar"), "Zm9vYmFy");
+    }
+}
