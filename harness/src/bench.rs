@@ -1,17 +1,26 @@
 //! The `bench` and `plot` commands end to end, callable from tests without
 //! spawning the CLI: config -> jobs -> agents -> rows -> CSV -> plots.
 
-use crate::build::{build_host_agent, workspace_root, BuildError};
+use crate::boards::{resolve_targets, BoardsFile, ResolvedBoard, SshConfig, TargetError};
+use crate::build::{
+    build_board_agent, build_host_agent, workspace_root, AgentBuild, BuildError, Builder,
+};
 use crate::config::{BenchConfig, ConfigError};
+use crate::deploy::SshRunner;
 use crate::matrix::job_for_board;
 use crate::results::{
     read_csv, read_json, write_json, KernelRow, ResultsError, KERNEL_ROWS_FILE, MANIFEST_FILE,
 };
+use crate::run::BuildRecord;
 use crate::run::{
     git_commit, llama_cpp_sys_version, merge_boards, new_run_id, run_boards, rustc_version,
     BoardOutcome, BoardRunner, HostInfo, LocalRunner, RunManifest, Versions,
 };
+use crate::setup::Need;
+use indicatif::MultiProgress;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -27,8 +36,10 @@ pub enum BenchError {
     Plot(#[from] crate::plot::PlotError),
     #[error(transparent)]
     Setup(#[from] crate::setup::SetupError),
-    #[error("unknown target `{0}`: this version runs `local` (the host itself)")]
-    UnknownTarget(String),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Testbed(#[from] crate::testbed::TestbedError),
     #[error("{0} is not a run directory (no {MANIFEST_FILE} or {KERNEL_ROWS_FILE}); pass a folder under results/")]
     NotARunDir(PathBuf),
 }
@@ -36,14 +47,19 @@ pub enum BenchError {
 pub struct BenchOptions {
     pub config_path: PathBuf,
     pub matrix: String,
-    pub target: String,
+    /// `--target`; `None` means the embedded default: one emulated Pi 5
+    /// brought up on this machine (`testbed up --boards 1`), board `sim1`.
+    pub target: Option<String>,
     pub results_root: PathBuf,
+    pub builder: Builder,
+    pub accept_new_host_key: bool,
 }
 
 /// What a finished bench produced.
 pub struct BenchReport {
     pub run_dir: PathBuf,
     pub boards: Vec<BoardOutcome>,
+    pub builds: Vec<BuildRecord>,
     pub summary_markdown: String,
     pub plots: Vec<PathBuf>,
 }
@@ -58,15 +74,56 @@ pub fn run_bench(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let config = BenchConfig::load(&options.config_path)?;
     // Validate the matrix before any build so a typo fails in milliseconds.
     config.matrix(&options.matrix)?;
-    if options.target != "local" {
-        return Err(BenchError::UnknownTarget(options.target.clone()));
-    }
     let workspace = workspace_root();
+    let target = match &options.target {
+        Some(t) => t.clone(),
+        None => {
+            if !crate::testbed::is_up(&workspace, 1) {
+                eprintln!("no --target: bringing up one emulated Pi 5 (cargo xtask testbed up --boards 1)");
+                crate::testbed::up(&workspace, 1)?;
+            }
+            crate::testbed::board_name(1)
+        }
+    };
+    let boards_file = known_boards(&config, &workspace)?;
+    let boards = resolve_targets(&target, &boards_file, &SshConfig::load_default())?;
+    let any_remote = boards.iter().any(|b| matches!(b, ResolvedBoard::Remote(_)));
+    let mut needs = vec![Need::HostBuild];
+    if any_remote {
+        needs.push(Need::CrossBuild);
+    }
+    crate::setup::ensure(&needs)?;
+
     let commit = git_commit(&workspace);
     let run_id = new_run_id(&commit);
-    let job = job_for_board(&config, &options.matrix, &run_id, "local", false, &commit)?;
-    crate::setup::ensure(&[crate::setup::Need::HostBuild])?;
-    let agent = build_host_agent(&workspace)?;
+    let mut builds: Vec<BuildRecord> = Vec::new();
+    let mut agents: BTreeMap<String, AgentBuild> = BTreeMap::new();
+    for board in &boards {
+        let key = match board {
+            ResolvedBoard::Local => "local".to_string(),
+            ResolvedBoard::Remote(r) => r.profile.name().to_string(),
+        };
+        if agents.contains_key(&key) {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let agent = match board {
+            ResolvedBoard::Local => build_host_agent(&workspace)?,
+            ResolvedBoard::Remote(r) => build_board_agent(&workspace, r.profile, options.builder)?,
+        };
+        let record = BuildRecord {
+            profile: key.clone(),
+            hash: agent.hash.clone(),
+            target_triple: agent.target_triple.clone(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "agent for {} built: {} ({}) in {:.1} s",
+            record.profile, record.hash, record.target_triple, record.seconds
+        );
+        builds.push(record);
+        agents.insert(key, agent);
+    }
 
     let run_dir = options.results_root.join(&run_id);
     std::fs::create_dir_all(&run_dir).map_err(|source| ResultsError::Io {
@@ -81,12 +138,13 @@ pub fn run_bench(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         config_path: options.config_path.display().to_string(),
         matrix_spec: config.matrix(&options.matrix)?.clone(),
         seed: config.seed,
-        git_commit: commit,
+        git_commit: commit.clone(),
+        target: target.clone(),
         versions: Versions {
             quantbench: env!("CARGO_PKG_VERSION").to_string(),
             llama_cpp_sys_2: llama_cpp_sys_version(&workspace),
             rustc: rustc_version(),
-            agent_builds: vec![format!("{} ({})", agent.hash, agent.target_triple)],
+            agent_builds: builds.clone(),
         },
         host: HostInfo::current(),
         boards: Vec::new(),
@@ -94,24 +152,87 @@ pub fn run_bench(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     // Written first, so an interrupted run still says what it was.
     write_json(&run_dir.join(MANIFEST_FILE), &manifest)?;
 
-    let boards = vec![job.board.clone()];
-    let runners: Vec<Box<dyn BoardRunner>> = vec![Box::new(LocalRunner {
-        board: job.board.clone(),
-        agent: agent.path.clone(),
-    })];
-    let outcomes = run_boards(runners, vec![job], &run_dir);
+    let multi = MultiProgress::new();
+    let log: Arc<dyn Fn(String) + Send + Sync> = {
+        let multi = multi.clone();
+        Arc::new(move |line: String| {
+            if multi.is_hidden() || multi.println(&line).is_err() {
+                eprintln!("{line}");
+            }
+        })
+    };
+    let mut jobs = Vec::new();
+    let mut runners: Vec<Box<dyn BoardRunner>> = Vec::new();
+    for board in &boards {
+        let (emulated, runner): (bool, Box<dyn BoardRunner>) = match board {
+            ResolvedBoard::Local => (
+                false,
+                Box::new(LocalRunner {
+                    board: "local".into(),
+                    agent: agents["local"].path.clone(),
+                }),
+            ),
+            ResolvedBoard::Remote(r) => (
+                r.emulated,
+                Box::new(SshRunner {
+                    board: r.clone(),
+                    agent: agents[r.profile.name()].clone(),
+                    accept_new_host_key: options.accept_new_host_key,
+                    uploaded_bytes: Default::default(),
+                    log: log.clone(),
+                }),
+            ),
+        };
+        jobs.push(job_for_board(
+            &config,
+            &options.matrix,
+            &run_id,
+            board.name(),
+            emulated,
+            &commit,
+        )?);
+        runners.push(runner);
+    }
+    let outcomes = run_boards(runners, jobs, &run_dir, &multi);
+    for outcome in &outcomes {
+        if let Some(e) = &outcome.error {
+            log(format!("board {} failed: {e}", outcome.board));
+        }
+    }
     manifest.boards = outcomes.clone();
     manifest.finished_at = Some(crate::utc_now_rfc3339());
     write_json(&run_dir.join(MANIFEST_FILE), &manifest)?;
 
-    let rows = merge_boards(&run_dir, &boards)?;
+    let names: Vec<String> = boards.iter().map(|b| b.name().to_string()).collect();
+    let rows = merge_boards(&run_dir, &names)?;
     let (summary_markdown, plots) = render(&run_dir, &rows, &manifest)?;
     Ok(BenchReport {
         run_dir,
         boards: outcomes,
+        builds,
         summary_markdown,
         plots,
     })
+}
+
+/// Boards from the config plus the testbed's, when it is up (the config's
+/// own definitions win on a name clash).
+pub fn known_boards(config: &BenchConfig, workspace: &Path) -> Result<BoardsFile, BenchError> {
+    let mut file = BoardsFile::default();
+    let testbed_file = crate::testbed::boards_file_path(workspace);
+    if testbed_file.exists() {
+        let text = std::fs::read_to_string(&testbed_file).map_err(|source| ResultsError::Io {
+            path: testbed_file.clone(),
+            source,
+        })?;
+        file = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: testbed_file.clone(),
+            message: e.message().to_string(),
+        })?;
+    }
+    file.boards.extend(config.boards.clone());
+    file.groups.extend(config.groups.clone());
+    Ok(file)
 }
 
 /// Redraws the plots and summary of an existing run directory.

@@ -247,10 +247,13 @@ fn validate(board: &RemoteBoard) -> Result<(), TargetError> {
         ("user", board.user.as_str()),
         ("work_dir", board.work_dir.as_str()),
     ];
-    for (what, value) in checks
-        .into_iter()
-        .chain(board.runner.iter().map(|r| ("runner", r.as_str())))
-    {
+    // Runner arguments may be options (`-cpu`); names and paths may not,
+    // so none can be mistaken for an option by ssh or the remote shell.
+    let runner_args = board
+        .runner
+        .iter()
+        .map(|r| ("runner", r.trim_start_matches('-')));
+    for (what, value) in checks.into_iter().chain(runner_args) {
         if !is_safe_value(value) {
             return Err(TargetError::Invalid {
                 target: board.name.clone(),

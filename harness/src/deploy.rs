@@ -250,6 +250,10 @@ impl BoardRunner for SshRunner {
         &self.board.name
     }
 
+    fn uploaded_bytes(&self) -> u64 {
+        self.uploaded_bytes.load(Ordering::Relaxed)
+    }
+
     fn run(
         &mut self,
         job: &JobSpec,

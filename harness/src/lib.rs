@@ -7,6 +7,7 @@
 //! It does not link GGML (so `cargo xtask` builds on a machine without a C
 //! toolchain and can install one): GGML is `kernels`, run inside the agent.
 
+#[cfg(feature = "remote")]
 pub mod bench;
 pub mod boards;
 pub mod build;
@@ -25,6 +26,8 @@ pub mod setup;
 pub mod shell;
 pub mod stats;
 pub mod summary;
+#[cfg(feature = "remote")]
+pub mod testbed;
 #[cfg(feature = "remote")]
 pub mod transport;
 

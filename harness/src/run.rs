@@ -48,6 +48,10 @@ pub trait BoardRunner: Send {
         board_dir: &Path,
         on_event: &mut dyn FnMut(&ProgressEvent),
     ) -> Result<(), RunError>;
+    /// Bytes this runner uploaded (remote boards only).
+    fn uploaded_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// The `local` target: the agent runs as a child process of the host.
@@ -138,6 +142,8 @@ pub struct BoardOutcome {
     pub wall_seconds: f64,
     /// Sum of the agent's timed repetitions, to show host-side overhead.
     pub measured_seconds: f64,
+    /// Agent bytes uploaded to the board in this run (0: already there).
+    pub uploaded_bytes: u64,
 }
 
 impl BoardOutcome {
@@ -152,8 +158,8 @@ pub fn run_boards(
     runners: Vec<Box<dyn BoardRunner>>,
     jobs: Vec<JobSpec>,
     run_dir: &Path,
+    multi: &MultiProgress,
 ) -> Vec<BoardOutcome> {
-    let multi = MultiProgress::new();
     let style = ProgressStyle::with_template(
         "{prefix:>10} [{bar:30}] {pos}/{len} cells {elapsed_precise} {wide_msg}",
     )
@@ -182,6 +188,7 @@ pub fn run_boards(
                     error: Some("board thread panicked".into()),
                     wall_seconds: 0.0,
                     measured_seconds: 0.0,
+                    uploaded_bytes: 0,
                 })
             })
             .collect()
@@ -233,6 +240,7 @@ fn run_one(
         error,
         wall_seconds: started.elapsed().as_secs_f64(),
         measured_seconds: 0.0,
+        uploaded_bytes: runner.uploaded_bytes(),
     };
     // Whatever happened, the board's CSV ends up with one row per cell.
     match complete_rows(job, &dir, failed_cell.as_deref(), outcome.error.as_deref()) {
@@ -354,6 +362,8 @@ pub struct RunManifest {
     pub matrix_spec: crate::config::MatrixSpec,
     pub seed: u64,
     pub git_commit: String,
+    /// The `--target` as given (or the default's board).
+    pub target: String,
     pub versions: Versions,
     pub host: HostInfo,
     pub boards: Vec<BoardOutcome>,
@@ -364,7 +374,18 @@ pub struct Versions {
     pub quantbench: String,
     pub llama_cpp_sys_2: String,
     pub rustc: String,
-    pub agent_builds: Vec<String>,
+    pub agent_builds: Vec<BuildRecord>,
+}
+
+/// One agent build of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildRecord {
+    /// `local` or the board profile (`pi5`, ...).
+    pub profile: String,
+    pub hash: String,
+    pub target_triple: String,
+    /// Wall time of the build step (a warm build is cargo's up-to-date check).
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

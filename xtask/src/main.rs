@@ -25,12 +25,25 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum TestbedAction {
+    /// Create boards sim1..simN and write .testbed/boards.toml (needs root).
+    Up {
+        #[arg(long, default_value_t = 2)]
+        boards: usize,
+    },
+    /// Remove every namespace, process and file the testbed made.
+    Down,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Build the agent, run a kernel matrix on a target, write CSVs, plots and a summary.
     Bench {
-        /// Where to measure: `local` runs on this machine.
-        #[arg(long, default_value = "local")]
-        target: String,
+        /// Where to measure: `local` (this machine), a board or group from the
+        /// config, an ~/.ssh/config alias, user@host:port, or a comma list.
+        /// Without it: one emulated Pi 5 on this machine (board sim1).
+        #[arg(long)]
+        target: Option<String>,
         /// Named matrix from the config (`quick`, `full`, `smoke`, ...).
         #[arg(long, default_value = "quick")]
         matrix: String,
@@ -40,6 +53,19 @@ enum Command {
         /// Parent folder of run directories.
         #[arg(long, default_value = "results")]
         results: PathBuf,
+        /// Cross-build with `cargo` (Debian's aarch64 gcc, the default) or
+        /// `cross` (cross-rs; needs Docker or Podman).
+        #[arg(long, default_value = "cargo")]
+        builder: String,
+        /// Trust a board's unknown SSH host key for this run (a changed key is
+        /// always refused).
+        #[arg(long)]
+        accept_new_host_key: bool,
+    },
+    /// Emulated Pi 5 boards on this machine (network namespaces + sshd + qemu).
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
     },
     /// Install what a fresh Debian machine lacks (apt packages as root, the
     /// aarch64 Rust target); prints the exact command when not root.
@@ -85,19 +111,36 @@ fn run() -> Result<ExitCode> {
             matrix,
             config,
             results,
+            builder,
+            accept_new_host_key,
         } => {
             let report = run_bench(&BenchOptions {
                 config_path: config,
                 matrix: matrix.clone(),
                 target: target.clone(),
                 results_root: results,
+                builder: parse_builder(&builder)?,
+                accept_new_host_key,
             })
-            .with_context(|| format!("bench of matrix `{matrix}` on `{target}`"))?;
+            .with_context(|| {
+                format!(
+                    "bench of matrix `{matrix}` on `{}`",
+                    target.as_deref().unwrap_or("the default emulated Pi 5")
+                )
+            })?;
             println!("{}", report.summary_markdown);
             for board in &report.boards {
-                if let Some(e) = &board.error {
-                    eprintln!("board {} failed: {e}", board.board);
-                }
+                println!(
+                    "board {}: {} ok, {} unsupported, {} failed; wall {:.1} s, agent timing {:.1} s, uploaded {} bytes{}",
+                    board.board,
+                    board.ok,
+                    board.unsupported,
+                    board.failed,
+                    board.wall_seconds,
+                    board.measured_seconds,
+                    board.uploaded_bytes,
+                    board.error.as_ref().map(|e| format!("; FAILED: {e}")).unwrap_or_default()
+                );
             }
             println!(
                 "results: {} ({} plots; summary.md has every cell)",
@@ -109,6 +152,23 @@ fn run() -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Testbed { action } => {
+            let workspace = harness::build::workspace_root();
+            match action {
+                TestbedAction::Up { boards } => {
+                    let file = harness::testbed::up(&workspace, boards)?;
+                    println!(
+                        "testbed: {boards} emulated Pi 5 board(s) up (sim1..sim{boards}, group `testbed`); config in {}",
+                        file.display()
+                    );
+                }
+                TestbedAction::Down => {
+                    harness::testbed::down(&workspace)?;
+                    println!("testbed: down, nothing left behind");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Setup => {
             harness::setup::ensure(&ALL_NEEDS)?;
