@@ -95,7 +95,14 @@ pub fn run_bench(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     crate::setup::ensure(&needs)?;
 
     let commit = git_commit(&workspace);
-    let run_id = new_run_id(&commit);
+    // Two runs in the same second must not share a directory.
+    let mut run_id = new_run_id(&commit);
+    for attempt in 2.. {
+        if !options.results_root.join(&run_id).exists() {
+            break;
+        }
+        run_id = format!("{}-{attempt}", new_run_id(&commit));
+    }
     let mut builds: Vec<BuildRecord> = Vec::new();
     let mut agents: BTreeMap<String, AgentBuild> = BTreeMap::new();
     for board in &boards {

@@ -117,7 +117,10 @@ pub fn ensure(needs: &[Need]) -> Result<(), SetupError> {
         .collect();
     if !missing.is_empty() {
         let packages: Vec<&str> = missing.iter().map(|r| r.package).collect();
-        if !is_root() {
+        // QUANTBENCH_NO_INSTALL=1: report, never install (for machines whose
+        // packages are managed elsewhere, and for tests).
+        let may_install = is_root() && std::env::var_os("QUANTBENCH_NO_INSTALL").is_none();
+        if !may_install {
             return Err(SetupError::NotRoot {
                 missing: missing
                     .iter()

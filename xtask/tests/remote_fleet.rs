@@ -1,0 +1,416 @@
+//! End to end on the emulated Pi 5 fleet: the real CLI cross-builds the real
+//! static aarch64 agent, deploys it over SSH to boards in network
+//! namespaces (real sshd, qemu-aarch64 -cpu cortex-a76), runs, collects.
+//! Needs root (the testbed); `cargo xtask test` runs as root in CI.
+
+use harness::build::{
+    build_board_agent, inspect_aarch64_binary, workspace_root, BoardProfile, Builder,
+};
+use harness::results::{read_csv, CellStatus, KernelRow};
+use harness::run::RunManifest;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+/// A matrix that takes seconds under qemu.
+const MICRO: &str = r#"
+[matrices.micro]
+types = ["F32", "Q4_0", "Q4_K"]
+shapes = ["gemma3-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 1
+min_reps = 2
+min_time_ms = 1
+max_time_ms = 200
+
+# Long enough to kill the agent in the middle.
+[matrices.slow]
+types = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 1
+min_reps = 2
+min_time_ms = 1500
+max_time_ms = 3000
+"#;
+
+/// The testbed is shared by every test here; bring it up once.
+fn testbed() -> &'static Mutex<()> {
+    static TESTBED: OnceLock<Mutex<()>> = OnceLock::new();
+    TESTBED.get_or_init(|| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["testbed", "up", "--boards", "2"])
+            .output()
+            .expect("xtask runs");
+        assert!(
+            out.status.success(),
+            "testbed up failed (these tests need root):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mutex::new(())
+    })
+}
+
+fn sim_board(index: usize) -> toml::Value {
+    let text = std::fs::read_to_string(workspace_root().join(".testbed/boards.toml")).unwrap();
+    let file: toml::Value = toml::from_str(&text).unwrap();
+    file["boards"][format!("sim{index}")].clone()
+}
+
+/// A bench.toml with the micro matrices and extra boards derived from sim1.
+fn config_dir(extra_boards: &[(&str, &dyn Fn(&mut toml::value::Table))]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = MICRO.to_string();
+    for (name, tweak) in extra_boards {
+        let mut board = sim_board(1).as_table().unwrap().clone();
+        tweak(&mut board);
+        let mut wrapper = toml::value::Table::new();
+        let mut boards = toml::value::Table::new();
+        boards.insert(name.to_string(), toml::Value::Table(board));
+        wrapper.insert("boards".into(), toml::Value::Table(boards));
+        text.push_str(&toml::to_string(&wrapper).unwrap());
+    }
+    std::fs::write(dir.path().join("bench.toml"), text).unwrap();
+    dir
+}
+
+fn bench(dir: &Path, target: &str, matrix: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir)
+        .args(["bench", "--target", target, "--matrix", matrix])
+        .output()
+        .expect("xtask runs")
+}
+
+fn only_run_dir(dir: &Path) -> PathBuf {
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.join("results"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn two_emulated_boards_at_once_then_second_run_uploads_nothing() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let out = bench(dir.path(), "testbed", "micro");
+    assert!(out.status.success(), "{}", text(&out));
+    let run_dir = only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    for board in ["sim1", "sim2"] {
+        let of_board: Vec<&KernelRow> = rows.iter().filter(|r| r.board == board).collect();
+        assert_eq!(of_board.len(), 3, "{board}");
+        assert!(
+            of_board.iter().all(|r| r.emulated),
+            "emulated rows are labelled"
+        );
+        let q4 = of_board.iter().find(|r| r.ty == "Q4_0").unwrap();
+        assert_eq!(q4.status, CellStatus::Ok);
+        assert!(q4.kernel_path.starts_with("CPU"), "{q4:?}");
+        assert!(q4.nmse.unwrap() < 0.05);
+        let probe =
+            std::fs::read_to_string(run_dir.join(format!("boards/{board}/probe.json"))).unwrap();
+        assert!(
+            probe.contains("\"aarch64\"") && probe.contains("dotprod"),
+            "{probe}"
+        );
+    }
+    let svg = std::fs::read_to_string(run_dir.join("plots/speedup_vs_f32.svg")).unwrap();
+    assert!(
+        svg.contains("EMULATED")
+            && svg.contains("sim1 (emulated)")
+            && svg.contains("sim2 (emulated)")
+    );
+
+    // Same agent again: nothing is uploaded, and the log says so.
+    let again = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("bench.toml"),
+        again.path().join("bench.toml"),
+    )
+    .unwrap();
+    let out = bench(again.path(), "sim1,sim2", "micro");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already on the board, nothing uploaded"),
+        "{}",
+        text(&out)
+    );
+    let manifest: RunManifest =
+        harness::results::read_json(&only_run_dir(again.path()).join("run.json")).unwrap();
+    assert!(manifest
+        .boards
+        .iter()
+        .all(|b| b.uploaded_bytes == 0 && b.error.is_none()));
+}
+
+#[test]
+fn pi5_agent_is_fully_static_and_uses_dot_product_instructions() {
+    let agent = build_board_agent(&workspace_root(), BoardProfile::Pi5, Builder::Cargo).unwrap();
+    let facts = inspect_aarch64_binary(&agent.path).unwrap();
+    assert!(
+        facts.needed.is_empty(),
+        "dynamic dependencies: {:?}",
+        facts.needed
+    );
+    assert!(!facts.has_interpreter, "names a dynamic loader");
+    assert!(
+        facts.sdot_count > 50,
+        "only {} sdot instructions: not built for a Pi 5",
+        facts.sdot_count
+    );
+}
+
+#[test]
+fn failing_board_is_reported_and_does_not_stop_the_other() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[("ghost", &|b| {
+        b.insert("host".into(), "10.213.0.99".into());
+    })]);
+    let out = bench(dir.path(), "sim1,ghost", "micro");
+    assert!(!out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("board ghost") && all.contains("cannot reach 10.213.0.99:22"),
+        "{all}"
+    );
+    let rows: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    assert!(rows
+        .iter()
+        .filter(|r| r.board == "sim1")
+        .all(|r| r.status != CellStatus::Failed));
+    assert!(rows
+        .iter()
+        .filter(|r| r.board == "ghost")
+        .all(|r| r.status == CellStatus::Failed));
+}
+
+#[test]
+fn refused_auth_unknown_and_changed_host_keys_each_get_one_clear_error() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let stranger_key = tmp.path().join("stranger");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&stranger_key)
+        .status()
+        .unwrap()
+        .success());
+    let empty_known_hosts = tmp.path().join("empty_known_hosts");
+    std::fs::write(&empty_known_hosts, "").unwrap();
+    let wrong_known_hosts = tmp.path().join("wrong_known_hosts");
+    let other_host_key =
+        std::fs::read_to_string(workspace_root().join(".testbed/sim2/ssh_host_ed25519_key.pub"))
+            .unwrap();
+    let fields: Vec<&str> = other_host_key.split_whitespace().take(2).collect();
+    std::fs::write(
+        &wrong_known_hosts,
+        format!("10.213.0.11 {}\n", fields.join(" ")),
+    )
+    .unwrap();
+
+    let stranger = stranger_key.display().to_string();
+    let empty = empty_known_hosts.display().to_string();
+    let wrong = wrong_known_hosts.display().to_string();
+    let dir = config_dir(&[
+        ("noauth", &|b| {
+            b.insert("identity".into(), stranger.clone().into());
+        }),
+        ("newkey", &|b| {
+            b.insert("known_hosts".into(), empty.clone().into());
+        }),
+        ("changedkey", &|b| {
+            b.insert("known_hosts".into(), wrong.clone().into());
+        }),
+    ]);
+    // HOME points at an empty folder so the user's own keys and known_hosts
+    // (and any ssh-agent) play no part.
+    let isolated = |target: &str| {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .current_dir(dir.path())
+            .env("HOME", tmp.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .args(["bench", "--target", target, "--matrix", "micro"])
+            .output()
+            .unwrap()
+    };
+    let out = isolated("noauth");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("refused authentication"),
+        "{}",
+        text(&out)
+    );
+    let out = isolated("newkey");
+    assert!(!out.status.success());
+    let all = text(&out);
+    assert!(
+        all.contains("host key of 10.213.0.11 is unknown (SHA256:")
+            && all.contains("--accept-new-host-key"),
+        "{all}"
+    );
+    let out = isolated("changedkey");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("HAS CHANGED"), "{}", text(&out));
+}
+
+#[test]
+fn wrong_architecture_is_named_before_running() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    // The testbed boards are x86_64 machines that run aarch64 code through
+    // qemu; without the runner the agent cannot execute.
+    let dir = config_dir(&[("norunner", &|b| {
+        b.insert("runner".into(), toml::Value::Array(Vec::new()));
+    })]);
+    let out = bench(dir.path(), "norunner", "micro");
+    assert!(!out.status.success());
+    let all = text(&out);
+    assert!(
+        all.contains("wrong architecture") && all.contains("x86_64"),
+        "{all}"
+    );
+}
+
+#[test]
+fn full_disk_on_the_board_is_named() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let tiny = workspace_root().join(".testbed/tinydisk");
+    let _ = std::fs::remove_dir_all(&tiny);
+    std::fs::create_dir_all(&tiny).unwrap();
+    // `ip netns exec` gave the board's sshd its own mount namespace: mount
+    // the tiny filesystem there, where the board sees it.
+    let sshd_pid =
+        std::fs::read_to_string(workspace_root().join(".testbed/sim1/sshd.pid")).unwrap();
+    let in_board = |args: &[&str]| {
+        Command::new("nsenter")
+            .arg(format!("--mount=/proc/{}/ns/mnt", sshd_pid.trim()))
+            .args(args)
+            .status()
+            .unwrap()
+    };
+    assert!(in_board(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=256k",
+        "tmpfs",
+        tiny.to_str().unwrap()
+    ])
+    .success());
+    let work = tiny.display().to_string();
+    let dir = config_dir(&[("tiny", &|b| {
+        b.insert("work_dir".into(), work.clone().into());
+    })]);
+    let out = bench(dir.path(), "tiny", "micro");
+    in_board(&["umount", tiny.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let all = text(&out);
+    assert!(all.contains("disk full under"), "{all}");
+}
+
+#[test]
+fn agent_killed_mid_run_keeps_finished_rows_and_marks_the_cell_failed() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let work = sim_board(2)["work_dir"].as_str().unwrap().to_string();
+    let runs_before: Vec<_> = std::fs::read_dir(format!("{work}/runs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(["bench", "--target", "sim2", "--matrix", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until this run has finished at least two cells, then kill it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never finished two cells"
+        );
+        let this_run = std::fs::read_dir(format!("{work}/runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| !runs_before.contains(p));
+        let lines = this_run
+            .and_then(|run| std::fs::read_to_string(run.join("kernels.csv")).ok())
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &format!("{work}/agents/")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("agent killed") || all.contains("SIGKILL"),
+        "{all}"
+    );
+    let rows: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 6, "one row per cell");
+    let ok = rows.iter().filter(|r| r.status == CellStatus::Ok).count();
+    assert!(ok >= 2, "finished rows kept: {rows:?}");
+    let died = rows
+        .iter()
+        .filter(|r| r.note.contains("died in this cell"))
+        .count();
+    assert_eq!(died, 1, "{rows:?}");
+}
+
+#[test]
+fn missing_cross_toolchain_gets_one_clear_error_with_the_install_command() {
+    // A PATH where everything but the aarch64 cross tools is present.
+    let bin = tempfile::tempdir().unwrap();
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap()) {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with("aarch64-linux-gnu-")
+                && !bin.path().join(&name).exists()
+            {
+                let _ = std::os::unix::fs::symlink(entry.path(), bin.path().join(&name));
+            }
+        }
+    }
+    let dir = config_dir(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .env("PATH", bin.path())
+        .env("QUANTBENCH_NO_INSTALL", "1")
+        .args(["bench", "--target", "pi5.local", "--matrix", "micro"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("aarch64-linux-gnu-gcc")
+            && lines[0].contains("apt-get install -y gcc-aarch64-linux-gnu"),
+        "{stderr}"
+    );
+}
