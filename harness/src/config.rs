@@ -17,7 +17,7 @@
 //! cols = 1024
 //! ```
 
-use crate::ggml_type::GgmlType;
+use crate::ggml_type::{Distribution, GgmlType};
 use crate::matrix::{ShapeCatalog, ThreadCount};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -97,6 +97,9 @@ pub struct MatrixSpec {
     pub max_time_ms: u64,
     #[serde(default = "default_repack")]
     pub repack: bool,
+    /// Synthetic data: `llm-like` (default) or `uniform` (as test-backend-ops).
+    #[serde(default = "default_distribution")]
+    pub distribution: Distribution,
 }
 
 fn default_seed() -> u64 {
@@ -122,6 +125,9 @@ fn default_max_time_ms() -> u64 {
 }
 fn default_repack() -> bool {
     true
+}
+fn default_distribution() -> Distribution {
+    Distribution::LlmLike
 }
 
 impl BenchConfig {

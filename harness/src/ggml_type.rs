@@ -5,6 +5,18 @@
 //! know them without linking GGML.
 
 use serde::{Deserialize, Serialize};
+
+/// The distribution of a matrix's synthetic weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distribution {
+    /// Shaped like trained LLM weights (the default; see kernels/src/weights.rs).
+    LlmLike,
+    /// Uniform in [-1, 1], as llama.cpp's `test-backend-ops` fills tensors: for
+    /// comparing with its figures only. Quantized GEMV runs measurably faster
+    /// on it than on realistic weights, so never choose a format by it.
+    Uniform,
+}
 use std::fmt;
 use std::str::FromStr;
 

@@ -174,6 +174,7 @@ pub struct JobSpec {
     pub git_commit: String,
     pub seed: u64,
     pub repack: bool,
+    pub distribution: crate::ggml_type::Distribution,
     pub timing: TimingPolicy,
     pub cells: Vec<Cell>,
 }
@@ -247,6 +248,7 @@ pub fn job_for_board(
         git_commit: git_commit.to_string(),
         seed: config.seed,
         repack: spec.repack,
+        distribution: spec.distribution,
         timing: spec.timing(),
         cells,
     })

@@ -19,11 +19,12 @@ pub enum ProgressEvent {
         status: crate::results::CellStatus,
         median_ns: Option<f64>,
     },
-    /// Every cell is done.
+    /// Every cell is done; `elapsed_seconds` is the agent's own run time.
     Finished {
         ok: usize,
         unsupported: usize,
         failed: usize,
+        elapsed_seconds: f64,
     },
 }
 

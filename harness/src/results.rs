@@ -69,6 +69,8 @@ pub struct KernelRow {
     /// Batch tokens (1 = GEMV, decode).
     pub n: usize,
     pub threads: usize,
+    /// Synthetic data the cell ran on: `llm-like` or `uniform`.
+    pub distribution: crate::ggml_type::Distribution,
     /// GGML path: weight buffer type and activation type, e.g. `CPU_REPACK+act:q8_0`.
     pub kernel_path: String,
     pub repetitions: u32,
@@ -121,6 +123,7 @@ impl KernelRow {
             k: cell.shape.cols,
             n: cell.batch_tokens,
             threads,
+            distribution: job.distribution,
             kernel_path: String::new(),
             repetitions: 0,
             median_ns: None,
@@ -254,6 +257,7 @@ pub(crate) fn example_row(cell_id: &str) -> KernelRow {
         k: 2048,
         n: 1,
         threads: 2,
+        distribution: crate::ggml_type::Distribution::LlmLike,
         kernel_path: "CPU_REPACK+act:q8_0".into(),
         repetitions: 10,
         median_ns: Some(150_000.0),

@@ -140,8 +140,12 @@ pub struct BoardOutcome {
     /// Why the board's run failed, if it did.
     pub error: Option<String>,
     pub wall_seconds: f64,
-    /// Sum of the agent's timed repetitions, to show host-side overhead.
+    /// Sum of the agent's timed repetitions.
     pub measured_seconds: f64,
+    /// The agent's own run time (probe, bandwidth, data generation,
+    /// quantization, timing); `wall_seconds` minus this is the host-side
+    /// overhead (build check, connect, upload, polling, collection).
+    pub agent_seconds: f64,
     /// Agent bytes uploaded to the board in this run (0: already there).
     pub uploaded_bytes: u64,
 }
@@ -188,6 +192,7 @@ pub fn run_boards(
                     error: Some("board thread panicked".into()),
                     wall_seconds: 0.0,
                     measured_seconds: 0.0,
+                    agent_seconds: 0.0,
                     uploaded_bytes: 0,
                 })
             })
@@ -207,6 +212,7 @@ fn run_one(
 ) -> BoardOutcome {
     let dir = board_dir(run_dir, &job.board);
     let started = std::time::Instant::now();
+    let mut agent_seconds = 0.0;
     let result = std::fs::create_dir_all(&dir)
         .map_err(|source| {
             RunError::Results(ResultsError::Io {
@@ -218,6 +224,9 @@ fn run_one(
             runner.run(job, &dir, &mut |event| match event {
                 ProgressEvent::CellStarted { cell_id, .. } => bar.set_message(cell_id.clone()),
                 ProgressEvent::CellFinished { index, .. } => bar.set_position(*index as u64 + 1),
+                ProgressEvent::Finished {
+                    elapsed_seconds, ..
+                } => agent_seconds = *elapsed_seconds,
                 _ => {}
             })
         });
@@ -240,6 +249,7 @@ fn run_one(
         error,
         wall_seconds: started.elapsed().as_secs_f64(),
         measured_seconds: 0.0,
+        agent_seconds,
         uploaded_bytes: runner.uploaded_bytes(),
     };
     // Whatever happened, the board's CSV ends up with one row per cell.

@@ -12,6 +12,7 @@
 
 mod ffi;
 pub mod matmul;
+pub mod model;
 pub mod weights;
 
 pub use harness::ggml_type::{GgmlType, FAMILIES_BY_BITS};

@@ -120,6 +120,31 @@ pub fn llm_like_activations(tokens: usize, cols: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+pub use harness::ggml_type::Distribution;
+
+/// Weights for `distribution` (row-major, `rows x cols`).
+pub fn weights(distribution: Distribution, rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    match distribution {
+        Distribution::LlmLike => llm_like_weights(rows, cols, seed),
+        Distribution::Uniform => uniform(rows * cols, seed, 1),
+    }
+}
+
+/// Activations for `distribution` (row-major, `tokens x cols`).
+pub fn activations(distribution: Distribution, tokens: usize, cols: usize, seed: u64) -> Vec<f32> {
+    match distribution {
+        Distribution::LlmLike => llm_like_activations(tokens, cols, seed),
+        Distribution::Uniform => uniform(tokens * cols, seed, 2),
+    }
+}
+
+fn uniform(len: usize, seed: u64, stream: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed, u64::MAX - 1 - stream);
+    (0..len)
+        .map(|_| (2.0 * rng.next_open01() - 1.0) as f32)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use harness::results::{
     CellStatus, CsvAppender, KernelRow, SampleRow, KERNEL_ROWS_FILE, SAMPLES_FILE,
 };
 use harness::stats::{nmse, Summary};
-use kernels::weights::{llm_like_activations, llm_like_weights};
+use kernels::weights::{activations, weights, Distribution};
 use kernels::{quantize, KernelError, MatMul};
 use std::io::Write;
 use std::path::Path;
@@ -43,16 +43,16 @@ enum Outcome {
 /// (cells arrive grouped by shape), since generating an lm head takes seconds.
 #[derive(Default)]
 struct WeightCache {
-    key: Option<(String, u64)>,
+    key: Option<(String, u64, Distribution)>,
     values: Vec<f32>,
 }
 
 impl WeightCache {
-    fn get(&mut self, cell: &Cell, seed: u64) -> &[f32] {
-        let key = (cell.shape.name.clone(), seed);
+    fn get(&mut self, cell: &Cell, seed: u64, distribution: Distribution) -> &[f32] {
+        let key = (cell.shape.name.clone(), seed, distribution);
         if self.key.as_ref() != Some(&key) {
             self.values = Vec::new(); // free the old shape before allocating
-            self.values = llm_like_weights(cell.shape.rows, cell.shape.cols, seed);
+            self.values = weights(distribution, cell.shape.rows, cell.shape.cols, seed);
             self.key = Some(key);
         }
         &self.values
@@ -60,6 +60,7 @@ impl WeightCache {
 }
 
 pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tally> {
+    let started = Instant::now();
     let mut rows = CsvAppender::<KernelRow>::open(&out_dir.join(KERNEL_ROWS_FILE))?;
     let mut samples = CsvAppender::<SampleRow>::open(&out_dir.join(SAMPLES_FILE))?;
     let mut stdout = std::io::stdout();
@@ -114,6 +115,7 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
         ok: tally.ok,
         unsupported: tally.unsupported,
         failed: tally.failed,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
     });
     Ok(tally)
 }
@@ -136,13 +138,13 @@ fn try_measure(
     cache: &mut WeightCache,
 ) -> Result<Measured, KernelError> {
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
-    let weights = cache.get(cell, job.seed);
-    let quantized = quantize(cell.ty, m, k, weights)?;
-    let activations = llm_like_activations(n, k, job.seed);
+    let w = cache.get(cell, job.seed, job.distribution);
+    let quantized = quantize(cell.ty, m, k, w)?;
+    let x = activations(job.distribution, n, k, job.seed);
     let mut matmul = MatMul::new(&quantized, n, threads, job.repack)?;
-    matmul.set_activations(&activations)?;
+    matmul.set_activations(&x)?;
     matmul.compute()?;
-    let error = output_nmse(weights, &activations, &matmul.output(), m, k, n);
+    let error = output_nmse(w, &x, &matmul.output(), m, k, n);
     let samples_ns = time_repetitions(&mut matmul, &job.timing)?;
     Ok(Measured {
         samples_ns,

@@ -131,13 +131,14 @@ fn run() -> Result<ExitCode> {
             println!("{}", report.summary_markdown);
             for board in &report.boards {
                 println!(
-                    "board {}: {} ok, {} unsupported, {} failed; wall {:.1} s, agent timing {:.1} s, uploaded {} bytes{}",
+                    "board {}: {} ok, {} unsupported, {} failed; wall {:.1} s, agent {:.1} s (host overhead {:.1} s), uploaded {} bytes{}",
                     board.board,
                     board.ok,
                     board.unsupported,
                     board.failed,
                     board.wall_seconds,
-                    board.measured_seconds,
+                    board.agent_seconds,
+                    board.wall_seconds - board.agent_seconds,
                     board.uploaded_bytes,
                     board.error.as_ref().map(|e| format!("; FAILED: {e}")).unwrap_or_default()
                 );

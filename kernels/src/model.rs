@@ -1,0 +1,388 @@
+//! Whole GGUF models through llama.cpp: quantize with `llama_model_quantize`
+//! (per-tensor overrides), load, tokenize, evaluate logits, time prompt
+//! processing and generation, generate greedily.
+
+use llama_cpp_sys_2 as sys;
+use std::ffi::{CStr, CString};
+use std::path::Path;
+use std::ptr;
+use std::sync::Once;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("{path}: not a loadable GGUF model (missing, truncated, or not GGUF); llama.cpp could not load it")]
+    Load { path: String },
+    #[error("{path}: llama.cpp could not quantize it to recipe `{recipe}`")]
+    Quantize { path: String, recipe: String },
+    #[error("path {0} is not valid UTF-8 / contains a NUL byte")]
+    BadPath(String),
+    #[error("llama.cpp: {0}")]
+    Llama(String),
+}
+
+static BACKEND: Once = Once::new();
+
+fn init_backend() {
+    BACKEND.call_once(|| {
+        // SAFETY: called once, before any other llama.cpp call of this crate.
+        unsafe {
+            sys::llama_backend_init();
+            // llama.cpp's load/quantize chatter would drown the progress lines.
+            sys::llama_log_set(Some(quiet_log), ptr::null_mut());
+        }
+    });
+}
+
+unsafe extern "C" fn quiet_log(
+    level: sys::ggml_log_level,
+    text: *const std::os::raw::c_char,
+    _: *mut std::os::raw::c_void,
+) {
+    if level == sys::GGML_LOG_LEVEL_ERROR && !text.is_null() {
+        eprint!("{}", CStr::from_ptr(text).to_string_lossy());
+    }
+}
+
+fn c_path(path: &Path) -> Result<CString, ModelError> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| ModelError::BadPath(path.display().to_string()))?;
+    CString::new(text).map_err(|_| ModelError::BadPath(text.to_string()))
+}
+
+/// A whole-model quantization request.
+#[derive(Debug, Clone)]
+pub struct QuantizeRequest<'a> {
+    /// llama.cpp file type, by `llama-quantize`'s name: `F32`, `F16`,
+    /// `Q8_0`, `Q4_0`, `Q4_K_M`, `Q6_K`, ...
+    pub ftype: &'a str,
+    /// Tensor-name regex -> GGML type name (`q8_0`, `f32`, ...), first match wins.
+    pub overrides: &'a [(String, String)],
+    pub threads: usize,
+}
+
+/// llama.cpp's file types by `llama-quantize` name.
+pub fn ftype_from_name(name: &str) -> Option<sys::llama_ftype> {
+    Some(match name.to_ascii_uppercase().as_str() {
+        "F32" => sys::LLAMA_FTYPE_ALL_F32,
+        "F16" => sys::LLAMA_FTYPE_MOSTLY_F16,
+        "BF16" => sys::LLAMA_FTYPE_MOSTLY_BF16,
+        "Q8_0" => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+        "Q6_K" => sys::LLAMA_FTYPE_MOSTLY_Q6_K,
+        "Q5_0" => sys::LLAMA_FTYPE_MOSTLY_Q5_0,
+        "Q5_1" => sys::LLAMA_FTYPE_MOSTLY_Q5_1,
+        "Q5_K_M" => sys::LLAMA_FTYPE_MOSTLY_Q5_K_M,
+        "Q4_0" => sys::LLAMA_FTYPE_MOSTLY_Q4_0,
+        "Q4_1" => sys::LLAMA_FTYPE_MOSTLY_Q4_1,
+        "Q4_K_M" => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+        "Q4_K_S" => sys::LLAMA_FTYPE_MOSTLY_Q4_K_S,
+        "IQ4_NL" => sys::LLAMA_FTYPE_MOSTLY_IQ4_NL,
+        "Q3_K_M" => sys::LLAMA_FTYPE_MOSTLY_Q3_K_M,
+        "Q2_K" => sys::LLAMA_FTYPE_MOSTLY_Q2_K,
+        _ => return None,
+    })
+}
+
+fn ggml_type_from_name(name: &str) -> Option<sys::ggml_type> {
+    (0..sys::GGML_TYPE_COUNT).find(|&t| {
+        // SAFETY: static table lookup for every defined type value.
+        let n = unsafe { sys::ggml_type_name(t) };
+        !n.is_null()
+            && unsafe { CStr::from_ptr(n) }
+                .to_string_lossy()
+                .eq_ignore_ascii_case(name)
+    })
+}
+
+/// Quantizes `input` into `output` with llama.cpp's own quantizer.
+pub fn quantize_model(
+    input: &Path,
+    output: &Path,
+    request: &QuantizeRequest,
+) -> Result<(), ModelError> {
+    init_backend();
+    let fail = || ModelError::Quantize {
+        path: input.display().to_string(),
+        recipe: request.ftype.to_string(),
+    };
+    let ftype = ftype_from_name(request.ftype).ok_or_else(fail)?;
+    let patterns: Vec<CString> = request
+        .overrides
+        .iter()
+        .map(|(p, _)| CString::new(p.as_str()).map_err(|_| fail()))
+        .collect::<Result<_, _>>()?;
+    let mut overrides: Vec<sys::llama_model_tensor_override> = Vec::new();
+    for ((_, ty), pattern) in request.overrides.iter().zip(&patterns) {
+        overrides.push(sys::llama_model_tensor_override {
+            pattern: pattern.as_ptr(),
+            type_: ggml_type_from_name(ty).ok_or_else(fail)?,
+        });
+    }
+    overrides.push(sys::llama_model_tensor_override {
+        pattern: ptr::null(),
+        type_: 0,
+    });
+    let (inp, out) = (c_path(input)?, c_path(output)?);
+    // SAFETY: params come from llama.cpp's defaults; the override array is
+    // NULL-terminated and it and the pattern strings outlive the call.
+    let status = unsafe {
+        let mut params = sys::llama_model_quantize_default_params();
+        params.ftype = ftype;
+        params.nthread = request.threads as i32;
+        if request.overrides.len() > 0 {
+            params.tt_overrides = overrides.as_ptr();
+        }
+        sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)
+    };
+    if status != 0 {
+        return Err(fail());
+    }
+    Ok(())
+}
+
+/// (tensor name, GGML type name) of every tensor in a GGUF file.
+pub fn gguf_tensor_types(path: &Path) -> Result<Vec<(String, String)>, ModelError> {
+    let c = c_path(path)?;
+    // SAFETY: no_alloc reads only the metadata; the context is freed below.
+    unsafe {
+        let ctx = sys::gguf_init_from_file(
+            c.as_ptr(),
+            sys::gguf_init_params {
+                no_alloc: true,
+                ctx: ptr::null_mut(),
+            },
+        );
+        if ctx.is_null() {
+            return Err(ModelError::Load {
+                path: path.display().to_string(),
+            });
+        }
+        let n = sys::gguf_get_n_tensors(ctx);
+        let mut out = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let name = CStr::from_ptr(sys::gguf_get_tensor_name(ctx, i))
+                .to_string_lossy()
+                .into_owned();
+            let ty = CStr::from_ptr(sys::ggml_type_name(sys::gguf_get_tensor_type(ctx, i)))
+                .to_string_lossy()
+                .into_owned();
+            out.push((name, ty));
+        }
+        sys::gguf_free(ctx);
+        Ok(out)
+    }
+}
+
+/// A loaded model with one context for evaluation.
+pub struct LoadedModel {
+    model: *mut sys::llama_model,
+    ctx: *mut sys::llama_context,
+    vocab: *const sys::llama_vocab,
+    n_ctx: usize,
+    n_vocab: usize,
+}
+
+// SAFETY: the model and context are used from one thread at a time (&mut).
+unsafe impl Send for LoadedModel {}
+
+/// Model facts for the results.
+#[derive(Debug, Clone)]
+pub struct ModelFacts {
+    pub description: String,
+    pub size_bytes: u64,
+    pub n_params: u64,
+    pub n_layer: usize,
+}
+
+impl LoadedModel {
+    /// Loads `path` (CPU only, mmap) with a context of `n_ctx` tokens and
+    /// `threads` threads for both generation and batches.
+    pub fn load(path: &Path, n_ctx: usize, threads: usize) -> Result<LoadedModel, ModelError> {
+        init_backend();
+        let c = c_path(path)?;
+        let load_err = || ModelError::Load {
+            path: path.display().to_string(),
+        };
+        // SAFETY: NULL results are checked; ownership moves into the value,
+        // whose Drop frees them.
+        unsafe {
+            let mut mparams = sys::llama_model_default_params();
+            mparams.n_gpu_layers = 0;
+            let model = sys::llama_model_load_from_file(c.as_ptr(), mparams);
+            if model.is_null() {
+                return Err(load_err());
+            }
+            let mut cparams = sys::llama_context_default_params();
+            cparams.n_ctx = n_ctx as u32;
+            cparams.n_batch = n_ctx as u32;
+            cparams.n_ubatch = n_ctx as u32;
+            cparams.n_seq_max = 1;
+            cparams.n_threads = threads as i32;
+            cparams.n_threads_batch = threads as i32;
+            cparams.no_perf = true;
+            let ctx = sys::llama_init_from_model(model, cparams);
+            if ctx.is_null() {
+                sys::llama_model_free(model);
+                return Err(ModelError::Llama("could not create a context".into()));
+            }
+            let vocab = sys::llama_model_get_vocab(model);
+            Ok(LoadedModel {
+                model,
+                ctx,
+                vocab,
+                n_ctx,
+                n_vocab: sys::llama_vocab_n_tokens(vocab) as usize,
+            })
+        }
+    }
+
+    pub fn facts(&self) -> ModelFacts {
+        let mut buf = vec![0u8; 256];
+        // SAFETY: the buffer is large enough and NUL-terminated by llama.cpp.
+        unsafe {
+            sys::llama_model_desc(self.model, buf.as_mut_ptr().cast(), buf.len());
+            ModelFacts {
+                description: CStr::from_ptr(buf.as_ptr().cast())
+                    .to_string_lossy()
+                    .into_owned(),
+                size_bytes: sys::llama_model_size(self.model),
+                n_params: sys::llama_model_n_params(self.model),
+                n_layer: sys::llama_model_n_layer(self.model).max(0) as usize,
+            }
+        }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn bos(&self) -> i32 {
+        // SAFETY: vocab belongs to the loaded model.
+        unsafe { sys::llama_vocab_bos(self.vocab) }
+    }
+
+    /// Tokenizes `text`, with the model's BOS first when `add_bos`.
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Vec<i32> {
+        let bytes = text.as_bytes();
+        let mut tokens = vec![0i32; bytes.len() + 8];
+        // SAFETY: the buffer holds at least as many tokens as bytes + BOS;
+        // a negative result gives the size needed, handled below.
+        unsafe {
+            let mut n = sys::llama_tokenize(
+                self.vocab,
+                bytes.as_ptr().cast(),
+                bytes.len() as i32,
+                tokens.as_mut_ptr(),
+                tokens.len() as i32,
+                add_bos,
+                false,
+            );
+            if n < 0 {
+                tokens.resize((-n) as usize, 0);
+                n = sys::llama_tokenize(
+                    self.vocab,
+                    bytes.as_ptr().cast(),
+                    bytes.len() as i32,
+                    tokens.as_mut_ptr(),
+                    tokens.len() as i32,
+                    add_bos,
+                    false,
+                );
+            }
+            tokens.truncate(n.max(0) as usize);
+        }
+        tokens
+    }
+
+    pub fn token_text(&self, token: i32) -> String {
+        let mut buf = vec![0u8; 64];
+        // SAFETY: buffer length passed; a negative result means "too small".
+        unsafe {
+            let mut n = sys::llama_token_to_piece(
+                self.vocab,
+                token,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                0,
+                false,
+            );
+            if n < 0 {
+                buf.resize((-n) as usize, 0);
+                n = sys::llama_token_to_piece(
+                    self.vocab,
+                    token,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                    0,
+                    false,
+                );
+            }
+            String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned()
+        }
+    }
+
+    /// Forgets the KV cache (a new sequence starts at position 0).
+    pub fn clear(&mut self) {
+        // SAFETY: ctx is valid.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx), true) };
+    }
+
+    /// Decodes `tokens` at positions `first_pos..`, returning logits for
+    /// every token when `all_logits`, else for the last (row-major).
+    pub fn decode(
+        &mut self,
+        tokens: &[i32],
+        first_pos: usize,
+        all_logits: bool,
+    ) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        // SAFETY: the batch is sized for `tokens`, every field written is in
+        // bounds, and it is freed after llama_decode copied what it needs.
+        unsafe {
+            let mut batch = sys::llama_batch_init(tokens.len() as i32, 0, 1);
+            for (i, &t) in tokens.iter().enumerate() {
+                *batch.token.add(i) = t;
+                *batch.pos.add(i) = (first_pos + i) as i32;
+                *batch.n_seq_id.add(i) = 1;
+                *(*batch.seq_id.add(i)) = 0;
+                *batch.logits.add(i) = (all_logits || i + 1 == tokens.len()) as i8;
+            }
+            batch.n_tokens = tokens.len() as i32;
+            let status = sys::llama_decode(self.ctx, batch);
+            sys::llama_batch_free(batch);
+            if status != 0 {
+                return Err(ModelError::Llama(format!(
+                    "llama_decode failed with {status}"
+                )));
+            }
+            let rows = if all_logits { tokens.len() } else { 1 };
+            let mut out = Vec::with_capacity(rows * self.n_vocab);
+            for r in 0..rows {
+                let index = if all_logits { r as i32 } else { -1 };
+                let logits = sys::llama_get_logits_ith(self.ctx, index);
+                if logits.is_null() {
+                    return Err(ModelError::Llama("no logits returned".into()));
+                }
+                out.extend_from_slice(std::slice::from_raw_parts(logits, self.n_vocab));
+            }
+            Ok(out)
+        }
+    }
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        // SAFETY: both were created in `load` and are freed once.
+        unsafe {
+            sys::llama_free(self.ctx);
+            sys::llama_model_free(self.model);
+        }
+    }
+}
