@@ -38,6 +38,8 @@ pub enum BenchError {
     Setup(#[from] crate::setup::SetupError),
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error("{0}")]
+    Model(String),
     #[error(transparent)]
     Testbed(#[from] crate::testbed::TestbedError),
     #[error("{0} is not a run directory (no {MANIFEST_FILE} or {KERNEL_ROWS_FILE}); pass a folder under results/")]

@@ -54,6 +54,9 @@ pub struct BenchConfig {
     pub matrices: BTreeMap<String, MatrixSpec>,
     #[serde(default)]
     pub shapes: BTreeMap<String, CustomShape>,
+    /// Whole-model matrices (see `models`).
+    #[serde(default)]
+    pub model_matrices: BTreeMap<String, crate::models::ModelMatrixSpec>,
     /// Remote boards by name (see `boards`).
     #[serde(default)]
     pub boards: BTreeMap<String, crate::boards::BoardConfig>,
@@ -164,7 +167,13 @@ impl BenchConfig {
             .ok_or_else(|| ConfigError::UnknownMatrix {
                 path: self.source.clone(),
                 name: name.to_string(),
-                known: self.matrices.keys().cloned().collect::<Vec<_>>().join(", "),
+                known: self
+                    .matrices
+                    .keys()
+                    .chain(self.model_matrices.keys())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
     }
 
@@ -198,6 +207,13 @@ impl BenchConfig {
             for pattern in &spec.shapes {
                 catalog.resolve(pattern).map_err(invalid)?;
             }
+        }
+        for (name, spec) in &self.model_matrices {
+            spec.validate().map_err(|message| ConfigError::Invalid {
+                path: self.source.clone(),
+                matrix: name.clone(),
+                message,
+            })?;
         }
         for (name, shape) in &self.shapes {
             if shape.rows == 0 || shape.cols == 0 {

@@ -16,6 +16,9 @@ pub mod config;
 pub mod deploy;
 pub mod ggml_type;
 pub mod matrix;
+#[cfg(feature = "remote")]
+pub mod model_bench;
+pub mod models;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod probe;

@@ -107,6 +107,57 @@ pub fn cell_table(rows: &[KernelRow]) -> String {
     out
 }
 
+/// The model table: one line per model x recipe at the most threads
+/// measured, with llama-bench's pp/tg figures and the quality columns.
+pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
+    let mut out = String::from(
+        "\n| board | model | recipe | bits/weight | size MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | repetition | fallbacks | generated text |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    let max_threads = rows.iter().map(|r| r.n_threads).max().unwrap_or(0);
+    let tg = |board: &str, model: &str, recipe: &str| {
+        rows.iter()
+            .find(|r| r.board == board && r.model_filename == model && r.recipe == recipe && r.n_gen > 0 && r.n_threads == max_threads)
+            .and_then(|r| r.avg_ts)
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for r in rows {
+        if !seen.insert((r.board.clone(), r.model_filename.clone(), r.recipe.clone())) {
+            continue;
+        }
+        if r.status != CellStatus::Ok {
+            let _ = writeln!(out, "| {} | {} | {} | – | – | – | – | – | – | – | – | – | – | failed: {} |", r.board, r.model_filename, r.recipe, r.note.replace('|', "/"));
+            continue;
+        }
+        let pp = rows
+            .iter()
+            .find(|x| x.board == r.board && x.model_filename == r.model_filename && x.recipe == r.recipe && x.n_prompt > 0 && x.n_threads == max_threads)
+            .and_then(|x| x.avg_ts);
+        let this_tg = tg(&r.board, &r.model_filename, &r.recipe);
+        let speedup = this_tg.zip(tg(&r.board, &r.model_filename, "f32")).map(|(a, b)| a / b);
+        let text: String = r.generated_text.chars().take(60).collect();
+        let _ = writeln!(
+            out,
+            "| {}{} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.board,
+            if r.emulated { " (emu)" } else { "" },
+            r.model_filename,
+            r.recipe,
+            r.bits_per_weight,
+            r.file_bytes as f64 / 1e6,
+            fmt_opt(pp, |v| format!("{v:.0}")),
+            fmt_opt(this_tg, |v| format!("{v:.0}")),
+            fmt_opt(speedup, |v| format!("{v:.2}x")),
+            fmt_opt(r.ppl, |v| format!("{v:.4}")),
+            fmt_opt(r.kld_mean, |v| format!("{v:.6}")),
+            fmt_opt(r.top1_agreement, |v| format!("{:.2}%", v * 100.0)),
+            fmt_opt(r.repetition_score, |v| format!("{v:.2}")),
+            if r.fallbacks.is_empty() { 0 } else { r.fallbacks.split(';').count() },
+            text.replace('|', "/").replace('\n', " "),
+        );
+    }
+    out
+}
+
 fn best_thread_decode<'a>(rows: &[&'a KernelRow]) -> Vec<&'a KernelRow> {
     let mut best: BTreeMap<(&str, &str), &KernelRow> = BTreeMap::new();
     for &r in rows

@@ -186,6 +186,16 @@ pub struct LoadedModel {
 // SAFETY: the model and context are used from one thread at a time (&mut).
 unsafe impl Send for LoadedModel {}
 
+/// One token of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchEntry {
+    pub token: i32,
+    pub pos: usize,
+    pub seq: usize,
+    /// Whether to return this position's logits.
+    pub logits: bool,
+}
+
 /// Model facts for the results.
 #[derive(Debug, Clone)]
 pub struct ModelFacts {
@@ -199,6 +209,15 @@ impl LoadedModel {
     /// Loads `path` (CPU only, mmap) with a context of `n_ctx` tokens and
     /// `threads` threads for both generation and batches.
     pub fn load(path: &Path, n_ctx: usize, threads: usize) -> Result<LoadedModel, ModelError> {
+        Self::load_with(path, n_ctx, 1, threads)
+    }
+
+    /// Loads with room for `n_seq` sequences of `n_ctx` tokens each,
+    /// decoded in batches of up to `n_ctx * n_seq` tokens and micro-batches
+    /// of llama.cpp's default 512: how `llama-perplexity` evaluates (16
+    /// chunks of 128 at once with its default batch of 2048), which fixes the
+    /// matrix shapes and so the rounding of every result.
+    pub fn load_with(path: &Path, n_ctx: usize, n_seq: usize, threads: usize) -> Result<LoadedModel, ModelError> {
         init_backend();
         let c = c_path(path)?;
         let load_err = || ModelError::Load {
@@ -214,10 +233,11 @@ impl LoadedModel {
                 return Err(load_err());
             }
             let mut cparams = sys::llama_context_default_params();
-            cparams.n_ctx = n_ctx as u32;
-            cparams.n_batch = n_ctx as u32;
-            cparams.n_ubatch = n_ctx as u32;
-            cparams.n_seq_max = 1;
+            let total = (n_ctx * n_seq.max(1)) as u32;
+            cparams.n_ctx = total;
+            cparams.n_batch = total;
+            cparams.n_ubatch = total.min(512);
+            cparams.n_seq_max = n_seq.max(1) as u32;
             cparams.n_threads = threads as i32;
             cparams.n_threads_batch = threads as i32;
             cparams.no_perf = true;
@@ -326,6 +346,17 @@ impl LoadedModel {
         }
     }
 
+    pub fn set_threads(&mut self, threads: usize) {
+        // SAFETY: ctx is valid.
+        unsafe { sys::llama_set_n_threads(self.ctx, threads as i32, threads as i32) };
+    }
+
+    /// True when the model wants a BOS token at the start of a sequence.
+    pub fn adds_bos(&self) -> bool {
+        // SAFETY: vocab belongs to the loaded model.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab) }
+    }
+
     /// Forgets the KV cache (a new sequence starts at position 0).
     pub fn clear(&mut self) {
         // SAFETY: ctx is valid.
@@ -340,21 +371,37 @@ impl LoadedModel {
         first_pos: usize,
         all_logits: bool,
     ) -> Result<Vec<f32>, ModelError> {
-        if tokens.is_empty() {
+        let entries: Vec<BatchEntry> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| BatchEntry {
+                token,
+                pos: first_pos + i,
+                seq: 0,
+                logits: all_logits || i + 1 == tokens.len(),
+            })
+            .collect();
+        self.decode_batch(&entries)
+    }
+
+    /// Decodes one batch of tokens from any sequences; returns the logits of
+    /// the entries that asked for them, in order (row-major).
+    pub fn decode_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<f32>, ModelError> {
+        if entries.is_empty() {
             return Ok(Vec::new());
         }
-        // SAFETY: the batch is sized for `tokens`, every field written is in
+        // SAFETY: the batch is sized for `entries`, every field written is in
         // bounds, and it is freed after llama_decode copied what it needs.
         unsafe {
-            let mut batch = sys::llama_batch_init(tokens.len() as i32, 0, 1);
-            for (i, &t) in tokens.iter().enumerate() {
-                *batch.token.add(i) = t;
-                *batch.pos.add(i) = (first_pos + i) as i32;
+            let mut batch = sys::llama_batch_init(entries.len() as i32, 0, 1);
+            for (i, e) in entries.iter().enumerate() {
+                *batch.token.add(i) = e.token;
+                *batch.pos.add(i) = e.pos as i32;
                 *batch.n_seq_id.add(i) = 1;
-                *(*batch.seq_id.add(i)) = 0;
-                *batch.logits.add(i) = (all_logits || i + 1 == tokens.len()) as i8;
+                *(*batch.seq_id.add(i)) = e.seq as i32;
+                *batch.logits.add(i) = e.logits as i8;
             }
-            batch.n_tokens = tokens.len() as i32;
+            batch.n_tokens = entries.len() as i32;
             let status = sys::llama_decode(self.ctx, batch);
             sys::llama_batch_free(batch);
             if status != 0 {
@@ -362,11 +409,12 @@ impl LoadedModel {
                     "llama_decode failed with {status}"
                 )));
             }
-            let rows = if all_logits { tokens.len() } else { 1 };
-            let mut out = Vec::with_capacity(rows * self.n_vocab);
-            for r in 0..rows {
-                let index = if all_logits { r as i32 } else { -1 };
-                let logits = sys::llama_get_logits_ith(self.ctx, index);
+            let mut out = Vec::new();
+            for (i, e) in entries.iter().enumerate() {
+                if !e.logits {
+                    continue;
+                }
+                let logits = sys::llama_get_logits_ith(self.ctx, i as i32);
                 if logits.is_null() {
                     return Err(ModelError::Llama("no logits returned".into()));
                 }

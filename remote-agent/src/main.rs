@@ -4,6 +4,7 @@
 
 mod bandwidth;
 mod measure;
+mod model_run;
 mod sysinfo;
 
 use anyhow::{Context, Result};
@@ -42,6 +43,49 @@ enum Command {
     },
     /// Print the agent's build hash (SHA-256 prefix of this binary).
     Version,
+    /// Quantize a GGUF model with llama.cpp's quantizer; prints JSON with
+    /// the tensors that fell back to another type and the file size.
+    Quantize {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// llama.cpp file type for tensors without a per-layer type (F32, Q8_0, Q4_K_M, ...).
+        #[arg(long)]
+        ftype: String,
+        /// One GGML type per transformer block, comma-separated (adaptive recipes).
+        #[arg(long, value_delimiter = ',')]
+        layer_types: Vec<String>,
+        /// Type for the token embedding and output matrices (with --layer-types).
+        #[arg(long)]
+        other_type: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Measure each layer's importance: the mean KL divergence from the
+    /// unquantized model when only that layer is quantized to `low`.
+    Importance {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        ctx: usize,
+        #[arg(long, default_value = "q4_0")]
+        low: String,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Folder for the per-layer trial files.
+        #[arg(long)]
+        scratch: PathBuf,
+    },
+    /// Run a model job: speed, memory, quality and generated text per recipe.
+    ModelRun {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +96,42 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&probe)?);
         }
         Command::Version => println!("{}", sysinfo::agent_build()),
+        Command::Quantize {
+            input,
+            output,
+            ftype,
+            layer_types,
+            other_type,
+            threads,
+        } => {
+            let threads = if threads == 0 { num_cores() } else { threads };
+            let fallbacks = model_run::quantize(&input, &output, &ftype, &layer_types, other_type.as_deref(), threads)?;
+            let file_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+            println!("{}", serde_json::json!({ "fallbacks": fallbacks, "file_bytes": file_bytes }));
+        }
+        Command::Importance {
+            model,
+            text,
+            ctx,
+            low,
+            threads,
+            scratch,
+        } => {
+            let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            std::fs::create_dir_all(&scratch)?;
+            let scores = model_run::layer_importance(&model, &text, ctx, &low, threads, &scratch)?;
+            println!("{}", serde_json::json!({ "scores": scores }));
+        }
+        Command::ModelRun { job, out_dir } => {
+            let job: harness::models::ModelJob = read_json(&job).context("reading the model job")?;
+            std::fs::create_dir_all(&out_dir)?;
+            let probe = sysinfo::probe(false);
+            write_json(&out_dir.join(PROBE_FILE), &probe)?;
+            let failed = model_run::run_model_job(&job, &probe, &out_dir)?;
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} recipes failed (see models.csv)", job.recipes.len());
+            }
+        }
         Command::Run { job, out_dir } => {
             let job: JobSpec = read_json(&job).context("reading the job spec")?;
             std::fs::create_dir_all(&out_dir)
@@ -69,4 +149,8 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn num_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

@@ -1,0 +1,341 @@
+//! The model matrix end to end on the `local` target: recipes quantized on
+//! the host (cached by model hash and recipe), layer importance measured for
+//! `adaptive`, the agent's `model-run`, rows in `models.csv`, plots.
+
+use crate::bench::BenchError;
+use crate::build::{build_host_agent, file_hash, workspace_root, AgentBuild};
+use crate::config::{BenchConfig, ConfigError};
+use crate::models::{adaptive_assignment, check_model_file, is_uniform_recipe, ModelJob, ModelMatrixSpec, ModelRow, RecipeFile, MODEL_ROWS_FILE};
+use crate::progress::ProgressEvent;
+use crate::results::{read_csv, write_json, ResultsError};
+use crate::run::{git_commit, new_run_id, HostInfo};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Per-layer importance of one model, stored with the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerImportance {
+    pub model: String,
+    /// How it was measured.
+    pub method: String,
+    /// Mean KL divergence per layer (index = layer).
+    pub scores: Vec<f64>,
+    /// The type each layer got in the `adaptive` recipe.
+    pub assignment: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRunManifest {
+    pub run_id: String,
+    pub started_at: String,
+    pub matrix: String,
+    pub spec: ModelMatrixSpec,
+    pub git_commit: String,
+    pub agent_build: String,
+    pub host: HostInfo,
+    pub importance: Vec<LayerImportance>,
+}
+
+pub struct ModelReport {
+    pub run_dir: PathBuf,
+    pub rows: Vec<ModelRow>,
+    pub summary_markdown: String,
+    pub plots: Vec<PathBuf>,
+    pub succeeded: bool,
+}
+
+fn invalid(config: &BenchConfig, matrix: &str, message: String) -> BenchError {
+    BenchError::Config(ConfigError::Invalid {
+        path: config.source.clone(),
+        matrix: matrix.to_string(),
+        message,
+    })
+}
+
+/// Resolves a path from the config relative to the config file's folder.
+fn config_relative(config: &BenchConfig, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let joined = base.join(path);
+    // Fall back to the workspace for the repository's own fixtures.
+    if joined.exists() {
+        joined
+    } else {
+        workspace_root().join(path)
+    }
+}
+
+pub fn run_model_bench(config: &BenchConfig, matrix: &str, target: &str, results_root: &Path) -> Result<ModelReport, BenchError> {
+    let spec = config
+        .model_matrices
+        .get(matrix)
+        .ok_or_else(|| invalid(config, matrix, "no such model matrix".into()))?
+        .clone();
+    spec.validate().map_err(|m| invalid(config, matrix, m))?;
+    if target != "local" {
+        return Err(invalid(
+            config,
+            matrix,
+            format!("model matrices run on `--target local` in this version, not `{target}` (remote boards are the kernel matrix's for now)"),
+        ));
+    }
+    // Every input is checked before anything is built.
+    let models: Vec<PathBuf> = spec.models.iter().map(|m| config_relative(config, m)).collect();
+    for model in &models {
+        check_model_file(model).map_err(|m| invalid(config, matrix, m))?;
+    }
+    let text = config_relative(config, &spec.text);
+    if !text.is_file() {
+        return Err(invalid(config, matrix, format!("text {} does not exist", text.display())));
+    }
+    crate::setup::ensure(&[crate::setup::Need::HostBuild])?;
+    let workspace = workspace_root();
+    let agent = build_host_agent(&workspace)?;
+    let commit = git_commit(&workspace);
+    let mut run_id = new_run_id(&commit);
+    for attempt in 2.. {
+        if !results_root.join(&run_id).exists() {
+            break;
+        }
+        run_id = format!("{}-{attempt}", new_run_id(&commit));
+    }
+    let run_dir = results_root.join(&run_id);
+    let board_dir = run_dir.join("boards/local");
+    std::fs::create_dir_all(&board_dir).map_err(|source| ResultsError::Io { path: board_dir.clone(), source })?;
+
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut importance = Vec::new();
+    let mut all_ok = true;
+    for model in &models {
+        let hash = file_hash(model)?;
+        let cache = workspace.join("target/quantbench-models").join(&hash);
+        std::fs::create_dir_all(&cache).map_err(|source| ResultsError::Io { path: cache.clone(), source })?;
+        let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut recipes = Vec::new();
+        for recipe in &spec.recipes {
+            let (file, layer_importance) = if recipe == "adaptive" {
+                let scores = measure_importance(&agent, model, &text, &spec, &cache, threads)?;
+                let assignment = adaptive_assignment(&scores, &spec.adaptive);
+                let file = quantize_cached(&agent, model, &cache, "adaptive", &spec.adaptive.low, &assignment, Some(&spec.adaptive.high), threads)?;
+                let li = LayerImportance {
+                    model: model_name.clone(),
+                    method: format!(
+                        "mean KL divergence from the unquantized model on {} (ctx {}) when only that layer is quantized to {}",
+                        spec.text.display(),
+                        spec.ctx,
+                        spec.adaptive.low
+                    ),
+                    scores,
+                    assignment,
+                };
+                (file, Some(li))
+            } else {
+                debug_assert!(is_uniform_recipe(recipe));
+                (quantize_cached(&agent, model, &cache, recipe, recipe, &[], None, threads)?, None)
+            };
+            importance.extend(layer_importance);
+            recipes.push(file);
+        }
+        let job = ModelJob {
+            run_id: run_id.clone(),
+            board: "local".into(),
+            emulated: false,
+            git_commit: commit.clone(),
+            model_name,
+            base: RecipeFile {
+                recipe: "original".into(),
+                path: model.display().to_string(),
+                fallbacks: Vec::new(),
+                file_bytes: check_model_file(model).unwrap_or(0),
+            },
+            recipes,
+            threads: spec.threads.clone(),
+            text: text.display().to_string(),
+            ctx: spec.ctx,
+            prompt: spec.prompt.clone(),
+            generate_tokens: spec.generate_tokens,
+            n_prompt: spec.n_prompt,
+            n_gen: spec.n_gen,
+            repetitions: spec.repetitions,
+        };
+        all_ok &= run_model_job_local(&agent, &job, &board_dir)?;
+    }
+    let manifest = ModelRunManifest {
+        run_id: run_id.clone(),
+        started_at: crate::utc_now_rfc3339(),
+        matrix: matrix.to_string(),
+        spec,
+        git_commit: commit,
+        agent_build: agent.hash.clone(),
+        host: HostInfo::current(),
+        importance: importance.clone(),
+    };
+    write_json(&run_dir.join("run.json"), &manifest)?;
+    write_json(&run_dir.join("importance.json"), &importance)?;
+    let board_rows = board_dir.join(MODEL_ROWS_FILE);
+    let rows: Vec<ModelRow> = if board_rows.exists() { read_csv(&board_rows)? } else { Vec::new() };
+    std::fs::copy(&board_rows, run_dir.join(MODEL_ROWS_FILE)).map_err(|source| ResultsError::Io { path: board_rows.clone(), source })?;
+    let summary_markdown = crate::summary::model_table(&rows);
+    std::fs::write(run_dir.join("summary.md"), format!("# quantbench model run {run_id}\n{summary_markdown}"))
+        .map_err(|source| ResultsError::Io { path: run_dir.join("summary.md"), source })?;
+    #[cfg(feature = "plot")]
+    let plots = {
+        let plot_dir = run_dir.join("plots");
+        std::fs::create_dir_all(&plot_dir).map_err(|source| ResultsError::Io { path: plot_dir.clone(), source })?;
+        let ctx = crate::plot::PlotContext {
+            date: manifest.started_at.clone(),
+            commit: manifest.git_commit.clone(),
+        };
+        crate::plot::draw_models(&rows, &importance, &ctx, &plot_dir)?
+    };
+    #[cfg(not(feature = "plot"))]
+    let plots = Vec::new();
+    Ok(ModelReport {
+        run_dir,
+        succeeded: all_ok && rows.iter().all(|r| r.status == crate::results::CellStatus::Ok),
+        rows,
+        summary_markdown,
+        plots,
+    })
+}
+
+fn agent_json(agent: &AgentBuild, args: &[String]) -> Result<serde_json::Value, BenchError> {
+    let out = Command::new(&agent.path)
+        .args(args)
+        .output()
+        .map_err(|e| BenchError::Model(format!("running {}: {e}", agent.path.display())))?;
+    if !out.status.success() {
+        return Err(BenchError::Model(format!(
+            "`quantbench-agent {}` failed: {}",
+            args.first().map(String::as_str).unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no message")
+        )));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| BenchError::Model(format!("agent output: {e}")))
+}
+
+/// Quantizes once per (model hash, recipe): the output and its fallback
+/// list are kept under target/quantbench-models/<hash>/. Files are written
+/// under a temporary name and renamed, so a cache entry is never partial.
+#[allow(clippy::too_many_arguments)]
+fn quantize_cached(
+    agent: &AgentBuild,
+    model: &Path,
+    cache: &Path,
+    recipe: &str,
+    ftype: &str,
+    layer_types: &[String],
+    other_type: Option<&str>,
+    threads: usize,
+) -> Result<RecipeFile, BenchError> {
+    let key = if layer_types.is_empty() {
+        recipe.to_string()
+    } else {
+        format!("{recipe}-{}-{}", layer_types.join("_"), other_type.unwrap_or(""))
+    };
+    let path = cache.join(format!("{key}.gguf"));
+    let meta_path = cache.join(format!("{key}.json"));
+    if !(path.exists() && meta_path.exists()) {
+        let temp = cache.join(format!("{key}.gguf.part"));
+        let mut args = vec![
+            "quantize".to_string(),
+            "--input".into(),
+            model.display().to_string(),
+            "--output".into(),
+            temp.display().to_string(),
+            "--ftype".into(),
+            ftype.to_ascii_uppercase(),
+            "--threads".into(),
+            threads.to_string(),
+        ];
+        if !layer_types.is_empty() {
+            args.push("--layer-types".into());
+            args.push(layer_types.join(","));
+        }
+        if let Some(other) = other_type {
+            args.push("--other-type".into());
+            args.push(other.to_string());
+        }
+        let meta = agent_json(agent, &args)?;
+        std::fs::rename(&temp, &path).map_err(|source| ResultsError::Io { path: path.clone(), source })?;
+        std::fs::write(&meta_path, meta.to_string()).map_err(|source| ResultsError::Io { path: meta_path.clone(), source })?;
+    }
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap_or_default()).unwrap_or_default();
+    Ok(RecipeFile {
+        recipe: recipe.to_string(),
+        path: path.display().to_string(),
+        fallbacks: meta["fallbacks"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+        file_bytes: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
+fn measure_importance(agent: &AgentBuild, model: &Path, text: &Path, spec: &ModelMatrixSpec, cache: &Path, threads: usize) -> Result<Vec<f64>, BenchError> {
+    let text_hash = file_hash(text)?;
+    let path = cache.join(format!("importance-{}-{}-{text_hash}.json", spec.adaptive.low, spec.ctx));
+    if !path.exists() {
+        let value = agent_json(
+            agent,
+            &[
+                "importance".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--text".into(),
+                text.display().to_string(),
+                "--ctx".into(),
+                spec.ctx.to_string(),
+                "--low".into(),
+                spec.adaptive.low.clone(),
+                "--threads".into(),
+                threads.to_string(),
+                "--scratch".into(),
+                cache.join("scratch").display().to_string(),
+            ],
+        )?;
+        std::fs::write(&path, value.to_string()).map_err(|source| ResultsError::Io { path: path.clone(), source })?;
+    }
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default()).unwrap_or_default();
+    Ok(value["scores"].as_array().map(|a| a.iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default())
+}
+
+/// Runs `model-run` with a progress bar; false when a recipe failed.
+fn run_model_job_local(agent: &AgentBuild, job: &ModelJob, board_dir: &Path) -> Result<bool, BenchError> {
+    let job_path = board_dir.join(format!("model-job-{}.json", job.model_name));
+    write_json(&job_path, job)?;
+    let log_path = board_dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|source| ResultsError::Io { path: log_path.clone(), source })?;
+    let mut child = Command::new(&agent.path)
+        .arg("model-run")
+        .arg("--job")
+        .arg(&job_path)
+        .arg("--out-dir")
+        .arg(board_dir)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| BenchError::Model(format!("starting the agent: {e}")))?;
+    let bar = indicatif::ProgressBar::new(job.recipes.len() as u64);
+    bar.set_prefix(job.model_name.clone());
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            match ProgressEvent::parse(&line) {
+                Some(ProgressEvent::CellStarted { cell_id, .. }) => bar.set_message(cell_id),
+                Some(ProgressEvent::CellFinished { index, .. }) => bar.set_position(index as u64 + 1),
+                _ => {}
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let status = child.wait().map_err(|e| BenchError::Model(e.to_string()))?;
+    Ok(status.success())
+}

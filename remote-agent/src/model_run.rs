@@ -1,0 +1,393 @@
+//! Whole-model work: quantizing with a recipe, measuring layer importance,
+//! and running a model job (speed, memory, quality, generated text).
+
+use anyhow::{bail, Context, Result};
+use harness::models::{repetition_score, ModelJob, ModelRow, RecipeFile, MODEL_ROWS_FILE};
+use harness::probe::BoardProbe;
+use harness::progress::ProgressEvent;
+use harness::results::{CellStatus, CsvAppender};
+use harness::stats::Summary;
+use kernels::model::{gguf_tensor_types, quantize_model, BatchEntry, LoadedModel, QuantizeRequest};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// Quantizes `input` to `output`: a uniform llama.cpp file type, or with
+/// `layer_types` one GGML type per transformer block (`blk.N.*`), the token
+/// embedding and output matrices at `other_type`. Per-layer recipes pass a
+/// quantized `ftype` (llama.cpp ignores overrides for an F32 file type).
+/// Returns the tensors that ended in another type than asked.
+pub fn quantize(
+    input: &Path,
+    output: &Path,
+    ftype: &str,
+    layer_types: &[String],
+    other_type: Option<&str>,
+    threads: usize,
+) -> Result<Vec<String>> {
+    let mut overrides: Vec<(String, String)> = layer_types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| (format!("^blk\\.{i}\\."), ty.clone()))
+        .collect();
+    if let Some(other) = other_type {
+        overrides.push(("^token_embd\\.".into(), other.to_string()));
+        overrides.push(("^output\\.".into(), other.to_string()));
+    }
+    quantize_model(
+        input,
+        output,
+        &QuantizeRequest {
+            ftype,
+            overrides: &overrides,
+            threads,
+        },
+    )?;
+    fallbacks(output, ftype, layer_types, other_type)
+}
+
+/// Tensors of `output` stored in another type than the recipe named:
+/// block-size fallbacks (rows not a multiple of the block) and llama.cpp's
+/// own choices (e.g. a higher-precision output tensor). Norms and other 1-D
+/// tensors stay F32 by design and are not listed; mixes such as q4_k_m pick
+/// types per tensor, so they are not judged.
+fn fallbacks(output: &Path, ftype: &str, layer_types: &[String], other_type: Option<&str>) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    if ftype.to_ascii_lowercase().contains("_k_") && layer_types.is_empty() {
+        return Ok(out);
+    }
+    for (name, got) in gguf_tensor_types(output)? {
+        if !name.ends_with(".weight") || name.contains("norm") {
+            continue;
+        }
+        let layer_type = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| layer_types.get(i));
+        let wanted = match (layer_type, other_type) {
+            (Some(t), _) => t.clone(),
+            (None, Some(other)) => other.to_string(),
+            (None, None) => ftype.to_string(),
+        };
+        if !got.eq_ignore_ascii_case(&wanted) {
+            out.push(format!("{name}:{}->{got}", wanted.to_ascii_lowercase()));
+        }
+    }
+    Ok(out)
+}
+
+/// Base model's log-probabilities at the scored positions, and the targets.
+pub struct Reference {
+    pub log_probs: Vec<Vec<f32>>,
+    pub targets: Vec<i32>,
+}
+
+/// Sequences llama-perplexity evaluates at once with its default batch of
+/// 2048 tokens (`n_seq = n_batch / n_ctx`).
+pub fn eval_sequences(ctx: usize) -> usize {
+    (2048 / ctx).max(1)
+}
+
+/// Evaluates `tokens` as llama-perplexity does: chunks of `ctx` tokens, up
+/// to `eval_sequences(ctx)` chunks per batch as parallel sequences, each
+/// chunk's first token replaced by BOS when the model uses one, logits of the
+/// second half of each chunk scored against the next token. The model must
+/// be loaded with `LoadedModel::load_with(path, ctx, eval_sequences(ctx), ..)`.
+pub fn score_positions(model: &mut LoadedModel, tokens: &[i32], ctx: usize) -> Result<Reference> {
+    let n_chunks = tokens.len() / ctx;
+    if n_chunks == 0 {
+        bail!("the text has {} tokens, fewer than one context of {ctx}: use a longer text or a smaller ctx", tokens.len());
+    }
+    let first = ctx / 2;
+    let n_vocab = model.n_vocab();
+    let n_seq = eval_sequences(ctx);
+    let mut reference = Reference {
+        log_probs: Vec::new(),
+        targets: Vec::new(),
+    };
+    for group_start in (0..n_chunks).step_by(n_seq) {
+        let group: Vec<usize> = (group_start..n_chunks.min(group_start + n_seq)).collect();
+        let mut entries = Vec::with_capacity(group.len() * ctx);
+        for (seq, &chunk) in group.iter().enumerate() {
+            let start = chunk * ctx;
+            for k in 0..ctx {
+                let token = if k == 0 && model.adds_bos() { model.bos() } else { tokens[start + k] };
+                entries.push(BatchEntry {
+                    token,
+                    pos: k,
+                    seq,
+                    logits: k >= first,
+                });
+            }
+        }
+        model.clear();
+        let logits = model.decode_batch(&entries)?;
+        let per_chunk = ctx - first;
+        for (g, &chunk) in group.iter().enumerate() {
+            let start = chunk * ctx;
+            // Of the chunk's `per_chunk` outputs, the last has no next token.
+            for j in 0..per_chunk - 1 {
+                let row = g * per_chunk + j;
+                reference.log_probs.push(log_softmax(&logits[row * n_vocab..(row + 1) * n_vocab]));
+                reference.targets.push(tokens[start + first + j + 1]);
+            }
+        }
+    }
+    Ok(reference)
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::MIN, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32 + max;
+    logits.iter().map(|&l| l - log_sum).collect()
+}
+
+/// Quality of `candidate` against `base` at the same positions.
+pub struct Quality {
+    pub ppl: f64,
+    pub kld_mean: f64,
+    pub kld_p99: f64,
+    pub top1_agreement: f64,
+}
+
+pub fn compare(base: &Reference, candidate: &Reference) -> Quality {
+    let n = candidate.targets.len();
+    let mut nll = 0.0;
+    let mut klds = Vec::with_capacity(n);
+    let mut same_top = 0usize;
+    for i in 0..n {
+        let lp = &candidate.log_probs[i];
+        nll -= lp[candidate.targets[i] as usize] as f64;
+        let bp = &base.log_probs[i];
+        let kld: f64 = bp
+            .iter()
+            .zip(lp)
+            .map(|(&b, &q)| (b as f64).exp() * (b as f64 - q as f64))
+            .sum();
+        klds.push(kld.max(0.0));
+        if argmax(bp) == argmax(lp) {
+            same_top += 1;
+        }
+    }
+    let mut sorted = klds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p99 = sorted[((sorted.len() as f64 * 0.99).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)];
+    Quality {
+        ppl: (nll / n as f64).exp(),
+        kld_mean: klds.iter().sum::<f64>() / n as f64,
+        kld_p99: p99,
+        top1_agreement: same_top as f64 / n as f64,
+    }
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0
+}
+
+/// KL rise when only layer L is quantized to `low`, for every layer: the
+/// importance the `adaptive` recipe ranks layers by.
+pub fn layer_importance(model_path: &Path, text: &str, ctx: usize, low: &str, threads: usize, scratch: &Path) -> Result<Vec<f64>> {
+    let mut base_model = LoadedModel::load_with(model_path, ctx, eval_sequences(ctx), threads)?;
+    let tokens = base_model.tokenize(text, base_model.adds_bos());
+    let base = score_positions(&mut base_model, &tokens, ctx)?;
+    let n_layers = base_model.facts().n_layer;
+    drop(base_model);
+    let mut scores = Vec::with_capacity(n_layers);
+    for layer in 0..n_layers {
+        let mut layer_types = vec!["f32".to_string(); n_layers];
+        layer_types[layer] = low.to_string();
+        let path = scratch.join(format!("importance-layer{layer}.gguf"));
+        quantize(model_path, &path, &low.to_ascii_uppercase(), &layer_types, Some("f32"), threads)?;
+        let mut model = LoadedModel::load_with(&path, ctx, eval_sequences(ctx), threads)?;
+        let candidate = score_positions(&mut model, &tokens, ctx)?;
+        scores.push(compare(&base, &candidate).kld_mean);
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(scores)
+}
+
+fn peak_rss_reset() {
+    // Writing 5 resets VmHWM (Linux >= 4.0); best effort elsewhere.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// llama-bench's tests: pp = one batch of `n` tokens from an empty cache;
+/// tg = `n` single-token decodes. Returns seconds per repetition.
+fn time_test(model: &mut LoadedModel, prompt: bool, n: usize, reps: u32) -> Result<Vec<f64>> {
+    let mut rng = kernels::weights::SplitMix64::new(7, n as u64);
+    let vocab = model.n_vocab() as u64;
+    let mut run = |model: &mut LoadedModel| -> Result<f64> {
+        let tokens: Vec<i32> = (0..n).map(|_| (rng.next_u64() % vocab) as i32).collect();
+        model.clear();
+        let started = Instant::now();
+        if prompt {
+            for (i, chunk) in tokens.chunks(model.n_ctx()).enumerate() {
+                model.decode(chunk, i * model.n_ctx(), false)?;
+            }
+        } else {
+            for (pos, &t) in tokens.iter().enumerate() {
+                model.decode(&[t], pos, false)?;
+            }
+        }
+        Ok(started.elapsed().as_secs_f64())
+    };
+    run(model)?; // warm-up, as llama-bench does
+    (0..reps).map(|_| run(model)).collect()
+}
+
+fn greedy(model: &mut LoadedModel, prompt: &str, n: usize) -> Result<String> {
+    let mut tokens = model.tokenize(prompt, model.adds_bos());
+    model.clear();
+    let mut logits = model.decode(&tokens, 0, false)?;
+    let mut text = String::new();
+    for _ in 0..n {
+        if tokens.len() >= model.n_ctx() {
+            break;
+        }
+        let next = argmax(&logits) as i32;
+        text.push_str(&model.token_text(next));
+        tokens.push(next);
+        logits = model.decode(&[next], tokens.len() - 1, false)?;
+    }
+    Ok(text)
+}
+
+pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Result<usize> {
+    let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
+    let text = std::fs::read_to_string(&job.text).with_context(|| format!("reading {}", job.text))?;
+    let max_threads = job.threads.iter().map(|t| t.resolve(probe.cores)).max().unwrap_or(1);
+    let mut base_model = LoadedModel::load_with(Path::new(&job.base.path), job.ctx, eval_sequences(job.ctx), max_threads)?;
+    let tokens = base_model.tokenize(&text, base_model.adds_bos());
+    let base = score_positions(&mut base_model, &tokens, job.ctx)?;
+    drop(base_model);
+    let mut stdout = std::io::stdout();
+    let total = job.recipes.len();
+    let _ = writeln!(stdout, "{}", ProgressEvent::Started { total, bandwidth_gbps: probe.read_bandwidth_gbps }.to_line());
+    let mut failed = 0;
+    for (index, recipe) in job.recipes.iter().enumerate() {
+        let cell_id = format!("{}/{}", job.model_name, recipe.recipe);
+        let _ = writeln!(stdout, "{}", ProgressEvent::CellStarted { index, cell_id: cell_id.clone() }.to_line());
+        let produced = measure_recipe(job, probe, recipe, &tokens, &base, max_threads);
+        let status = match produced {
+            Ok(recipe_rows) => {
+                for row in &recipe_rows {
+                    rows.append(row)?;
+                }
+                CellStatus::Ok
+            }
+            Err(e) => {
+                failed += 1;
+                rows.append(&failed_row(job, probe, recipe, &format!("{e:#}")))?;
+                CellStatus::Failed
+            }
+        };
+        let _ = writeln!(stdout, "{}", ProgressEvent::CellFinished { index, cell_id, status, median_ns: None }.to_line());
+        let _ = stdout.flush();
+    }
+    Ok(failed)
+}
+
+fn measure_recipe(job: &ModelJob, probe: &BoardProbe, recipe: &RecipeFile, tokens: &[i32], base: &Reference, max_threads: usize) -> Result<Vec<ModelRow>> {
+    peak_rss_reset();
+    let load_started = Instant::now();
+    let mut model = LoadedModel::load(Path::new(&recipe.path), job.ctx.max(job.n_prompt).max(job.n_gen + 1), max_threads)?;
+    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
+    let facts = model.facts();
+    // Quality needs a context of exactly `ctx` like the reference.
+    let mut eval_model = LoadedModel::load_with(Path::new(&recipe.path), job.ctx, eval_sequences(job.ctx), max_threads)?;
+    let quality = compare(base, &score_positions(&mut eval_model, tokens, job.ctx)?);
+    drop(eval_model);
+    let generated = greedy(&mut model, &job.prompt, job.generate_tokens)?;
+    let mut out = Vec::new();
+    for &threads in &job.threads {
+        let threads = threads.resolve(probe.cores);
+        model.set_threads(threads);
+        for (prompt, n) in [(true, job.n_prompt), (false, job.n_gen)] {
+            let seconds = time_test(&mut model, prompt, n, job.repetitions)?;
+            let ns: Vec<f64> = seconds.iter().map(|s| s * 1e9).collect();
+            let ts: Vec<f64> = seconds.iter().map(|s| n as f64 / s).collect();
+            let (ns, ts) = (Summary::of(&ns), Summary::of(&ts));
+            out.push(ModelRow {
+                status: CellStatus::Ok,
+                note: String::new(),
+                model_type: facts.description.clone(),
+                model_size: facts.size_bytes,
+                model_n_params: facts.n_params,
+                bits_per_weight: facts.size_bytes as f64 * 8.0 / facts.n_params.max(1) as f64,
+                n_threads: threads,
+                n_prompt: if prompt { n } else { 0 },
+                n_gen: if prompt { 0 } else { n },
+                test: format!("{}{n}", if prompt { "pp" } else { "tg" }),
+                avg_ns: ns.map(|s| s.mean),
+                stddev_ns: ns.map(|s| s.stddev),
+                avg_ts: ts.map(|s| s.mean),
+                stddev_ts: ts.map(|s| s.stddev),
+                load_ms: Some(load_ms),
+                peak_rss_bytes: peak_rss_bytes(),
+                ppl: Some(quality.ppl),
+                kld_mean: Some(quality.kld_mean),
+                kld_p99: Some(quality.kld_p99),
+                top1_agreement: Some(quality.top1_agreement),
+                repetition_score: Some(repetition_score(&generated)),
+                generated_text: generated.clone(),
+                ..failed_row(job, probe, recipe, "")
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn failed_row(job: &ModelJob, probe: &BoardProbe, recipe: &RecipeFile, note: &str) -> ModelRow {
+    ModelRow {
+        run_id: job.run_id.clone(),
+        board: job.board.clone(),
+        emulated: job.emulated,
+        agent_build: probe.agent_build.clone(),
+        git_commit: job.git_commit.clone(),
+        status: CellStatus::Failed,
+        note: note.to_string(),
+        model_filename: job.model_name.clone(),
+        recipe: recipe.recipe.clone(),
+        model_type: String::new(),
+        model_size: 0,
+        model_n_params: 0,
+        file_bytes: recipe.file_bytes,
+        bits_per_weight: 0.0,
+        fallbacks: recipe.fallbacks.join(";"),
+        n_threads: 0,
+        n_prompt: 0,
+        n_gen: 0,
+        test: String::new(),
+        avg_ns: None,
+        stddev_ns: None,
+        avg_ts: None,
+        stddev_ts: None,
+        load_ms: None,
+        peak_rss_bytes: None,
+        ppl: None,
+        kld_mean: None,
+        kld_p99: None,
+        top1_agreement: None,
+        generated_text: String::new(),
+        repetition_score: None,
+        finished_at: harness::utc_now_rfc3339(),
+    }
+}
