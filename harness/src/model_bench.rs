@@ -5,7 +5,10 @@
 use crate::bench::BenchError;
 use crate::build::{build_host_agent, file_hash, workspace_root, AgentBuild};
 use crate::config::{BenchConfig, ConfigError};
-use crate::models::{adaptive_assignment, check_model_file, is_uniform_recipe, ModelJob, ModelMatrixSpec, ModelRow, RecipeFile, MODEL_ROWS_FILE};
+use crate::models::{
+    adaptive_assignment, check_model_file, is_uniform_recipe, ModelJob, ModelMatrixSpec, ModelRow,
+    RecipeFile, MODEL_ROWS_FILE,
+};
 use crate::progress::ProgressEvent;
 use crate::results::{read_csv, write_json, ResultsError};
 use crate::run::{git_commit, new_run_id, HostInfo};
@@ -59,7 +62,11 @@ fn config_relative(config: &BenchConfig, path: &Path) -> PathBuf {
     if path.is_absolute() {
         return path.to_path_buf();
     }
-    let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = config
+        .source
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let joined = base.join(path);
     // Fall back to the workspace for the repository's own fixtures.
     if joined.exists() {
@@ -69,7 +76,12 @@ fn config_relative(config: &BenchConfig, path: &Path) -> PathBuf {
     }
 }
 
-pub fn run_model_bench(config: &BenchConfig, matrix: &str, target: &str, results_root: &Path) -> Result<ModelReport, BenchError> {
+pub fn run_model_bench(
+    config: &BenchConfig,
+    matrix: &str,
+    target: &str,
+    results_root: &Path,
+) -> Result<ModelReport, BenchError> {
     let spec = config
         .model_matrices
         .get(matrix)
@@ -84,13 +96,21 @@ pub fn run_model_bench(config: &BenchConfig, matrix: &str, target: &str, results
         ));
     }
     // Every input is checked before anything is built.
-    let models: Vec<PathBuf> = spec.models.iter().map(|m| config_relative(config, m)).collect();
+    let models: Vec<PathBuf> = spec
+        .models
+        .iter()
+        .map(|m| config_relative(config, m))
+        .collect();
     for model in &models {
         check_model_file(model).map_err(|m| invalid(config, matrix, m))?;
     }
     let text = config_relative(config, &spec.text);
     if !text.is_file() {
-        return Err(invalid(config, matrix, format!("text {} does not exist", text.display())));
+        return Err(invalid(
+            config,
+            matrix,
+            format!("text {} does not exist", text.display()),
+        ));
     }
     crate::setup::ensure(&[crate::setup::Need::HostBuild])?;
     let workspace = workspace_root();
@@ -105,22 +125,42 @@ pub fn run_model_bench(config: &BenchConfig, matrix: &str, target: &str, results
     }
     let run_dir = results_root.join(&run_id);
     let board_dir = run_dir.join("boards/local");
-    std::fs::create_dir_all(&board_dir).map_err(|source| ResultsError::Io { path: board_dir.clone(), source })?;
+    std::fs::create_dir_all(&board_dir).map_err(|source| ResultsError::Io {
+        path: board_dir.clone(),
+        source,
+    })?;
 
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut importance = Vec::new();
     let mut all_ok = true;
     for model in &models {
         let hash = file_hash(model)?;
         let cache = workspace.join("target/quantbench-models").join(&hash);
-        std::fs::create_dir_all(&cache).map_err(|source| ResultsError::Io { path: cache.clone(), source })?;
-        let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        std::fs::create_dir_all(&cache).map_err(|source| ResultsError::Io {
+            path: cache.clone(),
+            source,
+        })?;
+        let model_name = model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut recipes = Vec::new();
         for recipe in &spec.recipes {
             let (file, layer_importance) = if recipe == "adaptive" {
                 let scores = measure_importance(&agent, model, &text, &spec, &cache, threads)?;
                 let assignment = adaptive_assignment(&scores, &spec.adaptive);
-                let file = quantize_cached(&agent, model, &cache, "adaptive", &spec.adaptive.low, &assignment, Some(&spec.adaptive.high), threads)?;
+                let file = quantize_cached(
+                    &agent,
+                    model,
+                    &cache,
+                    "adaptive",
+                    &spec.adaptive.low,
+                    &assignment,
+                    Some(&spec.adaptive.high),
+                    threads,
+                )?;
                 let li = LayerImportance {
                     model: model_name.clone(),
                     method: format!(
@@ -135,7 +175,10 @@ pub fn run_model_bench(config: &BenchConfig, matrix: &str, target: &str, results
                 (file, Some(li))
             } else {
                 debug_assert!(is_uniform_recipe(recipe));
-                (quantize_cached(&agent, model, &cache, recipe, recipe, &[], None, threads)?, None)
+                (
+                    quantize_cached(&agent, model, &cache, recipe, recipe, &[], None, threads)?,
+                    None,
+                )
             };
             importance.extend(layer_importance);
             recipes.push(file);
@@ -177,15 +220,33 @@ pub fn run_model_bench(config: &BenchConfig, matrix: &str, target: &str, results
     write_json(&run_dir.join("run.json"), &manifest)?;
     write_json(&run_dir.join("importance.json"), &importance)?;
     let board_rows = board_dir.join(MODEL_ROWS_FILE);
-    let rows: Vec<ModelRow> = if board_rows.exists() { read_csv(&board_rows)? } else { Vec::new() };
-    std::fs::copy(&board_rows, run_dir.join(MODEL_ROWS_FILE)).map_err(|source| ResultsError::Io { path: board_rows.clone(), source })?;
+    let rows: Vec<ModelRow> = if board_rows.exists() {
+        read_csv(&board_rows)?
+    } else {
+        Vec::new()
+    };
+    std::fs::copy(&board_rows, run_dir.join(MODEL_ROWS_FILE)).map_err(|source| {
+        ResultsError::Io {
+            path: board_rows.clone(),
+            source,
+        }
+    })?;
     let summary_markdown = crate::summary::model_table(&rows);
-    std::fs::write(run_dir.join("summary.md"), format!("# quantbench model run {run_id}\n{summary_markdown}"))
-        .map_err(|source| ResultsError::Io { path: run_dir.join("summary.md"), source })?;
+    std::fs::write(
+        run_dir.join("summary.md"),
+        format!("# quantbench model run {run_id}\n{summary_markdown}"),
+    )
+    .map_err(|source| ResultsError::Io {
+        path: run_dir.join("summary.md"),
+        source,
+    })?;
     #[cfg(feature = "plot")]
     let plots = {
         let plot_dir = run_dir.join("plots");
-        std::fs::create_dir_all(&plot_dir).map_err(|source| ResultsError::Io { path: plot_dir.clone(), source })?;
+        std::fs::create_dir_all(&plot_dir).map_err(|source| ResultsError::Io {
+            path: plot_dir.clone(),
+            source,
+        })?;
         let ctx = crate::plot::PlotContext {
             date: manifest.started_at.clone(),
             commit: manifest.git_commit.clone(),
@@ -196,7 +257,10 @@ pub fn run_model_bench(config: &BenchConfig, matrix: &str, target: &str, results
     let plots = Vec::new();
     Ok(ModelReport {
         run_dir,
-        succeeded: all_ok && rows.iter().all(|r| r.status == crate::results::CellStatus::Ok),
+        succeeded: all_ok
+            && rows
+                .iter()
+                .all(|r| r.status == crate::results::CellStatus::Ok),
         rows,
         summary_markdown,
         plots,
@@ -212,7 +276,10 @@ fn agent_json(agent: &AgentBuild, args: &[String]) -> Result<serde_json::Value, 
         return Err(BenchError::Model(format!(
             "`quantbench-agent {}` failed: {}",
             args.first().map(String::as_str).unwrap_or(""),
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no message")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no message")
         )));
     }
     serde_json::from_slice(&out.stdout).map_err(|e| BenchError::Model(format!("agent output: {e}")))
@@ -235,7 +302,11 @@ fn quantize_cached(
     let key = if layer_types.is_empty() {
         recipe.to_string()
     } else {
-        format!("{recipe}-{}-{}", layer_types.join("_"), other_type.unwrap_or(""))
+        format!(
+            "{recipe}-{}-{}",
+            layer_types.join("_"),
+            other_type.unwrap_or("")
+        )
     };
     let path = cache.join(format!("{key}.gguf"));
     let meta_path = cache.join(format!("{key}.json"));
@@ -261,24 +332,46 @@ fn quantize_cached(
             args.push(other.to_string());
         }
         let meta = agent_json(agent, &args)?;
-        std::fs::rename(&temp, &path).map_err(|source| ResultsError::Io { path: path.clone(), source })?;
-        std::fs::write(&meta_path, meta.to_string()).map_err(|source| ResultsError::Io { path: meta_path.clone(), source })?;
+        std::fs::rename(&temp, &path).map_err(|source| ResultsError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&meta_path, meta.to_string()).map_err(|source| ResultsError::Io {
+            path: meta_path.clone(),
+            source,
+        })?;
     }
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap_or_default()).unwrap_or_default();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap_or_default())
+            .unwrap_or_default();
     Ok(RecipeFile {
         recipe: recipe.to_string(),
         path: path.display().to_string(),
         fallbacks: meta["fallbacks"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default(),
         file_bytes: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
     })
 }
 
-fn measure_importance(agent: &AgentBuild, model: &Path, text: &Path, spec: &ModelMatrixSpec, cache: &Path, threads: usize) -> Result<Vec<f64>, BenchError> {
+fn measure_importance(
+    agent: &AgentBuild,
+    model: &Path,
+    text: &Path,
+    spec: &ModelMatrixSpec,
+    cache: &Path,
+    threads: usize,
+) -> Result<Vec<f64>, BenchError> {
     let text_hash = file_hash(text)?;
-    let path = cache.join(format!("importance-{}-{}-{text_hash}.json", spec.adaptive.low, spec.ctx));
+    let path = cache.join(format!(
+        "importance-{}-{}-{text_hash}.json",
+        spec.adaptive.low, spec.ctx
+    ));
     if !path.exists() {
         let value = agent_json(
             agent,
@@ -298,14 +391,26 @@ fn measure_importance(agent: &AgentBuild, model: &Path, text: &Path, spec: &Mode
                 cache.join("scratch").display().to_string(),
             ],
         )?;
-        std::fs::write(&path, value.to_string()).map_err(|source| ResultsError::Io { path: path.clone(), source })?;
+        std::fs::write(&path, value.to_string()).map_err(|source| ResultsError::Io {
+            path: path.clone(),
+            source,
+        })?;
     }
-    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default()).unwrap_or_default();
-    Ok(value["scores"].as_array().map(|a| a.iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default())
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default())
+            .unwrap_or_default();
+    Ok(value["scores"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+        .unwrap_or_default())
 }
 
 /// Runs `model-run` with a progress bar; false when a recipe failed.
-fn run_model_job_local(agent: &AgentBuild, job: &ModelJob, board_dir: &Path) -> Result<bool, BenchError> {
+fn run_model_job_local(
+    agent: &AgentBuild,
+    job: &ModelJob,
+    board_dir: &Path,
+) -> Result<bool, BenchError> {
     let job_path = board_dir.join(format!("model-job-{}.json", job.model_name));
     write_json(&job_path, job)?;
     let log_path = board_dir.join("agent.log");
@@ -313,7 +418,10 @@ fn run_model_job_local(agent: &AgentBuild, job: &ModelJob, board_dir: &Path) -> 
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|source| ResultsError::Io { path: log_path.clone(), source })?;
+        .map_err(|source| ResultsError::Io {
+            path: log_path.clone(),
+            source,
+        })?;
     let mut child = Command::new(&agent.path)
         .arg("model-run")
         .arg("--job")
@@ -330,7 +438,9 @@ fn run_model_job_local(agent: &AgentBuild, job: &ModelJob, board_dir: &Path) -> 
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             match ProgressEvent::parse(&line) {
                 Some(ProgressEvent::CellStarted { cell_id, .. }) => bar.set_message(cell_id),
-                Some(ProgressEvent::CellFinished { index, .. }) => bar.set_position(index as u64 + 1),
+                Some(ProgressEvent::CellFinished { index, .. }) => {
+                    bar.set_position(index as u64 + 1)
+                }
                 _ => {}
             }
         }

@@ -132,10 +132,16 @@ impl ModelMatrixSpec {
         let a = &self.adaptive;
         for ty in [&a.high, &a.mid, &a.low] {
             if !is_uniform_recipe(ty) {
-                return Err(format!("adaptive type `{ty}` is not one of {}", UNIFORM_RECIPES.join(", ")));
+                return Err(format!(
+                    "adaptive type `{ty}` is not one of {}",
+                    UNIFORM_RECIPES.join(", ")
+                ));
             }
         }
-        if !(0.0..=1.0).contains(&(a.high_fraction + a.mid_fraction)) || a.high_fraction < 0.0 || a.mid_fraction < 0.0 {
+        if !(0.0..=1.0).contains(&(a.high_fraction + a.mid_fraction))
+            || a.high_fraction < 0.0
+            || a.mid_fraction < 0.0
+        {
             return Err("adaptive fractions must be >= 0 and sum to at most 1".into());
         }
         if self.ctx < 8 || self.repetitions == 0 {
@@ -176,9 +182,19 @@ pub fn check_model_file(path: &Path) -> Result<u64, String> {
     use std::io::Read;
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
-        .map_err(|_| format!("model {}: too short to be a GGUF file ({} bytes)", path.display(), meta.len()))?;
+        .map_err(|_| {
+            format!(
+                "model {}: too short to be a GGUF file ({} bytes)",
+                path.display(),
+                meta.len()
+            )
+        })?;
     if &magic != b"GGUF" {
-        return Err(format!("model {}: not a GGUF file (starts with {:?}, expected \"GGUF\")", path.display(), String::from_utf8_lossy(&magic)));
+        return Err(format!(
+            "model {}: not a GGUF file (starts with {:?}, expected \"GGUF\")",
+            path.display(),
+            String::from_utf8_lossy(&magic)
+        ));
     }
     Ok(meta.len())
 }
@@ -310,17 +326,19 @@ mod tests {
 
     #[test]
     fn recipes_and_model_files_are_checked() {
-        let spec: ModelMatrixSpec = toml::from_str(
-            "models=['m.gguf']\nrecipes=['q4_0','q9_9']\ntext='t.txt'\n",
-        )
-        .unwrap();
+        let spec: ModelMatrixSpec =
+            toml::from_str("models=['m.gguf']\nrecipes=['q4_0','q9_9']\ntext='t.txt'\n").unwrap();
         assert!(spec.validate().unwrap_err().contains("q9_9"));
         let dir = tempfile::tempdir().unwrap();
         let not_gguf = dir.path().join("x.gguf");
         std::fs::write(&not_gguf, b"PK\x03\x04zip").unwrap();
-        assert!(check_model_file(&not_gguf).unwrap_err().contains("not a GGUF file"));
+        assert!(check_model_file(&not_gguf)
+            .unwrap_err()
+            .contains("not a GGUF file"));
         std::fs::write(&not_gguf, b"GG").unwrap();
-        assert!(check_model_file(&not_gguf).unwrap_err().contains("too short"));
+        assert!(check_model_file(&not_gguf)
+            .unwrap_err()
+            .contains("too short"));
         assert!(check_model_file(&dir.path().join("missing.gguf")).is_err());
     }
 }

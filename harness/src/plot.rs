@@ -203,7 +203,10 @@ fn type_color(ty: &str) -> RGBColor {
         .position(|t| t.name().eq_ignore_ascii_case(ty))
         // Recipes that are not a single type (mixes, adaptive): a stable
         // colour from the name.
-        .unwrap_or_else(|| ty.bytes().fold(7usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)));
+        .unwrap_or_else(|| {
+            ty.bytes()
+                .fold(7usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        });
     color(index)
 }
 
@@ -558,48 +561,119 @@ pub fn draw_models(
     out_dir: &Path,
 ) -> Result<Vec<PathBuf>, PlotError> {
     register_font();
-    let ok: Vec<&crate::models::ModelRow> = rows.iter().filter(|r| r.status == CellStatus::Ok).collect();
+    let ok: Vec<&crate::models::ModelRow> =
+        rows.iter().filter(|r| r.status == CellStatus::Ok).collect();
     if ok.is_empty() {
         return Ok(Vec::new());
     }
     let max_threads = ok.iter().map(|r| r.n_threads).max().unwrap_or(1);
-    let tg: Vec<&&crate::models::ModelRow> = ok.iter().filter(|r| r.n_gen > 0 && r.n_threads == max_threads).collect();
-    let mut recipes: Vec<(String, f64)> = tg.iter().map(|r| (r.recipe.clone(), r.bits_per_weight)).collect::<BTreeMap<_, _>>().into_iter().collect();
+    let tg: Vec<&&crate::models::ModelRow> = ok
+        .iter()
+        .filter(|r| r.n_gen > 0 && r.n_threads == max_threads)
+        .collect();
+    let mut recipes: Vec<(String, f64)> = tg
+        .iter()
+        .map(|r| (r.recipe.clone(), r.bits_per_weight))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .collect();
     recipes.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let label = if ok.iter().any(|r| r.emulated) { "EMULATED: timings measure qemu" } else { "real hardware" };
-    let boards: Vec<String> = ok.iter().map(|r| r.board.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-    let header = format!("{} | {label} | {} | {}", boards.join(", "), ctx.date, ctx.commit);
+    let label = if ok.iter().any(|r| r.emulated) {
+        "EMULATED: timings measure qemu"
+    } else {
+        "real hardware"
+    };
+    let boards: Vec<String> = ok
+        .iter()
+        .map(|r| r.board.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let header = format!(
+        "{} | {label} | {} | {}",
+        boards.join(", "),
+        ctx.date,
+        ctx.commit
+    );
     let mut written = Vec::new();
-    let mut draw = |name: &str, title: &str, f: &dyn Fn(&DrawingArea<SVGBackend, Shift>) -> DrawResult, g: &dyn Fn(&DrawingArea<BitMapBackend, Shift>) -> DrawResult| -> Result<(), PlotError> {
+    let mut draw = |name: &str,
+                    title: &str,
+                    f: &dyn Fn(&DrawingArea<SVGBackend, Shift>) -> DrawResult,
+                    g: &dyn Fn(&DrawingArea<BitMapBackend, Shift>) -> DrawResult|
+     -> Result<(), PlotError> {
         let size = (900, 520);
         for ext in ["png", "svg"] {
             let path = out_dir.join(format!("{name}.{ext}"));
-            let err = |message: String| PlotError::Draw { path: path.clone(), message };
+            let err = |message: String| PlotError::Draw {
+                path: path.clone(),
+                message,
+            };
             if ext == "svg" {
                 let root = SVGBackend::new(&path, size).into_drawing_area();
                 let (top, body) = root.split_vertically(56);
-                titled(&root, &top, title, &header).and_then(|_| f(&body)).and_then(|_| root.present().map_err(|e| e.to_string())).map_err(err)?;
+                titled(&root, &top, title, &header)
+                    .and_then(|_| f(&body))
+                    .and_then(|_| root.present().map_err(|e| e.to_string()))
+                    .map_err(err)?;
             } else {
                 let root = BitMapBackend::new(&path, size).into_drawing_area();
                 let (top, body) = root.split_vertically(56);
-                titled(&root, &top, title, &header).and_then(|_| g(&body)).and_then(|_| root.present().map_err(|e| e.to_string())).map_err(err)?;
+                titled(&root, &top, title, &header)
+                    .and_then(|_| g(&body))
+                    .and_then(|_| root.present().map_err(|e| e.to_string()))
+                    .map_err(err)?;
             }
             written.push(path);
         }
         Ok(())
     };
-    let f32_ts: BTreeMap<String, f64> = tg.iter().filter(|r| r.recipe == "f32").filter_map(|r| Some((r.model_filename.clone(), r.avg_ts?))).collect();
+    let f32_ts: BTreeMap<String, f64> = tg
+        .iter()
+        .filter(|r| r.recipe == "f32")
+        .filter_map(|r| Some((r.model_filename.clone(), r.avg_ts?)))
+        .collect();
     let speedups: BTreeMap<(String, String), f64> = tg
         .iter()
-        .filter_map(|r| Some(((r.model_filename.clone(), r.recipe.clone()), r.avg_ts? / f32_ts.get(&r.model_filename)?)))
+        .filter_map(|r| {
+            Some((
+                (r.model_filename.clone(), r.recipe.clone()),
+                r.avg_ts? / f32_ts.get(&r.model_filename)?,
+            ))
+        })
         .collect();
-    let ms_per_token: BTreeMap<(String, String), f64> = tg.iter().filter_map(|r| Some(((r.model_filename.clone(), r.recipe.clone()), 1000.0 / r.avg_ts?))).collect();
+    let ms_per_token: BTreeMap<(String, String), f64> = tg
+        .iter()
+        .filter_map(|r| {
+            Some((
+                (r.model_filename.clone(), r.recipe.clone()),
+                1000.0 / r.avg_ts?,
+            ))
+        })
+        .collect();
     let title = format!("Generation speedup against f32 by recipe (tg, {max_threads} threads)");
     draw(
         "model_speedup_vs_f32",
         &title,
-        &|a| grouped_bars(a, "", "speedup (f32 time / recipe time)", &speedups, &recipes, Some((1.0, "f32 = 1".into()))),
-        &|a| grouped_bars(a, "", "speedup (f32 time / recipe time)", &speedups, &recipes, Some((1.0, "f32 = 1".into()))),
+        &|a| {
+            grouped_bars(
+                a,
+                "",
+                "speedup (f32 time / recipe time)",
+                &speedups,
+                &recipes,
+                Some((1.0, "f32 = 1".into())),
+            )
+        },
+        &|a| {
+            grouped_bars(
+                a,
+                "",
+                "speedup (f32 time / recipe time)",
+                &speedups,
+                &recipes,
+                Some((1.0, "f32 = 1".into())),
+            )
+        },
     )?;
     draw(
         "model_time_per_token",
@@ -611,7 +685,16 @@ pub fn draw_models(
         .iter()
         .filter_map(|r| {
             let kld = r.kld_mean.filter(|k| *k > 0.0)?;
-            Some((format!("{} {} ({:.0} t/s)", r.model_filename, r.recipe, r.avg_ts.unwrap_or(0.0)), r.bits_per_weight, kld.log10()))
+            Some((
+                format!(
+                    "{} {} ({:.0} t/s)",
+                    r.model_filename,
+                    r.recipe,
+                    r.avg_ts.unwrap_or(0.0)
+                ),
+                r.bits_per_weight,
+                kld.log10(),
+            ))
         })
         .collect();
     draw(
@@ -625,33 +708,93 @@ pub fn draw_models(
             .scores
             .iter()
             .enumerate()
-            .map(|(i, &v)| ((format!("blk.{i:02}"), li.assignment.get(i).cloned().unwrap_or_default()), v))
+            .map(|(i, &v)| {
+                (
+                    (
+                        format!("blk.{i:02}"),
+                        li.assignment.get(i).cloned().unwrap_or_default(),
+                    ),
+                    v,
+                )
+            })
             .collect();
-        let mut kinds: Vec<(String, f64)> = li.assignment.iter().map(|a| (a.clone(), 0.0)).collect::<BTreeMap<_, _>>().into_iter().collect();
+        let mut kinds: Vec<(String, f64)> = li
+            .assignment
+            .iter()
+            .map(|a| (a.clone(), 0.0))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
         kinds.sort_by(|a, b| a.0.cmp(&b.0));
-        let title = format!("Layer importance of {} (bar colour = type in `adaptive`)", li.model);
-        let name = format!("layer_importance_{}", li.model.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+        let title = format!(
+            "Layer importance of {} (bar colour = type in `adaptive`)",
+            li.model
+        );
+        let name = format!(
+            "layer_importance_{}",
+            li.model.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
         draw(
             &name,
             &title,
-            &|a| grouped_bars(a, "", "mean KLD when only this layer is low-bit", &values, &kinds, None),
-            &|a| grouped_bars(a, "", "mean KLD when only this layer is low-bit", &values, &kinds, None),
+            &|a| {
+                grouped_bars(
+                    a,
+                    "",
+                    "mean KLD when only this layer is low-bit",
+                    &values,
+                    &kinds,
+                    None,
+                )
+            },
+            &|a| {
+                grouped_bars(
+                    a,
+                    "",
+                    "mean KLD when only this layer is low-bit",
+                    &values,
+                    &kinds,
+                    None,
+                )
+            },
         )?;
     }
     Ok(written)
 }
 
-fn titled<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, top: &DrawingArea<DB, Shift>, title: &str, header: &str) -> DrawResult {
+fn titled<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    top: &DrawingArea<DB, Shift>,
+    title: &str,
+    header: &str,
+) -> DrawResult {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    top.draw_text(title, &("sans-serif", 20).into_font().color(&BLACK), (12, 6)).map_err(|e| e.to_string())?;
-    top.draw_text(header, &("sans-serif", 14).into_font().color(&BLACK), (12, 30)).map_err(|e| e.to_string())
+    top.draw_text(
+        title,
+        &("sans-serif", 20).into_font().color(&BLACK),
+        (12, 6),
+    )
+    .map_err(|e| e.to_string())?;
+    top.draw_text(
+        header,
+        &("sans-serif", 14).into_font().color(&BLACK),
+        (12, 30),
+    )
+    .map_err(|e| e.to_string())
 }
 
-fn scatter_log<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, points: &[(String, f64, f64)], x_desc: &str, y_desc: &str) -> DrawResult {
+fn scatter_log<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    points: &[(String, f64, f64)],
+    x_desc: &str,
+    y_desc: &str,
+) -> DrawResult {
     if points.is_empty() {
         return note(area, "", "no points");
     }
-    let (y_lo, y_hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));
+    let (y_lo, y_hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.2), hi.max(p.2))
+    });
     let x_max = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.3 + 1.0;
     let mut chart = ChartBuilder::on(area)
         .margin(12)
@@ -668,7 +811,9 @@ fn scatter_log<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, points: &[(Str
         .map_err(|e| e.to_string())?;
     chart
         .draw_series(points.iter().map(|(label, x, y)| {
-            EmptyElement::at((*x, *y)) + Circle::new((0, 0), 4, type_color(label).filled()) + Text::new(label.clone(), (6, -6), ("sans-serif", 11))
+            EmptyElement::at((*x, *y))
+                + Circle::new((0, 0), 4, type_color(label).filled())
+                + Text::new(label.clone(), (6, -6), ("sans-serif", 11))
         }))
         .map_err(|e| e.to_string())?;
     Ok(())

@@ -116,7 +116,13 @@ pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
     let max_threads = rows.iter().map(|r| r.n_threads).max().unwrap_or(0);
     let tg = |board: &str, model: &str, recipe: &str| {
         rows.iter()
-            .find(|r| r.board == board && r.model_filename == model && r.recipe == recipe && r.n_gen > 0 && r.n_threads == max_threads)
+            .find(|r| {
+                r.board == board
+                    && r.model_filename == model
+                    && r.recipe == recipe
+                    && r.n_gen > 0
+                    && r.n_threads == max_threads
+            })
             .and_then(|r| r.avg_ts)
     };
     let mut seen = std::collections::BTreeSet::new();
@@ -125,15 +131,30 @@ pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
             continue;
         }
         if r.status != CellStatus::Ok {
-            let _ = writeln!(out, "| {} | {} | {} | – | – | – | – | – | – | – | – | – | – | failed: {} |", r.board, r.model_filename, r.recipe, r.note.replace('|', "/"));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | – | – | – | – | – | – | – | – | – | – | failed: {} |",
+                r.board,
+                r.model_filename,
+                r.recipe,
+                r.note.replace('|', "/")
+            );
             continue;
         }
         let pp = rows
             .iter()
-            .find(|x| x.board == r.board && x.model_filename == r.model_filename && x.recipe == r.recipe && x.n_prompt > 0 && x.n_threads == max_threads)
+            .find(|x| {
+                x.board == r.board
+                    && x.model_filename == r.model_filename
+                    && x.recipe == r.recipe
+                    && x.n_prompt > 0
+                    && x.n_threads == max_threads
+            })
             .and_then(|x| x.avg_ts);
         let this_tg = tg(&r.board, &r.model_filename, &r.recipe);
-        let speedup = this_tg.zip(tg(&r.board, &r.model_filename, "f32")).map(|(a, b)| a / b);
+        let speedup = this_tg
+            .zip(tg(&r.board, &r.model_filename, "f32"))
+            .map(|(a, b)| a / b);
         let text: String = r.generated_text.chars().take(60).collect();
         let _ = writeln!(
             out,
@@ -151,7 +172,11 @@ pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
             fmt_opt(r.kld_mean, |v| format!("{v:.6}")),
             fmt_opt(r.top1_agreement, |v| format!("{:.2}%", v * 100.0)),
             fmt_opt(r.repetition_score, |v| format!("{v:.2}")),
-            if r.fallbacks.is_empty() { 0 } else { r.fallbacks.split(';').count() },
+            if r.fallbacks.is_empty() {
+                0
+            } else {
+                r.fallbacks.split(';').count()
+            },
             text.replace('|', "/").replace('\n', " "),
         );
     }

@@ -217,7 +217,12 @@ impl LoadedModel {
     /// of llama.cpp's default 512: how `llama-perplexity` evaluates (16
     /// chunks of 128 at once with its default batch of 2048), which fixes the
     /// matrix shapes and so the rounding of every result.
-    pub fn load_with(path: &Path, n_ctx: usize, n_seq: usize, threads: usize) -> Result<LoadedModel, ModelError> {
+    pub fn load_with(
+        path: &Path,
+        n_ctx: usize,
+        n_seq: usize,
+        threads: usize,
+    ) -> Result<LoadedModel, ModelError> {
         init_backend();
         let c = c_path(path)?;
         let load_err = || ModelError::Load {

@@ -105,9 +105,19 @@ fn main() -> Result<()> {
             threads,
         } => {
             let threads = if threads == 0 { num_cores() } else { threads };
-            let fallbacks = model_run::quantize(&input, &output, &ftype, &layer_types, other_type.as_deref(), threads)?;
+            let fallbacks = model_run::quantize(
+                &input,
+                &output,
+                &ftype,
+                &layer_types,
+                other_type.as_deref(),
+                threads,
+            )?;
             let file_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
-            println!("{}", serde_json::json!({ "fallbacks": fallbacks, "file_bytes": file_bytes }));
+            println!(
+                "{}",
+                serde_json::json!({ "fallbacks": fallbacks, "file_bytes": file_bytes })
+            );
         }
         Command::Importance {
             model,
@@ -117,19 +127,24 @@ fn main() -> Result<()> {
             threads,
             scratch,
         } => {
-            let text = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            let text = std::fs::read_to_string(&text)
+                .with_context(|| format!("reading {}", text.display()))?;
             std::fs::create_dir_all(&scratch)?;
             let scores = model_run::layer_importance(&model, &text, ctx, &low, threads, &scratch)?;
             println!("{}", serde_json::json!({ "scores": scores }));
         }
         Command::ModelRun { job, out_dir } => {
-            let job: harness::models::ModelJob = read_json(&job).context("reading the model job")?;
+            let job: harness::models::ModelJob =
+                read_json(&job).context("reading the model job")?;
             std::fs::create_dir_all(&out_dir)?;
             let probe = sysinfo::probe(false);
             write_json(&out_dir.join(PROBE_FILE), &probe)?;
             let failed = model_run::run_model_job(&job, &probe, &out_dir)?;
             if failed > 0 {
-                anyhow::bail!("{failed} of {} recipes failed (see models.csv)", job.recipes.len());
+                anyhow::bail!(
+                    "{failed} of {} recipes failed (see models.csv)",
+                    job.recipes.len()
+                );
             }
         }
         Command::Run { job, out_dir } => {
@@ -152,5 +167,7 @@ fn main() -> Result<()> {
 }
 
 fn num_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

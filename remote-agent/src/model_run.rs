@@ -51,7 +51,12 @@ pub fn quantize(
 /// own choices (e.g. a higher-precision output tensor). Norms and other 1-D
 /// tensors stay F32 by design and are not listed; mixes such as q4_k_m pick
 /// types per tensor, so they are not judged.
-fn fallbacks(output: &Path, ftype: &str, layer_types: &[String], other_type: Option<&str>) -> Result<Vec<String>> {
+fn fallbacks(
+    output: &Path,
+    ftype: &str,
+    layer_types: &[String],
+    other_type: Option<&str>,
+) -> Result<Vec<String>> {
     let mut out = Vec::new();
     if ftype.to_ascii_lowercase().contains("_k_") && layer_types.is_empty() {
         return Ok(out);
@@ -112,7 +117,11 @@ pub fn score_positions(model: &mut LoadedModel, tokens: &[i32], ctx: usize) -> R
         for (seq, &chunk) in group.iter().enumerate() {
             let start = chunk * ctx;
             for k in 0..ctx {
-                let token = if k == 0 && model.adds_bos() { model.bos() } else { tokens[start + k] };
+                let token = if k == 0 && model.adds_bos() {
+                    model.bos()
+                } else {
+                    tokens[start + k]
+                };
                 entries.push(BatchEntry {
                     token,
                     pos: k,
@@ -129,7 +138,9 @@ pub fn score_positions(model: &mut LoadedModel, tokens: &[i32], ctx: usize) -> R
             // Of the chunk's `per_chunk` outputs, the last has no next token.
             for j in 0..per_chunk - 1 {
                 let row = g * per_chunk + j;
-                reference.log_probs.push(log_softmax(&logits[row * n_vocab..(row + 1) * n_vocab]));
+                reference
+                    .log_probs
+                    .push(log_softmax(&logits[row * n_vocab..(row + 1) * n_vocab]));
                 reference.targets.push(tokens[start + first + j + 1]);
             }
         }
@@ -173,7 +184,9 @@ pub fn compare(base: &Reference, candidate: &Reference) -> Quality {
     }
     let mut sorted = klds.clone();
     sorted.sort_by(f64::total_cmp);
-    let p99 = sorted[((sorted.len() as f64 * 0.99).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)];
+    let p99 = sorted[((sorted.len() as f64 * 0.99).ceil() as usize)
+        .saturating_sub(1)
+        .min(sorted.len() - 1)];
     Quality {
         ppl: (nll / n as f64).exp(),
         kld_mean: klds.iter().sum::<f64>() / n as f64,
@@ -186,13 +199,23 @@ fn argmax(values: &[f32]) -> usize {
     values
         .iter()
         .enumerate()
-        .fold((0, f32::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .fold(
+            (0, f32::MIN),
+            |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+        )
         .0
 }
 
 /// KL rise when only layer L is quantized to `low`, for every layer: the
 /// importance the `adaptive` recipe ranks layers by.
-pub fn layer_importance(model_path: &Path, text: &str, ctx: usize, low: &str, threads: usize, scratch: &Path) -> Result<Vec<f64>> {
+pub fn layer_importance(
+    model_path: &Path,
+    text: &str,
+    ctx: usize,
+    low: &str,
+    threads: usize,
+    scratch: &Path,
+) -> Result<Vec<f64>> {
     let mut base_model = LoadedModel::load_with(model_path, ctx, eval_sequences(ctx), threads)?;
     let tokens = base_model.tokenize(text, base_model.adds_bos());
     let base = score_positions(&mut base_model, &tokens, ctx)?;
@@ -203,7 +226,14 @@ pub fn layer_importance(model_path: &Path, text: &str, ctx: usize, low: &str, th
         let mut layer_types = vec!["f32".to_string(); n_layers];
         layer_types[layer] = low.to_string();
         let path = scratch.join(format!("importance-layer{layer}.gguf"));
-        quantize(model_path, &path, &low.to_ascii_uppercase(), &layer_types, Some("f32"), threads)?;
+        quantize(
+            model_path,
+            &path,
+            &low.to_ascii_uppercase(),
+            &layer_types,
+            Some("f32"),
+            threads,
+        )?;
         let mut model = LoadedModel::load_with(&path, ctx, eval_sequences(ctx), threads)?;
         let candidate = score_positions(&mut model, &tokens, ctx)?;
         scores.push(compare(&base, &candidate).kld_mean);
@@ -272,19 +302,46 @@ fn greedy(model: &mut LoadedModel, prompt: &str, n: usize) -> Result<String> {
 
 pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Result<usize> {
     let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
-    let text = std::fs::read_to_string(&job.text).with_context(|| format!("reading {}", job.text))?;
-    let max_threads = job.threads.iter().map(|t| t.resolve(probe.cores)).max().unwrap_or(1);
-    let mut base_model = LoadedModel::load_with(Path::new(&job.base.path), job.ctx, eval_sequences(job.ctx), max_threads)?;
+    let text =
+        std::fs::read_to_string(&job.text).with_context(|| format!("reading {}", job.text))?;
+    let max_threads = job
+        .threads
+        .iter()
+        .map(|t| t.resolve(probe.cores))
+        .max()
+        .unwrap_or(1);
+    let mut base_model = LoadedModel::load_with(
+        Path::new(&job.base.path),
+        job.ctx,
+        eval_sequences(job.ctx),
+        max_threads,
+    )?;
     let tokens = base_model.tokenize(&text, base_model.adds_bos());
     let base = score_positions(&mut base_model, &tokens, job.ctx)?;
     drop(base_model);
     let mut stdout = std::io::stdout();
     let total = job.recipes.len();
-    let _ = writeln!(stdout, "{}", ProgressEvent::Started { total, bandwidth_gbps: probe.read_bandwidth_gbps }.to_line());
+    let _ = writeln!(
+        stdout,
+        "{}",
+        ProgressEvent::Started {
+            total,
+            bandwidth_gbps: probe.read_bandwidth_gbps
+        }
+        .to_line()
+    );
     let mut failed = 0;
     for (index, recipe) in job.recipes.iter().enumerate() {
         let cell_id = format!("{}/{}", job.model_name, recipe.recipe);
-        let _ = writeln!(stdout, "{}", ProgressEvent::CellStarted { index, cell_id: cell_id.clone() }.to_line());
+        let _ = writeln!(
+            stdout,
+            "{}",
+            ProgressEvent::CellStarted {
+                index,
+                cell_id: cell_id.clone()
+            }
+            .to_line()
+        );
         let produced = measure_recipe(job, probe, recipe, &tokens, &base, max_threads);
         let status = match produced {
             Ok(recipe_rows) => {
@@ -299,20 +356,46 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
                 CellStatus::Failed
             }
         };
-        let _ = writeln!(stdout, "{}", ProgressEvent::CellFinished { index, cell_id, status, median_ns: None }.to_line());
+        let _ = writeln!(
+            stdout,
+            "{}",
+            ProgressEvent::CellFinished {
+                index,
+                cell_id,
+                status,
+                median_ns: None
+            }
+            .to_line()
+        );
         let _ = stdout.flush();
     }
     Ok(failed)
 }
 
-fn measure_recipe(job: &ModelJob, probe: &BoardProbe, recipe: &RecipeFile, tokens: &[i32], base: &Reference, max_threads: usize) -> Result<Vec<ModelRow>> {
+fn measure_recipe(
+    job: &ModelJob,
+    probe: &BoardProbe,
+    recipe: &RecipeFile,
+    tokens: &[i32],
+    base: &Reference,
+    max_threads: usize,
+) -> Result<Vec<ModelRow>> {
     peak_rss_reset();
     let load_started = Instant::now();
-    let mut model = LoadedModel::load(Path::new(&recipe.path), job.ctx.max(job.n_prompt).max(job.n_gen + 1), max_threads)?;
+    let mut model = LoadedModel::load(
+        Path::new(&recipe.path),
+        job.ctx.max(job.n_prompt).max(job.n_gen + 1),
+        max_threads,
+    )?;
     let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
     let facts = model.facts();
     // Quality needs a context of exactly `ctx` like the reference.
-    let mut eval_model = LoadedModel::load_with(Path::new(&recipe.path), job.ctx, eval_sequences(job.ctx), max_threads)?;
+    let mut eval_model = LoadedModel::load_with(
+        Path::new(&recipe.path),
+        job.ctx,
+        eval_sequences(job.ctx),
+        max_threads,
+    )?;
     let quality = compare(base, &score_positions(&mut eval_model, tokens, job.ctx)?);
     drop(eval_model);
     let generated = greedy(&mut model, &job.prompt, job.generate_tokens)?;

@@ -118,15 +118,20 @@ fn run() -> Result<ExitCode> {
             if loaded.model_matrices.contains_key(&matrix) {
                 // Model matrices run on the host itself for now.
                 let target = target.unwrap_or_else(|| "local".into());
-                let report = harness::model_bench::run_model_bench(&loaded, &matrix, &target, &results)
-                    .with_context(|| format!("model matrix `{matrix}` on `{target}`"))?;
+                let report =
+                    harness::model_bench::run_model_bench(&loaded, &matrix, &target, &results)
+                        .with_context(|| format!("model matrix `{matrix}` on `{target}`"))?;
                 println!("{}", report.summary_markdown);
                 println!(
                     "results: {} ({} plots; models.csv has every row)",
                     report.run_dir.display(),
                     report.plots.len()
                 );
-                return Ok(if report.succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                return Ok(if report.succeeded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
             }
             let report = run_bench(&BenchOptions {
                 config_path: config,

@@ -1,0 +1,153 @@
+//! The model matrix end to end on `local`: the fixture model (a real
+//! llama-architecture GGUF) quantized by llama.cpp, measured by the agent.
+
+use harness::models::ModelRow;
+use harness::results::{read_csv, CellStatus};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn xtask(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("xtask runs")
+}
+
+fn fixture(name: &str) -> String {
+    harness::build::workspace_root()
+        .join("fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn config(models: &[String], recipes: &str) -> String {
+    format!(
+        "[model_matrices.m]\nmodels = {models:?}\nrecipes = [{recipes}]\ntext = {:?}\nctx = 128\nprompt = \"Once upon a time\"\ngenerate_tokens = 24\nn_prompt = 32\nn_gen = 8\nrepetitions = 2\n",
+        fixture("stories-eval.txt")
+    )
+}
+
+#[test]
+fn model_quick_gives_rows_quality_text_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(
+            &[fixture("stories260K.gguf")],
+            "\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"",
+        ),
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::fs::read_dir(dir.path().join("results"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    let by = |recipe: &str, test: &str| {
+        rows.iter()
+            .find(|r| r.recipe == recipe && r.test == test)
+            .unwrap_or_else(|| panic!("{recipe} {test}"))
+    };
+    for recipe in ["f32", "q8_0", "q4_0", "adaptive"] {
+        for test in ["pp32", "tg8"] {
+            let r = by(recipe, test);
+            assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+            assert!(r.avg_ts.unwrap() > 0.0 && r.model_size > 0);
+            assert!(r.generated_text.len() > 10, "generated text kept: {r:?}");
+        }
+    }
+    // Stock llama.cpp's figures for this model and text (fixtures/README.md).
+    let f32 = by("f32", "tg8");
+    assert!(
+        (f32.ppl.unwrap() - 4.0022).abs() / 4.0022 < 0.01,
+        "{:?}",
+        f32.ppl
+    );
+    let q8 = by("q8_0", "tg8");
+    let q4 = by("q4_0", "tg8");
+    assert!(
+        (q8.ppl.unwrap() - 4.0048).abs() / 4.0048 < 0.01,
+        "{:?}",
+        q8.ppl
+    );
+    assert!(
+        (q4.ppl.unwrap() - 4.3343).abs() / 4.3343 < 0.01,
+        "{:?}",
+        q4.ppl
+    );
+    assert!(
+        (q8.kld_mean.unwrap() - 0.000807).abs() / 0.000807 < 0.05,
+        "{:?}",
+        q8.kld_mean
+    );
+    assert!(
+        (q4.kld_mean.unwrap() - 0.0855).abs() / 0.0855 < 0.05,
+        "{:?}",
+        q4.kld_mean
+    );
+    assert!(q8.kld_mean.unwrap() < q4.kld_mean.unwrap());
+    // llama.cpp's quantizer falls back for the ffn_down tensors (K = 172).
+    assert_eq!(q8.fallbacks.split(';').count(), 5, "{}", q8.fallbacks);
+    assert!(
+        q8.fallbacks.contains("blk.0.ffn_down.weight:q8_0->"),
+        "{}",
+        q8.fallbacks
+    );
+    let importance = std::fs::read_to_string(run.join("importance.json")).unwrap();
+    assert!(importance.contains("\"scores\"") && importance.contains("\"assignment\""));
+    for plot in [
+        "model_speedup_vs_f32",
+        "model_time_per_token",
+        "model_kld_vs_bits",
+        "layer_importance_stories260K_gguf",
+    ] {
+        assert!(
+            run.join("plots").join(format!("{plot}.png")).exists(),
+            "{plot}"
+        );
+    }
+}
+
+#[test]
+fn bad_model_files_fail_before_any_work_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, b"GG").unwrap();
+    let not_gguf = dir.path().join("notes.gguf");
+    std::fs::write(&not_gguf, b"hello, not a model").unwrap();
+    for (model, expected) in [
+        (
+            dir.path().join("missing.gguf").display().to_string(),
+            "No such file",
+        ),
+        (truncated.display().to_string(), "too short"),
+        (not_gguf.display().to_string(), "not a GGUF file"),
+    ] {
+        std::fs::write(
+            dir.path().join("bench.toml"),
+            config(&[model.clone()], "\"q4_0\""),
+        )
+        .unwrap();
+        let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].contains(expected) && lines[0].contains(&model),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("results").exists(), "nothing ran");
+    }
+}
