@@ -12,6 +12,8 @@
 use crate::boards::RemoteBoard;
 use crate::build::{AgentBuild, AGENT_BIN};
 use crate::matrix::JobSpec;
+use crate::models::{ModelJob, MODEL_ROWS_FILE};
+use crate::probe::BoardProbe;
 use crate::progress::ProgressEvent;
 use crate::results::{KERNEL_ROWS_FILE, PROBE_FILE, SAMPLES_FILE};
 use crate::run::{BoardRunner, RunError};
@@ -102,21 +104,14 @@ impl SshRunner {
         Ok(())
     }
 
-    fn run_dir(&self, job: &JobSpec) -> String {
-        format!("{}/runs/{}", self.board.work_dir, job.run_id)
+    fn run_dir(&self, run_id: &str) -> String {
+        format!("{}/runs/{}", self.board.work_dir, run_id)
     }
 
-    /// Starts the agent detached; returns immediately.
-    fn start(&self, conn: &Connection, job: &JobSpec) -> Result<(), RunError> {
-        let dir = self.run_dir(job);
-        conn.exec_ok(&command_line(&["mkdir", "-p", &dir]))
-            .map_err(board_err)?;
-        let job_json =
-            serde_json::to_vec_pretty(job).map_err(|e| RunError::Board(e.to_string()))?;
-        conn.write_file(&format!("{dir}/job.json"), &job_json)
-            .map_err(board_err)?;
-        // Relative work dirs are relative to the login's home, but the
-        // command runs inside the run directory.
+    /// The agent as the board's shell should invoke it (runner included).
+    fn agent_command(&self) -> String {
+        // Relative work dirs are relative to the login's home, but commands
+        // may run elsewhere.
         let agent = self.agent_path();
         let agent_expr = if agent.starts_with('/') {
             shell_quote(&agent)
@@ -125,9 +120,30 @@ impl SshRunner {
         };
         let mut argv: Vec<String> = self.board.runner.iter().map(|r| shell_quote(r)).collect();
         argv.push(agent_expr);
+        argv.join(" ")
+    }
+
+    /// Writes `job` as job.json in the run directory and starts
+    /// `agent <subcommand> --job job.json --out-dir .` detached; returns
+    /// immediately.
+    fn start<T: serde::Serialize>(
+        &self,
+        conn: &Connection,
+        run_id: &str,
+        subcommand: &str,
+        job: &T,
+    ) -> Result<(), RunError> {
+        let dir = self.run_dir(run_id);
+        conn.exec_ok(&command_line(&["mkdir", "-p", &dir]))
+            .map_err(board_err)?;
+        let job_json =
+            serde_json::to_vec_pretty(job).map_err(|e| RunError::Board(e.to_string()))?;
+        conn.write_file(&format!("{dir}/job.json"), &job_json)
+            .map_err(board_err)?;
         let inner = format!(
-            "{} run --job job.json --out-dir . > progress.jsonl 2> agent.log < /dev/null; echo $? > exit_code",
-            argv.join(" ")
+            "{} {} --job job.json --out-dir . > progress.jsonl 2> agent.log < /dev/null; echo $? > exit_code",
+            self.agent_command(),
+            shell_quote(subcommand)
         );
         let command = format!(
             "cd {} && rm -f exit_code && (setsid nohup sh -c {} > /dev/null 2>&1 < /dev/null & echo $! > pid)",
@@ -142,12 +158,12 @@ impl SshRunner {
     /// connection. Returns the agent's exit code.
     fn follow(
         &self,
-        job: &JobSpec,
+        run_id: &str,
         mut conn: Connection,
         on_event: &mut dyn FnMut(&ProgressEvent),
         last_started: &mut Option<String>,
     ) -> Result<(Connection, i32), RunError> {
-        let dir = self.run_dir(job);
+        let dir = self.run_dir(run_id);
         let mut offset = 0u64;
         let mut pending = String::new();
         loop {
@@ -222,11 +238,12 @@ impl SshRunner {
         }
     }
 
-    fn collect(&self, conn: &Connection, job: &JobSpec, board_dir: &Path) -> Result<(), RunError> {
-        let dir = self.run_dir(job);
+    fn collect(&self, conn: &Connection, run_id: &str, board_dir: &Path) -> Result<(), RunError> {
+        let dir = self.run_dir(run_id);
         for file in [
             KERNEL_ROWS_FILE,
             SAMPLES_FILE,
+            MODEL_ROWS_FILE,
             PROBE_FILE,
             "agent.log",
             "progress.jsonl",
@@ -245,30 +262,31 @@ fn board_err(e: TransportError) -> RunError {
     RunError::Board(e.to_string())
 }
 
-impl BoardRunner for SshRunner {
-    fn board(&self) -> &str {
-        &self.board.name
-    }
-
-    fn uploaded_bytes(&self) -> u64 {
-        self.uploaded_bytes.load(Ordering::Relaxed)
-    }
-
-    fn run(
-        &mut self,
-        job: &JobSpec,
-        board_dir: &Path,
-        on_event: &mut dyn FnMut(&ProgressEvent),
-    ) -> Result<(), RunError> {
-        crate::results::write_json(&board_dir.join("job.json"), job)?;
+impl SshRunner {
+    /// Connects, checks the board can run the agent, deploys it.
+    fn prepare(&self) -> Result<Connection, RunError> {
         let conn = Connection::open(&self.endpoint()).map_err(board_err)?;
         self.check_architecture(&conn)?;
         self.deploy_agent(&conn)?;
-        self.start(&conn, job)?;
+        Ok(conn)
+    }
+
+    /// Starts `subcommand` on `job`, follows it, collects its files; maps a
+    /// failed exit to the reason, naming the cell it died in.
+    fn run_detached<T: serde::Serialize>(
+        &self,
+        conn: Connection,
+        run_id: &str,
+        subcommand: &str,
+        job: &T,
+        board_dir: &Path,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        self.start(&conn, run_id, subcommand, job)?;
         let mut last_started = None;
-        let (conn, exit_code) = self.follow(job, conn, on_event, &mut last_started)?;
+        let (conn, exit_code) = self.follow(run_id, conn, on_event, &mut last_started)?;
         // Collect whatever the agent finished, success or not.
-        self.collect(&conn, job, board_dir)?;
+        self.collect(&conn, run_id, board_dir)?;
         if exit_code == 0 {
             return Ok(());
         }
@@ -288,5 +306,126 @@ impl BoardRunner for SshRunner {
             Some(cell) => RunError::AgentDied { cell, reason },
             None => RunError::AgentFailed(reason),
         })
+    }
+
+    /// The board's description from the deployed agent (no bandwidth run).
+    fn remote_probe(&self, conn: &Connection) -> Result<BoardProbe, RunError> {
+        let out = conn
+            .exec_ok(&format!("{} probe", self.agent_command()))
+            .map_err(board_err)?;
+        serde_json::from_str(&out).map_err(|e| {
+            RunError::Board(format!("board {}: unreadable probe: {e}", self.board.name))
+        })
+    }
+
+    /// Uploads `local` to `<work_dir>/models/<hash>.<ext>` unless there,
+    /// never leaving a partial file under the final name; returns the
+    /// remote path.
+    fn upload_content_addressed(
+        &self,
+        conn: &Connection,
+        local: &Path,
+    ) -> Result<String, RunError> {
+        let hash = crate::build::file_hash(local).map_err(|e| RunError::Board(e.to_string()))?;
+        let ext = local.extension().and_then(|e| e.to_str()).unwrap_or("bin");
+        let dir = format!("{}/models", self.board.work_dir);
+        let remote = format!("{dir}/{hash}.{ext}");
+        if conn.exists(&remote).map_err(board_err)? {
+            (self.log)(format!(
+                "{}: {} already on the board",
+                self.board.name,
+                local.display()
+            ));
+            return Ok(remote);
+        }
+        conn.exec_ok(&command_line(&["mkdir", "-p", &dir]))
+            .map_err(board_err)?;
+        let size = std::fs::metadata(local).map(|m| m.len()).unwrap_or(0);
+        let bar = indicatif::ProgressBar::new(size);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>10} upload {bytes}/{total_bytes} {wide_msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(self.board.name.clone());
+        bar.set_message(local.display().to_string());
+        let sent = conn
+            .upload(local, &remote, 0o644, &mut |n| bar.set_position(n))
+            .map_err(board_err)?;
+        bar.finish_and_clear();
+        self.uploaded_bytes.fetch_add(sent, Ordering::Relaxed);
+        (self.log)(format!(
+            "{}: uploaded {} ({:.1} MB)",
+            self.board.name,
+            local.display(),
+            sent as f64 / 1e6
+        ));
+        Ok(remote)
+    }
+
+    /// Runs a model job on the board: checks the largest recipe fits the
+    /// board's memory before uploading anything, uploads models and text
+    /// content-addressed, runs `model-run` detached, collects `models.csv`.
+    pub fn run_model_job(
+        &mut self,
+        job: &ModelJob,
+        board_dir: &Path,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        crate::results::write_json(
+            &board_dir.join(format!("model-job-{}.json", job.model_name)),
+            job,
+        )?;
+        let conn = self.prepare()?;
+        let probe = self.remote_probe(&conn)?;
+        // The agent loads the base alone, then each recipe twice (a timing
+        // context and an evaluation context) with mmap sharing the weights;
+        // count both copies to stay on the safe side, plus 20%.
+        let largest = job.recipes.iter().map(|r| r.file_bytes).max().unwrap_or(0);
+        let needed = (2 * largest).max(job.base.file_bytes) as f64 * 1.2;
+        if probe.memory_bytes > 0 && needed > probe.memory_bytes as f64 {
+            return Err(RunError::Board(format!(
+                "board {}: model {} needs about {:.1} GB (twice the largest recipe + 20%) but the board has {:.1} GB of memory; use a smaller model or fewer high-precision recipes",
+                self.board.name,
+                job.model_name,
+                needed / 1e9,
+                probe.memory_bytes as f64 / 1e9
+            )));
+        }
+        let mut remote_job = job.clone();
+        remote_job.base.path = self.upload_content_addressed(&conn, Path::new(&job.base.path))?;
+        for recipe in &mut remote_job.recipes {
+            recipe.path = self.upload_content_addressed(&conn, Path::new(&recipe.path))?;
+        }
+        remote_job.text = self.upload_content_addressed(&conn, Path::new(&job.text))?;
+        let run_id = format!(
+            "{}-{}",
+            job.run_id,
+            job.model_name
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
+        self.run_detached(conn, &run_id, "model-run", &remote_job, board_dir, on_event)
+    }
+}
+
+impl BoardRunner for SshRunner {
+    fn board(&self) -> &str {
+        &self.board.name
+    }
+
+    fn uploaded_bytes(&self) -> u64 {
+        self.uploaded_bytes.load(Ordering::Relaxed)
+    }
+
+    fn run(
+        &mut self,
+        job: &JobSpec,
+        board_dir: &Path,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        crate::results::write_json(&board_dir.join("job.json"), job)?;
+        let conn = self.prepare()?;
+        self.run_detached(conn, &job.run_id, "run", job, board_dir, on_event)
     }
 }

@@ -2,20 +2,28 @@
 //! the host (cached by model hash and recipe), layer importance measured for
 //! `adaptive`, the agent's `model-run`, rows in `models.csv`, plots.
 
-use crate::bench::BenchError;
-use crate::build::{build_host_agent, file_hash, workspace_root, AgentBuild};
+use crate::bench::{known_boards, BenchError};
+use crate::boards::{resolve_targets, ResolvedBoard, SshConfig};
+use crate::build::{
+    build_board_agent, build_host_agent, file_hash, workspace_root, AgentBuild, Builder,
+};
 use crate::config::{BenchConfig, ConfigError};
+use crate::deploy::SshRunner;
 use crate::models::{
     adaptive_assignment, check_model_file, is_uniform_recipe, ModelJob, ModelMatrixSpec, ModelRow,
     RecipeFile, MODEL_ROWS_FILE,
 };
 use crate::progress::ProgressEvent;
+use crate::results::CsvAppender;
 use crate::results::{read_csv, write_json, ResultsError};
 use crate::run::{git_commit, new_run_id, HostInfo};
+use crate::setup::Need;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 /// Per-layer importance of one model, stored with the run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,11 +84,15 @@ fn config_relative(config: &BenchConfig, path: &Path) -> PathBuf {
     }
 }
 
+/// Runs a model matrix on `target` (`None`: the embedded default, one
+/// emulated Pi 5). Quantization always happens on the host.
 pub fn run_model_bench(
     config: &BenchConfig,
     matrix: &str,
-    target: &str,
+    target: Option<&str>,
     results_root: &Path,
+    builder: Builder,
+    accept_new_host_key: bool,
 ) -> Result<ModelReport, BenchError> {
     let spec = config
         .model_matrices
@@ -88,13 +100,6 @@ pub fn run_model_bench(
         .ok_or_else(|| invalid(config, matrix, "no such model matrix".into()))?
         .clone();
     spec.validate().map_err(|m| invalid(config, matrix, m))?;
-    if target != "local" {
-        return Err(invalid(
-            config,
-            matrix,
-            format!("model matrices run on `--target local` in this version, not `{target}` (remote boards are the kernel matrix's for now)"),
-        ));
-    }
     // Every input is checked before anything is built.
     let models: Vec<PathBuf> = spec
         .models
@@ -112,9 +117,40 @@ pub fn run_model_bench(
             format!("text {} does not exist", text.display()),
         ));
     }
-    crate::setup::ensure(&[crate::setup::Need::HostBuild])?;
     let workspace = workspace_root();
+    let target = match target {
+        Some(t) => t.to_string(),
+        None => {
+            if !crate::testbed::is_up(&workspace, 1) {
+                eprintln!("no --target: bringing up one emulated Pi 5 (cargo xtask testbed up --boards 1)");
+                crate::testbed::up(&workspace, 1)?;
+            }
+            crate::testbed::board_name(1)
+        }
+    };
+    let boards = resolve_targets(
+        &target,
+        &known_boards(config, &workspace)?,
+        &SshConfig::load_default(),
+    )?;
+    let mut needs = vec![Need::HostBuild];
+    if boards.iter().any(|b| matches!(b, ResolvedBoard::Remote(_))) {
+        needs.push(Need::CrossBuild);
+    }
+    crate::setup::ensure(&needs)?;
+    // The host agent quantizes and measures importance whatever the target.
     let agent = build_host_agent(&workspace)?;
+    let mut board_agents: BTreeMap<&'static str, AgentBuild> = BTreeMap::new();
+    for board in &boards {
+        if let ResolvedBoard::Remote(r) = board {
+            if !board_agents.contains_key(r.profile.name()) {
+                board_agents.insert(
+                    r.profile.name(),
+                    build_board_agent(&workspace, r.profile, builder)?,
+                );
+            }
+        }
+    }
     let commit = git_commit(&workspace);
     let mut run_id = new_run_id(&commit);
     for attempt in 2.. {
@@ -124,11 +160,11 @@ pub fn run_model_bench(
         run_id = format!("{}-{attempt}", new_run_id(&commit));
     }
     let run_dir = results_root.join(&run_id);
-    let board_dir = run_dir.join("boards/local");
-    std::fs::create_dir_all(&board_dir).map_err(|source| ResultsError::Io {
-        path: board_dir.clone(),
+    std::fs::create_dir_all(&run_dir).map_err(|source| ResultsError::Io {
+        path: run_dir.clone(),
         source,
     })?;
+    let log: Arc<dyn Fn(String) + Send + Sync> = Arc::new(|line: String| eprintln!("{line}"));
 
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -183,9 +219,9 @@ pub fn run_model_bench(
             importance.extend(layer_importance);
             recipes.push(file);
         }
-        let job = ModelJob {
+        let template = ModelJob {
             run_id: run_id.clone(),
-            board: "local".into(),
+            board: String::new(),
             emulated: false,
             git_commit: commit.clone(),
             model_name,
@@ -205,7 +241,46 @@ pub fn run_model_bench(
             n_gen: spec.n_gen,
             repetitions: spec.repetitions,
         };
-        all_ok &= run_model_job_local(&agent, &job, &board_dir)?;
+        for board in &boards {
+            let board_dir = run_dir.join("boards").join(board.name());
+            std::fs::create_dir_all(&board_dir).map_err(|source| ResultsError::Io {
+                path: board_dir.clone(),
+                source,
+            })?;
+            let mut job = template.clone();
+            job.board = board.name().to_string();
+            let result = match board {
+                ResolvedBoard::Local => run_model_job_local(&agent, &job, &board_dir),
+                ResolvedBoard::Remote(r) => {
+                    job.emulated = r.emulated;
+                    let mut runner = SshRunner {
+                        board: r.clone(),
+                        agent: board_agents[r.profile.name()].clone(),
+                        accept_new_host_key,
+                        uploaded_bytes: Default::default(),
+                        log: log.clone(),
+                    };
+                    let bar = indicatif::ProgressBar::new(job.recipes.len() as u64);
+                    bar.set_prefix(r.name.clone());
+                    let outcome = runner
+                        .run_model_job(&job, &board_dir, &mut |event| {
+                            if let ProgressEvent::CellFinished { index, .. } = event {
+                                bar.set_position(*index as u64 + 1);
+                            }
+                        })
+                        .map_err(|e| e.to_string());
+                    bar.finish_and_clear();
+                    outcome
+                }
+            };
+            if let Err(reason) = result {
+                // The board's finished rows stay; every recipe it did not
+                // finish gets a failed row with the reason.
+                all_ok = false;
+                eprintln!("board {} failed: {reason}", board.name());
+                complete_model_rows(&job, &board_dir, &reason)?;
+            }
+        }
     }
     let manifest = ModelRunManifest {
         run_id: run_id.clone(),
@@ -219,18 +294,20 @@ pub fn run_model_bench(
     };
     write_json(&run_dir.join("run.json"), &manifest)?;
     write_json(&run_dir.join("importance.json"), &importance)?;
-    let board_rows = board_dir.join(MODEL_ROWS_FILE);
-    let rows: Vec<ModelRow> = if board_rows.exists() {
-        read_csv(&board_rows)?
-    } else {
-        Vec::new()
-    };
-    std::fs::copy(&board_rows, run_dir.join(MODEL_ROWS_FILE)).map_err(|source| {
-        ResultsError::Io {
-            path: board_rows.clone(),
-            source,
+    let mut rows: Vec<ModelRow> = Vec::new();
+    let mut merged = CsvAppender::<ModelRow>::open(&run_dir.join(MODEL_ROWS_FILE))?;
+    for board in &boards {
+        let board_rows = run_dir
+            .join("boards")
+            .join(board.name())
+            .join(MODEL_ROWS_FILE);
+        if board_rows.exists() {
+            for row in read_csv::<ModelRow>(&board_rows)? {
+                merged.append(&row)?;
+                rows.push(row);
+            }
         }
-    })?;
+    }
     let summary_markdown = crate::summary::model_table(&rows);
     std::fs::write(
         run_dir.join("summary.md"),
@@ -405,23 +482,36 @@ fn measure_importance(
         .unwrap_or_default())
 }
 
-/// Runs `model-run` with a progress bar; false when a recipe failed.
-fn run_model_job_local(
-    agent: &AgentBuild,
-    job: &ModelJob,
-    board_dir: &Path,
-) -> Result<bool, BenchError> {
+/// Adds a failed row for every recipe of `job` without one on this board.
+fn complete_model_rows(job: &ModelJob, board_dir: &Path, reason: &str) -> Result<(), BenchError> {
+    let path = board_dir.join(MODEL_ROWS_FILE);
+    let done: Vec<ModelRow> = if path.exists() {
+        read_csv(&path)?
+    } else {
+        Vec::new()
+    };
+    let mut out = CsvAppender::<ModelRow>::open(&path)?;
+    for recipe in &job.recipes {
+        if !done
+            .iter()
+            .any(|r| r.recipe == recipe.recipe && r.model_filename == job.model_name)
+        {
+            out.append(&ModelRow::failed(job, recipe, "", reason))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `model-run` on this machine with a progress bar.
+fn run_model_job_local(agent: &AgentBuild, job: &ModelJob, board_dir: &Path) -> Result<(), String> {
     let job_path = board_dir.join(format!("model-job-{}.json", job.model_name));
-    write_json(&job_path, job)?;
+    write_json(&job_path, job).map_err(|e| e.to_string())?;
     let log_path = board_dir.join("agent.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|source| ResultsError::Io {
-            path: log_path.clone(),
-            source,
-        })?;
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let mut child = Command::new(&agent.path)
         .arg("model-run")
         .arg("--job")
@@ -431,7 +521,7 @@ fn run_model_job_local(
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
-        .map_err(|e| BenchError::Model(format!("starting the agent: {e}")))?;
+        .map_err(|e| format!("starting the agent: {e}"))?;
     let bar = indicatif::ProgressBar::new(job.recipes.len() as u64);
     bar.set_prefix(job.model_name.clone());
     if let Some(stdout) = child.stdout.take() {
@@ -446,6 +536,13 @@ fn run_model_job_local(
         }
     }
     bar.finish_and_clear();
-    let status = child.wait().map_err(|e| BenchError::Model(e.to_string()))?;
-    Ok(status.success())
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the agent's model-run exited with {status} (see {})",
+            log_path.display()
+        ))
+    }
 }

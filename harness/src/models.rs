@@ -288,6 +288,46 @@ pub struct ModelRow {
     pub finished_at: String,
 }
 
+impl ModelRow {
+    /// A row for a recipe that produced no measurement, with the reason.
+    pub fn failed(job: &ModelJob, recipe: &RecipeFile, agent_build: &str, note: &str) -> ModelRow {
+        ModelRow {
+            run_id: job.run_id.clone(),
+            board: job.board.clone(),
+            emulated: job.emulated,
+            agent_build: agent_build.to_string(),
+            git_commit: job.git_commit.clone(),
+            status: crate::results::CellStatus::Failed,
+            note: note.to_string(),
+            model_filename: job.model_name.clone(),
+            recipe: recipe.recipe.clone(),
+            model_type: String::new(),
+            model_size: 0,
+            model_n_params: 0,
+            file_bytes: recipe.file_bytes,
+            bits_per_weight: 0.0,
+            fallbacks: recipe.fallbacks.join(";"),
+            n_threads: 0,
+            n_prompt: 0,
+            n_gen: 0,
+            test: String::new(),
+            avg_ns: None,
+            stddev_ns: None,
+            avg_ts: None,
+            stddev_ts: None,
+            load_ms: None,
+            peak_rss_bytes: None,
+            ppl: None,
+            kld_mean: None,
+            kld_p99: None,
+            top1_agreement: None,
+            generated_text: String::new(),
+            repetition_score: None,
+            finished_at: crate::utc_now_rfc3339(),
+        }
+    }
+}
+
 /// Share of word trigrams that repeat an earlier one: 0 for varied text,
 /// close to 1 for "in in in in ...".
 pub fn repetition_score(text: &str) -> f64 {

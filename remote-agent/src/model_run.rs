@@ -439,38 +439,5 @@ fn measure_recipe(
 }
 
 fn failed_row(job: &ModelJob, probe: &BoardProbe, recipe: &RecipeFile, note: &str) -> ModelRow {
-    ModelRow {
-        run_id: job.run_id.clone(),
-        board: job.board.clone(),
-        emulated: job.emulated,
-        agent_build: probe.agent_build.clone(),
-        git_commit: job.git_commit.clone(),
-        status: CellStatus::Failed,
-        note: note.to_string(),
-        model_filename: job.model_name.clone(),
-        recipe: recipe.recipe.clone(),
-        model_type: String::new(),
-        model_size: 0,
-        model_n_params: 0,
-        file_bytes: recipe.file_bytes,
-        bits_per_weight: 0.0,
-        fallbacks: recipe.fallbacks.join(";"),
-        n_threads: 0,
-        n_prompt: 0,
-        n_gen: 0,
-        test: String::new(),
-        avg_ns: None,
-        stddev_ns: None,
-        avg_ts: None,
-        stddev_ts: None,
-        load_ms: None,
-        peak_rss_bytes: None,
-        ppl: None,
-        kld_mean: None,
-        kld_p99: None,
-        top1_agreement: None,
-        generated_text: String::new(),
-        repetition_score: None,
-        finished_at: harness::utc_now_rfc3339(),
-    }
+    ModelRow::failed(job, recipe, &probe.agent_build, note)
 }

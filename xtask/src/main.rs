@@ -116,11 +116,20 @@ fn run() -> Result<ExitCode> {
         } => {
             let loaded = harness::config::BenchConfig::load(&config)?;
             if loaded.model_matrices.contains_key(&matrix) {
-                // Model matrices run on the host itself for now.
-                let target = target.unwrap_or_else(|| "local".into());
-                let report =
-                    harness::model_bench::run_model_bench(&loaded, &matrix, &target, &results)
-                        .with_context(|| format!("model matrix `{matrix}` on `{target}`"))?;
+                let report = harness::model_bench::run_model_bench(
+                    &loaded,
+                    &matrix,
+                    target.as_deref(),
+                    &results,
+                    parse_builder(&builder)?,
+                    accept_new_host_key,
+                )
+                .with_context(|| {
+                    format!(
+                        "model matrix `{matrix}` on `{}`",
+                        target.as_deref().unwrap_or("the default emulated Pi 5")
+                    )
+                })?;
                 println!("{}", report.summary_markdown);
                 println!(
                     "results: {} ({} plots; models.csv has every row)",
