@@ -159,11 +159,9 @@ pub fn run_model_bench(
         }
         run_id = format!("{}-{attempt}", new_run_id(&commit));
     }
+    // Created when the first board runs: a recipe the model cannot take
+    // fails during quantization, before any results (or uploads) exist.
     let run_dir = results_root.join(&run_id);
-    std::fs::create_dir_all(&run_dir).map_err(|source| ResultsError::Io {
-        path: run_dir.clone(),
-        source,
-    })?;
     let log: Arc<dyn Fn(String) + Send + Sync> = Arc::new(|line: String| eprintln!("{line}"));
 
     let threads = std::thread::available_parallelism()
@@ -350,13 +348,16 @@ fn agent_json(agent: &AgentBuild, args: &[String]) -> Result<serde_json::Value, 
         .output()
         .map_err(|e| BenchError::Model(format!("running {}: {e}", agent.path.display())))?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // anyhow's message, not a backtrace line, when RUST_BACKTRACE is set.
+        let message = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("Error: "))
+            .or_else(|| stderr.lines().last())
+            .unwrap_or("no message");
         return Err(BenchError::Model(format!(
-            "`quantbench-agent {}` failed: {}",
-            args.first().map(String::as_str).unwrap_or(""),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("no message")
+            "`quantbench-agent {}` failed: {message}",
+            args.first().map(String::as_str).unwrap_or("")
         )));
     }
     serde_json::from_slice(&out.stdout).map_err(|e| BenchError::Model(format!("agent output: {e}")))

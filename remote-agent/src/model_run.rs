@@ -43,7 +43,41 @@ pub fn quantize(
             threads,
         },
     )?;
+    if layer_types.is_empty() {
+        check_recipe_applied(output, ftype)?;
+    }
     fallbacks(output, ftype, layer_types, other_type)
+}
+
+/// A uniform recipe the model's shapes cannot take (every matrix fell back
+/// to another type, e.g. K-quants on a model whose rows are not multiples of
+/// 256) is an error, not a silently different model.
+fn check_recipe_applied(output: &Path, ftype: &str) -> Result<()> {
+    let ftype = ftype.to_ascii_lowercase();
+    if matches!(ftype.as_str(), "f32" | "f16" | "bf16") {
+        return Ok(());
+    }
+    // q4_k_m -> "q4_k" family "_k"; q8_0 -> "q8_0".
+    let family = if ftype.contains("_k") {
+        "_k".to_string()
+    } else {
+        ftype.clone()
+    };
+    let matrices: Vec<(String, String)> = gguf_tensor_types(output)?
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".weight") && !name.contains("norm"))
+        .collect();
+    let applied = matrices
+        .iter()
+        .any(|(_, ty)| ty.to_ascii_lowercase().contains(&family));
+    if !applied && !matrices.is_empty() {
+        let _ = std::fs::remove_file(output);
+        bail!(
+            "recipe `{ftype}` cannot be applied to this model: none of its {} matrices can be stored in it (every one fell back to another type; K-quants need rows that are a multiple of 256 elements)",
+            matrices.len()
+        );
+    }
+    Ok(())
 }
 
 /// Tensors of `output` stored in another type than the recipe named:

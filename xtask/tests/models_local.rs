@@ -151,3 +151,28 @@ fn bad_model_files_fail_before_any_work_with_one_line() {
         assert!(!dir.path().join("results").exists(), "nothing ran");
     }
 }
+
+#[test]
+fn recipe_the_model_cannot_take_is_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(&[fixture("stories260K.gguf")], "\"q8_0\", \"q4_k_m\""),
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    assert!(!out.status.success());
+    // The agent build ran first (cargo may print to stderr); the error is one line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("recipe `q4_k_m` cannot be applied")
+            && errors[0].contains("multiple of 256"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("results").exists(),
+        "nothing measured, nothing uploaded"
+    );
+}

@@ -414,3 +414,53 @@ fn missing_cross_toolchain_gets_one_clear_error_with_the_install_command() {
         "{stderr}"
     );
 }
+
+#[test]
+fn model_matrix_runs_on_an_emulated_board() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let fixtures = workspace_root().join("fixtures");
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[model_matrices.mq]\nmodels = [{:?}]\nrecipes = [\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"]\ntext = {:?}\ngenerate_tokens = 12\nn_prompt = 16\nn_gen = 4\nrepetitions = 1\n",
+        fixtures.join("stories260K.gguf").display().to_string(),
+        fixtures.join("stories-eval.txt").display().to_string()
+    ));
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let out = bench(dir.path(), "sim1", "mq");
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: Vec<harness::models::ModelRow> =
+        read_csv(&only_run_dir(dir.path()).join("models.csv")).unwrap();
+    for recipe in ["f32", "q8_0", "q4_0", "adaptive"] {
+        let r = rows
+            .iter()
+            .find(|r| r.recipe == recipe && r.n_gen > 0)
+            .unwrap_or_else(|| panic!("{recipe}"));
+        assert!(
+            r.emulated && r.board == "sim1" && r.status == CellStatus::Ok,
+            "{r:?}"
+        );
+        assert!(!r.generated_text.is_empty());
+    }
+    let kld = |recipe: &str| {
+        rows.iter()
+            .find(|r| r.recipe == recipe)
+            .and_then(|r| r.kld_mean)
+            .unwrap()
+    };
+    assert!(kld("q8_0") < kld("q4_0"));
+    // Models are content-addressed on the board: a second run uploads none.
+    let again = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("bench.toml"),
+        again.path().join("bench.toml"),
+    )
+    .unwrap();
+    let out = bench(again.path(), "sim1", "mq");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("sim1: uploaded"),
+        "{}",
+        text(&out)
+    );
+}
