@@ -399,6 +399,9 @@ impl SshRunner {
             recipe.path = self.upload_content_addressed(&conn, Path::new(&recipe.path))?;
         }
         remote_job.text = self.upload_content_addressed(&conn, Path::new(&job.text))?;
+        if let Some(mc) = &job.multiple_choice {
+            remote_job.multiple_choice = Some(self.upload_content_addressed(&conn, Path::new(mc))?);
+        }
         let run_id = format!(
             "{}-{}",
             job.run_id,

@@ -117,6 +117,13 @@ pub fn run_model_bench(
             format!("text {} does not exist", text.display()),
         ));
     }
+    let mc_file = spec
+        .multiple_choice
+        .as_ref()
+        .map(|p| config_relative(config, p));
+    if let Some(mc) = &mc_file {
+        crate::models::read_choice_tasks(mc).map_err(|m| invalid(config, matrix, m))?;
+    }
     let workspace = workspace_root();
     let target = match target {
         Some(t) => t.to_string(),
@@ -238,6 +245,7 @@ pub fn run_model_bench(
             n_prompt: spec.n_prompt,
             n_gen: spec.n_gen,
             repetitions: spec.repetitions,
+            multiple_choice: mc_file.as_ref().map(|p| p.display().to_string()),
         };
         for board in &boards {
             let board_dir = run_dir.join("boards").join(board.name());

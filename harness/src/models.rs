@@ -50,6 +50,11 @@ pub struct ModelMatrixSpec {
     pub repetitions: u32,
     #[serde(default)]
     pub adaptive: AdaptiveParams,
+    /// Multiple-choice tasks, JSONL in the HellaSwag layout: one object per
+    /// line with `ctx`, `endings` (list of strings) and `label` (index of
+    /// the right ending, number or string). Scored by log-likelihood.
+    #[serde(default)]
+    pub multiple_choice: Option<PathBuf>,
 }
 
 /// `adaptive`: layers ranked by measured importance; the most important
@@ -230,6 +235,59 @@ pub struct ModelJob {
     pub n_prompt: usize,
     pub n_gen: usize,
     pub repetitions: u32,
+    /// Multiple-choice JSONL on the machine that runs the agent.
+    #[serde(default)]
+    pub multiple_choice: Option<String>,
+}
+
+/// One multiple-choice task in the HellaSwag layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceTask {
+    pub ctx: String,
+    pub endings: Vec<String>,
+    #[serde(deserialize_with = "label_number")]
+    pub label: usize,
+}
+
+fn label_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Label {
+        Number(usize),
+        Text(String),
+    }
+    match Label::deserialize(d)? {
+        Label::Number(n) => Ok(n),
+        Label::Text(t) => t.trim().parse().map_err(serde::de::Error::custom),
+    }
+}
+
+/// Reads HellaSwag-layout JSONL; errors name the line.
+pub fn read_choice_tasks(path: &Path) -> Result<Vec<ChoiceTask>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut tasks = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let task: ChoiceTask = serde_json::from_str(line)
+            .map_err(|e| format!("{} line {}: not a HellaSwag task ({e}); expected {{\"ctx\": ..., \"endings\": [...], \"label\": n}}", path.display(), i + 1))?;
+        if task.label >= task.endings.len() {
+            return Err(format!(
+                "{} line {}: label {} but only {} endings",
+                path.display(),
+                i + 1,
+                task.label,
+                task.endings.len()
+            ));
+        }
+        tasks.push(task);
+    }
+    if tasks.is_empty() {
+        return Err(format!("{}: no tasks", path.display()));
+    }
+    Ok(tasks)
 }
 
 /// One row of `models.csv`: a model x recipe x threads x test (pp or tg).
@@ -281,6 +339,9 @@ pub struct ModelRow {
     pub kld_p99: Option<f64>,
     /// Share of positions where the top token equals the base model's.
     pub top1_agreement: Option<f64>,
+    /// Multiple-choice accuracy (share of tasks whose most likely ending,
+    /// by mean token log-likelihood, is the labelled one); empty without tasks.
+    pub mc_accuracy: Option<f64>,
     /// Greedy continuation of the prompt, verbatim.
     pub generated_text: String,
     /// Share of repeated word 3-grams in the continuation (0 = none).
@@ -321,6 +382,7 @@ impl ModelRow {
             kld_mean: None,
             kld_p99: None,
             top1_agreement: None,
+            mc_accuracy: None,
             generated_text: String::new(),
             repetition_score: None,
             finished_at: crate::utc_now_rfc3339(),
@@ -362,6 +424,26 @@ mod tests {
     fn repetition_score_flags_degenerate_text() {
         assert_eq!(repetition_score("once upon a time there was a girl"), 0.0);
         assert!(repetition_score("in in in in in in in in in in") > 0.8);
+    }
+
+    #[test]
+    fn choice_tasks_accept_string_labels_and_name_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mc.jsonl");
+        std::fs::write(
+            &path,
+            "{\"ctx\":\"a\",\"endings\":[\"b\",\"c\"],\"label\":\"1\"}\n\n",
+        )
+        .unwrap();
+        assert_eq!(read_choice_tasks(&path).unwrap()[0].label, 1);
+        std::fs::write(
+            &path,
+            "{\"ctx\":\"a\",\"endings\":[\"b\"],\"label\":0}\n{\"ctx\":1}\n",
+        )
+        .unwrap();
+        assert!(read_choice_tasks(&path).unwrap_err().contains("line 2"));
+        std::fs::write(&path, "{\"ctx\":\"a\",\"endings\":[\"b\"],\"label\":3}\n").unwrap();
+        assert!(read_choice_tasks(&path).unwrap_err().contains("label 3"));
     }
 
     #[test]

@@ -111,7 +111,7 @@ pub fn cell_table(rows: &[KernelRow]) -> String {
 /// measured, with llama-bench's pp/tg figures and the quality columns.
 pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
     let mut out = String::from(
-        "\n| board | model | recipe | bits/weight | size MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | repetition | fallbacks | generated text |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "\n| board | model | recipe | bits/weight | size MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | MC acc | repetition | fallbacks | generated text |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     let max_threads = rows.iter().map(|r| r.n_threads).max().unwrap_or(0);
     let tg = |board: &str, model: &str, recipe: &str| {
@@ -133,7 +133,7 @@ pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
         if r.status != CellStatus::Ok {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | – | – | – | – | – | – | – | – | – | – | failed: {} |",
+                "| {} | {} | {} | – | – | – | – | – | – | – | – | – | – | – | failed: {} |",
                 r.board,
                 r.model_filename,
                 r.recipe,
@@ -158,7 +158,7 @@ pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
         let text: String = r.generated_text.chars().take(60).collect();
         let _ = writeln!(
             out,
-            "| {}{} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {}{} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.board,
             if r.emulated { " (emu)" } else { "" },
             r.model_filename,
@@ -171,6 +171,7 @@ pub fn model_table(rows: &[crate::models::ModelRow]) -> String {
             fmt_opt(r.ppl, |v| format!("{v:.4}")),
             fmt_opt(r.kld_mean, |v| format!("{v:.6}")),
             fmt_opt(r.top1_agreement, |v| format!("{:.2}%", v * 100.0)),
+            fmt_opt(r.mc_accuracy, |v| format!("{:.0}%", v * 100.0)),
             fmt_opt(r.repetition_score, |v| format!("{v:.2}")),
             if r.fallbacks.is_empty() {
                 0

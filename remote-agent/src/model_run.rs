@@ -334,6 +334,48 @@ fn greedy(model: &mut LoadedModel, prompt: &str, n: usize) -> Result<String> {
     Ok(text)
 }
 
+/// Accuracy on HellaSwag-layout tasks, scored as llama.cpp's perplexity
+/// tool scores HellaSwag: each ending's mean log-probability given the
+/// context; the most likely ending is the model's answer.
+fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64> {
+    let tasks = harness::models::read_choice_tasks(path).map_err(anyhow::Error::msg)?;
+    let mut correct = 0usize;
+    for task in &tasks {
+        let context = model.tokenize(&task.ctx, model.adds_bos());
+        let mut best = (f64::MIN, 0usize);
+        for (choice, ending) in task.endings.iter().enumerate() {
+            let full = model.tokenize(&format!("{} {}", task.ctx, ending.trim()), model.adds_bos());
+            // Tokenization may merge across the boundary; score whatever
+            // follows the shared prefix.
+            let shared = context
+                .iter()
+                .zip(&full)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .max(1);
+            if full.len() <= shared || full.len() > model.n_ctx() {
+                continue;
+            }
+            model.clear();
+            let logits = model.decode(&full, 0, true)?;
+            let n_vocab = model.n_vocab();
+            let mut sum = 0.0;
+            for i in shared..full.len() {
+                let row = log_softmax(&logits[(i - 1) * n_vocab..i * n_vocab]);
+                sum += row[full[i] as usize] as f64;
+            }
+            let mean = sum / (full.len() - shared) as f64;
+            if mean > best.0 {
+                best = (mean, choice);
+            }
+        }
+        if best.1 == task.label {
+            correct += 1;
+        }
+    }
+    Ok(correct as f64 / tasks.len() as f64)
+}
+
 pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Result<usize> {
     let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
     let text =
@@ -433,6 +475,10 @@ fn measure_recipe(
     let quality = compare(base, &score_positions(&mut eval_model, tokens, job.ctx)?);
     drop(eval_model);
     let generated = greedy(&mut model, &job.prompt, job.generate_tokens)?;
+    let mc_accuracy = match &job.multiple_choice {
+        Some(path) => Some(multiple_choice_accuracy(&mut model, Path::new(path))?),
+        None => None,
+    };
     let mut out = Vec::new();
     for &threads in &job.threads {
         let threads = threads.resolve(probe.cores);
@@ -463,6 +509,7 @@ fn measure_recipe(
                 kld_mean: Some(quality.kld_mean),
                 kld_p99: Some(quality.kld_p99),
                 top1_agreement: Some(quality.top1_agreement),
+                mc_accuracy,
                 repetition_score: Some(repetition_score(&generated)),
                 generated_text: generated.clone(),
                 ..failed_row(job, probe, recipe, "")

@@ -24,8 +24,9 @@ fn fixture(name: &str) -> String {
 
 fn config(models: &[String], recipes: &str) -> String {
     format!(
-        "[model_matrices.m]\nmodels = {models:?}\nrecipes = [{recipes}]\ntext = {:?}\nctx = 128\nprompt = \"Once upon a time\"\ngenerate_tokens = 24\nn_prompt = 32\nn_gen = 8\nrepetitions = 2\n",
-        fixture("stories-eval.txt")
+        "[model_matrices.m]\nmodels = {models:?}\nrecipes = [{recipes}]\ntext = {:?}\nctx = 128\nprompt = \"Once upon a time\"\ngenerate_tokens = 24\nn_prompt = 32\nn_gen = 8\nrepetitions = 2\nmultiple_choice = {:?}\n",
+        fixture("stories-eval.txt"),
+        fixture("stories-choice.jsonl")
     )
 }
 
@@ -97,6 +98,13 @@ fn model_quick_gives_rows_quality_text_and_plots() {
         q4.kld_mean
     );
     assert!(q8.kld_mean.unwrap() < q4.kld_mean.unwrap());
+    // The hand-made tasks are easy for a story model; a scorer that always
+    // picked one position would get at most 2 of 6.
+    assert!(
+        f32.mc_accuracy.unwrap() >= 5.0 / 6.0,
+        "{:?}",
+        f32.mc_accuracy
+    );
     // llama.cpp's quantizer falls back for the ffn_down tensors (K = 172).
     assert_eq!(q8.fallbacks.split(';').count(), 5, "{}", q8.fallbacks);
     assert!(
