@@ -131,7 +131,7 @@ impl GgmlType {
     /// Why this type cannot store rows of `cols` elements, if it cannot.
     pub fn unsupported_reason(self, cols: usize) -> Option<String> {
         let block = self.block_size();
-        (cols % block != 0).then(|| {
+        (!cols.is_multiple_of(block)).then(|| {
             format!(
                 "{self} stores {block}-element blocks and K={cols} is not a multiple of {block}"
             )

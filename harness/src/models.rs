@@ -407,6 +407,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn model_columns_are_documented_in_the_readme() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MODEL_ROWS_FILE);
+        let job: ModelJob = serde_json::from_str(
+            r#"{"run_id":"r","board":"b","emulated":false,"git_commit":"c","model_name":"m",
+            "base":{"recipe":"original","path":"p","fallbacks":[],"file_bytes":1},
+            "recipes":[],"threads":["all"],"text":"t","ctx":128,"prompt":"p",
+            "generate_tokens":1,"n_prompt":1,"n_gen":1,"repetitions":1}"#,
+        )
+        .unwrap();
+        let row = ModelRow::failed(&job, &job.base, "h", "n");
+        crate::results::CsvAppender::open(&path)
+            .unwrap()
+            .append(&row)
+            .unwrap();
+        let back: Vec<ModelRow> = crate::results::read_csv(&path).unwrap();
+        assert_eq!(back, vec![row]);
+        let header = std::fs::read_to_string(&path).unwrap();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        for column in header.lines().next().unwrap().split(',') {
+            assert!(
+                readme.contains(&format!("| `{column}` |")),
+                "models.csv column `{column}` undocumented"
+            );
+        }
+    }
+
+    #[test]
     fn adaptive_assigns_fractions_by_rank() {
         let params = AdaptiveParams::default();
         // 10 layers, importance = layer index: 9,8,7 high; 6,5,4 mid; rest low.

@@ -130,7 +130,7 @@ pub fn quantize_model(
         let mut params = sys::llama_model_quantize_default_params();
         params.ftype = ftype;
         params.nthread = request.threads as i32;
-        if request.overrides.len() > 0 {
+        if !request.overrides.is_empty() {
             params.tt_overrides = overrides.as_ptr();
         }
         sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)

@@ -144,7 +144,7 @@ fn bad_model_files_fail_before_any_work_with_one_line() {
     ] {
         std::fs::write(
             dir.path().join("bench.toml"),
-            config(&[model.clone()], "\"q4_0\""),
+            config(std::slice::from_ref(&model), "\"q4_0\""),
         )
         .unwrap();
         let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);

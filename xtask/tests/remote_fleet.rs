@@ -59,8 +59,11 @@ fn sim_board(index: usize) -> toml::Value {
     file["boards"][format!("sim{index}")].clone()
 }
 
+/// Changes a copy of sim1's board config into a test board.
+type BoardTweak<'a> = &'a dyn Fn(&mut toml::value::Table);
+
 /// A bench.toml with the micro matrices and extra boards derived from sim1.
-fn config_dir(extra_boards: &[(&str, &dyn Fn(&mut toml::value::Table))]) -> tempfile::TempDir {
+fn config_dir(extra_boards: &[(&str, BoardTweak)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut text = MICRO.to_string();
     for (name, tweak) in extra_boards {
