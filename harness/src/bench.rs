@@ -77,16 +77,7 @@ pub fn run_bench(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     // Validate the matrix before any build so a typo fails in milliseconds.
     config.matrix(&options.matrix)?;
     let workspace = workspace_root();
-    let target = match &options.target {
-        Some(t) => t.clone(),
-        None => {
-            if !crate::testbed::is_up(&workspace, 1) {
-                eprintln!("no --target: bringing up one emulated Pi 5 (cargo xtask testbed up --boards 1)");
-                crate::testbed::up(&workspace, 1)?;
-            }
-            crate::testbed::board_name(1)
-        }
-    };
+    let target = target_or_default(options.target.as_deref(), &workspace)?;
     let boards_file = known_boards(&config, &workspace)?;
     let boards = resolve_targets(&target, &boards_file, &SshConfig::load_default())?;
     let any_remote = boards.iter().any(|b| matches!(b, ResolvedBoard::Remote(_)));
@@ -98,13 +89,7 @@ pub fn run_bench(options: &BenchOptions) -> Result<BenchReport, BenchError> {
 
     let commit = git_commit(&workspace);
     // Two runs in the same second must not share a directory.
-    let mut run_id = new_run_id(&commit);
-    for attempt in 2.. {
-        if !options.results_root.join(&run_id).exists() {
-            break;
-        }
-        run_id = format!("{}-{attempt}", new_run_id(&commit));
-    }
+    let run_id = unique_run_id(&options.results_root, &commit);
     let mut builds: Vec<BuildRecord> = Vec::new();
     let mut agents: BTreeMap<String, AgentBuild> = BTreeMap::new();
     for board in &boards {
@@ -278,15 +263,7 @@ fn render(
     })?;
     #[cfg(feature = "plot")]
     let plots = {
-        let plot_dir = run_dir.join("plots");
-        std::fs::create_dir_all(&plot_dir).map_err(|source| ResultsError::Io {
-            path: plot_dir.clone(),
-            source,
-        })?;
-        let ctx = crate::plot::PlotContext {
-            date: manifest.started_at.clone(),
-            commit: manifest.git_commit.clone(),
-        };
+        let (plot_dir, ctx) = plot_dir(run_dir, &manifest.started_at, &manifest.git_commit)?;
         match crate::plot::draw_all(rows, &ctx, &plot_dir) {
             Ok(files) => files,
             // A run where nothing could be measured still has its CSV and summary.
@@ -297,4 +274,49 @@ fn render(
     #[cfg(not(feature = "plot"))]
     let plots = Vec::new();
     Ok((types, plots))
+}
+
+/// `--target`, or the embedded default: one emulated Pi 5 on this machine
+/// (brought up when it is not), board `sim1`.
+pub fn target_or_default(target: Option<&str>, workspace: &Path) -> Result<String, BenchError> {
+    if let Some(t) = target {
+        return Ok(t.to_string());
+    }
+    if !crate::testbed::is_up(workspace, 1) {
+        eprintln!("no --target: bringing up one emulated Pi 5 (cargo xtask testbed up --boards 1)");
+        crate::testbed::up(workspace, 1)?;
+    }
+    Ok(crate::testbed::board_name(1))
+}
+
+/// A run id whose directory does not exist yet (two runs in one second
+/// must not share one).
+pub fn unique_run_id(results_root: &Path, commit: &str) -> String {
+    let mut run_id = new_run_id(commit);
+    for attempt in 2.. {
+        if !results_root.join(&run_id).exists() {
+            break;
+        }
+        run_id = format!("{}-{attempt}", new_run_id(commit));
+    }
+    run_id
+}
+
+/// `<run>/plots/`, created, and the text every plot title carries.
+#[cfg(feature = "plot")]
+pub fn plot_dir(
+    run_dir: &Path,
+    date: &str,
+    commit: &str,
+) -> Result<(PathBuf, crate::plot::PlotContext), BenchError> {
+    let dir = run_dir.join("plots");
+    std::fs::create_dir_all(&dir).map_err(|source| ResultsError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let ctx = crate::plot::PlotContext {
+        date: date.to_string(),
+        commit: commit.to_string(),
+    };
+    Ok((dir, ctx))
 }

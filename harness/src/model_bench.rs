@@ -2,7 +2,9 @@
 //! the host (cached by model hash and recipe), layer importance measured for
 //! `adaptive`, the agent's `model-run`, rows in `models.csv`, plots.
 
-use crate::bench::{known_boards, BenchError};
+#[cfg(feature = "plot")]
+use crate::bench::plot_dir;
+use crate::bench::{known_boards, target_or_default, unique_run_id, BenchError};
 use crate::boards::{resolve_targets, ResolvedBoard, SshConfig};
 use crate::build::{
     build_board_agent, build_host_agent, file_hash, workspace_root, AgentBuild, Builder,
@@ -16,7 +18,7 @@ use crate::models::{
 use crate::progress::ProgressEvent;
 use crate::results::CsvAppender;
 use crate::results::{read_csv, write_json, ResultsError};
-use crate::run::{git_commit, new_run_id, HostInfo};
+use crate::run::{git_commit, HostInfo};
 use crate::setup::Need;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -125,16 +127,7 @@ pub fn run_model_bench(
         crate::models::read_choice_tasks(mc).map_err(|m| invalid(config, matrix, m))?;
     }
     let workspace = workspace_root();
-    let target = match target {
-        Some(t) => t.to_string(),
-        None => {
-            if !crate::testbed::is_up(&workspace, 1) {
-                eprintln!("no --target: bringing up one emulated Pi 5 (cargo xtask testbed up --boards 1)");
-                crate::testbed::up(&workspace, 1)?;
-            }
-            crate::testbed::board_name(1)
-        }
-    };
+    let target = target_or_default(target, &workspace)?;
     let boards = resolve_targets(
         &target,
         &known_boards(config, &workspace)?,
@@ -159,13 +152,7 @@ pub fn run_model_bench(
         }
     }
     let commit = git_commit(&workspace);
-    let mut run_id = new_run_id(&commit);
-    for attempt in 2.. {
-        if !results_root.join(&run_id).exists() {
-            break;
-        }
-        run_id = format!("{}-{attempt}", new_run_id(&commit));
-    }
+    let run_id = unique_run_id(results_root, &commit);
     // Created when the first board runs: a recipe the model cannot take
     // fails during quantization, before any results (or uploads) exist.
     let run_dir = results_root.join(&run_id);
@@ -325,15 +312,7 @@ pub fn run_model_bench(
     })?;
     #[cfg(feature = "plot")]
     let plots = {
-        let plot_dir = run_dir.join("plots");
-        std::fs::create_dir_all(&plot_dir).map_err(|source| ResultsError::Io {
-            path: plot_dir.clone(),
-            source,
-        })?;
-        let ctx = crate::plot::PlotContext {
-            date: manifest.started_at.clone(),
-            commit: manifest.git_commit.clone(),
-        };
+        let (plot_dir, ctx) = plot_dir(&run_dir, &manifest.started_at, &manifest.git_commit)?;
         crate::plot::draw_models(&rows, &importance, &ctx, &plot_dir)?
     };
     #[cfg(not(feature = "plot"))]

@@ -503,32 +503,15 @@ fn nmse_vs_bits<DB: DrawingBackend>(
     if points.is_empty() {
         return note(area, caption, "no error figures (F32 only?)");
     }
-    let (y_lo, y_hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
-        (lo.min(p.2), hi.max(p.2))
-    });
-    let x_max = points.iter().map(|p| p.1).fold(0.0, f64::max) + 2.0;
-    let mut chart = ChartBuilder::on(area)
-        .caption(caption, ("sans-serif", 16))
-        .margin(8)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..x_max, (y_lo - 0.5)..(y_hi + 0.5))
+    let (title, body) = area.split_vertically(24);
+    title
+        .draw_text(
+            caption,
+            &("sans-serif", 16).into_font().color(&BLACK),
+            (20, 4),
+        )
         .map_err(|e| e.to_string())?;
-    chart
-        .configure_mesh()
-        .x_desc("bits per weight")
-        .y_desc("output NMSE (log10)")
-        .y_label_formatter(&|y| format!("1e{y:.1}"))
-        .draw()
-        .map_err(|e| e.to_string())?;
-    chart
-        .draw_series(points.iter().map(|(ty, x, y)| {
-            EmptyElement::at((*x, *y))
-                + Circle::new((0, 0), 4, type_color(ty).filled())
-                + Text::new(ty.clone(), (6, -6), ("sans-serif", 11))
-        }))
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    scatter_log(&body, &points, "bits per weight", "output NMSE (log10)")
 }
 
 fn note<DB: DrawingBackend>(
