@@ -12,8 +12,8 @@ use crate::build::{
 use crate::config::{BenchConfig, ConfigError};
 use crate::deploy::SshRunner;
 use crate::models::{
-    adaptive_assignment, check_model_file, is_uniform_recipe, ModelJob, ModelMatrixSpec, ModelRow,
-    RecipeFile, MODEL_ROWS_FILE,
+    adaptive_assignment, check_model_file, is_uniform_recipe, LayerImportance, ModelJob,
+    ModelMatrixSpec, ModelRow, RecipeFile, MODEL_ROWS_FILE,
 };
 use crate::progress::ProgressEvent;
 use crate::results::CsvAppender;
@@ -26,18 +26,6 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-
-/// Per-layer importance of one model, stored with the run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LayerImportance {
-    pub model: String,
-    /// How it was measured.
-    pub method: String,
-    /// Mean KL divergence per layer (index = layer).
-    pub scores: Vec<f64>,
-    /// The type each layer got in the `adaptive` recipe.
-    pub assignment: Vec<String>,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelRunManifest {

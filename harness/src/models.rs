@@ -240,6 +240,18 @@ pub struct ModelJob {
     pub multiple_choice: Option<String>,
 }
 
+/// Per-layer importance of one model, stored with the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerImportance {
+    pub model: String,
+    /// How it was measured.
+    pub method: String,
+    /// Mean KL divergence per layer (index = layer).
+    pub scores: Vec<f64>,
+    /// The type each layer got in the `adaptive` recipe.
+    pub assignment: Vec<String>,
+}
+
 /// One multiple-choice task in the HellaSwag layout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChoiceTask {

@@ -539,7 +539,7 @@ fn note<DB: DrawingBackend>(
 /// per-layer importance behind `adaptive`.
 pub fn draw_models(
     rows: &[crate::models::ModelRow],
-    importance: &[crate::model_bench::LayerImportance],
+    importance: &[crate::models::LayerImportance],
     ctx: &PlotContext,
     out_dir: &Path,
 ) -> Result<Vec<PathBuf>, PlotError> {
