@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 /// Reconnect back-off: 1, 2, 4, 8, 16, 16, ... seconds, for at most this long.
 const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Failed polls in a row (each followed by a reconnect) before giving up.
+const MAX_FOLLOW_FAILURES: u32 = 5;
 
 pub struct SshRunner {
     pub board: RemoteBoard,
@@ -166,6 +168,7 @@ impl SshRunner {
         let dir = self.run_dir(run_id);
         let mut offset = 0u64;
         let mut pending = String::new();
+        let mut failures_in_a_row = 0;
         loop {
             let step = (|| -> Result<Option<i32>, TransportError> {
                 let bytes = conn.read_from(&format!("{dir}/progress.jsonl"), offset)?;
@@ -204,8 +207,15 @@ impl SshRunner {
             })();
             match step {
                 Ok(Some(code)) => return Ok((conn, code)),
-                Ok(None) => std::thread::sleep(POLL_INTERVAL),
-                Err(e) if e.is_connection_loss() => {
+                Ok(None) => {
+                    failures_in_a_row = 0;
+                    std::thread::sleep(POLL_INTERVAL)
+                }
+                // A dead session surfaces as socket, channel or SFTP errors
+                // depending on where it broke; a fresh connection tells
+                // which. A refusal that survives reconnecting is final.
+                Err(e) if failures_in_a_row < MAX_FOLLOW_FAILURES => {
+                    failures_in_a_row += 1;
                     (self.log)(format!(
                         "{}: connection lost ({e}); reconnecting",
                         self.board.name

@@ -467,3 +467,60 @@ fn model_matrix_runs_on_an_emulated_board() {
         text(&out)
     );
 }
+
+#[test]
+fn dropped_connection_mid_run_loses_nothing() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let work = sim_board(2)["work_dir"].as_str().unwrap().to_string();
+    let runs_before: Vec<_> = std::fs::read_dir(format!("{work}/runs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(["bench", "--target", "sim2", "--matrix", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never finished a cell"
+        );
+        let this_run = std::fs::read_dir(format!("{work}/runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| !runs_before.contains(p));
+        let lines = this_run
+            .and_then(|run| std::fs::read_to_string(run.join("kernels.csv")).ok())
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Kill the board's per-connection sshd processes (children of its
+    // listener): the host's session dies, the detached agent does not.
+    let listener =
+        std::fs::read_to_string(workspace_root().join(".testbed/sim2/sshd.pid")).unwrap();
+    assert!(Command::new("pkill")
+        .args(["-P", listener.trim()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reconnecting"),
+        "{}",
+        text(&out)
+    );
+    let rows: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r.status == CellStatus::Ok), "{rows:?}");
+}
