@@ -12,6 +12,7 @@
 //! emulated = false
 //! runner = []                    # command prefix, e.g. ["qemu-aarch64", "-cpu", "cortex-a76"]
 //! known_hosts = "~/.ssh/known_hosts_lab"  # checked besides ~/.ssh/known_hosts
+//! max_memory_mb = 3000           # plan for at most this much of the board's memory
 //!
 //! [groups]
 //! lab = ["kitchen", "desk"]
@@ -50,6 +51,11 @@ pub struct BoardConfig {
     pub runner: Vec<String>,
     #[serde(default)]
     pub known_hosts: Option<String>,
+    /// Memory quantbench may plan for on the board (MB), below what it
+    /// reports, to leave room for other services. Models that would not fit
+    /// are refused before upload.
+    #[serde(default)]
+    pub max_memory_mb: Option<u64>,
 }
 
 fn default_profile() -> String {
@@ -88,6 +94,7 @@ pub struct RemoteBoard {
     pub work_dir: String,
     pub emulated: bool,
     pub runner: Vec<String>,
+    pub max_memory_bytes: Option<u64>,
 }
 
 impl ResolvedBoard {
@@ -184,6 +191,7 @@ fn from_config(
         work_dir: config.work_dir.clone(),
         emulated: config.emulated,
         runner: config.runner.clone(),
+        max_memory_bytes: config.max_memory_mb.map(|mb| mb * 1_000_000),
     };
     validate(&board)?;
     Ok(board)
@@ -234,6 +242,7 @@ fn from_destination(item: &str, ssh: &SshConfig) -> Result<RemoteBoard, TargetEr
         work_dir: default_work_dir(),
         emulated: false,
         runner: Vec::new(),
+        max_memory_bytes: None,
     };
     validate(&board)?;
     Ok(board)

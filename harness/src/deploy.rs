@@ -394,13 +394,18 @@ impl SshRunner {
         // count both copies to stay on the safe side, plus 20%.
         let largest = job.recipes.iter().map(|r| r.file_bytes).max().unwrap_or(0);
         let needed = (2 * largest).max(job.base.file_bytes) as f64 * 1.2;
-        if probe.memory_bytes > 0 && needed > probe.memory_bytes as f64 {
+        let memory = match (probe.memory_bytes, self.board.max_memory_bytes) {
+            (0, limit) => limit.unwrap_or(0),
+            (reported, Some(limit)) => reported.min(limit),
+            (reported, None) => reported,
+        };
+        if memory > 0 && needed > memory as f64 {
             return Err(RunError::Board(format!(
-                "board {}: model {} needs about {:.1} GB (twice the largest recipe + 20%) but the board has {:.1} GB of memory; use a smaller model or fewer high-precision recipes",
+                "board {}: model {} needs about {:.3} GB (twice the largest recipe + 20%) but the board has {:.3} GB of memory to plan for (its own, or `max_memory_mb`); use a smaller model or fewer high-precision recipes",
                 self.board.name,
                 job.model_name,
                 needed / 1e9,
-                probe.memory_bytes as f64 / 1e9
+                memory as f64 / 1e9
             )));
         }
         let mut remote_job = job.clone();

@@ -524,3 +524,33 @@ fn dropped_connection_mid_run_loses_nothing() {
     assert_eq!(rows.len(), 6);
     assert!(rows.iter().all(|r| r.status == CellStatus::Ok), "{rows:?}");
 }
+
+#[test]
+fn model_too_large_for_the_board_is_refused_before_upload() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().display().to_string();
+    let dir = config_dir(&[("small", &|b| {
+        b.insert("max_memory_mb".into(), toml::Value::Integer(1));
+        b.insert("work_dir".into(), work_dir.clone().into());
+    })]);
+    let fixtures = workspace_root().join("fixtures");
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[model_matrices.mq]\nmodels = [{:?}]\nrecipes = [\"f32\", \"q8_0\"]\ntext = {:?}\n",
+        fixtures.join("stories260K.gguf").display().to_string(),
+        fixtures.join("stories-eval.txt").display().to_string()
+    ));
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let out = bench(dir.path(), "small", "mq");
+    assert!(!out.status.success());
+    let all = text(&out);
+    assert!(
+        all.contains("needs about") && all.contains("max_memory_mb"),
+        "{all}"
+    );
+    assert!(
+        !work.path().join("models").exists(),
+        "nothing uploaded: {all}"
+    );
+}
