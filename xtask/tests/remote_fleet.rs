@@ -96,6 +96,43 @@ fn only_run_dir(dir: &Path) -> PathBuf {
     runs[0].clone()
 }
 
+/// Starts `bench --matrix slow` on sim2 and returns once this run has
+/// written `rows` rows on the board (older runs' files do not count).
+fn start_slow_run_on_sim2(dir: &Path, rows: usize) -> (std::process::Child, String) {
+    let work = sim_board(2)["work_dir"].as_str().unwrap().to_string();
+    let runs_before: Vec<_> = std::fs::read_dir(format!("{work}/runs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir)
+        .args(["bench", "--target", "sim2", "--matrix", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never finished {rows} cells"
+        );
+        let this_run = std::fs::read_dir(format!("{work}/runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| !runs_before.contains(p));
+        let lines = this_run
+            .and_then(|run| std::fs::read_to_string(run.join("kernels.csv")).ok())
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines > rows {
+            return (child, work);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -329,39 +366,7 @@ fn full_disk_on_the_board_is_named() {
 fn agent_killed_mid_run_keeps_finished_rows_and_marks_the_cell_failed() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     let dir = config_dir(&[]);
-    let work = sim_board(2)["work_dir"].as_str().unwrap().to_string();
-    let runs_before: Vec<_> = std::fs::read_dir(format!("{work}/runs"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir.path())
-        .args(["bench", "--target", "sim2", "--matrix", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until this run has finished at least two cells, then kill it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent never finished two cells"
-        );
-        let this_run = std::fs::read_dir(format!("{work}/runs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| !runs_before.contains(p));
-        let lines = this_run
-            .and_then(|run| std::fs::read_to_string(run.join("kernels.csv")).ok())
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if lines >= 3 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let (child, work) = start_slow_run_on_sim2(dir.path(), 2);
     let killed = Command::new("pkill")
         .args(["-9", "-f", &format!("{work}/agents/")])
         .status()
@@ -472,38 +477,7 @@ fn model_matrix_runs_on_an_emulated_board() {
 fn dropped_connection_mid_run_loses_nothing() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     let dir = config_dir(&[]);
-    let work = sim_board(2)["work_dir"].as_str().unwrap().to_string();
-    let runs_before: Vec<_> = std::fs::read_dir(format!("{work}/runs"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir.path())
-        .args(["bench", "--target", "sim2", "--matrix", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent never finished a cell"
-        );
-        let this_run = std::fs::read_dir(format!("{work}/runs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| !runs_before.contains(p));
-        let lines = this_run
-            .and_then(|run| std::fs::read_to_string(run.join("kernels.csv")).ok())
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if lines >= 2 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let (child, _) = start_slow_run_on_sim2(dir.path(), 1);
     // Kill the board's per-connection sshd processes (children of its
     // listener): the host's session dies, the detached agent does not.
     let listener =
