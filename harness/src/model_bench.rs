@@ -22,9 +22,8 @@ use crate::run::{git_commit, HostInfo};
 use crate::setup::Need;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -482,43 +481,19 @@ fn complete_model_rows(job: &ModelJob, board_dir: &Path, reason: &str) -> Result
 fn run_model_job_local(agent: &AgentBuild, job: &ModelJob, board_dir: &Path) -> Result<(), String> {
     let job_path = board_dir.join(format!("model-job-{}.json", job.model_name));
     write_json(&job_path, job).map_err(|e| e.to_string())?;
-    let log_path = board_dir.join("agent.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let mut child = Command::new(&agent.path)
-        .arg("model-run")
-        .arg("--job")
-        .arg(&job_path)
-        .arg("--out-dir")
-        .arg(board_dir)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting the agent: {e}"))?;
     let bar = indicatif::ProgressBar::new(job.recipes.len() as u64);
     bar.set_prefix(job.model_name.clone());
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            match ProgressEvent::parse(&line) {
-                Some(ProgressEvent::CellStarted { cell_id, .. }) => bar.set_message(cell_id),
-                Some(ProgressEvent::CellFinished { index, .. }) => {
-                    bar.set_position(index as u64 + 1)
-                }
-                _ => {}
-            }
-        }
-    }
+    let result = crate::run::run_local_agent(
+        &agent.path,
+        "model-run",
+        &job_path,
+        board_dir,
+        &mut |event| match event {
+            ProgressEvent::CellStarted { cell_id, .. } => bar.set_message(cell_id.clone()),
+            ProgressEvent::CellFinished { index, .. } => bar.set_position(*index as u64 + 1),
+            _ => {}
+        },
+    );
     bar.finish_and_clear();
-    let status = child.wait().map_err(|e| e.to_string())?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "the agent's model-run exited with {status} (see {})",
-            log_path.display()
-        ))
-    }
+    result.map_err(|e| e.to_string())
 }

@@ -73,49 +73,63 @@ impl BoardRunner for LocalRunner {
     ) -> Result<(), RunError> {
         let job_path = board_dir.join("job.json");
         write_json(&job_path, job)?;
-        let log_path = board_dir.join("agent.log");
-        let log = std::fs::File::create(&log_path).map_err(|source| ResultsError::Io {
+        run_local_agent(&self.agent, "run", &job_path, board_dir, on_event)
+    }
+}
+
+/// Runs `agent <subcommand> --job <job> --out-dir <out_dir>` on this machine,
+/// feeding its progress lines to `on_event`; its stderr is appended to
+/// `out_dir/agent.log`. A failure names the cell the agent was in.
+pub fn run_local_agent(
+    agent: &Path,
+    subcommand: &str,
+    job_path: &Path,
+    out_dir: &Path,
+    on_event: &mut dyn FnMut(&ProgressEvent),
+) -> Result<(), RunError> {
+    let log_path = out_dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|source| ResultsError::Io {
             path: log_path.clone(),
             source,
         })?;
-        let mut child = Command::new(&self.agent)
-            .arg("run")
-            .arg("--job")
-            .arg(&job_path)
-            .arg("--out-dir")
-            .arg(board_dir)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .map_err(|source| RunError::Spawn {
-                path: self.agent.clone(),
-                source,
-            })?;
-        let mut last_started = None;
-        if let Some(stdout) = child.stdout.take() {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(event) = ProgressEvent::parse(&line) {
-                    if let ProgressEvent::CellStarted { cell_id, .. } = &event {
-                        last_started = Some(cell_id.clone());
-                    }
-                    on_event(&event);
+    let spawn_err = |source| RunError::Spawn {
+        path: agent.to_path_buf(),
+        source,
+    };
+    let mut child = Command::new(agent)
+        .arg(subcommand)
+        .arg("--job")
+        .arg(job_path)
+        .arg("--out-dir")
+        .arg(out_dir)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(spawn_err)?;
+    let mut last_started = None;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(event) = ProgressEvent::parse(&line) {
+                if let ProgressEvent::CellStarted { cell_id, .. } = &event {
+                    last_started = Some(cell_id.clone());
                 }
+                on_event(&event);
             }
         }
-        let status = child.wait().map_err(|source| RunError::Spawn {
-            path: self.agent.clone(),
-            source,
-        })?;
-        if status.success() {
-            return Ok(());
-        }
-        let reason = format!("{status}; last lines of agent.log: {}", log_tail(&log_path));
-        Err(match last_started {
-            Some(cell) => RunError::AgentDied { cell, reason },
-            None => RunError::AgentFailed(reason),
-        })
     }
+    let status = child.wait().map_err(spawn_err)?;
+    if status.success() {
+        return Ok(());
+    }
+    let reason = format!("{status}; last lines of agent.log: {}", log_tail(&log_path));
+    Err(match last_started {
+        Some(cell) => RunError::AgentDied { cell, reason },
+        None => RunError::AgentFailed(reason),
+    })
 }
 
 fn log_tail(path: &Path) -> String {
