@@ -1,6 +1,5 @@
 //! Building the agent binary for a target, identified by its content hash.
 
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use thiserror::Error;
@@ -94,12 +93,10 @@ pub fn identify(path: &Path, target_triple: String) -> Result<AgentBuild, BuildE
 }
 
 pub fn file_hash(path: &Path) -> Result<String, BuildError> {
-    let bytes = std::fs::read(path).map_err(|source| BuildError::Read {
+    wire::build_id::content_hash(path).map_err(|source| BuildError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    let digest = Sha256::digest(&bytes);
-    Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
+    })
 }
 
 fn host_triple() -> String {

@@ -1,4 +1,6 @@
-//! `bench.toml`: named kernel matrices and optional custom shapes.
+//! `bench.toml`: named kernel matrices, named model matrices, custom shapes,
+//! boards and groups, read into typed structs with every default in one
+//! place; errors name the file, the key or value, and what is allowed.
 //!
 //! ```toml
 //! [matrices.quick]
@@ -6,23 +8,25 @@
 //! shapes  = ["llama3.2-1b.*"]            # catalog names, `model.*` or "all"
 //! batches = [1, 16]                      # activation tokens (N)
 //! threads = [1, "all"]                   # "all" = every core of the board
-//! warmup = 2
-//! min_reps = 5
-//! min_time_ms = 200
-//! max_time_ms = 3000
-//! repack = true                          # let GGML repack weights as llama.cpp does
+//!
+//! [model_matrices.model-quick]
+//! models = ["fixtures/stories260K.gguf"]
+//! recipes = ["f32", "q8_0", "q4_0", "adaptive"]
+//! text = "fixtures/stories-eval.txt"
 //!
 //! [shapes."mymodel.ffn_up"]              # extra shapes, rows (M) x cols (K)
 //! rows = 4096
 //! cols = 1024
 //! ```
 
-use crate::ggml_type::{Distribution, GgmlType};
-use crate::matrix::{ShapeCatalog, ThreadCount};
+use crate::catalog::{CustomShape, ShapeCatalog};
+use crate::recipes::{is_uniform_recipe, AdaptiveParams, UNIFORM_RECIPES};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
+use wire::ggml_type::{Distribution, GgmlType};
+use wire::kernel_job::ThreadCount;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -56,7 +60,7 @@ pub struct BenchConfig {
     pub shapes: BTreeMap<String, CustomShape>,
     /// Whole-model matrices (see `models`).
     #[serde(default)]
-    pub model_matrices: BTreeMap<String, crate::models::ModelMatrixSpec>,
+    pub model_matrices: BTreeMap<String, ModelMatrixSpec>,
     /// Remote boards by name (see `boards`).
     #[serde(default)]
     pub boards: BTreeMap<String, crate::boards::BoardConfig>,
@@ -69,13 +73,6 @@ pub struct BenchConfig {
     /// Where this config came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CustomShape {
-    pub rows: usize,
-    pub cols: usize,
 }
 
 /// One named kernel matrix: the cross product of its lists.
@@ -105,6 +102,36 @@ pub struct MatrixSpec {
     pub distribution: Distribution,
 }
 
+/// One named model matrix: GGUF models x recipes x threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMatrixSpec {
+    pub models: Vec<PathBuf>,
+    pub recipes: Vec<String>,
+    #[serde(default = "default_threads")]
+    pub threads: Vec<ThreadCount>,
+    pub text: PathBuf,
+    #[serde(default = "default_ctx")]
+    pub ctx: usize,
+    #[serde(default = "default_prompt")]
+    pub prompt: String,
+    #[serde(default = "default_generate")]
+    pub generate_tokens: usize,
+    #[serde(default = "default_n_prompt")]
+    pub n_prompt: usize,
+    #[serde(default = "default_n_gen")]
+    pub n_gen: usize,
+    #[serde(default = "default_reps")]
+    pub repetitions: u32,
+    #[serde(default)]
+    pub adaptive: AdaptiveParams,
+    /// Multiple-choice tasks, JSONL in the HellaSwag layout: one object per
+    /// line with `ctx`, `endings` (list of strings) and `label` (index of
+    /// the right ending, number or string). Scored by log-likelihood.
+    #[serde(default)]
+    pub multiple_choice: Option<PathBuf>,
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -131,6 +158,24 @@ fn default_repack() -> bool {
 }
 fn default_distribution() -> Distribution {
     Distribution::LlmLike
+}
+fn default_ctx() -> usize {
+    128
+}
+fn default_prompt() -> String {
+    "The future of artificial intelligence is".into()
+}
+fn default_generate() -> usize {
+    32
+}
+fn default_n_prompt() -> usize {
+    64
+}
+fn default_n_gen() -> usize {
+    16
+}
+fn default_reps() -> u32 {
+    3
 }
 
 impl BenchConfig {
@@ -177,6 +222,26 @@ impl BenchConfig {
             })
     }
 
+    /// `--matrix quick,model-quick`: each name looked up as a kernel or a
+    /// model matrix, in the order given, duplicates dropped.
+    pub fn matrix_list(&self, names: &str) -> Result<Vec<NamedMatrix<'_>>, ConfigError> {
+        let mut out: Vec<NamedMatrix<'_>> = Vec::new();
+        for name in names.split(',').map(str::trim) {
+            if name.is_empty() || out.iter().any(|m| m.name() == name) {
+                continue;
+            }
+            out.push(if let Some(spec) = self.model_matrices.get(name) {
+                NamedMatrix::Model(name.to_string(), spec)
+            } else {
+                NamedMatrix::Kernel(name.to_string(), self.matrix(name)?)
+            });
+        }
+        if out.is_empty() {
+            return Err(self.matrix("").unwrap_err());
+        }
+        Ok(out)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let catalog = self.catalog();
         for (name, spec) in &self.matrices {
@@ -205,7 +270,9 @@ impl BenchConfig {
                 return Err(invalid("`min_reps` must be at least 1".into()));
             }
             for pattern in &spec.shapes {
-                catalog.resolve(pattern).map_err(invalid)?;
+                catalog
+                    .resolve(pattern)
+                    .map_err(|e| invalid(e.to_string()))?;
             }
         }
         for (name, spec) in &self.model_matrices {
@@ -215,6 +282,16 @@ impl BenchConfig {
                 message,
             })?;
         }
+        for name in self.matrices.keys() {
+            if self.model_matrices.contains_key(name) {
+                return Err(ConfigError::Parse {
+                    path: self.source.clone(),
+                    message: format!(
+                        "`{name}` is both a kernel matrix and a model matrix; rename one"
+                    ),
+                });
+            }
+        }
         for (name, shape) in &self.shapes {
             if shape.rows == 0 || shape.cols == 0 {
                 return Err(ConfigError::Parse {
@@ -222,6 +299,57 @@ impl BenchConfig {
                     message: format!("shape `{name}` has a zero dimension"),
                 });
             }
+        }
+        Ok(())
+    }
+}
+
+/// A matrix named on the command line: kernel or model.
+#[derive(Debug, Clone)]
+pub enum NamedMatrix<'a> {
+    Kernel(String, &'a MatrixSpec),
+    Model(String, &'a ModelMatrixSpec),
+}
+
+impl NamedMatrix<'_> {
+    pub fn name(&self) -> &str {
+        match self {
+            NamedMatrix::Kernel(name, _) | NamedMatrix::Model(name, _) => name,
+        }
+    }
+}
+
+impl ModelMatrixSpec {
+    /// Checks names and fractions; paths are checked by `check_model_file`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.models.is_empty() || self.recipes.is_empty() {
+            return Err("`models` and `recipes` must not be empty".into());
+        }
+        for recipe in &self.recipes {
+            if recipe != "adaptive" && !is_uniform_recipe(recipe) {
+                return Err(format!(
+                    "unknown recipe `{recipe}` (known: adaptive, {})",
+                    UNIFORM_RECIPES.join(", ")
+                ));
+            }
+        }
+        let a = &self.adaptive;
+        for ty in [&a.high, &a.mid, &a.low] {
+            if !is_uniform_recipe(ty) {
+                return Err(format!(
+                    "adaptive type `{ty}` is not one of {}",
+                    UNIFORM_RECIPES.join(", ")
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&(a.high_fraction + a.mid_fraction))
+            || a.high_fraction < 0.0
+            || a.mid_fraction < 0.0
+        {
+            return Err("adaptive fractions must be >= 0 and sum to at most 1".into());
+        }
+        if self.ctx < 8 || self.repetitions == 0 {
+            return Err("`ctx` must be at least 8 and `repetitions` at least 1".into());
         }
         Ok(())
     }
@@ -304,5 +432,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.catalog().resolve("mine.*").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unknown_recipes_are_named() {
+        let e = parse(
+            "[model_matrices.mq]\nmodels=['m.gguf']\nrecipes=['q4_0','q9_9']\ntext='t.txt'\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("q9_9") && e.contains("matrix `mq`"), "{e}");
+    }
+
+    #[test]
+    fn matrix_lists_mix_kernel_and_model_matrices_in_order() {
+        let c = parse("[matrices.k]\ntypes=['f32']\nshapes=['all']\n[model_matrices.mq]\nmodels=['m.gguf']\nrecipes=['q4_0']\ntext='t.txt'\n").unwrap();
+        let list = c.matrix_list("k, mq,k").unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(matches!(list[0], NamedMatrix::Kernel(ref n, _) if n == "k"));
+        assert!(matches!(list[1], NamedMatrix::Model(ref n, _) if n == "mq"));
+        let e = c.matrix_list("k,nope").unwrap_err().to_string();
+        assert!(e.contains("`nope`") && e.contains("mq"), "{e}");
     }
 }

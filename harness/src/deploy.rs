@@ -4,24 +4,30 @@
 //! On the board, under `work_dir`:
 //! - `agents/<hash>/quantbench-agent`: content-addressed, uploaded only when
 //!   absent, through a temporary name and a rename;
-//! - `runs/<run_id>/`: `job.json`, the agent's `kernels.csv`, `samples.csv`,
-//!   `probe.json`, `progress.jsonl` (its stdout), `agent.log` (stderr), `pid`
-//!   and, once it ends, `exit_code`. The agent runs under `setsid nohup`, so a
-//!   dropped connection loses nothing: the host reconnects and carries on.
+//! - `models/<sha256>.<ext>`: models, recipes and texts a job names,
+//!   content-addressed like the agent;
+//! - `runs/<run_id>-<job>/`: `job.json`, the agent's row files
+//!   (`kernels.csv`, `samples.csv`, `models.csv`), `probe.json`,
+//!   `progress.jsonl` (its stdout), `agent.log` (stderr), `pid` and, once it
+//!   ends, `exit_code`. The agent runs under `setsid nohup`, so a dropped
+//!   connection loses nothing: the host reconnects and carries on.
+//!
+//! The runner knows nothing of job kinds: a planned job says which agent
+//! subcommand to start, which host files to upload first (and where their
+//! paths sit in the job) and which row files to fetch back.
 
 use crate::boards::RemoteBoard;
 use crate::build::{AgentBuild, AGENT_BIN};
-use crate::matrix::JobSpec;
-use crate::models::{ModelJob, MODEL_ROWS_FILE};
-use crate::probe::BoardProbe;
-use crate::progress::ProgressEvent;
-use crate::results::{KERNEL_ROWS_FILE, PROBE_FILE, SAMPLES_FILE};
+use crate::jobs::PlannedJob;
 use crate::run::{BoardRunner, RunError};
 use crate::transport::{command_line, shell_quote, Connection, SshEndpoint, TransportError};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use wire::files::{read_json, ResultsError, PROBE_FILE};
+use wire::probe::BoardProbe;
+use wire::progress::ProgressEvent;
 
 /// Reconnect back-off: 1, 2, 4, 8, 16, 16, ... seconds, for at most this long.
 const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
@@ -37,6 +43,8 @@ pub struct SshRunner {
     pub uploaded_bytes: Arc<AtomicU64>,
     /// Where log lines go (the progress bar's println in the CLI).
     pub log: Arc<dyn Fn(String) + Send + Sync>,
+    /// Set once the board has been checked and has this agent.
+    pub prepared: bool,
 }
 
 impl SshRunner {
@@ -248,24 +256,65 @@ impl SshRunner {
         }
     }
 
-    fn collect(&self, conn: &Connection, run_id: &str, board_dir: &Path) -> Result<(), RunError> {
+    /// Fetches the job's row files (appended to the board's own) and the
+    /// agent's log and progress (appended too), and its probe unless the
+    /// board directory already has one with a bandwidth figure.
+    fn collect(
+        &self,
+        conn: &Connection,
+        run_id: &str,
+        outputs: &[&str],
+        board_dir: &Path,
+    ) -> Result<(), RunError> {
         let dir = self.run_dir(run_id);
-        for file in [
-            KERNEL_ROWS_FILE,
-            SAMPLES_FILE,
-            MODEL_ROWS_FILE,
-            PROBE_FILE,
-            "agent.log",
-            "progress.jsonl",
-        ] {
+        for file in outputs.iter().chain(&["agent.log", "progress.jsonl"]) {
             let remote = format!("{dir}/{file}");
             if conn.exists(&remote).map_err(board_err)? {
-                conn.download(&remote, &board_dir.join(file))
-                    .map_err(board_err)?;
+                let part = board_dir.join(format!("{file}.part"));
+                conn.download(&remote, &part).map_err(board_err)?;
+                append_file(&part, &board_dir.join(file), file.ends_with(".csv"))?;
             }
+        }
+        let remote_probe = format!("{dir}/{PROBE_FILE}");
+        let local_probe = board_dir.join(PROBE_FILE);
+        let has_bandwidth = read_json::<BoardProbe>(&local_probe)
+            .map(|p| p.read_bandwidth_gbps.is_some())
+            .unwrap_or(false);
+        if !has_bandwidth && conn.exists(&remote_probe).map_err(board_err)? {
+            conn.download(&remote_probe, &local_probe)
+                .map_err(board_err)?;
         }
         Ok(())
     }
+}
+
+/// Appends `part` to `target` and removes it; for CSV files the header is
+/// skipped when `target` already has one.
+fn append_file(part: &Path, target: &Path, csv: bool) -> Result<(), RunError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RunError::Results(ResultsError::Io { path, source })
+    };
+    let text = std::fs::read(part).map_err(io(part))?;
+    let target_has_content = std::fs::metadata(target)
+        .map(|m| m.len() > 0)
+        .unwrap_or(false);
+    let body: &[u8] = if csv && target_has_content {
+        match text.iter().position(|&b| b == b'\n') {
+            Some(newline) => &text[newline + 1..],
+            None => &[],
+        }
+    } else {
+        &text
+    };
+    use std::io::Write;
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(target)
+        .map_err(io(target))?;
+    out.write_all(body).map_err(io(target))?;
+    std::fs::remove_file(part).map_err(io(part))
 }
 
 fn board_err(e: TransportError) -> RunError {
@@ -273,22 +322,28 @@ fn board_err(e: TransportError) -> RunError {
 }
 
 impl SshRunner {
-    /// Connects, checks the board can run the agent, deploys it.
-    fn prepare(&self) -> Result<Connection, RunError> {
+    /// Connects; the first time, checks the board can run the agent and
+    /// deploys it.
+    fn prepare(&mut self) -> Result<Connection, RunError> {
         let conn = Connection::open(&self.endpoint()).map_err(board_err)?;
-        self.check_architecture(&conn)?;
-        self.deploy_agent(&conn)?;
+        if !self.prepared {
+            self.check_architecture(&conn)?;
+            self.deploy_agent(&conn)?;
+            self.prepared = true;
+        }
         Ok(conn)
     }
 
     /// Starts `subcommand` on `job`, follows it, collects its files; maps a
     /// failed exit to the reason, naming the cell it died in.
-    fn run_detached<T: serde::Serialize>(
+    #[allow(clippy::too_many_arguments)]
+    fn run_detached(
         &self,
         conn: Connection,
         run_id: &str,
         subcommand: &str,
-        job: &T,
+        job: &serde_json::Value,
+        outputs: &[&str],
         board_dir: &Path,
         on_event: &mut dyn FnMut(&ProgressEvent),
     ) -> Result<(), RunError> {
@@ -296,7 +351,7 @@ impl SshRunner {
         let mut last_started = None;
         let (conn, exit_code) = self.follow(run_id, conn, on_event, &mut last_started)?;
         // Collect whatever the agent finished, success or not.
-        self.collect(&conn, run_id, board_dir)?;
+        self.collect(&conn, run_id, outputs, board_dir)?;
         if exit_code == 0 {
             return Ok(());
         }
@@ -374,56 +429,28 @@ impl SshRunner {
         Ok(remote)
     }
 
-    /// Runs a model job on the board: checks the largest recipe fits the
-    /// board's memory before uploading anything, uploads models and text
-    /// content-addressed, runs `model-run` detached, collects `models.csv`.
-    pub fn run_model_job(
-        &mut self,
-        job: &ModelJob,
-        board_dir: &Path,
-        on_event: &mut dyn FnMut(&ProgressEvent),
-    ) -> Result<(), RunError> {
-        crate::results::write_json(
-            &board_dir.join(format!("model-job-{}.json", job.model_name)),
-            job,
-        )?;
-        let conn = self.prepare()?;
-        let probe = self.remote_probe(&conn)?;
-        // The agent loads the base alone, then each recipe twice (a timing
-        // context and an evaluation context) with mmap sharing the weights;
-        // count both copies to stay on the safe side, plus 20%.
-        let largest = job.recipes.iter().map(|r| r.file_bytes).max().unwrap_or(0);
-        let needed = (2 * largest).max(job.base.file_bytes) as f64 * 1.2;
+    /// Checks the job fits the board's memory (its own, or `max_memory_mb`).
+    fn check_memory(&self, conn: &Connection, job: &PlannedJob) -> Result<(), RunError> {
+        let Some(need) = &job.memory_need else {
+            return Ok(());
+        };
+        let probe = self.remote_probe(conn)?;
         let memory = match (probe.memory_bytes, self.board.max_memory_bytes) {
             (0, limit) => limit.unwrap_or(0),
             (reported, Some(limit)) => reported.min(limit),
             (reported, None) => reported,
         };
-        if memory > 0 && needed > memory as f64 {
-            return Err(RunError::Board(format!(
-                "board {}: model {} needs about {:.3} GB (twice the largest recipe + 20%) but the board has {:.3} GB of memory to plan for (its own, or `max_memory_mb`); use a smaller model or fewer high-precision recipes",
+        if memory > 0 && need.bytes > memory {
+            return Err(RunError::DoesNotFit(format!(
+                "board {}: {} needs about {:.3} GB but the board has {:.3} GB of memory to plan for (its own, or `max_memory_mb`); {}",
                 self.board.name,
-                job.model_name,
-                needed / 1e9,
-                memory as f64 / 1e9
+                need.what,
+                need.bytes as f64 / 1e9,
+                memory as f64 / 1e9,
+                need.advice
             )));
         }
-        let mut remote_job = job.clone();
-        remote_job.base.path = self.upload_content_addressed(&conn, Path::new(&job.base.path))?;
-        for recipe in &mut remote_job.recipes {
-            recipe.path = self.upload_content_addressed(&conn, Path::new(&recipe.path))?;
-        }
-        remote_job.text = self.upload_content_addressed(&conn, Path::new(&job.text))?;
-        if let Some(mc) = &job.multiple_choice {
-            remote_job.multiple_choice = Some(self.upload_content_addressed(&conn, Path::new(mc))?);
-        }
-        let run_id = format!(
-            "{}-{}",
-            job.run_id,
-            job.model_name
-                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-        );
-        self.run_detached(conn, &run_id, "model-run", &remote_job, board_dir, on_event)
+        Ok(())
     }
 }
 
@@ -438,12 +465,45 @@ impl BoardRunner for SshRunner {
 
     fn run(
         &mut self,
-        job: &JobSpec,
+        job: &PlannedJob,
         board_dir: &Path,
         on_event: &mut dyn FnMut(&ProgressEvent),
     ) -> Result<(), RunError> {
-        crate::results::write_json(&board_dir.join("job.json"), job)?;
+        wire::files::write_json(&board_dir.join(job.job_file()), &job.spec)?;
         let conn = self.prepare()?;
-        self.run_detached(conn, &job.run_id, "run", job, board_dir, on_event)
+        self.check_memory(&conn, job)?;
+        let mut spec = job.spec.clone();
+        for upload in &job.uploads {
+            let remote = self.upload_content_addressed(&conn, &upload.local)?;
+            match spec.pointer_mut(&upload.pointer) {
+                Some(slot) => *slot = serde_json::Value::String(remote),
+                None => {
+                    return Err(RunError::Board(format!(
+                        "job {}: no `{}` in the job to point at {}",
+                        job.name,
+                        upload.pointer,
+                        upload.local.display()
+                    )))
+                }
+            }
+        }
+        let run_id = format!("{}-{}", job_run_id(&job.spec), job.name);
+        self.run_detached(
+            conn,
+            &run_id,
+            job.subcommand,
+            &spec,
+            job.outputs,
+            board_dir,
+            on_event,
+        )
     }
+}
+
+/// The run id a job carries (every job spec has `run_id`).
+fn job_run_id(spec: &serde_json::Value) -> String {
+    spec.get("run_id")
+        .and_then(|v| v.as_str())
+        .unwrap_or("run")
+        .to_string()
 }

@@ -15,8 +15,8 @@ pub mod matmul;
 pub mod model;
 pub mod weights;
 
-pub use harness::ggml_type::{GgmlType, FAMILIES_BY_BITS};
 pub use matmul::{KernelPath, MatMul};
+pub use wire::ggml_type::{GgmlType, FAMILIES_BY_BITS};
 
 use thiserror::Error;
 

@@ -120,7 +120,7 @@ pub fn llm_like_activations(tokens: usize, cols: usize, seed: u64) -> Vec<f32> {
     out
 }
 
-pub use harness::ggml_type::Distribution;
+pub use wire::ggml_type::Distribution;
 
 /// Weights for `distribution` (row-major, `rows x cols`).
 pub fn weights(distribution: Distribution, rows: usize, cols: usize, seed: u64) -> Vec<f32> {

@@ -9,9 +9,9 @@ mod sysinfo;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use harness::matrix::JobSpec;
-use harness::results::{read_json, write_json, PROBE_FILE};
 use std::path::PathBuf;
+use wire::files::{read_json, write_json, PROBE_FILE};
+use wire::kernel_job::JobSpec;
 
 #[derive(Parser)]
 #[command(
@@ -134,11 +134,16 @@ fn main() -> Result<()> {
             println!("{}", serde_json::json!({ "scores": scores }));
         }
         Command::ModelRun { job, out_dir } => {
-            let job: harness::models::ModelJob =
+            let job: wire::model_job::ModelJob =
                 read_json(&job).context("reading the model job")?;
             std::fs::create_dir_all(&out_dir)?;
             let probe = sysinfo::probe(false);
-            write_json(&out_dir.join(PROBE_FILE), &probe)?;
+            // A kernel job in the same folder may have left a probe with the
+            // measured bandwidth: keep that one.
+            let probe_path = out_dir.join(PROBE_FILE);
+            if !probe_path.exists() {
+                write_json(&probe_path, &probe)?;
+            }
             let failed = model_run::run_model_job(&job, &probe, &out_dir)?;
             if failed > 0 {
                 anyhow::bail!(

@@ -1,18 +1,17 @@
 //! Measuring a job's cells: weights, quantization, timing, error, rows.
 
 use anyhow::{Context, Result};
-use harness::matrix::{Cell, JobSpec, TimingPolicy};
-use harness::probe::{BoardProbe, ThermalReading};
-use harness::progress::ProgressEvent;
-use harness::results::{
-    CellStatus, CsvAppender, KernelRow, SampleRow, KERNEL_ROWS_FILE, SAMPLES_FILE,
-};
-use harness::stats::{nmse, Summary};
 use kernels::weights::{activations, weights, Distribution};
 use kernels::{quantize, KernelError, MatMul};
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use wire::files::{CsvAppender, KERNEL_ROWS_FILE, SAMPLES_FILE};
+use wire::kernel_job::{Cell, JobSpec, TimingPolicy};
+use wire::probe::{BoardProbe, ThermalReading};
+use wire::progress::ProgressEvent;
+use wire::rows::{CellStatus, KernelRow, SampleRow};
+use wire::stats::{nmse, Summary};
 
 /// The f64 reference is computed on at most this many weight rows and
 /// tokens: enough for a stable NMSE, cheap even for a 128256-row lm head.

@@ -2,15 +2,17 @@
 //! and running a model job (speed, memory, quality, generated text).
 
 use anyhow::{bail, Context, Result};
-use harness::models::{repetition_score, ModelJob, ModelRow, RecipeFile, MODEL_ROWS_FILE};
-use harness::probe::BoardProbe;
-use harness::progress::ProgressEvent;
-use harness::results::{CellStatus, CsvAppender};
-use harness::stats::Summary;
 use kernels::model::{gguf_tensor_types, quantize_model, BatchEntry, LoadedModel, QuantizeRequest};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
+use wire::files::{CsvAppender, MODEL_ROWS_FILE};
+use wire::model_job::{repetition_score, ModelJob, RecipeFile};
+use wire::probe::BoardProbe;
+use wire::progress::ProgressEvent;
+use wire::rows::CellStatus;
+use wire::rows::ModelRow;
+use wire::stats::Summary;
 
 /// Quantizes `input` to `output`: a uniform llama.cpp file type, or with
 /// `layer_types` one GGML type per transformer block (`blk.N.*`), the token
@@ -338,7 +340,7 @@ fn greedy(model: &mut LoadedModel, prompt: &str, n: usize) -> Result<String> {
 /// tool scores HellaSwag: each ending's mean log-probability given the
 /// context; the most likely ending is the model's answer.
 fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64> {
-    let tasks = harness::models::read_choice_tasks(path).map_err(anyhow::Error::msg)?;
+    let tasks = wire::model_job::read_choice_tasks(path)?;
     let mut correct = 0usize;
     for task in &tasks {
         let context = model.tokenize(&task.ctx, model.adds_bos());

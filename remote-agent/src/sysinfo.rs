@@ -2,9 +2,8 @@
 //! Every reading is best effort: a file that is missing (containers,
 //! emulators, other kernels) gives `None`, never an error.
 
-use harness::probe::{BoardProbe, ThermalReading};
-use sha2::{Digest, Sha256};
 use std::fs;
+use wire::probe::{BoardProbe, ThermalReading};
 
 pub fn probe(with_bandwidth: bool) -> BoardProbe {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -48,13 +47,7 @@ pub fn thermal_reading() -> ThermalReading {
 /// uses to deploy it, so every row names the exact build that measured it.
 pub fn agent_build() -> String {
     let path = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
-    match fs::read(&path) {
-        Ok(bytes) => {
-            let digest = Sha256::digest(&bytes);
-            digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
-        }
-        Err(_) => "unknown".to_string(),
-    }
+    wire::build_id::content_hash(&path).unwrap_or_else(|_| "unknown".to_string())
 }
 
 fn cpu_model(cpuinfo: &str) -> String {

@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use harness::bench::{redraw, run_bench, BenchOptions};
+use harness::pipeline::run_bench;
+use harness::session::SessionOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,14 +38,16 @@ enum TestbedAction {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build the agent, run a kernel matrix on a target, write CSVs, plots and a summary.
+    /// Build the agent, run kernel and/or model matrices on a target, write
+    /// CSVs, run.json, plots and a summary into one run directory.
     Bench {
         /// Where to measure: `local` (this machine), a board or group from the
         /// config, an ~/.ssh/config alias, user@host:port, or a comma list.
         /// Without it: one emulated Pi 5 on this machine (board sim1).
         #[arg(long)]
         target: Option<String>,
-        /// Named matrix from the config (`quick`, `full`, `smoke`, ...).
+        /// Matrices from the config, kernel or model, one name or a comma
+        /// list run into one run directory (`quick`, `smoke,model-quick`, ...).
         #[arg(long, default_value = "quick")]
         matrix: String,
         /// The matrix config file.
@@ -86,10 +89,14 @@ enum Command {
         #[arg(long, default_value = "cargo")]
         builder: String,
     },
-    /// Redraw the plots and summary of a finished run directory.
+    /// Redraw the plots and summary of a run directory (kernel, model or both).
     Plot {
         /// A run directory, e.g. results/20261122T170000Z-abc1234.
         run_dir: PathBuf,
+        /// Draw only these plot kinds (comma list, e.g.
+        /// `speedup_vs_f32,model_kld_vs_bits`); all when absent.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -114,35 +121,7 @@ fn run() -> Result<ExitCode> {
             builder,
             accept_new_host_key,
         } => {
-            let loaded = harness::config::BenchConfig::load(&config)?;
-            if loaded.model_matrices.contains_key(&matrix) {
-                let report = harness::model_bench::run_model_bench(
-                    &loaded,
-                    &matrix,
-                    target.as_deref(),
-                    &results,
-                    parse_builder(&builder)?,
-                    accept_new_host_key,
-                )
-                .with_context(|| {
-                    format!(
-                        "model matrix `{matrix}` on `{}`",
-                        target.as_deref().unwrap_or("the default emulated Pi 5")
-                    )
-                })?;
-                println!("{}", report.summary_markdown);
-                println!(
-                    "results: {} ({} plots; models.csv has every row)",
-                    report.run_dir.display(),
-                    report.plots.len()
-                );
-                return Ok(if report.succeeded {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
-            let report = run_bench(&BenchOptions {
+            let report = run_bench(&SessionOptions {
                 config_path: config,
                 matrix: matrix.clone(),
                 target: target.clone(),
@@ -152,11 +131,11 @@ fn run() -> Result<ExitCode> {
             })
             .with_context(|| {
                 format!(
-                    "bench of matrix `{matrix}` on `{}`",
+                    "bench of `{matrix}` on `{}`",
                     target.as_deref().unwrap_or("the default emulated Pi 5")
                 )
             })?;
-            println!("{}", report.summary_markdown);
+            println!("{}", report.rendered.tables);
             for board in &report.boards {
                 println!(
                     "board {}: {} ok, {} unsupported, {} failed; wall {:.1} s, agent {:.1} s (host overhead {:.1} s), uploaded {} bytes{}",
@@ -172,9 +151,10 @@ fn run() -> Result<ExitCode> {
                 );
             }
             println!(
-                "results: {} ({} plots; summary.md has every cell)",
+                "results: {} ({} plots; {} has every row)",
                 report.run_dir.display(),
-                report.plots.len()
+                report.rendered.plots.len(),
+                report.rendered.summary_path.display()
             );
             Ok(if report.all_succeeded() {
                 ExitCode::SUCCESS
@@ -250,13 +230,13 @@ fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plot { run_dir } => {
-            let (summary, plots) =
-                redraw(&run_dir).with_context(|| format!("redrawing {}", run_dir.display()))?;
-            println!("{summary}");
+        Command::Plot { run_dir, only } => {
+            let rendered = harness::render::render_selected(&run_dir, &only)
+                .with_context(|| format!("redrawing {}", run_dir.display()))?;
+            println!("{}", rendered.tables);
             println!(
                 "{} plots in {}",
-                plots.len(),
+                rendered.plots.len(),
                 run_dir.join("plots").display()
             );
             Ok(ExitCode::SUCCESS)

@@ -1,9 +1,10 @@
 //! End to end on the `local` target: the real CLI builds the real agent,
 //! which measures real GGML kernels; we check what lands on disk.
 
-use harness::results::{read_csv, CellStatus, KernelRow, SampleRow};
 use std::path::Path;
 use std::process::{Command, Output};
+use wire::files::read_csv;
+use wire::rows::{CellStatus, KernelRow, SampleRow};
 
 const TINY_MATRIX: &str = r#"
 [matrices.tiny]
@@ -72,7 +73,7 @@ fn bench_local_writes_rows_samples_manifest_and_plots() {
         "run.json",
         "summary.md",
         "boards/local/probe.json",
-        "boards/local/job.json",
+        "boards/local/job-tiny.json",
     ] {
         assert!(run_dir.join(file).exists(), "{file}");
     }

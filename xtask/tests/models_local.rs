@@ -1,10 +1,11 @@
 //! The model matrix end to end on `local`: the fixture model (a real
 //! llama-architecture GGUF) quantized by llama.cpp, measured by the agent.
 
-use harness::models::ModelRow;
-use harness::results::{read_csv, CellStatus};
 use std::path::Path;
 use std::process::{Command, Output};
+use wire::files::read_csv;
+use wire::rows::CellStatus;
+use wire::rows::ModelRow;
 
 fn xtask(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -125,6 +126,64 @@ fn model_quick_gives_rows_quality_text_and_plots() {
             "{plot}"
         );
     }
+}
+
+#[test]
+fn plot_redraws_a_model_only_run_and_refuses_unknown_plot_names() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(&[fixture("stories260K.gguf")], "\"f32\", \"q4_0\""),
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::fs::read_dir(dir.path().join("results"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(!run.join("kernels.csv").exists(), "a model-only run");
+    std::fs::remove_dir_all(run.join("plots")).unwrap();
+    std::fs::remove_file(run.join("summary.md")).unwrap();
+    let out = xtask(dir.path(), &["plot", run.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(summary.contains("| stories260K.gguf | q4_0 |"), "{summary}");
+    for plot in [
+        "model_speedup_vs_f32",
+        "model_time_per_token",
+        "model_kld_vs_bits",
+    ] {
+        for ext in ["png", "svg"] {
+            assert!(
+                run.join("plots").join(format!("{plot}.{ext}")).exists(),
+                "{plot}.{ext}"
+            );
+        }
+    }
+    // Kernel plots need kernel rows: none are drawn for a model-only run.
+    assert!(!run.join("plots/speedup_vs_f32.png").exists());
+    // A mistyped plot name is an error naming the known ones, not some plot.
+    let out = xtask(
+        dir.path(),
+        &["plot", run.to_str().unwrap(), "--only", "speedup_vs_f23"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown plot `speedup_vs_f23`") && stderr.contains("speedup_vs_f32"),
+        "{stderr}"
+    );
 }
 
 #[test]

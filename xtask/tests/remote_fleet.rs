@@ -6,11 +6,12 @@
 use harness::build::{
     build_board_agent, inspect_aarch64_binary, workspace_root, BoardProfile, Builder,
 };
-use harness::results::{read_csv, CellStatus, KernelRow};
-use harness::run::RunManifest;
+use harness::manifest::RunManifest;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
+use wire::files::read_csv;
+use wire::rows::{CellStatus, KernelRow};
 
 /// A matrix that takes seconds under qemu.
 const MICRO: &str = r#"
@@ -194,7 +195,7 @@ fn two_emulated_boards_at_once_then_second_run_uploads_nothing() {
         text(&out)
     );
     let manifest: RunManifest =
-        harness::results::read_json(&only_run_dir(again.path()).join("run.json")).unwrap();
+        wire::files::read_json(&only_run_dir(again.path()).join("run.json")).unwrap();
     assert!(manifest
         .boards
         .iter()
@@ -441,7 +442,7 @@ fn model_matrix_runs_on_an_emulated_board() {
     std::fs::write(dir.path().join("bench.toml"), config).unwrap();
     let out = bench(dir.path(), "sim1", "mq");
     assert!(out.status.success(), "{}", text(&out));
-    let rows: Vec<harness::models::ModelRow> =
+    let rows: Vec<wire::rows::ModelRow> =
         read_csv(&only_run_dir(dir.path()).join("models.csv")).unwrap();
     for recipe in ["f32", "q8_0", "q4_0", "adaptive"] {
         let r = rows
@@ -531,4 +532,64 @@ fn model_too_large_for_the_board_is_refused_before_upload() {
         !work.path().join("models").exists(),
         "nothing uploaded: {all}"
     );
+}
+
+#[test]
+fn kernel_and_model_matrices_run_into_one_run_on_two_boards_at_once() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // The repository's own matrices; its fixture paths resolve from the
+    // workspace.
+    std::fs::copy(
+        workspace_root().join("bench.toml"),
+        dir.path().join("bench.toml"),
+    )
+    .unwrap();
+    let out = bench(dir.path(), "testbed", "smoke,model-quick");
+    assert!(out.status.success(), "{}", text(&out));
+    let run_dir = only_run_dir(dir.path());
+    let kernel_rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    let model_rows: Vec<wire::rows::ModelRow> = read_csv(&run_dir.join("models.csv")).unwrap();
+    for board in ["sim1", "sim2"] {
+        // smoke: 2 shapes x 4 types x 2 batches x 2 thread counts.
+        let kernels = kernel_rows.iter().filter(|r| r.board == board).count();
+        assert_eq!(kernels, 32, "{board}");
+        for recipe in ["f32", "q8_0", "q4_0", "adaptive"] {
+            let row = model_rows
+                .iter()
+                .find(|r| r.board == board && r.recipe == recipe && r.n_gen > 0)
+                .unwrap_or_else(|| panic!("{board} {recipe}"));
+            assert!(row.emulated && row.status == CellStatus::Ok, "{row:?}");
+        }
+        // The kernel job's probe (with the measured bandwidth) is kept.
+        let probe: wire::probe::BoardProbe =
+            wire::files::read_json(&run_dir.join(format!("boards/{board}/probe.json"))).unwrap();
+        assert!(probe.read_bandwidth_gbps.is_some(), "{probe:?}");
+    }
+    let manifest: RunManifest = wire::files::read_json(&run_dir.join("run.json")).unwrap();
+    let kinds: Vec<(&str, &str)> = manifest
+        .matrices
+        .iter()
+        .map(|m| (m.name.as_str(), m.kind.as_str()))
+        .collect();
+    assert_eq!(kinds, [("smoke", "kernel"), ("model-quick", "model")]);
+    assert!(manifest.finished_at.is_some());
+    let model_span = |board: &str| {
+        let b = manifest.boards.iter().find(|b| b.board == board).unwrap();
+        assert!(b.started_at.is_some() && b.finished_at.is_some(), "{b:?}");
+        assert_eq!(b.jobs.len(), 2, "{b:?}");
+        let job = b.jobs.iter().find(|j| j.kind == "model").unwrap();
+        assert!(job.error.is_none() && job.ok == 4, "{job:?}");
+        (job.started_at.clone(), job.finished_at.clone())
+    };
+    let (start1, end1) = model_span("sim1");
+    let (start2, end2) = model_span("sim2");
+    // Same RFC 3339 format with milliseconds: strings order as times.
+    assert!(
+        start1 < end2 && start2 < end1,
+        "model jobs overlapped: sim1 {start1}..{end1}, sim2 {start2}..{end2}"
+    );
+    for plot in ["speedup_vs_f32", "model_kld_vs_bits"] {
+        assert!(run_dir.join(format!("plots/{plot}.svg")).exists(), "{plot}");
+    }
 }

@@ -16,7 +16,7 @@ pub enum ProgressEvent {
     CellFinished {
         index: usize,
         cell_id: String,
-        status: crate::results::CellStatus,
+        status: crate::rows::CellStatus,
         median_ns: Option<f64>,
     },
     /// Every cell is done; `elapsed_seconds` is the agent's own run time.
@@ -49,7 +49,7 @@ mod tests {
         let e = ProgressEvent::CellFinished {
             index: 3,
             cell_id: "x/F32/n1/t1".into(),
-            status: crate::results::CellStatus::Ok,
+            status: crate::rows::CellStatus::Ok,
             median_ns: Some(12.5),
         };
         assert_eq!(ProgressEvent::parse(&e.to_line()), Some(e));

@@ -1,35 +1,10 @@
-//! The result files: one row per cell (`kernels.csv`), one row per timed
-//! repetition (`samples.csv`), and the run manifest (`run.json`).
-//!
-//! Rows are appended and flushed one at a time, so whatever finished is on
-//! disk however a run ends.
+//! The rows an agent returns, one type per CSV schema: `KernelRow`
+//! (`kernels.csv`), `SampleRow` (`samples.csv`, one timed repetition each)
+//! and `ModelRow` (`models.csv`). The field order is the column order; every
+//! column is documented in the README, which the tests check.
 
+use crate::model_job::{ModelJob, RecipeFile};
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use thiserror::Error;
-
-pub const KERNEL_ROWS_FILE: &str = "kernels.csv";
-pub const SAMPLES_FILE: &str = "samples.csv";
-pub const PROBE_FILE: &str = "probe.json";
-pub const MANIFEST_FILE: &str = "run.json";
-
-#[derive(Debug, Error)]
-pub enum ResultsError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Csv { path: PathBuf, source: csv::Error },
-    #[error("{path}: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-}
 
 /// How a cell ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,8 +75,8 @@ impl KernelRow {
     /// A row with the cell's identity and no measurement yet; the agent fills
     /// in the figures, the host uses it as is for cells an agent never finished.
     pub fn unmeasured(
-        job: &crate::matrix::JobSpec,
-        cell: &crate::matrix::Cell,
+        job: &crate::kernel_job::JobSpec,
+        cell: &crate::kernel_job::Cell,
         threads: usize,
         agent_build: &str,
         status: CellStatus,
@@ -155,92 +130,109 @@ pub struct SampleRow {
     pub ns: u64,
 }
 
-/// Appends serde rows to a CSV file, flushing after each one. Writes the
-/// header only when the file is new or empty, so a resumed run appends.
-pub struct CsvAppender<T> {
-    path: PathBuf,
-    writer: csv::Writer<File>,
-    _row: std::marker::PhantomData<T>,
+/// One row of `models.csv`: a model x recipe x threads x test (pp or tg).
+/// Columns named like llama-bench's mean what llama-bench's mean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRow {
+    pub run_id: String,
+    pub board: String,
+    pub emulated: bool,
+    pub agent_build: String,
+    pub git_commit: String,
+    pub status: CellStatus,
+    pub note: String,
+    /// llama-bench: model file name.
+    pub model_filename: String,
+    pub recipe: String,
+    /// llama-bench: model description (architecture, size, type).
+    pub model_type: String,
+    /// llama-bench: bytes of weights.
+    pub model_size: u64,
+    /// llama-bench: parameter count.
+    pub model_n_params: u64,
+    pub file_bytes: u64,
+    pub bits_per_weight: f64,
+    /// Tensors stored in another type than asked, `name:wanted->got;...`.
+    pub fallbacks: String,
+    /// llama-bench: threads.
+    pub n_threads: usize,
+    /// llama-bench: prompt tokens of this test (0 for tg).
+    pub n_prompt: usize,
+    /// llama-bench: generated tokens of this test (0 for pp).
+    pub n_gen: usize,
+    /// `pp<N>` or `tg<N>`.
+    pub test: String,
+    /// llama-bench: mean time of one repetition, ns.
+    pub avg_ns: Option<f64>,
+    pub stddev_ns: Option<f64>,
+    /// llama-bench: tokens per second, mean and stddev over repetitions.
+    pub avg_ts: Option<f64>,
+    pub stddev_ts: Option<f64>,
+    pub load_ms: Option<f64>,
+    /// Peak resident memory of the agent during this recipe (VmHWM), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Perplexity on the text, llama-perplexity's method (second half of
+    /// each `ctx`-token chunk scored).
+    pub ppl: Option<f64>,
+    /// KL divergence from the base model's next-token distribution.
+    pub kld_mean: Option<f64>,
+    pub kld_p99: Option<f64>,
+    /// Share of positions where the top token equals the base model's.
+    pub top1_agreement: Option<f64>,
+    /// Multiple-choice accuracy (share of tasks whose most likely ending,
+    /// by mean token log-likelihood, is the labelled one); empty without tasks.
+    pub mc_accuracy: Option<f64>,
+    /// Greedy continuation of the prompt, verbatim.
+    pub generated_text: String,
+    /// Share of repeated word 3-grams in the continuation (0 = none).
+    pub repetition_score: Option<f64>,
+    pub finished_at: String,
 }
 
-impl<T: Serialize> CsvAppender<T> {
-    pub fn open(path: &Path) -> Result<Self, ResultsError> {
-        let io = |source| ResultsError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
-        let is_empty = file.metadata().map_err(io)?.len() == 0;
-        let writer = csv::WriterBuilder::new()
-            .has_headers(is_empty)
-            .from_writer(file);
-        Ok(Self {
-            path: path.to_path_buf(),
-            writer,
-            _row: std::marker::PhantomData,
-        })
+impl ModelRow {
+    /// A row for a recipe that produced no measurement, with the reason.
+    pub fn failed(job: &ModelJob, recipe: &RecipeFile, agent_build: &str, note: &str) -> ModelRow {
+        ModelRow {
+            run_id: job.run_id.clone(),
+            board: job.board.clone(),
+            emulated: job.emulated,
+            agent_build: agent_build.to_string(),
+            git_commit: job.git_commit.clone(),
+            status: CellStatus::Failed,
+            note: note.to_string(),
+            model_filename: job.model_name.clone(),
+            recipe: recipe.recipe.clone(),
+            model_type: String::new(),
+            model_size: 0,
+            model_n_params: 0,
+            file_bytes: recipe.file_bytes,
+            bits_per_weight: 0.0,
+            fallbacks: recipe.fallbacks.join(";"),
+            n_threads: 0,
+            n_prompt: 0,
+            n_gen: 0,
+            test: String::new(),
+            avg_ns: None,
+            stddev_ns: None,
+            avg_ts: None,
+            stddev_ts: None,
+            load_ms: None,
+            peak_rss_bytes: None,
+            ppl: None,
+            kld_mean: None,
+            kld_p99: None,
+            top1_agreement: None,
+            mc_accuracy: None,
+            generated_text: String::new(),
+            repetition_score: None,
+            finished_at: crate::utc_now_rfc3339(),
+        }
     }
-
-    pub fn append(&mut self, row: &T) -> Result<(), ResultsError> {
-        self.writer
-            .serialize(row)
-            .map_err(|source| ResultsError::Csv {
-                path: self.path.clone(),
-                source,
-            })?;
-        self.writer.flush().map_err(|source| ResultsError::Io {
-            path: self.path.clone(),
-            source,
-        })
-    }
 }
 
-pub fn read_csv<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, ResultsError> {
-    let csv_err = |source| ResultsError::Csv {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut reader = csv::Reader::from_path(path).map_err(csv_err)?;
-    reader
-        .deserialize()
-        .collect::<Result<Vec<T>, _>>()
-        .map_err(csv_err)
-}
-
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ResultsError> {
-    let text = serde_json::to_string_pretty(value).map_err(|source| ResultsError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut file = File::create(path).map_err(|source| ResultsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    file.write_all(text.as_bytes())
-        .and_then(|_| file.write_all(b"\n"))
-        .map_err(|source| ResultsError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ResultsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ResultsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| ResultsError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-#[cfg(test)]
-pub(crate) fn example_row(cell_id: &str) -> KernelRow {
+/// A realistic kernel row, for tests of code that reads rows.
+#[doc(hidden)]
+pub fn example_row(cell_id: &str) -> KernelRow {
     KernelRow {
         run_id: "20261122T120000Z-abc1234".into(),
         board: "local".into(),
@@ -281,6 +273,7 @@ pub(crate) fn example_row(cell_id: &str) -> KernelRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::{read_csv, CsvAppender, KERNEL_ROWS_FILE, MODEL_ROWS_FILE};
 
     #[test]
     fn kernel_rows_round_trip_through_csv_with_empty_optionals() {
@@ -326,6 +319,32 @@ mod tests {
             assert!(
                 readme.contains(&format!("| `{column}` |")),
                 "column `{column}` is not documented in README.md"
+            );
+        }
+    }
+
+    #[test]
+    fn model_columns_are_documented_in_the_readme() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MODEL_ROWS_FILE);
+        let job: ModelJob = serde_json::from_str(
+            r#"{"run_id":"r","board":"b","emulated":false,"git_commit":"c","model_name":"m",
+            "base":{"recipe":"original","path":"p","fallbacks":[],"file_bytes":1},
+            "recipes":[],"threads":["all"],"text":"t","ctx":128,"prompt":"p",
+            "generate_tokens":1,"n_prompt":1,"n_gen":1,"repetitions":1}"#,
+        )
+        .unwrap();
+        let row = ModelRow::failed(&job, &job.base, "h", "n");
+        CsvAppender::open(&path).unwrap().append(&row).unwrap();
+        let back: Vec<ModelRow> = read_csv(&path).unwrap();
+        assert_eq!(back, vec![row]);
+        let header = std::fs::read_to_string(&path).unwrap();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        for column in header.lines().next().unwrap().split(',') {
+            assert!(
+                readme.contains(&format!("| `{column}` |")),
+                "models.csv column `{column}` undocumented"
             );
         }
     }

@@ -1,0 +1,196 @@
+//! The kernel matrix as a job kind: one job per board (the matrix's cells),
+//! run by the agent's `run`; rows in `kernels.csv`, repetitions in
+//! `samples.csv`.
+
+use super::{
+    from_spec, merge_rows, rows_in, to_spec, JobError, JobFailure, JobKind, PlannedJob, Tally,
+};
+use crate::config::{BenchConfig, MatrixSpec};
+use crate::matrix::job_for_board;
+use crate::session::{BoardSlot, Session};
+use std::collections::HashSet;
+use std::path::Path;
+use wire::files::{
+    read_json, CsvAppender, ResultsError, KERNEL_ROWS_FILE, PROBE_FILE, SAMPLES_FILE,
+};
+use wire::kernel_job::JobSpec;
+use wire::probe::BoardProbe;
+use wire::rows::{CellStatus, KernelRow, SampleRow};
+
+pub struct KernelMatrix {
+    name: String,
+    spec: MatrixSpec,
+    config: BenchConfig,
+}
+
+impl KernelMatrix {
+    pub fn new(config: &BenchConfig, name: &str) -> Result<Self, JobError> {
+        let spec = config.matrix(name)?.clone();
+        // Expanding once here makes an impossible matrix fail before any build.
+        job_for_board(config, name, "check", "check", false, "check")?;
+        Ok(KernelMatrix {
+            name: name.to_string(),
+            spec,
+            config: config.clone(),
+        })
+    }
+}
+
+impl JobKind for KernelMatrix {
+    fn kind(&self) -> &'static str {
+        "kernel"
+    }
+
+    fn matrix(&self) -> &str {
+        &self.name
+    }
+
+    fn spec(&self) -> serde_json::Value {
+        to_spec(&self.spec)
+    }
+
+    fn plan(&self, session: &Session, board: &BoardSlot) -> Result<Vec<PlannedJob>, JobError> {
+        let job = job_for_board(
+            &self.config,
+            &self.name,
+            &session.run_id,
+            &board.name,
+            board.emulated,
+            &session.commit,
+        )?;
+        Ok(vec![PlannedJob {
+            kind_index: 0,
+            name: self.name.clone(),
+            subcommand: "run",
+            units: job.cells.len(),
+            spec: to_spec(&job),
+            uploads: Vec::new(),
+            memory_need: None,
+            outputs: &[KERNEL_ROWS_FILE, SAMPLES_FILE],
+        }])
+    }
+
+    fn complete(
+        &self,
+        job: &PlannedJob,
+        board_dir: &Path,
+        failure: Option<&JobFailure>,
+    ) -> Result<Tally, JobError> {
+        let spec: JobSpec = from_spec(job)?;
+        let rows = complete_rows(&spec, board_dir, failure)?;
+        let cells: HashSet<&str> = spec.cells.iter().map(|c| c.id.as_str()).collect();
+        let mut tally = Tally::default();
+        for row in rows
+            .iter()
+            .filter(|r| r.run_id == spec.run_id && cells.contains(r.cell_id.as_str()))
+        {
+            match row.status {
+                CellStatus::Ok => tally.ok += 1,
+                CellStatus::Unsupported => tally.unsupported += 1,
+                CellStatus::Failed => tally.failed += 1,
+            }
+        }
+        let samples: Vec<SampleRow> = rows_in(&board_dir.join(SAMPLES_FILE)).unwrap_or_default();
+        tally.measured_seconds = samples
+            .iter()
+            .filter(|s| s.run_id == spec.run_id && cells.contains(s.cell_id.as_str()))
+            .map(|s| s.ns as f64)
+            .sum::<f64>()
+            / 1e9;
+        Ok(tally)
+    }
+
+    fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
+        merge_rows::<KernelRow>(run_dir, boards, KERNEL_ROWS_FILE)?;
+        merge_rows::<SampleRow>(run_dir, boards, SAMPLES_FILE)?;
+        Ok(())
+    }
+}
+
+/// Adds a `failed` row for each cell the agent did not finish: the cell it
+/// died in gets the reason, later ones say they were not reached. Returns
+/// every row of the board's file.
+pub fn complete_rows(
+    job: &JobSpec,
+    board_dir: &Path,
+    failure: Option<&JobFailure>,
+) -> Result<Vec<KernelRow>, ResultsError> {
+    let path = board_dir.join(KERNEL_ROWS_FILE);
+    let mut rows: Vec<KernelRow> = rows_in(&path)?;
+    let done: HashSet<String> = rows
+        .iter()
+        .filter(|r| r.run_id == job.run_id)
+        .map(|r| r.cell_id.clone())
+        .collect();
+    let missing: Vec<_> = job.cells.iter().filter(|c| !done.contains(&c.id)).collect();
+    if missing.is_empty() {
+        return Ok(rows);
+    }
+    let probe: Option<BoardProbe> = read_json(&board_dir.join(PROBE_FILE)).ok();
+    let cores = probe.as_ref().map(|p| p.cores).unwrap_or(0);
+    let build = probe.map(|p| p.agent_build).unwrap_or_default();
+    let reason = failure.map(|f| f.reason.as_str());
+    let died_in = failure.and_then(|f| f.died_in.as_deref());
+    let mut appender = CsvAppender::open(&path)?;
+    for cell in missing {
+        let note = if Some(cell.id.as_str()) == died_in {
+            format!(
+                "agent died in this cell: {}",
+                reason.unwrap_or("unknown reason")
+            )
+        } else {
+            format!(
+                "not reached: the board's run ended early ({})",
+                reason.unwrap_or("no reason given")
+            )
+        };
+        let row = KernelRow::unmeasured(
+            job,
+            cell,
+            cell.threads.resolve(cores),
+            &build,
+            CellStatus::Failed,
+            note,
+        );
+        appender.append(&row)?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::files::read_csv;
+
+    #[test]
+    fn unfinished_cells_become_failed_rows_and_finished_ones_are_kept() {
+        let config = BenchConfig::parse(
+            "[matrices.m]\ntypes=[\"f32\",\"q8_0\",\"q4_0\"]\nshapes=[\"llama3.2-1b.attn_kv\"]\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let job = job_for_board(&config, "m", "r", "b", false, "c").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut finished =
+            KernelRow::unmeasured(&job, &job.cells[0], 2, "h", CellStatus::Ok, String::new());
+        finished.median_ns = Some(1.0);
+        CsvAppender::open(&dir.path().join(KERNEL_ROWS_FILE))
+            .unwrap()
+            .append(&finished)
+            .unwrap();
+        let failure = JobFailure {
+            died_in: Some(job.cells[1].id.clone()),
+            reason: "killed by SIGKILL".into(),
+        };
+        let rows = complete_rows(&job, dir.path(), Some(&failure)).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0], finished);
+        assert_eq!(rows[1].status, CellStatus::Failed);
+        assert!(rows[1].note.contains("died in this cell") && rows[1].note.contains("SIGKILL"));
+        assert!(rows[2].note.contains("not reached"));
+        // The completed file on disk says the same.
+        let on_disk: Vec<KernelRow> = read_csv(&dir.path().join(KERNEL_ROWS_FILE)).unwrap();
+        assert_eq!(on_disk, rows);
+    }
+}

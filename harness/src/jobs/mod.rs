@@ -1,0 +1,194 @@
+//! Kinds of job a run carries, behind one trait: a kind knows how to prepare
+//! its work on the host, plan its jobs for a board (what the agent runs,
+//! which files it needs on the board), turn what a board did not finish into
+//! failed rows, and merge its rows into the run. The session, the runner,
+//! the collection and the rendering are the same for every kind; a new kind
+//! is a new file here.
+
+pub mod kernel;
+pub mod model;
+
+use crate::config::{BenchConfig, ConfigError, NamedMatrix};
+use crate::recipes::RecipeError;
+use crate::session::{BoardSlot, Session};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use wire::files::{read_csv, CsvAppender, ResultsError};
+
+#[derive(Debug, Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error("{0}")]
+    MissingHostAgent(String),
+}
+
+/// One job for one board, ready for a runner.
+#[derive(Debug, Clone)]
+pub struct PlannedJob {
+    /// Index of the kind that planned it, in the run's list of kinds.
+    pub kind_index: usize,
+    /// The job's name: its job file (`job-<name>.json`) and its run folder
+    /// on a board.
+    pub name: String,
+    /// Agent subcommand: `run`, `model-run`.
+    pub subcommand: &'static str,
+    /// The job as JSON, with host paths.
+    pub spec: serde_json::Value,
+    /// Cells, recipes, ...: the progress bar counts these.
+    pub units: usize,
+    /// Host files the job names (by JSON pointer into `spec`) that a remote
+    /// board needs a copy of.
+    pub uploads: Vec<Upload>,
+    /// Memory the job needs on the board, checked before any upload.
+    pub memory_need: Option<MemoryNeed>,
+    /// Row files the agent writes, fetched and appended to the board's.
+    pub outputs: &'static [&'static str],
+}
+
+impl PlannedJob {
+    pub fn job_file(&self) -> String {
+        format!("job-{}.json", self.name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upload {
+    /// JSON pointer (RFC 6901) of the path in the job spec.
+    pub pointer: String,
+    pub local: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemoryNeed {
+    pub bytes: u64,
+    /// What needs it and how it was estimated.
+    pub what: String,
+    /// What to do when it does not fit.
+    pub advice: String,
+}
+
+/// How a job ended early, for its unfinished units' failed rows.
+#[derive(Debug, Clone)]
+pub struct JobFailure {
+    /// The unit the agent was in when it stopped, if known.
+    pub died_in: Option<String>,
+    pub reason: String,
+}
+
+/// A job's units by how they ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    pub ok: usize,
+    pub unsupported: usize,
+    pub failed: usize,
+    /// Sum of timed repetitions, seconds.
+    pub measured_seconds: f64,
+}
+
+pub trait JobKind: Send + Sync {
+    /// `kernel` or `model`: which rows this kind returns.
+    fn kind(&self) -> &'static str;
+    /// The matrix's name in the config.
+    fn matrix(&self) -> &str;
+    /// The matrix spec as run, for `run.json`.
+    fn spec(&self) -> serde_json::Value;
+    /// Whether `prepare` runs the host's own agent.
+    fn needs_host_agent(&self) -> bool {
+        false
+    }
+    /// Host-side work done once per run before any board starts; a failure
+    /// here stops the run before its directory exists.
+    fn prepare(&mut self, _session: &Session) -> Result<(), JobError> {
+        Ok(())
+    }
+    /// The jobs for one board, in the order they run.
+    fn plan(&self, session: &Session, board: &BoardSlot) -> Result<Vec<PlannedJob>, JobError>;
+    /// Appends a failed row for every unit of `job` without a row in
+    /// `board_dir` and counts the job's units.
+    fn complete(
+        &self,
+        job: &PlannedJob,
+        board_dir: &Path,
+        failure: Option<&JobFailure>,
+    ) -> Result<Tally, JobError>;
+    /// Rebuilds the run's merged row files from every board's.
+    fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError>;
+    /// Anything else the kind stores with the run once every board is done.
+    fn finish(&self, _run_dir: &Path) -> Result<(), ResultsError> {
+        Ok(())
+    }
+}
+
+/// The kinds for `--matrix a,b,...`, each checked (inputs included) before
+/// anything is built.
+pub fn kinds_for(config: &BenchConfig, names: &str) -> Result<Vec<Box<dyn JobKind>>, JobError> {
+    let mut kinds: Vec<Box<dyn JobKind>> = Vec::new();
+    for named in config.matrix_list(names)? {
+        kinds.push(match named {
+            NamedMatrix::Kernel(name, _) => Box::new(kernel::KernelMatrix::new(config, &name)?),
+            NamedMatrix::Model(name, spec) => {
+                Box::new(model::ModelMatrix::new(config, &name, spec)?)
+            }
+        });
+    }
+    Ok(kinds)
+}
+
+pub(crate) fn to_spec<T: Serialize>(value: &T) -> serde_json::Value {
+    // Job types hold strings, numbers and lists only: serializing cannot fail.
+    serde_json::to_value(value).unwrap_or_default()
+}
+
+pub(crate) fn from_spec<T: DeserializeOwned>(job: &PlannedJob) -> Result<T, ResultsError> {
+    serde_json::from_value(job.spec.clone()).map_err(|source| ResultsError::Json {
+        path: PathBuf::from(job.job_file()),
+        source,
+    })
+}
+
+/// Rows of type `T` already in `path` (none when it does not exist).
+pub(crate) fn rows_in<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, ResultsError> {
+    if path.exists() {
+        read_csv(path)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// Rebuilds `run_dir/<file>` from `run_dir/boards/<board>/<file>` of every
+/// board, in board order; idempotent.
+pub fn merge_rows<T: DeserializeOwned + Serialize>(
+    run_dir: &Path,
+    boards: &[String],
+    file: &str,
+) -> Result<usize, ResultsError> {
+    let merged = run_dir.join(file);
+    if merged.exists() {
+        std::fs::remove_file(&merged).map_err(|source| ResultsError::Io {
+            path: merged.clone(),
+            source,
+        })?;
+    }
+    let mut count = 0;
+    let mut out: Option<CsvAppender<T>> = None;
+    for board in boards {
+        let rows: Vec<T> = rows_in(&crate::session::board_dir(run_dir, board).join(file))?;
+        for row in &rows {
+            if out.is_none() {
+                out = Some(CsvAppender::open(&merged)?);
+            }
+            if let Some(out) = out.as_mut() {
+                out.append(row)?;
+            }
+            count += 1;
+        }
+    }
+    Ok(count)
+}

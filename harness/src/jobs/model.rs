@@ -1,0 +1,315 @@
+//! The model matrix as a job kind: recipes quantized on the host once per
+//! run (cached by model hash and recipe; `adaptive` from measured layer
+//! importance), then one job per model and board, run by the agent's
+//! `model-run`; rows in `models.csv`, importance in `importance.json`.
+
+use super::{
+    from_spec, merge_rows, rows_in, to_spec, JobError, JobFailure, JobKind, MemoryNeed, PlannedJob,
+    Tally, Upload,
+};
+use crate::build::workspace_root;
+use crate::config::{BenchConfig, ConfigError, ModelMatrixSpec};
+use crate::recipes::{adaptive_assignment, check_model_file, LayerImportance, RecipeCache};
+use crate::session::{BoardSlot, Session};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use wire::files::{write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE};
+use wire::model_job::{read_choice_tasks, ModelJob, RecipeFile};
+use wire::rows::{CellStatus, ModelRow};
+
+pub const IMPORTANCE_FILE: &str = "importance.json";
+
+pub struct ModelMatrix {
+    name: String,
+    spec: ModelMatrixSpec,
+    models: Vec<PathBuf>,
+    text: PathBuf,
+    multiple_choice: Option<PathBuf>,
+    /// Filled by `prepare`: per model, its recipe files and importance.
+    prepared: Vec<PreparedModel>,
+}
+
+struct PreparedModel {
+    path: PathBuf,
+    name: String,
+    file_bytes: u64,
+    recipes: Vec<RecipeFile>,
+    importance: Option<LayerImportance>,
+}
+
+impl ModelMatrix {
+    /// Checks every input (model files, text, tasks) before anything is built.
+    pub fn new(config: &BenchConfig, name: &str, spec: &ModelMatrixSpec) -> Result<Self, JobError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: config.source.clone(),
+            matrix: name.to_string(),
+            message,
+        };
+        let models: Vec<PathBuf> = spec
+            .models
+            .iter()
+            .map(|m| config_relative(config, m))
+            .collect();
+        for model in &models {
+            check_model_file(model).map_err(|e| invalid(e.to_string()))?;
+        }
+        let text = config_relative(config, &spec.text);
+        if !text.is_file() {
+            return Err(invalid(format!("text {} does not exist", text.display())).into());
+        }
+        let multiple_choice = spec
+            .multiple_choice
+            .as_ref()
+            .map(|p| config_relative(config, p));
+        if let Some(mc) = &multiple_choice {
+            read_choice_tasks(mc).map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(ModelMatrix {
+            name: name.to_string(),
+            spec: spec.clone(),
+            models,
+            text,
+            multiple_choice,
+            prepared: Vec::new(),
+        })
+    }
+}
+
+/// A path from the config, relative to the config file's folder, falling
+/// back to the workspace for the repository's own fixtures.
+fn config_relative(config: &BenchConfig, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let base = config
+        .source
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let joined = base.join(path);
+    if joined.exists() {
+        joined
+    } else {
+        workspace_root().join(path)
+    }
+}
+
+impl JobKind for ModelMatrix {
+    fn kind(&self) -> &'static str {
+        "model"
+    }
+
+    fn matrix(&self) -> &str {
+        &self.name
+    }
+
+    fn spec(&self) -> serde_json::Value {
+        to_spec(&self.spec)
+    }
+
+    fn needs_host_agent(&self) -> bool {
+        true
+    }
+
+    /// Quantization always happens on the host, whatever the target.
+    fn prepare(&mut self, session: &Session) -> Result<(), JobError> {
+        let agent = session.host_agent.as_ref().ok_or_else(|| {
+            JobError::MissingHostAgent("the model matrix needs the host agent to quantize".into())
+        })?;
+        let spec = &self.spec;
+        self.prepared.clear();
+        for model in &self.models {
+            let cache = RecipeCache::open(&session.workspace, model)?;
+            let name = model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let mut recipes = Vec::new();
+            let mut importance = None;
+            for recipe in &spec.recipes {
+                if recipe == "adaptive" {
+                    let a = &spec.adaptive;
+                    let scores = cache.importance(agent, model, &self.text, spec.ctx, &a.low)?;
+                    let assignment = adaptive_assignment(&scores, a);
+                    recipes.push(cache.quantize(
+                        agent,
+                        model,
+                        "adaptive",
+                        &a.low,
+                        &assignment,
+                        Some(&a.high),
+                    )?);
+                    importance = Some(LayerImportance {
+                        model: name.clone(),
+                        method: format!(
+                            "mean KL divergence from the unquantized model on {} (ctx {}) when only that layer is quantized to {}",
+                            spec.text.display(),
+                            spec.ctx,
+                            a.low
+                        ),
+                        scores,
+                        assignment,
+                    });
+                } else {
+                    recipes.push(cache.quantize(agent, model, recipe, recipe, &[], None)?);
+                }
+            }
+            self.prepared.push(PreparedModel {
+                path: model.clone(),
+                file_bytes: check_model_file(model)?,
+                name,
+                recipes,
+                importance,
+            });
+        }
+        Ok(())
+    }
+
+    fn plan(&self, session: &Session, board: &BoardSlot) -> Result<Vec<PlannedJob>, JobError> {
+        let mut jobs = Vec::new();
+        for model in &self.prepared {
+            let job = ModelJob {
+                run_id: session.run_id.clone(),
+                board: board.name.clone(),
+                emulated: board.emulated,
+                git_commit: session.commit.clone(),
+                model_name: model.name.clone(),
+                base: RecipeFile {
+                    recipe: "original".into(),
+                    path: model.path.display().to_string(),
+                    fallbacks: Vec::new(),
+                    file_bytes: model.file_bytes,
+                },
+                recipes: model.recipes.clone(),
+                threads: self.spec.threads.clone(),
+                text: self.text.display().to_string(),
+                ctx: self.spec.ctx,
+                prompt: self.spec.prompt.clone(),
+                generate_tokens: self.spec.generate_tokens,
+                n_prompt: self.spec.n_prompt,
+                n_gen: self.spec.n_gen,
+                repetitions: self.spec.repetitions,
+                multiple_choice: self
+                    .multiple_choice
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            };
+            let mut uploads = vec![
+                Upload {
+                    pointer: "/base/path".into(),
+                    local: model.path.clone(),
+                },
+                Upload {
+                    pointer: "/text".into(),
+                    local: self.text.clone(),
+                },
+            ];
+            for (i, recipe) in job.recipes.iter().enumerate() {
+                uploads.push(Upload {
+                    pointer: format!("/recipes/{i}/path"),
+                    local: PathBuf::from(&recipe.path),
+                });
+            }
+            if let Some(mc) = &self.multiple_choice {
+                uploads.push(Upload {
+                    pointer: "/multiple_choice".into(),
+                    local: mc.clone(),
+                });
+            }
+            // The agent loads the base alone, then each recipe twice (a
+            // timing context and an evaluation context) with mmap sharing
+            // the weights; count both copies to stay on the safe side, plus 20%.
+            let largest = job.recipes.iter().map(|r| r.file_bytes).max().unwrap_or(0);
+            let needed = ((2 * largest).max(job.base.file_bytes) as f64 * 1.2) as u64;
+            jobs.push(PlannedJob {
+                kind_index: 0,
+                name: format!(
+                    "{}-{}",
+                    self.name,
+                    model
+                        .name
+                        .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+                ),
+                subcommand: "model-run",
+                units: job.recipes.len(),
+                spec: to_spec(&job),
+                uploads,
+                memory_need: Some(MemoryNeed {
+                    bytes: needed,
+                    what: format!("model {} (twice the largest recipe + 20%)", model.name),
+                    advice: "use a smaller model or fewer high-precision recipes".into(),
+                }),
+                outputs: &[MODEL_ROWS_FILE],
+            });
+        }
+        Ok(jobs)
+    }
+
+    fn complete(
+        &self,
+        job: &PlannedJob,
+        board_dir: &Path,
+        failure: Option<&JobFailure>,
+    ) -> Result<Tally, JobError> {
+        let job: ModelJob = from_spec(job)?;
+        let path = board_dir.join(MODEL_ROWS_FILE);
+        let mut rows: Vec<ModelRow> = rows_in(&path)?;
+        rows.retain(|r| r.run_id == job.run_id && r.model_filename == job.model_name);
+        let mut out = CsvAppender::<ModelRow>::open(&path)?;
+        let reason = failure
+            .map(|f| f.reason.as_str())
+            .unwrap_or("the agent ended without a row for this recipe");
+        let mut by_recipe: BTreeMap<&str, CellStatus> = BTreeMap::new();
+        for recipe in &job.recipes {
+            match rows.iter().find(|r| r.recipe == recipe.recipe) {
+                Some(row) => {
+                    let worst = rows
+                        .iter()
+                        .filter(|r| r.recipe == recipe.recipe)
+                        .map(|r| r.status)
+                        .find(|s| *s != CellStatus::Ok)
+                        .unwrap_or(row.status);
+                    by_recipe.insert(&recipe.recipe, worst);
+                }
+                None => {
+                    out.append(&ModelRow::failed(&job, recipe, "", reason))?;
+                    by_recipe.insert(&recipe.recipe, CellStatus::Failed);
+                }
+            }
+        }
+        let mut tally = Tally::default();
+        for status in by_recipe.values() {
+            match status {
+                CellStatus::Ok => tally.ok += 1,
+                CellStatus::Unsupported => tally.unsupported += 1,
+                CellStatus::Failed => tally.failed += 1,
+            }
+        }
+        Ok(tally)
+    }
+
+    fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
+        merge_rows::<ModelRow>(run_dir, boards, MODEL_ROWS_FILE).map(|_| ())
+    }
+
+    fn finish(&self, run_dir: &Path) -> Result<(), ResultsError> {
+        // Several model matrices in one run share the file.
+        let path = run_dir.join(IMPORTANCE_FILE);
+        let mut all: Vec<LayerImportance> = if path.exists() {
+            wire::files::read_json(&path)?
+        } else {
+            Vec::new()
+        };
+        for model in &self.prepared {
+            if let Some(li) = &model.importance {
+                if !all
+                    .iter()
+                    .any(|x| x.model == li.model && x.method == li.method)
+                {
+                    all.push(li.clone());
+                }
+            }
+        }
+        write_json(&path, &all)
+    }
+}

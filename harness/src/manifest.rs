@@ -1,0 +1,232 @@
+//! `run.json`: how a run was made, one schema for every kind of job. It is
+//! written (temp-then-rename) when the run starts and rewritten as each
+//! board starts and finishes a job, so an interrupted run still says what it
+//! was, which boards it reached and when.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use wire::files::{write_json, ResultsError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunManifest {
+    pub run_id: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    /// The `--matrix` list as given, e.g. `smoke,model-quick`.
+    pub matrix: String,
+    /// Each matrix of the list as it ran.
+    pub matrices: Vec<MatrixRecord>,
+    pub config_path: String,
+    /// Seed of the synthetic weights and activations.
+    pub seed: u64,
+    pub git_commit: String,
+    /// The `--target` as given (or the default's board).
+    pub target: String,
+    pub versions: Versions,
+    pub host: HostInfo,
+    /// One entry per board, present from the start (not started yet: no
+    /// `started_at`).
+    pub boards: Vec<BoardOutcome>,
+}
+
+/// One matrix of a run: its kind (`kernel`, `model`) and its spec as run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MatrixRecord {
+    pub name: String,
+    pub kind: String,
+    pub spec: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Versions {
+    pub quantbench: String,
+    pub llama_cpp_sys_2: String,
+    pub rustc: String,
+    pub agent_builds: Vec<BuildRecord>,
+}
+
+/// One agent build of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildRecord {
+    /// `local` or the board profile (`pi5`, ...).
+    pub profile: String,
+    pub hash: String,
+    pub target_triple: String,
+    /// Wall time of the build step (a warm build is cargo's up-to-date check).
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub cores: usize,
+}
+
+impl HostInfo {
+    pub fn current() -> Self {
+        let os = std::fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    l.strip_prefix("PRETTY_NAME=")
+                        .map(|v| v.trim_matches('"').to_string())
+                })
+            })
+            .unwrap_or_else(|| std::env::consts::OS.to_string());
+        HostInfo {
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            os,
+            arch: std::env::consts::ARCH.to_string(),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// What happened on one board, over all its jobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BoardOutcome {
+    pub board: String,
+    pub emulated: bool,
+    /// UTC, RFC 3339 with milliseconds; absent until the board starts.
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Units (kernel cells, model recipes) by how they ended, over all jobs.
+    pub ok: usize,
+    pub unsupported: usize,
+    pub failed: usize,
+    /// The first job failure on this board, if any.
+    pub error: Option<String>,
+    pub wall_seconds: f64,
+    /// Sum of the agent's timed kernel repetitions.
+    pub measured_seconds: f64,
+    /// The agents' own run time; `wall_seconds` minus this is the host-side
+    /// overhead (build check, connect, upload, polling, collection).
+    pub agent_seconds: f64,
+    /// Bytes uploaded to the board in this run (0: everything was there).
+    pub uploaded_bytes: u64,
+    pub jobs: Vec<JobOutcome>,
+}
+
+impl BoardOutcome {
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none() && self.failed == 0
+    }
+}
+
+/// One job on one board: a kernel matrix, or one model of a model matrix.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobOutcome {
+    /// `kernel` or `model`.
+    pub kind: String,
+    pub matrix: String,
+    /// The job's name on the board (its job file and run folder).
+    pub job: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub ok: usize,
+    pub unsupported: usize,
+    pub failed: usize,
+    pub error: Option<String>,
+    pub agent_seconds: f64,
+    pub measured_seconds: f64,
+}
+
+/// The manifest of a running run, rewritten whole on every change.
+pub struct ManifestWriter {
+    path: PathBuf,
+    manifest: Mutex<RunManifest>,
+}
+
+impl ManifestWriter {
+    /// Writes the manifest for the first time.
+    pub fn create(path: &Path, manifest: RunManifest) -> Result<Self, ResultsError> {
+        write_json(path, &manifest)?;
+        Ok(ManifestWriter {
+            path: path.to_path_buf(),
+            manifest: Mutex::new(manifest),
+        })
+    }
+
+    /// Changes the manifest and writes it; a failed write is returned but
+    /// the change is kept for the next write.
+    pub fn update(&self, change: impl FnOnce(&mut RunManifest)) -> Result<(), ResultsError> {
+        let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut manifest);
+        write_json(&self.path, &*manifest)
+    }
+
+    /// Changes one board's entry.
+    pub fn update_board(
+        &self,
+        board: &str,
+        change: impl FnOnce(&mut BoardOutcome),
+    ) -> Result<(), ResultsError> {
+        self.update(|m| {
+            if let Some(entry) = m.boards.iter_mut().find(|b| b.board == board) {
+                change(entry);
+            }
+        })
+    }
+
+    pub fn snapshot(&self) -> RunManifest {
+        self.manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> RunManifest {
+        RunManifest {
+            run_id: "r".into(),
+            started_at: "2026-11-25T00:00:00Z".into(),
+            finished_at: None,
+            matrix: "smoke".into(),
+            matrices: Vec::new(),
+            config_path: "bench.toml".into(),
+            seed: 42,
+            git_commit: "abc".into(),
+            target: "sim1".into(),
+            versions: Versions {
+                quantbench: "0".into(),
+                llama_cpp_sys_2: "0".into(),
+                rustc: "r".into(),
+                agent_builds: Vec::new(),
+            },
+            host: HostInfo::current(),
+            boards: vec![BoardOutcome {
+                board: "sim1".into(),
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn board_updates_reach_the_file_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.json");
+        let writer = ManifestWriter::create(&path, manifest()).unwrap();
+        let on_disk: RunManifest = wire::files::read_json(&path).unwrap();
+        assert!(on_disk.boards[0].started_at.is_none());
+        writer
+            .update_board("sim1", |b| b.started_at = Some("t0".into()))
+            .unwrap();
+        writer
+            .update_board("nope", |b| b.started_at = Some("never".into()))
+            .unwrap();
+        let on_disk: RunManifest = wire::files::read_json(&path).unwrap();
+        assert_eq!(on_disk.boards[0].started_at.as_deref(), Some("t0"));
+        assert_eq!(on_disk.boards.len(), 1);
+    }
+}

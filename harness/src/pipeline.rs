@@ -1,0 +1,168 @@
+//! The one run pipeline, for every kind of job: config -> job kinds
+//! (inputs checked) -> session (boards, set-up, agents, run id) -> host-side
+//! preparation -> run directory and `run.json` -> every board's jobs at once
+//! -> merged rows -> summary and plots. Callable from tests without
+//! spawning the CLI.
+
+use crate::boards::ResolvedBoard;
+use crate::config::{BenchConfig, ConfigError};
+use crate::deploy::SshRunner;
+use crate::jobs::{kinds_for, JobError};
+use crate::manifest::{
+    BoardOutcome, HostInfo, ManifestWriter, MatrixRecord, RunManifest, Versions,
+};
+use crate::render::{render_run, RenderError, Rendered};
+use crate::run::{run_all, BoardPlan, BoardRunner, LocalRunner};
+use crate::session::{llama_cpp_sys_version, rustc_version, Session, SessionError, SessionOptions};
+use indicatif::MultiProgress;
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+use wire::files::{ResultsError, MANIFEST_FILE};
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+}
+
+/// What a finished run produced.
+pub struct BenchReport {
+    pub run_dir: PathBuf,
+    pub boards: Vec<BoardOutcome>,
+    pub rendered: Rendered,
+}
+
+impl BenchReport {
+    pub fn all_succeeded(&self) -> bool {
+        self.boards.iter().all(BoardOutcome::succeeded)
+    }
+}
+
+pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
+    let config = BenchConfig::load(&options.config_path)?;
+    // Every matrix and its inputs are checked before any build, so a typo
+    // fails in milliseconds.
+    let mut kinds = kinds_for(&config, &options.matrix)?;
+    let needs_host_agent = kinds.iter().any(|k| k.needs_host_agent());
+    let session = Session::open(options, &config, needs_host_agent)?;
+    for kind in kinds.iter_mut() {
+        kind.prepare(&session)?;
+    }
+
+    let run_dir = session.run_dir.clone();
+    std::fs::create_dir_all(&run_dir).map_err(|source| ResultsError::Io {
+        path: run_dir.clone(),
+        source,
+    })?;
+    let manifest = ManifestWriter::create(
+        &run_dir.join(MANIFEST_FILE),
+        RunManifest {
+            run_id: session.run_id.clone(),
+            started_at: wire::utc_now_rfc3339(),
+            finished_at: None,
+            matrix: options.matrix.clone(),
+            matrices: kinds
+                .iter()
+                .map(|k| MatrixRecord {
+                    name: k.matrix().to_string(),
+                    kind: k.kind().to_string(),
+                    spec: k.spec(),
+                })
+                .collect(),
+            config_path: options.config_path.display().to_string(),
+            seed: config.seed,
+            git_commit: session.commit.clone(),
+            target: session.target.clone(),
+            versions: Versions {
+                quantbench: env!("CARGO_PKG_VERSION").to_string(),
+                llama_cpp_sys_2: llama_cpp_sys_version(&session.workspace),
+                rustc: rustc_version(),
+                agent_builds: session.builds.clone(),
+            },
+            host: HostInfo::current(),
+            boards: session
+                .boards
+                .iter()
+                .map(|b| BoardOutcome {
+                    board: b.name.clone(),
+                    emulated: b.emulated,
+                    ..Default::default()
+                })
+                .collect(),
+        },
+    )?;
+
+    let multi = MultiProgress::new();
+    let log: Arc<dyn Fn(String) + Send + Sync> = {
+        let multi = multi.clone();
+        Arc::new(move |line: String| {
+            if multi.is_hidden() || multi.println(&line).is_err() {
+                eprintln!("{line}");
+            }
+        })
+    };
+    let mut plans = Vec::new();
+    for slot in &session.boards {
+        let mut jobs = Vec::new();
+        for (index, kind) in kinds.iter().enumerate() {
+            for mut job in kind.plan(&session, slot)? {
+                job.kind_index = index;
+                jobs.push(job);
+            }
+        }
+        let runner: Box<dyn BoardRunner> = match (&slot.board, session.agent_for(&slot.board)) {
+            (ResolvedBoard::Local, Some(agent)) => Box::new(LocalRunner {
+                board: slot.name.clone(),
+                agent: agent.path.clone(),
+            }),
+            (ResolvedBoard::Remote(r), Some(agent)) => Box::new(SshRunner {
+                board: r.clone(),
+                agent: agent.clone(),
+                accept_new_host_key: options.accept_new_host_key,
+                uploaded_bytes: Default::default(),
+                log: log.clone(),
+                prepared: false,
+            }),
+            (_, None) => {
+                return Err(JobError::MissingHostAgent(format!(
+                    "no agent was built for board {}",
+                    slot.name
+                ))
+                .into())
+            }
+        };
+        plans.push(BoardPlan {
+            runner,
+            emulated: slot.emulated,
+            jobs,
+        });
+    }
+    let outcomes = run_all(plans, &kinds, &run_dir, &manifest, &multi);
+    for outcome in &outcomes {
+        if let Some(e) = &outcome.error {
+            log(format!("board {} failed: {e}", outcome.board));
+        }
+    }
+    manifest.update(|m| m.finished_at = Some(wire::utc_now_rfc3339()))?;
+
+    let names = session.board_names();
+    for kind in &kinds {
+        kind.merge(&run_dir, &names)?;
+        kind.finish(&run_dir)?;
+    }
+    let rendered = render_run(&run_dir)?;
+    Ok(BenchReport {
+        run_dir,
+        boards: outcomes,
+        rendered,
+    })
+}

@@ -1,0 +1,315 @@
+//! Figures derived from rows, computed here once and used by both the
+//! summary tables and the plots: the decode rows (batch 1, most threads),
+//! speedups against F32, geometric means, thread scaling, error by type,
+//! the measured bandwidth, and the model matrix's tokens per second.
+
+use std::collections::{BTreeMap, BTreeSet};
+use wire::rows::{CellStatus, KernelRow, ModelRow};
+
+/// Rows of each board, boards in name order.
+pub fn by_board<T>(rows: &[T], board: impl Fn(&T) -> &str) -> BTreeMap<String, Vec<&T>> {
+    let mut out: BTreeMap<String, Vec<&T>> = BTreeMap::new();
+    for row in rows {
+        out.entry(board(row).to_string()).or_default().push(row);
+    }
+    out
+}
+
+/// Geometric mean of the positive values; `None` when there are none.
+pub fn geomean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let logs: Vec<f64> = values.filter(|v| *v > 0.0).map(f64::ln).collect();
+    (!logs.is_empty()).then(|| (logs.iter().sum::<f64>() / logs.len() as f64).exp())
+}
+
+/// Measured kernel rows at batch 1 (decode), with the most threads
+/// measured for each (shape, type).
+pub fn decode_rows<'a>(rows: &[&'a KernelRow]) -> Vec<&'a KernelRow> {
+    let mut best: BTreeMap<(&str, &str), &KernelRow> = BTreeMap::new();
+    for &r in rows
+        .iter()
+        .filter(|r| r.n == 1 && r.status == CellStatus::Ok && r.median_ns.is_some())
+    {
+        let key = (r.shape.as_str(), r.ty.as_str());
+        if best.get(&key).is_none_or(|b| r.threads > b.threads) {
+            best.insert(key, r);
+        }
+    }
+    best.into_values().collect()
+}
+
+/// Types with their bits per weight, most bits first.
+pub fn types_by_bits(rows: &[&KernelRow]) -> Vec<(String, f64)> {
+    let mut types: Vec<(String, f64)> = rows
+        .iter()
+        .map(|r| (r.ty.clone(), r.bits_per_weight))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
+        .collect();
+    types.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    types
+}
+
+/// F32 decode time over each type's, per (shape, type); empty without F32.
+pub fn speedup_vs_f32(decode: &[&KernelRow]) -> BTreeMap<(String, String), f64> {
+    let f32_ns: BTreeMap<&str, f64> = decode
+        .iter()
+        .filter(|r| r.ty == "F32")
+        .filter_map(|r| Some((r.shape.as_str(), r.median_ns?)))
+        .collect();
+    decode
+        .iter()
+        .filter_map(|r| {
+            let base = f32_ns.get(r.shape.as_str())?;
+            Some(((r.shape.clone(), r.ty.clone()), base / r.median_ns?))
+        })
+        .collect()
+}
+
+/// A per-(shape, type) figure of the decode rows.
+pub fn decode_values(
+    decode: &[&KernelRow],
+    value: impl Fn(&KernelRow) -> Option<f64>,
+) -> BTreeMap<(String, String), f64> {
+    decode
+        .iter()
+        .filter_map(|r| Some(((r.shape.clone(), r.ty.clone()), value(r)?)))
+        .collect()
+}
+
+/// Per type, GFLOP/s at batch 1 against threads: the geometric mean over
+/// the shapes measured at that thread count.
+pub fn thread_scaling(rows: &[&KernelRow]) -> BTreeMap<String, Vec<(usize, f64)>> {
+    let mut by_type: BTreeMap<String, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.n == 1 && r.status == CellStatus::Ok)
+    {
+        if let Some(g) = r.gflops {
+            by_type
+                .entry(r.ty.clone())
+                .or_default()
+                .entry(r.threads)
+                .or_default()
+                .push(g);
+        }
+    }
+    by_type
+        .into_iter()
+        .map(|(ty, points)| {
+            let line = points
+                .into_iter()
+                .filter_map(|(t, values)| Some((t, geomean(values.into_iter())?)))
+                .collect();
+            (ty, line)
+        })
+        .collect()
+}
+
+/// Per type: bits per weight and the geometric mean of its output NMSE over
+/// every measured cell.
+pub fn nmse_by_type(rows: &[&KernelRow]) -> Vec<(String, f64, f64)> {
+    let mut by_type: BTreeMap<String, (f64, Vec<f64>)> = BTreeMap::new();
+    for r in rows {
+        if let Some(e) = r.nmse.filter(|e| *e > 0.0) {
+            by_type
+                .entry(r.ty.clone())
+                .or_insert((r.bits_per_weight, Vec::new()))
+                .1
+                .push(e);
+        }
+    }
+    by_type
+        .into_iter()
+        .filter_map(|(ty, (bits, errors))| Some((ty, bits, geomean(errors.into_iter())?)))
+        .collect()
+}
+
+/// The board's measured read bandwidth, recovered from the share each row
+/// carries (GB/s).
+pub fn measured_bandwidth(rows: &[&KernelRow]) -> Option<f64> {
+    rows.iter()
+        .find_map(|r| Some(r.weight_gbps? / r.bandwidth_share?))
+}
+
+/// One line of the kernel summary: a type's decode figures on one board.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeFigures {
+    pub ty: String,
+    pub bits_per_weight: f64,
+    pub ok: usize,
+    pub unsupported: usize,
+    pub failed: usize,
+    pub speedup_vs_f32: Option<f64>,
+    pub gflops: Option<f64>,
+    pub weight_gbps: Option<f64>,
+    pub bandwidth_share: Option<f64>,
+    pub nmse: Option<f64>,
+}
+
+/// Per type (most bits first), its cells by status and the geometric means
+/// over shapes of its decode figures, for one board's rows.
+pub fn type_figures(rows: &[&KernelRow]) -> Vec<TypeFigures> {
+    let decode = decode_rows(rows);
+    let speedups = speedup_vs_f32(&decode);
+    let nmse: BTreeMap<String, f64> = nmse_by_type(rows)
+        .into_iter()
+        .map(|(ty, _, e)| (ty, e))
+        .collect();
+    types_by_bits(rows)
+        .into_iter()
+        .map(|(ty, bits)| {
+            let of_type: Vec<&&KernelRow> = rows.iter().filter(|r| r.ty == ty).collect();
+            let count = |s| of_type.iter().filter(|r| r.status == s).count();
+            let dec: Vec<&&KernelRow> = decode.iter().filter(|r| r.ty == ty).collect();
+            TypeFigures {
+                ok: count(CellStatus::Ok),
+                unsupported: count(CellStatus::Unsupported),
+                failed: count(CellStatus::Failed),
+                speedup_vs_f32: geomean(
+                    speedups
+                        .iter()
+                        .filter(|((_, t), _)| *t == ty)
+                        .map(|(_, v)| *v),
+                ),
+                gflops: geomean(dec.iter().filter_map(|r| r.gflops)),
+                weight_gbps: geomean(dec.iter().filter_map(|r| r.weight_gbps)),
+                bandwidth_share: geomean(dec.iter().filter_map(|r| r.bandwidth_share)),
+                nmse: nmse.get(&ty).copied(),
+                bits_per_weight: bits,
+                ty,
+            }
+        })
+        .collect()
+}
+
+/// The model matrix's figures for one board, at the most threads measured.
+pub struct ModelFigures<'a> {
+    pub rows: Vec<&'a ModelRow>,
+    pub max_threads: usize,
+}
+
+impl<'a> ModelFigures<'a> {
+    pub fn new(rows: &[&'a ModelRow]) -> Self {
+        let max_threads = rows
+            .iter()
+            .filter(|r| r.status == CellStatus::Ok)
+            .map(|r| r.n_threads)
+            .max()
+            .unwrap_or(0);
+        ModelFigures {
+            rows: rows.to_vec(),
+            max_threads,
+        }
+    }
+
+    /// The measured generation (tg) rows at the most threads.
+    pub fn tg_rows(&self) -> Vec<&'a ModelRow> {
+        self.rows
+            .iter()
+            .copied()
+            .filter(|r| {
+                r.status == CellStatus::Ok && r.n_gen > 0 && r.n_threads == self.max_threads
+            })
+            .collect()
+    }
+
+    /// Tokens per second of (model, recipe) for `pp` or `tg`.
+    pub fn tokens_per_second(&self, model: &str, recipe: &str, prompt: bool) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| {
+                r.model_filename == model
+                    && r.recipe == recipe
+                    && r.status == CellStatus::Ok
+                    && r.n_threads == self.max_threads
+                    && if prompt { r.n_prompt > 0 } else { r.n_gen > 0 }
+            })
+            .and_then(|r| r.avg_ts)
+    }
+
+    /// Generation speed of each (model, recipe) over the model's f32.
+    pub fn tg_speedup_vs_f32(&self) -> BTreeMap<(String, String), f64> {
+        self.tg_rows()
+            .iter()
+            .filter_map(|r| {
+                let base = self.tokens_per_second(&r.model_filename, "f32", false)?;
+                Some((
+                    (r.model_filename.clone(), r.recipe.clone()),
+                    r.avg_ts? / base,
+                ))
+            })
+            .collect()
+    }
+
+    /// Milliseconds per generated token of each (model, recipe).
+    pub fn ms_per_token(&self) -> BTreeMap<(String, String), f64> {
+        self.tg_rows()
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    (r.model_filename.clone(), r.recipe.clone()),
+                    1000.0 / r.avg_ts?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Recipes with their bits per weight, most bits first.
+    pub fn recipes_by_bits(&self) -> Vec<(String, f64)> {
+        let mut recipes: Vec<(String, f64)> = self
+            .tg_rows()
+            .iter()
+            .map(|r| (r.recipe.clone(), r.bits_per_weight))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        recipes.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        recipes
+    }
+}
+
+/// Boards whose rows are emulated, of those given.
+pub fn emulated_boards<T>(rows: &[T], board: impl Fn(&T) -> (&str, bool)) -> Vec<String> {
+    rows.iter()
+        .filter_map(|r| {
+            let (name, emulated) = board(r);
+            emulated.then(|| name.to_string())
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::rows::example_row;
+
+    #[test]
+    fn decode_rows_keep_the_most_threads_and_speedup_is_f32_over_type() {
+        let mut f32_row = example_row("f");
+        f32_row.ty = "F32".into();
+        f32_row.bits_per_weight = 32.0;
+        f32_row.median_ns = Some(600_000.0);
+        let mut q4_t1 = example_row("q1");
+        q4_t1.threads = 1;
+        q4_t1.median_ns = Some(300_000.0);
+        let mut q4 = example_row("q");
+        q4.median_ns = Some(150_000.0);
+        let rows = [f32_row, q4_t1, q4];
+        let refs: Vec<&KernelRow> = rows.iter().collect();
+        let decode = decode_rows(&refs);
+        assert_eq!(decode.len(), 2);
+        let figures = type_figures(&refs);
+        assert_eq!(figures[0].ty, "F32");
+        assert_eq!(figures[1].ty, "Q4_0");
+        assert_eq!(figures[1].speedup_vs_f32, Some(4.0));
+        assert_eq!(figures[1].ok, 2);
+    }
+
+    #[test]
+    fn geomean_skips_non_positive_values() {
+        assert_eq!(geomean([2.0, 8.0, 0.0].into_iter()), Some(4.0));
+        assert_eq!(geomean(std::iter::empty()), None);
+    }
+}

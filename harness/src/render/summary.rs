@@ -1,0 +1,191 @@
+//! The human-readable summary (`summary.md`): per board, a line per kernel
+//! type and a line per model recipe, then every kernel cell. Figures come
+//! from `figures`, the same ones the plots draw.
+
+use super::figures::{by_board, type_figures, ModelFigures};
+use super::RunData;
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use wire::rows::{CellStatus, KernelRow, ModelRow};
+
+/// The summary's tables (printed by the CLI) and the whole file.
+pub fn summary(run: &RunData) -> (String, String) {
+    let m = &run.manifest;
+    let mut tables = String::new();
+    if !run.kernel_rows.is_empty() {
+        tables.push_str(&type_table(&run.kernel_rows));
+    }
+    if !run.model_rows.is_empty() {
+        tables.push_str(&model_table(&run.model_rows));
+    }
+    let mut full = format!(
+        "# quantbench run {}\n\nmatrix `{}`, commit {}, started {}\n{}",
+        m.run_id, m.matrix, m.git_commit, m.started_at, tables
+    );
+    if !run.kernel_rows.is_empty() {
+        let _ = write!(full, "\n## All cells\n\n{}", cell_table(&run.kernel_rows));
+    }
+    (tables, full)
+}
+
+fn emulated_note(emulated: bool) -> &'static str {
+    if emulated {
+        " (EMULATED: timings measure qemu, not the board)"
+    } else {
+        ""
+    }
+}
+
+/// Per board: one line per type with its decode (batch 1, most threads)
+/// figures, geometric means over shapes, ordered by bits per weight.
+pub fn type_table(rows: &[KernelRow]) -> String {
+    let mut out = String::new();
+    for (board, rows) in by_board(rows, |r| &r.board) {
+        let emulated = rows.iter().any(|r| r.emulated);
+        let _ = writeln!(out, "\n### {board}{}\n", emulated_note(emulated));
+        let _ = writeln!(
+            out,
+            "| type | bits/weight | cells ok | unsupported | failed | speedup vs F32 | GFLOP/s | weight GB/s | share of bandwidth | output NMSE |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for t in type_figures(&rows) {
+            let _ = writeln!(
+                out,
+                "| {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                t.ty,
+                t.bits_per_weight,
+                t.ok,
+                t.unsupported,
+                t.failed,
+                fmt_opt(t.speedup_vs_f32, |v| format!("{v:.2}x")),
+                fmt_opt(t.gflops, |v| format!("{v:.1}")),
+                fmt_opt(t.weight_gbps, |v| format!("{v:.1}")),
+                fmt_opt(t.bandwidth_share, |v| format!("{:.0}%", v * 100.0)),
+                fmt_opt(t.nmse, |v| format!("{v:.2e}")),
+            );
+        }
+    }
+    out
+}
+
+/// Every cell, for the summary file.
+pub fn cell_table(rows: &[KernelRow]) -> String {
+    let mut out = String::from(
+        "| board | shape | type | N | threads | median µs | GFLOP/s | weight GB/s | NMSE | path / note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        let path_or_note = if r.status == CellStatus::Ok {
+            r.kernel_path.clone()
+        } else {
+            format!("{:?}: {}", r.status, r.note).to_lowercase()
+        };
+        let _ = writeln!(
+            out,
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.board,
+            if r.emulated { " (emu)" } else { "" },
+            r.shape,
+            r.ty,
+            r.n,
+            r.threads,
+            fmt_opt(r.median_ns, |v| format!("{:.1}", v / 1000.0)),
+            fmt_opt(r.gflops, |v| format!("{v:.1}")),
+            fmt_opt(r.weight_gbps, |v| format!("{v:.1}")),
+            fmt_opt(r.nmse, |v| format!("{v:.2e}")),
+            path_or_note.replace('|', "/"),
+        );
+    }
+    out
+}
+
+/// Per board, one line per model x recipe at the most threads measured,
+/// with llama-bench's pp/tg figures and the quality columns.
+pub fn model_table(rows: &[ModelRow]) -> String {
+    let mut out = String::new();
+    for (board, rows) in by_board(rows, |r| &r.board) {
+        let emulated = rows.iter().any(|r| r.emulated);
+        let header = "| model | recipe | bits/weight | size MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | MC acc | repetition | fallbacks | generated text |";
+        let _ = writeln!(out, "\n### {board} models{}\n", emulated_note(emulated));
+        let _ = writeln!(out, "{header}");
+        let _ = writeln!(
+            out,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+        let figures = ModelFigures::new(&rows);
+        let mut seen = BTreeSet::new();
+        for r in &rows {
+            if !seen.insert((r.model_filename.clone(), r.recipe.clone())) {
+                continue;
+            }
+            if r.status != CellStatus::Ok {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | – | – | – | – | – | – | – | – | – | – | – | failed: {} |",
+                    r.model_filename,
+                    r.recipe,
+                    r.note.replace('|', "/")
+                );
+                continue;
+            }
+            let pp = figures.tokens_per_second(&r.model_filename, &r.recipe, true);
+            let tg = figures.tokens_per_second(&r.model_filename, &r.recipe, false);
+            let speedup = tg
+                .zip(figures.tokens_per_second(&r.model_filename, "f32", false))
+                .map(|(a, b)| a / b);
+            let text: String = r.generated_text.chars().take(60).collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.model_filename,
+                r.recipe,
+                r.bits_per_weight,
+                r.file_bytes as f64 / 1e6,
+                fmt_opt(pp, |v| format!("{v:.0}")),
+                fmt_opt(tg, |v| format!("{v:.0}")),
+                fmt_opt(speedup, |v| format!("{v:.2}x")),
+                fmt_opt(r.ppl, |v| format!("{v:.4}")),
+                fmt_opt(r.kld_mean, |v| format!("{v:.6}")),
+                fmt_opt(r.top1_agreement, |v| format!("{:.2}%", v * 100.0)),
+                fmt_opt(r.mc_accuracy, |v| format!("{:.0}%", v * 100.0)),
+                fmt_opt(r.repetition_score, |v| format!("{v:.2}")),
+                if r.fallbacks.is_empty() {
+                    0
+                } else {
+                    r.fallbacks.split(';').count()
+                },
+                text.replace('|', "/").replace('\n', " "),
+            );
+        }
+    }
+    out
+}
+
+fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "–".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::rows::example_row;
+
+    #[test]
+    fn type_table_shows_speedup_against_f32_and_flags_emulation() {
+        let mut f32_row = example_row("f");
+        f32_row.ty = "F32".into();
+        f32_row.bits_per_weight = 32.0;
+        f32_row.median_ns = Some(600_000.0);
+        let mut q4 = example_row("q");
+        q4.median_ns = Some(150_000.0);
+        let mut emu = q4.clone();
+        emu.board = "sim1".into();
+        emu.emulated = true;
+        let table = type_table(&[f32_row, q4, emu]);
+        assert!(
+            table.contains("| Q4_0 | 4.50 | 1 | 0 | 0 | 4.00x |"),
+            "{table}"
+        );
+        assert!(table.contains("### sim1 (EMULATED"), "{table}");
+        assert!(!table.contains("### local (EMULATED"), "{table}");
+    }
+}

@@ -1,0 +1,292 @@
+//! The session stage every run goes through once, whatever its jobs: the
+//! target resolved to boards, the machine set up for what they need, one
+//! agent built per board profile (and one for the host when a job prepares
+//! work there), and a run id whose directory does not exist yet.
+
+use crate::boards::{resolve_targets, BoardsFile, ResolvedBoard, SshConfig, TargetError};
+use crate::build::{
+    build_board_agent, build_host_agent, workspace_root, AgentBuild, BuildError, Builder,
+};
+use crate::config::{BenchConfig, ConfigError};
+use crate::manifest::BuildRecord;
+use crate::setup::Need;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Setup(#[from] crate::setup::SetupError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Testbed(#[from] crate::testbed::TestbedError),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the command line says about where and how to run.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub config_path: PathBuf,
+    /// `--matrix`: one name or a comma list of kernel and model matrices.
+    pub matrix: String,
+    /// `--target`; `None` means the embedded default: one emulated Pi 5
+    /// brought up on this machine (`testbed up --boards 1`), board `sim1`.
+    pub target: Option<String>,
+    pub results_root: PathBuf,
+    pub builder: Builder,
+    pub accept_new_host_key: bool,
+}
+
+/// A board of this run, as the jobs and the runner see it.
+#[derive(Debug, Clone)]
+pub struct BoardSlot {
+    pub board: ResolvedBoard,
+    pub name: String,
+    pub emulated: bool,
+}
+
+pub struct Session {
+    pub options: SessionOptions,
+    pub workspace: PathBuf,
+    /// `--target` as given, or the default's board.
+    pub target: String,
+    pub boards: Vec<BoardSlot>,
+    pub commit: String,
+    pub run_id: String,
+    /// `<results>/<run_id>`; created by the pipeline once jobs are prepared.
+    pub run_dir: PathBuf,
+    /// The agent for this machine, when a board is `local` or a job
+    /// prepares work on the host (quantizing models).
+    pub host_agent: Option<AgentBuild>,
+    /// Agents for remote boards by profile name.
+    pub board_agents: BTreeMap<String, AgentBuild>,
+    pub builds: Vec<BuildRecord>,
+}
+
+impl Session {
+    /// Resolves the target, sets up, builds the agents. `host_agent` asks
+    /// for the host's own agent even when no board is `local`.
+    pub fn open(
+        options: &SessionOptions,
+        config: &BenchConfig,
+        host_agent: bool,
+    ) -> Result<Session, SessionError> {
+        let workspace = workspace_root();
+        let target = target_or_default(options.target.as_deref(), &workspace)?;
+        let boards = resolve_targets(
+            &target,
+            &known_boards(config, &workspace)?,
+            &SshConfig::load_default(),
+        )?;
+        let any_remote = boards.iter().any(|b| matches!(b, ResolvedBoard::Remote(_)));
+        let mut needs = vec![Need::HostBuild];
+        if any_remote {
+            needs.push(Need::CrossBuild);
+        }
+        crate::setup::ensure(&needs)?;
+
+        let mut builds = Vec::new();
+        let mut timed = |profile: &str,
+                         build: &dyn Fn() -> Result<AgentBuild, BuildError>|
+         -> Result<AgentBuild, BuildError> {
+            let started = std::time::Instant::now();
+            let agent = build()?;
+            let record = BuildRecord {
+                profile: profile.to_string(),
+                hash: agent.hash.clone(),
+                target_triple: agent.target_triple.clone(),
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            eprintln!(
+                "agent for {} built: {} ({}) in {:.1} s",
+                record.profile, record.hash, record.target_triple, record.seconds
+            );
+            builds.push(record);
+            Ok(agent)
+        };
+        let needs_host = host_agent || boards.iter().any(|b| matches!(b, ResolvedBoard::Local));
+        let host_agent = if needs_host {
+            Some(timed("local", &|| build_host_agent(&workspace))?)
+        } else {
+            None
+        };
+        let mut board_agents = BTreeMap::new();
+        for board in &boards {
+            if let ResolvedBoard::Remote(r) = board {
+                let profile = r.profile.name().to_string();
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    board_agents.entry(profile)
+                {
+                    let agent = timed(slot.key(), &|| {
+                        build_board_agent(&workspace, r.profile, options.builder)
+                    })?;
+                    slot.insert(agent);
+                }
+            }
+        }
+
+        let commit = git_commit(&workspace);
+        let run_id = unique_run_id(&options.results_root, &commit);
+        let run_dir = options.results_root.join(&run_id);
+        let boards = boards
+            .into_iter()
+            .map(|board| BoardSlot {
+                name: board.name().to_string(),
+                emulated: matches!(&board, ResolvedBoard::Remote(r) if r.emulated),
+                board,
+            })
+            .collect();
+        Ok(Session {
+            options: options.clone(),
+            workspace,
+            target,
+            boards,
+            commit,
+            run_id,
+            run_dir,
+            host_agent,
+            board_agents,
+            builds,
+        })
+    }
+
+    /// The agent that runs on `board`.
+    pub fn agent_for(&self, board: &ResolvedBoard) -> Option<&AgentBuild> {
+        match board {
+            ResolvedBoard::Local => self.host_agent.as_ref(),
+            ResolvedBoard::Remote(r) => self.board_agents.get(r.profile.name()),
+        }
+    }
+
+    pub fn board_names(&self) -> Vec<String> {
+        self.boards.iter().map(|b| b.name.clone()).collect()
+    }
+}
+
+/// `<run_dir>/boards/<board>/`: one board's files within a run.
+pub fn board_dir(run_dir: &Path, board: &str) -> PathBuf {
+    run_dir.join("boards").join(board)
+}
+
+/// Boards from the config plus the testbed's, when it is up (the config's
+/// own definitions win on a name clash).
+pub fn known_boards(config: &BenchConfig, workspace: &Path) -> Result<BoardsFile, SessionError> {
+    let mut file = BoardsFile::default();
+    let testbed_file = crate::testbed::boards_file_path(workspace);
+    if testbed_file.exists() {
+        let text = std::fs::read_to_string(&testbed_file).map_err(|source| SessionError::Read {
+            path: testbed_file.clone(),
+            source,
+        })?;
+        file = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: testbed_file.clone(),
+            message: e.message().to_string(),
+        })?;
+    }
+    file.boards.extend(config.boards.clone());
+    file.groups.extend(config.groups.clone());
+    Ok(file)
+}
+
+/// `--target`, or the embedded default: one emulated Pi 5 on this machine
+/// (brought up when it is not), board `sim1`.
+pub fn target_or_default(target: Option<&str>, workspace: &Path) -> Result<String, SessionError> {
+    if let Some(t) = target {
+        return Ok(t.to_string());
+    }
+    if !crate::testbed::is_up(workspace, 1) {
+        eprintln!("no --target: bringing up one emulated Pi 5 (cargo xtask testbed up --boards 1)");
+        crate::testbed::up(workspace, 1)?;
+    }
+    Ok(crate::testbed::board_name(1))
+}
+
+/// A run id whose directory does not exist yet (two runs in one second
+/// must not share one).
+pub fn unique_run_id(results_root: &Path, commit: &str) -> String {
+    let mut run_id = new_run_id(commit);
+    for attempt in 2.. {
+        if !results_root.join(&run_id).exists() {
+            break;
+        }
+        run_id = format!("{}-{attempt}", new_run_id(commit));
+    }
+    run_id
+}
+
+/// `<UTC time>-<commit>`: sorts by time, names the code measured.
+pub fn new_run_id(commit: &str) -> String {
+    format!("{}-{commit}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"))
+}
+
+/// The pinned llama-cpp-sys-2 version, read from the workspace manifest.
+pub fn llama_cpp_sys_version(workspace: &Path) -> String {
+    std::fs::read_to_string(workspace.join("Cargo.toml"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("llama-cpp-sys-2"))
+                .and_then(|l| l.split("version = \"").nth(1))
+                .and_then(|v| v.split('"').next())
+                .map(|v| v.trim_start_matches('=').to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn rustc_version() -> String {
+    Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Short commit of the workspace, with `-dirty` when it has local changes.
+pub fn git_commit(workspace: &Path) -> String {
+    let run = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(workspace)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(commit) = run(&["rev-parse", "--short=7", "HEAD"]) else {
+        return "nogit".into();
+    };
+    let dirty =
+        run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_never_reuse_an_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = unique_run_id(dir.path(), "abc");
+        std::fs::create_dir(dir.path().join(&first)).unwrap();
+        let second = unique_run_id(dir.path(), "abc");
+        assert_ne!(first, second);
+        assert!(second.ends_with("abc") || second.contains("abc-"));
+    }
+}

@@ -1,0 +1,126 @@
+//! The kernel job the host sends an agent: a matrix's cells for one board,
+//! with the timing policy and the synthetic data to use.
+
+use crate::ggml_type::{Distribution, GgmlType};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A weight matrix shape: `rows` (M, outputs) x `cols` (K, the inner
+/// dimension every block quantizer splits into blocks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Worker threads for a cell: a number, or every core of the board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ThreadCount {
+    Fixed(usize),
+    #[serde(with = "all_literal")]
+    All,
+}
+
+mod all_literal {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("all")
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "all" {
+            Ok(())
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "threads must be a number or \"all\", not \"{text}\""
+            )))
+        }
+    }
+}
+
+impl ThreadCount {
+    pub fn resolve(self, cores: usize) -> usize {
+        match self {
+            ThreadCount::Fixed(n) => n,
+            ThreadCount::All => cores.max(1),
+        }
+    }
+}
+
+impl fmt::Display for ThreadCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ThreadCount::Fixed(n) => write!(f, "{n}"),
+            ThreadCount::All => f.write_str("all"),
+        }
+    }
+}
+
+/// One measurement: a type, a shape, a batch and a thread count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Stable within a run: `<shape>/<type>/n<batch>/t<threads>`.
+    pub id: String,
+    pub ty: GgmlType,
+    pub shape: Shape,
+    pub batch_tokens: usize,
+    pub threads: ThreadCount,
+}
+
+impl Cell {
+    pub fn new(ty: GgmlType, shape: Shape, batch_tokens: usize, threads: ThreadCount) -> Self {
+        let id = format!("{}/{}/n{}/t{}", shape.name, ty, batch_tokens, threads);
+        Self {
+            id,
+            ty,
+            shape,
+            batch_tokens,
+            threads,
+        }
+    }
+}
+
+/// Timing policy shared by every cell of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimingPolicy {
+    pub warmup: u32,
+    pub min_reps: u32,
+    pub min_time_ms: u64,
+    pub max_time_ms: u64,
+}
+
+/// Everything an agent needs to run a matrix on one board.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub run_id: String,
+    pub board: String,
+    /// True when the board is an emulator: its timings measure the
+    /// emulator, and every row and plot says so.
+    pub emulated: bool,
+    pub git_commit: String,
+    pub seed: u64,
+    pub repack: bool,
+    pub distribution: Distribution,
+    pub timing: TimingPolicy,
+    pub cells: Vec<Cell>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_count_resolves_all_to_cores() {
+        assert_eq!(ThreadCount::All.resolve(4), 4);
+        assert_eq!(ThreadCount::Fixed(2).resolve(4), 2);
+    }
+
+    #[test]
+    fn thread_counts_read_numbers_and_all_only() {
+        let parsed: Vec<ThreadCount> = serde_json::from_str("[2, \"all\"]").unwrap();
+        assert_eq!(parsed, vec![ThreadCount::Fixed(2), ThreadCount::All]);
+        assert!(serde_json::from_str::<ThreadCount>("\"many\"").is_err());
+    }
+}

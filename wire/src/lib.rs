@@ -1,0 +1,31 @@
+//! What crosses the wire between quantbench's host and its on-board agent,
+//! and nothing else: the job specs the host sends (`kernel_job`,
+//! `model_job`), the rows the agent returns and their CSV schema (`rows`,
+//! written and read by `files`), the progress events it streams
+//! (`progress`), the board description (`probe`), the agent's build
+//! identity (`build_id`), GGML's type table (`ggml_type`) and the statistics
+//! both sides compute from raw samples (`stats`). It links no GGML, no SSH,
+//! no plotting: the agent and the host library both depend on it.
+
+pub mod build_id;
+pub mod files;
+pub mod ggml_type;
+pub mod kernel_job;
+pub mod model_job;
+pub mod probe;
+pub mod progress;
+pub mod rows;
+pub mod stats;
+
+/// Current UTC time as RFC 3339 with second precision (`2026-11-22T17:00:00Z`).
+pub fn utc_now_rfc3339() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Current UTC time as RFC 3339 with milliseconds, for spans that must be
+/// compared with each other (board and job start and end times).
+pub fn utc_now_rfc3339_millis() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}

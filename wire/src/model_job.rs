@@ -1,0 +1,149 @@
+//! The model job the host sends an agent: one model's recipe files (paths
+//! on the machine that runs the agent), the evaluation text and tasks, and
+//! how to time it.
+
+use crate::kernel_job::ThreadCount;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use thiserror::Error;
+
+/// One recipe's file, ready for the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecipeFile {
+    pub recipe: String,
+    /// Path on the machine that runs the agent.
+    pub path: String,
+    /// `tensor:wanted->got` for tensors the quantizer stored in another
+    /// type than the recipe asked (e.g. rows not a multiple of the block).
+    pub fallbacks: Vec<String>,
+    pub file_bytes: u64,
+}
+
+/// Everything an agent needs to run the model matrix for one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelJob {
+    pub run_id: String,
+    pub board: String,
+    pub emulated: bool,
+    pub git_commit: String,
+    pub model_name: String,
+    /// The unquantized model: the reference for KL divergence and top-1.
+    pub base: RecipeFile,
+    pub recipes: Vec<RecipeFile>,
+    pub threads: Vec<ThreadCount>,
+    pub text: String,
+    pub ctx: usize,
+    pub prompt: String,
+    pub generate_tokens: usize,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub repetitions: u32,
+    /// Multiple-choice JSONL on the machine that runs the agent.
+    #[serde(default)]
+    pub multiple_choice: Option<String>,
+}
+
+/// A multiple-choice file that cannot be used, with the file and line.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ChoiceTaskError(String);
+
+/// One multiple-choice task in the HellaSwag layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceTask {
+    pub ctx: String,
+    pub endings: Vec<String>,
+    #[serde(deserialize_with = "label_number")]
+    pub label: usize,
+}
+
+fn label_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Label {
+        Number(usize),
+        Text(String),
+    }
+    match Label::deserialize(d)? {
+        Label::Number(n) => Ok(n),
+        Label::Text(t) => t.trim().parse().map_err(serde::de::Error::custom),
+    }
+}
+
+/// Reads HellaSwag-layout JSONL; errors name the line.
+pub fn read_choice_tasks(path: &Path) -> Result<Vec<ChoiceTask>, ChoiceTaskError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ChoiceTaskError(format!("{}: {e}", path.display())))?;
+    let mut tasks = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let task: ChoiceTask = serde_json::from_str(line)
+            .map_err(|e| ChoiceTaskError(format!("{} line {}: not a HellaSwag task ({e}); expected {{\"ctx\": ..., \"endings\": [...], \"label\": n}}", path.display(), i + 1)))?;
+        if task.label >= task.endings.len() {
+            return Err(ChoiceTaskError(format!(
+                "{} line {}: label {} but only {} endings",
+                path.display(),
+                i + 1,
+                task.label,
+                task.endings.len()
+            )));
+        }
+        tasks.push(task);
+    }
+    if tasks.is_empty() {
+        return Err(ChoiceTaskError(format!("{}: no tasks", path.display())));
+    }
+    Ok(tasks)
+}
+
+/// Share of word trigrams that repeat an earlier one: 0 for varied text,
+/// close to 1 for "in in in in ...".
+pub fn repetition_score(text: &str) -> f64 {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.len() < 3 {
+        return 0.0;
+    }
+    let grams: Vec<&[&str]> = words.windows(3).collect();
+    let unique: std::collections::HashSet<&[&str]> = grams.iter().copied().collect();
+    1.0 - unique.len() as f64 / grams.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_score_flags_degenerate_text() {
+        assert_eq!(repetition_score("once upon a time there was a girl"), 0.0);
+        assert!(repetition_score("in in in in in in in in in in") > 0.8);
+    }
+
+    #[test]
+    fn choice_tasks_accept_string_labels_and_name_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mc.jsonl");
+        std::fs::write(
+            &path,
+            "{\"ctx\":\"a\",\"endings\":[\"b\",\"c\"],\"label\":\"1\"}\n\n",
+        )
+        .unwrap();
+        assert_eq!(read_choice_tasks(&path).unwrap()[0].label, 1);
+        std::fs::write(
+            &path,
+            "{\"ctx\":\"a\",\"endings\":[\"b\"],\"label\":0}\n{\"ctx\":1}\n",
+        )
+        .unwrap();
+        assert!(read_choice_tasks(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
+        std::fs::write(&path, "{\"ctx\":\"a\",\"endings\":[\"b\"],\"label\":3}\n").unwrap();
+        assert!(read_choice_tasks(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("label 3"));
+    }
+}
