@@ -66,12 +66,6 @@ pub enum TransportError {
         step: String,
         source: std::io::Error,
     },
-    #[error("board {board}: unsafe value `{value}` for {what}: only letters, digits and . _ - / ~ @ : + = , are allowed")]
-    UnsafeValue {
-        board: String,
-        what: String,
-        value: String,
-    },
 }
 
 impl TransportError {

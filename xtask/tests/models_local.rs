@@ -31,17 +31,29 @@ fn config(models: &[String], recipes: &str) -> String {
     )
 }
 
-#[test]
-fn model_quick_gives_rows_quality_text_and_plots() {
+/// A folder with a bench.toml whose matrix `m` runs the fixture model.
+fn fixture_model_config(recipes: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bench.toml"),
-        config(
-            &[fixture("stories260K.gguf")],
-            "\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"",
-        ),
+        config(&[fixture("stories260K.gguf")], recipes),
     )
     .unwrap();
+    dir
+}
+
+fn only_run_dir(dir: &Path) -> std::path::PathBuf {
+    let runs: Vec<_> = std::fs::read_dir(dir.join("results"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
+
+#[test]
+fn model_quick_gives_rows_quality_text_and_plots() {
+    let dir = fixture_model_config("\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"");
     let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
     assert!(
         out.status.success(),
@@ -49,12 +61,7 @@ fn model_quick_gives_rows_quality_text_and_plots() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let run = std::fs::read_dir(dir.path().join("results"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let run = only_run_dir(dir.path());
     let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
     let by = |recipe: &str, test: &str| {
         rows.iter()
@@ -130,24 +137,14 @@ fn model_quick_gives_rows_quality_text_and_plots() {
 
 #[test]
 fn plot_redraws_a_model_only_run_and_refuses_unknown_plot_names() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bench.toml"),
-        config(&[fixture("stories260K.gguf")], "\"f32\", \"q4_0\""),
-    )
-    .unwrap();
+    let dir = fixture_model_config("\"f32\", \"q4_0\"");
     let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let run = std::fs::read_dir(dir.path().join("results"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let run = only_run_dir(dir.path());
     assert!(!run.join("kernels.csv").exists(), "a model-only run");
     std::fs::remove_dir_all(run.join("plots")).unwrap();
     std::fs::remove_file(run.join("summary.md")).unwrap();
@@ -221,12 +218,7 @@ fn bad_model_files_fail_before_any_work_with_one_line() {
 
 #[test]
 fn recipe_the_model_cannot_take_is_refused_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bench.toml"),
-        config(&[fixture("stories260K.gguf")], "\"q8_0\", \"q4_k_m\""),
-    )
-    .unwrap();
+    let dir = fixture_model_config("\"q8_0\", \"q4_k_m\"");
     let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
     assert!(!out.status.success());
     // The agent build ran first (cargo may print to stderr); the error is one line.
