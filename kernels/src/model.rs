@@ -179,6 +179,13 @@ pub struct LoadedModel {
     model: *mut sys::llama_model,
     ctx: *mut sys::llama_context,
     vocab: *const sys::llama_vocab,
+    /// GGML's persistent worker pool, attached to the context. Without
+    /// one, GGML's CPU backend (built without OpenMP for static agents)
+    /// creates and joins its worker threads on every graph computation: a
+    /// fixed cost of tens of microseconds per decoded token that stock
+    /// llama-bench, which attaches a pool, does not pay.
+    threadpool: *mut sys::ggml_threadpool,
+    threadpool_threads: usize,
     n_ctx: usize,
     n_vocab: usize,
 }
@@ -252,13 +259,17 @@ impl LoadedModel {
                 return Err(ModelError::Llama("could not create a context".into()));
             }
             let vocab = sys::llama_model_get_vocab(model);
-            Ok(LoadedModel {
+            let mut loaded = LoadedModel {
                 model,
                 ctx,
                 vocab,
+                threadpool: std::ptr::null_mut(),
+                threadpool_threads: 0,
                 n_ctx,
                 n_vocab: sys::llama_vocab_n_tokens(vocab) as usize,
-            })
+            };
+            loaded.attach_threadpool(threads)?;
+            Ok(loaded)
         }
     }
 
@@ -351,9 +362,39 @@ impl LoadedModel {
         }
     }
 
-    pub fn set_threads(&mut self, threads: usize) {
+    /// Uses `threads` threads from now on (a larger pool when needed).
+    pub fn set_threads(&mut self, threads: usize) -> Result<(), ModelError> {
+        if threads > self.threadpool_threads {
+            self.attach_threadpool(threads)?;
+        }
         // SAFETY: ctx is valid.
         unsafe { sys::llama_set_n_threads(self.ctx, threads as i32, threads as i32) };
+        Ok(())
+    }
+
+    /// Replaces the context's worker pool with one of `threads` workers
+    /// (llama-bench's default parameters: poll 50, no CPU mask).
+    fn attach_threadpool(&mut self, threads: usize) -> Result<(), ModelError> {
+        let threads = threads.max(1);
+        // SAFETY: ctx is valid; the old pool is detached before it is
+        // freed, and the new one outlives its attachment (freed in Drop
+        // after the context).
+        unsafe {
+            let mut params = sys::ggml_threadpool_params_default(threads as i32);
+            let pool = sys::ggml_threadpool_new(&mut params);
+            if pool.is_null() {
+                return Err(ModelError::Llama(
+                    "ggml_threadpool_new returned NULL".into(),
+                ));
+            }
+            sys::llama_attach_threadpool(self.ctx, pool, pool);
+            if !self.threadpool.is_null() {
+                sys::ggml_threadpool_free(self.threadpool);
+            }
+            self.threadpool = pool;
+            self.threadpool_threads = threads;
+        }
+        Ok(())
     }
 
     /// True when the model wants a BOS token at the start of a sequence.
@@ -436,6 +477,9 @@ impl Drop for LoadedModel {
         unsafe {
             sys::llama_free(self.ctx);
             sys::llama_model_free(self.model);
+            if !self.threadpool.is_null() {
+                sys::ggml_threadpool_free(self.threadpool);
+            }
         }
     }
 }

@@ -484,7 +484,7 @@ fn measure_recipe(
     let mut out = Vec::new();
     for &threads in &job.threads {
         let threads = threads.resolve(probe.cores);
-        model.set_threads(threads);
+        model.set_threads(threads)?;
         for (prompt, n) in [(true, job.n_prompt), (false, job.n_gen)] {
             let seconds = time_test(&mut model, prompt, n, job.repetitions)?;
             let ns: Vec<f64> = seconds.iter().map(|s| s * 1e9).collect();
