@@ -18,8 +18,10 @@
 pub mod boards;
 pub mod build;
 pub mod catalog;
+pub mod compare;
 pub mod config;
 pub mod deploy;
+pub mod history;
 pub mod jobs;
 pub mod manifest;
 pub mod matrix;
@@ -27,6 +29,7 @@ pub mod pipeline;
 pub mod recipes;
 pub mod render;
 pub mod run;
+pub mod run_dir;
 pub mod session;
 pub mod setup;
 pub mod shell;

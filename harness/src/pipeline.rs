@@ -160,6 +160,13 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
         kind.finish(&run_dir)?;
     }
     let rendered = render_run(&run_dir)?;
+    // The run directory is the record; the index is a convenience that a
+    // later `cargo xtask history` can always rebuild.
+    if let Err(e) = crate::history::History::open(&options.results_root) {
+        log(format!(
+            "history index not updated ({e}); `cargo xtask history` rebuilds it"
+        ));
+    }
     Ok(BenchReport {
         run_dir,
         boards: outcomes,

@@ -6,12 +6,12 @@ use kernels::model::{gguf_tensor_types, quantize_model, BatchEntry, LoadedModel,
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
-use wire::files::{CsvAppender, MODEL_ROWS_FILE};
+use wire::files::{CsvAppender, MODEL_ROWS_FILE, SAMPLES_FILE};
 use wire::model_job::{repetition_score, ModelJob, RecipeFile};
 use wire::probe::BoardProbe;
 use wire::progress::ProgressEvent;
 use wire::rows::CellStatus;
-use wire::rows::ModelRow;
+use wire::rows::{ModelRow, SampleRow};
 use wire::stats::Summary;
 
 /// Quantizes `input` to `output`: a uniform llama.cpp file type, or with
@@ -380,6 +380,9 @@ fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64>
 
 pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Result<usize> {
     let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
+    // Every repetition is kept, as llama-bench's JSON keeps `samples_ns`, so
+    // model cells can be compared between runs like kernel cells.
+    let mut samples = CsvAppender::<SampleRow>::open(&out_dir.join(SAMPLES_FILE))?;
     let text =
         std::fs::read_to_string(&job.text).with_context(|| format!("reading {}", job.text))?;
     let max_threads = job
@@ -423,8 +426,17 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
         let produced = measure_recipe(job, probe, recipe, &tokens, &base, max_threads);
         let status = match produced {
             Ok(recipe_rows) => {
-                for row in &recipe_rows {
+                for (row, samples_ns) in &recipe_rows {
                     rows.append(row)?;
+                    for (repetition, &ns) in samples_ns.iter().enumerate() {
+                        samples.append(&SampleRow {
+                            run_id: job.run_id.clone(),
+                            board: job.board.clone(),
+                            cell_id: row.cell_id(),
+                            repetition: repetition as u32,
+                            ns: ns as u64,
+                        })?;
+                    }
                 }
                 CellStatus::Ok
             }
@@ -457,7 +469,7 @@ fn measure_recipe(
     tokens: &[i32],
     base: &Reference,
     max_threads: usize,
-) -> Result<Vec<ModelRow>> {
+) -> Result<Vec<(ModelRow, Vec<f64>)>> {
     peak_rss_reset();
     let load_started = Instant::now();
     let mut model = LoadedModel::load(
@@ -489,8 +501,8 @@ fn measure_recipe(
             let seconds = time_test(&mut model, prompt, n, job.repetitions)?;
             let ns: Vec<f64> = seconds.iter().map(|s| s * 1e9).collect();
             let ts: Vec<f64> = seconds.iter().map(|s| n as f64 / s).collect();
-            let (ns, ts) = (Summary::of(&ns), Summary::of(&ts));
-            out.push(ModelRow {
+            let (summary_ns, ts) = (Summary::of(&ns), Summary::of(&ts));
+            let row = ModelRow {
                 status: CellStatus::Ok,
                 note: String::new(),
                 model_type: facts.description.clone(),
@@ -501,8 +513,8 @@ fn measure_recipe(
                 n_prompt: if prompt { n } else { 0 },
                 n_gen: if prompt { 0 } else { n },
                 test: format!("{}{n}", if prompt { "pp" } else { "tg" }),
-                avg_ns: ns.map(|s| s.mean),
-                stddev_ns: ns.map(|s| s.stddev),
+                avg_ns: summary_ns.map(|s| s.mean),
+                stddev_ns: summary_ns.map(|s| s.stddev),
                 avg_ts: ts.map(|s| s.mean),
                 stddev_ts: ts.map(|s| s.stddev),
                 load_ms: Some(load_ms),
@@ -515,7 +527,8 @@ fn measure_recipe(
                 repetition_score: Some(repetition_score(&generated)),
                 generated_text: generated.clone(),
                 ..failed_row(job, probe, recipe, "")
-            });
+            };
+            out.push((row, ns));
         }
     }
     Ok(out)

@@ -120,7 +120,8 @@ impl KernelRow {
     }
 }
 
-/// One row of `samples.csv`: a single timed repetition.
+/// One row of `samples.csv`: a single timed repetition of a kernel cell
+/// (`cell_id` as in `kernels.csv`) or of a model test (`ModelRow::cell_id`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleRow {
     pub run_id: String,
@@ -190,6 +191,15 @@ pub struct ModelRow {
 }
 
 impl ModelRow {
+    /// The row's cell: `<model>/<recipe>/<test>/t<threads>`, the key its
+    /// repetitions carry in `samples.csv` and comparisons match on.
+    pub fn cell_id(&self) -> String {
+        format!(
+            "{}/{}/{}/t{}",
+            self.model_filename, self.recipe, self.test, self.n_threads
+        )
+    }
+
     /// A row for a recipe that produced no measurement, with the reason.
     pub fn failed(job: &ModelJob, recipe: &RecipeFile, agent_build: &str, note: &str) -> ModelRow {
         ModelRow {

@@ -103,6 +103,122 @@ pub fn mann_whitney_p(a: &[f64], b: &[f64]) -> Option<f64> {
     Some((2.0 * (1.0 - standard_normal_cdf(z))).clamp(0.0, 1.0))
 }
 
+/// Coefficient of variation (sample standard deviation over mean); `None`
+/// for fewer than two samples or a zero mean.
+pub fn coefficient_of_variation(samples: &[f64]) -> Option<f64> {
+    let s = Summary::of(samples)?;
+    (s.count >= 2 && s.mean != 0.0).then(|| s.stddev / s.mean.abs())
+}
+
+/// Ratio of medians `median(new) / median(base)` with a percentile
+/// bootstrap confidence interval at `level` (e.g. 0.95): both sides are
+/// resampled with replacement `rounds` times. Deterministic for a seed.
+pub fn median_ratio_ci(
+    base: &[f64],
+    new: &[f64],
+    level: f64,
+    rounds: usize,
+    seed: u64,
+) -> Option<(f64, f64, f64)> {
+    let median = |v: &[f64]| Summary::of(v).map(|s| s.median);
+    let ratio = median(new)? / median(base)?;
+    let mut rng = SplitMix64(seed);
+    let mut ratios = Vec::with_capacity(rounds);
+    let mut base_draw = vec![0.0; base.len()];
+    let mut new_draw = vec![0.0; new.len()];
+    for _ in 0..rounds.max(1) {
+        for x in base_draw.iter_mut() {
+            *x = base[rng.below(base.len())];
+        }
+        for x in new_draw.iter_mut() {
+            *x = new[rng.below(new.len())];
+        }
+        if let (Some(b), Some(n)) = (median(&base_draw), median(&new_draw)) {
+            if b > 0.0 {
+                ratios.push(n / b);
+            }
+        }
+    }
+    ratios.sort_by(f64::total_cmp);
+    let tail = (1.0 - level.clamp(0.0, 1.0)) / 2.0;
+    let at =
+        |q: f64| ratios[((q * (ratios.len() - 1) as f64).round() as usize).min(ratios.len() - 1)];
+    if ratios.is_empty() {
+        return Some((ratio, ratio, ratio));
+    }
+    Some((ratio, at(tail), at(1.0 - tail)))
+}
+
+/// The SplitMix64 generator (Steele et al.), enough for resampling.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Change points of a series by an L1 piecewise-constant fit with a penalty
+/// per step (the Potts model asv's regression detection solves,
+/// `asv.step_detect.solve_potts`): the split that minimises the sum of
+/// absolute deviations from each segment's median plus `penalty` per
+/// segment. Returns the indices where a new level starts. `penalty`
+/// defaults to asv's choice in spirit: a multiple of the series' spread.
+pub fn change_points(series: &[f64], penalty: Option<f64>) -> Vec<usize> {
+    let n = series.len();
+    if n < 3 {
+        return Vec::new();
+    }
+    let penalty = penalty.unwrap_or_else(|| {
+        // Median absolute deviation of successive differences: a noise
+        // scale that one real step does not inflate.
+        let diffs: Vec<f64> = series.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
+        let scale = Summary::of(&diffs).map(|s| s.median).unwrap_or(0.0);
+        let level = Summary::of(series).map(|s| s.median.abs()).unwrap_or(0.0);
+        3.0 * scale.max(1e-3 * level) * (n as f64).ln().max(1.0)
+    });
+    let cost = |a: usize, b: usize| -> f64 {
+        let seg = &series[a..b];
+        let m = Summary::of(seg).map(|s| s.median).unwrap_or(0.0);
+        seg.iter().map(|x| (x - m).abs()).sum()
+    };
+    // best[j]: the least cost of series[..j]; start[j]: where its last
+    // segment begins.
+    let mut best = vec![0.0f64; n + 1];
+    let mut start = vec![0usize; n + 1];
+    for j in 1..=n {
+        let (mut b, mut s) = (f64::INFINITY, 0);
+        for (i, before) in best[..j].iter().enumerate() {
+            let c = before + cost(i, j) + penalty;
+            if c < b {
+                b = c;
+                s = i;
+            }
+        }
+        best[j] = b;
+        start[j] = s;
+    }
+    let mut points = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        let s = start[j];
+        if s > 0 {
+            points.push(s);
+        }
+        j = s;
+    }
+    points.reverse();
+    points
+}
+
 /// Abramowitz & Stegun 26.2.17 (absolute error below 7.5e-8).
 fn standard_normal_cdf(z: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.231_641_9 * z.abs());
@@ -149,5 +265,32 @@ mod tests {
         assert!(mann_whitney_p(&a, &shifted).unwrap() < 0.001);
         assert!(mann_whitney_p(&a, &same).unwrap() > 0.9);
         assert!((standard_normal_cdf(1.96) - 0.975).abs() < 1e-4);
+    }
+
+    #[test]
+    fn bootstrap_interval_brackets_the_ratio_and_excludes_one_for_a_clear_shift() {
+        let base: Vec<f64> = (0..10).map(|i| 100.0 + i as f64).collect();
+        let slower: Vec<f64> = base.iter().map(|x| x * 1.3).collect();
+        let (ratio, lo, hi) = median_ratio_ci(&base, &slower, 0.95, 2000, 1).unwrap();
+        assert!((ratio - 1.3).abs() < 1e-9);
+        assert!(lo > 1.0 && lo <= ratio && ratio <= hi, "{lo} {ratio} {hi}");
+        let (ratio, lo, hi) = median_ratio_ci(&base, &base, 0.95, 2000, 1).unwrap();
+        assert!(lo < 1.0 + 1e-12 && hi > 1.0 - 1e-12 && (ratio - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn coefficient_of_variation_is_spread_over_mean() {
+        assert_eq!(coefficient_of_variation(&[1.0]), None);
+        let cv = coefficient_of_variation(&[9.0, 11.0]).unwrap();
+        assert!((cv - 2f64.sqrt() / 10.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn change_points_find_a_step_and_ignore_noise() {
+        let mut series: Vec<f64> = (0..20).map(|i| 100.0 + (i % 3) as f64).collect();
+        series.extend((0..20).map(|i| 130.0 + (i % 3) as f64));
+        assert_eq!(change_points(&series, None), vec![20]);
+        let flat: Vec<f64> = (0..40).map(|i| 100.0 + (i % 3) as f64).collect();
+        assert!(change_points(&flat, None).is_empty());
     }
 }

@@ -89,6 +89,45 @@ enum Command {
         #[arg(long, default_value = "cargo")]
         builder: String,
     },
+    /// Compare two runs cell by cell: did the new one get slower or worse?
+    /// Each side is a run directory, `latest`, `previous`, or a commit prefix.
+    Compare {
+        /// The baseline run.
+        base: String,
+        /// The run to judge against it.
+        new: String,
+        /// Output: `table` (terminal), `md`, `json` or `junit` (JUnit XML).
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Smallest relative change of the median that counts (0.05 = 5%).
+        #[arg(long, default_value_t = 0.05)]
+        threshold: f64,
+        /// Significance level of the Mann-Whitney U test.
+        #[arg(long, default_value_t = 0.05)]
+        alpha: f64,
+        /// Cells whose coefficient of variation exceeds this are `noisy`.
+        #[arg(long, default_value_t = 0.25)]
+        max_cv: f64,
+        /// Worsening of a quality column that counts as a quality regression
+        /// (relative for NMSE, perplexity, KLD; absolute for agreement and accuracy).
+        #[arg(long, default_value_t = 0.02)]
+        quality_tolerance: f64,
+        /// Exit with status 1 when any cell regressed.
+        #[arg(long)]
+        fail_on_regression: bool,
+        /// Parent folder of run directories (and of the history index).
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+    },
+    /// Bring the history index (results/history.sqlite) up to date with the
+    /// run directories, rebuilding it when missing or corrupt, and list runs.
+    History {
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Throw the index away and rebuild it from the run directories.
+        #[arg(long)]
+        rebuild: bool,
+    },
     /// Redraw the plots and summary of a run directory (kernel, model or both).
     Plot {
         /// A run directory, e.g. results/20261122T170000Z-abc1234.
@@ -227,6 +266,90 @@ fn run() -> Result<ExitCode> {
                     format!("DYNAMIC: {:?}", facts.needed)
                 },
                 facts.sdot_count
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare {
+            base,
+            new,
+            format,
+            threshold,
+            alpha,
+            max_cv,
+            quality_tolerance,
+            fail_on_regression,
+            results,
+        } => {
+            if !["table", "md", "json", "junit"].contains(&format.as_str()) {
+                anyhow::bail!("unknown --format `{format}` (known: table, md, json, junit)");
+            }
+            let (history, _) = harness::history::History::open(&results)
+                .with_context(|| format!("reading the history of {}", results.display()))?;
+            let load = |reference: &str| -> Result<harness::run_dir::RunData> {
+                let dir = history.resolve(reference)?;
+                Ok(harness::run_dir::RunData::load(&dir)?)
+            };
+            let base_run = load(&base)?;
+            let new_run = load(&new)?;
+            let settings = harness::compare::CompareSettings {
+                threshold,
+                alpha,
+                max_cv,
+                quality_tolerance,
+                ..Default::default()
+            };
+            let comparison = harness::compare::compare(&base_run, &new_run, &settings)?;
+            let text = match format.as_str() {
+                "md" => comparison.to_markdown(),
+                "json" => comparison.to_json(),
+                "junit" => comparison.to_junit(),
+                _ => comparison.to_table(),
+            };
+            println!("{text}");
+            if format != "table" {
+                eprintln!("{}", comparison.verdict_line());
+            }
+            if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY") {
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&summary)
+                    .and_then(|mut f| f.write_all(comparison.to_markdown().as_bytes()))
+                    .with_context(|| {
+                        format!(
+                            "appending to $GITHUB_STEP_SUMMARY ({})",
+                            summary.to_string_lossy()
+                        )
+                    })?;
+            }
+            Ok(if fail_on_regression && comparison.any_regression() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::History { results, rebuild } => {
+            if rebuild {
+                let path = results.join(harness::history::HISTORY_FILE);
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+            let started = std::time::Instant::now();
+            let (history, report) = harness::history::History::open(&results)?;
+            for run in history.runs()? {
+                println!("{}  {}  {}", run.run_id, run.git_commit, run.boards);
+            }
+            println!(
+                "{}: {} runs ({} added, {} removed{}) in {:.2} s",
+                history.path().display(),
+                report.total,
+                report.added,
+                report.removed,
+                if report.rebuilt { ", rebuilt" } else { "" },
+                started.elapsed().as_secs_f64()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -47,9 +47,12 @@ fn bench_local_writes_rows_samples_manifest_and_plots() {
 
     let runs: Vec<_> = std::fs::read_dir(dir.path().join("results"))
         .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
         .collect();
     assert_eq!(runs.len(), 1);
-    let run_dir = runs[0].as_ref().unwrap().path();
+    assert!(dir.path().join("results/history.sqlite").exists());
+    let run_dir = runs[0].clone();
     let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
     assert_eq!(rows.len(), 2 * 4 * 2 * 2, "one row per cell");
     for row in &rows {

@@ -46,6 +46,8 @@ fn only_run_dir(dir: &Path) -> std::path::PathBuf {
     let runs: Vec<_> = std::fs::read_dir(dir.join("results"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        // Run directories only: the history index sits beside them.
+        .filter(|p| p.is_dir())
         .collect();
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs[0].clone()
@@ -120,6 +122,19 @@ fn model_quick_gives_rows_quality_text_and_plots() {
         "{}",
         q8.fallbacks
     );
+    // Every repetition is kept, keyed like the row, as llama-bench's
+    // `samples_ns`: 2 repetitions per test.
+    let samples: Vec<wire::rows::SampleRow> = read_csv(&run.join("samples.csv")).unwrap();
+    for r in rows.iter().filter(|r| r.status == CellStatus::Ok) {
+        let reps: Vec<u64> = samples
+            .iter()
+            .filter(|s| s.cell_id == r.cell_id())
+            .map(|s| s.ns)
+            .collect();
+        assert_eq!(reps.len(), 2, "{}", r.cell_id());
+        let mean = reps.iter().sum::<u64>() as f64 / 2.0;
+        assert!((mean - r.avg_ns.unwrap()).abs() <= 1.0, "{reps:?} {r:?}");
+    }
     let importance = std::fs::read_to_string(run.join("importance.json")).unwrap();
     assert!(importance.contains("\"scores\"") && importance.contains("\"assignment\""));
     for plot in [

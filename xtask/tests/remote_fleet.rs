@@ -92,6 +92,8 @@ fn only_run_dir(dir: &Path) -> PathBuf {
     let runs: Vec<PathBuf> = std::fs::read_dir(dir.join("results"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        // Run directories only: the history index sits beside them.
+        .filter(|p| p.is_dir())
         .collect();
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs[0].clone()

@@ -13,9 +13,9 @@ use crate::recipes::{adaptive_assignment, check_model_file, LayerImportance, Rec
 use crate::session::{BoardSlot, Session};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use wire::files::{write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE};
+use wire::files::{write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE, SAMPLES_FILE};
 use wire::model_job::{read_choice_tasks, ModelJob, RecipeFile};
-use wire::rows::{CellStatus, ModelRow};
+use wire::rows::{CellStatus, ModelRow, SampleRow};
 
 pub const IMPORTANCE_FILE: &str = "importance.json";
 
@@ -239,7 +239,7 @@ impl JobKind for ModelMatrix {
                     what: format!("model {} (twice the largest recipe + 20%)", model.name),
                     advice: "use a smaller model or fewer high-precision recipes".into(),
                 }),
-                outputs: &[MODEL_ROWS_FILE],
+                outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE],
             });
         }
         Ok(jobs)
@@ -289,7 +289,10 @@ impl JobKind for ModelMatrix {
     }
 
     fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
-        merge_rows::<ModelRow>(run_dir, boards, MODEL_ROWS_FILE).map(|_| ())
+        merge_rows::<ModelRow>(run_dir, boards, MODEL_ROWS_FILE)?;
+        // Kernel and model repetitions share the file; rebuilding it is
+        // idempotent, whichever kind does it.
+        merge_rows::<SampleRow>(run_dir, boards, SAMPLES_FILE).map(|_| ())
     }
 
     fn finish(&self, run_dir: &Path) -> Result<(), ResultsError> {

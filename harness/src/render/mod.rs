@@ -14,65 +14,23 @@ pub mod figures;
 pub mod plots;
 pub mod summary;
 
-use crate::jobs::model::IMPORTANCE_FILE;
-use crate::manifest::RunManifest;
-use crate::recipes::LayerImportance;
+pub use crate::run_dir::RunData;
+use crate::run_dir::RunDirError;
 use chart::Figure;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
-use wire::files::{
-    read_csv, read_json, ResultsError, KERNEL_ROWS_FILE, MANIFEST_FILE, MODEL_ROWS_FILE,
-};
-use wire::rows::{KernelRow, ModelRow};
+use wire::files::ResultsError;
 
 #[derive(Debug, Error)]
 pub enum RenderError {
-    #[error("{0} is not a run directory (no {MANIFEST_FILE}, or neither {KERNEL_ROWS_FILE} nor {MODEL_ROWS_FILE}); pass a folder under results/")]
-    NotARunDir(PathBuf),
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
     #[error(transparent)]
     Results(#[from] ResultsError),
     #[error(transparent)]
     Draw(#[from] canvas::DrawError),
     #[error("unknown plot `{name}` (known: {known})")]
     UnknownPlot { name: String, known: String },
-}
-
-/// Everything a run directory holds that rendering uses.
-pub struct RunData {
-    pub manifest: RunManifest,
-    pub kernel_rows: Vec<KernelRow>,
-    pub model_rows: Vec<ModelRow>,
-    pub importance: Vec<LayerImportance>,
-}
-
-impl RunData {
-    pub fn load(run_dir: &Path) -> Result<RunData, RenderError> {
-        let manifest_path = run_dir.join(MANIFEST_FILE);
-        let kernels = run_dir.join(KERNEL_ROWS_FILE);
-        let models = run_dir.join(MODEL_ROWS_FILE);
-        if !manifest_path.exists() || !(kernels.exists() || models.exists()) {
-            return Err(RenderError::NotARunDir(run_dir.to_path_buf()));
-        }
-        let importance = run_dir.join(IMPORTANCE_FILE);
-        Ok(RunData {
-            manifest: read_json(&manifest_path)?,
-            kernel_rows: if kernels.exists() {
-                read_csv(&kernels)?
-            } else {
-                Vec::new()
-            },
-            model_rows: if models.exists() {
-                read_csv(&models)?
-            } else {
-                Vec::new()
-            },
-            importance: if importance.exists() {
-                read_json(&importance)?
-            } else {
-                Vec::new()
-            },
-        })
-    }
 }
 
 /// One kind of plot: which figures it draws from a run's rows (none when

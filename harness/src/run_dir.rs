@@ -1,0 +1,106 @@
+//! Reading a finished (or interrupted) run directory back: its manifest,
+//! rows of every kind, raw repetitions, boards' probes and layer
+//! importance. Rendering, comparing and the history all read runs here.
+
+use crate::jobs::model::IMPORTANCE_FILE;
+use crate::manifest::RunManifest;
+use crate::recipes::LayerImportance;
+use crate::session::board_dir;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use wire::files::{
+    read_csv, read_json, ResultsError, KERNEL_ROWS_FILE, MANIFEST_FILE, MODEL_ROWS_FILE,
+    PROBE_FILE, SAMPLES_FILE,
+};
+use wire::probe::BoardProbe;
+use wire::rows::{KernelRow, ModelRow, SampleRow};
+
+#[derive(Debug, Error)]
+pub enum RunDirError {
+    #[error("{0} is not a run directory (no {MANIFEST_FILE}, or neither {KERNEL_ROWS_FILE} nor {MODEL_ROWS_FILE}); pass a folder under results/")]
+    NotARunDir(PathBuf),
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+}
+
+/// Everything a run directory holds.
+pub struct RunData {
+    pub dir: PathBuf,
+    pub manifest: RunManifest,
+    pub kernel_rows: Vec<KernelRow>,
+    pub model_rows: Vec<ModelRow>,
+    pub samples: Vec<SampleRow>,
+    pub importance: Vec<LayerImportance>,
+    /// Each board's probe, where the run kept one.
+    pub probes: BTreeMap<String, BoardProbe>,
+}
+
+impl RunData {
+    pub fn load(run_dir: &Path) -> Result<RunData, RunDirError> {
+        let manifest_path = run_dir.join(MANIFEST_FILE);
+        let kernels = run_dir.join(KERNEL_ROWS_FILE);
+        let models = run_dir.join(MODEL_ROWS_FILE);
+        if !manifest_path.exists() || !(kernels.exists() || models.exists()) {
+            return Err(RunDirError::NotARunDir(run_dir.to_path_buf()));
+        }
+        let manifest: RunManifest = read_json(&manifest_path)?;
+        let probes = manifest
+            .boards
+            .iter()
+            .filter_map(|b| {
+                let probe = read_json(&board_dir(run_dir, &b.board).join(PROBE_FILE)).ok()?;
+                Some((b.board.clone(), probe))
+            })
+            .collect();
+        Ok(RunData {
+            dir: run_dir.to_path_buf(),
+            kernel_rows: read_if_present(&kernels)?,
+            model_rows: read_if_present(&models)?,
+            samples: read_if_present(&run_dir.join(SAMPLES_FILE))?,
+            importance: {
+                let path = run_dir.join(IMPORTANCE_FILE);
+                if path.exists() {
+                    read_json(&path)?
+                } else {
+                    Vec::new()
+                }
+            },
+            probes,
+            manifest,
+        })
+    }
+
+    /// Raw repetitions (ns) by (board, cell id).
+    pub fn samples_by_cell(&self) -> BTreeMap<(String, String), Vec<f64>> {
+        let mut out: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+        for s in &self.samples {
+            out.entry((s.board.clone(), s.cell_id.clone()))
+                .or_default()
+                .push(s.ns as f64);
+        }
+        out
+    }
+}
+
+fn read_if_present<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, ResultsError> {
+    if path.exists() {
+        read_csv(path)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// Run directories under `results_root` (those with a manifest), oldest
+/// first: run ids start with their UTC start time.
+pub fn list_runs(results_root: &Path) -> Vec<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(results_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join(MANIFEST_FILE).is_file())
+        .collect();
+    runs.sort();
+    runs
+}

@@ -1,0 +1,267 @@
+//! `compare` and `history` end to end on real runs on `local`. Verdicts on
+//! real timings depend on the machine, so the judged changes here are
+//! injected into a copy of a real run (its repetitions slowed, its error
+//! raised): what must be flagged is known exactly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use wire::files::{read_csv, CsvAppender};
+use wire::rows::{KernelRow, SampleRow};
+
+const MATRICES: &str = r#"
+[matrices.pair]
+types = ["F32", "Q4_0"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 1
+min_reps = 10
+min_time_ms = 5
+max_time_ms = 300
+
+[matrices.other]
+types = ["Q8_0"]
+shapes = ["gemma3-1b.attn_kv"]
+threads = [1]
+min_reps = 3
+min_time_ms = 1
+"#;
+
+fn xtask(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("xtask starts")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn runs(dir: &Path) -> Vec<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(dir.join("results"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    runs.sort();
+    runs
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Rewrites a run's merged CSV through `change`.
+fn rewrite<T: serde::Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    change: impl Fn(&mut T),
+) {
+    let mut rows: Vec<T> = read_csv(path).unwrap();
+    rows.iter_mut().for_each(change);
+    std::fs::remove_file(path).unwrap();
+    let mut out = CsvAppender::open(path).unwrap();
+    for row in &rows {
+        out.append(row).unwrap();
+    }
+}
+
+#[test]
+fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), MATRICES).unwrap();
+    let out = xtask(
+        dir.path(),
+        &["bench", "--target", "local", "--matrix", "pair"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let measured = runs(dir.path())[0].clone();
+    // Real timings on a shared 2-core machine are too noisy to judge
+    // exactly, so both sides get the same controlled repetitions (ten,
+    // 1000..1009 ns) in copies of the real run; the "new" side then has
+    // Q4_0 40% slower and F32's output error doubled.
+    let q4 = "llama3.2-1b.attn_kv/Q4_0/n1/t1";
+    let f32 = "llama3.2-1b.attn_kv/F32/n1/t1";
+    let base = dir.path().join("results/20991230T000000Z-base");
+    let new = dir.path().join("results/20991231T000000Z-injected");
+    for (copy, q4_factor) in [(&base, 10), (&new, 14)] {
+        copy_dir(&measured, copy);
+        rewrite::<SampleRow>(&copy.join("samples.csv"), |s| {
+            s.ns = (1000 + s.repetition as u64 % 10) * if s.cell_id == q4 { q4_factor } else { 10 }
+                / 10;
+        });
+    }
+    rewrite::<KernelRow>(&new.join("kernels.csv"), |r| {
+        if r.cell_id == f32 {
+            r.nmse = Some(r.nmse.unwrap_or(1e-7).max(1e-7) * 2.0);
+        }
+    });
+    let base_arg = base.to_str().unwrap();
+    let new_arg = new.to_str().unwrap();
+
+    let out = xtask(dir.path(), &["compare", base_arg, new_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let line_of = |cell: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(cell))
+            .unwrap_or_else(|| panic!("{cell} in\n{table}"))
+            .to_string()
+    };
+    assert!(line_of(q4).starts_with("regressed"), "{table}");
+    assert!(line_of(f32).starts_with("quality-regressed"), "{table}");
+    assert!(line_of(f32).contains("nmse"), "{table}");
+    assert!(
+        table.contains(
+            "2 cells: 1 regressed, 1 quality-regressed, 0 improved, 0 noisy, 0 unchanged"
+        ),
+        "{table}"
+    );
+
+    // The same comparison for CI: JUnit with one case per cell and a failure
+    // per regression, and the exit code.
+    let out = xtask(
+        dir.path(),
+        &[
+            "compare",
+            base_arg,
+            new_arg,
+            "--format",
+            "junit",
+            "--fail-on-regression",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let junit = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(junit.matches("<testcase").count(), 2, "{junit}");
+    assert_eq!(junit.matches("<failure").count(), 2, "{junit}");
+
+    // A run against itself: nothing regressed, and the markdown goes to
+    // the step summary when CI sets one.
+    let summary = dir.path().join("step-summary.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .args([
+            "compare",
+            base_arg,
+            base_arg,
+            "--fail-on-regression",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let verdicts: Vec<&str> = json["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(verdicts, ["unchanged", "unchanged"]);
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(
+        md.contains("| verdict |") && md.contains("0 regressed"),
+        "{md}"
+    );
+}
+
+#[test]
+fn history_finds_runs_by_name_and_commit_and_survives_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), MATRICES).unwrap();
+    for _ in 0..2 {
+        let out = xtask(
+            dir.path(),
+            &["bench", "--target", "local", "--matrix", "pair"],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = xtask(
+        dir.path(),
+        &["bench", "--target", "local", "--matrix", "other"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let all = runs(dir.path());
+    assert_eq!(all.len(), 3);
+    assert!(
+        dir.path().join("results/history.sqlite").exists(),
+        "updated after each run"
+    );
+
+    // `previous` and `latest` are the last two runs; a commit prefix names
+    // the latest run of that commit.
+    let out = xtask(dir.path(), &["compare", "previous", "latest"]);
+    assert!(!out.status.success(), "pair vs other share no cell");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no measured cell in common"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let first = all[0].to_str().unwrap();
+    let out = xtask(dir.path(), &["compare", first, all[1].to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(all[0].join("run.json")).unwrap()).unwrap();
+    let commit = manifest["git_commit"].as_str().unwrap();
+    let out = xtask(dir.path(), &["compare", &commit[..7], first]);
+    // The latest run of that commit is `other`: nothing in common with `pair`.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no measured cell in common"),
+        "{}",
+        text(&out)
+    );
+
+    // Bad references get one line naming what is accepted.
+    let out = xtask(dir.path(), &["compare", "results/nope", "latest"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no run `results/nope`") && stderr.contains("latest"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    // A corrupt index is rebuilt from the run directories, not trusted.
+    std::fs::write(
+        dir.path().join("results/history.sqlite"),
+        b"not a database at all",
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["history"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("3 runs") && stdout.contains("rebuilt"),
+        "{stdout}"
+    );
+    // Deleting it loses nothing either.
+    std::fs::remove_file(dir.path().join("results/history.sqlite")).unwrap();
+    let out = xtask(
+        dir.path(),
+        &["compare", "previous", all[1].to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = xtask(dir.path(), &["history"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 runs"),
+        "{}",
+        text(&out)
+    );
+}
