@@ -50,6 +50,10 @@ fn testbed() -> &'static Mutex<()> {
             "testbed up failed (these tests need root):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Build the Pi 5 agent once here, so no test's deadline includes a
+        // first cross-build of llama.cpp (minutes on 2 cores).
+        build_board_agent(&workspace_root(), BoardProfile::Pi5, Builder::Cargo)
+            .expect("the pi5 agent builds");
         Mutex::new(())
     })
 }
