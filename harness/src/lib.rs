@@ -28,6 +28,7 @@ pub mod matrix;
 pub mod pipeline;
 pub mod recipes;
 pub mod render;
+pub mod report;
 pub mod run;
 pub mod run_dir;
 pub mod session;

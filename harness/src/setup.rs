@@ -34,6 +34,8 @@ pub enum Need {
     CrossBuild,
     /// Emulated boards: qemu-user, sshd, network namespaces.
     Testbed,
+    /// A headless browser to check the HTML report renders (tests only).
+    Browser,
 }
 
 struct Requirement {
@@ -104,6 +106,12 @@ const REQUIREMENTS: &[Requirement] = &[
         present: || on_path("ip"),
         what: "ip (iproute2)",
         package: "iproute2",
+    },
+    Requirement {
+        need: Need::Browser,
+        present: || on_path("chromium"),
+        what: "chromium",
+        package: "chromium",
     },
 ];
 

@@ -149,6 +149,28 @@ pub fn median_ratio_ci(
     Some((ratio, at(tail), at(1.0 - tail)))
 }
 
+/// Median of `samples` with a percentile bootstrap confidence interval at
+/// `level`; deterministic for a seed.
+pub fn median_ci(samples: &[f64], level: f64, rounds: usize, seed: u64) -> Option<(f64, f64, f64)> {
+    let median = Summary::of(samples)?.median;
+    let mut rng = SplitMix64(seed);
+    let mut draw = vec![0.0; samples.len()];
+    let mut medians: Vec<f64> = (0..rounds.max(1))
+        .filter_map(|_| {
+            for x in draw.iter_mut() {
+                *x = samples[rng.below(samples.len())];
+            }
+            Summary::of(&draw).map(|s| s.median)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    let tail = (1.0 - level.clamp(0.0, 1.0)) / 2.0;
+    let at = |q: f64| {
+        medians[((q * (medians.len() - 1) as f64).round() as usize).min(medians.len() - 1)]
+    };
+    Some((median, at(tail), at(1.0 - tail)))
+}
+
 /// The SplitMix64 generator (Steele et al.), enough for resampling.
 struct SplitMix64(u64);
 

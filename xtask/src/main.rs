@@ -128,6 +128,16 @@ enum Command {
         #[arg(long)]
         rebuild: bool,
     },
+    /// Write the static HTML report (results/site/index.html): latest run
+    /// against the previous run of the same boards, its plots and CSVs, and
+    /// trend plots with change points from the history.
+    Report {
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Output folder (default: <results>/site).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Redraw the plots and summary of a run directory (kernel, model or both).
     Plot {
         /// A run directory, e.g. results/20261122T170000Z-abc1234.
@@ -220,11 +230,13 @@ fn run() -> Result<ExitCode> {
         }
         Command::Setup => {
             harness::setup::ensure(&ALL_NEEDS)?;
+            ensure_browser();
             println!("setup: everything quantbench needs is installed");
             Ok(ExitCode::SUCCESS)
         }
         Command::Test { cargo_test_args } => {
             harness::setup::ensure(&ALL_NEEDS)?;
+            ensure_browser();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = std::process::Command::new(cargo)
                 .current_dir(harness::build::workspace_root())
@@ -353,6 +365,24 @@ fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report { results, out } => {
+            let site = out.unwrap_or_else(|| results.join("site"));
+            let started = std::time::Instant::now();
+            let report = harness::report::write_report(&results, &site)?;
+            println!(
+                "{}: latest run {}{}, {} regressed cells, {} trend plots ({:.1} s)",
+                report.index.display(),
+                report.latest_run,
+                report
+                    .compared_with
+                    .map(|p| format!(" against {p}"))
+                    .unwrap_or_default(),
+                report.regressions,
+                report.trend_plots,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plot { run_dir, only } => {
             let rendered = harness::render::render_selected(&run_dir, &only)
                 .with_context(|| format!("redrawing {}", run_dir.display()))?;
@@ -364,6 +394,14 @@ fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The report's browser test needs chromium; where it cannot be installed
+/// the test says so and is skipped, so this never stops set-up.
+fn ensure_browser() {
+    if let Err(e) = harness::setup::ensure(&[harness::setup::Need::Browser]) {
+        eprintln!("setup: no headless browser ({e}); the report's browser test will be skipped");
     }
 }
 

@@ -111,6 +111,23 @@ fn draw_figure<DB: DrawingBackend>(
                 y_label,
                 points,
             } => log_scatter(area, &panel.caption, x_label, y_label, points),
+            Chart::Trend {
+                y_label,
+                labels,
+                median,
+                low,
+                high,
+                change_points,
+            } => trend(
+                area,
+                &panel.caption,
+                y_label,
+                labels,
+                median,
+                low,
+                high,
+                change_points,
+            ),
             Chart::Note(text) => note(area, &panel.caption, text),
         }
         .map_err(|e| format!("{}: {e}", panel.caption))?;
@@ -316,6 +333,91 @@ fn log_scatter<DB: DrawingBackend>(
         }))
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn trend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    y_label: &str,
+    labels: &[String],
+    median: &[f64],
+    low: &[f64],
+    high: &[f64],
+    change_points: &[usize],
+) -> DrawResult {
+    if median.is_empty() {
+        return note(area, caption, "no runs");
+    }
+    let n = median.len();
+    let y_max = high.iter().chain(median).copied().fold(0.0f64, f64::max) * 1.1;
+    let y_min = low.iter().chain(median).copied().fold(f64::MAX, f64::min) * 0.9;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 14))
+        .margin(8)
+        .x_label_area_size(60)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, y_min.max(0.0)..y_max.max(1e-9))
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_labels(n.min(12))
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_label_style(("sans-serif", 9))
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let blue = RGBColor(31, 119, 180);
+    let band: Vec<(f64, f64)> = (0..n)
+        .map(|i| (i as f64, high[i]))
+        .chain((0..n).rev().map(|i| (i as f64, low[i])))
+        .collect();
+    chart
+        .draw_series(std::iter::once(Polygon::new(band, blue.mix(0.2).filled())))
+        .map_err(|e| e.to_string())?
+        .label("95% CI of the median")
+        .legend(move |(x, y)| {
+            Rectangle::new([(x, y - 5), (x + 10, y + 5)], blue.mix(0.2).filled())
+        });
+    chart
+        .draw_series(LineSeries::new(
+            median.iter().enumerate().map(|(i, &m)| (i as f64, m)),
+            blue.stroke_width(2),
+        ))
+        .map_err(|e| e.to_string())?
+        .label("median")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], blue.stroke_width(2)));
+    chart
+        .draw_series(
+            median
+                .iter()
+                .enumerate()
+                .map(|(i, &m)| Circle::new((i as f64, m), 3, blue.filled())),
+        )
+        .map_err(|e| e.to_string())?;
+    let red = RGBColor(214, 39, 40);
+    for (k, &at) in change_points.iter().enumerate() {
+        let x = at as f64 - 0.5;
+        let series = chart
+            .draw_series(LineSeries::new(
+                [(x, y_min.max(0.0)), (x, y_max)],
+                red.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?;
+        if k == 0 {
+            series
+                .label("change point")
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], red.stroke_width(2)));
+        }
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 fn note<DB: DrawingBackend>(

@@ -43,6 +43,17 @@ pub enum Chart {
         y_label: String,
         points: Vec<LabelledPoint>,
     },
+    /// One value over time (runs, oldest first) with its confidence band
+    /// and the points where a new level starts.
+    Trend {
+        y_label: String,
+        /// One label per run (commit and date).
+        labels: Vec<String>,
+        median: Vec<f64>,
+        low: Vec<f64>,
+        high: Vec<f64>,
+        change_points: Vec<usize>,
+    },
     /// Nothing to draw, and why.
     Note(String),
 }

@@ -1,0 +1,400 @@
+//! The static report: `results/site/`, one self-contained folder (no
+//! network, no server) a CI job publishes as an artifact. `index.html`
+//! holds, in order: the worst cells of the latest run against the previous
+//! run of the same boards, the latest run's summary and plots with its CSVs
+//! copied beside them, and a trend plot per board and cell (median per run
+//! with its 95% confidence band and detected change points).
+
+use crate::compare::{compare, CompareSettings, Comparison, Verdict};
+use crate::history::{History, HistoryError};
+use crate::render::chart::{Chart, Figure, Panel};
+use crate::render::{canvas, render_run, RenderError};
+use crate::run_dir::{RunData, RunDirError};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use wire::files::{KERNEL_ROWS_FILE, MANIFEST_FILE, MODEL_ROWS_FILE, SAMPLES_FILE};
+use wire::stats::{change_points, median_ci};
+
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Draw(#[from] canvas::DrawError),
+    #[error("no runs under {0}: run `cargo xtask bench` first")]
+    NoRuns(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the report holds.
+pub struct ReportSummary {
+    pub index: PathBuf,
+    pub latest_run: String,
+    pub compared_with: Option<String>,
+    pub regressions: usize,
+    pub trend_plots: usize,
+}
+
+/// At most this many trend plots: cells with change points first.
+const MAX_TRENDS: usize = 48;
+
+pub fn write_report(results_root: &Path, site: &Path) -> Result<ReportSummary, ReportError> {
+    let (history, _) = History::open(results_root)?;
+    let runs = history.runs()?;
+    let latest = runs
+        .last()
+        .ok_or_else(|| ReportError::NoRuns(results_root.to_path_buf()))?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ReportError::Io { path, source }
+    };
+    if site.exists() {
+        std::fs::remove_dir_all(site).map_err(io(site))?;
+    }
+    let run_site = site.join("runs").join(&latest.run_id);
+    std::fs::create_dir_all(run_site.join("plots")).map_err(io(&run_site))?;
+    std::fs::create_dir_all(site.join("trends")).map_err(io(site))?;
+
+    // The latest run's own summary and plots, drawn afresh from its files.
+    let rendered = render_run(&latest.dir)?;
+    let run = RunData::load(&latest.dir)?;
+    let mut copied = Vec::new();
+    for file in [
+        KERNEL_ROWS_FILE,
+        MODEL_ROWS_FILE,
+        SAMPLES_FILE,
+        MANIFEST_FILE,
+        "summary.md",
+    ] {
+        let from = latest.dir.join(file);
+        if from.exists() {
+            std::fs::copy(&from, run_site.join(file)).map_err(io(&from))?;
+            copied.push(file);
+        }
+    }
+    let mut run_plots = Vec::new();
+    for plot in rendered
+        .plots
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+    {
+        if let Some(name) = plot.file_name() {
+            std::fs::copy(plot, run_site.join("plots").join(name)).map_err(io(plot))?;
+            run_plots.push(name.to_string_lossy().into_owned());
+        }
+    }
+
+    let previous = history.previous_of_same_boards(&latest.run_id)?;
+    let comparison: Option<Comparison> = match &previous {
+        Some(prev) => {
+            let base = RunData::load(&prev.dir)?;
+            compare(&base, &run, &CompareSettings::default()).ok()
+        }
+        None => None,
+    };
+
+    let trends = draw_trends(&history, &run, site)?;
+
+    let mut html = String::new();
+    let title = format!("quantbench: {}", latest.run_id);
+    let _ = write!(
+        html,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>{STYLE}</style></head><body>\n<h1>{}</h1>\n<p>commit <code>{}</code>, started {}, boards {}{}</p>\n",
+        esc(&title),
+        esc(&title),
+        esc(&latest.git_commit),
+        esc(&latest.started_at),
+        esc(&latest.boards),
+        if run.kernel_rows.iter().any(|r| r.emulated) || run.model_rows.iter().any(|r| r.emulated) {
+            " — <strong>EMULATED: timings measure qemu, not a board</strong>"
+        } else {
+            ""
+        }
+    );
+    html.push_str("<h2>Against the previous run of the same boards</h2>\n");
+    match (&previous, &comparison) {
+        (Some(prev), Some(cmp)) => {
+            let _ = writeln!(
+                html,
+                "<p>{} (base: <code>{}</code>)</p>",
+                esc(&cmp.verdict_line()),
+                esc(&prev.run_id)
+            );
+            html.push_str(&comparison_table(cmp));
+        }
+        (Some(prev), None) => {
+            let _ = writeln!(
+                html,
+                "<p>Nothing in common with the previous run <code>{}</code>.</p>",
+                esc(&prev.run_id)
+            );
+        }
+        _ => html.push_str("<p>No earlier run of these boards yet.</p>\n"),
+    }
+    let _ = writeln!(
+        html,
+        "<h2>Latest run</h2>\n<p>Files: {}</p>",
+        copied
+            .iter()
+            .map(|f| format!("<a href=\"runs/{}/{f}\">{f}</a>", esc(&latest.run_id)))
+            .collect::<Vec<_>>()
+            .join(" · ")
+    );
+    html.push_str(&markdown_to_html(&rendered.tables));
+    for plot in &run_plots {
+        let _ = writeln!(
+            html,
+            "<figure><img src=\"runs/{}/plots/{plot}\" alt=\"{plot}\"></figure>",
+            esc(&latest.run_id)
+        );
+    }
+    let _ = writeln!(
+        html,
+        "<h2>Trends</h2>\n<p>Median time per run with its 95% bootstrap confidence band; red lines mark change points found by an L1 step fit with a penalty per step (the method of asv's regression detection). {} of the latest run's cells, those with change points first.</p>",
+        trends.len()
+    );
+    for file in &trends {
+        let _ = writeln!(
+            html,
+            "<figure><img src=\"trends/{file}\" alt=\"{file}\"></figure>"
+        );
+    }
+    html.push_str(SCRIPT);
+    html.push_str("</body></html>\n");
+    let index = site.join("index.html");
+    std::fs::write(&index, html).map_err(io(&index))?;
+    Ok(ReportSummary {
+        index,
+        latest_run: latest.run_id.clone(),
+        compared_with: previous.map(|p| p.run_id),
+        regressions: comparison
+            .as_ref()
+            .map(|c| c.cells.iter().filter(|c| c.verdict.is_failure()).count())
+            .unwrap_or(0),
+        trend_plots: trends.len(),
+    })
+}
+
+/// A trend figure per board and cell of the latest run that has at least
+/// two runs of history; returns the PNG file names.
+fn draw_trends(history: &History, run: &RunData, site: &Path) -> Result<Vec<String>, ReportError> {
+    let mut candidates = Vec::new();
+    let cells: Vec<(String, String, String, bool)> = run
+        .kernel_rows
+        .iter()
+        .filter(|r| r.status == wire::rows::CellStatus::Ok)
+        .map(|r| {
+            (
+                r.board.clone(),
+                "kernel".to_string(),
+                r.cell_id.clone(),
+                r.emulated,
+            )
+        })
+        .chain(
+            run.model_rows
+                .iter()
+                .filter(|r| r.status == wire::rows::CellStatus::Ok)
+                .map(|r| {
+                    (
+                        r.board.clone(),
+                        "model".to_string(),
+                        r.cell_id(),
+                        r.emulated,
+                    )
+                }),
+        )
+        .collect();
+    for (board, kind, cell, emulated) in cells {
+        let points = history.trend(&board, &kind, &cell)?;
+        if points.len() < 2 {
+            continue;
+        }
+        let mut median = Vec::new();
+        let mut low = Vec::new();
+        let mut high = Vec::new();
+        for p in &points {
+            let (m, lo, hi) = median_ci(&p.samples, 0.95, 500, 7).unwrap_or((
+                p.median_ns,
+                p.median_ns,
+                p.median_ns,
+            ));
+            median.push(m / 1e3);
+            low.push(lo / 1e3);
+            high.push(hi / 1e3);
+        }
+        let steps = change_points(&median, None);
+        let labels = points
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {}",
+                    p.git_commit.chars().take(7).collect::<String>(),
+                    p.started_at.get(5..10).unwrap_or("")
+                )
+            })
+            .collect();
+        candidates.push((
+            steps.is_empty(),
+            Figure {
+                file_stem: format!(
+                    "trend_{}_{}",
+                    board,
+                    cell.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+                ),
+                title: format!("{kind} {cell} on {board}: median time per run"),
+                boards: vec![board.clone()],
+                emulated_boards: if emulated {
+                    vec![board.clone()]
+                } else {
+                    Vec::new()
+                },
+                panels: vec![Panel {
+                    caption: format!("{} runs, {} change point(s)", points.len(), steps.len()),
+                    chart: Chart::Trend {
+                        y_label: "µs per run of the cell".into(),
+                        labels,
+                        median,
+                        low,
+                        high,
+                        change_points: steps,
+                    },
+                }],
+            },
+        ));
+    }
+    candidates.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.file_stem.cmp(&b.1.file_stem)));
+    let mut files = Vec::new();
+    for (_, figure) in candidates.into_iter().take(MAX_TRENDS) {
+        let written = canvas::draw(
+            &figure,
+            &run.manifest.started_at,
+            &run.manifest.git_commit,
+            &site.join("trends"),
+        )?;
+        files.extend(
+            written
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "png"))
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+        );
+    }
+    Ok(files)
+}
+
+/// The comparison, worst first; unchanged cells folded away.
+fn comparison_table(cmp: &Comparison) -> String {
+    let mut out = String::from(
+        "<table><tr><th>verdict</th><th>board</th><th>cell</th><th>time</th><th>95% CI</th><th>p</th><th>notes</th></tr>\n",
+    );
+    let pct = |v: Option<f64>| {
+        v.map(|r| format!("{:+.1}%", (r - 1.0) * 100.0))
+            .unwrap_or_else(|| "–".into())
+    };
+    let mut unchanged = 0;
+    for c in &cmp.cells {
+        if c.verdict == Verdict::Unchanged {
+            unchanged += 1;
+            continue;
+        }
+        let mut notes = c.quality.clone();
+        notes.extend(c.notes.iter().cloned());
+        let _ = writeln!(
+            out,
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>[{}, {}]</td><td>{}</td><td>{}</td></tr>",
+            c.verdict.name(),
+            c.verdict.name(),
+            esc(&c.board),
+            esc(&c.cell),
+            pct(c.ratio),
+            pct(c.ci_low),
+            pct(c.ci_high),
+            c.p_value.map(|p| format!("{p:.3}")).unwrap_or_else(|| "–".into()),
+            esc(&notes.join("; "))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "</table>\n<p>{unchanged} unchanged cells not listed.</p>"
+    );
+    out
+}
+
+/// Headings and pipe tables of the summary as HTML; other lines as paragraphs.
+fn markdown_to_html(markdown: &str) -> String {
+    let mut out = String::new();
+    let mut in_table = false;
+    for line in markdown.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('|') {
+            let cells: Vec<&str> = trimmed
+                .trim_matches('|')
+                .split('|')
+                .map(str::trim)
+                .collect();
+            if cells.iter().all(|c| c.chars().all(|ch| "-: ".contains(ch))) {
+                continue;
+            }
+            let tag = if in_table { "td" } else { "th" };
+            if !in_table {
+                out.push_str("<table>\n");
+                in_table = true;
+            }
+            out.push_str("<tr>");
+            for c in cells {
+                let _ = write!(out, "<{tag}>{}</{tag}>", esc(c));
+            }
+            out.push_str("</tr>\n");
+            continue;
+        }
+        if in_table {
+            out.push_str("</table>\n");
+            in_table = false;
+        }
+        if let Some(h) = trimmed.strip_prefix("### ") {
+            let _ = writeln!(out, "<h3>{}</h3>", esc(h));
+        } else if !trimmed.is_empty() {
+            let _ = writeln!(out, "<p>{}</p>", esc(trimmed));
+        }
+    }
+    if in_table {
+        out.push_str("</table>\n");
+    }
+    out
+}
+
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}tr.regressed td,tr.quality-regressed td{background:#fdd}tr.improved td{background:#dfd}tr.noisy td{background:#ffd}img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}";
+
+/// Marks the page once its images have loaded, so a headless browser (and
+/// a reader) can tell whether every image rendered.
+const SCRIPT: &str = "<script>window.addEventListener('load',function(){var imgs=Array.from(document.images);var ok=imgs.filter(function(i){return i.complete&&i.naturalWidth>0}).length;document.body.setAttribute('data-images',imgs.length);document.body.setAttribute('data-images-rendered',ok);});</script>\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_tables_become_html_tables() {
+        let html = markdown_to_html("\n### local\n\n| a | b |\n|---|--:|\n| 1 | <2> |\ntext\n");
+        assert_eq!(
+            html,
+            "<h3>local</h3>\n<table>\n<tr><th>a</th><th>b</th></tr>\n<tr><td>1</td><td>&lt;2&gt;</td></tr>\n</table>\n<p>text</p>\n"
+        );
+    }
+}

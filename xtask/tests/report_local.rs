@@ -1,0 +1,125 @@
+//! The HTML report end to end: real runs on `local`, `cargo xtask report`,
+//! and the page opened in a real headless browser (Debian's chromium, which
+//! `cargo xtask setup` installs where it can).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const MATRIX: &str = r#"
+[matrices.pair]
+types = ["F32", "Q4_0"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 1
+min_reps = 5
+min_time_ms = 5
+max_time_ms = 200
+"#;
+
+fn xtask(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("xtask starts")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn chromium(args: &[&str], profile: &Path) -> Option<Output> {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()
+        .ok()
+}
+
+#[test]
+fn report_renders_in_a_real_browser_with_every_image() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), MATRIX).unwrap();
+    for _ in 0..3 {
+        let out = xtask(
+            dir.path(),
+            &["bench", "--target", "local", "--matrix", "pair"],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = xtask(dir.path(), &["report"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let site = dir.path().join("results/site");
+    let html = std::fs::read_to_string(site.join("index.html")).unwrap();
+    // Latest against the previous run of the same boards, its files, trends.
+    assert!(html.contains("Against the previous run"), "{html}");
+    assert!(html.contains("cells:"), "{html}");
+    assert!(html.contains("kernels.csv") && site.join("runs").read_dir().unwrap().count() == 1);
+    let trends = html.matches("src=\"trends/").count();
+    assert_eq!(trends, 2, "one trend per cell: {html}");
+    // Self-contained: every image the page names is in the site folder.
+    for src in html.split("src=\"").skip(1) {
+        let src = src.split('"').next().unwrap();
+        assert!(site.join(src).is_file(), "{src}");
+    }
+
+    if Command::new("chromium").arg("--version").output().is_err() {
+        println!("SKIPPED the browser check: chromium is not installed and could not be (cargo xtask setup installs Debian's chromium as root)");
+        return;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", site.join("index.html").display());
+    let dom = chromium(&["--dump-dom", &url], profile.path()).unwrap();
+    let dom_text = String::from_utf8_lossy(&dom.stdout);
+    let attr = |name: &str| -> usize {
+        dom_text
+            .split(&format!("{name}=\""))
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the DOM:\n{dom_text}"))
+    };
+    let images = attr("data-images");
+    assert!(images >= 3, "{images}");
+    assert_eq!(attr("data-images-rendered"), images, "every image rendered");
+
+    let shot = profile.path().join("shot.png");
+    let out = chromium(
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1200,900",
+            &url,
+        ],
+        profile.path(),
+    )
+    .unwrap();
+    assert!(shot.exists(), "{}", text(&out));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    let pixels = &pixels[..frame.buffer_size()];
+    let distinct: std::collections::HashSet<&[u8]> =
+        pixels.chunks(frame.color_type.samples()).collect();
+    assert!(
+        distinct.len() > 50,
+        "a blank page has {} colours",
+        distinct.len()
+    );
+}
