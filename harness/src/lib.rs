@@ -22,6 +22,7 @@ pub mod compare;
 pub mod config;
 pub mod deploy;
 pub mod history;
+pub mod import;
 pub mod jobs;
 pub mod manifest;
 pub mod matrix;

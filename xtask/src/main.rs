@@ -37,6 +37,27 @@ enum TestbedAction {
 }
 
 #[derive(Subcommand)]
+enum ImportSource {
+    /// Stock llama.cpp's `llama-bench -o jsonl` (or `-o json`) output, as
+    /// model rows. Run llama-bench on quantbench's recipe files
+    /// (target/quantbench-models/<hash>/<recipe>.gguf) and `compare` the
+    /// imported run with a quantbench model run.
+    LlamaBench {
+        /// The llama-bench output file.
+        file: PathBuf,
+        /// Board name for the rows (the machine llama-bench ran on).
+        #[arg(long, default_value = "local")]
+        board: String,
+        /// Model name for the rows (the original GGUF's file name, as
+        /// quantbench's rows name it); default: llama-bench's file path.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Build the agent, run kernel and/or model matrices on a target, write
     /// CSVs, run.json, plots and a summary into one run directory.
@@ -137,6 +158,11 @@ enum Command {
         /// Output folder (default: <results>/site).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Bring other tools' results into a run directory, to compare with ours.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
     },
     /// Redraw the plots and summary of a run directory (kernel, model or both).
     Plot {
@@ -380,6 +406,26 @@ fn run() -> Result<ExitCode> {
                 report.regressions,
                 report.trend_plots,
                 started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import {
+            source:
+                ImportSource::LlamaBench {
+                    file,
+                    board,
+                    model,
+                    results,
+                },
+        } => {
+            let imported =
+                harness::import::import_llama_bench(&file, &results, &board, model.as_deref())?;
+            harness::render::render_run(&imported.run_dir)?;
+            harness::history::History::open(&results)?;
+            println!(
+                "{} llama-bench rows imported into {}",
+                imported.rows,
+                imported.run_dir.display()
             );
             Ok(ExitCode::SUCCESS)
         }
