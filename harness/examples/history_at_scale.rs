@@ -1,0 +1,129 @@
+//! Prints how long `compare` takes on two runs the size of the `full`
+//! kernel matrix (14 types x 18 shapes x 3 batches x 3 thread counts =
+//! 2268 cells, 10 repetitions each), and how long rebuilding the history
+//! index takes from 365 nightly run directories (a year of `quick`-sized
+//! runs: 200 cells, 10 repetitions each).
+//!
+//! `cargo run --release -p harness --example history_at_scale [work dir]`
+//! (default: a temporary folder, removed afterwards).
+
+use harness::compare::{compare, CompareSettings};
+use harness::history::History;
+use harness::manifest::{BoardOutcome, HostInfo, RunManifest, Versions};
+use harness::run_dir::RunData;
+use std::path::Path;
+use std::time::Instant;
+use wire::files::{write_json, CsvAppender, KERNEL_ROWS_FILE, MANIFEST_FILE, SAMPLES_FILE};
+use wire::rows::{example_row, SampleRow};
+
+/// A run directory with `cells` kernel rows and `reps` repetitions each,
+/// timings drawn around 100 us with a per-run drift.
+fn fake_run(dir: &Path, run_id: &str, day: usize, cells: usize, reps: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rows = CsvAppender::open(&dir.join(KERNEL_ROWS_FILE)).unwrap();
+    let mut samples = CsvAppender::open(&dir.join(SAMPLES_FILE)).unwrap();
+    for c in 0..cells {
+        let mut row = example_row(&format!("shape{}/T{}/n1/t{}", c / 9, c % 9, c % 3));
+        row.run_id = run_id.to_string();
+        let base = 100_000.0 * (1.0 + (c % 17) as f64 / 10.0) * (1.0 + (day % 7) as f64 / 1000.0);
+        row.median_ns = Some(base);
+        rows.append(&row).unwrap();
+        for r in 0..reps {
+            samples
+                .append(&SampleRow {
+                    run_id: run_id.to_string(),
+                    board: row.board.clone(),
+                    cell_id: row.cell_id.clone(),
+                    repetition: r as u32,
+                    ns: (base * (1.0 + ((r * 7919 + c) % 13) as f64 / 400.0)) as u64,
+                })
+                .unwrap();
+        }
+    }
+    write_json(
+        &dir.join(MANIFEST_FILE),
+        &RunManifest {
+            run_id: run_id.to_string(),
+            started_at: format!(
+                "2026-{:02}-{:02}T02:17:00Z",
+                1 + day / 31 % 12,
+                1 + day % 28
+            ),
+            finished_at: None,
+            matrix: "quick".into(),
+            matrices: Vec::new(),
+            config_path: "bench.toml".into(),
+            seed: 42,
+            git_commit: format!("{:07x}", 0xabc0000 + day),
+            target: "local".into(),
+            versions: Versions {
+                quantbench: "0".into(),
+                llama_cpp_sys_2: "0".into(),
+                rustc: "0".into(),
+                agent_builds: Vec::new(),
+            },
+            host: HostInfo::current(),
+            boards: vec![BoardOutcome {
+                board: "local".into(),
+                ..Default::default()
+            }],
+        },
+    )
+    .unwrap();
+}
+
+fn main() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = std::env::args()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| temp.path().to_path_buf());
+
+    let full = root.join("full");
+    fake_run(&full.join("a"), "a", 0, 2268, 10);
+    fake_run(&full.join("b"), "b", 1, 2268, 10);
+    let started = Instant::now();
+    let a = RunData::load(&full.join("a")).unwrap();
+    let b = RunData::load(&full.join("b")).unwrap();
+    let loaded = started.elapsed();
+    let cmp = compare(&a, &b, &CompareSettings::default()).unwrap();
+    println!(
+        "compare, two full-matrix runs (2268 cells x 10 reps): load {:.2} s + compare {:.2} s; {}",
+        loaded.as_secs_f64(),
+        (started.elapsed() - loaded).as_secs_f64(),
+        cmp.verdict_line()
+    );
+
+    let year = root.join("year");
+    let made = Instant::now();
+    for day in 0..365 {
+        let id = format!("2026{day:04}T021700Z-{:07x}", 0xabc0000 + day);
+        fake_run(&year.join(&id), &id, day, 200, 10);
+    }
+    println!(
+        "made 365 run directories in {:.1} s",
+        made.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let (history, report) = History::open(&year).unwrap();
+    println!(
+        "history rebuilt from {} runs ({} added) in {:.2} s",
+        report.total,
+        report.added,
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let (_, report) = History::open(&year).unwrap();
+    println!(
+        "history up to date check ({} added) in {:.3} s",
+        report.added,
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let points = history.trend("local", "kernel", "shape0/T0/n1/t0").unwrap();
+    println!(
+        "one cell's trend over {} runs read in {:.3} s",
+        points.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
