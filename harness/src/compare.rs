@@ -5,8 +5,8 @@
 //! repetitions: the ratio of medians (new / base, above 1 is slower) with a
 //! bootstrap confidence interval, and a Mann-Whitney U p-value. A cell is
 //! `regressed` or `improved` only when the change passes the threshold, the
-//! interval excludes 1 and p < alpha; a cell too noisy to judge (coefficient
-//! of variation above `max_cv` on either side) is `noisy`. Quality columns
+//! interval excludes 1 and p < alpha; a cell too noisy to judge (robust
+//! coefficient of variation above `max_cv` on either side) is `noisy`. Quality columns
 //! (NMSE; perplexity, KL divergence, top-1 agreement, multiple-choice
 //! accuracy) that worsen beyond a tolerance make a `quality-regressed` cell.
 //! Emulated rows are never compared with real ones.
@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use thiserror::Error;
 use wire::rows::CellStatus;
-use wire::stats::{coefficient_of_variation, mann_whitney_p, median_ratio_ci, Summary};
+use wire::stats::{mann_whitney_p, median_ratio_ci, robust_cv, Summary};
 
 #[derive(Debug, Error)]
 pub enum CompareError {
@@ -32,8 +32,8 @@ pub struct CompareSettings {
     pub threshold: f64,
     /// Significance level of the Mann-Whitney test.
     pub alpha: f64,
-    /// Cells whose coefficient of variation exceeds this on either side are
-    /// `noisy`, not judged.
+    /// Cells whose robust coefficient of variation (1.4826 x MAD / median)
+    /// exceeds this on either side are `noisy`, not judged.
     pub max_cv: f64,
     /// Relative worsening of NMSE, perplexity or KL divergence, and absolute
     /// drop of top-1 agreement or accuracy, that counts as a quality regression.
@@ -227,8 +227,8 @@ pub fn compare(
             ci_low: None,
             ci_high: None,
             p_value: None,
-            base_cv: coefficient_of_variation(&b.samples),
-            new_cv: coefficient_of_variation(&n.samples),
+            base_cv: robust_cv(&b.samples),
+            new_cv: robust_cv(&n.samples),
             base_samples: b.samples.len(),
             new_samples: n.samples.len(),
             quality: Vec::new(),
@@ -535,8 +535,8 @@ mod tests {
             ci_low: None,
             ci_high: None,
             p_value: None,
-            base_cv: coefficient_of_variation(base),
-            new_cv: coefficient_of_variation(new),
+            base_cv: robust_cv(base),
+            new_cv: robust_cv(new),
             base_samples: base.len(),
             new_samples: new.len(),
             quality: Vec::new(),

@@ -110,6 +110,20 @@ pub fn coefficient_of_variation(samples: &[f64]) -> Option<f64> {
     (s.count >= 2 && s.mean != 0.0).then(|| s.stddev / s.mean.abs())
 }
 
+/// Robust coefficient of variation: 1.4826 x the median absolute
+/// deviation over the median (equal to the CV for normal data, but one
+/// descheduled repetition among many does not inflate it); `None` for
+/// fewer than two samples or a zero median.
+pub fn robust_cv(samples: &[f64]) -> Option<f64> {
+    let median = Summary::of(samples)?.median;
+    if samples.len() < 2 || median == 0.0 {
+        return None;
+    }
+    let deviations: Vec<f64> = samples.iter().map(|x| (x - median).abs()).collect();
+    let mad = Summary::of(&deviations)?.median;
+    Some(1.4826 * mad / median.abs())
+}
+
 /// Ratio of medians `median(new) / median(base)` with a percentile
 /// bootstrap confidence interval at `level` (e.g. 0.95): both sides are
 /// resampled with replacement `rounds` times. Deterministic for a seed.
@@ -314,5 +328,13 @@ mod tests {
         assert_eq!(change_points(&series, None), vec![20]);
         let flat: Vec<f64> = (0..40).map(|i| 100.0 + (i % 3) as f64).collect();
         assert!(change_points(&flat, None).is_empty());
+    }
+
+    #[test]
+    fn robust_cv_ignores_one_outlier_that_the_plain_cv_does_not() {
+        let mut samples: Vec<f64> = (0..20).map(|i| 100.0 + (i % 5) as f64).collect();
+        samples.push(100_000.0);
+        assert!(coefficient_of_variation(&samples).unwrap() > 1.0);
+        assert!(robust_cv(&samples).unwrap() < 0.05);
     }
 }
