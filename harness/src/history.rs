@@ -14,7 +14,7 @@ use wire::rows::CellStatus;
 
 pub const HISTORY_FILE: &str = "history.sqlite";
 /// Bumped when the tables change; an index of another version is rebuilt.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 #[derive(Debug, Error)]
 pub enum HistoryError {
@@ -38,8 +38,10 @@ pub enum HistoryError {
     },
 }
 
-/// llama-bench's SQL fields, in its order (llama.cpp `scripts/compare-llama-bench.py`).
-pub const LLAMA_BENCH_FIELDS: [(&str, &str); 35] = [
+/// llama-bench's SQL fields, in its order, as llama.cpp's
+/// `scripts/compare-llama-bench.py` (the copy in llama-cpp-python 0.3.36)
+/// declares them.
+pub const LLAMA_BENCH_FIELDS: [(&str, &str); 38] = [
     ("build_commit", "TEXT"),
     ("build_number", "INTEGER"),
     ("cpu_info", "TEXT"),
@@ -64,7 +66,7 @@ pub const LLAMA_BENCH_FIELDS: [(&str, &str); 35] = [
     ("flash_attn", "INTEGER"),
     ("tensor_split", "TEXT"),
     ("tensor_buft_overrides", "TEXT"),
-    ("use_mmap", "INTEGER"),
+    ("load_mode", "TEXT"),
     ("embeddings", "INTEGER"),
     ("no_op_offload", "INTEGER"),
     ("n_prompt", "INTEGER"),
@@ -75,6 +77,9 @@ pub const LLAMA_BENCH_FIELDS: [(&str, &str); 35] = [
     ("stddev_ns", "INTEGER"),
     ("avg_ts", "REAL"),
     ("stddev_ts", "REAL"),
+    ("n_cpu_moe", "INTEGER"),
+    ("fit_target", "INTEGER"),
+    ("fit_min_ctx", "INTEGER"),
 ];
 
 /// A run as the index lists it.
@@ -572,7 +577,7 @@ fn ingest(
             0,
             "0.00",
             "none",
-            1,
+            "mmap",
             0,
             0,
             r.n_prompt as i64,
@@ -583,6 +588,9 @@ fn ingest(
             r.stddev_ns.map(|v| v as i64),
             r.avg_ts,
             r.stddev_ts,
+            0,
+            0,
+            0,
             run_id
         ])?;
     }
