@@ -1,8 +1,10 @@
 //! End to end on the `local` target: the real CLI builds the real agent,
 //! which measures real GGML kernels; we check what lands on disk.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+use common::xtask;
+
+use std::process::Output;
 use wire::files::read_csv;
 use wire::rows::{CellStatus, KernelRow, SampleRow};
 
@@ -17,14 +19,6 @@ min_reps = 3
 min_time_ms = 5
 max_time_ms = 200
 "#;
-
-fn xtask(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("xtask starts")
-}
 
 #[test]
 fn bench_local_writes_rows_samples_manifest_and_plots() {

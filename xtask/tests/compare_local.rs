@@ -3,8 +3,11 @@
 //! injected into a copy of a real run (its repetitions slowed, its error
 //! raised): what must be flagged is known exactly.
 
+mod common;
+use common::{text, xtask};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use wire::files::{read_csv, CsvAppender};
 use wire::rows::{KernelRow, SampleRow};
 
@@ -26,23 +29,6 @@ threads = [1]
 min_reps = 3
 min_time_ms = 1
 "#;
-
-fn xtask(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("xtask starts")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn runs(dir: &Path) -> Vec<PathBuf> {
     let mut runs: Vec<PathBuf> = std::fs::read_dir(dir.join("results"))

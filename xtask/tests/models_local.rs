@@ -1,19 +1,13 @@
 //! The model matrix end to end on `local`: the fixture model (a real
 //! llama-architecture GGUF) quantized by llama.cpp, measured by the agent.
 
+mod common;
+use common::xtask;
+
 use std::path::Path;
-use std::process::{Command, Output};
 use wire::files::read_csv;
 use wire::rows::CellStatus;
 use wire::rows::ModelRow;
-
-fn xtask(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("xtask runs")
-}
 
 fn fixture(name: &str) -> String {
     harness::build::workspace_root()

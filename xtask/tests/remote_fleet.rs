@@ -3,6 +3,9 @@
 //! namespaces (real sshd, qemu-aarch64 -cpu cortex-a76), runs, collects.
 //! Needs root (the testbed); `cargo xtask test` runs as root in CI.
 
+mod common;
+use common::text;
+
 use harness::build::{
     build_board_agent, inspect_aarch64_binary, workspace_root, BoardProfile, Builder,
 };
@@ -142,15 +145,6 @@ fn start_slow_run_on_sim2(dir: &Path, rows: usize) -> (std::process::Child, Stri
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! and the page opened in a real headless browser (Debian's chromium, which
 //! `cargo xtask setup` installs where it can).
 
+mod common;
+use common::{text, xtask};
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -16,23 +19,6 @@ min_reps = 5
 min_time_ms = 5
 max_time_ms = 200
 "#;
-
-fn xtask(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("xtask starts")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn chromium(args: &[&str], profile: &Path) -> Option<Output> {
     Command::new("chromium")
