@@ -178,6 +178,26 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RecipeError + '_ {
     }
 }
 
+/// A name part no other process or thread is using right now.
+fn unique_suffix() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// Writes `text` to `path` through a temporary file of this process and a
+/// rename, so a concurrent reader sees the old file or the new, never half.
+fn write_whole(path: &Path, text: &str) -> Result<(), RecipeError> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!(".part-{}", unique_suffix()));
+    let temp = PathBuf::from(temp);
+    std::fs::write(&temp, text).map_err(io_err(&temp))?;
+    std::fs::rename(&temp, path).map_err(io_err(path))
+}
+
 /// The host-side recipe cache of one model:
 /// `target/quantbench-models/<model hash>/`.
 pub struct RecipeCache {
@@ -220,7 +240,12 @@ impl RecipeCache {
         let path = self.dir.join(format!("{key}.gguf"));
         let meta_path = self.dir.join(format!("{key}.json"));
         if !(path.exists() && meta_path.exists()) {
-            let temp = self.dir.join(format!("{key}.gguf.part"));
+            // Two runs may quantize the same recipe at once (a nightly and a
+            // manual run, or tests): each writes its own temporary file and
+            // the renames replace whole files with identical content.
+            let temp = self
+                .dir
+                .join(format!("{key}.gguf.part-{}", unique_suffix()));
             let mut args = vec![
                 "quantize".to_string(),
                 "--input".into(),
@@ -240,9 +265,11 @@ impl RecipeCache {
                 args.push("--other-type".into());
                 args.push(other.to_string());
             }
-            let meta = agent_json(agent, &args)?;
+            let meta = agent_json(agent, &args).inspect_err(|_| {
+                let _ = std::fs::remove_file(&temp);
+            })?;
             std::fs::rename(&temp, &path).map_err(io_err(&path))?;
-            std::fs::write(&meta_path, meta.to_string()).map_err(io_err(&meta_path))?;
+            write_whole(&meta_path, &meta.to_string())?;
         }
         let meta_text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
         let meta: QuantizeOutput =
@@ -274,6 +301,9 @@ impl RecipeCache {
             .dir
             .join(format!("importance-{low}-{ctx}-{text_hash}.json"));
         if !path.exists() {
+            // Each measurement gets its own trial folder: two runs may
+            // measure the same model at once.
+            let scratch = self.dir.join(format!("scratch-{}", unique_suffix()));
             let value = agent_json(
                 agent,
                 &[
@@ -289,10 +319,13 @@ impl RecipeCache {
                     "--threads".into(),
                     self.threads.to_string(),
                     "--scratch".into(),
-                    self.dir.join("scratch").display().to_string(),
+                    scratch.display().to_string(),
                 ],
-            )?;
-            std::fs::write(&path, value.to_string()).map_err(io_err(&path))?;
+            );
+            // The per-layer trial files are of no use afterwards.
+            let _ = std::fs::remove_dir_all(&scratch);
+            let value = value?;
+            write_whole(&path, &value.to_string())?;
         }
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         let scores: ImportanceOutput =
