@@ -4,7 +4,7 @@
 //! raised): what must be flagged is known exactly.
 
 mod common;
-use common::{text, xtask};
+use common::{bench_local, text, xtask};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,11 +71,7 @@ fn rewrite<T: serde::Serialize + serde::de::DeserializeOwned>(
 fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.toml"), MATRICES).unwrap();
-    let out = xtask(
-        dir.path(),
-        &["bench", "--target", "local", "--matrix", "pair"],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    bench_local(dir.path(), "pair");
     let measured = runs(dir.path())[0].clone();
     // Real timings on a shared 2-core machine are too noisy to judge
     // exactly, so both sides get the same controlled repetitions (ten,
@@ -175,17 +171,9 @@ fn history_finds_runs_by_name_and_commit_and_survives_corruption() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.toml"), MATRICES).unwrap();
     for _ in 0..2 {
-        let out = xtask(
-            dir.path(),
-            &["bench", "--target", "local", "--matrix", "pair"],
-        );
-        assert!(out.status.success(), "{}", text(&out));
+        bench_local(dir.path(), "pair");
     }
-    let out = xtask(
-        dir.path(),
-        &["bench", "--target", "local", "--matrix", "other"],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    bench_local(dir.path(), "other");
     let all = runs(dir.path());
     assert_eq!(all.len(), 3);
     assert!(

@@ -2,9 +2,8 @@
 //! llama-architecture GGUF) quantized by llama.cpp, measured by the agent.
 
 mod common;
-use common::xtask;
+use common::{only_run_dir, xtask};
 
-use std::path::Path;
 use wire::files::read_csv;
 use wire::rows::CellStatus;
 use wire::rows::ModelRow;
@@ -34,17 +33,6 @@ fn fixture_model_config(recipes: &str) -> tempfile::TempDir {
     )
     .unwrap();
     dir
-}
-
-fn only_run_dir(dir: &Path) -> std::path::PathBuf {
-    let runs: Vec<_> = std::fs::read_dir(dir.join("results"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        // Run directories only: the history index sits beside them.
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    runs[0].clone()
 }
 
 #[test]

@@ -4,13 +4,13 @@
 //! Needs root (the testbed); `cargo xtask test` runs as root in CI.
 
 mod common;
-use common::text;
+use common::{only_run_dir, text};
 
 use harness::build::{
     build_board_agent, inspect_aarch64_binary, workspace_root, BoardProfile, Builder,
 };
 use harness::manifest::RunManifest;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 use wire::files::read_csv;
@@ -93,17 +93,6 @@ fn bench(dir: &Path, target: &str, matrix: &str) -> Output {
         .args(["bench", "--target", target, "--matrix", matrix])
         .output()
         .expect("xtask runs")
-}
-
-fn only_run_dir(dir: &Path) -> PathBuf {
-    let runs: Vec<PathBuf> = std::fs::read_dir(dir.join("results"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        // Run directories only: the history index sits beside them.
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    runs[0].clone()
 }
 
 /// Starts `bench --matrix slow` on sim2 and returns once this run has

@@ -3,7 +3,7 @@
 //! `cargo xtask setup` installs where it can).
 
 mod common;
-use common::{text, xtask};
+use common::{bench_local, text, xtask};
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -43,11 +43,7 @@ fn report_renders_in_a_real_browser_with_every_image() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.toml"), MATRIX).unwrap();
     for _ in 0..3 {
-        let out = xtask(
-            dir.path(),
-            &["bench", "--target", "local", "--matrix", "pair"],
-        );
-        assert!(out.status.success(), "{}", text(&out));
+        bench_local(dir.path(), "pair");
     }
     let out = xtask(dir.path(), &["report"]);
     assert!(out.status.success(), "{}", text(&out));

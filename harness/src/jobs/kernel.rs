@@ -84,11 +84,7 @@ impl JobKind for KernelMatrix {
             .iter()
             .filter(|r| r.run_id == spec.run_id && cells.contains(r.cell_id.as_str()))
         {
-            match row.status {
-                CellStatus::Ok => tally.ok += 1,
-                CellStatus::Unsupported => tally.unsupported += 1,
-                CellStatus::Failed => tally.failed += 1,
-            }
+            tally.count(row.status);
         }
         let samples: Vec<SampleRow> = rows_in(&board_dir.join(SAMPLES_FILE)).unwrap_or_default();
         tally.measured_seconds = samples

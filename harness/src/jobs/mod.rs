@@ -92,6 +92,18 @@ pub struct Tally {
     pub measured_seconds: f64,
 }
 
+impl Tally {
+    /// Counts one unit that ended with `status`.
+    pub fn count(&mut self, status: wire::rows::CellStatus) {
+        use wire::rows::CellStatus;
+        match status {
+            CellStatus::Ok => self.ok += 1,
+            CellStatus::Unsupported => self.unsupported += 1,
+            CellStatus::Failed => self.failed += 1,
+        }
+    }
+}
+
 pub trait JobKind: Send + Sync {
     /// `kernel` or `model`: which rows this kind returns.
     fn kind(&self) -> &'static str;

@@ -259,32 +259,28 @@ impl JobKind for ModelMatrix {
         let reason = failure
             .map(|f| f.reason.as_str())
             .unwrap_or("the agent ended without a row for this recipe");
+        // One status per recipe (a recipe's pp and tg rows share it; the
+        // worst wins), each recipe counted once.
         let mut by_recipe: BTreeMap<&str, CellStatus> = BTreeMap::new();
         for recipe in &job.recipes {
-            match rows.iter().find(|r| r.recipe == recipe.recipe) {
-                Some(row) => {
-                    let worst = rows
-                        .iter()
-                        .filter(|r| r.recipe == recipe.recipe)
-                        .map(|r| r.status)
-                        .find(|s| *s != CellStatus::Ok)
-                        .unwrap_or(row.status);
-                    by_recipe.insert(&recipe.recipe, worst);
-                }
-                None => {
-                    out.append(&ModelRow::failed(&job, recipe, "", reason))?;
-                    by_recipe.insert(&recipe.recipe, CellStatus::Failed);
-                }
-            }
+            let statuses: Vec<CellStatus> = rows
+                .iter()
+                .filter(|r| r.recipe == recipe.recipe)
+                .map(|r| r.status)
+                .collect();
+            let status = if statuses.is_empty() {
+                out.append(&ModelRow::failed(&job, recipe, "", reason))?;
+                CellStatus::Failed
+            } else {
+                statuses
+                    .into_iter()
+                    .find(|s| *s != CellStatus::Ok)
+                    .unwrap_or(CellStatus::Ok)
+            };
+            by_recipe.insert(&recipe.recipe, status);
         }
         let mut tally = Tally::default();
-        for status in by_recipe.values() {
-            match status {
-                CellStatus::Ok => tally.ok += 1,
-                CellStatus::Unsupported => tally.unsupported += 1,
-                CellStatus::Failed => tally.failed += 1,
-            }
-        }
+        by_recipe.values().for_each(|s| tally.count(*s));
         Ok(tally)
     }
 

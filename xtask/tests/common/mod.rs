@@ -23,3 +23,21 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// `cargo xtask bench --target local --matrix <matrix>` in `dir`, which must succeed.
+pub fn bench_local(dir: &Path, matrix: &str) {
+    let out = xtask(dir, &["bench", "--target", "local", "--matrix", matrix]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The one run directory under `dir/results`.
+pub fn only_run_dir(dir: &Path) -> std::path::PathBuf {
+    let runs: Vec<std::path::PathBuf> = std::fs::read_dir(dir.join("results"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        // Run directories only: the history index sits beside them.
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
