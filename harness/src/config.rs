@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use wire::ggml_type::{Distribution, GgmlType};
-use wire::kernel_job::ThreadCount;
+use wire::kernel_job::{LoadMode, ThreadCount};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -97,6 +97,11 @@ pub struct MatrixSpec {
     pub max_time_ms: u64,
     #[serde(default = "default_repack")]
     pub repack: bool,
+    /// How weights are placed in memory: `mmap` (default, as llama.cpp
+    /// loads a model: a mapped file read in place) or `no-mmap` (copied into
+    /// an anonymous buffer, as `llama-bench --mmap 0`).
+    #[serde(default)]
+    pub load_mode: LoadMode,
     /// Synthetic data: `llm-like` (default) or `uniform` (as test-backend-ops).
     #[serde(default = "default_distribution")]
     pub distribution: Distribution,
@@ -383,7 +388,17 @@ mod tests {
         assert_eq!(m.batches, vec![1]);
         assert_eq!(m.threads, vec![ThreadCount::All]);
         assert!(m.repack);
+        assert_eq!(m.load_mode, LoadMode::Mmap, "llama.cpp's default load");
         assert_eq!(c.seed, 42);
+    }
+
+    #[test]
+    fn load_mode_reads_llama_cpp_names_and_refuses_others() {
+        let base = "[matrices.m]\ntypes=[\"q4_0\"]\nshapes=[\"all\"]\n";
+        let c = parse(&format!("{base}load_mode = \"no-mmap\"\n")).unwrap();
+        assert_eq!(c.matrix("m").unwrap().load_mode, LoadMode::NoMmap);
+        let e = parse(&format!("{base}load_mode = \"mlock\"\n")).unwrap_err();
+        assert!(e.to_string().contains("no-mmap"), "{e}");
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub fn job_for_board(
         git_commit: git_commit.to_string(),
         seed: config.seed,
         repack: spec.repack,
+        load_mode: spec.load_mode,
         distribution: spec.distribution,
         timing: spec.timing(),
         cells,

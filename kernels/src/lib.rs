@@ -13,9 +13,11 @@
 mod ffi;
 pub mod matmul;
 pub mod model;
+pub mod placement;
 pub mod weights;
 
 pub use matmul::{KernelPath, MatMul};
+pub use placement::{LoadMode, PageState, StagedMatrix};
 pub use wire::ggml_type::{GgmlType, FAMILIES_BY_BITS};
 
 use thiserror::Error;
@@ -33,6 +35,11 @@ pub enum KernelError {
     WrongLength { expected: usize, got: usize },
     #[error("GGML failed: {0}")]
     Ggml(String),
+    #[error("could not place the weights in a file in {dir} ({reason}); the agent needs write access and free space there as large as the matrix")]
+    Staging {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// A row-major matrix stored in one GGML type (`cols` is the inner dimension).
@@ -60,6 +67,14 @@ impl QuantizedMatrix {
     }
     pub fn raw(&self) -> &[u8] {
         &self.data
+    }
+    /// The encoded blocks, for experiments that edit them (e.g. swapping
+    /// block scales between matrices, see `examples/data_effect.rs`).
+    pub fn raw_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.data
     }
 
     /// Decodes back to f32 with GGML's own `to_float`.
@@ -212,8 +227,15 @@ mod tests {
         for ty in GgmlType::ALL {
             let q = quantize(ty, rows, cols, &w).unwrap();
             let deq = q.dequantize();
-            for repack in [false, true] {
-                let mut mm = MatMul::new(&q, tokens, 2, repack).unwrap();
+            let scratch = std::env::temp_dir();
+            for (repack, mode) in [
+                (false, LoadMode::Mmap),
+                (false, LoadMode::NoMmap),
+                (true, LoadMode::Mmap),
+                (true, LoadMode::NoMmap),
+            ] {
+                let staged = StagedMatrix::stage(q.clone(), mode, &scratch).unwrap();
+                let mut mm = MatMul::new(&staged, tokens, 2, repack).unwrap();
                 mm.set_activations(&x).unwrap();
                 mm.compute().unwrap();
                 let y = mm.output();
@@ -228,7 +250,19 @@ mod tests {
                 // Activations are themselves quantized to vec_dot_type
                 // (q8_0/q8_K for most types), so allow that much error.
                 let e = nmse(&y_ref, &y);
-                assert!(e < 2e-3, "{ty} repack={repack}: {e:.3e} ({})", mm.path());
+                assert!(
+                    e < 2e-3,
+                    "{ty} repack={repack} {mode}: {e:.3e} ({})",
+                    mm.path()
+                );
+                let placement = mm.placement();
+                let repacked = !["CPU", "CPU_Mapped"].contains(&mm.path().weight_buffer.as_str());
+                let expected = match (mode, repacked) {
+                    (_, true) => "repack/",
+                    (LoadMode::Mmap, false) => "mmap/",
+                    (LoadMode::NoMmap, false) => "heap/",
+                };
+                assert!(placement.starts_with(expected), "{ty} {mode}: {placement}");
             }
         }
     }

@@ -1,12 +1,14 @@
 //! One weight matrix times a batch of activations on GGML's CPU backend.
 
 use crate::ffi::vec_dot_type;
-use crate::{KernelError, QuantizedMatrix};
+use crate::placement::{FileMapping, PageState};
+use crate::{KernelError, StagedMatrix};
 use llama_cpp_sys_2 as sys;
 use serde::{Deserialize, Serialize};
 use std::ffi::CStr;
 use std::fmt;
 use std::ptr;
+use std::sync::Arc;
 
 /// Which GGML code path a multiplication took.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,10 @@ pub struct MatMul {
     graph: *mut sys::ggml_cgraph,
     activations: *mut sys::ggml_tensor,
     output: *mut sys::ggml_tensor,
+    weight_tensor: *mut sys::ggml_tensor,
+    /// The file mapping a `CPU_Mapped` weight buffer points into; dropped
+    /// after the buffer (field order).
+    mapping: Option<Arc<FileMapping>>,
     rows: usize,
     cols: usize,
     tokens: usize,
@@ -55,9 +61,11 @@ impl MatMul {
     /// Prepares `W (rows x cols) * X (tokens x cols)^T` with `threads` GGML
     /// worker threads. With `repack`, weights go to the CPU backend's
     /// repacking buffer type if it supports this type and shape on this CPU,
-    /// as llama.cpp decides at model load.
+    /// as llama.cpp decides at model load; otherwise a mapped matrix is read
+    /// in place (llama.cpp's `CPU_Mapped` buffer) and a heap one is copied
+    /// into a CPU buffer (llama.cpp with `--no-mmap`).
     pub fn new(
-        weights: &QuantizedMatrix,
+        weights: &StagedMatrix,
         tokens: usize,
         threads: usize,
         repack: bool,
@@ -72,6 +80,8 @@ impl MatMul {
             graph: ptr::null_mut(),
             activations: ptr::null_mut(),
             output: ptr::null_mut(),
+            weight_tensor: ptr::null_mut(),
+            mapping: None,
             rows: weights.rows(),
             cols: weights.cols(),
             tokens,
@@ -132,8 +142,8 @@ impl MatMul {
             mm.output = sys::ggml_mul_mat(mm.compute_ctx, w, mm.activations);
             sys::ggml_set_output(mm.output);
 
-            mm.place_weights(w, repack)?;
-            sys::ggml_backend_tensor_set(w, weights.raw().as_ptr().cast(), 0, weights.bytes());
+            mm.weight_tensor = w;
+            mm.place_weights(w, weights, repack)?;
 
             mm.graph = sys::ggml_new_graph(mm.compute_ctx);
             sys::ggml_build_forward_expand(mm.graph, mm.output);
@@ -146,11 +156,13 @@ impl MatMul {
         Ok(mm)
     }
 
-    /// Allocates the weight tensor in the repacking buffer type when asked
-    /// and supported for this op, else in the plain CPU buffer type.
+    /// Places the weight tensor: in the repacking buffer type when asked
+    /// and supported for this op, else in place in the file mapping, else in
+    /// a plain CPU buffer; copies the weights in where they are not in place.
     unsafe fn place_weights(
         &mut self,
         w: *mut sys::ggml_tensor,
+        weights: &StagedMatrix,
         repack: bool,
     ) -> Result<(), KernelError> {
         let device = sys::ggml_backend_get_device(self.backend);
@@ -170,17 +182,36 @@ impl MatMul {
                 (*w).data = ptr::null_mut();
             }
         }
-        if self.weight_buffer.is_null() {
-            self.weight_buffer = sys::ggml_backend_alloc_ctx_tensors_from_buft(
-                self.weight_ctx,
-                sys::ggml_backend_get_default_buffer_type(self.backend),
-            );
-            if self.weight_buffer.is_null() {
-                return Err(ggml_err(&format!(
-                    "could not allocate {}x{} weights",
-                    self.rows, self.cols
-                )));
+        let in_place = match weights.mapping() {
+            Some(mapping) if self.weight_buffer.is_null() => Some(mapping),
+            _ => None,
+        };
+        if let Some(mapping) = in_place {
+            let buffer = sys::ggml_backend_cpu_buffer_from_ptr(mapping.address(), weights.bytes());
+            if buffer.is_null() {
+                return Err(ggml_err("ggml_backend_cpu_buffer_from_ptr returned NULL"));
             }
+            self.weight_buffer = buffer;
+            if sys::ggml_backend_tensor_alloc(buffer, w, mapping.address())
+                != sys::GGML_STATUS_SUCCESS
+            {
+                return Err(ggml_err("could not place the weights in their mapping"));
+            }
+            self.mapping = Some(mapping);
+        } else {
+            if self.weight_buffer.is_null() {
+                self.weight_buffer = sys::ggml_backend_alloc_ctx_tensors_from_buft(
+                    self.weight_ctx,
+                    sys::ggml_backend_get_default_buffer_type(self.backend),
+                );
+                if self.weight_buffer.is_null() {
+                    return Err(ggml_err(&format!(
+                        "could not allocate {}x{} weights",
+                        self.rows, self.cols
+                    )));
+                }
+            }
+            sys::ggml_backend_tensor_set(w, weights.raw().as_ptr().cast(), 0, weights.bytes());
         }
         let name = CStr::from_ptr(sys::ggml_backend_buffer_name(self.weight_buffer));
         self.path.weight_buffer = name.to_string_lossy().into_owned();
@@ -234,6 +265,26 @@ impl MatMul {
             )
         };
         out
+    }
+
+    /// Where the weights sit, for the row: `mmap` (read in place from a
+    /// mapped file), `heap` (copied into an anonymous CPU buffer) or
+    /// `repack` (one of the CPU backend's extra buffer types), then the pages backing
+    /// them, e.g. `mmap/4k` or `heap/4k+thp60%`.
+    pub fn placement(&self) -> String {
+        let how = if self.mapping.is_some() {
+            "mmap"
+        } else if self.path.weight_buffer == "CPU" {
+            "heap"
+        } else {
+            "repack"
+        };
+        // SAFETY: the tensor and its buffer live as long as `self`.
+        let address = unsafe { (*self.weight_tensor).data as usize };
+        match PageState::of_address(address) {
+            Some(pages) => format!("{how}/{pages}"),
+            None => format!("{how}/?"),
+        }
     }
 
     pub fn path(&self) -> &KernelPath {

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use kernels::weights::{activations, weights, Distribution};
-use kernels::{quantize, KernelError, MatMul};
+use kernels::{quantize, KernelError, MatMul, StagedMatrix};
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ struct Measured {
     nmse: f64,
     weight_bytes: u64,
     kernel_path: String,
+    weight_placement: String,
 }
 
 enum Outcome {
@@ -39,22 +40,52 @@ enum Outcome {
 }
 
 /// Weights of the shape being measured, kept while consecutive cells share it
-/// (cells arrive grouped by shape), since generating an lm head takes seconds.
-#[derive(Default)]
-struct WeightCache {
+/// (cells arrive grouped by shape, then type), since generating an lm head
+/// takes seconds; and the quantized matrix placed as a model load places it,
+/// kept while consecutive cells share the type, so each (shape, type) is
+/// quantized and written once.
+struct WeightCache<'a> {
+    scratch_dir: &'a Path,
     key: Option<(String, u64, Distribution)>,
     values: Vec<f32>,
+    staged_type: Option<kernels::GgmlType>,
+    staged: Option<StagedMatrix>,
 }
 
-impl WeightCache {
-    fn get(&mut self, cell: &Cell, seed: u64, distribution: Distribution) -> &[f32] {
-        let key = (cell.shape.name.clone(), seed, distribution);
+impl<'a> WeightCache<'a> {
+    fn new(scratch_dir: &'a Path) -> Self {
+        WeightCache {
+            scratch_dir,
+            key: None,
+            values: Vec::new(),
+            staged_type: None,
+            staged: None,
+        }
+    }
+
+    /// The f32 weights of the cell's shape and the cell's type placed in
+    /// memory by `load_mode`.
+    fn get(&mut self, cell: &Cell, job: &JobSpec) -> Result<(&[f32], &StagedMatrix), KernelError> {
+        let key = (cell.shape.name.clone(), job.seed, job.distribution);
+        let (m, k) = (cell.shape.rows, cell.shape.cols);
         if self.key.as_ref() != Some(&key) {
-            self.values = Vec::new(); // free the old shape before allocating
-            self.values = weights(distribution, cell.shape.rows, cell.shape.cols, seed);
+            // Free the old shape before allocating the new one.
+            self.values = Vec::new();
+            self.staged = None;
+            self.values = weights(job.distribution, m, k, job.seed);
             self.key = Some(key);
         }
-        &self.values
+        let staged = match self.staged.take() {
+            Some(staged) if self.staged_type == Some(cell.ty) => staged,
+            stale => {
+                drop(stale);
+                let quantized = quantize(cell.ty, m, k, &self.values)?;
+                self.staged_type = Some(cell.ty);
+                StagedMatrix::stage(quantized, job.load_mode, self.scratch_dir)?
+            }
+        };
+        let staged = self.staged.insert(staged);
+        Ok((&self.values, staged))
     }
 }
 
@@ -73,7 +104,9 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
         total: job.cells.len(),
         bandwidth_gbps: probe.read_bandwidth_gbps,
     });
-    let mut cache = WeightCache::default();
+    // Mapped weights are written to an unnamed file beside the rows: the
+    // board's own disk, as a model file would be.
+    let mut cache = WeightCache::new(out_dir);
     let mut tally = Tally::default();
     for (index, cell) in job.cells.iter().enumerate() {
         emit(ProgressEvent::CellStarted {
@@ -137,10 +170,9 @@ fn try_measure(
     cache: &mut WeightCache,
 ) -> Result<Measured, KernelError> {
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
-    let w = cache.get(cell, job.seed, job.distribution);
-    let quantized = quantize(cell.ty, m, k, w)?;
+    let (w, staged) = cache.get(cell, job)?;
     let x = activations(job.distribution, n, k, job.seed);
-    let mut matmul = MatMul::new(&quantized, n, threads, job.repack)?;
+    let mut matmul = MatMul::new(staged, n, threads, job.repack)?;
     matmul.set_activations(&x)?;
     matmul.compute()?;
     let error = output_nmse(w, &x, &matmul.output(), m, k, n);
@@ -148,8 +180,9 @@ fn try_measure(
     Ok(Measured {
         samples_ns,
         nmse: error,
-        weight_bytes: quantized.bytes() as u64,
+        weight_bytes: staged.bytes() as u64,
         kernel_path: matmul.path().to_string(),
+        weight_placement: matmul.placement(),
     })
 }
 
@@ -225,6 +258,7 @@ fn build_row(
         Outcome::Measured(measured) => {
             let times: Vec<f64> = measured.samples_ns.iter().map(|&ns| ns as f64).collect();
             row.kernel_path = measured.kernel_path.clone();
+            row.weight_placement = measured.weight_placement.clone();
             row.repetitions = times.len() as u32;
             row.weight_bytes = measured.weight_bytes;
             row.nmse = Some(measured.nmse);

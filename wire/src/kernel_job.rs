@@ -91,6 +91,30 @@ pub struct TimingPolicy {
     pub max_time_ms: u64,
 }
 
+/// How the agent places a cell's weights in memory, named after llama.cpp's
+/// load modes so a cell sees the pages a model load would give it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadMode {
+    /// llama.cpp's default: the weights are written to a file and mapped
+    /// read-only (`MAP_SHARED | MAP_POPULATE`), so the kernel reads page-cache
+    /// pages; repacked types are copied into the CPU backend's repack buffer.
+    #[default]
+    Mmap,
+    /// llama.cpp's `--no-mmap`: the weights are copied into a buffer the CPU
+    /// backend allocates (anonymous memory).
+    NoMmap,
+}
+
+impl fmt::Display for LoadMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoadMode::Mmap => "mmap",
+            LoadMode::NoMmap => "no-mmap",
+        })
+    }
+}
+
 /// Everything an agent needs to run a matrix on one board.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -102,6 +126,8 @@ pub struct JobSpec {
     pub git_commit: String,
     pub seed: u64,
     pub repack: bool,
+    #[serde(default)]
+    pub load_mode: LoadMode,
     pub distribution: Distribution,
     pub timing: TimingPolicy,
     pub cells: Vec<Cell>,

@@ -48,6 +48,12 @@ pub struct KernelRow {
     pub distribution: crate::ggml_type::Distribution,
     /// GGML path: weight buffer type and activation type, e.g. `CPU_REPACK+act:q8_0`.
     pub kernel_path: String,
+    /// Where the weights sat and on which pages: `mmap/4k` (read in place
+    /// from a mapped file, llama.cpp's default load), `heap/4k` (copied into
+    /// an anonymous buffer, `--no-mmap`) or `repack/4k` (the CPU backend's
+    /// repack buffer); `+thpN%` when N% of them were on huge pages.
+    #[serde(default)]
+    pub weight_placement: String,
     pub repetitions: u32,
     pub median_ns: Option<f64>,
     pub min_ns: Option<f64>,
@@ -100,6 +106,7 @@ impl KernelRow {
             threads,
             distribution: job.distribution,
             kernel_path: String::new(),
+            weight_placement: String::new(),
             repetitions: 0,
             median_ns: None,
             min_ns: None,
@@ -261,6 +268,7 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         threads: 2,
         distribution: crate::ggml_type::Distribution::LlmLike,
         kernel_path: "CPU_REPACK+act:q8_0".into(),
+        weight_placement: "repack/4k".into(),
         repetitions: 10,
         median_ns: Some(150_000.0),
         min_ns: Some(140_000.0),

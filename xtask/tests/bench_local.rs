@@ -61,6 +61,15 @@ fn bench_local_writes_rows_samples_manifest_and_plots() {
             assert!(row.median_ns.unwrap() > 0.0 && row.gflops.unwrap() > 0.0);
             assert!(row.bandwidth_share.unwrap() > 0.0);
             assert!(row.nmse.unwrap() < 0.05, "{row:?}");
+            // Weights sit where llama.cpp's default (mmap) load puts them:
+            // read in place from a mapped file, or in the repack buffer.
+            let placement = &row.weight_placement;
+            if row.kernel_path.starts_with("CPU_REPACK") {
+                assert!(placement.starts_with("repack/"), "{row:?}");
+            } else {
+                assert!(row.kernel_path.starts_with("CPU_Mapped"), "{row:?}");
+                assert!(placement.starts_with("mmap/4k"), "{row:?}");
+            }
         }
     }
     let samples: Vec<SampleRow> = read_csv(&run_dir.join("samples.csv")).unwrap();

@@ -154,6 +154,12 @@ fn two_emulated_boards_at_once_then_second_run_uploads_nothing() {
         let q4 = of_board.iter().find(|r| r.ty == "Q4_0").unwrap();
         assert_eq!(q4.status, CellStatus::Ok);
         assert!(q4.kernel_path.starts_with("CPU"), "{q4:?}");
+        // Placed in memory as a model load on the board would place it,
+        // with the board's own page size recorded.
+        assert!(
+            q4.weight_placement.starts_with("mmap/") || q4.weight_placement.starts_with("repack/"),
+            "{q4:?}"
+        );
         assert!(q4.nmse.unwrap() < 0.05);
         let probe =
             std::fs::read_to_string(run_dir.join(format!("boards/{board}/probe.json"))).unwrap();
