@@ -14,6 +14,7 @@ mod ffi;
 pub mod matmul;
 pub mod model;
 pub mod placement;
+pub mod synthetic;
 pub mod weights;
 
 pub use matmul::{KernelPath, MatMul};
