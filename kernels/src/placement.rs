@@ -17,6 +17,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use wire::ggml_type::GgmlType;
 pub use wire::kernel_job::LoadMode;
@@ -173,7 +174,12 @@ fn unnamed_file(dir: &Path) -> std::io::Result<File> {
     match unnamed {
         Ok(file) => Ok(file),
         Err(_) => {
-            let path = dir.join(format!(".staged-weights-{}.tmp", std::process::id()));
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let path = dir.join(format!(
+                ".staged-weights-{}-{}.tmp",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
