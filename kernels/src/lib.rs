@@ -7,8 +7,8 @@
 //! llama.cpp does: activations converted to the weight type's `vec_dot_type`,
 //! GGML's own thread pool, and weights placed in the CPU backend's repacking
 //! buffer type when llama.cpp would place them there, otherwise read in place
-from a mapped file as a model load reads them (`placement`). It also writes
-synthetic llama GGUF models of real dimensions (`synthetic`). It does not time
+//! from a mapped file as a model load reads them (`placement`). It also writes
+//! synthetic llama GGUF models of real dimensions (`synthetic`). It does not time
 //! anything, choose matrices or write results: that is the agent's and the
 //! harness's job.
 
