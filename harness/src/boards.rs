@@ -53,7 +53,8 @@ pub struct BoardConfig {
     pub known_hosts: Option<String>,
     /// Memory quantbench may plan for on the board (MB), below what it
     /// reports, to leave room for other services. Models that would not fit
-    /// are refused before upload.
+    /// are refused before upload; kernel cells that would not fit become
+    /// `unsupported` rows.
     #[serde(default)]
     pub max_memory_mb: Option<u64>,
 }

@@ -77,6 +77,7 @@ pub fn job_for_board(
         repack: spec.repack,
         load_mode: spec.load_mode,
         distribution: spec.distribution,
+        memory_limit_bytes: None,
         timing: spec.timing(),
         cells,
     })

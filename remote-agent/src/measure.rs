@@ -63,6 +63,17 @@ impl<'a> WeightCache<'a> {
         }
     }
 
+    /// Bytes this cache holds that a new cell may reuse or free.
+    fn held_bytes(&self) -> u64 {
+        (self.values.len() * 4 + self.staged.as_ref().map_or(0, |s| s.bytes())) as u64
+    }
+
+    fn release(&mut self) {
+        self.values = Vec::new();
+        self.staged = None;
+        self.key = None;
+    }
+
     /// The f32 weights of the cell's shape and the cell's type placed in
     /// memory by `load_mode`.
     fn get(&mut self, cell: &Cell, job: &JobSpec) -> Result<(&[f32], &StagedMatrix), KernelError> {
@@ -156,6 +167,14 @@ fn measure_cell(cell: &Cell, threads: usize, job: &JobSpec, cache: &mut WeightCa
     if let Some(reason) = cell.ty.unsupported_reason(cell.shape.cols) {
         return Outcome::Unsupported(reason);
     }
+    let available = crate::sysinfo::available_memory_bytes().map(|free| free + cache.held_bytes());
+    if let Some(reason) =
+        memory_refusal(cell.peak_memory_bytes(), available, job.memory_limit_bytes)
+    {
+        // Freed now: the next cell may be smaller and fit.
+        cache.release();
+        return Outcome::Unsupported(reason);
+    }
     match try_measure(cell, threads, job, cache) {
         Ok(m) => Outcome::Measured(m),
         Err(KernelError::Unsupported { reason, .. }) => Outcome::Unsupported(reason),
@@ -204,6 +223,29 @@ fn time_repetitions(matmul: &mut MatMul, policy: &TimingPolicy) -> Result<Vec<u6
             return Ok(samples);
         }
     }
+}
+
+/// Why a cell needing `need` bytes must not run: more than the board has
+/// available (`MemAvailable` plus what the agent already holds and would
+/// reuse) or than the board's `max_memory_mb`. Running it anyway would get
+/// the agent OOM-killed and every later cell lost.
+fn memory_refusal(need: u64, available: Option<u64>, limit: Option<u64>) -> Option<String> {
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    if let Some(limit) = limit.filter(|&limit| need > limit) {
+        return Some(format!(
+            "needs about {:.0} MB of memory; the board's max_memory_mb allows {:.0} MB (raise it, or drop this shape on this board)",
+            mb(need),
+            mb(limit)
+        ));
+    }
+    if let Some(available) = available.filter(|&available| need > available) {
+        return Some(format!(
+            "needs about {:.0} MB of memory; the board has {:.0} MB available (free some memory on the board, or drop this shape on this board)",
+            mb(need),
+            mb(available)
+        ));
+    }
+    None
 }
 
 /// NMSE of GGML's output against an f64 product with the *unquantized*
@@ -276,4 +318,30 @@ fn build_row(
         }
     }
     row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cell_over_the_limit_or_the_free_memory_is_refused_with_both_figures() {
+        assert_eq!(memory_refusal(100_000_000, Some(200_000_000), None), None);
+        let by_limit =
+            memory_refusal(376_000_000, Some(20_000_000_000), Some(256_000_000)).unwrap();
+        assert!(
+            by_limit.contains("376 MB") && by_limit.contains("max_memory_mb allows 256 MB"),
+            "{by_limit}"
+        );
+        let by_free = memory_refusal(3_000_000_000, Some(1_500_000_000), None).unwrap();
+        assert!(
+            by_free.contains("3000 MB") && by_free.contains("1500 MB available"),
+            "{by_free}"
+        );
+        assert_eq!(
+            memory_refusal(3_000_000_000, None, None),
+            None,
+            "unknown memory: run"
+        );
+    }
 }

@@ -149,6 +149,12 @@ fn cpuinfo_field(cpuinfo: &str, key: &str) -> Option<String> {
     })
 }
 
+/// Memory the kernel says a new allocation can get without swapping
+/// (`MemAvailable`), in bytes.
+pub fn available_memory_bytes() -> Option<u64> {
+    meminfo_kib("MemAvailable").map(|kib| kib * 1024)
+}
+
 fn meminfo_kib(key: &str) -> Option<u64> {
     let text = fs::read_to_string("/proc/meminfo").ok()?;
     text.lines().find_map(|line| {

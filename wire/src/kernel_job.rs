@@ -82,6 +82,28 @@ impl Cell {
     }
 }
 
+/// Fixed memory a cell needs besides its matrices: GGML's thread pool and
+/// graph, the reference rows for NMSE, allocator slack.
+pub const CELL_OVERHEAD_BYTES: u64 = 16 << 20;
+
+impl Cell {
+    /// The most memory the agent holds at once while measuring this cell:
+    /// the f32 weights (`4*M*K`), the quantized matrix twice (while it is
+    /// staged: written to a mapped file or copied to GGML's buffer, and in
+    /// the repack buffer when repacked), f32 and quantized activations
+    /// (`2 x 4*N*K`, a bound), the output twice (`2 x 4*N*M`: GGML's and the
+    /// copy read back), plus [`CELL_OVERHEAD_BYTES`].
+    pub fn peak_memory_bytes(&self) -> u64 {
+        let (m, k, n) = (
+            self.shape.rows as u64,
+            self.shape.cols as u64,
+            self.batch_tokens as u64,
+        );
+        let quantized = self.ty.row_bytes(self.shape.cols) as u64 * m;
+        4 * m * k + 2 * quantized + 8 * n * k + 8 * n * m + CELL_OVERHEAD_BYTES
+    }
+}
+
 /// Timing policy shared by every cell of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimingPolicy {
@@ -129,6 +151,10 @@ pub struct JobSpec {
     #[serde(default)]
     pub load_mode: LoadMode,
     pub distribution: Distribution,
+    /// Memory the agent may plan for on this board (its `max_memory_mb`);
+    /// the agent also never plans beyond what the board has available.
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
     pub timing: TimingPolicy,
     pub cells: Vec<Cell>,
 }
@@ -136,6 +162,25 @@ pub struct JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_memory_counts_weights_quantized_twice_and_batch_buffers() {
+        let shape = Shape {
+            name: "llama3-8b.ffn_down".into(),
+            rows: 4096,
+            cols: 14336,
+        };
+        let cell = Cell::new(GgmlType::Q8_0, shape, 1, ThreadCount::Fixed(1));
+        let f32_weights = 4 * 4096 * 14336u64;
+        let q8 = 4096 * (14336 / 32) * 34u64;
+        let batch = 8 * 14336 + 8 * 4096u64;
+        assert_eq!(
+            cell.peak_memory_bytes(),
+            f32_weights + 2 * q8 + batch + CELL_OVERHEAD_BYTES
+        );
+        // About 376 MB: too much for a board told to plan for 256 MB.
+        assert!(cell.peak_memory_bytes() > 256_000_000);
+    }
 
     #[test]
     fn thread_count_resolves_all_to_cores() {

@@ -530,6 +530,39 @@ fn model_too_large_for_the_board_is_refused_before_upload() {
 }
 
 #[test]
+fn kernel_cell_too_large_for_the_board_is_unsupported_and_the_rest_runs() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[("small", &|b| {
+        b.insert("max_memory_mb".into(), toml::Value::Integer(256));
+    })]);
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    // ffn_down of Llama-3-8B needs about 320 MB at Q4_0 (f32 weights alone
+    // are 235 MB); the KV projection a few MB.
+    config.push_str(
+        "\n[matrices.memory]\ntypes = [\"Q4_0\"]\nshapes = [\"llama3-8b.ffn_down\", \"gemma3-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\nwarmup = 0\nmin_reps = 1\nmin_time_ms = 0\nmax_time_ms = 100\n",
+    );
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let out = bench(dir.path(), "small", "memory");
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let big = rows
+        .iter()
+        .find(|r| r.shape == "llama3-8b.ffn_down")
+        .unwrap();
+    assert_eq!(big.status, CellStatus::Unsupported, "{big:?}");
+    assert!(
+        big.note.contains("needs about") && big.note.contains("max_memory_mb allows 256 MB"),
+        "{big:?}"
+    );
+    let small = rows
+        .iter()
+        .find(|r| r.shape == "gemma3-1b.attn_kv")
+        .unwrap();
+    assert_eq!(small.status, CellStatus::Ok, "{small:?}");
+}
+
+#[test]
 fn kernel_and_model_matrices_run_into_one_run_on_two_boards_at_once() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

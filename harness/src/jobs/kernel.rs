@@ -5,6 +5,7 @@
 use super::{
     from_spec, merge_rows, rows_in, to_spec, JobError, JobFailure, JobKind, PlannedJob, Tally,
 };
+use crate::boards::ResolvedBoard;
 use crate::config::{BenchConfig, MatrixSpec};
 use crate::matrix::job_for_board;
 use crate::session::{BoardSlot, Session};
@@ -50,7 +51,7 @@ impl JobKind for KernelMatrix {
     }
 
     fn plan(&self, session: &Session, board: &BoardSlot) -> Result<Vec<PlannedJob>, JobError> {
-        let job = job_for_board(
+        let mut job = job_for_board(
             &self.config,
             &self.name,
             &session.run_id,
@@ -58,6 +59,11 @@ impl JobKind for KernelMatrix {
             board.emulated,
             &session.commit,
         )?;
+        // The agent checks each cell against this and the board's available
+        // memory, so a shape too large becomes one `unsupported` row.
+        if let ResolvedBoard::Remote(remote) = &board.board {
+            job.memory_limit_bytes = remote.max_memory_bytes;
+        }
         Ok(vec![PlannedJob {
             kind_index: 0,
             name: self.name.clone(),
