@@ -3,7 +3,8 @@
 //!
 //! On the board, under `work_dir`:
 //! - `agents/<hash>/quantbench-agent`: content-addressed, uploaded only when
-//!   absent, through a temporary name and a rename;
+//!   absent or when its SHA-256 on the board no longer matches its name,
+//!   through a temporary name and a rename;
 //! - `models/<sha256>.<ext>`: models, recipes and texts a job names,
 //!   content-addressed like the agent;
 //! - `runs/<run_id>-<job>/`: `job.json`, the agent's row files
@@ -89,10 +90,11 @@ impl SshRunner {
         Ok(())
     }
 
-    /// Uploads the agent unless the board already has this exact build.
+    /// Uploads the agent unless the board already has this exact build,
+    /// intact.
     fn deploy_agent(&self, conn: &Connection) -> Result<(), RunError> {
         let remote = self.agent_path();
-        if conn.exists(&remote).map_err(board_err)? {
+        if self.cached_and_intact(conn, &remote, &self.agent.hash)? {
             (self.log)(format!(
                 "{}: agent {} already on the board, nothing uploaded",
                 self.board.name, self.agent.hash
@@ -383,6 +385,39 @@ impl SshRunner {
         })
     }
 
+    /// True when `remote` is on the board and its SHA-256 starts with
+    /// `hash` (the prefix its name carries). A file of that name whose
+    /// content does not match (truncated by a power cut, half-copied by
+    /// hand) is deleted, so the caller uploads it again instead of running
+    /// a broken agent or model every night.
+    fn cached_and_intact(
+        &self,
+        conn: &Connection,
+        remote: &str,
+        hash: &str,
+    ) -> Result<bool, RunError> {
+        if !conn.exists(remote).map_err(board_err)? {
+            return Ok(false);
+        }
+        let sum = conn
+            .exec(&command_line(&["sha256sum", "--", remote]))
+            .map_err(board_err)?;
+        if sum.status == 0 && sum.stdout.trim_start().starts_with(hash) {
+            return Ok(true);
+        }
+        let found = match sum.status {
+            0 => sum.stdout.get(..12).unwrap_or("?").to_string(),
+            _ => format!("unreadable: {}", sum.stderr.trim()),
+        };
+        (self.log)(format!(
+            "{}: cached {remote} does not match its SHA-256 ({found} instead of {hash}...): deleting it and uploading again",
+            self.board.name
+        ));
+        conn.exec_ok(&command_line(&["rm", "-f", "--", remote]))
+            .map_err(board_err)?;
+        Ok(false)
+    }
+
     /// Uploads `local` to `<work_dir>/models/<hash>.<ext>` unless there,
     /// never leaving a partial file under the final name; returns the
     /// remote path.
@@ -395,7 +430,7 @@ impl SshRunner {
         let ext = local.extension().and_then(|e| e.to_str()).unwrap_or("bin");
         let dir = format!("{}/models", self.board.work_dir);
         let remote = format!("{dir}/{hash}.{ext}");
-        if conn.exists(&remote).map_err(board_err)? {
+        if self.cached_and_intact(conn, &remote, &hash)? {
             (self.log)(format!(
                 "{}: {} already on the board",
                 self.board.name,

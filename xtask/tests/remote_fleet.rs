@@ -530,6 +530,43 @@ fn model_too_large_for_the_board_is_refused_before_upload() {
 }
 
 #[test]
+fn truncated_cached_agent_is_detected_deleted_and_uploaded_again() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().display().to_string();
+    let dir = config_dir(&[("fresh", &|b| {
+        b.insert("work_dir".into(), work_dir.clone().into());
+    })]);
+    let first = bench(dir.path(), "fresh", "micro");
+    assert!(first.status.success(), "{}", text(&first));
+    let agent = std::fs::read_dir(work.path().join("agents"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path()
+        .join("quantbench-agent");
+    let intact = std::fs::metadata(&agent).unwrap().len();
+    // What a power cut during a copy leaves: the right name, half the bytes.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&agent)
+        .unwrap();
+    file.set_len(intact / 2).unwrap();
+    drop(file);
+
+    let second = bench(dir.path(), "fresh", "micro");
+    let all = text(&second);
+    assert!(second.status.success(), "{all}");
+    assert!(all.contains("does not match its SHA-256"), "{all}");
+    assert_eq!(
+        std::fs::metadata(&agent).unwrap().len(),
+        intact,
+        "uploaded again"
+    );
+}
+
+#[test]
 fn kernel_cell_too_large_for_the_board_is_unsupported_and_the_rest_runs() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     let dir = config_dir(&[("small", &|b| {
