@@ -17,6 +17,7 @@
 //! subcommand to start, which host files to upload first (and where their
 //! paths sit in the job) and which row files to fetch back.
 
+use crate::board_lock::{self, LockOwner, TakeOutcome};
 use crate::boards::RemoteBoard;
 use crate::build::{AgentBuild, AGENT_BIN};
 use crate::jobs::PlannedJob;
@@ -33,6 +34,9 @@ use wire::progress::ProgressEvent;
 /// Reconnect back-off: 1, 2, 4, 8, 16, 16, ... seconds, for at most this long.
 const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a run waiting for a busy board asks again.
+const LOCK_POLL: Duration = Duration::from_secs(3);
+
 /// Failed polls in a row (each followed by a reconnect) before giving up.
 const MAX_FOLLOW_FAILURES: u32 = 5;
 
@@ -40,6 +44,8 @@ pub struct SshRunner {
     pub board: RemoteBoard,
     pub agent: AgentBuild,
     pub accept_new_host_key: bool,
+    /// How long to wait for the board's lock when another run holds it.
+    pub lock_wait: Duration,
     /// Bytes uploaded to this board during the run (0 when the agent was there).
     pub uploaded_bytes: Arc<AtomicU64>,
     /// Where log lines go (the progress bar's println in the CLI).
@@ -385,6 +391,46 @@ impl SshRunner {
         })
     }
 
+    /// Takes the board's lock for `owner`, waiting up to `lock_wait` while
+    /// another live run holds it; then fails with who holds it.
+    fn take_board(&self, conn: &Connection, owner: &LockOwner) -> Result<(), RunError> {
+        let run_dir = self.run_dir(&owner.run_id);
+        let started = Instant::now();
+        let mut said_waiting = false;
+        loop {
+            let holder = match board_lock::try_take(
+                conn,
+                &self.board.name,
+                &self.board.work_dir,
+                &run_dir,
+                owner,
+            )
+            .map_err(board_err)?
+            {
+                TakeOutcome::Taken => return Ok(()),
+                TakeOutcome::Held(raw) => serde_json::from_str::<LockOwner>(&raw)
+                    .map(|o| o.describe())
+                    .unwrap_or(raw),
+            };
+            if started.elapsed() >= self.lock_wait {
+                return Err(RunError::Board(format!(
+                    "board {} is busy: {holder} is measuring on it (waited {:.0} s). Let it finish, or wait longer with --lock-wait",
+                    self.board.name,
+                    started.elapsed().as_secs_f64()
+                )));
+            }
+            if !said_waiting {
+                (self.log)(format!(
+                    "{}: busy with {holder}; waiting up to {} s",
+                    self.board.name,
+                    self.lock_wait.as_secs()
+                ));
+                said_waiting = true;
+            }
+            std::thread::sleep(LOCK_POLL.min(self.lock_wait.saturating_sub(started.elapsed())));
+        }
+    }
+
     /// True when `remote` is on the board and its SHA-256 starts with
     /// `hash` (the prefix its name carries). A file of that name whose
     /// content does not match (truncated by a power cut, half-copied by
@@ -523,7 +569,9 @@ impl BoardRunner for SshRunner {
             }
         }
         let run_id = format!("{}-{}", job_run_id(&job.spec), job.name);
-        self.run_detached(
+        let owner = LockOwner::this_process(&run_id);
+        self.take_board(&conn, &owner)?;
+        let result = self.run_detached(
             conn,
             &run_id,
             job.subcommand,
@@ -531,7 +579,13 @@ impl BoardRunner for SshRunner {
             job.outputs,
             board_dir,
             on_event,
-        )
+        );
+        // Kept if its agent still runs (the board could not be followed):
+        // then it goes stale when that agent ends.
+        if let Ok(conn) = Connection::open(&self.endpoint()) {
+            let _ = board_lock::release(&conn, &self.board.work_dir, &run_id);
+        }
+        result
     }
 }
 

@@ -5,7 +5,8 @@
 //!   model recipe names) -> `jobs` (job kinds: `kernel`, `model`; `matrix`
 //!   expands a kernel matrix) -> `session` (target, boards, set-up, agent
 //!   `build`s, run id) -> `run` (every board at once; `deploy` for boards
-//!   over SSH via `transport`) -> `manifest` (run.json) -> `render`
+//!   over SSH via `transport`, one run at a time per board by
+//!   `board_lock`) -> `manifest` (run.json) -> `render`
 //!   (summary, plots);
 //! - around it: `boards` (targets), `setup` (a fresh machine), `testbed`
 //!   (emulated boards), `shell` (quoting), `pipeline` (the stages in order).
@@ -15,6 +16,7 @@
 //! `cargo xtask` builds on a machine without a C toolchain and can install
 //! one.
 
+pub mod board_lock;
 pub mod boards;
 pub mod build;
 pub mod catalog;

@@ -128,6 +128,7 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
                 board: r.clone(),
                 agent: agent.clone(),
                 accept_new_host_key: options.accept_new_host_key,
+                lock_wait: options.board_lock_wait,
                 uploaded_bytes: Default::default(),
                 log: log.clone(),
                 prepared: false,

@@ -46,6 +46,8 @@ pub struct SessionOptions {
     pub results_root: PathBuf,
     pub builder: Builder,
     pub accept_new_host_key: bool,
+    /// How long to wait for a board another run holds before failing it.
+    pub board_lock_wait: std::time::Duration,
 }
 
 /// A board of this run, as the jobs and the runner see it.

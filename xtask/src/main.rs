@@ -85,6 +85,11 @@ enum Command {
         /// always refused).
         #[arg(long)]
         accept_new_host_key: bool,
+        /// Seconds to wait for a board that another run (another host, a
+        /// colleague, last night's agent still going) is measuring on, before
+        /// failing that board with who holds it.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        lock_wait: u64,
     },
     /// Emulated Pi 5 boards on this machine (network namespaces + sshd + qemu).
     Testbed {
@@ -195,6 +200,7 @@ fn run() -> Result<ExitCode> {
             results,
             builder,
             accept_new_host_key,
+            lock_wait,
         } => {
             let report = run_bench(&SessionOptions {
                 config_path: config,
@@ -203,6 +209,7 @@ fn run() -> Result<ExitCode> {
                 results_root: results,
                 builder: parse_builder(&builder)?,
                 accept_new_host_key,
+                board_lock_wait: std::time::Duration::from_secs(lock_wait),
             })
             .with_context(|| {
                 format!(

@@ -529,6 +529,108 @@ fn model_too_large_for_the_board_is_refused_before_upload() {
     );
 }
 
+fn bench_waiting(dir: &Path, target: &str, matrix: &str, lock_wait: u64) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    command.current_dir(dir).args([
+        "bench",
+        "--target",
+        target,
+        "--matrix",
+        matrix,
+        "--lock-wait",
+        &lock_wait.to_string(),
+    ]);
+    command
+}
+
+/// Another results folder with the same bench.toml, as a second user has.
+fn second_user(dir: &Path) -> tempfile::TempDir {
+    let other = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("bench.toml"), other.path().join("bench.toml")).unwrap();
+    other
+}
+
+#[test]
+fn a_second_run_on_a_busy_board_fails_naming_the_holder_or_waits_its_turn() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let (slow, _) = start_slow_run_on_sim2(dir.path(), 1);
+    let impatient = second_user(dir.path());
+    let busy = bench_waiting(impatient.path(), "sim2", "micro", 0)
+        .output()
+        .unwrap();
+    let all = text(&busy);
+    assert!(!busy.status.success(), "{all}");
+    assert!(
+        all.contains("sim2 is busy") && all.contains("-slow") && all.contains("--lock-wait"),
+        "{all}"
+    );
+    let patient = second_user(dir.path());
+    let waiter = bench_waiting(patient.path(), "sim2", "micro", 300)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let slow_out = slow.wait_with_output().unwrap();
+    assert!(slow_out.status.success(), "{}", text(&slow_out));
+    let waited = waiter.wait_with_output().unwrap();
+    assert!(waited.status.success(), "{}", text(&waited));
+    assert!(text(&waited).contains("busy with"), "{}", text(&waited));
+    // Timings never overlap: the waiting run's first cell ended after the
+    // holder's last.
+    let holder: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    let second: Vec<KernelRow> =
+        read_csv(&only_run_dir(patient.path()).join("kernels.csv")).unwrap();
+    let holder_last = holder.iter().map(|r| r.finished_at.clone()).max().unwrap();
+    let second_first = second.iter().map(|r| r.finished_at.clone()).min().unwrap();
+    assert!(
+        second_first >= holder_last,
+        "{second_first} < {holder_last}"
+    );
+    assert_eq!(second.len(), 3);
+    assert!(
+        second.iter().all(|r| r.status == CellStatus::Ok),
+        "{second:?}"
+    );
+}
+
+#[test]
+fn an_orphaned_agent_keeps_its_board_until_it_ends_then_the_lock_is_taken_over() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let (mut host, work) = start_slow_run_on_sim2(dir.path(), 1);
+    // The host process dies (a CI job cancelled); its agent goes on.
+    host.kill().unwrap();
+    host.wait().unwrap();
+    let other = second_user(dir.path());
+    let busy = bench_waiting(other.path(), "sim2", "micro", 0)
+        .output()
+        .unwrap();
+    assert!(!busy.status.success(), "{}", text(&busy));
+    assert!(text(&busy).contains("sim2 is busy"), "{}", text(&busy));
+    // Once the orphan ends, its lock is stale and the next run takes it.
+    let newest_run = std::fs::read_dir(format!("{work}/runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with("-slow"))
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !newest_run.join("exit_code").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let after = second_user(dir.path());
+    let out = bench_waiting(after.path(), "sim2", "micro", 30)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 #[test]
 fn truncated_cached_agent_is_detected_deleted_and_uploaded_again() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
