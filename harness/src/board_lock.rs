@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn relative_work_dirs_are_under_home_and_quoted() {
-        assert_eq!(work_dir_expr("/srv/qb"), "'/srv/qb'");
-        assert_eq!(work_dir_expr(".quantbench"), "\"$HOME\"/'.quantbench'");
+        assert_eq!(work_dir_expr("/srv/quant bench"), "'/srv/quant bench'");
+        assert_eq!(work_dir_expr("lab dir"), "\"$HOME\"/'lab dir'");
     }
 }

@@ -5,7 +5,7 @@
 //!   model recipe names) -> `jobs` (job kinds: `kernel`, `model`; `matrix`
 //!   expands a kernel matrix) -> `session` (target, boards, set-up, agent
 //!   `build`s, run id) -> `run` (every board at once; `deploy` for boards
-//!   over SSH via `transport`, one run at a time per board by
+//!   over SSH via `transport`, whose host keys `known_hosts` checks, one run at a time per board by
 //!   `board_lock`) -> `manifest` (run.json) -> `render`
 //!   (summary, plots);
 //! - around it: `boards` (targets), `setup` (a fresh machine), `testbed`
@@ -26,6 +26,7 @@ pub mod deploy;
 pub mod history;
 pub mod import;
 pub mod jobs;
+pub mod known_hosts;
 pub mod manifest;
 pub mod matrix;
 pub mod pipeline;

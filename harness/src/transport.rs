@@ -1,7 +1,8 @@
 //! SSH to boards (ssh2): connect, check the host key, authenticate, run
 //! commands built from quoted values, move files over SFTP.
 
-use ssh2::{CheckResult, HashType, KnownHostFileKind, Session};
+use crate::known_hosts::{self, Verdict};
+use ssh2::{HashType, Session};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -28,19 +29,39 @@ pub enum TransportError {
         host: String,
         tried: String,
     },
-    #[error("board {board}: host key of {host} is unknown ({fingerprint}). Check it on the board (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then pass --accept-new-host-key to trust it for this run, or add it to ~/.ssh/known_hosts")]
+    #[error("board {board}: host key of {host} is unknown ({fingerprint}){other_types}. Check it on the board (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then pass --accept-new-host-key to trust and record it, or add it to ~/.ssh/known_hosts")]
     UnknownHostKey {
         board: String,
         host: String,
         fingerprint: String,
+        /// ` (known_hosts has only an ecdsa-sha2-nistp256 key for it)` or empty.
+        other_types: String,
     },
-    #[error("board {board}: HOST KEY OF {host} HAS CHANGED ({fingerprint}), refusing to connect: someone may be intercepting, or the board was reinstalled. If you know why, remove the old key with: ssh-keygen -R {host} -f {known_hosts}")]
+    #[error("board {board}: HOST KEY OF {host} HAS CHANGED ({fingerprint}; {known_hosts} line {line} has another), refusing to connect: someone may be intercepting, or the board was reinstalled. If you know why, remove the old key with: ssh-keygen -R '{host}' -f {known_hosts}")]
     ChangedHostKey {
         board: String,
         host: String,
         fingerprint: String,
         known_hosts: String,
+        line: usize,
     },
+    #[error("board {board}: host key of {host} ({fingerprint}) is REVOKED ({known_hosts} line {line}), refusing to connect. Give the board a new host key, or remove the @revoked line if it is wrong")]
+    RevokedHostKey {
+        board: String,
+        host: String,
+        fingerprint: String,
+        known_hosts: String,
+        line: usize,
+    },
+    #[error("board {board}: {known_hosts} line {line} trusts a certificate authority for {host}, but quantbench checks plain host keys only. Add the board's own key (ssh-keyscan -p PORT HOST) to known_hosts, or pass --accept-new-host-key")]
+    HostCertificateOnly {
+        board: String,
+        host: String,
+        known_hosts: String,
+        line: usize,
+    },
+    #[error("board {board}: identity {path} is protected by a passphrase, which quantbench cannot ask for: load it into ssh-agent (ssh-add {path}) and run again")]
+    EncryptedIdentity { board: String, path: String },
     #[error("board {board}: disk full under {path} ({detail}); free space on the board or set a `work_dir` on a larger filesystem")]
     DiskFull {
         board: String,
@@ -97,8 +118,19 @@ pub struct SshEndpoint {
     pub identities: Vec<PathBuf>,
     /// known_hosts files to check the host key against.
     pub known_hosts: Vec<PathBuf>,
-    /// Trust an unknown (never a changed) host key for this run.
+    /// Trust an unknown (never a changed) host key and record it.
     pub accept_new_host_key: bool,
+}
+
+impl SshEndpoint {
+    /// Where an accepted key is recorded: the board's own known_hosts file
+    /// when it has one (listed last), else the user's.
+    pub fn pin_file(&self) -> PathBuf {
+        self.known_hosts
+            .last()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("known_hosts"))
+    }
 }
 
 pub struct Connection {
@@ -360,59 +392,111 @@ fn check_host_key(session: &Session, endpoint: &SshEndpoint) -> Result<(), Trans
             address: endpoint.host.clone(),
             reason: "the server sent no host key".into(),
         })?;
+    let key_type = known_hosts::blob_key_type(key).unwrap_or_else(|| "unknown".into());
     let fingerprint = session
         .host_key_hash(HashType::Sha256)
-        .map(|h| format!("SHA256:{}", base64_no_pad(h)))
+        .map(|h| format!("SHA256:{}", known_hosts::base64_no_pad(h)))
         .unwrap_or_else(|| "unknown fingerprint".into());
-    let mut known = session
-        .known_hosts()
-        .map_err(|source| TransportError::Ssh {
-            board: endpoint.board.clone(),
-            step: "reading known_hosts".into(),
-            source,
-        })?;
-    let mut files_read = Vec::new();
-    for file in &endpoint.known_hosts {
-        if file.exists() && known.read_file(file, KnownHostFileKind::OpenSSH).is_ok() {
-            files_read.push(file.display().to_string());
-        }
+    let name = known_hosts::host_name(&endpoint.host, endpoint.port);
+    let mut files = endpoint.known_hosts.clone();
+    files.push(PathBuf::from(SYSTEM_KNOWN_HOSTS));
+    let (keys, bad_lines) = known_hosts::read_files(&files);
+    for bad in &bad_lines {
+        eprintln!(
+            "warning: {}:{}: not a known_hosts entry ({}); skipped, later lines still count",
+            bad.file.display(),
+            bad.line,
+            bad.reason
+        );
     }
-    match known.check_port(&endpoint.host, endpoint.port, key) {
-        CheckResult::Match => Ok(()),
-        CheckResult::Mismatch => Err(TransportError::ChangedHostKey {
-            board: endpoint.board.clone(),
-            host: endpoint.host.clone(),
+    let board = endpoint.board.clone();
+    match known_hosts::verdict(&keys, &name, &key_type, key) {
+        Verdict::Match => Ok(()),
+        Verdict::Revoked { file, line } => Err(TransportError::RevokedHostKey {
+            board,
+            host: name,
             fingerprint,
-            known_hosts: files_read
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "~/.ssh/known_hosts".into()),
+            known_hosts: file.display().to_string(),
+            line,
         }),
-        CheckResult::NotFound | CheckResult::Failure if endpoint.accept_new_host_key => {
+        Verdict::Changed { file, line } => Err(TransportError::ChangedHostKey {
+            board,
+            host: name,
+            fingerprint,
+            known_hosts: file.display().to_string(),
+            line,
+        }),
+        Verdict::CertificatesOnly { .. } | Verdict::Unknown { .. }
+            if endpoint.accept_new_host_key =>
+        {
+            // As StrictHostKeyChecking=accept-new: recorded, so a reconnect
+            // or a later run must present this same key.
+            let pin = endpoint.pin_file();
+            known_hosts::append(&pin, &name, &key_type, key).map_err(|source| {
+                TransportError::Io {
+                    board: board.clone(),
+                    step: format!("recording the host key in {}", pin.display()),
+                    source,
+                }
+            })?;
             eprintln!(
-                "board {}: trusting unknown host key {fingerprint} for this run (--accept-new-host-key)",
-                endpoint.board
+                "board {board}: unknown host key {fingerprint} accepted and recorded in {} (--accept-new-host-key); from now on {name} must present this key",
+                pin.display()
             );
             Ok(())
         }
-        CheckResult::NotFound | CheckResult::Failure => Err(TransportError::UnknownHostKey {
-            board: endpoint.board.clone(),
-            host: endpoint.host.clone(),
+        Verdict::CertificatesOnly { file, line } => Err(TransportError::HostCertificateOnly {
+            board,
+            host: name,
+            known_hosts: file.display().to_string(),
+            line,
+        }),
+        Verdict::Unknown { other_types } => Err(TransportError::UnknownHostKey {
+            board,
+            host: name,
             fingerprint,
+            other_types: if other_types.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (known_hosts has only a {} key for it, no {key_type} key)",
+                    other_types.join(", ")
+                )
+            },
         }),
     }
 }
 
+/// Read besides the user's and the board's files, as OpenSSH does.
+const SYSTEM_KNOWN_HOSTS: &str = "/etc/ssh/ssh_known_hosts";
+
 fn authenticate(session: &Session, endpoint: &SshEndpoint) -> Result<(), TransportError> {
     let mut tried = Vec::new();
     if std::env::var_os("SSH_AUTH_SOCK").is_some() {
-        tried.push("ssh-agent".to_string());
-        if session.userauth_agent(&endpoint.user).is_ok() && session.authenticated() {
-            return Ok(());
+        // Every key the agent holds, not only its first.
+        if let Ok(mut agent) = session.agent() {
+            if agent.connect().is_ok() && agent.list_identities().is_ok() {
+                for identity in agent.identities().unwrap_or_default() {
+                    tried.push(format!("ssh-agent key {}", identity.comment()));
+                    if agent.userauth(&endpoint.user, &identity).is_ok() && session.authenticated()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if tried.is_empty() {
+            tried.push("ssh-agent (no keys)".to_string());
         }
     }
+    let mut encrypted = None;
     for identity in &endpoint.identities {
         if !identity.exists() {
+            continue;
+        }
+        if is_passphrase_protected(identity) {
+            tried.push(format!("{} (passphrase-protected)", identity.display()));
+            encrypted.get_or_insert_with(|| identity.display().to_string());
             continue;
         }
         tried.push(identity.display().to_string());
@@ -423,6 +507,12 @@ fn authenticate(session: &Session, endpoint: &SshEndpoint) -> Result<(), Transpo
         {
             return Ok(());
         }
+    }
+    if let Some(path) = encrypted {
+        return Err(TransportError::EncryptedIdentity {
+            board: endpoint.board.clone(),
+            path,
+        });
     }
     Err(TransportError::AuthRefused {
         board: endpoint.board.clone(),
@@ -436,22 +526,27 @@ fn authenticate(session: &Session, endpoint: &SshEndpoint) -> Result<(), Transpo
     })
 }
 
-/// Standard base64 without padding, as OpenSSH prints fingerprints.
-fn base64_no_pad(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
+/// Whether a private key file needs a passphrase: PEM's `ENCRYPTED` headers,
+/// or an OpenSSH key whose cipher is not `none`.
+fn is_passphrase_protected(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    if text.contains("ENCRYPTED") {
+        return true;
     }
-    out
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    let Some(blob) = known_hosts::base64_decode(&body) else {
+        return false;
+    };
+    let Some(rest) = blob.strip_prefix(b"openssh-key-v1\0") else {
+        return false;
+    };
+    known_hosts::blob_key_type(rest).is_some_and(|cipher| cipher != "none")
 }
 
 #[cfg(test)]
@@ -459,10 +554,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_known_vectors() {
-        assert_eq!(base64_no_pad(b"f"), "Zg");
-        assert_eq!(base64_no_pad(b"fo"), "Zm8");
-        assert_eq!(base64_no_pad(b"foo"), "Zm9v");
-        assert_eq!(base64_no_pad(b"foobar"), "Zm9vYmFy");
+    fn passphrase_protected_keys_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nabc\n",
+        )
+        .unwrap();
+        assert!(is_passphrase_protected(&pem));
+        let encode = |cipher: &str| {
+            let mut blob = b"openssh-key-v1\0".to_vec();
+            blob.extend((cipher.len() as u32).to_be_bytes());
+            blob.extend(cipher.as_bytes());
+            format!(
+                "-----BEGIN OPENSSH PRIVATE KEY-----\n{}\n-----END OPENSSH PRIVATE KEY-----\n",
+                known_hosts::base64_encode(&blob)
+            )
+        };
+        let locked = dir.path().join("locked");
+        std::fs::write(&locked, encode("aes256-ctr")).unwrap();
+        assert!(is_passphrase_protected(&locked));
+        let open = dir.path().join("open");
+        std::fs::write(&open, encode("none")).unwrap();
+        assert!(!is_passphrase_protected(&open));
     }
 }

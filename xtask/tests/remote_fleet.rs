@@ -304,7 +304,129 @@ fn refused_auth_unknown_and_changed_host_keys_each_get_one_clear_error() {
     );
     let out = isolated("changedkey");
     assert!(!out.status.success());
+    let all = text(&out);
+    assert!(
+        all.contains("HAS CHANGED")
+            && all.contains("ssh-keygen -R '10.213.0.11'")
+            && all.contains("line 1"),
+        "{all}"
+    );
+}
+
+#[test]
+fn host_keys_are_pinned_matched_by_type_revocable_and_bad_lines_hide_nothing() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let keygen = |kind: &str, passphrase: &str, path: &Path| {
+        assert!(Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", passphrase, "-f"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success());
+    };
+    let public = |path: &Path| -> String {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let sim1_key = public(&workspace_root().join(".testbed/sim1/ssh_host_ed25519_key.pub"));
+    let sim2_key = public(&workspace_root().join(".testbed/sim2/ssh_host_ed25519_key.pub"));
+    let ecdsa = tmp.path().join("old_ecdsa");
+    keygen("ecdsa", "", &ecdsa);
+    let locked = tmp.path().join("locked");
+    keygen("ed25519", "secret", &locked);
+    let file = |name: &str, text: String| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let pinned = file("pinned", String::new());
+    let other_type = file(
+        "other_type",
+        format!("10.213.0.11 {}\n", public(&ecdsa.with_extension("pub"))),
+    );
+    let revoked = file(
+        "revoked",
+        format!("10.213.0.11 {sim1_key}\n@revoked * {sim1_key}\n"),
+    );
+    let bad_line = file(
+        "bad_line",
+        format!("this line is not an entry\n10.213.0.11 {sim1_key}\n"),
+    );
+    let locked_path = locked.display().to_string();
+    let with_known_hosts = |path: String| {
+        move |b: &mut toml::value::Table| {
+            b.insert("known_hosts".into(), path.clone().into());
+        }
+    };
+    let dir = config_dir(&[
+        ("pinning", &with_known_hosts(pinned.clone())),
+        ("othertype", &with_known_hosts(other_type)),
+        ("revokedkey", &with_known_hosts(revoked)),
+        ("badline", &with_known_hosts(bad_line)),
+        ("lockedkey", &|b| {
+            b.insert("identity".into(), locked_path.clone().into());
+        }),
+    ]);
+    let isolated = |target: &str, accept: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        command
+            .current_dir(dir.path())
+            .env("HOME", tmp.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .args(["bench", "--target", target, "--matrix", "micro"]);
+        if accept {
+            command.arg("--accept-new-host-key");
+        }
+        command.output().unwrap()
+    };
+
+    // accept-new records the key; the next run, without the flag, is pinned.
+    let out = isolated("pinning", true);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("recorded in"), "{}", text(&out));
+    let recorded = std::fs::read_to_string(&pinned).unwrap();
+    assert_eq!(recorded.trim(), format!("10.213.0.11 {sim1_key}"));
+    let out = isolated("pinning", false);
+    assert!(out.status.success(), "pinned: {}", text(&out));
+    // A pinned key that no longer matches is refused, flag or not.
+    std::fs::write(&pinned, format!("10.213.0.11 {sim2_key}\n")).unwrap();
+    let out = isolated("pinning", true);
+    assert!(!out.status.success());
     assert!(text(&out).contains("HAS CHANGED"), "{}", text(&out));
+
+    // An old key of another type is no key of this type, not a changed one.
+    let out = isolated("othertype", false);
+    assert!(!out.status.success());
+    let all = text(&out);
+    assert!(
+        all.contains("is unknown") && all.contains("only a ecdsa-sha2-nistp256 key"),
+        "{all}"
+    );
+    assert!(!all.contains("HAS CHANGED"), "{all}");
+
+    let out = isolated("revokedkey", true);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("REVOKED"), "{}", text(&out));
+
+    let out = isolated("badline", false);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(":1: not a known_hosts entry"),
+        "{}",
+        text(&out)
+    );
+
+    let out = isolated("lockedkey", false);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("protected by a passphrase") && text(&out).contains("ssh-add"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -588,8 +710,9 @@ fn a_second_run_on_a_busy_board_fails_naming_the_holder_or_waits_its_turn() {
         "{second_first} < {holder_last}"
     );
     assert_eq!(second.len(), 3);
+    // Q4_K cannot hold K=1152 (unsupported); nothing failed.
     assert!(
-        second.iter().all(|r| r.status == CellStatus::Ok),
+        second.iter().all(|r| r.status != CellStatus::Failed),
         "{second:?}"
     );
 }
