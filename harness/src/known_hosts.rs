@@ -91,6 +91,10 @@ fn parse_line(line: &str) -> Result<Option<Parsed>, String> {
     let key_type = fields.next().ok_or("no key type")?;
     let key = fields.next().ok_or("no key")?;
     let key = base64_decode(key).ok_or("the key is not base64")?;
+    // What OpenSSH checks too: the blob must be a key of the named type.
+    if blob_key_type(&key).as_deref() != Some(key_type) {
+        return Err(format!("the key is not a {key_type} key"));
+    }
     Ok(Some((marker, first.to_string(), key_type.to_string(), key)))
 }
 
@@ -324,10 +328,19 @@ mod tests {
         assert_eq!(blob_key_type(&key(ED_A)).unwrap(), "ssh-ed25519");
     }
 
+    /// A blob of `key_type` (the type string, then filler).
+    fn blob_of(key_type: &str) -> String {
+        let mut blob = (key_type.len() as u32).to_be_bytes().to_vec();
+        blob.extend(key_type.as_bytes());
+        blob.extend([7u8; 40]);
+        base64_encode(&blob)
+    }
+
     #[test]
     fn same_key_matches_other_key_of_same_type_is_changed_other_type_is_unknown() {
+        let ecdsa = blob_of("ecdsa-sha2-nistp256");
         let (keys, bad) = keys_of(&format!(
-            "board.lab ecdsa-sha2-nistp256 {ED_B}\n[10.0.0.5]:2222 ssh-ed25519 {ED_A}\n"
+            "board.lab ecdsa-sha2-nistp256 {ecdsa}\n[10.0.0.5]:2222 ssh-ed25519 {ED_A}\n"
         ));
         assert!(bad.is_empty());
         let port = host_name("10.0.0.5", 2222);
@@ -356,10 +369,10 @@ mod tests {
     #[test]
     fn a_bad_line_is_reported_and_hides_no_later_entry() {
         let (keys, bad) = keys_of(&format!(
-            "# comment\ngarbage-without-a-key\nboard ssh-ed25519 {ED_A}\n"
+            "# comment\ngarbage-without-a-key\nthis line is not\nboard ssh-rsa {ED_A}\nboard ssh-ed25519 {ED_A}\n"
         ));
-        assert_eq!(bad.len(), 1);
-        assert_eq!(bad[0].line, 2);
+        let lines: Vec<usize> = bad.iter().map(|b| b.line).collect();
+        assert_eq!(lines, vec![2, 3, 4], "{bad:?}");
         assert_eq!(
             verdict(&keys, "board", "ssh-ed25519", &key(ED_A)),
             Verdict::Match

@@ -60,6 +60,8 @@ pub enum TransportError {
         known_hosts: String,
         line: usize,
     },
+    #[error("board {board}: its sshd serves no SFTP, which quantbench uploads and reads files with. Enable it in the board's /etc/ssh/sshd_config (`Subsystem sftp internal-sftp`, or the path of sftp-server) and restart sshd")]
+    NoSftp { board: String },
     #[error("board {board}: identity {path} is protected by a passphrase, which quantbench cannot ask for: load it into ssh-agent (ssh-add {path}) and run again")]
     EncryptedIdentity { board: String, path: String },
     #[error("board {board}: disk full under {path} ({detail}); free space on the board or set a `work_dir` on a larger filesystem")]
@@ -183,6 +185,20 @@ impl Connection {
         })
     }
 
+    /// An SFTP channel; a board whose sshd serves none is told how to
+    /// enable it instead of libssh2's `Unable to request SFTP subsystem`.
+    fn sftp(&self) -> Result<ssh2::Sftp, TransportError> {
+        self.session.sftp().map_err(|source| {
+            if source.message().contains("SFTP subsystem") {
+                TransportError::NoSftp {
+                    board: self.endpoint.board.clone(),
+                }
+            } else {
+                self.ssh_err("starting SFTP")(source)
+            }
+        })
+    }
+
     fn ssh_err(&self, step: &str) -> impl Fn(ssh2::Error) -> TransportError + '_ {
         let step = step.to_string();
         move |source| TransportError::Ssh {
@@ -247,7 +263,7 @@ impl Connection {
     }
 
     pub fn exists(&self, remote: &str) -> Result<bool, TransportError> {
-        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let sftp = self.sftp()?;
         Ok(sftp.stat(Path::new(remote)).is_ok())
     }
 
@@ -261,7 +277,7 @@ impl Connection {
         mode: i32,
         on_bytes: &mut dyn FnMut(u64),
     ) -> Result<u64, TransportError> {
-        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let sftp = self.sftp()?;
         let temp = format!("{remote}.part-{}", std::process::id());
         let mut source =
             std::fs::File::open(local).map_err(self.io_err("opening the local file"))?;
@@ -343,7 +359,7 @@ impl Connection {
     }
 
     pub fn download(&self, remote: &str, local: &Path) -> Result<(), TransportError> {
-        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let sftp = self.sftp()?;
         let mut source = sftp
             .open(Path::new(remote))
             .map_err(self.ssh_err(&format!("opening {remote}")))?;
@@ -356,7 +372,7 @@ impl Connection {
 
     /// Bytes of `remote` from `offset` on (for following a growing file).
     pub fn read_from(&self, remote: &str, offset: u64) -> Result<Vec<u8>, TransportError> {
-        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let sftp = self.sftp()?;
         let mut file = match sftp.open(Path::new(remote)) {
             Ok(f) => f,
             Err(_) => return Ok(Vec::new()),
@@ -370,7 +386,7 @@ impl Connection {
     }
 
     pub fn write_file(&self, remote: &str, contents: &[u8]) -> Result<(), TransportError> {
-        let sftp = self.session.sftp().map_err(self.ssh_err("starting SFTP"))?;
+        let sftp = self.sftp()?;
         let mut file = sftp
             .create(Path::new(remote))
             .map_err(self.ssh_err(&format!("creating {remote}")))?;

@@ -430,6 +430,59 @@ fn host_keys_are_pinned_matched_by_type_revocable_and_bad_lines_hide_nothing() {
 }
 
 #[test]
+fn a_board_whose_sshd_serves_no_sftp_is_told_how_to_enable_it() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    // A second sshd in sim1's namespace, on port 2222, without the SFTP
+    // subsystem line.
+    let sim1 = workspace_root().join(".testbed/sim1");
+    let pid_file = tmp.path().join("sshd.pid");
+    let config: String = std::fs::read_to_string(sim1.join("sshd_config"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("Subsystem"))
+        .map(|l| match l.split_whitespace().next() {
+            Some("Port") => "Port 2222".to_string(),
+            Some("PidFile") => format!("PidFile {}", pid_file.display()),
+            _ => l.to_string(),
+        })
+        .map(|l| l + "\n")
+        .collect();
+    let config_path = tmp.path().join("sshd_config");
+    std::fs::write(&config_path, config).unwrap();
+    assert!(Command::new("ip")
+        .args(["netns", "exec", "qbtb-sim1", "/usr/sbin/sshd", "-f"])
+        .arg(&config_path)
+        .arg("-E")
+        .arg(tmp.path().join("sshd.log"))
+        .status()
+        .unwrap()
+        .success());
+    let host_key = std::fs::read_to_string(sim1.join("ssh_host_ed25519_key.pub")).unwrap();
+    let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+    let known = tmp.path().join("known_hosts");
+    std::fs::write(
+        &known,
+        format!("[10.213.0.11]:2222 {}\n", host_key.join(" ")),
+    )
+    .unwrap();
+    let known = known.display().to_string();
+    let dir = config_dir(&[("nosftp", &|b| {
+        b.insert("port".into(), toml::Value::Integer(2222));
+        b.insert("known_hosts".into(), known.clone().into());
+    })]);
+    let out = bench(dir.path(), "nosftp", "micro");
+    let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    assert!(!out.status.success());
+    let all = text(&out);
+    assert!(
+        all.contains("serves no SFTP") && all.contains("Subsystem sftp"),
+        "{all}"
+    );
+}
+
+#[test]
 fn wrong_architecture_is_named_before_running() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     // The testbed boards are x86_64 machines that run aarch64 code through
