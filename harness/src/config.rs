@@ -105,6 +105,22 @@ pub struct MatrixSpec {
     /// Synthetic data: `llm-like` (default) or `uniform` (as test-backend-ops).
     #[serde(default = "default_distribution")]
     pub distribution: Distribution,
+    /// Stop a board's agent after this long (default: derived from the
+    /// cells, see `MatrixSpec::deadline`).
+    #[serde(default)]
+    pub deadline_seconds: Option<u64>,
+}
+
+impl MatrixSpec {
+    /// The job's deadline: `deadline_seconds`, or 5 minutes plus, per cell,
+    /// twice its `max_time_ms` and 30 s for making its weights (an lm head
+    /// takes seconds to generate; an emulated board is tens of times slower).
+    pub fn deadline(&self, cells: usize) -> std::time::Duration {
+        let seconds = self
+            .deadline_seconds
+            .unwrap_or_else(|| 300 + cells as u64 * (2 * self.max_time_ms.div_ceil(1000) + 30));
+        std::time::Duration::from_secs(seconds)
+    }
 }
 
 /// One named model matrix: GGUF models x recipes x threads.
@@ -135,6 +151,10 @@ pub struct ModelMatrixSpec {
     /// the right ending, number or string). Scored by log-likelihood.
     #[serde(default)]
     pub multiple_choice: Option<PathBuf>,
+    /// Stop a board's agent after this long (default: 10 minutes plus 10
+    /// per recipe and thread count).
+    #[serde(default)]
+    pub deadline_seconds: Option<u64>,
 }
 
 fn default_seed() -> u64 {
@@ -325,6 +345,12 @@ impl NamedMatrix<'_> {
 }
 
 impl ModelMatrixSpec {
+    /// The job's deadline for `recipes` recipes on this board.
+    pub fn deadline(&self, recipes: usize) -> std::time::Duration {
+        let units = (recipes * self.threads.len().max(1)) as u64;
+        std::time::Duration::from_secs(self.deadline_seconds.unwrap_or(600 + 600 * units))
+    }
+
     /// Checks names and fractions; paths are checked by `check_model_file`.
     pub fn validate(&self) -> Result<(), String> {
         if self.models.is_empty() || self.recipes.is_empty() {
@@ -390,6 +416,16 @@ mod tests {
         assert!(m.repack);
         assert_eq!(m.load_mode, LoadMode::Mmap, "llama.cpp's default load");
         assert_eq!(c.seed, 42);
+    }
+
+    #[test]
+    fn deadline_grows_with_cells_and_can_be_set() {
+        let base = "[matrices.m]\ntypes=[\"q4_0\"]\nshapes=[\"all\"]\nmax_time_ms = 1500\n";
+        let c = parse(base).unwrap();
+        // 5 min + per cell 2 x 2 s + 30 s.
+        assert_eq!(c.matrix("m").unwrap().deadline(10).as_secs(), 300 + 10 * 34);
+        let c = parse(&format!("{base}deadline_seconds = 60\n")).unwrap();
+        assert_eq!(c.matrix("m").unwrap().deadline(10).as_secs(), 60);
     }
 
     #[test]

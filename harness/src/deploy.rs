@@ -34,6 +34,9 @@ use wire::progress::ProgressEvent;
 /// Reconnect back-off: 1, 2, 4, 8, 16, 16, ... seconds, for at most this long.
 const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// The exit code `follow` reports for an agent it stopped at the deadline.
+const DEADLINE_EXIT: i32 = -2;
+
 /// How often a run waiting for a busy board asks again.
 const LOCK_POLL: Duration = Duration::from_secs(3);
 
@@ -180,8 +183,10 @@ impl SshRunner {
         mut conn: Connection,
         on_event: &mut dyn FnMut(&ProgressEvent),
         last_started: &mut Option<String>,
+        deadline: Duration,
     ) -> Result<(Connection, i32), RunError> {
         let dir = self.run_dir(run_id);
+        let started = Instant::now();
         let mut offset = 0u64;
         let mut pending = String::new();
         let mut failures_in_a_row = 0;
@@ -223,6 +228,10 @@ impl SshRunner {
             })();
             match step {
                 Ok(Some(code)) => return Ok((conn, code)),
+                Ok(None) if started.elapsed() >= deadline => {
+                    self.stop_agent(&conn, &dir)?;
+                    return Ok((conn, DEADLINE_EXIT));
+                }
                 Ok(None) => {
                     failures_in_a_row = 0;
                     std::thread::sleep(POLL_INTERVAL)
@@ -241,6 +250,17 @@ impl SshRunner {
                 Err(e) => return Err(board_err(e)),
             }
         }
+    }
+
+    /// Stops the agent of the run in `dir` and everything it started (its
+    /// process group: the runner, qemu), politely first.
+    fn stop_agent(&self, conn: &Connection, dir: &str) -> Result<(), RunError> {
+        let script = format!(
+            "cd {} && pid=$(cat pid) && kill -TERM -- -$pid 2>/dev/null; sleep 2; kill -KILL -- -$pid 2>/dev/null; true",
+            crate::board_lock::work_dir_expr(dir)
+        );
+        conn.exec(&script).map_err(board_err)?;
+        Ok(())
     }
 
     fn reconnect(&self) -> Result<Connection, RunError> {
@@ -354,10 +374,11 @@ impl SshRunner {
         outputs: &[&str],
         board_dir: &Path,
         on_event: &mut dyn FnMut(&ProgressEvent),
+        deadline: Duration,
     ) -> Result<(), RunError> {
         self.start(&conn, run_id, subcommand, job)?;
         let mut last_started = None;
-        let (conn, exit_code) = self.follow(run_id, conn, on_event, &mut last_started)?;
+        let (conn, exit_code) = self.follow(run_id, conn, on_event, &mut last_started, deadline)?;
         // Collect whatever the agent finished, success or not.
         self.collect(&conn, run_id, outputs, board_dir)?;
         if exit_code == 0 {
@@ -370,6 +391,10 @@ impl SshRunner {
             126 | 127 if log.contains("Exec format error") || log.contains("cannot execute") => format!(
                 "the board cannot execute the agent (exec format error): wrong architecture for profile {}",
                 self.board.profile.name()
+            ),
+            DEADLINE_EXIT => format!(
+                "the job's deadline of {} s passed and the agent was stopped (a hung board, or a matrix bigger than its deadline: set `deadline_seconds` in the matrix)",
+                deadline.as_secs()
             ),
             137 => "agent killed (SIGKILL: out of memory, or killed by hand)".to_string(),
             143 => "agent terminated (SIGTERM)".to_string(),
@@ -579,6 +604,7 @@ impl BoardRunner for SshRunner {
             job.outputs,
             board_dir,
             on_event,
+            job.deadline,
         );
         // Kept if its agent still runs (the board could not be followed):
         // then it goes stale when that agent ends.

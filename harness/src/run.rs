@@ -11,6 +11,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use thiserror::Error;
 use wire::files::{write_json, ResultsError};
 use wire::progress::ProgressEvent;
@@ -72,18 +74,27 @@ impl BoardRunner for LocalRunner {
     ) -> Result<(), RunError> {
         let job_path = board_dir.join(job.job_file());
         write_json(&job_path, &job.spec)?;
-        run_local_agent(&self.agent, job.subcommand, &job_path, board_dir, on_event)
+        run_local_agent(
+            &self.agent,
+            job.subcommand,
+            &job_path,
+            board_dir,
+            job.deadline,
+            on_event,
+        )
     }
 }
 
 /// Runs `agent <subcommand> --job <job> --out-dir <out_dir>` on this machine,
 /// feeding its progress lines to `on_event`; its stderr is appended to
-/// `out_dir/agent.log`. A failure names the cell the agent was in.
+/// `out_dir/agent.log`. A failure names the cell the agent was in. An agent
+/// still running at `deadline` is killed.
 pub fn run_local_agent(
     agent: &Path,
     subcommand: &str,
     job_path: &Path,
     out_dir: &Path,
+    deadline: std::time::Duration,
     on_event: &mut dyn FnMut(&ProgressEvent),
 ) -> Result<(), RunError> {
     let log_path = out_dir.join("agent.log");
@@ -109,6 +120,25 @@ pub fn run_local_agent(
         .stderr(log)
         .spawn()
         .map_err(spawn_err)?;
+    // A watchdog kills the agent at the deadline; reading its stdout then
+    // ends and the failure says why.
+    let finished = Arc::new(AtomicBool::new(false));
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (finished, timed_out) = (finished.clone(), timed_out.clone());
+        let pid = child.id().to_string();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while !finished.load(Ordering::Relaxed) {
+                if started.elapsed() >= deadline {
+                    timed_out.store(true, Ordering::Relaxed);
+                    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
+    };
     let mut last_started = None;
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -120,11 +150,21 @@ pub fn run_local_agent(
             }
         }
     }
-    let status = child.wait().map_err(spawn_err)?;
+    let status = child.wait().map_err(spawn_err);
+    finished.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    let status = status?;
     if status.success() {
         return Ok(());
     }
-    let reason = format!("{status}; last lines of agent.log: {}", log_tail(&log_path));
+    let reason = if timed_out.load(Ordering::Relaxed) {
+        format!(
+            "the job's deadline of {} s passed and the agent was stopped (set `deadline_seconds` in the matrix for a longer one)",
+            deadline.as_secs()
+        )
+    } else {
+        format!("{status}; last lines of agent.log: {}", log_tail(&log_path))
+    };
     Err(match last_started {
         Some(cell) => RunError::AgentDied { cell, reason },
         None => RunError::AgentFailed(reason),

@@ -173,3 +173,48 @@ fn bad_configs_fail_fast_with_one_clear_line() {
     // `plot` on a folder that is not a run.
     assert_one_clear_error(&xtask(dir.path(), &["plot", "."]), &["not a run directory"]);
 }
+
+#[test]
+fn an_agent_past_its_deadline_is_stopped_and_its_finished_rows_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    // Four cells of at least 1.5 s each against a 4 s deadline.
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        r#"
+[matrices.long]
+types = ["F32", "Q8_0", "Q4_0", "Q5_0"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 0
+min_reps = 1
+min_time_ms = 1500
+max_time_ms = 1500
+deadline_seconds = 4
+"#,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = xtask(
+        dir.path(),
+        &["bench", "--target", "local", "--matrix", "long"],
+    );
+    let all = common::text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "stopped at the deadline, not after every cell"
+    );
+    let rows: Vec<KernelRow> =
+        read_csv(&common::only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let ok = rows.iter().filter(|r| r.status == CellStatus::Ok).count();
+    assert!((1..4).contains(&ok), "finished cells kept: {rows:?}");
+    let stopped = rows
+        .iter()
+        .filter(|r| {
+            r.note.contains("agent died in this cell") && r.note.contains("deadline of 4 s")
+        })
+        .count();
+    assert_eq!(stopped, 1, "{rows:?}");
+}

@@ -483,6 +483,58 @@ fn a_board_whose_sshd_serves_no_sftp_is_told_how_to_enable_it() {
 }
 
 #[test]
+fn a_hung_board_is_stopped_at_its_deadline_without_holding_back_the_other() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    // An "agent" that never answers: the runner sleeps instead of running it.
+    let dir = config_dir(&[("hung", &|b| {
+        b.insert(
+            "runner".into(),
+            toml::Value::Array(
+                ["sh", "-c", "sleep 600", "hung"]
+                    .iter()
+                    .map(|w| toml::Value::String(w.to_string()))
+                    .collect(),
+            ),
+        );
+    })]);
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    config.push_str(
+        "\n[matrices.hang]\ntypes = [\"F32\", \"Q4_0\"]\nshapes = [\"gemma3-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\nwarmup = 0\nmin_reps = 1\nmin_time_ms = 0\nmax_time_ms = 100\ndeadline_seconds = 10\n",
+    );
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let started = std::time::Instant::now();
+    let out = bench(dir.path(), "hung,sim2", "hang");
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(120),
+        "{all}"
+    );
+    let rows: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    let healthy: Vec<&KernelRow> = rows.iter().filter(|r| r.board == "sim2").collect();
+    assert_eq!(healthy.len(), 2);
+    assert!(
+        healthy.iter().all(|r| r.status == CellStatus::Ok),
+        "{healthy:?}"
+    );
+    let hung: Vec<&KernelRow> = rows.iter().filter(|r| r.board == "hung").collect();
+    assert_eq!(hung.len(), 2);
+    assert!(
+        hung.iter()
+            .all(|r| r.status == CellStatus::Failed && r.note.contains("deadline of 10 s")),
+        "{hung:?}"
+    );
+    let left = Command::new("pgrep")
+        .args(["-f", "sleep 600"])
+        .output()
+        .unwrap();
+    assert!(
+        !left.status.success(),
+        "the hung agent was stopped on the board"
+    );
+}
+
+#[test]
 fn wrong_architecture_is_named_before_running() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     // The testbed boards are x86_64 machines that run aarch64 code through

@@ -73,6 +73,7 @@ impl JobKind for KernelMatrix {
             uploads: Vec::new(),
             memory_need: None,
             outputs: &[KERNEL_ROWS_FILE, SAMPLES_FILE],
+            deadline: self.spec.deadline(job.cells.len()),
         }])
     }
 

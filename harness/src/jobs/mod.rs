@@ -50,6 +50,10 @@ pub struct PlannedJob {
     pub memory_need: Option<MemoryNeed>,
     /// Row files the agent writes, fetched and appended to the board's.
     pub outputs: &'static [&'static str],
+    /// How long the agent may run on a board before it is stopped and its
+    /// unfinished units become `failed` rows (a hung board must not hold the
+    /// run forever).
+    pub deadline: std::time::Duration,
 }
 
 impl PlannedJob {

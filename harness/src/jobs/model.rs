@@ -240,6 +240,7 @@ impl JobKind for ModelMatrix {
                     advice: "use a smaller model or fewer high-precision recipes".into(),
                 }),
                 outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE],
+                deadline: self.spec.deadline(job.recipes.len()),
             });
         }
         Ok(jobs)
