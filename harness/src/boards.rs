@@ -13,6 +13,7 @@
 //! runner = []                    # command prefix, e.g. ["qemu-aarch64", "-cpu", "cortex-a76"]
 //! known_hosts = "~/.ssh/known_hosts_lab"  # checked besides ~/.ssh/known_hosts
 //! max_memory_mb = 3000           # plan for at most this much of the board's memory
+//! keep_runs = 20                 # run folders kept on the board; older ones are pruned
 //!
 //! [groups]
 //! lab = ["kitchen", "desk"]
@@ -57,6 +58,15 @@ pub struct BoardConfig {
     /// `unsupported` rows.
     #[serde(default)]
     pub max_memory_mb: Option<u64>,
+    /// Run folders kept on the board (newest first); older ones, agents
+    /// beyond as many, and models no kept run names are pruned after each
+    /// job. `cargo xtask board clean` does it on demand.
+    #[serde(default = "default_keep_runs")]
+    pub keep_runs: usize,
+}
+
+fn default_keep_runs() -> usize {
+    20
 }
 
 fn default_profile() -> String {
@@ -96,6 +106,7 @@ pub struct RemoteBoard {
     pub emulated: bool,
     pub runner: Vec<String>,
     pub max_memory_bytes: Option<u64>,
+    pub keep_runs: usize,
 }
 
 impl ResolvedBoard {
@@ -193,6 +204,7 @@ fn from_config(
         emulated: config.emulated,
         runner: config.runner.clone(),
         max_memory_bytes: config.max_memory_mb.map(|mb| mb * 1_000_000),
+        keep_runs: config.keep_runs,
     };
     validate(&board)?;
     Ok(board)
@@ -244,6 +256,7 @@ fn from_destination(item: &str, ssh: &SshConfig) -> Result<RemoteBoard, TargetEr
         emulated: false,
         runner: Vec::new(),
         max_memory_bytes: None,
+        keep_runs: default_keep_runs(),
     };
     validate(&board)?;
     Ok(board)

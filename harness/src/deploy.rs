@@ -18,6 +18,7 @@
 //! paths sit in the job) and which row files to fetch back.
 
 use crate::board_lock::{self, LockOwner, TakeOutcome};
+use crate::board_storage::{self, Pruned};
 use crate::boards::RemoteBoard;
 use crate::build::{AgentBuild, AGENT_BIN};
 use crate::jobs::PlannedJob;
@@ -57,17 +58,54 @@ pub struct SshRunner {
     pub prepared: bool,
 }
 
+/// How to reach `board` over SSH.
+pub fn endpoint_of(board: &RemoteBoard, accept_new_host_key: bool) -> SshEndpoint {
+    SshEndpoint {
+        board: board.name.clone(),
+        host: board.host.clone(),
+        port: board.port,
+        user: board.user.clone(),
+        identities: board.identities.clone(),
+        known_hosts: board.known_hosts.clone(),
+        accept_new_host_key,
+    }
+}
+
+/// `cargo xtask board clean`: prunes a board's work dir to its newest
+/// `keep` runs, unless another run is measuring on it.
+pub fn clean_board(
+    board: &RemoteBoard,
+    keep: usize,
+    accept_new_host_key: bool,
+) -> Result<String, RunError> {
+    let conn = Connection::open(&endpoint_of(board, accept_new_host_key)).map_err(board_err)?;
+    let owner = LockOwner::this_process(&format!("clean-{}", std::process::id()));
+    let run_dir = format!("{}/runs/{}", board.work_dir, owner.run_id);
+    match board_lock::try_take(&conn, &board.name, &board.work_dir, &run_dir, &owner)
+        .map_err(board_err)?
+    {
+        TakeOutcome::Taken => {}
+        TakeOutcome::Held(holder) => {
+            return Err(RunError::Board(format!(
+                "board {} is busy ({holder}); clean it when that run has finished",
+                board.name
+            )))
+        }
+    }
+    // No agent of ours runs; keep whichever build is newest.
+    let pruned = board_storage::prune(&conn, &board.work_dir, keep, "");
+    let _ = board_lock::release(&conn, &board.work_dir, &owner.run_id);
+    let pruned = pruned.map_err(board_err)?;
+    let free = conn
+        .free_bytes(&board.work_dir)
+        .map(|b| format!("; {:.0} MB free", b as f64 / 1e6))
+        .unwrap_or_default();
+    Ok(format!("{}: {pruned}{free}", board.name))
+}
+
 impl SshRunner {
     fn endpoint(&self) -> SshEndpoint {
-        SshEndpoint {
-            board: self.board.name.clone(),
-            host: self.board.host.clone(),
-            port: self.board.port,
-            user: self.board.user.clone(),
-            identities: self.board.identities.clone(),
-            known_hosts: self.board.known_hosts.clone(),
-            accept_new_host_key: self.accept_new_host_key,
-        }
+        endpoint_of(&self.board, self.accept_new_host_key)
     }
 
     fn agent_dir(&self) -> String {
@@ -606,9 +644,22 @@ impl BoardRunner for SshRunner {
             on_event,
             job.deadline,
         );
-        // Kept if its agent still runs (the board could not be followed):
-        // then it goes stale when that agent ends.
+        // Pruned while this job still holds the board, so no agent runs.
+        // The lock is kept if its agent still runs (the board could not be
+        // followed): then it goes stale when that agent ends.
         if let Ok(conn) = Connection::open(&self.endpoint()) {
+            match board_storage::prune(
+                &conn,
+                &self.board.work_dir,
+                self.board.keep_runs,
+                &self.agent.hash,
+            ) {
+                Ok(pruned) if pruned != Pruned::default() => (self.log)(format!(
+                    "{}: {pruned} (keep_runs = {})",
+                    self.board.name, self.board.keep_runs
+                )),
+                _ => {}
+            }
             let _ = board_lock::release(&conn, &self.board.work_dir, &run_id);
         }
         result

@@ -6,7 +6,7 @@
 //!   expands a kernel matrix) -> `session` (target, boards, set-up, agent
 //!   `build`s, run id) -> `run` (every board at once; `deploy` for boards
 //!   over SSH via `transport`, whose host keys `known_hosts` checks, one run at a time per board by
-//!   `board_lock`) -> `manifest` (run.json) -> `render`
+//!   `board_lock`, work dirs pruned by `board_storage`) -> `manifest` (run.json) -> `render`
 //!   (summary, plots);
 //! - around it: `boards` (targets), `setup` (a fresh machine), `testbed`
 //!   (emulated boards), `shell` (quoting), `pipeline` (the stages in order).
@@ -17,6 +17,7 @@
 //! one.
 
 pub mod board_lock;
+pub mod board_storage;
 pub mod boards;
 pub mod build;
 pub mod catalog;

@@ -120,6 +120,7 @@ pub fn up(workspace: &Path, boards: usize) -> Result<PathBuf, TestbedError> {
                 runner: vec!["qemu-aarch64".into(), "-cpu".into(), "cortex-a76".into()],
                 known_hosts: Some(dir.join("known_hosts").display().to_string()),
                 max_memory_mb: None,
+                keep_runs: 20,
             },
         );
     }

@@ -282,6 +282,22 @@ impl Connection {
         let mut source =
             std::fs::File::open(local).map_err(self.io_err("opening the local file"))?;
         let total = source.metadata().map(|m| m.len()).unwrap_or(0);
+        // Refuse before sending a byte when the board cannot hold the file.
+        let dir = remote.rsplit_once('/').map(|(d, _)| d).unwrap_or(".");
+        if let Some(free) = self.free_bytes(dir) {
+            if free < total + UPLOAD_MARGIN_BYTES {
+                return Err(TransportError::DiskFull {
+                    board: self.endpoint.board.clone(),
+                    path: dir.to_string(),
+                    detail: format!(
+                        "{:.1} MB free, {} needs {:.1} MB",
+                        free as f64 / 1e6,
+                        local.display(),
+                        total as f64 / 1e6
+                    ),
+                });
+            }
+        }
         let result = (|| -> Result<u64, TransportError> {
             let mut dest = sftp
                 .create(Path::new(&temp))
@@ -331,6 +347,21 @@ impl Connection {
             let _ = sftp.unlink(Path::new(&temp));
         }
         result
+    }
+
+    /// Free bytes for this user on the filesystem holding `dir` (`df`),
+    /// or `None` when the board cannot say.
+    pub fn free_bytes(&self, dir: &str) -> Option<u64> {
+        let out = self.exec(&format!("df -Pk {}", shell_quote(dir))).ok()?;
+        let kib: u64 = out
+            .stdout
+            .lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
     }
 
     /// A failed write on the board is reported as a full disk when `df`
@@ -482,6 +513,10 @@ fn check_host_key(session: &Session, endpoint: &SshEndpoint) -> Result<(), Trans
         }),
     }
 }
+
+/// Room left beside an upload, so a file that just fits does not leave a
+/// board with no space for its rows.
+const UPLOAD_MARGIN_BYTES: u64 = 16 << 20;
 
 /// Read besides the user's and the board's files, as OpenSSH does.
 const SYSTEM_KNOWN_HOSTS: &str = "/etc/ssh/ssh_known_hosts";

@@ -26,6 +26,25 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum BoardAction {
+    /// Keep the newest `--keep` run folders and agent builds on each board of
+    /// the target, and only the models those runs use. Refuses a board
+    /// another run is measuring on.
+    Clean {
+        /// Boards, groups, ssh aliases or user@host:port, comma separated.
+        target: String,
+        #[arg(long, default_value_t = 20)]
+        keep: usize,
+        /// The matrix config file, for its [boards] and [groups].
+        #[arg(long, default_value = "bench.toml")]
+        config: PathBuf,
+        /// Trust and record a board's unknown SSH host key.
+        #[arg(long)]
+        accept_new_host_key: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum TestbedAction {
     /// Create boards sim1..simN and write .testbed/boards.toml (needs root).
     Up {
@@ -90,6 +109,13 @@ enum Command {
         /// failing that board with who holds it.
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         lock_wait: u64,
+    },
+    /// What quantbench keeps on boards: `board clean <target>` prunes old
+    /// run folders, agent builds and unused models (also done after every
+    /// job, keeping each board's `keep_runs`).
+    Board {
+        #[command(subcommand)]
+        action: BoardAction,
     },
     /// Emulated Pi 5 boards on this machine (network namespaces + sshd + qemu).
     Testbed {
@@ -242,6 +268,45 @@ fn run() -> Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Board {
+            action:
+                BoardAction::Clean {
+                    target,
+                    keep,
+                    config,
+                    accept_new_host_key,
+                },
+        } => {
+            let workspace = harness::build::workspace_root();
+            let config = harness::config::BenchConfig::load(&config)?;
+            let boards = harness::boards::resolve_targets(
+                &target,
+                &harness::session::known_boards(&config, &workspace)?,
+                &harness::boards::SshConfig::load_default(),
+            )?;
+            let mut failed = false;
+            for board in boards {
+                match board {
+                    harness::boards::ResolvedBoard::Local => {
+                        println!("local: nothing kept on boards to clean")
+                    }
+                    harness::boards::ResolvedBoard::Remote(remote) => {
+                        match harness::deploy::clean_board(&remote, keep, accept_new_host_key) {
+                            Ok(line) => println!("{line}"),
+                            Err(e) => {
+                                eprintln!("{e}");
+                                failed = true;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             })
         }
         Command::Testbed { action } => {

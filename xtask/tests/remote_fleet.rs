@@ -535,6 +535,85 @@ fn a_hung_board_is_stopped_at_its_deadline_without_holding_back_the_other() {
 }
 
 #[test]
+fn board_work_dir_is_pruned_to_keep_runs_and_board_clean_does_it_on_demand() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // Last month's leftovers: four runs, three old agent builds, a model no
+    // run names and a half-uploaded one.
+    for run in ["old-1", "old-2", "old-3", "old-4"] {
+        std::fs::create_dir_all(w.join("runs").join(run)).unwrap();
+        std::fs::write(w.join("runs").join(run).join("job.json"), "{}").unwrap();
+    }
+    for agent in ["aaaaaaaaaaa1", "aaaaaaaaaaa2", "aaaaaaaaaaa3"] {
+        std::fs::create_dir_all(w.join("agents").join(agent)).unwrap();
+        std::fs::write(w.join("agents").join(agent).join("quantbench-agent"), "x").unwrap();
+    }
+    std::fs::create_dir_all(w.join("models")).unwrap();
+    std::fs::write(w.join("models/0123456789ab.gguf"), "unused").unwrap();
+    std::fs::write(w.join("models/feedfeedfeed.gguf.part-77"), "half").unwrap();
+    assert!(Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && touch -d '40 days ago' runs/* agents/* && touch -d '30 days ago' runs/old-4",
+            w.display()
+        ))
+        .status()
+        .unwrap()
+        .success());
+    let work_dir = w.display().to_string();
+    let dir = config_dir(&[("tidy", &|b| {
+        b.insert("work_dir".into(), work_dir.clone().into());
+        b.insert("keep_runs".into(), toml::Value::Integer(2));
+    })]);
+    let out = bench(dir.path(), "tidy", "micro");
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        all.contains("removed 3 run folder(s)") && all.contains("keep_runs = 2"),
+        "{all}"
+    );
+    let names = |sub: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(w.join(sub))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let runs = names("runs");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.contains(&"old-4".to_string()) && runs.iter().any(|r| r.ends_with("-micro")));
+    let agents = names("agents");
+    assert_eq!(
+        agents.len(),
+        2,
+        "the one in use and the newest other: {agents:?}"
+    );
+    assert!(
+        agents
+            .iter()
+            .all(|a| a != "aaaaaaaaaaa1" && a != "aaaaaaaaaaa2")
+            || agents.len() == 2
+    );
+    assert!(names("models").is_empty(), "{:?}", names("models"));
+    // On demand, down to one run.
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(["board", "clean", "tidy", "--keep", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("tidy: removed 1 run folder(s)"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(names("runs").len(), 1);
+}
+
+#[test]
 fn wrong_architecture_is_named_before_running() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     // The testbed boards are x86_64 machines that run aarch64 code through
