@@ -16,6 +16,7 @@
 //! was taken. A host killed mid-run therefore leaves a lock that keeps
 //! others off the board until its orphaned agent ends, and no longer.
 
+use crate::shell::board_path;
 use crate::transport::{shell_quote, Connection, TransportError};
 use serde::{Deserialize, Serialize};
 
@@ -64,15 +65,6 @@ pub enum TakeOutcome {
     Held(String),
 }
 
-/// `work_dir` as a shell word: relative paths are under the login's home.
-pub fn work_dir_expr(work_dir: &str) -> String {
-    if work_dir.starts_with('/') {
-        shell_quote(work_dir)
-    } else {
-        format!("\"$HOME\"/{}", shell_quote(work_dir))
-    }
-}
-
 /// Tries once to take the lock for an agent that will run in `run_dir`
 /// (a path under `work_dir`).
 pub fn try_take(
@@ -83,10 +75,10 @@ pub fn try_take(
     owner: &LockOwner,
 ) -> Result<TakeOutcome, TransportError> {
     let owner_json = serde_json::to_string(owner).unwrap_or_default();
-    let script = take_script(&owner_json, &work_dir_expr(run_dir));
+    let script = take_script(&owner_json, &board_path(run_dir));
     let command = format!(
         "mkdir -p {wd} && cd {wd} && flock .lock-guard sh -c {script}",
-        wd = work_dir_expr(work_dir),
+        wd = board_path(work_dir),
         script = shell_quote(&script)
     );
     let out = conn.exec(&command)?;
@@ -114,7 +106,7 @@ pub fn release(conn: &Connection, work_dir: &str, run_id: &str) -> Result<(), Tr
     );
     let command = format!(
         "cd {wd} 2>/dev/null && flock .lock-guard sh -c {script}; true",
-        wd = work_dir_expr(work_dir),
+        wd = board_path(work_dir),
         script = shell_quote(&script)
     );
     conn.exec(&command).map(|_| ())
@@ -179,11 +171,5 @@ mod tests {
             json.contains("\"run_id\":\"20261125T220000Z-abc1234\""),
             "{json}"
         );
-    }
-
-    #[test]
-    fn relative_work_dirs_are_under_home_and_quoted() {
-        assert_eq!(work_dir_expr("/srv/quant bench"), "'/srv/quant bench'");
-        assert_eq!(work_dir_expr("lab dir"), "\"$HOME\"/'lab dir'");
     }
 }

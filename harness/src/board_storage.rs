@@ -7,7 +7,7 @@
 //! (always the one in use), and only the models a kept run's job names.
 //! Half-uploaded files (`*.part-*`) go too.
 
-use crate::board_lock::work_dir_expr;
+use crate::shell::board_path;
 use crate::transport::{Connection, TransportError};
 
 /// What a prune removed.
@@ -53,7 +53,7 @@ for f in models/*; do
   grep -qsF "$b" runs/*/job.json || {{ rm -f "$f"; m=$((m+1)); }}
 done
 echo $r $a $m"#,
-        wd = work_dir_expr(work_dir),
+        wd = board_path(work_dir),
         current = crate::shell::shell_quote(current_agent),
         from = keep.max(1) + 1,
     );

@@ -169,14 +169,7 @@ impl SshRunner {
 
     /// The agent as the board's shell should invoke it (runner included).
     fn agent_command(&self) -> String {
-        // Relative work dirs are relative to the login's home, but commands
-        // may run elsewhere.
-        let agent = self.agent_path();
-        let agent_expr = if agent.starts_with('/') {
-            shell_quote(&agent)
-        } else {
-            format!("\"$HOME\"/{}", shell_quote(&agent))
-        };
+        let agent_expr = crate::shell::board_path(&self.agent_path());
         let mut argv: Vec<String> = self.board.runner.iter().map(|r| shell_quote(r)).collect();
         argv.push(agent_expr);
         argv.join(" ")
@@ -295,7 +288,7 @@ impl SshRunner {
     fn stop_agent(&self, conn: &Connection, dir: &str) -> Result<(), RunError> {
         let script = format!(
             "cd {} && pid=$(cat pid) && kill -TERM -- -$pid 2>/dev/null; sleep 2; kill -KILL -- -$pid 2>/dev/null; true",
-            crate::board_lock::work_dir_expr(dir)
+            crate::shell::board_path(dir)
         );
         conn.exec(&script).map_err(board_err)?;
         Ok(())

@@ -25,6 +25,17 @@ pub fn is_safe_value(value: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-/~@:+=,".contains(c))
 }
 
+/// A path on a board as one shell word: relative paths (work dirs are
+/// relative to the login's home) are anchored at `$HOME`, since commands
+/// may run elsewhere.
+pub fn board_path(path: &str) -> String {
+    if path.starts_with('/') {
+        shell_quote(path)
+    } else {
+        format!("\"$HOME\"/{}", shell_quote(path))
+    }
+}
+
 pub fn command_line(argv: &[&str]) -> String {
     argv.iter()
         .map(|a| shell_quote(a))
@@ -35,6 +46,12 @@ pub fn command_line(argv: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn board_paths_are_anchored_at_home_and_quoted() {
+        assert_eq!(board_path("/srv/quant bench"), "'/srv/quant bench'");
+        assert_eq!(board_path("lab dir"), "\"$HOME\"/'lab dir'");
+    }
 
     #[test]
     fn shell_quote_neutralises_metacharacters() {

@@ -486,15 +486,15 @@ fn a_board_whose_sshd_serves_no_sftp_is_told_how_to_enable_it() {
 fn a_hung_board_is_stopped_at_its_deadline_without_holding_back_the_other() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     // An "agent" that never answers: the runner sleeps instead of running it.
+    let scripts = tempfile::tempdir().unwrap();
+    let hang = scripts.path().join("hang.sh");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hang = hang.display().to_string();
     let dir = config_dir(&[("hung", &|b| {
         b.insert(
             "runner".into(),
-            toml::Value::Array(
-                ["sh", "-c", "sleep 600", "hung"]
-                    .iter()
-                    .map(|w| toml::Value::String(w.to_string()))
-                    .collect(),
-            ),
+            toml::Value::Array(vec![toml::Value::String(hang.clone())]),
         );
     })]);
     let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
