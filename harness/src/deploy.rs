@@ -423,10 +423,7 @@ impl SshRunner {
                 "the board cannot execute the agent (exec format error): wrong architecture for profile {}",
                 self.board.profile.name()
             ),
-            DEADLINE_EXIT => format!(
-                "the job's deadline of {} s passed and the agent was stopped (a hung board, or a matrix bigger than its deadline: set `deadline_seconds` in the matrix)",
-                deadline.as_secs()
-            ),
+            DEADLINE_EXIT => crate::run::deadline_reason(deadline),
             137 => "agent killed (SIGKILL: out of memory, or killed by hand)".to_string(),
             143 => "agent terminated (SIGTERM)".to_string(),
             code => format!("agent exited with status {code}: {tail}"),

@@ -158,10 +158,7 @@ pub fn run_local_agent(
         return Ok(());
     }
     let reason = if timed_out.load(Ordering::Relaxed) {
-        format!(
-            "the job's deadline of {} s passed and the agent was stopped (set `deadline_seconds` in the matrix for a longer one)",
-            deadline.as_secs()
-        )
+        deadline_reason(deadline)
     } else {
         format!("{status}; last lines of agent.log: {}", log_tail(&log_path))
     };
@@ -169,6 +166,14 @@ pub fn run_local_agent(
         Some(cell) => RunError::AgentDied { cell, reason },
         None => RunError::AgentFailed(reason),
     })
+}
+
+/// Why a job's unfinished units failed when its deadline stopped the agent.
+pub fn deadline_reason(deadline: std::time::Duration) -> String {
+    format!(
+        "the job's deadline of {} s passed and the agent was stopped (a hung board, or a matrix bigger than its deadline: set `deadline_seconds` in the matrix)",
+        deadline.as_secs()
+    )
 }
 
 fn log_tail(path: &Path) -> String {

@@ -368,25 +368,14 @@ impl Connection {
     /// agrees, since SFTP servers often report it as a generic failure.
     fn disk_full_or(&self, path: &str, needed: u64, other: TransportError) -> TransportError {
         let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or(".");
-        let df = self.exec(&format!("df -Pk {}", shell_quote(dir)));
-        if let Ok(out) = df {
-            let available_kib: Option<u64> = out
-                .stdout
-                .lines()
-                .nth(1)
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|v| v.parse().ok());
-            if let Some(kib) = available_kib {
-                if kib * 1024 < needed.max(1) || kib < 64 {
-                    return TransportError::DiskFull {
-                        board: self.endpoint.board.clone(),
-                        path: dir.to_string(),
-                        detail: format!("{kib} KiB free, {needed} bytes needed"),
-                    };
-                }
-            }
+        match self.free_bytes(dir) {
+            Some(free) if free < needed.max(1) || free < 64 * 1024 => TransportError::DiskFull {
+                board: self.endpoint.board.clone(),
+                path: dir.to_string(),
+                detail: format!("{} KiB free, {needed} bytes needed", free / 1024),
+            },
+            _ => other,
         }
-        other
     }
 
     pub fn download(&self, remote: &str, local: &Path) -> Result<(), TransportError> {

@@ -16,10 +16,11 @@
 //!
 //! A benchmark, not a test: read the numbers, they are not asserted.
 
+mod common;
+
 use kernels::weights::{activations, weights, Distribution};
 use kernels::{quantize, GgmlType, LoadMode, MatMul, QuantizedMatrix, StagedMatrix};
 use std::collections::BTreeSet;
-use std::time::Instant;
 
 const SHAPES: [(&str, usize, usize); 2] = [
     ("llama3-8b.ffn_down", 4096, 14336),
@@ -166,18 +167,7 @@ fn time_interleaved(
             let staged = StagedMatrix::stage(q.clone(), mode, scratch).expect("stage");
             let mut mm = MatMul::new(&staged, 1, 1, repack).expect("matmul");
             mm.set_activations(x).expect("activations");
-            for _ in 0..3 {
-                mm.compute().expect("compute");
-            }
-            let mut samples: Vec<f64> = (0..30)
-                .map(|_| {
-                    let t = Instant::now();
-                    mm.compute().expect("compute");
-                    t.elapsed().as_secs_f64() * 1e6
-                })
-                .collect();
-            samples.sort_by(f64::total_cmp);
-            best[i] = best[i].min(samples[samples.len() / 2]);
+            best[i] = best[i].min(common::median_gemv_us(&mut mm));
             placed[i] = mm.placement();
         }
     }

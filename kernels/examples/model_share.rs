@@ -13,6 +13,8 @@
 //! Weights are LLM-like, placed as llama.cpp places them (mmap, repacked
 //! where the CPU backend repacks). A benchmark: numbers, not assertions.
 
+mod common;
+
 use kernels::model::LoadedModel;
 use kernels::synthetic::{write_llama, LlamaDims, WrittenMatrix};
 use kernels::weights::{activations, weights, Distribution};
@@ -110,18 +112,7 @@ fn gemv_ms_by_shape(matrices: &[WrittenMatrix], threads: usize) -> BTreeMap<(usi
         let mut mm = MatMul::new(&staged, 1, threads, true).expect("matmul");
         mm.set_activations(&activations(Distribution::LlmLike, 1, m.cols, SEED))
             .expect("activations");
-        for _ in 0..3 {
-            mm.compute().expect("compute");
-        }
-        let mut samples: Vec<f64> = (0..30)
-            .map(|_| {
-                let t = Instant::now();
-                mm.compute().expect("compute");
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        samples.sort_by(f64::total_cmp);
-        out.insert((m.rows, m.cols), samples[samples.len() / 2]);
+        out.insert((m.rows, m.cols), common::median_gemv_us(&mut mm) / 1e3);
     }
     out
 }

@@ -44,7 +44,7 @@ unsafe extern "C" fn quiet_log(
     }
 }
 
-fn c_path(path: &Path) -> Result<CString, ModelError> {
+pub(crate) fn c_path(path: &Path) -> Result<CString, ModelError> {
     let text = path
         .to_str()
         .ok_or_else(|| ModelError::BadPath(path.display().to_string()))?;
@@ -141,23 +141,33 @@ pub fn quantize_model(
     Ok(())
 }
 
-/// (tensor name, GGML type name) of every tensor in a GGUF file.
-pub fn gguf_tensor_types(path: &Path) -> Result<Vec<(String, String)>, ModelError> {
+/// A GGUF file's metadata and tensor table (no tensor data), for reading
+/// it; the caller frees it with `gguf_free`.
+pub(crate) fn open_gguf_metadata(path: &Path) -> Result<*mut sys::gguf_context, ModelError> {
     let c = c_path(path)?;
-    // SAFETY: no_alloc reads only the metadata; the context is freed below.
-    unsafe {
-        let ctx = sys::gguf_init_from_file(
+    // SAFETY: no_alloc reads only the metadata; a NULL result is an error.
+    let ctx = unsafe {
+        sys::gguf_init_from_file(
             c.as_ptr(),
             sys::gguf_init_params {
                 no_alloc: true,
                 ctx: ptr::null_mut(),
             },
-        );
-        if ctx.is_null() {
-            return Err(ModelError::Load {
-                path: path.display().to_string(),
-            });
-        }
+        )
+    };
+    if ctx.is_null() {
+        return Err(ModelError::Load {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(ctx)
+}
+
+/// (tensor name, GGML type name) of every tensor in a GGUF file.
+pub fn gguf_tensor_types(path: &Path) -> Result<Vec<(String, String)>, ModelError> {
+    let ctx = open_gguf_metadata(path)?;
+    // SAFETY: ctx is a valid metadata context, freed below.
+    unsafe {
         let n = sys::gguf_get_n_tensors(ctx);
         let mut out = Vec::with_capacity(n as usize);
         for i in 0..n {

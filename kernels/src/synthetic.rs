@@ -7,7 +7,7 @@
 //! measure. The file says it is synthetic (`quantbench.synthetic`,
 //! `quantbench.seed`), and the same arguments give the same bytes.
 
-use crate::model::ModelError;
+use crate::model::{c_path, open_gguf_metadata, ModelError};
 use crate::weights::llm_like_weights;
 use crate::{quantize, GgmlType};
 use llama_cpp_sys_2 as sys;
@@ -112,19 +112,9 @@ pub fn write_llama(
 }
 
 fn vocab_size(tokenizer_from: &Path) -> Result<usize, ModelError> {
-    let c = c_string(tokenizer_from)?;
-    // SAFETY: metadata-only read; the context is freed before returning.
-    unsafe {
-        let ctx = sys::gguf_init_from_file(
-            c.as_ptr(),
-            sys::gguf_init_params {
-                no_alloc: true,
-                ctx: ptr::null_mut(),
-            },
-        );
-        if ctx.is_null() {
-            return Err(load_error(tokenizer_from));
-        }
+    let ctx = open_gguf_metadata(tokenizer_from)?;
+    // SAFETY: ctx is a valid metadata context, freed before returning.
+    let n = unsafe {
         let key = sys::gguf_find_key(ctx, c"tokenizer.ggml.tokens".as_ptr());
         let n = if key < 0 {
             0
@@ -132,14 +122,15 @@ fn vocab_size(tokenizer_from: &Path) -> Result<usize, ModelError> {
             sys::gguf_get_arr_n(ctx, key)
         };
         sys::gguf_free(ctx);
-        if n == 0 {
-            return Err(ModelError::Llama(format!(
-                "{}: has no tokenizer.ggml.tokens to borrow",
-                tokenizer_from.display()
-            )));
-        }
-        Ok(n)
+        n
+    };
+    if n == 0 {
+        return Err(ModelError::Llama(format!(
+            "{}: has no tokenizer.ggml.tokens to borrow",
+            tokenizer_from.display()
+        )));
     }
+    Ok(n)
 }
 
 fn write_gguf(
@@ -149,8 +140,8 @@ fn write_gguf(
     seed: u64,
     blobs: &[(String, usize, usize, GgmlType, Vec<u8>)],
 ) -> Result<(), ModelError> {
-    let source = c_string(tokenizer_from)?;
-    let target = c_string(out)?;
+    let target = c_path(out)?;
+    let src = open_gguf_metadata(tokenizer_from)?;
     let names: Vec<CString> = blobs
         .iter()
         .map(|(name, ..)| CString::new(name.as_str()).expect("tensor names have no NUL"))
@@ -158,16 +149,6 @@ fn write_gguf(
     // SAFETY: every context is checked for NULL and freed on every path;
     // each tensor is created with exactly the size of the bytes copied in.
     unsafe {
-        let src = sys::gguf_init_from_file(
-            source.as_ptr(),
-            sys::gguf_init_params {
-                no_alloc: true,
-                ctx: ptr::null_mut(),
-            },
-        );
-        if src.is_null() {
-            return Err(load_error(tokenizer_from));
-        }
         let gguf = sys::gguf_init_empty();
         sys::gguf_set_kv(gguf, src);
         sys::gguf_free(src);
@@ -224,18 +205,6 @@ fn write_gguf(
         }
     }
     Ok(())
-}
-
-fn c_string(path: &Path) -> Result<CString, ModelError> {
-    path.to_str()
-        .and_then(|text| CString::new(text).ok())
-        .ok_or_else(|| ModelError::BadPath(path.display().to_string()))
-}
-
-fn load_error(path: &Path) -> ModelError {
-    ModelError::Load {
-        path: path.display().to_string(),
-    }
 }
 
 #[cfg(test)]
