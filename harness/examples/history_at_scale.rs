@@ -67,6 +67,7 @@ fn fake_run(dir: &Path, run_id: &str, day: usize, cells: usize, reps: usize) {
                 board: "local".into(),
                 ..Default::default()
             }],
+            resumed_at: Vec::new(),
         },
     )
     .unwrap();

@@ -14,7 +14,9 @@
 //! directory must be that run dir, which guards against a reused PID) is
 //! alive, or, before the agent has started, for `START_GRACE_SECS` after it
 //! was taken. A host killed mid-run therefore leaves a lock that keeps
-//! others off the board until its orphaned agent ends, and no longer.
+//! others off the board until its orphaned agent ends, and no longer;
+//! unless that host's run is resumed: a lock naming the same run id is
+//! the resumed run's own, and it takes it back.
 
 use crate::shell::board_path;
 use crate::transport::{shell_quote, Connection, TransportError};
@@ -75,7 +77,7 @@ pub fn try_take(
     owner: &LockOwner,
 ) -> Result<TakeOutcome, TransportError> {
     let owner_json = serde_json::to_string(owner).unwrap_or_default();
-    let script = take_script(&owner_json, &board_path(run_dir));
+    let script = take_script(&owner.run_id, &owner_json, &board_path(run_dir));
     let command = format!(
         "mkdir -p {wd} && cd {wd} && flock .lock-guard sh -c {script}",
         wd = board_path(work_dir),
@@ -124,9 +126,10 @@ elif [ $(( $(date +%s) - $(stat -c %Y lock) )) -lt START_GRACE ]; then
 fi"#;
 
 /// The check-and-take, run in the work dir under the guard's flock.
-fn take_script(owner_json: &str, run_dir_expr: &str) -> String {
+fn take_script(run_id: &str, owner_json: &str, run_dir_expr: &str) -> String {
     format!(
-        "if [ -d lock ]; then\n{live}\n  if [ \"$live\" = yes ]; then cat lock/owner; exit {held}; fi\n  rm -rf lock\nfi\nmkdir lock && printf '%s' {owner} > lock/owner && printf '%s' {run_dir} > lock/run_dir",
+        "if grep -qF {id} lock/owner 2>/dev/null; then rm -rf lock; fi\nif [ -d lock ]; then\n{live}\n  if [ \"$live\" = yes ]; then cat lock/owner; exit {held}; fi\n  rm -rf lock\nfi\nmkdir lock && printf '%s' {owner} > lock/owner && printf '%s' {run_dir} > lock/run_dir",
+        id = shell_quote(&format!("\"run_id\":\"{run_id}\"")),
         live = LIVENESS.replace("START_GRACE", &START_GRACE_SECS.to_string()),
         held = HELD,
         owner = shell_quote(owner_json),

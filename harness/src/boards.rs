@@ -14,6 +14,7 @@
 //! known_hosts = "~/.ssh/known_hosts_lab"  # checked besides ~/.ssh/known_hosts
 //! max_memory_mb = 3000           # plan for at most this much of the board's memory
 //! keep_runs = 20                 # run folders kept on the board; older ones are pruned
+//! retry_seconds = 120            # keep retrying a board whose link fails this long
 //!
 //! [groups]
 //! lab = ["kitchen", "desk"]
@@ -63,10 +64,20 @@ pub struct BoardConfig {
     /// job. `cargo xtask board clean` does it on demand.
     #[serde(default = "default_keep_runs")]
     pub keep_runs: usize,
+    /// How long every remote step (connect, upload, start, follow,
+    /// collect) keeps retrying, with back-off, when the link fails, before
+    /// the board is failed: long enough for a board to reboot or a switch
+    /// to come back.
+    #[serde(default = "default_retry_seconds")]
+    pub retry_seconds: u64,
 }
 
 fn default_keep_runs() -> usize {
     20
+}
+
+pub fn default_retry_seconds() -> u64 {
+    120
 }
 
 fn default_profile() -> String {
@@ -88,6 +99,8 @@ pub struct BoardsFile {
 
 /// A board ready to be measured.
 #[derive(Debug, Clone, PartialEq)]
+// A run holds a handful of these: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ResolvedBoard {
     Local,
     Remote(RemoteBoard),
@@ -107,6 +120,7 @@ pub struct RemoteBoard {
     pub runner: Vec<String>,
     pub max_memory_bytes: Option<u64>,
     pub keep_runs: usize,
+    pub retry_seconds: u64,
 }
 
 impl ResolvedBoard {
@@ -205,6 +219,7 @@ fn from_config(
         runner: config.runner.clone(),
         max_memory_bytes: config.max_memory_mb.map(|mb| mb * 1_000_000),
         keep_runs: config.keep_runs,
+        retry_seconds: config.retry_seconds,
     };
     validate(&board)?;
     Ok(board)
@@ -257,6 +272,7 @@ fn from_destination(item: &str, ssh: &SshConfig) -> Result<RemoteBoard, TargetEr
         runner: Vec::new(),
         max_memory_bytes: None,
         keep_runs: default_keep_runs(),
+        retry_seconds: default_retry_seconds(),
     };
     validate(&board)?;
     Ok(board)

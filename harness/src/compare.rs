@@ -126,6 +126,8 @@ struct Side {
     median_ns: Option<f64>,
     kernel_path: Option<String>,
     agent_build: String,
+    /// Throttled or off the `performance` governor (kernel cells).
+    thermal_noisy: bool,
     /// (name, value, higher is better)
     quality: Vec<(&'static str, Option<f64>, bool)>,
 }
@@ -147,6 +149,7 @@ fn sides(run: &RunData) -> BTreeMap<(String, String, String), Side> {
                 median_ns: r.median_ns,
                 kernel_path: Some(r.kernel_path.clone()),
                 agent_build: r.agent_build.clone(),
+                thermal_noisy: r.thermal_noisy,
                 quality: vec![("nmse", r.nmse, false)],
             },
         );
@@ -166,6 +169,7 @@ fn sides(run: &RunData) -> BTreeMap<(String, String, String), Side> {
                 samples: board_samples,
                 kernel_path: None,
                 agent_build: r.agent_build.clone(),
+                thermal_noisy: false,
                 quality: vec![
                     ("ppl", r.ppl, false),
                     ("kld_mean", r.kld_mean, false),
@@ -265,6 +269,19 @@ pub fn compare(
         }
         any_common = true;
         c.verdict = judge_time(&mut c, &b.samples, &n.samples, settings);
+        // A throttled cell is slow because the board was hot, not because
+        // the code changed.
+        if (b.thermal_noisy || n.thermal_noisy) && c.verdict != Verdict::NotComparable {
+            c.notes.push(format!(
+                "thermally noisy in {} (throttled or not the `performance` governor)",
+                match (b.thermal_noisy, n.thermal_noisy) {
+                    (true, true) => "both runs",
+                    (true, false) => "the base run",
+                    _ => "the new run",
+                }
+            ));
+            c.verdict = Verdict::Noisy;
+        }
         let mut quality_regressed = false;
         for ((name, before, higher_better), (_, after, _)) in b.quality.iter().zip(&n.quality) {
             let (Some(before), Some(after)) = (before, after) else {

@@ -109,16 +109,32 @@ pub struct MatrixSpec {
     /// cells, see `MatrixSpec::deadline`).
     #[serde(default)]
     pub deadline_seconds: Option<u64>,
+    /// Before each cell, wait until the board's SoC is below this
+    /// temperature (°C), for at most `cooldown_max_seconds`; a Pi 5
+    /// without a fan throttles within minutes of a sustained matrix.
+    #[serde(default)]
+    pub cooldown_below_c: Option<f64>,
+    #[serde(default = "default_cooldown_max_seconds")]
+    pub cooldown_max_seconds: u64,
+}
+
+fn default_cooldown_max_seconds() -> u64 {
+    120
 }
 
 impl MatrixSpec {
     /// The job's deadline: `deadline_seconds`, or 5 minutes plus, per cell,
-    /// twice its `max_time_ms` and 30 s for making its weights (an lm head
-    /// takes seconds to generate; an emulated board is tens of times slower).
+    /// twice its `max_time_ms`, 30 s for making its weights (an lm head
+    /// takes seconds to generate; an emulated board is tens of times slower)
+    /// and the longest cool-down.
     pub fn deadline(&self, cells: usize) -> std::time::Duration {
-        let seconds = self
-            .deadline_seconds
-            .unwrap_or_else(|| 300 + cells as u64 * (2 * self.max_time_ms.div_ceil(1000) + 30));
+        let cooldown = match self.cooldown_below_c {
+            Some(_) => self.cooldown_max_seconds,
+            None => 0,
+        };
+        let seconds = self.deadline_seconds.unwrap_or_else(|| {
+            300 + cells as u64 * (2 * self.max_time_ms.div_ceil(1000) + 30 + cooldown)
+        });
         std::time::Duration::from_secs(seconds)
     }
 }

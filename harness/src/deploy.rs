@@ -9,9 +9,19 @@
 //!   content-addressed like the agent;
 //! - `runs/<run_id>-<job>/`: `job.json`, the agent's row files
 //!   (`kernels.csv`, `samples.csv`, `models.csv`), `probe.json`,
-//!   `progress.jsonl` (its stdout), `agent.log` (stderr), `pid` and, once it
-//!   ends, `exit_code`. The agent runs under `setsid nohup`, so a dropped
-//!   connection loses nothing: the host reconnects and carries on.
+//!   `progress.jsonl` (its stdout), `agent.log` (stderr), `pid`,
+//!   `start_token` and, once it ends, `exit_code`. The agent runs under
+//!   `setsid nohup`, so a dropped connection, or a host that dies, loses
+//!   nothing: the host reconnects (or a resumed run reattaches) and carries
+//!   on.
+//!
+//! While the agent runs, the host mirrors its files into the job's folder
+//! of the run directory, appending the new bytes of each poll and syncing
+//! them to disk: the host's copy is always a prefix of the board's, so
+//! whoever picks the job up (a reconnect, a resumed run) goes on from the
+//! length of the host's copy. Every remote step retries on a failed link,
+//! with back-off, for the board's `retry_seconds`; every reconnect checks
+//! the host key again.
 //!
 //! The runner knows nothing of job kinds: a planned job says which agent
 //! subcommand to start, which host files to upload first (and where their
@@ -28,12 +38,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wire::files::{read_json, ResultsError, PROBE_FILE};
+use wire::files::{ResultsError, PROBE_FILE};
 use wire::probe::BoardProbe;
 use wire::progress::ProgressEvent;
 
-/// Reconnect back-off: 1, 2, 4, 8, 16, 16, ... seconds, for at most this long.
-const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// The exit code `follow` reports for an agent it stopped at the deadline.
 const DEADLINE_EXIT: i32 = -2;
@@ -41,8 +49,16 @@ const DEADLINE_EXIT: i32 = -2;
 /// How often a run waiting for a busy board asks again.
 const LOCK_POLL: Duration = Duration::from_secs(3);
 
-/// Failed polls in a row (each followed by a reconnect) before giving up.
-const MAX_FOLLOW_FAILURES: u32 = 5;
+/// What `follow` reports for an agent whose shell died before it could
+/// write the exit status.
+const NO_EXIT_STATUS: i32 = -3;
+/// Below this much free space, a failed agent is blamed on a full disk.
+const DISK_FULL_BYTES: u64 = 1 << 20;
+/// Free space kept beside what a job needs, for the system and its logs.
+const DISK_MARGIN_BYTES: u64 = 16 << 20;
+
+/// The longest pause between two retries of a failed remote step.
+const MAX_BACKOFF: Duration = Duration::from_secs(16);
 
 pub struct SshRunner {
     pub board: RemoteBoard,
@@ -163,8 +179,18 @@ impl SshRunner {
         Ok(())
     }
 
-    fn run_dir(&self, run_id: &str) -> String {
-        format!("{}/runs/{}", self.board.work_dir, run_id)
+    fn run_dir(&self, remote_run: &str) -> String {
+        format!("{}/runs/{}", self.board.work_dir, remote_run)
+    }
+
+    /// The job's folder name on the board: `<run_id>-<job>`.
+    fn remote_run(job: &PlannedJob) -> String {
+        let run_id = job
+            .spec
+            .get("run_id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("run");
+        format!("{run_id}-{}", job.name)
     }
 
     /// The agent as the board's shell should invoke it (runner included).
@@ -175,112 +201,231 @@ impl SshRunner {
         argv.join(" ")
     }
 
-    /// Writes `job` as job.json in the run directory and starts
-    /// `agent <subcommand> --job job.json --out-dir .` detached; returns
-    /// immediately.
-    fn start<T: serde::Serialize>(
+    /// Runs `step` on a connection, opening one when there is none; while
+    /// the link fails, drops the connection and tries again (a fresh
+    /// connection checks the host key again) with back-off, for the board's
+    /// `retry_seconds`. Every step given here can be repeated safely.
+    fn with_link<T>(
+        &self,
+        conn: &mut Option<Connection>,
+        what: &str,
+        mut step: impl FnMut(&Connection) -> Result<T, RunError>,
+    ) -> Result<T, RunError> {
+        let started = Instant::now();
+        let budget = Duration::from_secs(self.board.retry_seconds);
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let attempt = match conn.as_ref() {
+                Some(c) => step(c),
+                None => match Connection::open(&self.endpoint()) {
+                    Ok(c) => {
+                        let result = step(&c);
+                        *conn = Some(c);
+                        result
+                    }
+                    Err(e) => Err(board_err(e)),
+                },
+            };
+            match attempt {
+                Err(RunError::Link(e)) => {
+                    *conn = None;
+                    if started.elapsed() >= budget {
+                        return Err(RunError::Board(format!(
+                            "{e} (while {what}; gave up after retrying for {:.0} s, the board's `retry_seconds`. An agent already started keeps running on the board with its rows under {}; `cargo xtask bench --resume latest` collects them)",
+                            started.elapsed().as_secs_f64(),
+                            self.board.work_dir
+                        )));
+                    }
+                    (self.log)(format!(
+                        "{}: {what}: link failed ({e}); reconnecting in {} s",
+                        self.board.name,
+                        delay.as_secs()
+                    ));
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes `job` as job.json in the run folder and starts `agent
+    /// <subcommand> --job job.json --out-dir .` detached; returns at once.
+    /// Repeating it with the same `token` (a retry after the link dropped
+    /// before the answer came) never starts a second agent. A folder where
+    /// an agent ran before (a resumed run measuring what is left) keeps its
+    /// files: the agent appends.
+    fn start(
         &self,
         conn: &Connection,
-        run_id: &str,
+        dir: &str,
         subcommand: &str,
-        job: &T,
+        job: &serde_json::Value,
+        token: &str,
     ) -> Result<(), RunError> {
-        let dir = self.run_dir(run_id);
-        conn.exec_ok(&command_line(&["mkdir", "-p", &dir]))
+        conn.exec_ok(&command_line(&["mkdir", "-p", dir]))
             .map_err(board_err)?;
         let job_json =
             serde_json::to_vec_pretty(job).map_err(|e| RunError::Board(e.to_string()))?;
-        conn.write_file(&format!("{dir}/job.json"), &job_json)
+        conn.write_file(&format!("{dir}/job.json.next"), &job_json)
             .map_err(board_err)?;
         let inner = format!(
-            "{} {} --job job.json --out-dir . > progress.jsonl 2> agent.log < /dev/null; echo $? > exit_code",
+            "{} {} --job job.json --out-dir . >> progress.jsonl 2>> agent.log < /dev/null; echo $? > exit_code",
             self.agent_command(),
             shell_quote(subcommand)
         );
         let command = format!(
-            "cd {} && rm -f exit_code && (setsid nohup sh -c {} > /dev/null 2>&1 < /dev/null & echo $! > pid)",
-            shell_quote(&dir),
-            shell_quote(&inner),
+            "cd {dir} && if [ \"$(cat start_token 2>/dev/null)\" = {token} ]; then exit 0; fi && mv job.json.next job.json && printf '%s' {token} > start_token && rm -f exit_code pid && (setsid nohup sh -c {inner} > /dev/null 2>&1 < /dev/null & echo $! > pid)",
+            dir = shell_quote(dir),
+            token = shell_quote(token),
+            inner = shell_quote(&inner),
         );
         conn.exec_ok(&command).map_err(board_err)?;
         Ok(())
     }
 
-    /// Follows progress until the agent ends; reconnects on a dropped
-    /// connection. Returns the agent's exit code.
-    fn follow(
+    /// Whether an agent was started in `dir`, and if so whether it runs (a
+    /// zombie no one has reaped yet has ended).
+    fn remote_state(&self, conn: &Connection, dir: &str) -> Result<RemoteState, RunError> {
+        let script = format!(
+            "cd {} 2>/dev/null || {{ echo absent; exit 0; }}\nif [ -s exit_code ]; then echo exited $(cat exit_code)\nelif [ -s pid ] && kill -0 $(cat pid) 2>/dev/null && ! grep -q '^State:.*Z' /proc/$(cat pid)/status 2>/dev/null; then echo running\nelif [ -s pid ]; then if [ -s exit_code ]; then echo exited $(cat exit_code); else echo exited {NO_EXIT_STATUS}; fi\nelse echo absent; fi",
+            crate::shell::board_path(dir)
+        );
+        let out = conn.exec_ok(&script).map_err(link_err)?;
+        let words: Vec<&str> = out.split_whitespace().collect();
+        Ok(match words.as_slice() {
+            ["running"] => RemoteState::Running,
+            ["exited", code] => RemoteState::Exited(code.parse().unwrap_or(-1)),
+            _ => RemoteState::Absent,
+        })
+    }
+
+    /// Appends what the board's copy of each file in `dir` has beyond the
+    /// host's copy in `job_dir`, synced to disk; returns the new progress
+    /// lines' bytes.
+    fn mirror(
         &self,
-        run_id: &str,
-        mut conn: Connection,
-        on_event: &mut dyn FnMut(&ProgressEvent),
-        last_started: &mut Option<String>,
-        deadline: Duration,
-    ) -> Result<(Connection, i32), RunError> {
-        let dir = self.run_dir(run_id);
-        let started = Instant::now();
-        let mut offset = 0u64;
-        let mut pending = String::new();
-        let mut failures_in_a_row = 0;
-        loop {
-            let step = (|| -> Result<Option<i32>, TransportError> {
-                let bytes = conn.read_from(&format!("{dir}/progress.jsonl"), offset)?;
-                offset += bytes.len() as u64;
-                pending.push_str(&String::from_utf8_lossy(&bytes));
-                while let Some(newline) = pending.find('\n') {
-                    let line: String = pending.drain(..=newline).collect();
-                    if let Some(event) = ProgressEvent::parse(&line) {
-                        if let ProgressEvent::CellStarted { cell_id, .. } = &event {
-                            *last_started = Some(cell_id.clone());
-                        }
-                        on_event(&event);
-                    }
-                }
-                let exit = conn.read_from(&format!("{dir}/exit_code"), 0)?;
-                let exit = String::from_utf8_lossy(&exit).trim().to_string();
-                if !exit.is_empty() {
-                    return Ok(Some(exit.parse().unwrap_or(-1)));
-                }
-                // No exit code: is the agent still alive? (Killed together
-                // with its shell, nothing would ever write one.)
-                let pid = String::from_utf8_lossy(&conn.read_from(&format!("{dir}/pid"), 0)?)
-                    .trim()
-                    .to_string();
-                if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) {
-                    let alive = conn.exec(&format!("kill -0 {pid}"))?;
-                    if alive.status != 0 {
-                        // Re-check the exit code: it may have been written
-                        // between the two reads.
-                        let exit = conn.read_from(&format!("{dir}/exit_code"), 0)?;
-                        let exit = String::from_utf8_lossy(&exit).trim().to_string();
-                        return Ok(Some(exit.parse().unwrap_or(137)));
-                    }
-                }
-                Ok(None)
-            })();
-            match step {
-                Ok(Some(code)) => return Ok((conn, code)),
-                Ok(None) if started.elapsed() >= deadline => {
-                    self.stop_agent(&conn, &dir)?;
-                    return Ok((conn, DEADLINE_EXIT));
-                }
-                Ok(None) => {
-                    failures_in_a_row = 0;
-                    std::thread::sleep(POLL_INTERVAL)
-                }
-                // A dead session surfaces as socket, channel or SFTP errors
-                // depending on where it broke; a fresh connection tells
-                // which. A refusal that survives reconnecting is final.
-                Err(e) if failures_in_a_row < MAX_FOLLOW_FAILURES => {
-                    failures_in_a_row += 1;
-                    (self.log)(format!(
-                        "{}: connection lost ({e}); reconnecting",
-                        self.board.name
-                    ));
-                    conn = self.reconnect()?;
-                }
-                Err(e) => return Err(board_err(e)),
+        conn: &Connection,
+        dir: &str,
+        job_dir: &Path,
+        outputs: &[&str],
+    ) -> Result<Vec<u8>, RunError> {
+        let mut progress = Vec::new();
+        for file in outputs.iter().chain(&[AGENT_LOG, PROGRESS_FILE]) {
+            let local = job_dir.join(file);
+            let have = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
+            let bytes = conn
+                .read_from(&format!("{dir}/{file}"), have)
+                .map_err(link_err)?;
+            if bytes.is_empty() {
+                continue;
+            }
+            append_synced(&local, &bytes)?;
+            if *file == PROGRESS_FILE {
+                progress = bytes;
             }
         }
+        Ok(progress)
+    }
+
+    /// Follows the agent in `dir` to its end, mirroring its files as they
+    /// grow, reconnecting while the link fails; stops it at `deadline`.
+    /// Then maps a failed exit to the reason, naming the cell it died in.
+    fn follow(
+        &self,
+        conn: &mut Option<Connection>,
+        dir: &str,
+        job: &PlannedJob,
+        job_dir: &Path,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        let started = Instant::now();
+        let mut pending = String::new();
+        let mut last_started: Option<String> = None;
+        let exit_code = loop {
+            let (progress, state) = self.with_link(conn, "following the agent", |c| {
+                let progress = self.mirror(c, dir, job_dir, job.outputs)?;
+                Ok((progress, self.remote_state(c, dir)?))
+            })?;
+            pending.push_str(&String::from_utf8_lossy(&progress));
+            while let Some(newline) = pending.find('\n') {
+                let line: String = pending.drain(..=newline).collect();
+                if let Some(event) = ProgressEvent::parse(&line) {
+                    if let ProgressEvent::CellStarted { cell_id, .. } = &event {
+                        last_started = Some(cell_id.clone());
+                    }
+                    on_event(&event);
+                }
+            }
+            match state {
+                RemoteState::Exited(code) => break code,
+                RemoteState::Absent => {
+                    return Err(RunError::Board(format!(
+                        "board {}: the agent's folder {dir} is gone (deleted on the board?)",
+                        self.board.name
+                    )))
+                }
+                RemoteState::Running if started.elapsed() >= job.deadline => {
+                    self.with_link(conn, "stopping the agent at its deadline", |c| {
+                        self.stop_agent(c, dir)
+                    })?;
+                    break DEADLINE_EXIT;
+                }
+                RemoteState::Running => std::thread::sleep(POLL_INTERVAL),
+            }
+        };
+        // Whatever the agent wrote last, and its description of the board.
+        let free_after = self.with_link(conn, "collecting the agent's files", |c| {
+            self.mirror(c, dir, job_dir, job.outputs)?;
+            self.fetch_probe(c, dir, job_dir)?;
+            Ok(c.free_bytes(dir))
+        })?;
+        if exit_code == 0 {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(job_dir.join(AGENT_LOG)).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = tail[tail.len().saturating_sub(2)..].join(" / ");
+        let reason = match exit_code {
+            126 | 127 if log.contains("Exec format error") || log.contains("cannot execute") => format!(
+                "the board cannot execute the agent (exec format error): wrong architecture for profile {}",
+                self.board.profile.name()
+            ),
+            DEADLINE_EXIT => crate::run::deadline_reason(job.deadline),
+            137 => "agent killed (SIGKILL: out of memory, or killed by hand)".to_string(),
+            143 => "agent terminated (SIGTERM)".to_string(),
+            NO_EXIT_STATUS => "agent killed without an exit status (SIGKILL to its whole process group, or a full disk kept its shell from writing one)".to_string(),
+            code => format!("agent exited with status {code}: {tail}"),
+        };
+        // A full disk makes agents fail in many ways; name the cause.
+        let reason = match free_after {
+            Some(free) if free < DISK_FULL_BYTES => format!(
+                "the board's disk is full under {dir} ({} KiB free; free space, lower `keep_runs`, or set a `work_dir` on a larger filesystem): {reason}",
+                free / 1024
+            ),
+            _ => reason,
+        };
+        Err(match last_started {
+            Some(cell) => RunError::AgentDied { cell, reason },
+            None => RunError::AgentFailed(reason),
+        })
+    }
+
+    /// Downloads the run's probe.json into `job_dir` (whole, through a
+    /// temporary name) when the board has one.
+    fn fetch_probe(&self, conn: &Connection, dir: &str, job_dir: &Path) -> Result<(), RunError> {
+        let remote = format!("{dir}/{PROBE_FILE}");
+        if !conn.exists(&remote).map_err(link_err)? {
+            return Ok(());
+        }
+        let part = job_dir.join(format!("{PROBE_FILE}.part"));
+        conn.download(&remote, &part).map_err(link_err)?;
+        std::fs::rename(&part, job_dir.join(PROBE_FILE)).map_err(|source| {
+            RunError::Results(ResultsError::Io {
+                path: part.clone(),
+                source,
+            })
+        })
     }
 
     /// Stops the agent of the run in `dir` and everything it started (its
@@ -290,150 +435,81 @@ impl SshRunner {
             "cd {} && pid=$(cat pid) && kill -TERM -- -$pid 2>/dev/null; sleep 2; kill -KILL -- -$pid 2>/dev/null; true",
             crate::shell::board_path(dir)
         );
-        conn.exec(&script).map_err(board_err)?;
+        conn.exec(&script).map_err(link_err)?;
         Ok(())
     }
 
-    fn reconnect(&self) -> Result<Connection, RunError> {
-        let started = Instant::now();
-        let mut delay = Duration::from_secs(1);
-        loop {
-            match Connection::open(&self.endpoint()) {
-                Ok(conn) => return Ok(conn),
-                Err(e) if e.is_connection_loss() && started.elapsed() < RECONNECT_BUDGET => {
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(16));
-                }
-                Err(e) => {
-                    return Err(RunError::Board(format!(
-                        "{e} (gave up reconnecting after {:.0} s; the agent keeps running on the board and its rows stay under {})",
-                        started.elapsed().as_secs_f64(),
-                        self.board.work_dir
-                    )))
-                }
-            }
+    /// After a job, whatever happened: prunes the work dir while this job
+    /// still holds the board (so no agent of ours runs), then releases the
+    /// lock, unless its agent still runs (the board could not be followed):
+    /// then it goes stale when that agent ends.
+    fn finish_job(&self, remote_run: &str) {
+        let Ok(conn) = Connection::open(&self.endpoint()) else {
+            return;
+        };
+        match board_storage::prune(
+            &conn,
+            &self.board.work_dir,
+            self.board.keep_runs,
+            &self.agent.hash,
+        ) {
+            Ok(pruned) if pruned != Pruned::default() => (self.log)(format!(
+                "{}: {pruned} (keep_runs = {})",
+                self.board.name, self.board.keep_runs
+            )),
+            _ => {}
         }
-    }
-
-    /// Fetches the job's row files (appended to the board's own) and the
-    /// agent's log and progress (appended too), and its probe unless the
-    /// board directory already has one with a bandwidth figure.
-    fn collect(
-        &self,
-        conn: &Connection,
-        run_id: &str,
-        outputs: &[&str],
-        board_dir: &Path,
-    ) -> Result<(), RunError> {
-        let dir = self.run_dir(run_id);
-        for file in outputs.iter().chain(&["agent.log", "progress.jsonl"]) {
-            let remote = format!("{dir}/{file}");
-            if conn.exists(&remote).map_err(board_err)? {
-                let part = board_dir.join(format!("{file}.part"));
-                conn.download(&remote, &part).map_err(board_err)?;
-                append_file(&part, &board_dir.join(file), file.ends_with(".csv"))?;
-            }
-        }
-        let remote_probe = format!("{dir}/{PROBE_FILE}");
-        let local_probe = board_dir.join(PROBE_FILE);
-        let has_bandwidth = read_json::<BoardProbe>(&local_probe)
-            .map(|p| p.read_bandwidth_gbps.is_some())
-            .unwrap_or(false);
-        if !has_bandwidth && conn.exists(&remote_probe).map_err(board_err)? {
-            conn.download(&remote_probe, &local_probe)
-                .map_err(board_err)?;
-        }
-        Ok(())
+        let _ = board_lock::release(&conn, &self.board.work_dir, remote_run);
     }
 }
 
-/// Appends `part` to `target` and removes it; for CSV files the header is
-/// skipped when `target` already has one.
-fn append_file(part: &Path, target: &Path, csv: bool) -> Result<(), RunError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| RunError::Results(ResultsError::Io { path, source })
-    };
-    let text = std::fs::read(part).map_err(io(part))?;
-    let target_has_content = std::fs::metadata(target)
-        .map(|m| m.len() > 0)
-        .unwrap_or(false);
-    let body: &[u8] = if csv && target_has_content {
-        match text.iter().position(|&b| b == b'\n') {
-            Some(newline) => &text[newline + 1..],
-            None => &[],
-        }
-    } else {
-        &text
-    };
+/// Where an agent's run folder on a board stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RemoteState {
+    /// No agent was started there (or there is no such folder).
+    Absent,
+    Running,
+    /// Ended with this status (137 when killed before it could write one).
+    Exited(i32),
+}
+
+const AGENT_LOG: &str = "agent.log";
+const PROGRESS_FILE: &str = "progress.jsonl";
+
+/// Appends `bytes` to `path` and syncs them to disk.
+fn append_synced(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
     use std::io::Write;
-    let mut out = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(target)
-        .map_err(io(target))?;
-    out.write_all(body).map_err(io(target))?;
-    std::fs::remove_file(part).map_err(io(part))
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_data()))
+        .map_err(|source| {
+            RunError::Results(ResultsError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
 }
 
+/// A transport failure as the runner sees it: the network (worth a
+/// reconnect) or the board (final).
 fn board_err(e: TransportError) -> RunError {
-    RunError::Board(e.to_string())
+    if e.is_connection_loss() {
+        RunError::Link(e)
+    } else {
+        RunError::Board(e.to_string())
+    }
+}
+
+/// A failure on a connection that was working: whatever libssh2 calls it
+/// (socket, channel or SFTP errors, depending on where it broke), a fresh
+/// connection tells whether the board is still there.
+fn link_err(e: TransportError) -> RunError {
+    RunError::Link(e)
 }
 
 impl SshRunner {
-    /// Connects; the first time, checks the board can run the agent and
-    /// deploys it.
-    fn prepare(&mut self) -> Result<Connection, RunError> {
-        let conn = Connection::open(&self.endpoint()).map_err(board_err)?;
-        if !self.prepared {
-            self.check_architecture(&conn)?;
-            self.deploy_agent(&conn)?;
-            self.prepared = true;
-        }
-        Ok(conn)
-    }
-
-    /// Starts `subcommand` on `job`, follows it, collects its files; maps a
-    /// failed exit to the reason, naming the cell it died in.
-    #[allow(clippy::too_many_arguments)]
-    fn run_detached(
-        &self,
-        conn: Connection,
-        run_id: &str,
-        subcommand: &str,
-        job: &serde_json::Value,
-        outputs: &[&str],
-        board_dir: &Path,
-        on_event: &mut dyn FnMut(&ProgressEvent),
-        deadline: Duration,
-    ) -> Result<(), RunError> {
-        self.start(&conn, run_id, subcommand, job)?;
-        let mut last_started = None;
-        let (conn, exit_code) = self.follow(run_id, conn, on_event, &mut last_started, deadline)?;
-        // Collect whatever the agent finished, success or not.
-        self.collect(&conn, run_id, outputs, board_dir)?;
-        if exit_code == 0 {
-            return Ok(());
-        }
-        let log = std::fs::read_to_string(board_dir.join("agent.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = tail[tail.len().saturating_sub(2)..].join(" / ");
-        let reason = match exit_code {
-            126 | 127 if log.contains("Exec format error") || log.contains("cannot execute") => format!(
-                "the board cannot execute the agent (exec format error): wrong architecture for profile {}",
-                self.board.profile.name()
-            ),
-            DEADLINE_EXIT => crate::run::deadline_reason(deadline),
-            137 => "agent killed (SIGKILL: out of memory, or killed by hand)".to_string(),
-            143 => "agent terminated (SIGTERM)".to_string(),
-            code => format!("agent exited with status {code}: {tail}"),
-        };
-        Err(match last_started {
-            Some(cell) => RunError::AgentDied { cell, reason },
-            None => RunError::AgentFailed(reason),
-        })
-    }
-
     /// The board's description from the deployed agent (no bandwidth run).
     fn remote_probe(&self, conn: &Connection) -> Result<BoardProbe, RunError> {
         let out = conn
@@ -563,6 +639,29 @@ impl SshRunner {
         Ok(remote)
     }
 
+    /// Checks the board has room for what the agent will write.
+    fn check_disk(&self, conn: &Connection, need: u64) -> Result<(), RunError> {
+        let Some(free) = conn.free_bytes(&self.board.work_dir) else {
+            return Ok(());
+        };
+        if free < need + DISK_MARGIN_BYTES {
+            return Err(RunError::Board(
+                TransportError::DiskFull {
+                    board: self.board.name.clone(),
+                    path: self.board.work_dir.clone(),
+                    detail: format!(
+                        "{:.1} MB free; the job needs about {:.1} MB for staged weights and rows, plus {} MB kept free",
+                        free as f64 / 1e6,
+                        need as f64 / 1e6,
+                        DISK_MARGIN_BYTES >> 20
+                    ),
+                }
+                .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the job fits the board's memory (its own, or `max_memory_mb`).
     fn check_memory(&self, conn: &Connection, job: &PlannedJob) -> Result<(), RunError> {
         let Some(need) = &job.memory_need else {
@@ -600,15 +699,25 @@ impl BoardRunner for SshRunner {
     fn run(
         &mut self,
         job: &PlannedJob,
-        board_dir: &Path,
+        job_dir: &Path,
         on_event: &mut dyn FnMut(&ProgressEvent),
     ) -> Result<(), RunError> {
-        wire::files::write_json(&board_dir.join(job.job_file()), &job.spec)?;
-        let conn = self.prepare()?;
-        self.check_memory(&conn, job)?;
+        let mut conn = None;
+        if !self.prepared {
+            self.with_link(&mut conn, "preparing the board", |c| {
+                self.check_architecture(c)?;
+                self.deploy_agent(c)
+            })?;
+            self.prepared = true;
+        }
+        self.with_link(&mut conn, "checking the board's memory", |c| {
+            self.check_memory(c, job)
+        })?;
         let mut spec = job.spec.clone();
         for upload in &job.uploads {
-            let remote = self.upload_content_addressed(&conn, &upload.local)?;
+            let remote = self.with_link(&mut conn, "uploading", |c| {
+                self.upload_content_addressed(c, &upload.local)
+            })?;
             match spec.pointer_mut(&upload.pointer) {
                 Some(slot) => *slot = serde_json::Value::String(remote),
                 None => {
@@ -621,45 +730,52 @@ impl BoardRunner for SshRunner {
                 }
             }
         }
-        let run_id = format!("{}-{}", job_run_id(&job.spec), job.name);
-        let owner = LockOwner::this_process(&run_id);
-        self.take_board(&conn, &owner)?;
-        let result = self.run_detached(
-            conn,
-            &run_id,
-            job.subcommand,
-            &spec,
-            job.outputs,
-            board_dir,
-            on_event,
-            job.deadline,
-        );
-        // Pruned while this job still holds the board, so no agent runs.
-        // The lock is kept if its agent still runs (the board could not be
-        // followed): then it goes stale when that agent ends.
-        if let Ok(conn) = Connection::open(&self.endpoint()) {
-            match board_storage::prune(
-                &conn,
-                &self.board.work_dir,
-                self.board.keep_runs,
-                &self.agent.hash,
-            ) {
-                Ok(pruned) if pruned != Pruned::default() => (self.log)(format!(
-                    "{}: {pruned} (keep_runs = {})",
-                    self.board.name, self.board.keep_runs
-                )),
-                _ => {}
-            }
-            let _ = board_lock::release(&conn, &self.board.work_dir, &run_id);
-        }
+        self.with_link(&mut conn, "checking the board's free space", |c| {
+            self.check_disk(c, job.disk_bytes)
+        })?;
+        let remote_run = Self::remote_run(job);
+        let dir = self.run_dir(&remote_run);
+        let owner = LockOwner::this_process(&remote_run);
+        self.with_link(&mut conn, "taking the board", |c| {
+            self.take_board(c, &owner)
+        })?;
+        let token = format!("{}-{}", std::process::id(), wire::utc_now_rfc3339_millis());
+        let result = self
+            .with_link(&mut conn, "starting the agent", |c| {
+                self.start(c, &dir, job.subcommand, &spec, &token)
+            })
+            .and_then(|_| self.follow(&mut conn, &dir, job, job_dir, on_event));
+        self.finish_job(&remote_run);
         result
     }
-}
 
-/// The run id a job carries (every job spec has `run_id`).
-fn job_run_id(spec: &serde_json::Value) -> String {
-    spec.get("run_id")
-        .and_then(|v| v.as_str())
-        .unwrap_or("run")
-        .to_string()
+    fn reattach(
+        &mut self,
+        job: &PlannedJob,
+        job_dir: &Path,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        let remote_run = Self::remote_run(job);
+        let dir = self.run_dir(&remote_run);
+        let mut conn = None;
+        let state = self.with_link(&mut conn, "looking for the interrupted run's agent", |c| {
+            self.remote_state(c, &dir)
+        })?;
+        let what = match state {
+            RemoteState::Absent => return Ok(()),
+            RemoteState::Running => "still running: following it".to_string(),
+            RemoteState::Exited(code) => format!("ended with status {code}: collecting its rows"),
+        };
+        (self.log)(format!(
+            "{}: the agent of {remote_run} {what}",
+            self.board.name
+        ));
+        let result = self.follow(&mut conn, &dir, job, job_dir, on_event);
+        self.finish_job(&remote_run);
+        match result {
+            // Its unfinished units are measured again by the resumed run.
+            Err(RunError::AgentDied { .. } | RunError::AgentFailed(_)) => Ok(()),
+            other => other,
+        }
+    }
 }

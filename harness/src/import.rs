@@ -157,7 +157,7 @@ pub fn import_llama_bench(
             finished_at: r.test_time.clone(),
         };
         for (repetition, &ns) in r.samples_ns.iter().enumerate() {
-            samples.append(&SampleRow {
+            samples.append_unsynced(&SampleRow {
                 run_id: run_id.clone(),
                 board: board.to_string(),
                 cell_id: row.cell_id(),
@@ -165,6 +165,7 @@ pub fn import_llama_bench(
                 ns: ns as u64,
             })?;
         }
+        samples.sync()?;
         rows.append(&row)?;
     }
     let now = wire::utc_now_rfc3339();
@@ -196,6 +197,7 @@ pub fn import_llama_bench(
                 ok: records.len(),
                 ..Default::default()
             }],
+            resumed_at: Vec::new(),
         },
     )?;
     Ok(Imported {

@@ -28,6 +28,9 @@ pub struct RunManifest {
     /// One entry per board, present from the start (not started yet: no
     /// `started_at`).
     pub boards: Vec<BoardOutcome>,
+    /// When `bench --resume` picked the run up again, one entry each.
+    #[serde(default)]
+    pub resumed_at: Vec<String>,
 }
 
 /// One matrix of a run: its kind (`kernel`, `model`) and its spec as run.
@@ -209,6 +212,7 @@ mod tests {
                 board: "sim1".into(),
                 ..Default::default()
             }],
+            resumed_at: Vec::new(),
         }
     }
 

@@ -78,6 +78,13 @@ pub fn job_for_board(
         load_mode: spec.load_mode,
         distribution: spec.distribution,
         memory_limit_bytes: None,
+        // An emulated board's temperature is the host's: no cool-down.
+        cooldown: spec.cooldown_below_c.filter(|_| !emulated).map(|below_c| {
+            wire::kernel_job::Cooldown {
+                below_c,
+                max_seconds: spec.cooldown_max_seconds,
+            }
+        }),
         timing: spec.timing(),
         cells,
     })

@@ -3,6 +3,10 @@
 //! preparation -> run directory and `run.json` -> every board's jobs at once
 //! -> merged rows -> summary and plots. Callable from tests without
 //! spawning the CLI.
+//!
+//! A resumed run (`--resume`) goes through the same stages with what its
+//! `run.json` recorded (config, matrices, target, run id); its agents must
+//! be the same builds, so resumed rows measure the same code.
 
 use crate::boards::ResolvedBoard;
 use crate::config::{BenchConfig, ConfigError};
@@ -32,6 +36,8 @@ pub enum BenchError {
     Results(#[from] ResultsError),
     #[error(transparent)]
     Render(#[from] RenderError),
+    #[error("{0}")]
+    Resume(String),
 }
 
 /// What a finished run produced.
@@ -48,12 +54,30 @@ impl BenchReport {
 }
 
 pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
+    let resumed = match &options.resume {
+        Some(reference) => Some(find_run_to_resume(&options.results_root, reference)?),
+        None => None,
+    };
+    let options = &match &resumed {
+        Some((_, recorded)) => SessionOptions {
+            config_path: PathBuf::from(&recorded.config_path),
+            matrix: recorded.matrix.clone(),
+            target: Some(recorded.target.clone()),
+            ..options.clone()
+        },
+        None => options.clone(),
+    };
     let config = BenchConfig::load(&options.config_path)?;
     // Every matrix and its inputs are checked before any build, so a typo
     // fails in milliseconds.
     let mut kinds = kinds_for(&config, &options.matrix)?;
     let needs_host_agent = kinds.iter().any(|k| k.needs_host_agent());
-    let session = Session::open(options, &config, needs_host_agent)?;
+    let mut session = Session::open(options, &config, needs_host_agent)?;
+    if let Some((dir, recorded)) = &resumed {
+        check_same_agents(&session, recorded, dir)?;
+        session.run_id = recorded.run_id.clone();
+        session.run_dir = dir.clone();
+    }
     for kind in kinds.iter_mut() {
         kind.prepare(&session)?;
     }
@@ -63,43 +87,53 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
         path: run_dir.clone(),
         source,
     })?;
+    let fresh = || RunManifest {
+        run_id: session.run_id.clone(),
+        started_at: wire::utc_now_rfc3339(),
+        finished_at: None,
+        matrix: options.matrix.clone(),
+        matrices: kinds
+            .iter()
+            .map(|k| MatrixRecord {
+                name: k.matrix().to_string(),
+                kind: k.kind().to_string(),
+                spec: k.spec(),
+            })
+            .collect(),
+        config_path: options.config_path.display().to_string(),
+        seed: config.seed,
+        git_commit: session.commit.clone(),
+        target: session.target.clone(),
+        versions: Versions {
+            quantbench: env!("CARGO_PKG_VERSION").to_string(),
+            llama_cpp_sys_2: llama_cpp_sys_version(&session.workspace),
+            rustc: rustc_version(),
+            agent_builds: session.builds.clone(),
+        },
+        host: HostInfo::current(),
+        boards: session
+            .boards
+            .iter()
+            .map(|b| BoardOutcome {
+                board: b.name.clone(),
+                emulated: b.emulated,
+                ..Default::default()
+            })
+            .collect(),
+        resumed_at: Vec::new(),
+    };
     let manifest = ManifestWriter::create(
         &run_dir.join(MANIFEST_FILE),
-        RunManifest {
-            run_id: session.run_id.clone(),
-            started_at: wire::utc_now_rfc3339(),
-            finished_at: None,
-            matrix: options.matrix.clone(),
-            matrices: kinds
-                .iter()
-                .map(|k| MatrixRecord {
-                    name: k.matrix().to_string(),
-                    kind: k.kind().to_string(),
-                    spec: k.spec(),
-                })
-                .collect(),
-            config_path: options.config_path.display().to_string(),
-            seed: config.seed,
-            git_commit: session.commit.clone(),
-            target: session.target.clone(),
-            versions: Versions {
-                quantbench: env!("CARGO_PKG_VERSION").to_string(),
-                llama_cpp_sys_2: llama_cpp_sys_version(&session.workspace),
-                rustc: rustc_version(),
-                agent_builds: session.builds.clone(),
-            },
-            host: HostInfo::current(),
-            boards: session
-                .boards
-                .iter()
-                .map(|b| BoardOutcome {
-                    board: b.name.clone(),
-                    emulated: b.emulated,
-                    ..Default::default()
-                })
-                .collect(),
+        match resumed {
+            Some((_, mut recorded)) => {
+                recorded.finished_at = None;
+                recorded.resumed_at.push(wire::utc_now_rfc3339());
+                recorded
+            }
+            None => fresh(),
         },
     )?;
+    let recorded_boards = manifest.snapshot().boards;
 
     let multi = MultiProgress::new();
     let log: Arc<dyn Fn(String) + Send + Sync> = {
@@ -145,6 +179,10 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
             runner,
             emulated: slot.emulated,
             jobs,
+            previous: recorded_boards
+                .iter()
+                .find(|b| b.board == slot.name && b.started_at.is_some())
+                .cloned(),
         });
     }
     let outcomes = run_all(plans, &kinds, &run_dir, &manifest, &multi);
@@ -173,4 +211,62 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
         boards: outcomes,
         rendered,
     })
+}
+
+/// The run directory `reference` names (a path, a run id under
+/// `results_root`, or `latest`) and its `run.json`.
+fn find_run_to_resume(
+    results_root: &std::path::Path,
+    reference: &str,
+) -> Result<(PathBuf, RunManifest), BenchError> {
+    let dir = if reference == "latest" {
+        crate::run_dir::list_runs(results_root).pop().ok_or_else(|| {
+            BenchError::Resume(format!(
+                "--resume latest: no run under {} (no folder with a {MANIFEST_FILE}); pass the run directory",
+                results_root.display()
+            ))
+        })?
+    } else if std::path::Path::new(reference)
+        .join(MANIFEST_FILE)
+        .is_file()
+    {
+        PathBuf::from(reference)
+    } else if results_root.join(reference).join(MANIFEST_FILE).is_file() {
+        results_root.join(reference)
+    } else {
+        return Err(BenchError::Resume(format!(
+            "--resume {reference}: not a run directory, nor a run id under {} (each has a {MANIFEST_FILE}); use `latest` or a folder under it",
+            results_root.display()
+        )));
+    };
+    let recorded = wire::files::read_json(&dir.join(MANIFEST_FILE))?;
+    Ok((dir, recorded))
+}
+
+/// A resumed run must measure with the agents it started with, or its rows
+/// would mix two builds under one run id.
+fn check_same_agents(
+    session: &Session,
+    recorded: &RunManifest,
+    dir: &std::path::Path,
+) -> Result<(), BenchError> {
+    for build in &session.builds {
+        let before = recorded
+            .versions
+            .agent_builds
+            .iter()
+            .find(|b| b.profile == build.profile);
+        if let Some(before) = before.filter(|b| b.hash != build.hash) {
+            return Err(BenchError::Resume(format!(
+                "cannot resume {}: it was measured with agent {} for {} (commit {}), but this checkout builds {}. Check out commit {} (with the same local changes) and resume again",
+                dir.display(),
+                before.hash,
+                build.profile,
+                recorded.git_commit,
+                build.hash,
+                recorded.git_commit.trim_end_matches("-dirty")
+            )));
+        }
+    }
+    Ok(())
 }

@@ -3,10 +3,17 @@
 //! timings never overlap on a board. A board that fails gets failed rows
 //! for what it did not finish and never stops the others; `run.json` is
 //! rewritten as each board starts and finishes a job.
+//!
+//! Each job's files live in its own folder (`boards/<board>/jobs/<job>/`),
+//! grown as rows arrive; a job is over when its `done` marker is written,
+//! after its unfinished units got their failed rows. A resumed run skips
+//! jobs that are over, reattaches to the agent of a job that was going
+//! (following it if it still runs, collecting what it wrote), and then
+//! measures only the units still without a row.
 
 use crate::jobs::{JobFailure, JobKind, PlannedJob};
 use crate::manifest::{BoardOutcome, JobOutcome, ManifestWriter};
-use crate::session::board_dir;
+use crate::session::{board_dir, job_dir};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,7 +21,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
-use wire::files::{write_json, ResultsError};
+use wire::files::{write_json, ResultsError, PROBE_FILE};
+use wire::probe::BoardProbe;
 use wire::progress::ProgressEvent;
 
 #[derive(Debug, Error)]
@@ -30,6 +38,10 @@ pub enum RunError {
     AgentFailed(String),
     #[error(transparent)]
     Results(#[from] ResultsError),
+    /// The link to the board failed (worth a reconnect); once retries are
+    /// spent, the board is failed like `Board`.
+    #[error(transparent)]
+    Link(crate::transport::TransportError),
     /// The board itself cannot be used (unreachable, refused, wrong
     /// architecture, ...): its later jobs are not tried.
     #[error("{0}")]
@@ -39,13 +51,24 @@ pub enum RunError {
     DoesNotFit(String),
 }
 
-/// Runs one job on one board and leaves the board's files in `board_dir`.
+/// Runs one job on one board and leaves the board's files for it in
+/// `job_dir`, appending as they arrive.
 pub trait BoardRunner: Send {
     fn board(&self) -> &str;
+    /// Starts the agent on `job` (all of it, or what a resumed run still
+    /// has to measure) and follows it to its end.
     fn run(
         &mut self,
         job: &PlannedJob,
-        board_dir: &Path,
+        job_dir: &Path,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError>;
+    /// For a resumed run: finds the agent an earlier host process started
+    /// for `job`, follows it while it runs and collects what it wrote.
+    fn reattach(
+        &mut self,
+        job: &PlannedJob,
+        job_dir: &Path,
         on_event: &mut dyn FnMut(&ProgressEvent),
     ) -> Result<(), RunError>;
     /// Bytes this runner uploaded (remote boards only).
@@ -69,21 +92,63 @@ impl BoardRunner for LocalRunner {
     fn run(
         &mut self,
         job: &PlannedJob,
-        board_dir: &Path,
+        job_dir: &Path,
         on_event: &mut dyn FnMut(&ProgressEvent),
     ) -> Result<(), RunError> {
-        let job_path = board_dir.join(job.job_file());
+        let job_path = job_dir.join(JOB_SPEC_FILE);
         write_json(&job_path, &job.spec)?;
         run_local_agent(
             &self.agent,
             job.subcommand,
             &job_path,
-            board_dir,
+            job_dir,
             job.deadline,
             on_event,
         )
     }
+
+    /// The agent of a host process that died usually dies with it (its
+    /// progress pipe breaks), but may still be finishing a cell: wait for
+    /// it (up to the job's deadline), so two agents never measure at once.
+    fn reattach(
+        &mut self,
+        job: &PlannedJob,
+        job_dir: &Path,
+        _on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        let Some(pid) = std::fs::read_to_string(job_dir.join(PID_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            return Ok(());
+        };
+        let marker = job_dir.display().to_string();
+        let ours = || {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&marker))
+                .unwrap_or(false)
+        };
+        let started = std::time::Instant::now();
+        while ours() {
+            if started.elapsed() >= job.deadline {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Ok(())
+    }
 }
+
+/// The job spec as the agent ran it, in its job folder (on a board, in its
+/// run folder there).
+pub const JOB_SPEC_FILE: &str = "job.json";
+/// The agent's process id, in its job folder.
+pub const PID_FILE: &str = "pid";
+/// Written in a job folder once the job is over and every unit has a row.
+pub const DONE_MARKER: &str = "done";
 
 /// Runs `agent <subcommand> --job <job> --out-dir <out_dir>` on this machine,
 /// feeding its progress lines to `on_event`; its stderr is appended to
@@ -120,6 +185,8 @@ pub fn run_local_agent(
         .stderr(log)
         .spawn()
         .map_err(spawn_err)?;
+    // A resumed run finds it by this.
+    let _ = std::fs::write(out_dir.join(PID_FILE), child.id().to_string());
     // A watchdog kills the agent at the deadline; reading its stdout then
     // ends and the failure says why.
     let finished = Arc::new(AtomicBool::new(false));
@@ -192,6 +259,8 @@ pub struct BoardPlan {
     pub runner: Box<dyn BoardRunner>,
     pub emulated: bool,
     pub jobs: Vec<PlannedJob>,
+    /// What `run.json` said of this board when the run is resumed.
+    pub previous: Option<BoardOutcome>,
 }
 
 /// Runs every board's jobs concurrently, one progress bar per board.
@@ -243,10 +312,14 @@ fn run_board(
     let board = plan.runner.board().to_string();
     let dir = board_dir(run_dir, &board);
     let started = std::time::Instant::now();
+    let previous = plan.previous.take();
     let mut outcome = BoardOutcome {
         board: board.clone(),
         emulated: plan.emulated,
-        started_at: Some(wire::utc_now_rfc3339_millis()),
+        started_at: previous
+            .as_ref()
+            .and_then(|p| p.started_at.clone())
+            .or_else(|| Some(wire::utc_now_rfc3339_millis())),
         ..Default::default()
     };
     let log_manifest = |result: Result<(), ResultsError>| {
@@ -269,6 +342,11 @@ fn run_board(
     let mut done_units = 0u64;
     for job in &plan.jobs {
         let kind = &kinds[job.kind_index];
+        let job_dir = job_dir(&dir, &job.name);
+        let earlier = previous
+            .as_ref()
+            .and_then(|p| p.jobs.iter().find(|j| j.job == job.name))
+            .cloned();
         let mut record = JobOutcome {
             kind: kind.kind().to_string(),
             matrix: kind.matrix().to_string(),
@@ -276,20 +354,32 @@ fn run_board(
             started_at: wire::utc_now_rfc3339_millis(),
             ..Default::default()
         };
-        let result = match &board_down {
-            Some(reason) => Err(RunError::Board(format!(
+        let over = job_dir.join(DONE_MARKER).exists();
+        let result = if over {
+            // Finished before the run was interrupted: nothing to measure.
+            if let Some(earlier) = &earlier {
+                record = earlier.clone();
+            }
+            match &earlier {
+                Some(JobOutcome { error: Some(e), .. }) => Err(RunError::Board(e.clone())),
+                _ => Ok(()),
+            }
+        } else if let Some(reason) = &board_down {
+            Err(RunError::Board(format!(
                 "not run: the board failed earlier ({reason})"
-            ))),
-            None => plan.runner.run(job, &dir, &mut |event| match event {
+            )))
+        } else {
+            let on_event = &mut |event: &ProgressEvent| match event {
                 ProgressEvent::CellStarted { cell_id, .. } => bar.set_message(cell_id.clone()),
                 ProgressEvent::CellFinished { index, .. } => {
                     bar.set_position(done_units + *index as u64 + 1)
                 }
                 ProgressEvent::Finished {
                     elapsed_seconds, ..
-                } => record.agent_seconds = *elapsed_seconds,
+                } => record.agent_seconds += *elapsed_seconds,
                 _ => {}
-            }),
+            };
+            run_job(&mut *plan.runner, &**kind, job, &dir, &job_dir, on_event)
         };
         done_units += job.units as u64;
         bar.set_position(done_units);
@@ -300,23 +390,37 @@ fn run_board(
             },
             reason: e.to_string(),
         });
-        if let Err(RunError::Board(reason)) = &result {
-            board_down.get_or_insert_with(|| reason.clone());
+        if !over && matches!(&result, Err(RunError::Board(_) | RunError::Link(_))) {
+            board_down.get_or_insert_with(|| reason_of(&result));
         }
         record.error = failure.as_ref().map(|f| f.reason.clone());
-        // Whatever happened, the board's files end up with a row per unit.
-        match kind.complete(job, &dir, failure.as_ref()) {
+        // Whatever happened, the job's files end up with a row per unit.
+        let completed = std::fs::create_dir_all(&job_dir)
+            .map_err(|source| {
+                crate::jobs::JobError::from(ResultsError::Io {
+                    path: job_dir.clone(),
+                    source,
+                })
+            })
+            .and_then(|_| kind.complete(job, &job_dir, failure.as_ref()));
+        match completed {
             Ok(tally) => {
                 record.ok = tally.ok;
                 record.unsupported = tally.unsupported;
                 record.failed = tally.failed;
                 record.measured_seconds = tally.measured_seconds;
+                if let Err(e) = mark_done(&job_dir) {
+                    record.error.get_or_insert_with(|| e.to_string());
+                }
             }
             Err(e) => {
                 record.error.get_or_insert_with(|| e.to_string());
             }
         }
-        record.finished_at = wire::utc_now_rfc3339_millis();
+        keep_board_probe(&dir, &job_dir);
+        if !over || record.finished_at.is_empty() {
+            record.finished_at = wire::utc_now_rfc3339_millis();
+        }
         outcome.ok += record.ok;
         outcome.unsupported += record.unsupported;
         outcome.failed += record.failed;
@@ -326,8 +430,10 @@ fn run_board(
             outcome.error = record.error.clone();
         }
         outcome.jobs.push(record);
-        outcome.uploaded_bytes = plan.runner.uploaded_bytes();
-        outcome.wall_seconds = started.elapsed().as_secs_f64();
+        outcome.uploaded_bytes =
+            previous.as_ref().map(|p| p.uploaded_bytes).unwrap_or(0) + plan.runner.uploaded_bytes();
+        outcome.wall_seconds = previous.as_ref().map(|p| p.wall_seconds).unwrap_or(0.0)
+            + started.elapsed().as_secs_f64();
         log_manifest(manifest.update_board(&board, |b| *b = outcome.clone()));
     }
     match &outcome.error {
@@ -335,7 +441,71 @@ fn run_board(
         None => bar.finish_with_message("done"),
     }
     outcome.finished_at = Some(wire::utc_now_rfc3339_millis());
-    outcome.wall_seconds = started.elapsed().as_secs_f64();
+    outcome.wall_seconds =
+        previous.as_ref().map(|p| p.wall_seconds).unwrap_or(0.0) + started.elapsed().as_secs_f64();
     log_manifest(manifest.update_board(&board, |b| *b = outcome.clone()));
     outcome
+}
+
+fn reason_of(result: &Result<(), RunError>) -> String {
+    result
+        .as_ref()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+}
+
+/// One job that is not over: on a resumed run (its folder exists), first
+/// whatever an earlier host process's agent did; then the units still
+/// without a row.
+fn run_job(
+    runner: &mut dyn BoardRunner,
+    kind: &dyn JobKind,
+    job: &PlannedJob,
+    board_dir: &Path,
+    job_dir: &Path,
+    on_event: &mut dyn FnMut(&ProgressEvent),
+) -> Result<(), RunError> {
+    let resumed = job_dir.exists();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RunError::Results(ResultsError::Io { path, source })
+    };
+    std::fs::create_dir_all(job_dir).map_err(io(job_dir))?;
+    // The whole job as planned, beside the board's other jobs.
+    write_json(&board_dir.join(job.job_file()), &job.spec)?;
+    if !resumed {
+        return runner.run(job, job_dir, on_event);
+    }
+    runner.reattach(job, job_dir, on_event)?;
+    let rest = kind
+        .remaining(job, job_dir)
+        .map_err(|e| RunError::AgentFailed(e.to_string()))?;
+    match rest {
+        Some(rest) => runner.run(&rest, job_dir, on_event),
+        None => Ok(()),
+    }
+}
+
+/// Marks a job folder as over, durably.
+fn mark_done(job_dir: &Path) -> Result<(), ResultsError> {
+    let path = job_dir.join(DONE_MARKER);
+    std::fs::File::create(&path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| ResultsError::Io { path, source })
+}
+
+/// Keeps `<board_dir>/probe.json` as the board's description: the job's,
+/// unless the board's already has a measured bandwidth and the job's not.
+fn keep_board_probe(board_dir: &Path, job_dir: &Path) {
+    let read = |dir: &Path| wire::files::read_json::<BoardProbe>(&dir.join(PROBE_FILE)).ok();
+    let Some(job_probe) = read(job_dir) else {
+        return;
+    };
+    let keep_board = read(board_dir).is_some_and(|b| {
+        b.read_bandwidth_gbps.is_some() && job_probe.read_bandwidth_gbps.is_none()
+    });
+    if !keep_board {
+        let _ = write_json(&board_dir.join(PROBE_FILE), &job_probe);
+    }
 }

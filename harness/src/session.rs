@@ -48,6 +48,9 @@ pub struct SessionOptions {
     pub accept_new_host_key: bool,
     /// How long to wait for a board another run holds before failing it.
     pub board_lock_wait: std::time::Duration,
+    /// `--resume`: a run directory, a run id under `results_root`, or
+    /// `latest`, to pick up again instead of starting a new run.
+    pub resume: Option<String>,
 }
 
 /// A board of this run, as the jobs and the runner see it.
@@ -181,6 +184,26 @@ pub fn board_dir(run_dir: &Path, board: &str) -> PathBuf {
     run_dir.join("boards").join(board)
 }
 
+/// `<board_dir>/jobs/<job>/`: one job's files from one board (on a remote
+/// board, a byte-for-byte mirror of the agent's run folder there, grown as
+/// the agent writes; on `local`, the agent's own output folder).
+pub fn job_dir(board_dir: &Path, job: &str) -> PathBuf {
+    board_dir.join("jobs").join(job)
+}
+
+/// The job folders under a board's folder, by name.
+pub fn job_dirs(board_dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(board_dir.join("jobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 /// Boards from the config plus the testbed's, when it is up (the config's
 /// own definitions win on a name clash).
 pub fn known_boards(config: &BenchConfig, workspace: &Path) -> Result<BoardsFile, SessionError> {
@@ -227,9 +250,34 @@ pub fn unique_run_id(results_root: &Path, commit: &str) -> String {
     run_id
 }
 
-/// `<UTC time>-<commit>`: sorts by time, names the code measured.
+/// `<UTC time to the millisecond>-<commit>-<random>`: sorts by time (runs
+/// started in the same second too), names the code
+/// measured, and the random tag keeps two hosts that start a run of the
+/// same commit in the same second (two CI runners sharing a lab) from
+/// sharing an id, on boards or in a shared results folder.
 pub fn new_run_id(commit: &str) -> String {
-    format!("{}-{commit}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"))
+    format!(
+        "{}-{commit}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+        random_tag()
+    )
+}
+
+/// Six hex digits from the kernel's random source (time and pid if that
+/// cannot be read).
+fn random_tag() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 3];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let mixed = nanos ^ std::process::id().rotate_left(16);
+        bytes.copy_from_slice(&mixed.to_le_bytes()[..3]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The pinned llama-cpp-sys-2 version, read from the workspace manifest.
@@ -289,6 +337,15 @@ mod tests {
         std::fs::create_dir(dir.path().join(&first)).unwrap();
         let second = unique_run_id(dir.path(), "abc");
         assert_ne!(first, second);
-        assert!(second.ends_with("abc") || second.contains("abc-"));
+        assert!(second.contains("-abc-"), "{second}");
+    }
+
+    #[test]
+    fn run_ids_started_in_the_same_second_differ() {
+        // Two hosts cannot see each other's results folder: the id itself
+        // must differ.
+        let ids: std::collections::HashSet<String> =
+            (0..50).map(|_| new_run_id("abc1234")).collect();
+        assert!(ids.len() >= 49, "{ids:?}");
     }
 }

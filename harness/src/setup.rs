@@ -34,6 +34,9 @@ pub enum Need {
     CrossBuild,
     /// Emulated boards: qemu-user, sshd, network namespaces.
     Testbed,
+    /// Faults injected into emulated boards' links by the tests: packet
+    /// loss with nftables (this kernel kind has no netem).
+    FaultInjection,
     /// A headless browser to check the HTML report renders (tests only).
     Browser,
 }
@@ -106,6 +109,12 @@ const REQUIREMENTS: &[Requirement] = &[
         present: || on_path("ip"),
         what: "ip (iproute2)",
         package: "iproute2",
+    },
+    Requirement {
+        need: Need::FaultInjection,
+        present: || on_path("nft") || Path::new("/usr/sbin/nft").exists(),
+        what: "nft (nftables)",
+        package: "nftables",
     },
     Requirement {
         need: Need::Browser,

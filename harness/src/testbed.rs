@@ -53,6 +53,17 @@ pub fn board_name(index: usize) -> String {
     format!("sim{index}")
 }
 
+/// The network namespace board `sim<index>` lives in.
+pub fn namespace(index: usize) -> String {
+    format!("{NETNS_PREFIX}{index}")
+}
+
+/// The board's end of its veth pair, inside its namespace: taking it down
+/// unplugs the board's cable.
+pub fn board_link(index: usize) -> String {
+    format!("qbtb-s{index}p")
+}
+
 pub fn board_address(index: usize) -> String {
     format!("{SUBNET_PREFIX}.{}", 10 + index)
 }
@@ -121,6 +132,7 @@ pub fn up(workspace: &Path, boards: usize) -> Result<PathBuf, TestbedError> {
                 known_hosts: Some(dir.join("known_hosts").display().to_string()),
                 max_memory_mb: None,
                 keep_runs: 20,
+                retry_seconds: crate::boards::default_retry_seconds(),
             },
         );
     }
@@ -231,7 +243,7 @@ fn ensure_bridge() -> Result<(), TestbedError> {
 fn ensure_namespace(index: usize) -> Result<(), TestbedError> {
     let netns = format!("{NETNS_PREFIX}{index}");
     let host_end = format!("qbtb-s{index}");
-    let board_end = format!("qbtb-s{index}p");
+    let board_end = board_link(index);
     let exists = Command::new("ip")
         .args(["netns", "list"])
         .output()

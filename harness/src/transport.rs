@@ -138,6 +138,9 @@ impl SshEndpoint {
 pub struct Connection {
     session: Session,
     pub endpoint: SshEndpoint,
+    /// One SFTP channel for the connection's life: opening one costs
+    /// several round trips, which a far board pays on every poll otherwise.
+    sftp: std::cell::OnceCell<ssh2::Sftp>,
 }
 
 pub struct ExecOutput {
@@ -182,13 +185,17 @@ impl Connection {
         Ok(Connection {
             session,
             endpoint: endpoint.clone(),
+            sftp: std::cell::OnceCell::new(),
         })
     }
 
     /// An SFTP channel; a board whose sshd serves none is told how to
     /// enable it instead of libssh2's `Unable to request SFTP subsystem`.
-    fn sftp(&self) -> Result<ssh2::Sftp, TransportError> {
-        self.session.sftp().map_err(|source| {
+    fn sftp(&self) -> Result<&ssh2::Sftp, TransportError> {
+        if let Some(sftp) = self.sftp.get() {
+            return Ok(sftp);
+        }
+        let sftp = self.session.sftp().map_err(|source| {
             if source.message().contains("SFTP subsystem") {
                 TransportError::NoSftp {
                     board: self.endpoint.board.clone(),
@@ -196,7 +203,8 @@ impl Connection {
             } else {
                 self.ssh_err("starting SFTP")(source)
             }
-        })
+        })?;
+        Ok(self.sftp.get_or_init(|| sftp))
     }
 
     fn ssh_err(&self, step: &str) -> impl Fn(ssh2::Error) -> TransportError + '_ {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use wire::files::{CsvAppender, KERNEL_ROWS_FILE, SAMPLES_FILE};
-use wire::kernel_job::{Cell, JobSpec, TimingPolicy};
+use wire::kernel_job::{Cell, Cooldown, JobSpec, TimingPolicy};
 use wire::probe::{BoardProbe, ThermalReading};
 use wire::progress::ProgressEvent;
 use wire::rows::{CellStatus, KernelRow, SampleRow};
@@ -125,13 +125,15 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
             cell_id: cell.id.clone(),
         });
         let threads = cell.threads.resolve(probe.cores);
+        let cooled = job.cooldown.map(cool_down);
         let before = crate::sysinfo::thermal_reading();
         let outcome = measure_cell(cell, threads, job, &mut cache);
         let after = crate::sysinfo::thermal_reading();
-        let row = build_row(job, probe, cell, threads, &outcome, before, after);
+        let mut row = build_row(job, probe, cell, threads, &outcome, &before, &after);
+        row.cooldown_seconds = cooled;
         if let Outcome::Measured(m) = &outcome {
             for (i, &ns) in m.samples_ns.iter().enumerate() {
-                samples.append(&SampleRow {
+                samples.append_unsynced(&SampleRow {
                     run_id: job.run_id.clone(),
                     board: job.board.clone(),
                     cell_id: cell.id.clone(),
@@ -140,6 +142,8 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
                 })?;
             }
         }
+        // Repetitions reach the disk before the row that says the cell is done.
+        samples.sync()?;
         rows.append(&row)
             .with_context(|| format!("writing the row of {}", cell.id))?;
         match row.status {
@@ -266,14 +270,31 @@ fn output_nmse(weights: &[f32], x: &[f32], y: &[f32], m: usize, k: usize, n: usi
     nmse(&reference, &approx)
 }
 
+/// Waits until the SoC is below the cool-down temperature (bounded);
+/// returns the seconds waited. A board without a temperature is not waited
+/// for.
+fn cool_down(cooldown: Cooldown) -> f64 {
+    let started = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(cooldown.max_seconds);
+    while started.elapsed() < limit {
+        match crate::sysinfo::thermal_reading().temperature_c {
+            Some(t) if t >= cooldown.below_c => {
+                std::thread::sleep(std::time::Duration::from_millis(500))
+            }
+            _ => break,
+        }
+    }
+    started.elapsed().as_secs_f64()
+}
+
 fn build_row(
     job: &JobSpec,
     probe: &BoardProbe,
     cell: &Cell,
     threads: usize,
     outcome: &Outcome,
-    before: ThermalReading,
-    after: ThermalReading,
+    before: &ThermalReading,
+    after: &ThermalReading,
 ) -> KernelRow {
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
     let mut row = KernelRow::unmeasured(
@@ -284,10 +305,17 @@ fn build_row(
         CellStatus::Ok,
         String::new(),
     );
-    row.temp_before_c = before.temperature_c;
-    row.temp_after_c = after.temperature_c;
-    row.freq_before_mhz = before.freq_mhz;
-    row.freq_after_mhz = after.freq_mhz;
+    // Under qemu-user these files are the host's: an emulated board
+    // reports no thermals rather than someone else's.
+    if !job.emulated {
+        row.temp_before_c = before.temperature_c;
+        row.temp_after_c = after.temperature_c;
+        row.freq_before_mhz = before.freq_mhz;
+        row.freq_after_mhz = after.freq_mhz;
+        row.governor = before.governor.clone().unwrap_or_default();
+        row.throttled = wire::probe::throttled_between(before, after);
+        row.thermal_noisy = wire::probe::thermally_noisy(before, after);
+    }
     match outcome {
         Outcome::Unsupported(reason) => {
             row.status = CellStatus::Unsupported;
@@ -323,6 +351,74 @@ fn build_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wire::kernel_job::{LoadMode, Shape, ThreadCount};
+    use wire::probe::ThrottleState;
+
+    fn job(emulated: bool) -> JobSpec {
+        let shape = Shape {
+            name: "s".into(),
+            rows: 32,
+            cols: 64,
+        };
+        JobSpec {
+            run_id: "r".into(),
+            board: "b".into(),
+            emulated,
+            git_commit: "c".into(),
+            seed: 1,
+            repack: false,
+            load_mode: LoadMode::Mmap,
+            distribution: Distribution::LlmLike,
+            memory_limit_bytes: None,
+            timing: TimingPolicy {
+                warmup: 0,
+                min_reps: 1,
+                min_time_ms: 0,
+                max_time_ms: 1,
+            },
+            cooldown: None,
+            cells: vec![Cell::new(
+                wire::ggml_type::GgmlType::Q4_0,
+                shape,
+                1,
+                ThreadCount::Fixed(1),
+            )],
+        }
+    }
+
+    #[test]
+    fn thermals_are_recorded_on_real_boards_and_left_empty_on_emulated_ones() {
+        let probe: BoardProbe = serde_json::from_value(serde_json::json!({
+            "arch": "aarch64", "cpu_model": "Cortex-A76", "cpu_features": [],
+            "ggml_features": [], "cores": 4, "memory_bytes": 0, "page_size": 4096,
+            "os": "", "kernel": "", "cpufreq_governor": null, "cpu_freq_mhz": null,
+            "cpu_max_freq_mhz": null, "temperature_c": null,
+            "read_bandwidth_gbps": null, "agent_build": "h"
+        }))
+        .unwrap();
+        let hot = |bits| ThermalReading {
+            temperature_c: Some(81.0),
+            freq_mhz: Some(1500.0),
+            governor: Some("ondemand".into()),
+            throttle: Some(ThrottleState::PiFirmware(bits)),
+        };
+        let outcome = Outcome::Unsupported("test".into());
+        for emulated in [false, true] {
+            let job = job(emulated);
+            let row = build_row(&job, &probe, &job.cells[0], 1, &outcome, &hot(0), &hot(0x8));
+            if emulated {
+                assert_eq!(row.temp_before_c, None);
+                assert_eq!(row.governor, "");
+                assert_eq!(row.throttled, None);
+                assert!(!row.thermal_noisy);
+            } else {
+                assert_eq!(row.temp_after_c, Some(81.0));
+                assert_eq!(row.governor, "ondemand");
+                assert_eq!(row.throttled, Some(true));
+                assert!(row.thermal_noisy);
+            }
+        }
+    }
 
     #[test]
     fn a_cell_over_the_limit_or_the_free_memory_is_refused_with_both_figures() {

@@ -427,9 +427,8 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
         let status = match produced {
             Ok(recipe_rows) => {
                 for (row, samples_ns) in &recipe_rows {
-                    rows.append(row)?;
                     for (repetition, &ns) in samples_ns.iter().enumerate() {
-                        samples.append(&SampleRow {
+                        samples.append_unsynced(&SampleRow {
                             run_id: job.run_id.clone(),
                             board: job.board.clone(),
                             cell_id: row.cell_id(),
@@ -437,6 +436,9 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
                             ns: ns as u64,
                         })?;
                     }
+                    // Repetitions reach the disk before their row.
+                    samples.sync()?;
+                    rows.append(row)?;
                 }
                 CellStatus::Ok
             }

@@ -3,7 +3,8 @@
 //! emulators, other kernels) gives `None`, never an error.
 
 use std::fs;
-use wire::probe::{BoardProbe, ThermalReading};
+use std::path::Path;
+use wire::probe::{BoardProbe, ThermalReading, ThrottleState};
 
 pub fn probe(with_bandwidth: bool) -> BoardProbe {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -40,7 +41,81 @@ pub fn thermal_reading() -> ThermalReading {
         temperature_c: read_number("/sys/class/thermal/thermal_zone0/temp").map(|m| m / 1000.0),
         freq_mhz: read_number("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
             .map(|khz| khz / 1000.0),
+        governor: read_trimmed("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        throttle: throttle_state(),
     }
+}
+
+/// The firmware's throttling bits on a Raspberry Pi (its sysfs file, or
+/// `vcgencmd get_throttled`), else CPU 0's thermal throttle event count.
+fn throttle_state() -> Option<ThrottleState> {
+    if let Some(bits) = pi_throttled_file()
+        .and_then(|path| read_trimmed(&path.display().to_string()))
+        .and_then(|text| parse_hex(&text))
+    {
+        return Some(ThrottleState::PiFirmware(bits));
+    }
+    if let Some(bits) = vcgencmd_throttled() {
+        return Some(ThrottleState::PiFirmware(bits));
+    }
+    let base = "/sys/devices/system/cpu/cpu0/thermal_throttle";
+    let core = read_number(&format!("{base}/core_throttle_count"));
+    let package = read_number(&format!("{base}/package_throttle_count"));
+    match (core, package) {
+        (None, None) => None,
+        (c, p) => Some(ThrottleState::ThrottleEvents(
+            (c.unwrap_or(0.0) + p.unwrap_or(0.0)) as u64,
+        )),
+    }
+}
+
+/// The Raspberry Pi firmware driver's `get_throttled` file, wherever the
+/// device tree put it (`/sys/devices/platform/soc/soc:firmware/` on a Pi 4,
+/// deeper on a Pi 5); searched once.
+fn pi_throttled_file() -> Option<std::path::PathBuf> {
+    static FOUND: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| find_file(Path::new("/sys/devices/platform"), "get_throttled", 3))
+        .clone()
+}
+
+fn find_file(dir: &Path, name: &str, depth: usize) -> Option<std::path::PathBuf> {
+    let entries: Vec<_> = fs::read_dir(dir).ok()?.flatten().collect();
+    if let Some(hit) = entries.iter().find(|e| e.file_name() == name) {
+        return Some(hit.path());
+    }
+    if depth == 0 {
+        return None;
+    }
+    entries
+        .iter()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_file(&e.path(), name, depth - 1))
+}
+
+/// `vcgencmd get_throttled` prints `throttled=0x50000`; absent off a Pi.
+fn vcgencmd_throttled() -> Option<u32> {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let present = *PRESENT.get_or_init(|| {
+        ["/usr/bin/vcgencmd", "/opt/vc/bin/vcgencmd"]
+            .iter()
+            .any(|p| Path::new(p).exists())
+    });
+    if !present {
+        return None;
+    }
+    let out = std::process::Command::new("vcgencmd")
+        .arg("get_throttled")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_hex(text.trim().strip_prefix("throttled=")?)
+}
+
+fn parse_hex(text: &str) -> Option<u32> {
+    let text = text.trim();
+    let digits = text.strip_prefix("0x").unwrap_or(text);
+    u32::from_str_radix(digits, 16).ok()
 }
 
 /// First 12 hex digits of this binary's SHA-256: the same identity the host
@@ -184,4 +259,16 @@ fn read_trimmed(path: &str) -> Option<String> {
 
 fn read_number(path: &str) -> Option<f64> {
     read_trimmed(path)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firmware_throttle_bits_parse_as_vcgencmd_and_sysfs_print_them() {
+        assert_eq!(parse_hex("0x50005"), Some(0x50005));
+        assert_eq!(parse_hex("50000\n"), Some(0x50000));
+        assert_eq!(parse_hex("throttled"), None);
+    }
 }

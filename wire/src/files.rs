@@ -31,8 +31,9 @@ pub enum ResultsError {
     },
 }
 
-/// Appends serde rows to a CSV file, flushing after each one. Writes the
-/// header only when the file is new or empty, so a resumed run appends.
+/// Appends serde rows to a CSV file, flushed and fsynced after each one (a
+/// row reported finished survives a power cut). Writes the header only
+/// when the file is new or empty, so a resumed run appends.
 pub struct CsvAppender<T> {
     path: PathBuf,
     writer: csv::Writer<File>,
@@ -61,7 +62,15 @@ impl<T: Serialize> CsvAppender<T> {
         })
     }
 
+    /// Appends one row, flushed and synced to disk.
     pub fn append(&mut self, row: &T) -> Result<(), ResultsError> {
+        self.append_unsynced(row)?;
+        self.sync()
+    }
+
+    /// Appends one row, flushed to the OS but not yet synced: for many
+    /// small rows (repetitions) followed by one `sync`.
+    pub fn append_unsynced(&mut self, row: &T) -> Result<(), ResultsError> {
         self.writer
             .serialize(row)
             .map_err(|source| ResultsError::Csv {
@@ -72,6 +81,17 @@ impl<T: Serialize> CsvAppender<T> {
             path: self.path.clone(),
             source,
         })
+    }
+
+    /// Syncs every row appended so far to disk.
+    pub fn sync(&mut self) -> Result<(), ResultsError> {
+        self.writer
+            .flush()
+            .and_then(|_| self.writer.get_ref().sync_data())
+            .map_err(|source| ResultsError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 

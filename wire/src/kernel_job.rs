@@ -87,6 +87,12 @@ impl Cell {
 pub const CELL_OVERHEAD_BYTES: u64 = 16 << 20;
 
 impl Cell {
+    /// The quantized matrix's bytes: the file the agent stages it in, in
+    /// its output folder, when the job loads weights by mmap.
+    pub fn weight_bytes(&self) -> u64 {
+        self.ty.row_bytes(self.shape.cols) as u64 * self.shape.rows as u64
+    }
+
     /// The most memory the agent holds at once while measuring this cell:
     /// the f32 weights (`4*M*K`), the quantized matrix twice (while it is
     /// staged: written to a mapped file or copied to GGML's buffer, and in
@@ -156,7 +162,34 @@ pub struct JobSpec {
     #[serde(default)]
     pub memory_limit_bytes: Option<u64>,
     pub timing: TimingPolicy,
+    /// Wait before each cell until the board has cooled (real boards only).
+    #[serde(default)]
+    pub cooldown: Option<Cooldown>,
     pub cells: Vec<Cell>,
+}
+
+/// Before each cell, wait until the SoC is below `below_c`, for at most
+/// `max_seconds` (a board in a hot room may never get there).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Cooldown {
+    pub below_c: f64,
+    pub max_seconds: u64,
+}
+
+/// Room for a job's rows, repetitions, progress and log on a board.
+pub const ROWS_ALLOWANCE_BYTES: u64 = 4 << 20;
+
+impl JobSpec {
+    /// The most disk the agent uses at once in its output folder: the
+    /// largest cell's staged weights (mmap load mode; one cell's at a time)
+    /// plus its rows.
+    pub fn disk_need_bytes(&self) -> u64 {
+        let staged = match self.load_mode {
+            LoadMode::Mmap => self.cells.iter().map(Cell::weight_bytes).max(),
+            LoadMode::NoMmap => None,
+        };
+        staged.unwrap_or(0) + ROWS_ALLOWANCE_BYTES
+    }
 }
 
 #[cfg(test)]

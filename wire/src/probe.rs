@@ -29,8 +29,93 @@ pub struct BoardProbe {
 }
 
 /// Readings taken before and after each cell (thermal throttling shows here).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ThermalReading {
     pub temperature_c: Option<f64>,
     pub freq_mhz: Option<f64>,
+    /// CPU 0's cpufreq governor (`performance`, `ondemand`, `schedutil`, ...).
+    #[serde(default)]
+    pub governor: Option<String>,
+    #[serde(default)]
+    pub throttle: Option<ThrottleState>,
+}
+
+/// What the board says about throttling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThrottleState {
+    /// A Raspberry Pi firmware's `get_throttled` bits: 0 under-voltage,
+    /// 1 ARM frequency capped, 2 currently throttled, 3 soft temperature
+    /// limit active; bits 16-19 say the same happened since boot.
+    PiFirmware(u32),
+    /// Other Linux boards: CPU 0's thermal throttle events so far
+    /// (`thermal_throttle/core_throttle_count` + `package_throttle_count`).
+    ThrottleEvents(u64),
+}
+
+/// `get_throttled` bits that mean "slowed down right now".
+const PI_THROTTLED_NOW: u32 = 0xF;
+/// `get_throttled` bits that mean "slowed down since boot".
+const PI_THROTTLED_SINCE_BOOT: u32 = 0xF_0000;
+
+/// Whether a cell measured between two readings was throttled: `None` when
+/// the board does not say. One place decides it for rows, summary, plots
+/// and `compare`.
+pub fn throttled_between(before: &ThermalReading, after: &ThermalReading) -> Option<bool> {
+    match (before.throttle?, after.throttle?) {
+        (ThrottleState::PiFirmware(b), ThrottleState::PiFirmware(a)) => {
+            Some((b | a) & PI_THROTTLED_NOW != 0 || (a & !b) & PI_THROTTLED_SINCE_BOOT != 0)
+        }
+        (ThrottleState::ThrottleEvents(b), ThrottleState::ThrottleEvents(a)) => Some(a > b),
+        _ => None,
+    }
+}
+
+/// Whether timings taken between two readings are not to be trusted as a
+/// board's steady speed: throttled, or a governor other than
+/// `performance` (which moves the clock under the measurement).
+pub fn thermally_noisy(before: &ThermalReading, after: &ThermalReading) -> bool {
+    let off_performance = [&before.governor, &after.governor]
+        .iter()
+        .any(|g| g.as_deref().is_some_and(|g| g != "performance"));
+    throttled_between(before, after) == Some(true) || off_performance
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(governor: &str, throttle: Option<ThrottleState>) -> ThermalReading {
+        ThermalReading {
+            governor: (!governor.is_empty()).then(|| governor.to_string()),
+            throttle,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pi_firmware_bits_mark_throttling_now_or_during_the_cell() {
+        let pi = |bits| reading("performance", Some(ThrottleState::PiFirmware(bits)));
+        assert_eq!(throttled_between(&pi(0), &pi(0)), Some(false));
+        // Soft temperature limit active after the cell.
+        assert_eq!(throttled_between(&pi(0), &pi(0x8)), Some(true));
+        // Throttled earlier since boot, nothing new: not this cell.
+        assert_eq!(throttled_between(&pi(0x40000), &pi(0x40000)), Some(false));
+        // Became throttled (sticky bit set) during the cell.
+        assert_eq!(throttled_between(&pi(0), &pi(0x40000)), Some(true));
+        assert!(!thermally_noisy(&pi(0), &pi(0)));
+        assert!(thermally_noisy(&pi(0), &pi(0x4)));
+    }
+
+    #[test]
+    fn throttle_events_and_governors_decide_noise_and_unknown_stays_unknown() {
+        let events = |n| reading("performance", Some(ThrottleState::ThrottleEvents(n)));
+        assert_eq!(throttled_between(&events(3), &events(3)), Some(false));
+        assert_eq!(throttled_between(&events(3), &events(5)), Some(true));
+        let unknown = reading("", None);
+        assert_eq!(throttled_between(&unknown, &unknown), None);
+        assert!(!thermally_noisy(&unknown, &unknown));
+        let ondemand = reading("ondemand", None);
+        assert!(thermally_noisy(&ondemand, &ondemand));
+    }
 }

@@ -73,6 +73,21 @@ pub struct KernelRow {
     pub temp_after_c: Option<f64>,
     pub freq_before_mhz: Option<f64>,
     pub freq_after_mhz: Option<f64>,
+    /// CPU 0's cpufreq governor before the cell; empty when unknown.
+    #[serde(default)]
+    pub governor: String,
+    /// Throttled before, during or after the cell, by the board's own
+    /// flags; empty when the board does not say (and on emulated boards).
+    #[serde(default)]
+    pub throttled: Option<bool>,
+    /// Seconds waited before the cell for the board to cool below the
+    /// matrix's `cooldown_below_c`; empty without a cool-down.
+    #[serde(default)]
+    pub cooldown_seconds: Option<f64>,
+    /// Throttled, or measured under a governor other than `performance`:
+    /// the summary and plots flag it and `compare` calls it noisy.
+    #[serde(default)]
+    pub thermal_noisy: bool,
     /// UTC time the cell finished, RFC 3339.
     pub finished_at: String,
 }
@@ -122,6 +137,10 @@ impl KernelRow {
             temp_after_c: None,
             freq_before_mhz: None,
             freq_after_mhz: None,
+            governor: String::new(),
+            throttled: None,
+            cooldown_seconds: None,
+            thermal_noisy: false,
             finished_at: crate::utc_now_rfc3339(),
         }
     }
@@ -284,6 +303,10 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         temp_after_c: Some(51.5),
         freq_before_mhz: None,
         freq_after_mhz: None,
+        governor: "performance".into(),
+        throttled: Some(false),
+        cooldown_seconds: None,
+        thermal_noisy: false,
         finished_at: "2026-11-22T12:00:01Z".into(),
     }
 }

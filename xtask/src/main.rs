@@ -7,10 +7,11 @@ use harness::session::SessionOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const ALL_NEEDS: [harness::setup::Need; 3] = [
+const ALL_NEEDS: [harness::setup::Need; 4] = [
     harness::setup::Need::HostBuild,
     harness::setup::Need::CrossBuild,
     harness::setup::Need::Testbed,
+    harness::setup::Need::FaultInjection,
 ];
 
 #[derive(Parser)]
@@ -109,6 +110,14 @@ enum Command {
         /// failing that board with who holds it.
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         lock_wait: u64,
+        /// Pick up an interrupted run instead of starting one: a run
+        /// directory, a run id under --results, or `latest`. Agents still
+        /// running on boards are followed, finished ones collected, jobs
+        /// that never started are started; cells with a row are never
+        /// measured again. Config, matrices and target come from the run's
+        /// run.json; the agents must be the same builds (same commit).
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["target", "matrix"])]
+        resume: Option<String>,
     },
     /// What quantbench keeps on boards: `board clean <target>` prunes old
     /// run folders, agent builds and unused models (also done after every
@@ -227,6 +236,7 @@ fn run() -> Result<ExitCode> {
             builder,
             accept_new_host_key,
             lock_wait,
+            resume,
         } => {
             let report = run_bench(&SessionOptions {
                 config_path: config,
@@ -236,12 +246,14 @@ fn run() -> Result<ExitCode> {
                 builder: parse_builder(&builder)?,
                 accept_new_host_key,
                 board_lock_wait: std::time::Duration::from_secs(lock_wait),
+                resume: resume.clone(),
             })
-            .with_context(|| {
-                format!(
+            .with_context(|| match &resume {
+                Some(run) => format!("resuming run `{run}`"),
+                None => format!(
                     "bench of `{matrix}` on `{}`",
                     target.as_deref().unwrap_or("the default emulated Pi 5")
-                )
+                ),
             })?;
             println!("{}", report.rendered.tables);
             for board in &report.boards {

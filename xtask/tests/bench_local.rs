@@ -218,3 +218,82 @@ deadline_seconds = 4
         .count();
     assert_eq!(stopped, 1, "{rows:?}");
 }
+
+#[test]
+// The host is killed and waited for on every path; clippy cannot see
+// through the loop's `break`.
+#[allow(clippy::zombie_processes)]
+fn a_local_run_whose_host_was_killed_is_resumed_without_measuring_a_cell_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        r#"
+[matrices.long]
+types = ["F32", "Q8_0", "Q4_0", "Q5_0"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 0
+min_reps = 1
+min_time_ms = 1000
+max_time_ms = 1000
+"#,
+    )
+    .unwrap();
+    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(["bench", "--target", "local", "--matrix", "long"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed (SIGKILL) once two cells' rows are on the host's disk.
+    let started = std::time::Instant::now();
+    let rows_file = || {
+        std::fs::read_dir(dir.path().join("results"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("boards/local/jobs/long/kernels.csv"))
+            .find(|p| p.exists())
+    };
+    let before: Vec<KernelRow> = loop {
+        if started.elapsed().as_secs() >= 120 {
+            let _ = host.kill();
+            let _ = host.wait();
+            panic!("no rows appeared");
+        }
+        if let Some(rows) = rows_file().and_then(|p| read_csv::<KernelRow>(&p).ok()) {
+            if rows.len() >= 2 {
+                host.kill().unwrap();
+                host.wait().unwrap();
+                break read_csv(&rows_file().unwrap()).unwrap();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(before.len() < 4, "killed before the end: {before:?}");
+
+    let out = xtask(dir.path(), &["bench", "--resume", "latest"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let run_dir = common::only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.cell_id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((rows.len(), ids.len()), (4, 4), "{rows:?}");
+    assert!(rows.iter().all(|r| r.status == CellStatus::Ok), "{rows:?}");
+    for kept in &before {
+        assert!(rows.contains(kept), "measured again: {kept:?}");
+    }
+    // A resume names the run it continues; a wrong reference is one line.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
+    assert_eq!(manifest["resumed_at"].as_array().unwrap().len(), 1);
+    let out = xtask(dir.path(), &["bench", "--resume", "no-such-run"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--resume no-such-run: not a run directory"),
+        "{stderr}"
+    );
+}

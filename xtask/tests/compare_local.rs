@@ -239,3 +239,64 @@ fn history_finds_runs_by_name_and_commit_and_survives_corruption() {
         text(&out)
     );
 }
+
+#[test]
+fn a_slowdown_measured_while_throttled_is_noisy_not_a_regression_and_the_summary_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), MATRICES).unwrap();
+    bench_local(dir.path(), "pair");
+    let measured = runs(dir.path())[0].clone();
+    // The same controlled repetitions as above; the hot run's Q4_0 is 40%
+    // slower and its row says the board throttled while measuring it.
+    let q4 = "llama3.2-1b.attn_kv/Q4_0/n1/t1";
+    let base = dir.path().join("results/20991230T000000Z-cool");
+    let hot = dir.path().join("results/20991231T000000Z-hot");
+    for (copy, q4_factor) in [(&base, 10), (&hot, 14)] {
+        copy_dir(&measured, copy);
+        rewrite::<SampleRow>(&copy.join("samples.csv"), |s| {
+            s.ns = (1000 + s.repetition as u64 % 10) * if s.cell_id == q4 { q4_factor } else { 10 }
+                / 10;
+        });
+    }
+    rewrite::<KernelRow>(&hot.join("kernels.csv"), |r| {
+        if r.cell_id == q4 {
+            r.governor = "performance".into();
+            r.throttled = Some(true);
+            r.thermal_noisy = true;
+        }
+    });
+    let out = xtask(
+        dir.path(),
+        &[
+            "compare",
+            base.to_str().unwrap(),
+            hot.to_str().unwrap(),
+            "--format",
+            "json",
+            "--fail-on-regression",
+        ],
+    );
+    assert!(out.status.success(), "not a regression: {}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cell = json["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cell"] == q4)
+        .unwrap();
+    assert_eq!(cell["verdict"], "noisy", "{cell}");
+    assert!(
+        cell["notes"]
+            .to_string()
+            .contains("thermally noisy in the new run"),
+        "{cell}"
+    );
+    // The run's own summary flags it.
+    let out = xtask(dir.path(), &["plot", hot.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("THERMALLY NOISY: 1 of") && stdout.contains("1 throttled"),
+        "{stdout}"
+    );
+}

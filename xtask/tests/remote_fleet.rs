@@ -4,6 +4,7 @@
 //! Needs root (the testbed); `cargo xtask test` runs as root in CI.
 
 mod common;
+use common::fleet::*;
 use common::{only_run_dir, text};
 
 use harness::build::{
@@ -11,130 +12,9 @@ use harness::build::{
 };
 use harness::manifest::RunManifest;
 use std::path::Path;
-use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
+use std::process::Command;
 use wire::files::read_csv;
 use wire::rows::{CellStatus, KernelRow};
-
-/// A matrix that takes seconds under qemu.
-const MICRO: &str = r#"
-[matrices.micro]
-types = ["F32", "Q4_0", "Q4_K"]
-shapes = ["gemma3-1b.attn_kv"]
-batches = [1]
-threads = [1]
-warmup = 1
-min_reps = 2
-min_time_ms = 1
-max_time_ms = 200
-
-# Long enough to kill the agent in the middle.
-[matrices.slow]
-types = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
-shapes = ["llama3.2-1b.attn_kv"]
-batches = [1]
-threads = [1]
-warmup = 1
-min_reps = 2
-min_time_ms = 1500
-max_time_ms = 3000
-"#;
-
-/// The testbed is shared by every test here; bring it up once.
-fn testbed() -> &'static Mutex<()> {
-    static TESTBED: OnceLock<Mutex<()>> = OnceLock::new();
-    TESTBED.get_or_init(|| {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["testbed", "up", "--boards", "2"])
-            .output()
-            .expect("xtask runs");
-        assert!(
-            out.status.success(),
-            "testbed up failed (these tests need root):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // Build the Pi 5 agent once here, so no test's deadline includes a
-        // first cross-build of llama.cpp (minutes on 2 cores).
-        build_board_agent(&workspace_root(), BoardProfile::Pi5, Builder::Cargo)
-            .expect("the pi5 agent builds");
-        Mutex::new(())
-    })
-}
-
-fn sim_board(index: usize) -> toml::Value {
-    let text = std::fs::read_to_string(workspace_root().join(".testbed/boards.toml")).unwrap();
-    let file: toml::Value = toml::from_str(&text).unwrap();
-    file["boards"][format!("sim{index}")].clone()
-}
-
-/// Changes a copy of sim1's board config into a test board.
-type BoardTweak<'a> = &'a dyn Fn(&mut toml::value::Table);
-
-/// A bench.toml with the micro matrices and extra boards derived from sim1.
-fn config_dir(extra_boards: &[(&str, BoardTweak)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let mut text = MICRO.to_string();
-    for (name, tweak) in extra_boards {
-        let mut board = sim_board(1).as_table().unwrap().clone();
-        tweak(&mut board);
-        let mut wrapper = toml::value::Table::new();
-        let mut boards = toml::value::Table::new();
-        boards.insert(name.to_string(), toml::Value::Table(board));
-        wrapper.insert("boards".into(), toml::Value::Table(boards));
-        text.push_str(&toml::to_string(&wrapper).unwrap());
-    }
-    std::fs::write(dir.path().join("bench.toml"), text).unwrap();
-    dir
-}
-
-fn bench(dir: &Path, target: &str, matrix: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir)
-        .args(["bench", "--target", target, "--matrix", matrix])
-        .output()
-        .expect("xtask runs")
-}
-
-/// Starts `bench --matrix slow` on sim2 and returns once this run has
-/// written `rows` rows on the board (older runs' files do not count).
-// The child is handed to the caller, which waits for it (clippy does not
-// follow a child returned inside a tuple).
-#[allow(clippy::zombie_processes)]
-fn start_slow_run_on_sim2(dir: &Path, rows: usize) -> (std::process::Child, String) {
-    let work = sim_board(2)["work_dir"].as_str().unwrap().to_string();
-    let runs_before: Vec<_> = std::fs::read_dir(format!("{work}/runs"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir)
-        .args(["bench", "--target", "sim2", "--matrix", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    loop {
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the agent never finished {rows} cells");
-        }
-        let this_run = std::fs::read_dir(format!("{work}/runs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| !runs_before.contains(p));
-        let lines = this_run
-            .and_then(|run| std::fs::read_to_string(run.join("kernels.csv")).ok())
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if lines > rows {
-            return (child, work);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn two_emulated_boards_at_once_then_second_run_uploads_nothing() {
@@ -219,6 +99,8 @@ fn failing_board_is_reported_and_does_not_stop_the_other() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     let dir = config_dir(&[("ghost", &|b| {
         b.insert("host".into(), "10.213.0.99".into());
+        // Not the default two minutes of retries for a board that is off.
+        b.insert("retry_seconds".into(), 3.into());
     })]);
     let out = bench(dir.path(), "sim1,ghost", "micro");
     assert!(!out.status.success(), "{}", text(&out));
@@ -1068,4 +950,84 @@ fn kernel_and_model_matrices_run_into_one_run_on_two_boards_at_once() {
     for plot in ["speedup_vs_f32", "model_kld_vs_bits"] {
         assert!(run_dir.join(format!("plots/{plot}.svg")).exists(), "{plot}");
     }
+}
+
+#[test]
+fn host_killed_mid_run_is_resumed_by_following_its_still_running_agent() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let (mut child, _) = start_slow_run_on_sim2(dir.path(), 2);
+    // Let the host mirror those rows (it polls twice a second).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    child.kill().unwrap(); // SIGKILL: no clean-up of any kind
+    child.wait().unwrap();
+    let run_dir = only_run_dir(dir.path());
+    let before: Vec<KernelRow> = read_csv(&run_dir.join("boards/sim2/jobs/slow/kernels.csv"))
+        .expect("rows reached the host's disk before it was killed");
+    assert!(!before.is_empty());
+
+    let out = resume(dir.path());
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("still running: following it"), "{all}");
+    let rows = assert_every_slow_cell_once(&run_dir);
+    // Rows the killed host had were kept as they were.
+    for kept in &before {
+        assert!(rows.contains(kept), "{kept:?}");
+    }
+    let manifest: RunManifest = wire::files::read_json(&run_dir.join("run.json")).unwrap();
+    assert_eq!(manifest.resumed_at.len(), 1);
+    assert!(manifest.finished_at.is_some());
+    assert_eq!(manifest.boards[0].ok, 6, "{:?}", manifest.boards);
+}
+
+#[test]
+fn host_and_agent_killed_then_resume_measures_only_the_cells_without_a_row() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let (mut child, work) = start_slow_run_on_sim2(dir.path(), 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(Command::new("pkill")
+        .args(["-9", "-f", &format!("{work}/agents/")])
+        .status()
+        .unwrap()
+        .success());
+    let run_dir = only_run_dir(dir.path());
+    // What the board finished before the agent died, by the board's copy.
+    let board_run = std::fs::read_dir(format!("{work}/runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(run_dir.file_name().unwrap().to_str().unwrap())
+        })
+        .expect("the run's folder on the board");
+    let finished: Vec<KernelRow> = read_csv(&board_run.join("kernels.csv")).unwrap();
+    assert!((2..6).contains(&finished.len()), "{finished:?}");
+
+    let out = resume(dir.path());
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    // Killed with the agent or not, its shell may end a moment later.
+    assert!(
+        all.contains("ended with status") || all.contains("still running"),
+        "{all}"
+    );
+    let rows = assert_every_slow_cell_once(&run_dir);
+    // The cells finished before were collected, not measured again.
+    for done in &finished {
+        let now = rows.iter().find(|r| r.cell_id == done.cell_id).unwrap();
+        assert_eq!(now, done);
+    }
+    // Resuming a finished run measures nothing more.
+    let again = resume(dir.path());
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(
+        read_csv::<KernelRow>(&run_dir.join("kernels.csv")).unwrap(),
+        rows
+    );
 }

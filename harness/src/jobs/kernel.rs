@@ -72,6 +72,7 @@ impl JobKind for KernelMatrix {
             spec: to_spec(&job),
             uploads: Vec::new(),
             memory_need: None,
+            disk_bytes: job.disk_need_bytes(),
             outputs: &[KERNEL_ROWS_FILE, SAMPLES_FILE],
             deadline: self.spec.deadline(job.cells.len()),
         }])
@@ -80,11 +81,11 @@ impl JobKind for KernelMatrix {
     fn complete(
         &self,
         job: &PlannedJob,
-        board_dir: &Path,
+        job_dir: &Path,
         failure: Option<&JobFailure>,
     ) -> Result<Tally, JobError> {
         let spec: JobSpec = from_spec(job)?;
-        let rows = complete_rows(&spec, board_dir, failure)?;
+        let rows = complete_rows(&spec, job_dir, failure)?;
         let cells: HashSet<&str> = spec.cells.iter().map(|c| c.id.as_str()).collect();
         let mut tally = Tally::default();
         for row in rows
@@ -93,7 +94,7 @@ impl JobKind for KernelMatrix {
         {
             tally.count(row.status);
         }
-        let samples: Vec<SampleRow> = rows_in(&board_dir.join(SAMPLES_FILE)).unwrap_or_default();
+        let samples: Vec<SampleRow> = rows_in(&job_dir.join(SAMPLES_FILE)).unwrap_or_default();
         tally.measured_seconds = samples
             .iter()
             .filter(|s| s.run_id == spec.run_id && cells.contains(s.cell_id.as_str()))
@@ -103,6 +104,22 @@ impl JobKind for KernelMatrix {
         Ok(tally)
     }
 
+    fn remaining(&self, job: &PlannedJob, job_dir: &Path) -> Result<Option<PlannedJob>, JobError> {
+        let mut spec: JobSpec = from_spec(job)?;
+        let done = finished_cells(&spec, job_dir)?;
+        spec.cells.retain(|c| !done.contains(&c.id));
+        if spec.cells.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(PlannedJob {
+            units: spec.cells.len(),
+            disk_bytes: spec.disk_need_bytes(),
+            deadline: self.spec.deadline(spec.cells.len()),
+            spec: to_spec(&spec),
+            ..job.clone()
+        }))
+    }
+
     fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
         merge_rows::<KernelRow>(run_dir, boards, KERNEL_ROWS_FILE)?;
         merge_rows::<SampleRow>(run_dir, boards, SAMPLES_FILE)?;
@@ -110,26 +127,32 @@ impl JobKind for KernelMatrix {
     }
 }
 
+/// Ids of the job's cells that have a row in `job_dir`.
+fn finished_cells(job: &JobSpec, job_dir: &Path) -> Result<HashSet<String>, ResultsError> {
+    let rows: Vec<KernelRow> = rows_in(&job_dir.join(KERNEL_ROWS_FILE))?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.run_id == job.run_id)
+        .map(|r| r.cell_id)
+        .collect())
+}
+
 /// Adds a `failed` row for each cell the agent did not finish: the cell it
 /// died in gets the reason, later ones say they were not reached. Returns
-/// every row of the board's file.
+/// every row of the job's file.
 pub fn complete_rows(
     job: &JobSpec,
-    board_dir: &Path,
+    job_dir: &Path,
     failure: Option<&JobFailure>,
 ) -> Result<Vec<KernelRow>, ResultsError> {
-    let path = board_dir.join(KERNEL_ROWS_FILE);
+    let path = job_dir.join(KERNEL_ROWS_FILE);
     let mut rows: Vec<KernelRow> = rows_in(&path)?;
-    let done: HashSet<String> = rows
-        .iter()
-        .filter(|r| r.run_id == job.run_id)
-        .map(|r| r.cell_id.clone())
-        .collect();
+    let done = finished_cells(job, job_dir)?;
     let missing: Vec<_> = job.cells.iter().filter(|c| !done.contains(&c.id)).collect();
     if missing.is_empty() {
         return Ok(rows);
     }
-    let probe: Option<BoardProbe> = read_json(&board_dir.join(PROBE_FILE)).ok();
+    let probe: Option<BoardProbe> = read_json(&job_dir.join(PROBE_FILE)).ok();
     let cores = probe.as_ref().map(|p| p.cores).unwrap_or(0);
     let build = probe.map(|p| p.agent_build).unwrap_or_default();
     let reason = failure.map(|f| f.reason.as_str());

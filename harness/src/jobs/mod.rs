@@ -48,6 +48,9 @@ pub struct PlannedJob {
     pub uploads: Vec<Upload>,
     /// Memory the job needs on the board, checked before any upload.
     pub memory_need: Option<MemoryNeed>,
+    /// Disk the agent uses in its run folder on the board (staged weights,
+    /// rows), checked before it starts; uploads are checked on their own.
+    pub disk_bytes: u64,
     /// Row files the agent writes, fetched and appended to the board's.
     pub outputs: &'static [&'static str],
     /// How long the agent may run on a board before it is stopped and its
@@ -127,13 +130,17 @@ pub trait JobKind: Send + Sync {
     /// The jobs for one board, in the order they run.
     fn plan(&self, session: &Session, board: &BoardSlot) -> Result<Vec<PlannedJob>, JobError>;
     /// Appends a failed row for every unit of `job` without a row in
-    /// `board_dir` and counts the job's units.
+    /// `job_dir` (the job's own folder of the board's files) and counts the
+    /// job's units. Idempotent: a unit with a row gets no second one.
     fn complete(
         &self,
         job: &PlannedJob,
-        board_dir: &Path,
+        job_dir: &Path,
         failure: Option<&JobFailure>,
     ) -> Result<Tally, JobError>;
+    /// `job` cut down to the units without a row in `job_dir` (`None` when
+    /// every unit has one): what a resumed run still has to measure.
+    fn remaining(&self, job: &PlannedJob, job_dir: &Path) -> Result<Option<PlannedJob>, JobError>;
     /// Rebuilds the run's merged row files from every board's.
     fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError>;
     /// Anything else the kind stores with the run once every board is done.
@@ -178,8 +185,9 @@ pub(crate) fn rows_in<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, Result
     }
 }
 
-/// Rebuilds `run_dir/<file>` from `run_dir/boards/<board>/<file>` of every
-/// board, in board order; idempotent.
+/// Rebuilds `run_dir/<file>` from every job folder's
+/// (`run_dir/boards/<board>/jobs/<job>/<file>`), in board order then job
+/// name; idempotent.
 pub fn merge_rows<T: DeserializeOwned + Serialize>(
     run_dir: &Path,
     boards: &[String],
@@ -194,8 +202,12 @@ pub fn merge_rows<T: DeserializeOwned + Serialize>(
     }
     let mut count = 0;
     let mut out: Option<CsvAppender<T>> = None;
-    for board in boards {
-        let rows: Vec<T> = rows_in(&crate::session::board_dir(run_dir, board).join(file))?;
+    let job_files = boards
+        .iter()
+        .flat_map(|board| crate::session::job_dirs(&crate::session::board_dir(run_dir, board)))
+        .map(|dir| dir.join(file));
+    for path in job_files {
+        let rows: Vec<T> = rows_in(&path)?;
         for row in &rows {
             if out.is_none() {
                 out = Some(CsvAppender::open(&merged)?);

@@ -19,6 +19,34 @@ use wire::rows::{CellStatus, ModelRow, SampleRow};
 
 pub const IMPORTANCE_FILE: &str = "importance.json";
 
+/// The host files a model job names, by where the job names them: the
+/// base model, the text, each recipe's file and the multiple-choice tasks.
+fn uploads_of(job: &ModelJob) -> Vec<Upload> {
+    let mut uploads = vec![
+        Upload {
+            pointer: "/base/path".into(),
+            local: PathBuf::from(&job.base.path),
+        },
+        Upload {
+            pointer: "/text".into(),
+            local: PathBuf::from(&job.text),
+        },
+    ];
+    for (i, recipe) in job.recipes.iter().enumerate() {
+        uploads.push(Upload {
+            pointer: format!("/recipes/{i}/path"),
+            local: PathBuf::from(&recipe.path),
+        });
+    }
+    if let Some(mc) = &job.multiple_choice {
+        uploads.push(Upload {
+            pointer: "/multiple_choice".into(),
+            local: PathBuf::from(mc),
+        });
+    }
+    uploads
+}
+
 pub struct ModelMatrix {
     name: String,
     spec: ModelMatrixSpec,
@@ -194,28 +222,7 @@ impl JobKind for ModelMatrix {
                     .as_ref()
                     .map(|p| p.display().to_string()),
             };
-            let mut uploads = vec![
-                Upload {
-                    pointer: "/base/path".into(),
-                    local: model.path.clone(),
-                },
-                Upload {
-                    pointer: "/text".into(),
-                    local: self.text.clone(),
-                },
-            ];
-            for (i, recipe) in job.recipes.iter().enumerate() {
-                uploads.push(Upload {
-                    pointer: format!("/recipes/{i}/path"),
-                    local: PathBuf::from(&recipe.path),
-                });
-            }
-            if let Some(mc) = &self.multiple_choice {
-                uploads.push(Upload {
-                    pointer: "/multiple_choice".into(),
-                    local: mc.clone(),
-                });
-            }
+            let uploads = uploads_of(&job);
             // The agent loads the base alone, then each recipe twice (a
             // timing context and an evaluation context) with mmap sharing
             // the weights; count both copies to stay on the safe side, plus 20%.
@@ -239,6 +246,8 @@ impl JobKind for ModelMatrix {
                     what: format!("model {} (twice the largest recipe + 20%)", model.name),
                     advice: "use a smaller model or fewer high-precision recipes".into(),
                 }),
+                // Rows only: the models are uploads, checked as they go.
+                disk_bytes: wire::kernel_job::ROWS_ALLOWANCE_BYTES,
                 outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE],
                 deadline: self.spec.deadline(job.recipes.len()),
             });
@@ -249,11 +258,11 @@ impl JobKind for ModelMatrix {
     fn complete(
         &self,
         job: &PlannedJob,
-        board_dir: &Path,
+        job_dir: &Path,
         failure: Option<&JobFailure>,
     ) -> Result<Tally, JobError> {
         let job: ModelJob = from_spec(job)?;
-        let path = board_dir.join(MODEL_ROWS_FILE);
+        let path = job_dir.join(MODEL_ROWS_FILE);
         let mut rows: Vec<ModelRow> = rows_in(&path)?;
         rows.retain(|r| r.run_id == job.run_id && r.model_filename == job.model_name);
         let mut out = CsvAppender::<ModelRow>::open(&path)?;
@@ -283,6 +292,28 @@ impl JobKind for ModelMatrix {
         let mut tally = Tally::default();
         by_recipe.values().for_each(|s| tally.count(*s));
         Ok(tally)
+    }
+
+    fn remaining(&self, job: &PlannedJob, job_dir: &Path) -> Result<Option<PlannedJob>, JobError> {
+        let mut spec: ModelJob = from_spec(job)?;
+        let rows: Vec<ModelRow> = rows_in(&job_dir.join(MODEL_ROWS_FILE))?;
+        spec.recipes.retain(|recipe| {
+            !rows.iter().any(|r| {
+                r.run_id == spec.run_id
+                    && r.model_filename == spec.model_name
+                    && r.recipe == recipe.recipe
+            })
+        });
+        if spec.recipes.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(PlannedJob {
+            units: spec.recipes.len(),
+            deadline: self.spec.deadline(spec.recipes.len()),
+            uploads: uploads_of(&spec),
+            spec: to_spec(&spec),
+            ..job.clone()
+        }))
     }
 
     fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {

@@ -43,6 +43,9 @@ pub fn type_table(rows: &[KernelRow]) -> String {
     for (board, rows) in by_board(rows, |r| &r.board) {
         let emulated = rows.iter().any(|r| r.emulated);
         let _ = writeln!(out, "\n### {board}{}\n", emulated_note(emulated));
+        if let Some(note) = thermal_note(&rows) {
+            let _ = writeln!(out, "{note}\n");
+        }
         let _ = writeln!(
             out,
             "| type | bits/weight | cells ok | unsupported | failed | speedup vs F32 | GFLOP/s | weight GB/s | share of bandwidth | output NMSE |"
@@ -68,6 +71,40 @@ pub fn type_table(rows: &[KernelRow]) -> String {
     out
 }
 
+/// How many of a board's measured cells are thermally noisy and why, or
+/// `None` when none is.
+pub fn thermal_note<R: std::borrow::Borrow<KernelRow>>(rows: &[R]) -> Option<String> {
+    let noisy: Vec<&KernelRow> = rows
+        .iter()
+        .map(|r| r.borrow())
+        .filter(|r| r.thermal_noisy)
+        .collect();
+    if noisy.is_empty() {
+        return None;
+    }
+    let throttled = noisy.iter().filter(|r| r.throttled == Some(true)).count();
+    let mut governors: Vec<&str> = noisy
+        .iter()
+        .map(|r| r.governor.as_str())
+        .filter(|g| !g.is_empty() && *g != "performance")
+        .collect();
+    governors.sort();
+    governors.dedup();
+    let mut why = Vec::new();
+    if throttled > 0 {
+        why.push(format!("{throttled} throttled"));
+    }
+    if !governors.is_empty() {
+        why.push(format!("governor {}", governors.join(", ")));
+    }
+    Some(format!(
+        "**THERMALLY NOISY: {} of {} cells** ({}): their timings are not the board's steady speed; `compare` calls them noisy. Cool the board (a fan, or `cooldown_below_c`) and set the `performance` governor.",
+        noisy.len(),
+        rows.len(),
+        why.join("; ")
+    ))
+}
+
 /// Every cell, for the summary file.
 pub fn cell_table(rows: &[KernelRow]) -> String {
     let mut out = String::from(
@@ -81,9 +118,10 @@ pub fn cell_table(rows: &[KernelRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {}{}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.board,
             if r.emulated { " (emu)" } else { "" },
+            if r.thermal_noisy { " (thermal)" } else { "" },
             r.shape,
             r.ty,
             r.n,

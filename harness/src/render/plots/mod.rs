@@ -53,8 +53,15 @@ fn kernel_figure(
         .iter()
         .map(|(board, rows)| {
             let rows: Vec<&KernelRow> = rows.iter().map(|r| **r).collect();
+            let noisy = rows.iter().filter(|r| r.thermal_noisy).count();
+            let mut caption = board_caption(board, rows.iter().any(|r| r.emulated));
+            if noisy > 0 {
+                caption.push_str(&format!(
+                    " - {noisy} cells THERMALLY NOISY (throttled or not `performance`)"
+                ));
+            }
             Panel {
-                caption: board_caption(board, rows.iter().any(|r| r.emulated)),
+                caption,
                 chart: chart(&rows),
             }
         })
