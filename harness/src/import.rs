@@ -154,6 +154,7 @@ pub fn import_llama_bench(
             mc_accuracy: None,
             generated_text: String::new(),
             repetition_score: None,
+            synthetic: false,
             finished_at: r.test_time.clone(),
         };
         for (repetition, &ns) in r.samples_ns.iter().enumerate() {

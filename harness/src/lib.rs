@@ -1,8 +1,8 @@
 //! quantbench's host-side library: everything between `bench.toml` and
 //! the plots, for every kind of job, along one pipeline:
 //!
-//! - `config` (bench.toml, with `catalog` for shapes and `recipes` for
-//!   model recipe names) -> `jobs` (job kinds: `kernel`, `model`; `matrix`
+//! - `config` (bench.toml, with `catalog` for shapes, `recipes` for
+//!   model recipe names and `synthetic` for models made on the host) -> `jobs` (job kinds: `kernel`, `model`; `matrix`
 //!   expands a kernel matrix) -> `session` (target, boards, set-up, agent
 //!   `build`s, run id) -> `run` (every board at once; `deploy` for boards
 //!   over SSH via `transport`, whose host keys `known_hosts` checks, one run at a time per board by
@@ -39,5 +39,6 @@ pub mod run_dir;
 pub mod session;
 pub mod setup;
 pub mod shell;
+pub mod synthetic;
 pub mod testbed;
 pub mod transport;

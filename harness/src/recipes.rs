@@ -145,7 +145,10 @@ pub struct LayerImportance {
 
 /// Runs the host agent and reads the JSON it prints; a failure carries the
 /// agent's own one-line message (anyhow's `Error: ...`), not a backtrace.
-fn agent_json(agent: &AgentBuild, args: &[String]) -> Result<serde_json::Value, RecipeError> {
+pub(crate) fn agent_json(
+    agent: &AgentBuild,
+    args: &[String],
+) -> Result<serde_json::Value, RecipeError> {
     let subcommand = args.first().cloned().unwrap_or_default();
     let out = Command::new(&agent.path)
         .args(args)

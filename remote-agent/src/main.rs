@@ -79,6 +79,27 @@ enum Command {
         #[arg(long)]
         scratch: PathBuf,
     },
+    /// Write a synthetic GGUF model: a seed study's architecture at its real
+    /// sizes with seeded LLM-like weights; prints JSON with its size, the
+    /// seconds it took and this process's peak memory.
+    MakeModel {
+        /// `distilgpt2`, `llama3.2-1b`, `gemma3-1b`, `exaone3.5-2.4b`.
+        #[arg(long)]
+        like: String,
+        /// Keep only the first N blocks (default: all of them).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Weight type of the matrices: F32 or F16.
+        #[arg(long, default_value = "F16")]
+        weights: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// A GGUF whose tokenizer is borrowed (padded to the vocabulary size).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run a model job: speed, memory, quality and generated text per recipe.
     ModelRun {
         #[arg(long)]
@@ -132,6 +153,32 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(&scratch)?;
             let scores = model_run::layer_importance(&model, &text, ctx, &low, threads, &scratch)?;
             println!("{}", serde_json::json!({ "scores": scores }));
+        }
+        Command::MakeModel {
+            like,
+            layers,
+            weights,
+            seed,
+            tokenizer,
+            out,
+        } => {
+            let spec = wire::synthetic::spec_for(&like, layers)?;
+            let ty = match weights.to_ascii_uppercase().as_str() {
+                "F32" => kernels::GgmlType::F32,
+                "F16" => kernels::GgmlType::F16,
+                other => anyhow::bail!("--weights {other}: F32 or F16"),
+            };
+            let started = std::time::Instant::now();
+            kernels::synthetic::write_model(&out, &tokenizer, &spec, ty, seed)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "file_bytes": std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0),
+                    "parameters": spec.parameters(),
+                    "seconds": started.elapsed().as_secs_f64(),
+                    "peak_rss_bytes": model_run::peak_rss_bytes(),
+                })
+            );
         }
         Command::ModelRun { job, out_dir } => {
             let job: wire::model_job::ModelJob =

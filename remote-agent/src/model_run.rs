@@ -283,7 +283,7 @@ fn peak_rss_reset() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn peak_rss_bytes() -> Option<u64> {
+pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: u64 = status
         .lines()
@@ -391,15 +391,20 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
         .map(|t| t.resolve(probe.cores))
         .max()
         .unwrap_or(1);
-    let mut base_model = LoadedModel::load_with(
-        Path::new(&job.base.path),
-        job.ctx,
-        eval_sequences(job.ctx),
-        max_threads,
-    )?;
-    let tokens = base_model.tokenize(&text, base_model.adds_bos());
-    let base = score_positions(&mut base_model, &tokens, job.ctx)?;
-    drop(base_model);
+    // Random weights have no quality to measure: no reference either.
+    let (tokens, base) = if job.synthetic {
+        (Vec::new(), None)
+    } else {
+        let mut base_model = LoadedModel::load_with(
+            Path::new(&job.base.path),
+            job.ctx,
+            eval_sequences(job.ctx),
+            max_threads,
+        )?;
+        let tokens = base_model.tokenize(&text, base_model.adds_bos());
+        let base = score_positions(&mut base_model, &tokens, job.ctx)?;
+        (tokens, Some(base))
+    };
     let mut stdout = std::io::stdout();
     let total = job.recipes.len();
     let _ = writeln!(
@@ -423,7 +428,7 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
             }
             .to_line()
         );
-        let produced = measure_recipe(job, probe, recipe, &tokens, &base, max_threads);
+        let produced = measure_recipe(job, probe, recipe, &tokens, base.as_ref(), max_threads);
         let status = match produced {
             Ok(recipe_rows) => {
                 for (row, samples_ns) in &recipe_rows {
@@ -469,7 +474,7 @@ fn measure_recipe(
     probe: &BoardProbe,
     recipe: &RecipeFile,
     tokens: &[i32],
-    base: &Reference,
+    base: Option<&Reference>,
     max_threads: usize,
 ) -> Result<Vec<(ModelRow, Vec<f64>)>> {
     peak_rss_reset();
@@ -482,17 +487,23 @@ fn measure_recipe(
     let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
     let facts = model.facts();
     // Quality needs a context of exactly `ctx` like the reference.
-    let mut eval_model = LoadedModel::load_with(
-        Path::new(&recipe.path),
-        job.ctx,
-        eval_sequences(job.ctx),
-        max_threads,
-    )?;
-    let quality = compare(base, &score_positions(&mut eval_model, tokens, job.ctx)?);
-    drop(eval_model);
-    let generated = greedy(&mut model, &job.prompt, job.generate_tokens)?;
-    let mc_accuracy = match &job.multiple_choice {
-        Some(path) => Some(multiple_choice_accuracy(&mut model, Path::new(path))?),
+    let judged = match base {
+        Some(base) => {
+            let mut eval_model = LoadedModel::load_with(
+                Path::new(&recipe.path),
+                job.ctx,
+                eval_sequences(job.ctx),
+                max_threads,
+            )?;
+            let quality = compare(base, &score_positions(&mut eval_model, tokens, job.ctx)?);
+            drop(eval_model);
+            let generated = greedy(&mut model, &job.prompt, job.generate_tokens)?;
+            let mc_accuracy = match &job.multiple_choice {
+                Some(path) => Some(multiple_choice_accuracy(&mut model, Path::new(path))?),
+                None => None,
+            };
+            Some((quality, generated, mc_accuracy))
+        }
         None => None,
     };
     let mut out = Vec::new();
@@ -506,7 +517,6 @@ fn measure_recipe(
             let (summary_ns, ts) = (Summary::of(&ns), Summary::of(&ts));
             let row = ModelRow {
                 status: CellStatus::Ok,
-                note: String::new(),
                 model_type: facts.description.clone(),
                 model_size: facts.size_bytes,
                 model_n_params: facts.n_params,
@@ -521,13 +531,18 @@ fn measure_recipe(
                 stddev_ts: ts.map(|s| s.stddev),
                 load_ms: Some(load_ms),
                 peak_rss_bytes: peak_rss_bytes(),
-                ppl: Some(quality.ppl),
-                kld_mean: Some(quality.kld_mean),
-                kld_p99: Some(quality.kld_p99),
-                top1_agreement: Some(quality.top1_agreement),
-                mc_accuracy,
-                repetition_score: Some(repetition_score(&generated)),
-                generated_text: generated.clone(),
+                ppl: judged.as_ref().map(|j| j.0.ppl),
+                kld_mean: judged.as_ref().map(|j| j.0.kld_mean),
+                kld_p99: judged.as_ref().map(|j| j.0.kld_p99),
+                top1_agreement: judged.as_ref().map(|j| j.0.top1_agreement),
+                mc_accuracy: judged.as_ref().and_then(|j| j.2),
+                repetition_score: judged.as_ref().map(|j| repetition_score(&j.1)),
+                generated_text: judged.as_ref().map(|j| j.1.clone()).unwrap_or_default(),
+                note: if judged.is_none() {
+                    "synthetic model (seeded random weights): speed and memory only".into()
+                } else {
+                    String::new()
+                },
                 ..failed_row(job, probe, recipe, "")
             };
             out.push((row, ns));

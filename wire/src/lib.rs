@@ -3,8 +3,9 @@
 //! `model_job`), the rows the agent returns and their CSV schema (`rows`,
 //! written and read by `files`), the progress events it streams
 //! (`progress`), the board description (`probe`), the agent's build
-//! identity (`build_id`), GGML's type table (`ggml_type`) and the statistics
-//! both sides compute from raw samples (`stats`). It links no GGML, no SSH,
+//! identity (`build_id`), GGML's type table (`ggml_type`), the statistics
+//! both sides compute from raw samples (`stats`) and the synthetic models'
+//! architectures and tensor plans both sides size and write (`synthetic`). It links no GGML, no SSH,
 //! no plotting: the agent and the host library both depend on it.
 
 pub mod build_id;
@@ -16,6 +17,7 @@ pub mod probe;
 pub mod progress;
 pub mod rows;
 pub mod stats;
+pub mod synthetic;
 
 /// Current UTC time as RFC 3339 with second precision (`2026-11-22T17:00:00Z`).
 pub fn utc_now_rfc3339() -> String {

@@ -41,6 +41,10 @@ pub struct ModelJob {
     /// Multiple-choice JSONL on the machine that runs the agent.
     #[serde(default)]
     pub multiple_choice: Option<String>,
+    /// The model is synthetic (seeded random weights): speed and memory
+    /// only, no quality to measure.
+    #[serde(default)]
+    pub synthetic: bool,
 }
 
 /// A multiple-choice file that cannot be used, with the file and line.

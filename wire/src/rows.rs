@@ -213,6 +213,10 @@ pub struct ModelRow {
     pub generated_text: String,
     /// Share of repeated word 3-grams in the continuation (0 = none).
     pub repetition_score: Option<f64>,
+    /// A synthetic model (seeded random weights at a real architecture's
+    /// sizes): the quality columns are empty.
+    #[serde(default)]
+    pub synthetic: bool,
     pub finished_at: String,
 }
 
@@ -261,6 +265,7 @@ impl ModelRow {
             mc_accuracy: None,
             generated_text: String::new(),
             repetition_score: None,
+            synthetic: job.synthetic,
             finished_at: crate::utc_now_rfc3339(),
         }
     }

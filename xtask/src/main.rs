@@ -140,6 +140,29 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Write a synthetic GGUF model that stock llama.cpp loads: a seed study's
+    /// architecture at its real sizes (dimensions, heads, vocabulary, layers)
+    /// with seeded LLM-like weights. Speed and memory only: it has no quality.
+    /// The same command gives the same bytes. A model matrix can name one as
+    /// `models = ["synthetic:llama3.2-1b"]` instead.
+    MakeModel {
+        /// distilgpt2, llama3.2-1b, gemma3-1b or exaone3.5-2.4b.
+        #[arg(long)]
+        like: String,
+        /// Keep only the first N blocks (default: all, as the real model).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Weight type of the matrices: f16 (as the models ship) or f32.
+        #[arg(long, default_value = "f16")]
+        weights: String,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Output file (default: synthetic-<name>-<layers>l-<weights>-s<seed>.gguf
+        /// in the current folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Cross-build the on-board agent for a board profile and report what it is
     /// (path, content hash, static or not, Arm dot-product instructions).
     BuildAgent {
@@ -359,6 +382,35 @@ fn run() -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::MakeModel {
+            like,
+            layers,
+            weights,
+            seed,
+            out,
+        } => {
+            use harness::synthetic::{SyntheticModel, Weights};
+            let weights = Weights::parse(&weights)
+                .with_context(|| format!("--weights {weights}: f16 or f32"))?;
+            let model = SyntheticModel::named(&like, layers, weights, seed)?;
+            let out = out.unwrap_or_else(|| PathBuf::from(model.file_name()));
+            harness::setup::ensure(&[harness::setup::Need::HostBuild])?;
+            let workspace = harness::build::workspace_root();
+            let agent = harness::build::build_host_agent(&workspace)?;
+            let made = harness::synthetic::make(&agent, &workspace, &model, Some(&out))?;
+            println!(
+                "{}: synthetic {} ({} layers, {:.3} G parameters, {}) {:.2} GB in {:.1} s, peak memory {:.2} GB",
+                made.path.display(),
+                model.spec.like,
+                model.spec.n_layer,
+                model.spec.parameters() as f64 / 1e9,
+                model.weights.name(),
+                made.file_bytes as f64 / 1e9,
+                made.seconds.unwrap_or(0.0),
+                made.peak_rss_bytes.unwrap_or(0) as f64 / 1e9
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::BuildAgent { profile, builder } => {
             let profile = harness::build::BoardProfile::from_name(&profile).with_context(|| {

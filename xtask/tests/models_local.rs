@@ -232,3 +232,108 @@ fn recipe_the_model_cannot_take_is_refused_with_one_line() {
         "nothing measured, nothing uploaded"
     );
 }
+
+#[test]
+fn a_synthetic_model_of_a_real_architecture_runs_for_speed_and_memory_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(
+            &["synthetic:distilgpt2:1".to_string()],
+            "\"f32\", \"q4_0\", \"adaptive\"",
+        )
+        .replace("multiple_choice", "# multiple_choice"),
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    let all = common::text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("SYNTHETIC models"), "{all}");
+    let run = only_run_dir(dir.path());
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    assert_eq!(rows.len(), 6, "3 recipes x pp, tg: {rows:?}");
+    for r in &rows {
+        assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+        assert!(r.synthetic, "{r:?}");
+        assert!(
+            r.avg_ts.unwrap() > 0.0 && r.peak_rss_bytes.unwrap() > 0,
+            "{r:?}"
+        );
+        // GPT-2's real vocabulary and width: the embedding alone is 38.6M.
+        assert!(r.model_n_params > 38_000_000, "{r:?}");
+        assert!(
+            r.ppl.is_none() && r.kld_mean.is_none() && r.top1_agreement.is_none(),
+            "no quality for random weights: {r:?}"
+        );
+        assert!(r.note.contains("synthetic"), "{r:?}");
+    }
+    let importance = std::fs::read_to_string(run.join("importance.json")).unwrap();
+    assert!(importance.contains("layer order"), "{importance}");
+
+    // A name quantbench cannot make: one line naming the known ones.
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(&["synthetic:gpt9".to_string()], "\"f32\""),
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no synthetic model like `gpt9`") && stderr.contains("llama3.2-1b"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn make_model_writes_the_same_bytes_twice_and_refuses_bad_requests_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |out: &str| {
+        xtask(
+            dir.path(),
+            &[
+                "make-model",
+                "--like",
+                "distilgpt2",
+                "--layers",
+                "1",
+                "--out",
+                out,
+            ],
+        )
+    };
+    for out in ["a.gguf", "b.gguf"] {
+        let made = make(out);
+        assert!(made.status.success(), "{}", common::text(&made));
+        assert!(
+            String::from_utf8_lossy(&made.stdout).contains("synthetic distilgpt2 (1 layers"),
+            "{}",
+            common::text(&made)
+        );
+    }
+    let a = std::fs::read(dir.path().join("a.gguf")).unwrap();
+    assert!(
+        a == std::fs::read(dir.path().join("b.gguf")).unwrap(),
+        "same bytes"
+    );
+    for (args, expected) in [
+        (vec!["--like", "gpt9"], "known: distilgpt2, llama3.2-1b"),
+        (
+            vec!["--like", "llama3.2-1b", "--layers", "0"],
+            "give 1 to 16",
+        ),
+        (
+            vec!["--like", "llama3.2-1b", "--layers", "17"],
+            "give 1 to 16",
+        ),
+    ] {
+        let mut all = vec!["make-model"];
+        all.extend(args);
+        let out = xtask(dir.path(), &all);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+}

@@ -719,6 +719,74 @@ fn model_too_large_for_the_board_is_refused_before_upload() {
     );
 }
 
+#[test]
+fn a_synthetic_model_runs_on_an_emulated_board_and_one_whose_own_memory_is_too_small_refuses_it() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    // A board that reports 64 MB of memory: its agent runs in a mount
+    // namespace whose /proc/meminfo says so (no `max_memory_mb` declared).
+    let scripts = tempfile::tempdir().unwrap();
+    let meminfo = scripts.path().join("meminfo");
+    std::fs::write(
+        &meminfo,
+        "MemTotal:          65536 kB\nMemFree:           65536 kB\nMemAvailable:      65536 kB\n",
+    )
+    .unwrap();
+    let runner = scripts.path().join("small-board.sh");
+    std::fs::write(
+        &runner,
+        format!(
+            "#!/bin/sh\nexec unshare -m sh -c 'mount --bind \"$0\" /proc/meminfo && exec qemu-aarch64 -cpu cortex-a76 \"$@\"' {} \"$@\"\n",
+            meminfo.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&runner, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let runner = runner.display().to_string();
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().display().to_string();
+    let dir = config_dir(&[("small", &|b| {
+        b.insert(
+            "runner".into(),
+            toml::Value::Array(vec![toml::Value::String(runner.clone())]),
+        );
+        b.insert("work_dir".into(), work_dir.clone().into());
+    })]);
+    let fixtures = workspace_root().join("fixtures");
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[model_matrices.syn]\nmodels = [\"synthetic:distilgpt2:1\"]\nrecipes = [\"f32\", \"q4_0\"]\ntext = {:?}\nctx = 32\nprompt = \"The future of artificial intelligence is\"\ngenerate_tokens = 0\nn_prompt = 8\nn_gen = 4\nrepetitions = 1\n",
+        fixtures.join("stories-eval.txt").display().to_string()
+    ));
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let out = bench(dir.path(), "sim1,small", "syn");
+    let all = text(&out);
+    assert!(!out.status.success(), "the small board fails: {all}");
+    assert!(
+        all.contains("needs about") && all.contains("0.067 GB of memory to plan for"),
+        "{all}"
+    );
+    assert!(
+        !work.path().join("models").exists(),
+        "nothing uploaded to the small board: {all}"
+    );
+    let rows: Vec<wire::rows::ModelRow> =
+        read_csv(&only_run_dir(dir.path()).join("models.csv")).unwrap();
+    let emulated: Vec<_> = rows.iter().filter(|r| r.board == "sim1").collect();
+    assert_eq!(emulated.len(), 4, "{rows:?}");
+    for r in &emulated {
+        assert!(
+            r.status == CellStatus::Ok && r.synthetic && r.emulated,
+            "{r:?}"
+        );
+        eprintln!(
+            "emulated sim1, synthetic distilgpt2 (1 block) {} {}: {:.2} s per token",
+            r.recipe,
+            r.test,
+            1.0 / r.avg_ts.unwrap()
+        );
+    }
+}
+
 fn bench_waiting(dir: &Path, target: &str, matrix: &str, lock_wait: u64) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
     command.current_dir(dir).args([

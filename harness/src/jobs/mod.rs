@@ -27,6 +27,8 @@ pub enum JobError {
     Results(#[from] ResultsError),
     #[error("{0}")]
     MissingHostAgent(String),
+    #[error("{0}")]
+    Synthetic(String),
 }
 
 /// One job for one board, ready for a runner.

@@ -11,6 +11,7 @@ use crate::build::workspace_root;
 use crate::config::{BenchConfig, ConfigError, ModelMatrixSpec};
 use crate::recipes::{adaptive_assignment, check_model_file, LayerImportance, RecipeCache};
 use crate::session::{BoardSlot, Session};
+use crate::synthetic::{self, SyntheticModel};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use wire::files::{write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE, SAMPLES_FILE};
@@ -50,16 +51,24 @@ fn uploads_of(job: &ModelJob) -> Vec<Upload> {
 pub struct ModelMatrix {
     name: String,
     spec: ModelMatrixSpec,
-    models: Vec<PathBuf>,
+    models: Vec<ModelSource>,
     text: PathBuf,
     multiple_choice: Option<PathBuf>,
     /// Filled by `prepare`: per model, its recipe files and importance.
     prepared: Vec<PreparedModel>,
 }
 
+/// Where a model of the matrix comes from.
+enum ModelSource {
+    File(PathBuf),
+    /// Made on the host (`synthetic:<name>`), seeded random weights.
+    Synthetic(SyntheticModel),
+}
+
 struct PreparedModel {
     path: PathBuf,
     name: String,
+    synthetic: bool,
     file_bytes: u64,
     recipes: Vec<RecipeFile>,
     importance: Option<LayerImportance>,
@@ -73,13 +82,17 @@ impl ModelMatrix {
             matrix: name.to_string(),
             message,
         };
-        let models: Vec<PathBuf> = spec
-            .models
-            .iter()
-            .map(|m| config_relative(config, m))
-            .collect();
-        for model in &models {
-            check_model_file(model).map_err(|e| invalid(e.to_string()))?;
+        let mut models = Vec::new();
+        for entry in &spec.models {
+            let text = entry.display().to_string();
+            models.push(match SyntheticModel::from_entry(&text, config.seed) {
+                Some(made) => ModelSource::Synthetic(made.map_err(|e| invalid(e.to_string()))?),
+                None => {
+                    let path = config_relative(config, entry);
+                    check_model_file(&path).map_err(|e| invalid(e.to_string()))?;
+                    ModelSource::File(path)
+                }
+            });
         }
         let text = config_relative(config, &spec.text);
         if !text.is_file() {
@@ -146,18 +159,45 @@ impl JobKind for ModelMatrix {
         })?;
         let spec = &self.spec;
         self.prepared.clear();
-        for model in &self.models {
+        for source in &self.models {
+            let (model, name, synthetic_layers) = match source {
+                ModelSource::File(path) => (
+                    path.clone(),
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    None,
+                ),
+                ModelSource::Synthetic(wanted) => {
+                    let made = synthetic::make(agent, &session.workspace, wanted, None)
+                        .map_err(|e| JobError::Synthetic(e.to_string()))?;
+                    match made.seconds {
+                        Some(seconds) => eprintln!(
+                            "{}: made in {seconds:.1} s ({:.2} GB, peak memory {:.2} GB)",
+                            wanted.file_name(),
+                            made.file_bytes as f64 / 1e9,
+                            made.peak_rss_bytes.unwrap_or(0) as f64 / 1e9
+                        ),
+                        None => eprintln!("{}: from the cache", wanted.file_name()),
+                    }
+                    (made.path, wanted.file_name(), Some(wanted.spec.n_layer))
+                }
+            };
+            let synthetic = synthetic_layers.is_some();
+            let model = &model;
             let cache = RecipeCache::open(&session.workspace, model)?;
-            let name = model
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
             let mut recipes = Vec::new();
             let mut importance = None;
             for recipe in &spec.recipes {
                 if recipe == "adaptive" {
                     let a = &spec.adaptive;
-                    let scores = cache.importance(agent, model, &self.text, spec.ctx, &a.low)?;
+                    // Random weights have no importance to measure: the
+                    // layer order stands in for it, and the method says so.
+                    let scores = if let Some(n) = synthetic_layers {
+                        (0..n).map(|i| (n - i) as f64).collect()
+                    } else {
+                        cache.importance(agent, model, &self.text, spec.ctx, &a.low)?
+                    };
                     let assignment = adaptive_assignment(&scores, a);
                     recipes.push(cache.quantize(
                         agent,
@@ -169,12 +209,16 @@ impl JobKind for ModelMatrix {
                     )?);
                     importance = Some(LayerImportance {
                         model: name.clone(),
-                        method: format!(
-                            "mean KL divergence from the unquantized model on {} (ctx {}) when only that layer is quantized to {}",
-                            spec.text.display(),
-                            spec.ctx,
-                            a.low
-                        ),
+                        method: if synthetic {
+                            "layer order, earlier layers first (a synthetic model's random weights have no importance to measure)".to_string()
+                        } else {
+                            format!(
+                                "mean KL divergence from the unquantized model on {} (ctx {}) when only that layer is quantized to {}",
+                                spec.text.display(),
+                                spec.ctx,
+                                a.low
+                            )
+                        },
                         scores,
                         assignment,
                     });
@@ -186,6 +230,7 @@ impl JobKind for ModelMatrix {
                 path: model.clone(),
                 file_bytes: check_model_file(model)?,
                 name,
+                synthetic,
                 recipes,
                 importance,
             });
@@ -220,7 +265,9 @@ impl JobKind for ModelMatrix {
                 multiple_choice: self
                     .multiple_choice
                     .as_ref()
+                    .filter(|_| !model.synthetic)
                     .map(|p| p.display().to_string()),
+                synthetic: model.synthetic,
             };
             let uploads = uploads_of(&job);
             // The agent loads the base alone, then each recipe twice (a

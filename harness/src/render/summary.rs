@@ -144,6 +144,18 @@ pub fn model_table(rows: &[ModelRow]) -> String {
         let emulated = rows.iter().any(|r| r.emulated);
         let header = "| model | recipe | bits/weight | size MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | MC acc | repetition | fallbacks | generated text |";
         let _ = writeln!(out, "\n### {board} models{}\n", emulated_note(emulated));
+        let synthetic: BTreeSet<&str> = rows
+            .iter()
+            .filter(|r| r.synthetic)
+            .map(|r| r.model_filename.as_str())
+            .collect();
+        if !synthetic.is_empty() {
+            let _ = writeln!(
+                out,
+                "**SYNTHETIC models** ({}): real architectures and sizes with seeded random weights. Their speed and memory are a trained model's; they have no quality, so its columns are empty.\n",
+                synthetic.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
         let _ = writeln!(out, "{header}");
         let _ = writeln!(
             out,

@@ -106,7 +106,13 @@ fn model_figure(
     let panels = figures
         .iter()
         .map(|(board, f)| Panel {
-            caption: board_caption(board, f.rows.iter().any(|r| r.emulated)),
+            caption: {
+                let mut caption = board_caption(board, f.rows.iter().any(|r| r.emulated));
+                if f.rows.iter().any(|r| r.synthetic) {
+                    caption.push_str(" - SYNTHETIC weights: speed and memory only");
+                }
+                caption
+            },
             chart: chart(f),
         })
         .collect();
