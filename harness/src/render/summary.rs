@@ -142,7 +142,7 @@ pub fn model_table(rows: &[ModelRow]) -> String {
     let mut out = String::new();
     for (board, rows) in by_board(rows, |r| &r.board) {
         let emulated = rows.iter().any(|r| r.emulated);
-        let header = "| model | recipe | bits/weight | size MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | MC acc | repetition | fallbacks | generated text |";
+        let header = "| model | recipe | bits/weight | size MB | peak RSS MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | MC acc | repetition | fallbacks | generated text |";
         let _ = writeln!(out, "\n### {board} models{}\n", emulated_note(emulated));
         let synthetic: BTreeSet<&str> = rows
             .iter()
@@ -159,7 +159,7 @@ pub fn model_table(rows: &[ModelRow]) -> String {
         let _ = writeln!(out, "{header}");
         let _ = writeln!(
             out,
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         );
         let figures = ModelFigures::new(&rows);
         let mut seen = BTreeSet::new();
@@ -170,7 +170,7 @@ pub fn model_table(rows: &[ModelRow]) -> String {
             if r.status != CellStatus::Ok {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | – | – | – | – | – | – | – | – | – | – | – | failed: {} |",
+                    "| {} | {} | – | – | – | – | – | – | – | – | – | – | – | – | failed: {} |",
                     r.model_filename,
                     r.recipe,
                     r.note.replace('|', "/")
@@ -185,11 +185,12 @@ pub fn model_table(rows: &[ModelRow]) -> String {
             let text: String = r.generated_text.chars().take(60).collect();
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.model_filename,
                 r.recipe,
                 r.bits_per_weight,
                 r.file_bytes as f64 / 1e6,
+                fmt_opt(r.peak_rss_bytes.map(|b| b as f64), |v| format!("{:.0}", v / 1e6)),
                 fmt_opt(pp, |v| format!("{v:.0}")),
                 fmt_opt(tg, |v| format!("{v:.0}")),
                 fmt_opt(speedup, |v| format!("{v:.2}x")),
