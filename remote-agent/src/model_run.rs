@@ -379,6 +379,7 @@ fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64>
 }
 
 pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Result<usize> {
+    let started = Instant::now();
     let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
     // Every repetition is kept, as llama-bench's JSON keeps `samples_ns`, so
     // model cells can be compared between runs like kernel cells.
@@ -466,6 +467,20 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
         );
         let _ = stdout.flush();
     }
+    // The host's `agent_seconds`: the agent's own time, without upload and
+    // polling.
+    let _ = writeln!(
+        stdout,
+        "{}",
+        ProgressEvent::Finished {
+            ok: total - failed,
+            unsupported: 0,
+            failed,
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+        }
+        .to_line()
+    );
+    let _ = stdout.flush();
     Ok(failed)
 }
 

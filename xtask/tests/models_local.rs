@@ -269,6 +269,14 @@ fn a_synthetic_model_of_a_real_architecture_runs_for_speed_and_memory_only() {
     }
     let importance = std::fs::read_to_string(run.join("importance.json")).unwrap();
     assert!(importance.contains("layer order"), "{importance}");
+    // The agent reports its own time, so the host's overhead is known.
+    let manifest: harness::manifest::RunManifest =
+        wire::files::read_json(&run.join("run.json")).unwrap();
+    assert!(
+        manifest.boards[0].agent_seconds > 0.0,
+        "{:?}",
+        manifest.boards
+    );
 
     // A name quantbench cannot make: one line naming the known ones.
     std::fs::write(
