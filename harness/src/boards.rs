@@ -1,5 +1,6 @@
 //! Boards and `--target`: configured boards and groups, `~/.ssh/config`
-//! aliases, `user@host:port`, and `local`.
+//! aliases, `user@host:port`, `local`, and places of a labgrid board farm
+//! (`labgrid:<place>`), whose address is known once the place is taken.
 //!
 //! ```toml
 //! [boards.kitchen]
@@ -16,8 +17,17 @@
 //! keep_runs = 20                 # run folders kept on the board; older ones are pruned
 //! retry_seconds = 120            # keep retrying a board whose link fails this long
 //!
+//! [boards.farm1]                 # a board a labgrid coordinator hands out:
+//! labgrid = { place = "pi5-lab-1", coordinator = "labhost:20408" }
+//! identity = "~/.ssh/lab_key"    # address, user, port come from the place
+//!
+//! [labgrid]                      # defaults for every labgrid place
+//! coordinator = "labhost:20408"  # else LG_COORDINATOR, else 127.0.0.1:20408
+//! power_cycle = false            # power-cycle a place whose board does not answer
+//! boot_seconds = 180             # how long to wait for SSH after a power cycle
+//!
 //! [groups]
-//! lab = ["kitchen", "desk"]
+//! lab = ["kitchen", "desk", "labgrid:pi5-lab-2"]
 //! ```
 
 use crate::build::BoardProfile;
@@ -36,6 +46,8 @@ pub enum TargetError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BoardConfig {
+    /// Address or ssh alias; empty for a labgrid board.
+    #[serde(default)]
     pub host: String,
     #[serde(default)]
     pub user: Option<String>,
@@ -70,6 +82,66 @@ pub struct BoardConfig {
     /// to come back.
     #[serde(default = "default_retry_seconds")]
     pub retry_seconds: u64,
+    /// The board is a place of a labgrid farm: taken from its coordinator
+    /// for the run, reached at the place's NetworkService.
+    #[serde(default)]
+    pub labgrid: Option<LabgridSettings>,
+}
+
+/// A board's `labgrid = {...}`, and `[labgrid]` (defaults, no `place`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabgridSettings {
+    #[serde(default)]
+    pub place: Option<String>,
+    /// `host:port` of the labgrid coordinator.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// When the board does not answer SSH and the place has a power
+    /// resource: one power cycle, then wait `boot_seconds` for SSH, before
+    /// the board is failed. Off by default: a power cut can lose a board's
+    /// unsynced writes.
+    #[serde(default)]
+    pub power_cycle: Option<bool>,
+    #[serde(default)]
+    pub boot_seconds: Option<u64>,
+}
+
+/// Where a labgrid board comes from, resolved against the defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FarmPlace {
+    pub place: String,
+    pub coordinator: String,
+    pub power_cycle: bool,
+    pub boot_seconds: u64,
+    /// The place's tags, read from the coordinator when the run opens.
+    pub tags: BTreeMap<String, String>,
+}
+
+impl FarmPlace {
+    fn new(place: &str, own: Option<&LabgridSettings>, defaults: &LabgridSettings) -> FarmPlace {
+        let pick =
+            |f: fn(&LabgridSettings) -> Option<String>| own.and_then(f).or_else(|| f(defaults));
+        FarmPlace {
+            place: place.to_string(),
+            coordinator: pick(|s| s.coordinator.clone())
+                .or_else(|| {
+                    std::env::var("LG_COORDINATOR")
+                        .ok()
+                        .filter(|c| !c.is_empty())
+                })
+                .unwrap_or_else(|| crate::labgrid::DEFAULT_COORDINATOR.to_string()),
+            power_cycle: own
+                .and_then(|s| s.power_cycle)
+                .or(defaults.power_cycle)
+                .unwrap_or(false),
+            boot_seconds: own
+                .and_then(|s| s.boot_seconds)
+                .or(defaults.boot_seconds)
+                .unwrap_or(180),
+            tags: BTreeMap::new(),
+        }
+    }
 }
 
 fn default_keep_runs() -> usize {
@@ -95,6 +167,8 @@ pub struct BoardsFile {
     pub boards: BTreeMap<String, BoardConfig>,
     #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub labgrid: LabgridSettings,
 }
 
 /// A board ready to be measured.
@@ -121,6 +195,9 @@ pub struct RemoteBoard {
     pub max_memory_bytes: Option<u64>,
     pub keep_runs: usize,
     pub retry_seconds: u64,
+    /// Set for a labgrid place: `host`, `user` and `port` are filled in
+    /// from the place's NetworkService once it is taken.
+    pub farm: Option<FarmPlace>,
 }
 
 impl ResolvedBoard {
@@ -132,8 +209,9 @@ impl ResolvedBoard {
     }
 }
 
-/// Resolves `--target` (a comma list of board names, group names, ssh
-/// aliases, `user@host:port` or `local`) into boards, without duplicates.
+/// Resolves `--target` (a comma list of board names, group names,
+/// `labgrid:<place>`, ssh aliases, `user@host:port` or `local`) into
+/// boards, without duplicates.
 pub fn resolve_targets(
     target: &str,
     boards: &BoardsFile,
@@ -141,27 +219,23 @@ pub fn resolve_targets(
 ) -> Result<Vec<ResolvedBoard>, TargetError> {
     let mut out: Vec<ResolvedBoard> = Vec::new();
     for item in target.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let found: Vec<ResolvedBoard> = if item == "local" {
-            vec![ResolvedBoard::Local]
-        } else if let Some(members) = boards.groups.get(item) {
-            members
+        let found: Vec<ResolvedBoard> = match boards.groups.get(item) {
+            Some(members) => members
                 .iter()
                 .map(|m| {
-                    let config = boards.boards.get(m).ok_or_else(|| TargetError::Invalid {
-                        target: item.into(),
-                        message: format!(
-                            "group `{item}` names board `{m}`, which is not configured"
-                        ),
-                    })?;
-                    from_config(m, config, ssh_config).map(ResolvedBoard::Remote)
+                    if m.starts_with("labgrid:") || boards.boards.contains_key(m) {
+                        resolve_one(m, boards, ssh_config)
+                    } else {
+                        Err(TargetError::Invalid {
+                            target: item.into(),
+                            message: format!(
+                                "group `{item}` names board `{m}`, which is not configured"
+                            ),
+                        })
+                    }
                 })
-                .collect::<Result<_, _>>()?
-        } else if let Some(config) = boards.boards.get(item) {
-            vec![ResolvedBoard::Remote(from_config(
-                item, config, ssh_config,
-            )?)]
-        } else {
-            vec![ResolvedBoard::Remote(from_destination(item, ssh_config)?)]
+                .collect::<Result<_, _>>()?,
+            None => vec![resolve_one(item, boards, ssh_config)?],
         };
         for board in found {
             if !out.iter().any(|b| b.name() == board.name()) {
@@ -178,9 +252,68 @@ pub fn resolve_targets(
     Ok(out)
 }
 
+/// One item of a target that is not a group.
+fn resolve_one(
+    item: &str,
+    boards: &BoardsFile,
+    ssh_config: &SshConfig,
+) -> Result<ResolvedBoard, TargetError> {
+    if item == "local" {
+        return Ok(ResolvedBoard::Local);
+    }
+    if let Some(place) = item.strip_prefix("labgrid:") {
+        // A configured board for this place lends its settings (identity,
+        // known_hosts, runner, ...) and its name.
+        let configured = boards
+            .boards
+            .iter()
+            .find(|(_, c)| c.labgrid.as_ref().and_then(|l| l.place.as_deref()) == Some(place));
+        return match configured {
+            Some((name, config)) => from_config(name, config, boards, ssh_config),
+            None => from_config(
+                place,
+                &BoardConfig {
+                    labgrid: Some(LabgridSettings {
+                        place: Some(place.to_string()),
+                        ..Default::default()
+                    }),
+                    ..bare_config()
+                },
+                boards,
+                ssh_config,
+            ),
+        }
+        .map(ResolvedBoard::Remote);
+    }
+    match boards.boards.get(item) {
+        Some(config) => from_config(item, config, boards, ssh_config).map(ResolvedBoard::Remote),
+        None => from_destination(item, ssh_config).map(ResolvedBoard::Remote),
+    }
+}
+
+/// Every default of a `[boards.x]` entry.
+fn bare_config() -> BoardConfig {
+    BoardConfig {
+        host: String::new(),
+        user: None,
+        port: None,
+        profile: default_profile(),
+        identity: None,
+        work_dir: default_work_dir(),
+        emulated: false,
+        runner: Vec::new(),
+        known_hosts: None,
+        max_memory_mb: None,
+        keep_runs: default_keep_runs(),
+        retry_seconds: default_retry_seconds(),
+        labgrid: None,
+    }
+}
+
 fn from_config(
     name: &str,
     config: &BoardConfig,
+    boards: &BoardsFile,
     ssh: &SshConfig,
 ) -> Result<RemoteBoard, TargetError> {
     let invalid = |message: String| TargetError::Invalid {
@@ -193,6 +326,28 @@ fn from_config(
             config.profile
         ))
     })?;
+    let farm = match &config.labgrid {
+        Some(settings) => {
+            let place = settings.place.as_deref().unwrap_or_default();
+            if place.is_empty() || !is_safe_value(place) || place.starts_with('-') {
+                return Err(invalid(format!(
+                    "`labgrid.place` must name a labgrid place (letters, digits and . _ - only), not `{place}`"
+                )));
+            }
+            if !config.host.is_empty() {
+                return Err(invalid(
+                    "set `host` or `labgrid`, not both: a labgrid board's address comes from its place".into(),
+                ));
+            }
+            Some(FarmPlace::new(place, Some(settings), &boards.labgrid))
+        }
+        None if config.host.is_empty() => {
+            return Err(invalid(
+                "no `host` (an address or ssh alias) and no `labgrid = { place = ... }`".into(),
+            ))
+        }
+        None => None,
+    };
     let alias = ssh.lookup(&config.host);
     let mut identities: Vec<PathBuf> = config.identity.iter().map(|p| expand_home(p)).collect();
     identities.extend(alias.identity_files.iter().map(|p| expand_home(p)));
@@ -220,6 +375,7 @@ fn from_config(
         max_memory_bytes: config.max_memory_mb.map(|mb| mb * 1_000_000),
         keep_runs: config.keep_runs,
         retry_seconds: config.retry_seconds,
+        farm,
     };
     validate(&board)?;
     Ok(board)
@@ -273,16 +429,43 @@ fn from_destination(item: &str, ssh: &SshConfig) -> Result<RemoteBoard, TargetEr
         max_memory_bytes: None,
         keep_runs: default_keep_runs(),
         retry_seconds: default_retry_seconds(),
+        farm: None,
     };
     validate(&board)?;
     Ok(board)
 }
 
+/// Checks a labgrid board's place before anything is built: the client
+/// is there, the coordinator answers, the place exists; a `board` (or
+/// `profile`) tag of pi5, pi4 or generic-aarch64 sets the board profile.
+pub fn inspect_place(board: &mut RemoteBoard) -> Result<(), crate::labgrid::LabgridError> {
+    let Some(farm) = board.farm.as_mut() else {
+        return Ok(());
+    };
+    let client = crate::labgrid::LabgridClient::find(&farm.coordinator)?;
+    let info = client.show(&farm.place)?;
+    let tagged = ["board", "profile"]
+        .iter()
+        .filter_map(|k| info.tags.get(*k))
+        .find_map(|v| BoardProfile::from_name(v));
+    if let Some(profile) = tagged {
+        board.profile = profile;
+    }
+    farm.tags = info.tags;
+    Ok(())
+}
+
 /// Every value that reaches a remote command line or path must be plain.
 fn validate(board: &RemoteBoard) -> Result<(), TargetError> {
+    // A labgrid board's address is checked when its place is taken.
+    let host = if board.farm.is_some() {
+        "labgrid"
+    } else {
+        board.host.as_str()
+    };
     let checks = [
         ("board name", board.name.as_str()),
-        ("host", board.host.as_str()),
+        ("host", host),
         ("user", board.user.as_str()),
         ("work_dir", board.work_dir.as_str()),
     ];
@@ -511,6 +694,52 @@ Host *
         let e = resolve_targets("ok", &file, &ssh).unwrap_err().to_string();
         assert!(e.contains("work_dir"), "{e}");
         assert!(resolve_targets("a`id`@host", &BoardsFile::default(), &ssh).is_err());
+    }
+
+    #[test]
+    fn labgrid_places_take_a_configured_boards_settings_and_the_defaults() {
+        let file: BoardsFile = toml::from_str(
+            "[labgrid]\ncoordinator='lab:20408'\npower_cycle=true\n\
+             [boards.farm1]\nlabgrid={place='pi5-a', boot_seconds=30}\nidentity='/k'\nemulated=true\n\
+             [groups]\nfarm=['farm1','labgrid:pi5-b']\n",
+        )
+        .unwrap();
+        let ssh = SshConfig::default();
+        let boards = resolve_targets("labgrid:pi5-a,farm", &file, &ssh).unwrap();
+        let names: Vec<&str> = boards.iter().map(ResolvedBoard::name).collect();
+        assert_eq!(
+            names,
+            ["farm1", "pi5-b"],
+            "the configured board lends its name"
+        );
+        let a = remote(&boards[0]);
+        let farm = a.farm.as_ref().unwrap();
+        assert_eq!(
+            (
+                farm.place.as_str(),
+                farm.coordinator.as_str(),
+                farm.power_cycle,
+                farm.boot_seconds
+            ),
+            ("pi5-a", "lab:20408", true, 30)
+        );
+        assert!(a.emulated && a.identities[0].ends_with("k"));
+        let b = remote(&boards[1]).farm.as_ref().unwrap();
+        assert_eq!((b.place.as_str(), b.boot_seconds), ("pi5-b", 180));
+    }
+
+    #[test]
+    fn a_labgrid_board_needs_a_place_and_no_host() {
+        let ssh = SshConfig::default();
+        let file: BoardsFile =
+            toml::from_str("[boards.a]\nhost='h'\nlabgrid={place='p'}\n[boards.b]\nuser='pi'\n[boards.c]\nlabgrid={place='x;y'}\n").unwrap();
+        let e = resolve_targets("a", &file, &ssh).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        let e = resolve_targets("b", &file, &ssh).unwrap_err().to_string();
+        assert!(e.contains("no `host`"), "{e}");
+        let e = resolve_targets("c", &file, &ssh).unwrap_err().to_string();
+        assert!(e.contains("labgrid.place"), "{e}");
+        assert!(resolve_targets("labgrid:$(id)", &BoardsFile::default(), &ssh).is_err());
     }
 
     #[test]

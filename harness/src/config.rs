@@ -67,6 +67,9 @@ pub struct BenchConfig {
     /// Named lists of boards, usable as `--target <group>`.
     #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
+    /// Defaults for boards of a labgrid farm (see `boards`).
+    #[serde(default)]
+    pub labgrid: crate::boards::LabgridSettings,
     /// Seed of the synthetic weights and activations.
     #[serde(default = "default_seed")]
     pub seed: u64,

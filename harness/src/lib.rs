@@ -5,7 +5,8 @@
 //!   model recipe names and `synthetic` for models made on the host) -> `jobs` (job kinds: `kernel`, `model`; `matrix`
 //!   expands a kernel matrix) -> `session` (target, boards, set-up, agent
 //!   `build`s, run id) -> `run` (every board at once; `deploy` for boards
-//!   over SSH via `transport`, whose host keys `known_hosts` checks, one run at a time per board by
+//!   over SSH via `transport`, whose host keys `known_hosts` checks; boards of a
+//!   labgrid farm by `farm`, which takes places through `labgrid`; one run at a time per board by
 //!   `board_lock`, work dirs pruned by `board_storage`) -> `manifest` (run.json) -> `render`
 //!   (summary, plots);
 //! - around it: `boards` (targets), `setup` (a fresh machine), `testbed`
@@ -24,10 +25,12 @@ pub mod catalog;
 pub mod compare;
 pub mod config;
 pub mod deploy;
+pub mod farm;
 pub mod history;
 pub mod import;
 pub mod jobs;
 pub mod known_hosts;
+pub mod labgrid;
 pub mod manifest;
 pub mod matrix;
 pub mod pipeline;

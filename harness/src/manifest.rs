@@ -115,6 +115,42 @@ pub struct BoardOutcome {
     /// Bytes uploaded to the board in this run (0: everything was there).
     pub uploaded_bytes: u64,
     pub jobs: Vec<JobOutcome>,
+    /// Set when a labgrid coordinator handed the board out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labgrid: Option<FarmRecord>,
+}
+
+/// Which labgrid place a board was, so a result names the exact board it
+/// came from, and what was done to it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FarmRecord {
+    pub place: String,
+    pub coordinator: String,
+    /// The place's tags when the run started (`board=pi5`, ...).
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// labgrid's reservation token the place was allocated under.
+    pub token: Option<String>,
+    /// `user@address:port` from the place's NetworkService.
+    pub reached_at: Option<String>,
+    pub acquired_at: Option<String>,
+    pub released_at: Option<String>,
+    /// Why the place could not be taken or given back, if so.
+    pub error: Option<String>,
+    #[serde(default)]
+    pub power_cycles: Vec<PowerCycleRecord>,
+}
+
+/// One power cycle of a board that did not answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PowerCycleRecord {
+    pub at: String,
+    /// The failure that led to it.
+    pub reason: String,
+    /// Seconds from the power cycle until SSH answered; `None`: it did not
+    /// within `boot_seconds`.
+    pub ssh_after_seconds: Option<f64>,
+    pub error: Option<String>,
 }
 
 impl BoardOutcome {

@@ -11,6 +11,7 @@
 use crate::boards::ResolvedBoard;
 use crate::config::{BenchConfig, ConfigError};
 use crate::deploy::SshRunner;
+use crate::farm::FarmRunner;
 use crate::jobs::{kinds_for, JobError};
 use crate::manifest::{
     BoardOutcome, HostInfo, ManifestWriter, MatrixRecord, RunManifest, Versions,
@@ -158,15 +159,22 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
                 board: slot.name.clone(),
                 agent: agent.path.clone(),
             }),
-            (ResolvedBoard::Remote(r), Some(agent)) => Box::new(SshRunner {
-                board: r.clone(),
-                agent: agent.clone(),
-                accept_new_host_key: options.accept_new_host_key,
-                lock_wait: options.board_lock_wait,
-                uploaded_bytes: Default::default(),
-                log: log.clone(),
-                prepared: false,
-            }),
+            (ResolvedBoard::Remote(r), Some(agent)) => {
+                let ssh = SshRunner {
+                    board: r.clone(),
+                    agent: agent.clone(),
+                    accept_new_host_key: options.accept_new_host_key,
+                    lock_wait: options.board_lock_wait,
+                    uploaded_bytes: Default::default(),
+                    log: log.clone(),
+                    prepared: false,
+                };
+                if r.farm.is_some() {
+                    Box::new(FarmRunner::new(ssh, options.board_lock_wait))
+                } else {
+                    Box::new(ssh)
+                }
+            }
             (_, None) => {
                 return Err(JobError::MissingHostAgent(format!(
                     "no agent was built for board {}",

@@ -75,6 +75,19 @@ pub trait BoardRunner: Send {
     fn uploaded_bytes(&self) -> u64 {
         0
     }
+    /// The board failed (`failure`): try once to bring it back (a board
+    /// farm's power cycle). True when it answers again and the job is
+    /// worth trying again.
+    fn recover(&mut self, _failure: &str) -> bool {
+        false
+    }
+    /// The board's jobs are over (or failed): give back what the runner
+    /// holds (a board farm's place).
+    fn release(&mut self) {}
+    /// Where a board farm's board came from, for run.json.
+    fn farm_record(&self) -> Option<crate::manifest::FarmRecord> {
+        None
+    }
 }
 
 /// The `local` target: the agent runs as a child process of the host and
@@ -379,7 +392,21 @@ fn run_board(
                 } => record.agent_seconds += *elapsed_seconds,
                 _ => {}
             };
-            run_job(&mut *plan.runner, &**kind, job, &dir, &job_dir, on_event)
+            let first = run_job(&mut *plan.runner, &**kind, job, &dir, &job_dir, on_event);
+            match &first {
+                // A board that went away may come back (a farm's power
+                // cycle); the job is then resumed like an interrupted one:
+                // what its agent wrote is kept, only units without a row run.
+                Err(e @ (RunError::Board(_) | RunError::Link(_)))
+                    if plan.runner.recover(&e.to_string()) =>
+                {
+                    log_manifest(
+                        manifest.update_board(&board, |b| b.labgrid = plan.runner.farm_record()),
+                    );
+                    run_job(&mut *plan.runner, &**kind, job, &dir, &job_dir, on_event)
+                }
+                _ => first,
+            }
         };
         done_units += job.units as u64;
         bar.set_position(done_units);
@@ -432,10 +459,13 @@ fn run_board(
         outcome.jobs.push(record);
         outcome.uploaded_bytes =
             previous.as_ref().map(|p| p.uploaded_bytes).unwrap_or(0) + plan.runner.uploaded_bytes();
+        outcome.labgrid = plan.runner.farm_record();
         outcome.wall_seconds = previous.as_ref().map(|p| p.wall_seconds).unwrap_or(0.0)
             + started.elapsed().as_secs_f64();
         log_manifest(manifest.update_board(&board, |b| *b = outcome.clone()));
     }
+    plan.runner.release();
+    outcome.labgrid = plan.runner.farm_record();
     match &outcome.error {
         Some(e) => bar.abandon_with_message(format!("FAILED: {e}")),
         None => bar.finish_with_message("done"),

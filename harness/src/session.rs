@@ -27,6 +27,13 @@ pub enum SessionError {
     Target(#[from] TargetError),
     #[error(transparent)]
     Testbed(#[from] crate::testbed::TestbedError),
+    // Not `source`: the message already holds the labgrid error, and a
+    // source would print it twice in an error chain.
+    #[error("board {board}: {error}")]
+    Farm {
+        board: String,
+        error: crate::labgrid::LabgridError,
+    },
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -89,17 +96,33 @@ impl Session {
     ) -> Result<Session, SessionError> {
         let workspace = workspace_root();
         let target = target_or_default(options.target.as_deref(), &workspace)?;
-        let boards = resolve_targets(
+        let mut boards = resolve_targets(
             &target,
             &known_boards(config, &workspace)?,
             &SshConfig::load_default(),
         )?;
         let any_remote = boards.iter().any(|b| matches!(b, ResolvedBoard::Remote(_)));
+        let any_farm = boards
+            .iter()
+            .any(|b| matches!(b, ResolvedBoard::Remote(r) if r.farm.is_some()));
         let mut needs = vec![Need::HostBuild];
         if any_remote {
             needs.push(Need::CrossBuild);
         }
+        if any_farm {
+            needs.push(Need::Labgrid);
+        }
         crate::setup::ensure(&needs)?;
+        // Before any build: a missing client, a coordinator that does not
+        // answer or a place that does not exist fails in a second.
+        for board in &mut boards {
+            if let ResolvedBoard::Remote(remote) = board {
+                crate::boards::inspect_place(remote).map_err(|error| SessionError::Farm {
+                    board: remote.name.clone(),
+                    error,
+                })?;
+            }
+        }
 
         let mut builds = Vec::new();
         let mut timed = |profile: &str,
@@ -221,6 +244,14 @@ pub fn known_boards(config: &BenchConfig, workspace: &Path) -> Result<BoardsFile
     }
     file.boards.extend(config.boards.clone());
     file.groups.extend(config.groups.clone());
+    file.labgrid = config.labgrid.clone();
+    if file.labgrid.place.is_some() {
+        return Err(ConfigError::Parse {
+            path: config.source.clone(),
+            message: "`[labgrid]` holds defaults for every place and cannot name one: put `place` in a board's `labgrid = { place = \"...\" }`, or use --target labgrid:<place>".into(),
+        }
+        .into());
+    }
     Ok(file)
 }
 

@@ -37,6 +37,9 @@ pub enum Need {
     /// Faults injected into emulated boards' links by the tests: packet
     /// loss with nftables (this kernel kind has no netem).
     FaultInjection,
+    /// labgrid's client, for boards of a labgrid farm (and its coordinator
+    /// and exporter, for the tests): from PyPI, in a venv of its own.
+    Labgrid,
     /// A headless browser to check the HTML report renders (tests only).
     Browser,
 }
@@ -117,6 +120,12 @@ const REQUIREMENTS: &[Requirement] = &[
         package: "nftables",
     },
     Requirement {
+        need: Need::Labgrid,
+        present: python_venv_present,
+        what: "python3 with venv",
+        package: "python3-venv",
+    },
+    Requirement {
         need: Need::Browser,
         present: || on_path("chromium"),
         what: "chromium",
@@ -125,6 +134,43 @@ const REQUIREMENTS: &[Requirement] = &[
 ];
 
 pub const AARCH64_TARGET: &str = "aarch64-unknown-linux-gnu";
+
+/// The labgrid release set-up installs and the tests run.
+pub const LABGRID_VERSION: &str = "26.0.1";
+/// Where set-up puts labgrid, under the workspace.
+pub const LABGRID_VENV_DIR: &str = "target/labgrid-venv";
+
+/// The quantbench checkout this binary was built from.
+pub fn workspace_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| std::path::PathBuf::from("."))
+}
+
+/// `labgrid-client`: the one `QUANTBENCH_LABGRID_CLIENT` names, else the
+/// first on PATH, else the one set-up installed.
+pub fn labgrid_client() -> Option<std::path::PathBuf> {
+    let on_path = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("labgrid-client"))
+                .find(|p| p.is_file())
+        })
+    };
+    let installed = || {
+        Some(
+            workspace_root()
+                .join(LABGRID_VENV_DIR)
+                .join("bin/labgrid-client"),
+        )
+        .filter(|p| p.is_file())
+    };
+    match std::env::var_os("QUANTBENCH_LABGRID_CLIENT") {
+        Some(named) => Some(std::path::PathBuf::from(named)).filter(|p| p.is_file()),
+        None => on_path().or_else(installed),
+    }
+}
 
 /// Installs what `needs` lack. Prints one line per action taken.
 pub fn ensure(needs: &[Need]) -> Result<(), SetupError> {
@@ -136,8 +182,7 @@ pub fn ensure(needs: &[Need]) -> Result<(), SetupError> {
         let packages: Vec<&str> = missing.iter().map(|r| r.package).collect();
         // QUANTBENCH_NO_INSTALL=1: report, never install (for machines whose
         // packages are managed elsewhere, and for tests).
-        let may_install = is_root() && std::env::var_os("QUANTBENCH_NO_INSTALL").is_none();
-        if !may_install {
+        if !may_install() {
             return Err(SetupError::NotRoot {
                 missing: missing
                     .iter()
@@ -159,11 +204,43 @@ pub fn ensure(needs: &[Need]) -> Result<(), SetupError> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&packages))?;
     }
+    // Without leave to install, a missing client is reported where it is
+    // needed, with how to install it.
+    if needs.contains(&Need::Labgrid) && may_install() && labgrid_client().is_none() {
+        install_labgrid()?;
+    }
     if needs.contains(&Need::CrossBuild) && !rust_target_installed(AARCH64_TARGET) {
         eprintln!("setup: adding the Rust target {AARCH64_TARGET}");
         run(Command::new("rustup").args(["target", "add", AARCH64_TARGET]))?;
     }
     Ok(())
+}
+
+/// labgrid from PyPI into the workspace's own venv (never the system's
+/// Python): the version the tests were written against.
+fn install_labgrid() -> Result<(), SetupError> {
+    let venv = workspace_root().join(LABGRID_VENV_DIR);
+    eprintln!(
+        "setup: installing labgrid {LABGRID_VERSION} from PyPI into {}",
+        venv.display()
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(format!("labgrid=={LABGRID_VERSION}")))
+}
+
+fn may_install() -> bool {
+    is_root() && std::env::var_os("QUANTBENCH_NO_INSTALL").is_none()
+}
+
+fn python_venv_present() -> bool {
+    Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn run(command: &mut Command) -> Result<(), SetupError> {

@@ -133,6 +133,7 @@ pub fn up(workspace: &Path, boards: usize) -> Result<PathBuf, TestbedError> {
                 max_memory_mb: None,
                 keep_runs: 20,
                 retry_seconds: crate::boards::default_retry_seconds(),
+                labgrid: None,
             },
         );
     }

@@ -7,11 +7,12 @@ use harness::session::SessionOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const ALL_NEEDS: [harness::setup::Need; 4] = [
+const ALL_NEEDS: [harness::setup::Need; 5] = [
     harness::setup::Need::HostBuild,
     harness::setup::Need::CrossBuild,
     harness::setup::Need::Testbed,
     harness::setup::Need::FaultInjection,
+    harness::setup::Need::Labgrid,
 ];
 
 #[derive(Parser)]
@@ -83,7 +84,9 @@ enum Command {
     /// CSVs, run.json, plots and a summary into one run directory.
     Bench {
         /// Where to measure: `local` (this machine), a board or group from the
-        /// config, an ~/.ssh/config alias, user@host:port, or a comma list.
+        /// config, an ~/.ssh/config alias, user@host:port, `labgrid:<place>`
+        /// (a place of a labgrid farm, taken for the run and released after;
+        /// coordinator from the config or LG_COORDINATOR), or a comma list.
         /// Without it: one emulated Pi 5 on this machine (board sim1).
         #[arg(long)]
         target: Option<String>,
@@ -106,8 +109,9 @@ enum Command {
         #[arg(long)]
         accept_new_host_key: bool,
         /// Seconds to wait for a board that another run (another host, a
-        /// colleague, last night's agent still going) is measuring on, before
-        /// failing that board with who holds it.
+        /// colleague, last night's agent still going) is measuring on, or a
+        /// labgrid place someone else holds, before failing that board with
+        /// who holds it.
         #[arg(long, value_name = "SECONDS", default_value_t = 600)]
         lock_wait: u64,
         /// Pick up an interrupted run instead of starting one: a run
@@ -239,6 +243,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Ctrl-C, or SIGTERM from a CI runner cancelling a job: give back the
+    // labgrid places this run holds before dying, or they stay taken. Agents
+    // on boards keep running; `bench --resume` takes the places again and
+    // collects them.
+    let installed = ctrlc::set_handler(|| {
+        harness::labgrid::release_all_held();
+        std::process::exit(130);
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: no interrupt handler ({e}): an interrupted run leaves its labgrid places taken");
+    }
     match run() {
         Ok(code) => code,
         Err(e) => {
@@ -326,6 +341,13 @@ fn run() -> Result<ExitCode> {
                 match board {
                     harness::boards::ResolvedBoard::Local => {
                         println!("local: nothing kept on boards to clean")
+                    }
+                    harness::boards::ResolvedBoard::Remote(remote) if remote.farm.is_some() => {
+                        eprintln!(
+                            "{}: a labgrid place is cleaned by the runs that take it (each prunes the board to its `keep_runs` after every job); `board clean` does not take places",
+                            remote.name
+                        );
+                        failed = true;
                     }
                     harness::boards::ResolvedBoard::Remote(remote) => {
                         match harness::deploy::clean_board(&remote, keep, accept_new_host_key) {

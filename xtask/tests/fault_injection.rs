@@ -23,17 +23,6 @@ use std::time::{Duration, Instant};
 use wire::files::read_csv;
 use wire::rows::{CellStatus, KernelRow};
 
-/// Runs `ip netns exec <board's namespace> <args>`, which must succeed.
-fn in_namespace(board: usize, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &namespace(board)])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The rows the agent finished, by the board's own copy of the run.
 fn rows_on_board(work: &str, run_dir: &Path) -> Vec<KernelRow> {
     let run_id = run_dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -60,17 +49,6 @@ fn assert_no_finished_row_lost(work: &str, run_dir: &Path) -> Vec<KernelRow> {
         assert!(host.contains(row), "lost: {row:?}");
     }
     host
-}
-
-/// Puts the board's cable back even when an assertion fails.
-struct LinkDown(usize);
-impl Drop for LinkDown {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &namespace(self.0), "ip", "link", "set"])
-            .args(["dev", &board_link(self.0), "up"])
-            .status();
-    }
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! brought up once per test binary, board configs derived from its boards,
 //! the real CLI run against them.
 
+use super::text;
 use harness::build::{build_board_agent, workspace_root, BoardProfile, Builder};
+use harness::testbed::{board_link, namespace};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
@@ -172,4 +174,26 @@ pub fn assert_every_slow_cell_once(run_dir: &Path) -> Vec<KernelRow> {
         assert_eq!(reps.len(), row.repetitions as usize, "{}", row.cell_id);
     }
     rows
+}
+
+/// Runs `ip netns exec <board's namespace> <args>`, which must succeed.
+pub fn in_namespace(board: usize, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &namespace(board)])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Puts the board's cable back even when an assertion fails.
+pub struct LinkDown(pub usize);
+impl Drop for LinkDown {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &namespace(self.0), "ip", "link", "set"])
+            .args(["dev", &board_link(self.0), "up"])
+            .status();
+    }
 }
