@@ -269,6 +269,12 @@ fn two_places_are_taken_measured_and_given_back() {
         assert!(record["released_at"].is_string(), "{record:#}");
         assert_eq!(lab.holder(place), "None", "{place} is free again");
     }
+    let summary = std::fs::read_to_string(run_dir.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("## Boards from labgrid")
+            && summary.contains("- `qb-farm-b`: place `qb-farm-b` on coordinator"),
+        "{summary}"
+    );
     let reservations = lab.client(&["reservations"]);
     assert!(
         String::from_utf8_lossy(&reservations.stdout)

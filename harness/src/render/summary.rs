@@ -19,13 +19,61 @@ pub fn summary(run: &RunData) -> (String, String) {
         tables.push_str(&model_table(&run.model_rows));
     }
     let mut full = format!(
-        "# quantbench run {}\n\nmatrix `{}`, commit {}, started {}\n{}",
-        m.run_id, m.matrix, m.git_commit, m.started_at, tables
+        "# quantbench run {}\n\nmatrix `{}`, commit {}, started {}\n{}{}",
+        m.run_id,
+        m.matrix,
+        m.git_commit,
+        m.started_at,
+        farm_boards(&m.boards),
+        tables
     );
     if !run.kernel_rows.is_empty() {
         let _ = write!(full, "\n## All cells\n\n{}", cell_table(&run.kernel_rows));
     }
     (tables, full)
+}
+
+/// Which labgrid place each farm board was, so the summary names the exact
+/// board; empty when no board came from a farm.
+pub fn farm_boards(boards: &[crate::manifest::BoardOutcome]) -> String {
+    let mut out = String::new();
+    for board in boards {
+        let Some(farm) = &board.labgrid else {
+            continue;
+        };
+        if out.is_empty() {
+            out.push_str("\n## Boards from labgrid\n\n");
+        }
+        let tags: Vec<String> = farm.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = write!(
+            out,
+            "- `{}`: place `{}` on coordinator {}, reservation {}, reached at {}",
+            board.board,
+            farm.place,
+            farm.coordinator,
+            farm.token.as_deref().unwrap_or("none"),
+            farm.reached_at.as_deref().unwrap_or("never")
+        );
+        if !tags.is_empty() {
+            let _ = write!(out, ", tags {}", tags.join(" "));
+        }
+        for cycle in &farm.power_cycles {
+            let _ = write!(
+                out,
+                "; power-cycled at {} ({})",
+                cycle.at,
+                match cycle.ssh_after_seconds {
+                    Some(s) => format!("SSH back after {s:.0} s"),
+                    None => "did not come back".into(),
+                }
+            );
+        }
+        if let Some(e) = &farm.error {
+            let _ = write!(out, "; {e}");
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn emulated_note(emulated: bool) -> &'static str {
@@ -238,5 +286,37 @@ mod tests {
         );
         assert!(table.contains("### sim1 (EMULATED"), "{table}");
         assert!(!table.contains("### local (EMULATED"), "{table}");
+    }
+
+    #[test]
+    fn farm_boards_name_place_coordinator_reservation_and_power_cycles() {
+        use crate::manifest::{BoardOutcome, FarmRecord, PowerCycleRecord};
+        let plain = BoardOutcome {
+            board: "sim1".into(),
+            ..Default::default()
+        };
+        assert_eq!(farm_boards(std::slice::from_ref(&plain)), "");
+        let farm = BoardOutcome {
+            board: "pi5-a".into(),
+            labgrid: Some(FarmRecord {
+                place: "pi5-a".into(),
+                coordinator: "lab:20408".into(),
+                token: Some("TOKEN1".into()),
+                reached_at: Some("pi@10.0.0.5:22".into()),
+                tags: [("board".to_string(), "pi5".to_string())].into(),
+                power_cycles: vec![PowerCycleRecord {
+                    at: "T".into(),
+                    ssh_after_seconds: Some(41.0),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = farm_boards(&[plain, farm]);
+        assert!(
+            text.contains("- `pi5-a`: place `pi5-a` on coordinator lab:20408, reservation TOKEN1, reached at pi@10.0.0.5:22, tags board=pi5; power-cycled at T (SSH back after 41 s)"),
+            "{text}"
+        );
     }
 }
