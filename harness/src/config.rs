@@ -11,8 +11,9 @@
 //!
 //! [model_matrices.model-quick]
 //! models = ["fixtures/stories260K.gguf"]
-//! recipes = ["f32", "q8_0", "q4_0", "adaptive"]
+//! recipes = ["f32", "q8_0", "q4_0", "adaptive", "q4_0+imatrix", "gptq-q4_0"]
 //! text = "fixtures/stories-eval.txt"
+//! calibration = "fixtures/stories-calib.txt"  # for +imatrix and gptq- recipes
 //!
 //! [shapes."mymodel.ffn_up"]              # extra shapes, rows (M) x cols (K)
 //! rows = 4096
@@ -20,7 +21,7 @@
 //! ```
 
 use crate::catalog::{CustomShape, ShapeCatalog};
-use crate::recipes::{is_uniform_recipe, AdaptiveParams, UNIFORM_RECIPES};
+use crate::recipes::{is_uniform_recipe, AdaptiveParams, Recipe, UNIFORM_RECIPES};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -151,6 +152,11 @@ pub struct ModelMatrixSpec {
     #[serde(default = "default_threads")]
     pub threads: Vec<ThreadCount>,
     pub text: PathBuf,
+    /// The text calibrated recipes (`<type>+imatrix`, `gptq-<type>`) learn
+    /// from; default `text`, which flatters them: they are then judged on
+    /// what they were fitted to.
+    #[serde(default)]
+    pub calibration: Option<PathBuf>,
     #[serde(default = "default_ctx")]
     pub ctx: usize,
     #[serde(default = "default_prompt")]
@@ -376,12 +382,7 @@ impl ModelMatrixSpec {
             return Err("`models` and `recipes` must not be empty".into());
         }
         for recipe in &self.recipes {
-            if recipe != "adaptive" && !is_uniform_recipe(recipe) {
-                return Err(format!(
-                    "unknown recipe `{recipe}` (known: adaptive, {})",
-                    UNIFORM_RECIPES.join(", ")
-                ));
-            }
+            Recipe::parse(recipe)?;
         }
         let a = &self.adaptive;
         for ty in [&a.high, &a.mid, &a.low] {

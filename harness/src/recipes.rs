@@ -1,7 +1,9 @@
 //! Model recipes on the host: which recipe names exist (llama.cpp file
-//! types and `adaptive`), the layer assignment behind `adaptive`, checking a
-//! model file before any work, and producing each recipe's GGUF with the
-//! host agent (`quantize`, `importance`), cached by model hash and recipe.
+//! types, `adaptive`, and the calibrated `<type>+imatrix` and
+//! `gptq-<type>`), the layer assignment behind `adaptive`, checking a model
+//! file before any work, and producing each recipe's GGUF with the host
+//! agent (`quantize`, `importance`, `imatrix`, `gptq`), cached by model
+//! hash, recipe and (for calibrated recipes) calibration text and context.
 
 use crate::build::AgentBuild;
 use serde::{Deserialize, Serialize};
@@ -83,6 +85,95 @@ fn default_fraction() -> f64 {
 
 pub fn is_uniform_recipe(name: &str) -> bool {
     UNIFORM_RECIPES.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// The block formats GPTQ is implemented for (`gptq-<type>`).
+pub const GPTQ_TYPES: &[&str] = &["q4_0", "q8_0"];
+
+/// A model recipe, parsed from its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipe {
+    /// A llama.cpp file type (`q4_0`, `q4_k_m`, ...).
+    Uniform(String),
+    /// `adaptive`: layers by importance (see `AdaptiveParams`).
+    Adaptive,
+    /// `<type>+imatrix`: llama.cpp's quantizer weighted by the importance
+    /// matrix of the calibration text.
+    Imatrix(String),
+    /// `gptq-<type>`: GPTQ's error-compensating rounding onto the type's grid.
+    Gptq(String),
+}
+
+impl Recipe {
+    pub fn parse(name: &str) -> Result<Recipe, String> {
+        let lower = name.to_ascii_lowercase();
+        if lower == "adaptive" {
+            return Ok(Recipe::Adaptive);
+        }
+        if is_uniform_recipe(&lower) {
+            return Ok(Recipe::Uniform(lower));
+        }
+        if let Some(base) = lower.strip_suffix("+imatrix") {
+            if is_uniform_recipe(base) && !matches!(base, "f32" | "f16" | "bf16") {
+                return Ok(Recipe::Imatrix(base.to_string()));
+            }
+            return Err(format!(
+                "recipe `{name}`: `+imatrix` calibrates a quantized type; `{base}` is not one (use one of {})",
+                quantized_types().join(", ")
+            ));
+        }
+        if let Some(base) = lower.strip_prefix("gptq-") {
+            if GPTQ_TYPES.contains(&base) {
+                return Ok(Recipe::Gptq(base.to_string()));
+            }
+            return Err(format!(
+                "recipe `{name}`: GPTQ is implemented for {} (block formats with one scale per 32 weights)",
+                GPTQ_TYPES.join(", ")
+            ));
+        }
+        Err(format!(
+            "unknown recipe `{name}` (known: adaptive, {}, <type>+imatrix for a quantized type, gptq-q4_0, gptq-q8_0)",
+            UNIFORM_RECIPES.join(", ")
+        ))
+    }
+
+    /// Whether the recipe is made from the calibration text's activations.
+    pub fn is_calibrated(&self) -> bool {
+        matches!(self, Recipe::Imatrix(_) | Recipe::Gptq(_))
+    }
+}
+
+fn quantized_types() -> Vec<&'static str> {
+    UNIFORM_RECIPES
+        .iter()
+        .copied()
+        .filter(|r| !matches!(*r, "f32" | "f16" | "bf16"))
+        .collect()
+}
+
+/// What calibrating a recipe did, kept with the run (`calibration.json`)
+/// and in the recipe cache beside the GGUF.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRecord {
+    pub model: String,
+    pub recipe: String,
+    /// `imatrix` or `gptq`.
+    pub method: String,
+    pub text: String,
+    pub ctx: usize,
+    pub chunks: usize,
+    /// GPTQ's dampening (fraction of the Hessian's mean diagonal).
+    #[serde(default)]
+    pub damp: Option<f64>,
+    /// GPTQ only: per weight matrix, the relative output error on the
+    /// calibration activations of plain rounding and of GPTQ.
+    #[serde(default)]
+    pub matrices: Vec<wire::model_job::MatrixError>,
+    #[serde(default)]
+    pub mean_error_rtn: Option<f64>,
+    #[serde(default)]
+    pub mean_error_gptq: Option<f64>,
+    pub seconds: f64,
 }
 
 /// Layers per precision for `adaptive`: of `n_layers`, the top
@@ -201,6 +292,32 @@ fn write_whole(path: &Path, text: &str) -> Result<(), RecipeError> {
     std::fs::rename(&temp, path).map_err(io_err(path))
 }
 
+/// One quantization of a model: llama.cpp file type `ftype`, optionally
+/// per-layer types (`adaptive`), a type for the embedding and output
+/// matrices, and an importance matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizeSpec<'a> {
+    /// The recipe's name, which names the cached file.
+    pub recipe: &'a str,
+    pub ftype: &'a str,
+    pub layer_types: &'a [String],
+    pub other_type: Option<&'a str>,
+    pub imatrix: Option<&'a Path>,
+}
+
+impl<'a> QuantizeSpec<'a> {
+    /// A uniform recipe: every matrix `ftype`, llama.cpp's own exceptions.
+    pub fn uniform(recipe: &'a str, ftype: &'a str) -> Self {
+        QuantizeSpec {
+            recipe,
+            ftype,
+            layer_types: &[],
+            other_type: None,
+            imatrix: None,
+        }
+    }
+}
+
 /// The host-side recipe cache of one model:
 /// `target/quantbench-models/<model hash>/`.
 pub struct RecipeCache {
@@ -226,12 +343,25 @@ impl RecipeCache {
         &self,
         agent: &AgentBuild,
         model: &Path,
-        recipe: &str,
-        ftype: &str,
-        layer_types: &[String],
-        other_type: Option<&str>,
+        spec: &QuantizeSpec,
     ) -> Result<RecipeFile, RecipeError> {
-        let key = if layer_types.is_empty() {
+        let QuantizeSpec {
+            recipe,
+            ftype,
+            layer_types,
+            other_type,
+            imatrix,
+        } = *spec;
+        let key = if let Some(imatrix) = imatrix {
+            // The importance matrix's name carries its text and context.
+            format!(
+                "{recipe}-{}",
+                imatrix
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            )
+        } else if layer_types.is_empty() {
             recipe.to_string()
         } else {
             format!(
@@ -242,13 +372,7 @@ impl RecipeCache {
         };
         let path = self.dir.join(format!("{key}.gguf"));
         let meta_path = self.dir.join(format!("{key}.json"));
-        if !(path.exists() && meta_path.exists()) {
-            // Two runs may quantize the same recipe at once (a nightly and a
-            // manual run, or tests): each writes its own temporary file and
-            // the renames replace whole files with identical content.
-            let temp = self
-                .dir
-                .join(format!("{key}.gguf.part-{}", unique_suffix()));
+        let made = self.make_once(agent, &path, &[&meta_path], |temp| {
             let mut args = vec![
                 "quantize".to_string(),
                 "--input".into(),
@@ -268,10 +392,13 @@ impl RecipeCache {
                 args.push("--other-type".into());
                 args.push(other.to_string());
             }
-            let meta = agent_json(agent, &args).inspect_err(|_| {
-                let _ = std::fs::remove_file(&temp);
-            })?;
-            std::fs::rename(&temp, &path).map_err(io_err(&path))?;
+            if let Some(imatrix) = imatrix {
+                args.push("--imatrix".into());
+                args.push(imatrix.display().to_string());
+            }
+            args
+        })?;
+        if let Some(meta) = made {
             write_whole(&meta_path, &meta.to_string())?;
         }
         let meta_text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
@@ -285,7 +412,158 @@ impl RecipeCache {
             path: path.display().to_string(),
             fallbacks: meta.fallbacks,
             file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
+            note: String::new(),
         })
+    }
+
+    /// Makes `path` with the agent unless it and `beside` (the files its
+    /// caller writes next to it) are cached. `args` gets the temporary name
+    /// the agent must write: two runs may make the same file at once (a
+    /// nightly and a manual run, or tests), each into its own temporary
+    /// file, and the renames replace whole files with identical content.
+    /// Returns the agent's JSON when it ran.
+    fn make_once(
+        &self,
+        agent: &AgentBuild,
+        path: &Path,
+        beside: &[&Path],
+        args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Result<Option<serde_json::Value>, RecipeError> {
+        if path.exists() && beside.iter().all(|p| p.exists()) {
+            return Ok(None);
+        }
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(format!(".part-{}", unique_suffix()));
+        let temp = PathBuf::from(temp);
+        let out = agent_json(agent, &args(&temp)).inspect_err(|_| {
+            let _ = std::fs::remove_file(&temp);
+        })?;
+        std::fs::rename(&temp, path).map_err(io_err(path))?;
+        Ok(Some(out))
+    }
+
+    /// The model's importance matrix on `text` at context `ctx` (the GGUF
+    /// `llama-quantize --imatrix` reads), made once per (text, ctx, agent).
+    pub fn imatrix(
+        &self,
+        agent: &AgentBuild,
+        model: &Path,
+        text: &Path,
+        ctx: usize,
+    ) -> Result<(PathBuf, CalibrationRecord), RecipeError> {
+        let text_hash = wire::build_id::content_hash(text).map_err(io_err(text))?;
+        // Our own code computes it: a new agent makes it again.
+        let stem = format!("imatrix-{ctx}-{text_hash}-{}", agent.hash);
+        let path = self.dir.join(format!("{stem}.gguf"));
+        let meta_path = self.dir.join(format!("{stem}.json"));
+        let made = self.make_once(agent, &path, &[&meta_path], |temp| {
+            vec![
+                "imatrix".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--text".into(),
+                text.display().to_string(),
+                "--ctx".into(),
+                ctx.to_string(),
+                "--threads".into(),
+                self.threads.to_string(),
+                "--out".into(),
+                temp.display().to_string(),
+            ]
+        })?;
+        if let Some(out) = made {
+            let record = CalibrationRecord {
+                model: String::new(),
+                recipe: String::new(),
+                method: "imatrix".into(),
+                text: text.display().to_string(),
+                ctx,
+                chunks: out["chunks"].as_u64().unwrap_or(0) as usize,
+                damp: None,
+                matrices: Vec::new(),
+                mean_error_rtn: None,
+                mean_error_gptq: None,
+                seconds: out["seconds"].as_f64().unwrap_or(0.0),
+            };
+            write_whole(&meta_path, &json_text(&record)?)?;
+        }
+        Ok((path, read_record(&meta_path)?))
+    }
+
+    /// `gptq-<base>`: GPTQ onto `base`'s grid with the Hessian from `text`
+    /// at context `ctx`, made once per (base, text, ctx, agent); the
+    /// per-matrix errors are kept beside it.
+    pub fn gptq(
+        &self,
+        agent: &AgentBuild,
+        model: &Path,
+        base: &str,
+        text: &Path,
+        ctx: usize,
+    ) -> Result<(RecipeFile, CalibrationRecord), RecipeError> {
+        let text_hash = wire::build_id::content_hash(text).map_err(io_err(text))?;
+        let recipe = format!("gptq-{base}");
+        // Our own code computes it: a new agent makes it again.
+        let key = format!("{recipe}-{ctx}-{text_hash}-{}", agent.hash);
+        let path = self.dir.join(format!("{key}.gguf"));
+        let meta_path = self.dir.join(format!("{key}.json"));
+        let record_path = self.dir.join(format!("{key}.calibration.json"));
+        let made = self.make_once(agent, &path, &[&meta_path, &record_path], |temp| {
+            vec![
+                "gptq".into(),
+                "--input".into(),
+                model.display().to_string(),
+                "--output".into(),
+                temp.display().to_string(),
+                "--ftype".into(),
+                base.to_string(),
+                "--text".into(),
+                text.display().to_string(),
+                "--ctx".into(),
+                ctx.to_string(),
+                "--threads".into(),
+                self.threads.to_string(),
+            ]
+        })?;
+        if let Some(out) = made {
+            let parse = |source| RecipeError::AgentOutput {
+                subcommand: "gptq".into(),
+                source,
+            };
+            let record = CalibrationRecord {
+                model: String::new(),
+                recipe: recipe.clone(),
+                method: "gptq".into(),
+                text: text.display().to_string(),
+                ctx,
+                chunks: out["chunks"].as_u64().unwrap_or(0) as usize,
+                damp: out["damp"].as_f64(),
+                matrices: serde_json::from_value(out["matrices"].clone()).map_err(parse)?,
+                mean_error_rtn: out["mean_error_rtn"].as_f64(),
+                mean_error_gptq: out["mean_error_gptq"].as_f64(),
+                seconds: out["seconds"].as_f64().unwrap_or(0.0),
+            };
+            write_whole(
+                &meta_path,
+                &serde_json::json!({ "fallbacks": out["fallbacks"] }).to_string(),
+            )?;
+            write_whole(&record_path, &json_text(&record)?)?;
+        }
+        let meta_text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
+        let meta: QuantizeOutput =
+            serde_json::from_str(&meta_text).map_err(|source| RecipeError::AgentOutput {
+                subcommand: "gptq".into(),
+                source,
+            })?;
+        let record = read_record(&record_path)?;
+        let file = RecipeFile {
+            recipe,
+            path: path.display().to_string(),
+            fallbacks: meta.fallbacks,
+            file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
+            note: String::new(),
+        };
+        Ok((file, record))
     }
 
     /// Each layer's importance (mean KL divergence from the unquantized
@@ -340,6 +618,44 @@ impl RecipeCache {
     }
 }
 
+fn json_text(record: &CalibrationRecord) -> Result<String, RecipeError> {
+    serde_json::to_string_pretty(record).map_err(|source| RecipeError::AgentOutput {
+        subcommand: "calibration record".into(),
+        source,
+    })
+}
+
+fn read_record(path: &Path) -> Result<CalibrationRecord, RecipeError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text).map_err(|source| RecipeError::AgentOutput {
+        subcommand: "calibration record".into(),
+        source,
+    })
+}
+
+impl CalibrationRecord {
+    /// The row note of a recipe made this way.
+    pub fn note(&self) -> String {
+        let text = Path::new(&self.text)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.text.clone());
+        match (self.method.as_str(), self.mean_error_rtn, self.mean_error_gptq) {
+            ("gptq", Some(rtn), Some(gptq)) => format!(
+                "GPTQ calibrated on {text} (ctx {}, {} chunks, damp {}): mean relative output error {gptq:.3e} vs {rtn:.3e} rounding to nearest, over {} matrices",
+                self.ctx,
+                self.chunks,
+                self.damp.unwrap_or(0.01),
+                self.matrices.len()
+            ),
+            _ => format!(
+                "importance matrix from {text} (ctx {}, {} chunks)",
+                self.ctx, self.chunks
+            ),
+        }
+    }
+}
+
 /// What `quantbench-agent quantize` prints.
 #[derive(Deserialize)]
 struct QuantizeOutput {
@@ -369,6 +685,33 @@ mod tests {
         assert_eq!(types[4], "q8_0");
         assert_eq!(types[3], "q4_0");
         assert_eq!(types.iter().filter(|t| *t == "q4_0").count(), 4);
+    }
+
+    #[test]
+    fn recipe_names_parse_and_bad_ones_say_what_is_allowed() {
+        assert_eq!(
+            Recipe::parse("Q4_0").unwrap(),
+            Recipe::Uniform("q4_0".into())
+        );
+        assert_eq!(
+            Recipe::parse("iq4_nl+imatrix").unwrap(),
+            Recipe::Imatrix("iq4_nl".into())
+        );
+        assert_eq!(
+            Recipe::parse("gptq-q8_0").unwrap(),
+            Recipe::Gptq("q8_0".into())
+        );
+        assert!(Recipe::parse("gptq-q4_0").unwrap().is_calibrated());
+        assert!(!Recipe::parse("adaptive").unwrap().is_calibrated());
+        let e = Recipe::parse("f16+imatrix").unwrap_err();
+        assert!(e.contains("quantized type") && e.contains("q4_k_m"), "{e}");
+        let e = Recipe::parse("gptq-q4_k_m").unwrap_err();
+        assert!(e.contains("q4_0, q8_0"), "{e}");
+        let e = Recipe::parse("q9_9").unwrap_err();
+        assert!(
+            e.contains("unknown recipe `q9_9`") && e.contains("gptq-q4_0"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,17 +26,9 @@ use std::time::Instant;
 const SEED: u64 = 42;
 const TOKENS: usize = 16;
 
-fn arg(name: &str, default: usize) -> usize {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let layers = arg("--layers", 2);
-    let threads = arg("--threads", 1);
+    let layers = common::arg("--layers", 2);
+    let threads = common::arg("--threads", 1);
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stories260K.gguf");
     let dims = LlamaDims::LLAMA3_8B.with_layers(layers);
     println!(

@@ -12,7 +12,9 @@
 //! anything, choose matrices or write results: that is the agent's and the
 //! harness's job.
 
+pub mod calibration;
 mod ffi;
+pub mod gptq;
 pub mod matmul;
 pub mod model;
 pub mod placement;

@@ -60,6 +60,10 @@ pub struct QuantizeRequest<'a> {
     /// Tensor-name regex -> GGML type name (`q8_0`, `f32`, ...), first match wins.
     pub overrides: &'a [(String, String)],
     pub threads: usize,
+    /// Importance per weight (mean squared activation per input column,
+    /// see `calibration`): llama.cpp's quantizer then minimises the
+    /// importance-weighted error. Empty: uncalibrated.
+    pub importance: &'a [(String, Vec<f32>)],
 }
 
 /// llama.cpp's file types by `llama-quantize` name.
@@ -123,6 +127,26 @@ pub fn quantize_model(
         pattern: ptr::null(),
         type_: 0,
     });
+    let names: Vec<CString> = request
+        .importance
+        .iter()
+        .map(|(name, _)| CString::new(name.as_str()).map_err(|_| fail()))
+        .collect::<Result<_, _>>()?;
+    let mut importance: Vec<sys::llama_model_imatrix_data> = request
+        .importance
+        .iter()
+        .zip(&names)
+        .map(|((_, values), name)| sys::llama_model_imatrix_data {
+            name: name.as_ptr(),
+            data: values.as_ptr(),
+            size: values.len(),
+        })
+        .collect();
+    importance.push(sys::llama_model_imatrix_data {
+        name: ptr::null(),
+        data: ptr::null(),
+        size: 0,
+    });
     let (inp, out) = (c_path(input)?, c_path(output)?);
     // SAFETY: params come from llama.cpp's defaults; the override array is
     // NULL-terminated and it and the pattern strings outlive the call.
@@ -132,6 +156,10 @@ pub fn quantize_model(
         params.nthread = request.threads as i32;
         if !request.overrides.is_empty() {
             params.tt_overrides = overrides.as_ptr();
+        }
+        // NULL-terminated like the overrides; names and values outlive the call.
+        if !request.importance.is_empty() {
+            params.imatrix = importance.as_ptr();
         }
         sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)
     };
@@ -240,6 +268,24 @@ impl LoadedModel {
         n_seq: usize,
         threads: usize,
     ) -> Result<LoadedModel, ModelError> {
+        // SAFETY: no evaluation callback.
+        unsafe { Self::load_observed(path, n_ctx, n_seq, threads, None, ptr::null_mut()) }
+    }
+
+    /// `load_with`, with GGML's evaluation callback set on the context: it
+    /// sees every graph node as it is computed (how `llama-imatrix` reads
+    /// activations).
+    ///
+    /// # Safety
+    /// `user_data` must be what `observer` expects and outlive the model.
+    pub(crate) unsafe fn load_observed(
+        path: &Path,
+        n_ctx: usize,
+        n_seq: usize,
+        threads: usize,
+        observer: sys::ggml_backend_sched_eval_callback,
+        user_data: *mut std::os::raw::c_void,
+    ) -> Result<LoadedModel, ModelError> {
         init_backend();
         let c = c_path(path)?;
         let load_err = || ModelError::Load {
@@ -263,6 +309,8 @@ impl LoadedModel {
             cparams.n_threads = threads as i32;
             cparams.n_threads_batch = threads as i32;
             cparams.no_perf = true;
+            cparams.cb_eval = observer;
+            cparams.cb_eval_user_data = user_data;
             let ctx = sys::llama_init_from_model(model, cparams);
             if ctx.is_null() {
                 sys::llama_model_free(model);
@@ -443,8 +491,30 @@ impl LoadedModel {
     /// Decodes one batch of tokens from any sequences; returns the logits of
     /// the entries that asked for them, in order (row-major).
     pub fn decode_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<f32>, ModelError> {
+        self.submit(entries)?;
+        let mut out = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if !e.logits {
+                continue;
+            }
+            // SAFETY: llama_decode returned logits for every entry that
+            // asked; each row is n_vocab floats.
+            unsafe {
+                let logits = sys::llama_get_logits_ith(self.ctx, i as i32);
+                if logits.is_null() {
+                    return Err(ModelError::Llama("no logits returned".into()));
+                }
+                out.extend_from_slice(std::slice::from_raw_parts(logits, self.n_vocab));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes one batch and leaves its logits in llama.cpp (for what the
+    /// evaluation callback saw, not the logits).
+    pub fn submit(&mut self, entries: &[BatchEntry]) -> Result<(), ModelError> {
         if entries.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         // SAFETY: the batch is sized for `entries`, every field written is in
         // bounds, and it is freed after llama_decode copied what it needs.
@@ -465,18 +535,7 @@ impl LoadedModel {
                     "llama_decode failed with {status}"
                 )));
             }
-            let mut out = Vec::new();
-            for (i, e) in entries.iter().enumerate() {
-                if !e.logits {
-                    continue;
-                }
-                let logits = sys::llama_get_logits_ith(self.ctx, i as i32);
-                if logits.is_null() {
-                    return Err(ModelError::Llama("no logits returned".into()));
-                }
-                out.extend_from_slice(std::slice::from_raw_parts(logits, self.n_vocab));
-            }
-            Ok(out)
+            Ok(())
         }
     }
 }

@@ -61,6 +61,44 @@ enum Command {
         other_type: Option<String>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// An importance matrix GGUF (ours or `llama-imatrix`'s) to
+        /// calibrate the quantizer with.
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
+    },
+    /// GPTQ: quantizes `input` to `ftype` (q4_0 or q8_0) with llama.cpp,
+    /// then replaces each matrix's blocks with GPTQ's, the Hessian from the
+    /// model's activations on `text`.
+    Gptq {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        ftype: String,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long, default_value_t = 0.01)]
+        damp: f64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Runs the model over a calibration text and writes its importance
+    /// matrix (per weight, per input column, the sum of squared
+    /// activations) as the GGUF `llama-quantize --imatrix` reads.
+    Imatrix {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Measure each layer's importance: the mean KL divergence from the
     /// unquantized model when only that layer is quantized to `low`.
@@ -124,6 +162,7 @@ fn main() -> Result<()> {
             layer_types,
             other_type,
             threads,
+            imatrix,
         } => {
             let threads = if threads == 0 { num_cores() } else { threads };
             let fallbacks = model_run::quantize(
@@ -133,11 +172,102 @@ fn main() -> Result<()> {
                 &layer_types,
                 other_type.as_deref(),
                 threads,
+                imatrix.as_deref(),
             )?;
             let file_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
             println!(
                 "{}",
                 serde_json::json!({ "fallbacks": fallbacks, "file_bytes": file_bytes })
+            );
+        }
+        Command::Gptq {
+            input,
+            output,
+            ftype,
+            text,
+            ctx,
+            damp,
+            threads,
+        } => {
+            let threads = if threads == 0 { num_cores() } else { threads };
+            let format = kernels::gptq::GptqFormat::from_name(&ftype)?;
+            let body = std::fs::read_to_string(&text)
+                .with_context(|| format!("reading the calibration text {}", text.display()))?;
+            let started = std::time::Instant::now();
+            let calibration = kernels::calibration::calibrate(
+                &input,
+                &body,
+                &text.display().to_string(),
+                ctx,
+                threads,
+                true,
+            )?;
+            let calibrated_s = started.elapsed().as_secs_f64();
+            let fallbacks = model_run::quantize(
+                &input,
+                &output,
+                &ftype.to_ascii_uppercase(),
+                &[],
+                None,
+                threads,
+                None,
+            )?;
+            let grams = calibration
+                .entries
+                .into_iter()
+                .filter_map(|(name, stats)| {
+                    let cols = stats.sums.len();
+                    stats.gram.map(|g| (name, (g, cols)))
+                })
+                .collect();
+            let reports = kernels::gptq::apply_to_model(
+                &input,
+                &output,
+                &grams,
+                format,
+                kernels::gptq::GptqOptions { damp, threads },
+            )?;
+            let mean = |f: fn(&kernels::gptq::MatrixError) -> f64| {
+                reports.iter().map(f).sum::<f64>() / reports.len().max(1) as f64
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "fallbacks": fallbacks,
+                    "file_bytes": std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0),
+                    "chunks": calibration.chunk_count,
+                    "damp": damp,
+                    "matrices": reports,
+                    "mean_error_rtn": mean(|r| r.error_rtn),
+                    "mean_error_gptq": mean(|r| r.error_gptq),
+                    "calibration_seconds": calibrated_s,
+                    "seconds": started.elapsed().as_secs_f64(),
+                })
+            );
+        }
+        Command::Imatrix {
+            model,
+            text,
+            ctx,
+            threads,
+            out,
+        } => {
+            let threads = if threads == 0 { num_cores() } else { threads };
+            let body = std::fs::read_to_string(&text)
+                .with_context(|| format!("reading the calibration text {}", text.display()))?;
+            let started = std::time::Instant::now();
+            let name = text.display().to_string();
+            let calibration =
+                kernels::calibration::calibrate(&model, &body, &name, ctx, threads, false)?;
+            kernels::calibration::write_imatrix(&out, &calibration)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "entries": calibration.entries.len(),
+                    "chunks": calibration.chunk_count,
+                    "chunk_size": calibration.chunk_size,
+                    "seconds": started.elapsed().as_secs_f64(),
+                })
             );
         }
         Command::Importance {

@@ -26,7 +26,19 @@ pub fn quantize(
     layer_types: &[String],
     other_type: Option<&str>,
     threads: usize,
+    imatrix: Option<&Path>,
 ) -> Result<Vec<String>> {
+    let importance: Vec<(String, Vec<f32>)> = match imatrix {
+        Some(path) => kernels::calibration::read_imatrix(path)?
+            .entries
+            .into_iter()
+            .map(|(name, stats)| {
+                let values = stats.mean_squares();
+                (name, values)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let mut overrides: Vec<(String, String)> = layer_types
         .iter()
         .enumerate()
@@ -43,6 +55,7 @@ pub fn quantize(
             ftype,
             overrides: &overrides,
             threads,
+            importance: &importance,
         },
     )?;
     if layer_types.is_empty() {
@@ -269,6 +282,7 @@ pub fn layer_importance(
             &layer_types,
             Some("f32"),
             threads,
+            None,
         )?;
         let mut model = LoadedModel::load_with(&path, ctx, eval_sequences(ctx), threads)?;
         let candidate = score_positions(&mut model, &tokens, ctx)?;
@@ -553,10 +567,15 @@ fn measure_recipe(
                 mc_accuracy: judged.as_ref().and_then(|j| j.2),
                 repetition_score: judged.as_ref().map(|j| repetition_score(&j.1)),
                 generated_text: judged.as_ref().map(|j| j.1.clone()).unwrap_or_default(),
-                note: if judged.is_none() {
-                    "synthetic model (seeded random weights): speed and memory only".into()
-                } else {
-                    String::new()
+                note: match (judged.is_none(), recipe.note.is_empty()) {
+                    (true, true) => {
+                        "synthetic model (seeded random weights): speed and memory only".into()
+                    }
+                    (true, false) => format!(
+                        "synthetic model (seeded random weights): speed and memory only; {}",
+                        recipe.note
+                    ),
+                    (false, _) => recipe.note.clone(),
                 },
                 ..failed_row(job, probe, recipe, "")
             };

@@ -17,6 +17,22 @@ pub struct RecipeFile {
     /// type than the recipe asked (e.g. rows not a multiple of the block).
     pub fallbacks: Vec<String>,
     pub file_bytes: u64,
+    /// How the recipe was made when that matters to reading its row
+    /// (calibration text, method, error reduction); goes into the row's note.
+    #[serde(default)]
+    pub note: String,
+}
+
+/// What GPTQ did to one weight matrix: the relative error of the layer's
+/// output on the calibration activations, sum over rows of
+/// (w-q)^T H (w-q) / w^T H w, for plain rounding and for GPTQ.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatrixError {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub error_rtn: f64,
+    pub error_gptq: f64,
 }
 
 /// Everything an agent needs to run the model matrix for one model.

@@ -2,19 +2,11 @@
 //! llama-architecture GGUF) quantized by llama.cpp, measured by the agent.
 
 mod common;
-use common::{only_run_dir, xtask};
+use common::{fixture, only_run_dir, xtask};
 
 use wire::files::read_csv;
 use wire::rows::CellStatus;
 use wire::rows::ModelRow;
-
-fn fixture(name: &str) -> String {
-    harness::build::workspace_root()
-        .join("fixtures")
-        .join(name)
-        .display()
-        .to_string()
-}
 
 fn config(models: &[String], recipes: &str) -> String {
     format!(

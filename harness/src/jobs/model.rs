@@ -9,7 +9,10 @@ use super::{
 };
 use crate::build::workspace_root;
 use crate::config::{BenchConfig, ConfigError, ModelMatrixSpec};
-use crate::recipes::{adaptive_assignment, check_model_file, LayerImportance, RecipeCache};
+use crate::recipes::{
+    adaptive_assignment, check_model_file, CalibrationRecord, LayerImportance, QuantizeSpec,
+    Recipe, RecipeCache,
+};
 use crate::session::{BoardSlot, Session};
 use crate::synthetic::{self, SyntheticModel};
 use std::collections::BTreeMap;
@@ -19,6 +22,8 @@ use wire::model_job::{read_choice_tasks, ModelJob, RecipeFile};
 use wire::rows::{CellStatus, ModelRow, SampleRow};
 
 pub const IMPORTANCE_FILE: &str = "importance.json";
+/// How each calibrated recipe of the run was made (`CalibrationRecord`s).
+pub const CALIBRATION_FILE: &str = "calibration.json";
 
 /// The host files a model job names, by where the job names them: the
 /// base model, the text, each recipe's file and the multiple-choice tasks.
@@ -53,6 +58,8 @@ pub struct ModelMatrix {
     spec: ModelMatrixSpec,
     models: Vec<ModelSource>,
     text: PathBuf,
+    /// What calibrated recipes learn from (`calibration`, default `text`).
+    calibration: PathBuf,
     multiple_choice: Option<PathBuf>,
     /// Filled by `prepare`: per model, its recipe files and importance.
     prepared: Vec<PreparedModel>,
@@ -72,6 +79,7 @@ struct PreparedModel {
     file_bytes: u64,
     recipes: Vec<RecipeFile>,
     importance: Option<LayerImportance>,
+    calibrations: Vec<CalibrationRecord>,
 }
 
 impl ModelMatrix {
@@ -94,10 +102,38 @@ impl ModelMatrix {
                 }
             });
         }
+        let calibrated = spec
+            .recipes
+            .iter()
+            .find(|r| Recipe::parse(r).is_ok_and(|r| r.is_calibrated()));
+        let synthetic = models
+            .iter()
+            .any(|m| matches!(m, ModelSource::Synthetic(_)));
+        if let (Some(recipe), true) = (calibrated, synthetic) {
+            return Err(invalid(format!(
+                "recipe `{recipe}` calibrates on what a trained model's layers do to a text; a synthetic model's random weights have nothing to calibrate, and its speed is its base type's: keep calibrated recipes to model files"
+            ))
+            .into());
+        }
         let text = config_relative(config, &spec.text);
         if !text.is_file() {
             return Err(invalid(format!("text {} does not exist", text.display())).into());
         }
+        let calibration = match &spec.calibration {
+            Some(path) => {
+                let path = config_relative(config, path);
+                if !path.is_file() {
+                    return Err(invalid(format!(
+                        "calibration text {} does not exist (the text calibrated recipes learn from; at least one context of {} tokens)",
+                        path.display(),
+                        spec.ctx
+                    ))
+                    .into());
+                }
+                path
+            }
+            None => text.clone(),
+        };
         let multiple_choice = spec
             .multiple_choice
             .as_ref()
@@ -110,6 +146,7 @@ impl ModelMatrix {
             spec: spec.clone(),
             models,
             text,
+            calibration,
             multiple_choice,
             prepared: Vec::new(),
         })
@@ -188,8 +225,44 @@ impl JobKind for ModelMatrix {
             let cache = RecipeCache::open(&session.workspace, model)?;
             let mut recipes = Vec::new();
             let mut importance = None;
+            let mut calibrations = Vec::new();
             for recipe in &spec.recipes {
-                if recipe == "adaptive" {
+                let parsed = Recipe::parse(recipe).map_err(|message| ConfigError::Invalid {
+                    path: PathBuf::from(&self.name),
+                    matrix: self.name.clone(),
+                    message,
+                })?;
+                if parsed.is_calibrated() && self.calibration == self.text {
+                    eprintln!(
+                        "warning: {recipe} is calibrated on {}, the text it is judged on: its quality figures flatter it. Set `calibration` in model matrix `{}` to another text",
+                        self.text.display(),
+                        self.name
+                    );
+                }
+                if let Recipe::Imatrix(base) = &parsed {
+                    let (imatrix, mut record) =
+                        cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
+                    let mut file = cache.quantize(
+                        agent,
+                        model,
+                        &QuantizeSpec {
+                            imatrix: Some(&imatrix),
+                            ..QuantizeSpec::uniform(recipe, base)
+                        },
+                    )?;
+                    record.model = name.clone();
+                    record.recipe = recipe.clone();
+                    file.note = record.note();
+                    recipes.push(file);
+                    calibrations.push(record);
+                } else if let Recipe::Gptq(base) = &parsed {
+                    let (mut file, mut record) =
+                        cache.gptq(agent, model, base, &self.calibration, spec.ctx)?;
+                    record.model = name.clone();
+                    file.note = record.note();
+                    recipes.push(file);
+                    calibrations.push(record);
+                } else if recipe == "adaptive" {
                     let a = &spec.adaptive;
                     // Random weights have no importance to measure: the
                     // layer order stands in for it, and the method says so.
@@ -202,10 +275,11 @@ impl JobKind for ModelMatrix {
                     recipes.push(cache.quantize(
                         agent,
                         model,
-                        "adaptive",
-                        &a.low,
-                        &assignment,
-                        Some(&a.high),
+                        &QuantizeSpec {
+                            layer_types: &assignment,
+                            other_type: Some(&a.high),
+                            ..QuantizeSpec::uniform("adaptive", &a.low)
+                        },
                     )?);
                     importance = Some(LayerImportance {
                         model: name.clone(),
@@ -223,7 +297,11 @@ impl JobKind for ModelMatrix {
                         assignment,
                     });
                 } else {
-                    recipes.push(cache.quantize(agent, model, recipe, recipe, &[], None)?);
+                    recipes.push(cache.quantize(
+                        agent,
+                        model,
+                        &QuantizeSpec::uniform(recipe, recipe),
+                    )?);
                 }
             }
             self.prepared.push(PreparedModel {
@@ -233,6 +311,7 @@ impl JobKind for ModelMatrix {
                 synthetic,
                 recipes,
                 importance,
+                calibrations,
             });
         }
         Ok(())
@@ -252,6 +331,7 @@ impl JobKind for ModelMatrix {
                     path: model.path.display().to_string(),
                     fallbacks: Vec::new(),
                     file_bytes: model.file_bytes,
+                    note: String::new(),
                 },
                 recipes: model.recipes.clone(),
                 threads: self.spec.threads.clone(),
@@ -386,6 +466,23 @@ impl JobKind for ModelMatrix {
                 {
                     all.push(li.clone());
                 }
+            }
+        }
+        write_json(&path, &all)?;
+        let calibrated: Vec<&CalibrationRecord> =
+            self.prepared.iter().flat_map(|m| &m.calibrations).collect();
+        if calibrated.is_empty() {
+            return Ok(());
+        }
+        let path = run_dir.join(CALIBRATION_FILE);
+        let mut all: Vec<CalibrationRecord> = if path.exists() {
+            wire::files::read_json(&path)?
+        } else {
+            Vec::new()
+        };
+        for record in calibrated {
+            if !all.contains(record) {
+                all.push(record.clone());
             }
         }
         write_json(&path, &all)

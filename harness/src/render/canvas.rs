@@ -325,11 +325,29 @@ fn log_scatter<DB: DrawingBackend>(
         .y_label_formatter(&|y| format!("1e{y:.1}"))
         .draw()
         .map_err(|e| e.to_string())?;
+    // Recipes of one type share their bits per weight (plain, calibrated):
+    // their labels are stacked downwards instead of printed over each other.
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    order.sort_by(|&a, &b| points[b].y.total_cmp(&points[a].y));
+    let mut label_dy = vec![-6i32; points.len()];
+    let mut placed: Vec<(i32, i32)> = Vec::new();
+    for i in order {
+        let (px, py) = chart.backend_coord(&(points[i].x, points[i].y.log10()));
+        let mut label_y = py - 6;
+        while placed
+            .iter()
+            .any(|&(x, y)| (x - px).abs() < 220 && (y - label_y).abs() < 12)
+        {
+            label_y += 12;
+        }
+        placed.push((px, label_y));
+        label_dy[i] = label_y - py;
+    }
     chart
-        .draw_series(points.iter().map(|p| {
+        .draw_series(points.iter().zip(&label_dy).map(|(p, dy)| {
             EmptyElement::at((p.x, p.y.log10()))
                 + Circle::new((0, 0), 4, series_colour(&p.colour_key).filled())
-                + Text::new(p.label.clone(), (6, -6), ("sans-serif", 11))
+                + Text::new(p.label.clone(), (6, *dy), ("sans-serif", 11))
         }))
         .map_err(|e| e.to_string())?;
     Ok(())

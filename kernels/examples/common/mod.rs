@@ -1,5 +1,7 @@
 //! What the kernel benchmarks share: timing one GEMV the way a kernel cell
-//! does (warm-up, then the median of repetitions).
+//! does (warm-up, then the median of repetitions), and their options.
+// Each example compiles this module on its own and uses part of it.
+#![allow(dead_code)]
 
 use kernels::MatMul;
 use std::time::Instant;
@@ -19,4 +21,13 @@ pub fn median_gemv_us(mm: &mut MatMul) -> f64 {
         .collect();
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
+}
+
+/// The number after `name` on the command line, or `default`.
+pub fn arg(name: &str, default: usize) -> usize {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -16,6 +16,15 @@ pub fn xtask(dir: &Path, args: &[&str]) -> Output {
         .expect("xtask starts")
 }
 
+/// A file of the repository's `fixtures/`, as a path string.
+pub fn fixture(name: &str) -> String {
+    harness::build::workspace_root()
+        .join("fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
 /// Status, stdout and stderr, for assertion messages.
 pub fn text(out: &Output) -> String {
     format!(

@@ -1,6 +1,7 @@
 //! KL divergence from the unquantized model against bits per weight, each
-//! point labelled with its generation speed: quality, size and speed in one
-//! picture.
+//! point labelled with its KLD and generation speed: quality, size and
+//! speed in one picture. Calibrated recipes (`+imatrix`, `gptq-`) sit at
+//! their type's bits beside the plain one, labels stacked.
 
 use super::model_figure;
 use crate::render::chart::{Chart, Figure, LabelledPoint};
@@ -25,9 +26,10 @@ impl PlotKind for ModelKldVsBits {
                     .filter_map(|r| {
                         Some(LabelledPoint {
                             label: format!(
-                                "{} {} ({:.0} t/s)",
+                                "{} {}: {:.4} ({:.0} t/s)",
                                 r.model_filename,
                                 r.recipe,
+                                r.kld_mean.unwrap_or(0.0),
                                 r.avg_ts.unwrap_or(0.0)
                             ),
                             colour_key: r.recipe.clone(),
