@@ -13,6 +13,7 @@
 //! harness's job.
 
 pub mod calibration;
+pub mod codebook;
 mod ffi;
 pub mod gptq;
 pub mod matmul;
