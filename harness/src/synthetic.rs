@@ -212,26 +212,29 @@ fn check_room(model: &SyntheticModel, path: &Path) -> Result<(), SyntheticError>
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let disk_need = model.spec.file_bytes(model.weights.bytes_per_weight()) + DISK_MARGIN_BYTES;
-    if let Some(free) = free_disk_bytes(dir) {
-        if free < disk_need {
+    let checks = [
+        (
+            "disk",
+            disk_need,
+            free_disk_bytes(dir),
+            format!(" under {}", dir.display()),
+        ),
+        (
+            "memory",
+            model.spec.peak_write_bytes(),
+            available_memory_bytes(),
+            String::new(),
+        ),
+    ];
+    for (resource, need, free, place) in checks {
+        // A machine that cannot say is not refused.
+        if let Some(free) = free.filter(|&free| free < need) {
             return Err(SyntheticError::NoRoom {
                 what,
-                resource: "disk",
-                need_mb: disk_need as f64 / 1e6,
+                resource,
+                need_mb: need as f64 / 1e6,
                 free_mb: free as f64 / 1e6,
-                place: format!(" under {}", dir.display()),
-            });
-        }
-    }
-    let memory_need = model.spec.peak_write_bytes();
-    if let Some(free) = available_memory_bytes() {
-        if free < memory_need {
-            return Err(SyntheticError::NoRoom {
-                what,
-                resource: "memory",
-                need_mb: memory_need as f64 / 1e6,
-                free_mb: free as f64 / 1e6,
-                place: String::new(),
+                place,
             });
         }
     }
@@ -245,28 +248,13 @@ fn free_disk_bytes(dir: &Path) -> Option<u64> {
         .arg(dir)
         .output()
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let kib: u64 = text
-        .lines()
-        .nth(1)?
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
+    wire::probe::df_free_bytes(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// `MemAvailable` of this machine.
 fn available_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
+    wire::probe::meminfo_kib(&text, "MemAvailable").map(|kib| kib * 1024)
 }
 
 #[cfg(test)]

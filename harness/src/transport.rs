@@ -361,15 +361,7 @@ impl Connection {
     /// or `None` when the board cannot say.
     pub fn free_bytes(&self, dir: &str) -> Option<u64> {
         let out = self.exec(&format!("df -Pk {}", shell_quote(dir))).ok()?;
-        let kib: u64 = out
-            .stdout
-            .lines()
-            .nth(1)?
-            .split_whitespace()
-            .nth(3)?
-            .parse()
-            .ok()?;
-        Some(kib * 1024)
+        wire::probe::df_free_bytes(&out.stdout)
     }
 
     /// A failed write on the board is reported as a full disk when `df`

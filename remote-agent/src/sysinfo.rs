@@ -231,11 +231,7 @@ pub fn available_memory_bytes() -> Option<u64> {
 }
 
 fn meminfo_kib(key: &str) -> Option<u64> {
-    let text = fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
+    wire::probe::meminfo_kib(&fs::read_to_string("/proc/meminfo").ok()?, key)
 }
 
 fn os_name() -> String {

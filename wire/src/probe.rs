@@ -81,8 +81,41 @@ pub fn thermally_noisy(before: &ThermalReading, after: &ThermalReading) -> bool 
     throttled_between(before, after) == Some(true) || off_performance
 }
 
+/// A `/proc/meminfo` field in KiB (`key` without its colon, e.g.
+/// `MemAvailable`).
+pub fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Free bytes for the user from `df -Pk <dir>`'s output (POSIX format:
+/// the second line, fourth column, in KiB).
+pub fn df_free_bytes(df_output: &str) -> Option<u64> {
+    let kib: u64 = df_output
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn meminfo_and_df_outputs_are_read() {
+        let meminfo = "MemTotal:        8000000 kB\nMemAvailable:    6000000 kB\n";
+        assert_eq!(meminfo_kib(meminfo, "MemAvailable"), Some(6_000_000));
+        assert_eq!(meminfo_kib(meminfo, "MemTotal"), Some(8_000_000));
+        assert_eq!(meminfo_kib(meminfo, "Mem"), None);
+        let df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/vda 1000 400 600 40% /\n";
+        assert_eq!(df_free_bytes(df), Some(600 * 1024));
+        assert_eq!(df_free_bytes("df: /x: No such file"), None);
+    }
+
     use super::*;
 
     fn reading(governor: &str, throttle: Option<ThrottleState>) -> ThermalReading {
