@@ -4,7 +4,8 @@
 //!
 //! ```toml
 //! [matrices.quick]
-//! types   = ["F32", "Q8_0", "Q4_0"]      # GGML type names, any case
+//! types   = ["F32", "Q8_0", "Q4_0", "SQ4"] # GGML type names, any case, or
+//!                                        # codebooks: SQ4, SQ3, SQ4+S0.45
 //! shapes  = ["llama3.2-1b.*"]            # catalog names, `model.*` or "all"
 //! batches = [1, 16]                      # activation tokens (N)
 //! threads = [1, "all"]                   # "all" = every core of the board
@@ -26,8 +27,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
-use wire::ggml_type::{Distribution, GgmlType};
+use wire::ggml_type::Distribution;
 use wire::kernel_job::{LoadMode, ThreadCount};
+use wire::weight_format::WeightFormat;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -83,7 +85,7 @@ pub struct BenchConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatrixSpec {
-    pub types: Vec<GgmlType>,
+    pub types: Vec<WeightFormat>,
     pub shapes: Vec<String>,
     #[serde(default = "default_batches")]
     pub batches: Vec<usize>,
@@ -430,7 +432,7 @@ mod tests {
     fn defaults_fill_in_omitted_keys() {
         let c = parse("[matrices.m]\ntypes=[\"q4_0\"]\nshapes=[\"llama3.2-1b.attn_q\"]\n").unwrap();
         let m = c.matrix("m").unwrap();
-        assert_eq!(m.types, vec![GgmlType::Q4_0]);
+        assert_eq!(m.types, vec![wire::ggml_type::GgmlType::Q4_0.into()]);
         assert_eq!(m.batches, vec![1]);
         assert_eq!(m.threads, vec![ThreadCount::All]);
         assert!(m.repack);

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use thiserror::Error;
-use wire::model_job::RecipeFile;
+use wire::model_job::{CodebookReport, RecipeFile};
+use wire::weight_format::CodebookType;
 
 #[derive(Debug, Error)]
 pub enum RecipeError {
@@ -91,7 +92,7 @@ pub fn is_uniform_recipe(name: &str) -> bool {
 pub const GPTQ_TYPES: &[&str] = &["q4_0", "q8_0"];
 
 /// A model recipe, parsed from its name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Recipe {
     /// A llama.cpp file type (`q4_0`, `q4_k_m`, ...).
     Uniform(String),
@@ -102,6 +103,10 @@ pub enum Recipe {
     Imatrix(String),
     /// `gptq-<type>`: GPTQ's error-compensating rounding onto the type's grid.
     Gptq(String),
+    /// `sq4`, `sq3`, `sq4+s0.45`: per-row codebooks (see
+    /// `kernels::codebook`) with the calibration text's importance matrix
+    /// as sensitivities, evaluated on the decoded weights.
+    Codebook(CodebookType),
 }
 
 impl Recipe {
@@ -122,6 +127,11 @@ impl Recipe {
                 quantized_types().join(", ")
             ));
         }
+        if lower.starts_with("sq") {
+            return CodebookType::parse(&lower)
+                .map(Recipe::Codebook)
+                .map_err(|e| format!("recipe {e}"));
+        }
         if let Some(base) = lower.strip_prefix("gptq-") {
             if GPTQ_TYPES.contains(&base) {
                 return Ok(Recipe::Gptq(base.to_string()));
@@ -132,14 +142,17 @@ impl Recipe {
             ));
         }
         Err(format!(
-            "unknown recipe `{name}` (known: adaptive, {}, <type>+imatrix for a quantized type, gptq-q4_0, gptq-q8_0)",
+            "unknown recipe `{name}` (known: adaptive, {}, <type>+imatrix for a quantized type, gptq-q4_0, gptq-q8_0, sq4, sq3, sq4+s0.45)",
             UNIFORM_RECIPES.join(", ")
         ))
     }
 
     /// Whether the recipe is made from the calibration text's activations.
     pub fn is_calibrated(&self) -> bool {
-        matches!(self, Recipe::Imatrix(_) | Recipe::Gptq(_))
+        matches!(
+            self,
+            Recipe::Imatrix(_) | Recipe::Gptq(_) | Recipe::Codebook(_)
+        )
     }
 }
 
@@ -413,6 +426,7 @@ impl RecipeCache {
             fallbacks: meta.fallbacks,
             file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
             note: String::new(),
+            scheme_bits_per_weight: None,
         })
     }
 
@@ -562,8 +576,64 @@ impl RecipeCache {
             fallbacks: meta.fallbacks,
             file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
             note: String::new(),
+            scheme_bits_per_weight: None,
         };
         Ok((file, record))
+    }
+
+    /// A codebook recipe (`sq4`, ...) with `imatrix`'s sensitivities, made
+    /// once per (format, importance matrix, agent): llama.cpp's F32 file
+    /// with every matrix coded and decoded; the scheme's sizes beside it.
+    pub fn codebook(
+        &self,
+        agent: &AgentBuild,
+        model: &Path,
+        recipe: &str,
+        format: CodebookType,
+        imatrix: &Path,
+    ) -> Result<(RecipeFile, CodebookReport), RecipeError> {
+        let stem = imatrix
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // The importance matrix's name carries its text, context and agent.
+        let key = format!("{}-{stem}", format.to_string().to_ascii_lowercase());
+        let path = self.dir.join(format!("{key}.gguf"));
+        let meta_path = self.dir.join(format!("{key}.json"));
+        let made = self.make_once(agent, &path, &[&meta_path], |temp| {
+            vec![
+                "codebook".into(),
+                "--input".into(),
+                model.display().to_string(),
+                "--output".into(),
+                temp.display().to_string(),
+                "--format".into(),
+                format.to_string(),
+                "--imatrix".into(),
+                imatrix.display().to_string(),
+                "--threads".into(),
+                self.threads.to_string(),
+            ]
+        })?;
+        if let Some(out) = made {
+            write_whole(&meta_path, &out.to_string())?;
+        }
+        let meta_text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
+        let parse = |source| RecipeError::AgentOutput {
+            subcommand: "codebook".into(),
+            source,
+        };
+        let report: CodebookReport = serde_json::from_str(&meta_text).map_err(parse)?;
+        let meta: QuantizeOutput = serde_json::from_str(&meta_text).map_err(parse)?;
+        let file = RecipeFile {
+            recipe: recipe.to_string(),
+            path: path.display().to_string(),
+            fallbacks: meta.fallbacks,
+            file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
+            note: String::new(),
+            scheme_bits_per_weight: Some(report.bits_per_weight()),
+        };
+        Ok((file, report))
     }
 
     /// Each layer's importance (mean KL divergence from the unquantized
@@ -707,6 +777,18 @@ mod tests {
         assert!(e.contains("quantized type") && e.contains("q4_k_m"), "{e}");
         let e = Recipe::parse("gptq-q4_k_m").unwrap_err();
         assert!(e.contains("q4_0, q8_0"), "{e}");
+        assert_eq!(
+            Recipe::parse("SQ4+S0.45").unwrap(),
+            Recipe::Codebook(CodebookType {
+                bits: 4,
+                outlier_percent: Some(0.45)
+            })
+        );
+        assert!(Recipe::parse("sq3").unwrap().is_calibrated());
+        let e = Recipe::parse("sq4+s11").unwrap_err();
+        assert!(e.contains("sq4+s11") && e.contains("(0, 10]"), "{e}");
+        let e = Recipe::parse("sq2").unwrap_err();
+        assert!(e.contains("SQ4 or SQ3"), "{e}");
         let e = Recipe::parse("q9_9").unwrap_err();
         assert!(
             e.contains("unknown recipe `q9_9`") && e.contains("gptq-q4_0"),

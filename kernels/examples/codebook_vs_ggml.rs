@@ -7,19 +7,19 @@
 //!
 //!     cargo run --release -p kernels --example codebook_vs_ggml [-- --threads 2]
 //!
-//! Sensitivities for the codebooks are the second moments of the
+//! Sensitivities for the codebooks are the expected second moments of the
 //! activations' channels (the generator makes them uneven). A benchmark:
 //! numbers, not assertions.
 
 mod common;
 
 use kernels::codebook::{CodebookMatrix, CodebookType};
-use kernels::weights::{activations, weights, Distribution};
+use kernels::pool::WorkerPool;
+use kernels::weights::{activation_second_moments, activations, weights, Distribution};
 use kernels::{quantize, GgmlType, LoadMode, MatMul, StagedMatrix};
 use std::time::Instant;
 
 const SEED: u64 = 42;
-const CALIBRATION_TOKENS: usize = 256;
 
 /// NMSE of `y` (tokens x rows) against the f64 product with `w`.
 fn output_nmse(w: &[f32], x: &[f32], y: &[f32], rows: usize, cols: usize, tokens: usize) -> f64 {
@@ -63,6 +63,7 @@ fn main() {
         ("ffn_down", 2048, 8192),
     ];
     println!("llama3.2-1b shapes, LLM-like data, GEMV (batch 1), {threads} threads\n");
+    let pool = WorkerPool::new(threads);
     println!(
         "{:<9} {:<10} {:>6} {:>11} {:>10} {:>12}",
         "shape", "type", "bits", "NMSE", "GEMV us", "vs Q4_0 time"
@@ -70,15 +71,9 @@ fn main() {
     for (name, rows, cols) in shapes {
         let w = weights(Distribution::LlmLike, rows, cols, SEED);
         let x = activations(Distribution::LlmLike, 4, cols, SEED);
-        let calibration = activations(Distribution::LlmLike, CALIBRATION_TOKENS, cols, SEED + 1);
-        let second_moment: Vec<f32> = (0..cols)
-            .map(|j| {
-                (0..CALIBRATION_TOKENS)
-                    .map(|t| calibration[t * cols + j].powi(2))
-                    .sum::<f32>()
-                    / CALIBRATION_TOKENS as f32
-            })
-            .collect();
+        // The expected second moment of each channel of these activations
+        // (the generator's channel scales, squared).
+        let second_moment = activation_second_moments(Distribution::LlmLike, cols, SEED);
         let mut q4_0_us = f64::NAN;
         for ty in [GgmlType::Q4_0, GgmlType::IQ4NL, GgmlType::Q3K] {
             let q = quantize(ty, rows, cols, &w).expect("quantize");
@@ -112,10 +107,10 @@ fn main() {
                 .expect("quantize");
             let quantize_s = started.elapsed().as_secs_f64();
             let mut y = vec![0f32; 4 * rows];
-            m.gemm(&x, 4, &mut y, threads);
+            m.gemm(&x, 4, &mut y, &pool);
             let nmse = output_nmse(&w, &x, &y, rows, cols, 4);
             let mut y1 = vec![0f32; rows];
-            let us = median_us(|| m.gemm(&x[..cols], 1, &mut y1, threads));
+            let us = median_us(|| m.gemm(&x[..cols], 1, &mut y1, &pool));
             println!(
                 "{name:<9} {spelling:<10} {:>6.3} {nmse:>11.3e} {us:>10.1} {:>11.2}x   (quantized in {quantize_s:.1} s)",
                 m.bits_per_weight(),

@@ -9,10 +9,10 @@
 //!
 //! Rows are independent given H, so they are split over threads.
 
-use crate::model::{c_path, ModelError};
+use crate::gguf_tensors::{read_weights, tensor_slots, TensorFileError};
+use crate::model::ModelError;
 use llama_cpp_sys_2 as sys;
-use std::ffi::CStr;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 pub use wire::model_job::MatrixError;
 
@@ -33,6 +33,8 @@ pub enum GptqError {
     File { path: String, message: String },
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    TensorFile(#[from] TensorFileError),
 }
 
 /// The block formats GPTQ rounds onto.
@@ -513,104 +515,6 @@ pub fn gptq_matrix(
         factor_seconds,
         rows_seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// A tensor's place in a GGUF file.
-struct TensorSlot {
-    name: String,
-    ty: sys::ggml_type,
-    /// ne[0] (inner, columns), ne[1] (rows).
-    cols: usize,
-    rows: usize,
-    offset: u64,
-    bytes: usize,
-}
-
-fn tensor_slots(path: &Path) -> Result<Vec<TensorSlot>, GptqError> {
-    let c = c_path(path)?;
-    let bad = || GptqError::File {
-        path: path.display().to_string(),
-        message: "not a readable GGUF file".into(),
-    };
-    let mut out = Vec::new();
-    // SAFETY: NULL results are checked; with no_alloc the ggml context
-    // holds only each tensor's shape; both contexts are freed below.
-    unsafe {
-        let mut meta: *mut sys::ggml_context = std::ptr::null_mut();
-        let ctx = sys::gguf_init_from_file(
-            c.as_ptr(),
-            sys::gguf_init_params {
-                no_alloc: true,
-                ctx: &mut meta,
-            },
-        );
-        if ctx.is_null() || meta.is_null() {
-            if !ctx.is_null() {
-                sys::gguf_free(ctx);
-            }
-            return Err(bad());
-        }
-        let base = sys::gguf_get_data_offset(ctx) as u64;
-        for i in 0..sys::gguf_get_n_tensors(ctx) {
-            let name_ptr = sys::gguf_get_tensor_name(ctx, i);
-            let tensor = sys::ggml_get_tensor(meta, name_ptr);
-            if tensor.is_null() {
-                continue;
-            }
-            let ne = (*tensor).ne;
-            out.push(TensorSlot {
-                name: CStr::from_ptr(name_ptr).to_string_lossy().into_owned(),
-                ty: sys::gguf_get_tensor_type(ctx, i),
-                cols: ne[0] as usize,
-                rows: (ne[1] * ne[2] * ne[3]) as usize,
-                offset: base + sys::gguf_get_tensor_offset(ctx, i) as u64,
-                bytes: sys::gguf_get_tensor_size(ctx, i),
-            });
-        }
-        sys::gguf_free(ctx);
-        sys::ggml_free(meta);
-    }
-    Ok(out)
-}
-
-/// A tensor of `source` as f32 (F32, F16 or BF16 weights).
-fn read_weights(path: &Path, slot: &TensorSlot) -> Result<Vec<f32>, GptqError> {
-    let file_err = |message: String| GptqError::File {
-        path: path.display().to_string(),
-        message,
-    };
-    let mut file = std::fs::File::open(path).map_err(|e| file_err(e.to_string()))?;
-    let mut raw = vec![0u8; slot.bytes];
-    file.seek(SeekFrom::Start(slot.offset))
-        .and_then(|_| file.read_exact(&mut raw))
-        .map_err(|e| file_err(format!("reading {}: {e}", slot.name)))?;
-    let n = slot.rows * slot.cols;
-    let mut out = vec![0f32; n];
-    // SAFETY: the type traits are GGML's static table; to_float reads
-    // `n` elements of the tensor's type from `raw`, which holds them all.
-    unsafe {
-        let traits = sys::ggml_get_type_traits(slot.ty);
-        let to_float = (!traits.is_null()).then(|| (*traits).to_float).flatten();
-        match (slot.ty, to_float) {
-            (sys::GGML_TYPE_F32, _) => {
-                for (o, chunk) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-                }
-            }
-            (_, Some(convert))
-                if slot.ty == sys::GGML_TYPE_F16 || slot.ty == sys::GGML_TYPE_BF16 =>
-            {
-                convert(raw.as_ptr().cast(), out.as_mut_ptr(), n as i64)
-            }
-            _ => {
-                return Err(file_err(format!(
-                    "{} is stored quantized: GPTQ needs the unquantized (F32, F16 or BF16) model",
-                    slot.name
-                )))
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Replaces, in `quantized` (the unquantized `source` quantized to

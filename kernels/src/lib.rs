@@ -8,17 +8,22 @@
 //! GGML's own thread pool, and weights placed in the CPU backend's repacking
 //! buffer type when llama.cpp would place them there, otherwise read in place
 //! from a mapped file as a model load reads them (`placement`). It also writes
-//! synthetic llama GGUF models of real dimensions (`synthetic`). It does not time
+//! synthetic llama GGUF models of real dimensions (`synthetic`), and has
+//! quantbench's own non-uniform codebook formats with their kernels
+//! (`codebook`, on a persistent `pool`). It does not time
 //! anything, choose matrices or write results: that is the agent's and the
 //! harness's job.
 
 pub mod calibration;
 pub mod codebook;
+pub mod codebook_model;
 mod ffi;
+pub mod gguf_tensors;
 pub mod gptq;
 pub mod matmul;
 pub mod model;
 pub mod placement;
+pub mod pool;
 pub mod synthetic;
 pub mod weights;
 
@@ -41,6 +46,8 @@ pub enum KernelError {
     WrongLength { expected: usize, got: usize },
     #[error("GGML failed: {0}")]
     Ggml(String),
+    #[error(transparent)]
+    Codebook(#[from] codebook::CodebookError),
     #[error("could not place the weights in a file in {dir} ({reason}); the agent needs write access and free space there as large as the matrix")]
     Staging {
         dir: std::path::PathBuf,

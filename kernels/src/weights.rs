@@ -106,10 +106,7 @@ fn fill_weight_row(row: &mut [f32], row_index: usize, seed: u64) {
 
 /// Row-major `tokens x cols` activations (one row per token).
 pub fn llm_like_activations(tokens: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut channel_rng = SplitMix64::new(seed, u64::MAX);
-    let channel_scale: Vec<f64> = (0..cols)
-        .map(|_| (0.7 * channel_rng.next_normal()).exp())
-        .collect();
+    let channel_scale = llm_like_channel_scales(cols, seed);
     let mut rng = SplitMix64::new(seed, u64::MAX - 1);
     let mut out = Vec::with_capacity(tokens * cols);
     for _ in 0..tokens {
@@ -120,7 +117,32 @@ pub fn llm_like_activations(tokens: usize, cols: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+/// The standard deviation of each activation channel for `seed`: every
+/// token of `llm_like_activations(_, cols, seed)` draws channel `j` from
+/// N(0, scale_j^2).
+fn llm_like_channel_scales(cols: usize, seed: u64) -> Vec<f64> {
+    let mut channel_rng = SplitMix64::new(seed, u64::MAX);
+    (0..cols)
+        .map(|_| (0.7 * channel_rng.next_normal()).exp())
+        .collect()
+}
+
 pub use wire::ggml_type::Distribution;
+
+/// The expected square of each activation channel of `activations(
+/// distribution, _, cols, seed)`: the per-input-channel sensitivity a
+/// codebook quantizer weights its error by (what a calibration run would
+/// estimate, without its sampling noise).
+pub fn activation_second_moments(distribution: Distribution, cols: usize, seed: u64) -> Vec<f32> {
+    match distribution {
+        Distribution::LlmLike => llm_like_channel_scales(cols, seed)
+            .iter()
+            .map(|s| (s * s) as f32)
+            .collect(),
+        // Uniform in [-1, 1].
+        Distribution::Uniform => vec![1.0 / 3.0; cols],
+    }
+}
 
 /// Weights for `distribution` (row-major, `rows x cols`).
 pub fn weights(distribution: Distribution, rows: usize, cols: usize, seed: u64) -> Vec<f32> {

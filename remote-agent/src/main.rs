@@ -5,6 +5,7 @@
 mod bandwidth;
 mod measure;
 mod model_run;
+mod multiply;
 mod sysinfo;
 
 use anyhow::{Context, Result};
@@ -82,6 +83,25 @@ enum Command {
         ctx: usize,
         #[arg(long, default_value_t = 0.01)]
         damp: f64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// A codebook recipe: `input` written in F16 by llama.cpp (output
+    /// matrix Q8_0), then every other weight matrix coded to `format` (SQ4,
+    /// SQ3, SQ4+S0.45, ...) with the importance matrix's mean squares as
+    /// sensitivities and written back decoded, for llama.cpp to evaluate.
+    /// Prints the sizes of the scheme.
+    Codebook {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        format: String,
+        /// An importance matrix GGUF; without one every input channel
+        /// counts the same.
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
@@ -244,6 +264,35 @@ fn main() -> Result<()> {
                     "seconds": started.elapsed().as_secs_f64(),
                 })
             );
+        }
+        Command::Codebook {
+            input,
+            output,
+            format,
+            imatrix,
+            threads,
+        } => {
+            let threads = if threads == 0 { num_cores() } else { threads };
+            let ty = kernels::codebook::CodebookType::parse(&format)?;
+            let sensitivities = match &imatrix {
+                Some(path) => kernels::calibration::read_imatrix(path)?
+                    .entries
+                    .into_iter()
+                    .map(|(name, stats)| {
+                        let squares = stats.mean_squares();
+                        (name, squares)
+                    })
+                    .collect(),
+                None => Default::default(),
+            };
+            let report =
+                kernels::codebook_model::make_model(&input, &output, ty, &sensitivities, threads)?;
+            let mut value = serde_json::to_value(&report)?;
+            // What was not coded is in the report's `left`.
+            value["fallbacks"] = serde_json::json!([]);
+            value["file_bytes"] =
+                serde_json::json!(std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0));
+            println!("{value}");
         }
         Command::Imatrix {
             model,

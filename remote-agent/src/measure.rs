@@ -1,8 +1,10 @@
 //! Measuring a job's cells: weights, quantization, timing, error, rows.
 
+use crate::multiply::{Multiply, PreparedWeights};
 use anyhow::{Context, Result};
-use kernels::weights::{activations, weights, Distribution};
-use kernels::{quantize, KernelError, MatMul, StagedMatrix};
+use kernels::codebook::CodebookMatrix;
+use kernels::weights::{activation_second_moments, activations, weights, Distribution};
+use kernels::{quantize, KernelError, StagedMatrix};
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use wire::probe::{BoardProbe, ThermalReading};
 use wire::progress::ProgressEvent;
 use wire::rows::{CellStatus, KernelRow, SampleRow};
 use wire::stats::{nmse, Summary};
+use wire::weight_format::WeightFormat;
 
 /// The f64 reference is computed on at most this many weight rows and
 /// tokens: enough for a stable NMSE, cheap even for a 128256-row lm head.
@@ -29,6 +32,8 @@ struct Measured {
     samples_ns: Vec<u64>,
     nmse: f64,
     weight_bytes: u64,
+    /// The exact storage cost when it depends on the data.
+    bits_per_weight: Option<f64>,
     kernel_path: String,
     weight_placement: String,
 }
@@ -48,8 +53,8 @@ struct WeightCache<'a> {
     scratch_dir: &'a Path,
     key: Option<(String, u64, Distribution)>,
     values: Vec<f32>,
-    staged_type: Option<kernels::GgmlType>,
-    staged: Option<StagedMatrix>,
+    staged_type: Option<WeightFormat>,
+    staged: Option<PreparedWeights>,
 }
 
 impl<'a> WeightCache<'a> {
@@ -74,9 +79,14 @@ impl<'a> WeightCache<'a> {
         self.key = None;
     }
 
-    /// The f32 weights of the cell's shape and the cell's type placed in
-    /// memory by `load_mode`.
-    fn get(&mut self, cell: &Cell, job: &JobSpec) -> Result<(&[f32], &StagedMatrix), KernelError> {
+    /// The f32 weights of the cell's shape and the cell's format: a GGML
+    /// type placed in memory by `load_mode`, or a codebook quantized with
+    /// the activations' channel second moments as sensitivities.
+    fn get(
+        &mut self,
+        cell: &Cell,
+        job: &JobSpec,
+    ) -> Result<(&[f32], &PreparedWeights), KernelError> {
         let key = (cell.shape.name.clone(), job.seed, job.distribution);
         let (m, k) = (cell.shape.rows, cell.shape.cols);
         if self.key.as_ref() != Some(&key) {
@@ -90,9 +100,25 @@ impl<'a> WeightCache<'a> {
             Some(staged) if self.staged_type == Some(cell.ty) => staged,
             stale => {
                 drop(stale);
-                let quantized = quantize(cell.ty, m, k, &self.values)?;
+                self.staged_type = None;
+                let prepared = match cell.ty {
+                    WeightFormat::Ggml(ty) => {
+                        let quantized = quantize(ty, m, k, &self.values)?;
+                        PreparedWeights::Ggml(StagedMatrix::stage(
+                            quantized,
+                            job.load_mode,
+                            self.scratch_dir,
+                        )?)
+                    }
+                    WeightFormat::Codebook(ty) => {
+                        let sensitivity = activation_second_moments(job.distribution, k, job.seed);
+                        let matrix =
+                            CodebookMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity))?;
+                        PreparedWeights::Codebook(Box::new(matrix))
+                    }
+                };
                 self.staged_type = Some(cell.ty);
-                StagedMatrix::stage(quantized, job.load_mode, self.scratch_dir)?
+                prepared
             }
         };
         let staged = self.staged.insert(staged);
@@ -193,23 +219,26 @@ fn try_measure(
     cache: &mut WeightCache,
 ) -> Result<Measured, KernelError> {
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
-    let (w, staged) = cache.get(cell, job)?;
+    let (w, prepared) = cache.get(cell, job)?;
     let x = activations(job.distribution, n, k, job.seed);
-    let mut matmul = MatMul::new(staged, n, threads, job.repack)?;
-    matmul.set_activations(&x)?;
-    matmul.compute()?;
-    let error = output_nmse(w, &x, &matmul.output(), m, k, n);
-    let samples_ns = time_repetitions(&mut matmul, &job.timing)?;
+    let mut multiply = prepared.multiply(&x, n, threads, job.repack)?;
+    multiply.compute()?;
+    let error = output_nmse(w, &x, &multiply.output(), m, k, n);
+    let samples_ns = time_repetitions(multiply.as_mut(), &job.timing)?;
     Ok(Measured {
         samples_ns,
         nmse: error,
-        weight_bytes: staged.bytes() as u64,
-        kernel_path: matmul.path().to_string(),
-        weight_placement: matmul.placement(),
+        weight_bytes: prepared.bytes() as u64,
+        bits_per_weight: prepared.measured_bits_per_weight(),
+        kernel_path: multiply.kernel_path(),
+        weight_placement: multiply.weight_placement(),
     })
 }
 
-fn time_repetitions(matmul: &mut MatMul, policy: &TimingPolicy) -> Result<Vec<u64>, KernelError> {
+fn time_repetitions(
+    matmul: &mut dyn Multiply,
+    policy: &TimingPolicy,
+) -> Result<Vec<u64>, KernelError> {
     for _ in 0..policy.warmup {
         matmul.compute()?;
     }
@@ -331,6 +360,9 @@ fn build_row(
             row.weight_placement = measured.weight_placement.clone();
             row.repetitions = times.len() as u32;
             row.weight_bytes = measured.weight_bytes;
+            if let Some(bits) = measured.bits_per_weight {
+                row.bits_per_weight = bits;
+            }
             row.nmse = Some(measured.nmse);
             if let Some(s) = Summary::of(&times) {
                 row.median_ns = Some(s.median);

@@ -540,16 +540,27 @@ fn measure_recipe(
         let threads = threads.resolve(probe.cores);
         model.set_threads(threads)?;
         for (prompt, n) in [(true, job.n_prompt), (false, job.n_gen)] {
-            let seconds = time_test(&mut model, prompt, n, job.repetitions)?;
+            // A decoded scheme runs llama.cpp's F32 kernels: its times and
+            // memory would be F32's, not the scheme's.
+            let seconds = match recipe.scheme_bits_per_weight {
+                Some(_) => Vec::new(),
+                None => time_test(&mut model, prompt, n, job.repetitions)?,
+            };
             let ns: Vec<f64> = seconds.iter().map(|s| s * 1e9).collect();
             let ts: Vec<f64> = seconds.iter().map(|s| n as f64 / s).collect();
             let (summary_ns, ts) = (Summary::of(&ns), Summary::of(&ts));
             let row = ModelRow {
                 status: CellStatus::Ok,
                 model_type: facts.description.clone(),
-                model_size: facts.size_bytes,
+                model_size: recipe
+                    .scheme_bits_per_weight
+                    .map_or(facts.size_bytes, |bits| {
+                        (bits * facts.n_params as f64 / 8.0).round() as u64
+                    }),
                 model_n_params: facts.n_params,
-                bits_per_weight: facts.size_bytes as f64 * 8.0 / facts.n_params.max(1) as f64,
+                bits_per_weight: recipe
+                    .scheme_bits_per_weight
+                    .unwrap_or(facts.size_bytes as f64 * 8.0 / facts.n_params.max(1) as f64),
                 n_threads: threads,
                 n_prompt: if prompt { n } else { 0 },
                 n_gen: if prompt { 0 } else { n },
@@ -558,8 +569,9 @@ fn measure_recipe(
                 stddev_ns: summary_ns.map(|s| s.stddev),
                 avg_ts: ts.map(|s| s.mean),
                 stddev_ts: ts.map(|s| s.stddev),
-                load_ms: Some(load_ms),
-                peak_rss_bytes: peak_rss_bytes(),
+                load_ms: recipe.scheme_bits_per_weight.is_none().then_some(load_ms),
+                peak_rss_bytes: peak_rss_bytes()
+                    .filter(|_| recipe.scheme_bits_per_weight.is_none()),
                 ppl: judged.as_ref().map(|j| j.0.ppl),
                 kld_mean: judged.as_ref().map(|j| j.0.kld_mean),
                 kld_p99: judged.as_ref().map(|j| j.0.kld_p99),

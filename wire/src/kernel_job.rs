@@ -1,7 +1,8 @@
 //! The kernel job the host sends an agent: a matrix's cells for one board,
 //! with the timing policy and the synthetic data to use.
 
-use crate::ggml_type::{Distribution, GgmlType};
+use crate::ggml_type::Distribution;
+use crate::weight_format::WeightFormat;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -58,19 +59,25 @@ impl fmt::Display for ThreadCount {
     }
 }
 
-/// One measurement: a type, a shape, a batch and a thread count.
+/// One measurement: a weight format, a shape, a batch and a thread count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cell {
     /// Stable within a run: `<shape>/<type>/n<batch>/t<threads>`.
     pub id: String,
-    pub ty: GgmlType,
+    pub ty: WeightFormat,
     pub shape: Shape,
     pub batch_tokens: usize,
     pub threads: ThreadCount,
 }
 
 impl Cell {
-    pub fn new(ty: GgmlType, shape: Shape, batch_tokens: usize, threads: ThreadCount) -> Self {
+    pub fn new(
+        ty: impl Into<WeightFormat>,
+        shape: Shape,
+        batch_tokens: usize,
+        threads: ThreadCount,
+    ) -> Self {
+        let ty = ty.into();
         let id = format!("{}/{}/n{}/t{}", shape.name, ty, batch_tokens, threads);
         Self {
             id,
@@ -90,7 +97,7 @@ impl Cell {
     /// The quantized matrix's bytes: the file the agent stages it in, in
     /// its output folder, when the job loads weights by mmap.
     pub fn weight_bytes(&self) -> u64 {
-        self.ty.row_bytes(self.shape.cols) as u64 * self.shape.rows as u64
+        self.ty.matrix_bytes(self.shape.rows, self.shape.cols) as u64
     }
 
     /// The most memory the agent holds at once while measuring this cell:
@@ -98,15 +105,22 @@ impl Cell {
     /// staged: written to a mapped file or copied to GGML's buffer, and in
     /// the repack buffer when repacked), f32 and quantized activations
     /// (`2 x 4*N*K`, a bound), the output twice (`2 x 4*N*M`: GGML's and the
-    /// copy read back), plus [`CELL_OVERHEAD_BYTES`].
+    /// copy read back), plus [`CELL_OVERHEAD_BYTES`]. A codebook's
+    /// quantizer also holds a flag per weight, and with a sparse part a
+    /// 4-byte rank per weight while it picks the outliers.
     pub fn peak_memory_bytes(&self) -> u64 {
         let (m, k, n) = (
             self.shape.rows as u64,
             self.shape.cols as u64,
             self.batch_tokens as u64,
         );
-        let quantized = self.ty.row_bytes(self.shape.cols) as u64 * m;
-        4 * m * k + 2 * quantized + 8 * n * k + 8 * n * m + CELL_OVERHEAD_BYTES
+        let quantized = self.weight_bytes();
+        let quantizer = match self.ty {
+            WeightFormat::Ggml(_) => 0,
+            WeightFormat::Codebook(ty) if ty.outlier_percent.is_some() => 5 * m * k,
+            WeightFormat::Codebook(_) => m * k,
+        };
+        4 * m * k + 2 * quantized + quantizer + 8 * n * k + 8 * n * m + CELL_OVERHEAD_BYTES
     }
 }
 
@@ -195,6 +209,7 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ggml_type::GgmlType;
 
     #[test]
     fn peak_memory_counts_weights_quantized_twice_and_batch_buffers() {

@@ -3,7 +3,8 @@
 //! `model_job`), the rows the agent returns and their CSV schema (`rows`,
 //! written and read by `files`), the progress events it streams
 //! (`progress`), the board description (`probe`), the agent's build
-//! identity (`build_id`), GGML's type table (`ggml_type`), the statistics
+//! identity (`build_id`), GGML's type table (`ggml_type`) and the formats a
+//! kernel cell measures (`weight_format`), the statistics
 //! both sides compute from raw samples (`stats`) and the synthetic models'
 //! architectures and tensor plans both sides size and write (`synthetic`). It links no GGML, no SSH,
 //! no plotting: the agent and the host library both depend on it.
@@ -18,6 +19,7 @@ pub mod progress;
 pub mod rows;
 pub mod stats;
 pub mod synthetic;
+pub mod weight_format;
 
 /// Current UTC time as RFC 3339 with second precision (`2026-11-22T17:00:00Z`).
 pub fn utc_now_rfc3339() -> String {

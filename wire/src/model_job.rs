@@ -21,6 +21,41 @@ pub struct RecipeFile {
     /// (calibration text, method, error reduction); goes into the row's note.
     #[serde(default)]
     pub note: String,
+    /// Set when the file holds a scheme llama.cpp cannot run, decoded to
+    /// F16 for it (codebook recipes): the scheme's true storage cost per
+    /// weight, which the row reports instead of the file's; the row has no
+    /// speed or memory figures (the F16 file's would mislead).
+    #[serde(default)]
+    pub scheme_bits_per_weight: Option<f64>,
+}
+
+/// What a codebook recipe did to a model (`quantbench-agent codebook`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CodebookReport {
+    /// The format, e.g. `SQ4+S0.45`.
+    pub format: String,
+    /// Matrices coded, and those left as they were (not a multiple of 32
+    /// wide, or not a matrix).
+    pub coded: usize,
+    pub left: Vec<String>,
+    /// Bytes of the scheme: coded matrices as stored, every other tensor
+    /// as the file holds it.
+    pub scheme_bytes: u64,
+    /// Every tensor's elements.
+    pub params: u64,
+    /// Mean over coded matrices of the weights' NMSE, each weighted by its
+    /// input channels' sensitivities.
+    pub mean_weighted_nmse: f64,
+    /// Matrices that had an importance-matrix entry (the others were
+    /// clustered with uniform sensitivities).
+    pub with_importance: usize,
+    pub seconds: f64,
+}
+
+impl CodebookReport {
+    pub fn bits_per_weight(&self) -> f64 {
+        self.scheme_bytes as f64 * 8.0 / self.params.max(1) as f64
+    }
 }
 
 /// What GPTQ did to one weight matrix: the relative error of the layer's

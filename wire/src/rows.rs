@@ -113,7 +113,7 @@ impl KernelRow {
             status,
             note,
             ty: cell.ty.to_string(),
-            bits_per_weight: cell.ty.bits_per_weight(),
+            bits_per_weight: cell.ty.bits_per_weight(cell.shape.rows, cell.shape.cols),
             shape: cell.shape.name.clone(),
             m: cell.shape.rows,
             k: cell.shape.cols,
@@ -173,7 +173,8 @@ pub struct ModelRow {
     pub recipe: String,
     /// llama-bench: model description (architecture, size, type).
     pub model_type: String,
-    /// llama-bench: bytes of weights.
+    /// llama-bench: bytes of weights (for a codebook recipe, as the
+    /// scheme stores them, not as its decoded file holds them).
     pub model_size: u64,
     /// llama-bench: parameter count.
     pub model_n_params: u64,

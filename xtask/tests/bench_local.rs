@@ -117,6 +117,56 @@ fn bench_local_writes_rows_samples_manifest_and_plots() {
     assert!(run_dir.join("plots/bandwidth.png").exists());
 }
 
+#[test]
+fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        "[matrices.cb]\ntypes = [\"F32\", \"Q4_0\", \"SQ4\", \"SQ3+S1\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 4]\nthreads = [\"all\"]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\n",
+    )
+    .unwrap();
+    let out = xtask(
+        dir.path(),
+        &["bench", "--target", "local", "--matrix", "cb"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_dir = common::only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 8);
+    for row in rows.iter().filter(|r| r.ty.starts_with("SQ")) {
+        assert_eq!(row.status, CellStatus::Ok, "{row:?}");
+        // Every column a GGML type has.
+        assert!(row.kernel_path.starts_with("codebook-"), "{row:?}");
+        assert!(row.weight_placement.starts_with("heap/"), "{row:?}");
+        assert!(row.repetitions >= 3 && row.median_ns.unwrap() > 0.0);
+        assert!(row.gflops.unwrap() > 0.0 && row.weight_gbps.unwrap() > 0.0);
+        assert!(row.bandwidth_share.unwrap() > 0.0);
+        assert!(row.nmse.unwrap() < 0.05, "{row:?}");
+    }
+    let of = |ty: &str| rows.iter().find(|r| r.ty == ty && r.n == 4).unwrap();
+    // Bits as stored: SQ4 with its block scales and codebooks, SQ3 with
+    // 1% of the weights kept exactly.
+    assert!(
+        (4.3..4.5).contains(&of("SQ4").bits_per_weight),
+        "{:?}",
+        of("SQ4")
+    );
+    assert!(
+        (3.6..3.8).contains(&of("SQ3+S1").bits_per_weight),
+        "{:?}",
+        of("SQ3+S1")
+    );
+    assert!(of("SQ4").nmse < of("Q4_0").nmse);
+    let summary = std::fs::read_to_string(run_dir.join("summary.md")).unwrap();
+    assert!(summary.contains("| SQ3+S1 |"), "{summary}");
+    let plot = std::fs::read_to_string(run_dir.join("plots/nmse_vs_bits.svg")).unwrap();
+    assert!(plot.contains("SQ4") && plot.contains("SQ3+S1"));
+}
+
 fn assert_one_clear_error(out: &Output, expected: &[&str]) {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -139,6 +189,16 @@ fn bad_configs_fail_fast_with_one_clear_line() {
             "[matrices.m]\ntypes=[\"Q9_0\"]\nshapes=[\"all\"]\n",
             &["--matrix", "m"],
             &["bench.toml", "unknown GGML type `Q9_0`", "Q4_K"],
+        ),
+        (
+            "[matrices.m]\ntypes=[\"SQ4+S12\"]\nshapes=[\"all\"]\n",
+            &["--matrix", "m"],
+            &["bench.toml", "`SQ4+S12`", "(0, 10]"],
+        ),
+        (
+            "[matrices.m]\ntypes=[\"SQ5\"]\nshapes=[\"all\"]\n",
+            &["--matrix", "m"],
+            &["bench.toml", "`SQ5`", "SQ4 or SQ3"],
         ),
         (
             "[matrices.m]\ntypes=[\"F32\"]\nshapes=[\"llama9.attn\"]\n",

@@ -614,6 +614,77 @@ fn missing_cross_toolchain_gets_one_clear_error_with_the_install_command() {
 }
 
 #[test]
+fn codebook_formats_run_on_an_emulated_board_with_the_neon_kernel_beside_ggml_types() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    // Three tokens: the kernel's multi-token path and a partial group.
+    config.push_str(
+        "\n[matrices.codebooks]\ntypes = [\"Q4_0\", \"IQ4_NL\", \"Q3_K\", \"SQ4\", \"SQ4+S0.45\", \"SQ3\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 3]\nthreads = [2]\nwarmup = 1\nmin_reps = 2\nmin_time_ms = 1\nmax_time_ms = 200\n",
+    );
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let out = bench(dir.path(), "sim1", "codebooks");
+    assert!(out.status.success(), "{}", text(&out));
+    let run_dir = only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 12, "{rows:?}");
+    let row = |ty: &str, n: usize| {
+        rows.iter()
+            .find(|r| r.ty == ty && r.n == n)
+            .unwrap_or_else(|| panic!("{ty} n{n}"))
+    };
+    for n in [1, 3] {
+        for ty in ["SQ4", "SQ4+S0.45", "SQ3"] {
+            let r = row(ty, n);
+            assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+            assert!(r.emulated);
+            // The aarch64 NEON kernel ran, under qemu, and its output is
+            // right: the f64 product with the unquantized weights is the
+            // reference, so a wrong lookup or scale shows as a large error.
+            assert_eq!(r.kernel_path, "codebook-neon-int8+act:int8x32", "{r:?}");
+            assert!(r.weight_placement.starts_with("heap/"), "{r:?}");
+            assert!(r.median_ns.unwrap() > 0.0 && r.weight_gbps.unwrap() > 0.0);
+        }
+        // Each error is the quantization's, about what the host measures
+        // for the same data (a wrong lookup or scale would be 10x more),
+        // and SQ4's is below GGML's 4.5-bit types' by a margin the
+        // one-token sampling noise cannot close. (SQ3 against Q3_K, and
+        // the outliers' gain, are closer: the benchmark prints them.)
+        let nmse = |ty: &str| row(ty, n).nmse.unwrap();
+        let all: Vec<(&str, f64)> = ["Q4_0", "IQ4_NL", "Q3_K", "SQ4", "SQ4+S0.45", "SQ3"]
+            .into_iter()
+            .map(|ty| (ty, nmse(ty)))
+            .collect();
+        assert!(
+            nmse("SQ4") < 1.2e-2 && nmse("SQ4+S0.45") < 1.2e-2,
+            "n{n}: {all:?}"
+        );
+        assert!(nmse("SQ3") < 5e-2, "n{n}: {all:?}");
+        assert!(
+            nmse("SQ4") < nmse("Q4_0") && nmse("SQ4") < nmse("IQ4_NL"),
+            "n{n}: {all:?}"
+        );
+    }
+    // Sizes as stored: indices, block scales, codebooks, the sparse part.
+    let sq4 = row("SQ4", 1);
+    assert!((4.3..4.5).contains(&sq4.bits_per_weight), "{sq4:?}");
+    let sparse = row("SQ4+S0.45", 1);
+    assert!(
+        sparse.bits_per_weight > sq4.bits_per_weight + 0.1,
+        "{sparse:?}"
+    );
+    assert_eq!(
+        sq4.weight_bytes as f64 * 8.0,
+        sq4.bits_per_weight * (sq4.m * sq4.k) as f64
+    );
+    let summary = std::fs::read_to_string(run_dir.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("SQ4+S0.45") && summary.contains("SQ3"),
+        "{summary}"
+    );
+}
+
+#[test]
 fn model_matrix_runs_on_an_emulated_board() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     let dir = config_dir(&[]);

@@ -255,6 +255,16 @@ impl JobKind for ModelMatrix {
                     file.note = record.note();
                     recipes.push(file);
                     calibrations.push(record);
+                } else if let Recipe::Codebook(format) = &parsed {
+                    let (imatrix, mut record) =
+                        cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
+                    let (mut file, report) =
+                        cache.codebook(agent, model, recipe, *format, &imatrix)?;
+                    record.model = name.clone();
+                    record.recipe = recipe.clone();
+                    file.note = codebook_note(&report, &record);
+                    recipes.push(file);
+                    calibrations.push(record);
                 } else if let Recipe::Gptq(base) = &parsed {
                     let (mut file, mut record) =
                         cache.gptq(agent, model, base, &self.calibration, spec.ctx)?;
@@ -332,6 +342,7 @@ impl JobKind for ModelMatrix {
                     fallbacks: Vec::new(),
                     file_bytes: model.file_bytes,
                     note: String::new(),
+                    scheme_bits_per_weight: None,
                 },
                 recipes: model.recipes.clone(),
                 threads: self.spec.threads.clone(),
@@ -487,4 +498,23 @@ impl JobKind for ModelMatrix {
         }
         write_json(&path, &all)
     }
+}
+
+/// The row note of a codebook recipe: what was coded, with what, and why
+/// the row has no speed.
+fn codebook_note(report: &wire::model_job::CodebookReport, record: &CalibrationRecord) -> String {
+    let mut note = format!(
+        "{} codebooks on {} matrices ({} with sensitivities from the {}); weighted weight NMSE {:.2e}; {:.3} bits per weight as stored. llama.cpp ran the decoded weights in F16 (output matrix Q8_0): quality only, speed in the kernel matrix's {} rows",
+        report.format,
+        report.coded,
+        report.with_importance,
+        record.note(),
+        report.mean_weighted_nmse,
+        report.bits_per_weight(),
+        report.format
+    );
+    if !report.left.is_empty() {
+        note.push_str(&format!("; left as they were: {}", report.left.join(", ")));
+    }
+    note
 }

@@ -190,7 +190,7 @@ pub fn model_table(rows: &[ModelRow]) -> String {
     let mut out = String::new();
     for (board, rows) in by_board(rows, |r| &r.board) {
         let emulated = rows.iter().any(|r| r.emulated);
-        let header = "| model | recipe | bits/weight | size MB | peak RSS MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | MC acc | repetition | fallbacks | generated text |";
+        let header = "| model | recipe | bits/weight | weights MB | peak RSS MB | pp t/s | tg t/s | speedup vs f32 (tg) | PPL | mean KLD | top-1 agree | MC acc | repetition | fallbacks | generated text |";
         let _ = writeln!(out, "\n### {board} models{}\n", emulated_note(emulated));
         let synthetic: BTreeSet<&str> = rows
             .iter()
@@ -237,7 +237,9 @@ pub fn model_table(rows: &[ModelRow]) -> String {
                 r.model_filename,
                 r.recipe,
                 r.bits_per_weight,
-                r.file_bytes as f64 / 1e6,
+                // The weights as the scheme stores them (a codebook
+                // recipe's file holds them decoded, larger).
+                r.model_size as f64 / 1e6,
                 fmt_opt(r.peak_rss_bytes.map(|b| b as f64), |v| format!("{:.0}", v / 1e6)),
                 fmt_opt(pp, |v| format!("{v:.0}")),
                 fmt_opt(tg, |v| format!("{v:.0}")),

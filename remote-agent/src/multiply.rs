@@ -1,0 +1,113 @@
+//! What a kernel cell times: one matrix multiplication with its weights in
+//! place and its activations set, behind one trait whether GGML runs it
+//! (its types) or quantbench's own kernels do (codebooks), so the timing
+//! loop, the error and the row are the same for every format.
+
+use kernels::codebook::CodebookMatrix;
+use kernels::pool::WorkerPool;
+use kernels::{KernelError, MatMul, StagedMatrix};
+
+pub trait Multiply {
+    fn compute(&mut self) -> Result<(), KernelError>;
+    /// `tokens x rows`, row-major.
+    fn output(&self) -> Vec<f32>;
+    /// The kernel that ran, for the `kernel_path` column.
+    fn kernel_path(&self) -> String;
+    /// Where the weights were read from, for `weight_placement`.
+    fn weight_placement(&self) -> String;
+}
+
+/// A cell's weights, quantized and placed once for every cell of the same
+/// shape and format.
+pub enum PreparedWeights {
+    Ggml(StagedMatrix),
+    Codebook(Box<CodebookMatrix>),
+}
+
+impl PreparedWeights {
+    pub fn bytes(&self) -> usize {
+        match self {
+            PreparedWeights::Ggml(staged) => staged.bytes(),
+            PreparedWeights::Codebook(matrix) => matrix.storage_bytes(),
+        }
+    }
+
+    /// The exact storage cost where it depends on the data (the sparse
+    /// part of a codebook), else `None` (the format's own figure holds).
+    pub fn measured_bits_per_weight(&self) -> Option<f64> {
+        match self {
+            PreparedWeights::Ggml(_) => None,
+            PreparedWeights::Codebook(matrix) => Some(matrix.bits_per_weight()),
+        }
+    }
+
+    /// The multiplication of these weights with `x` (`tokens` rows).
+    pub fn multiply<'a>(
+        &'a self,
+        x: &[f32],
+        tokens: usize,
+        threads: usize,
+        repack: bool,
+    ) -> Result<Box<dyn Multiply + 'a>, KernelError> {
+        Ok(match self {
+            PreparedWeights::Ggml(staged) => {
+                let mut matmul = MatMul::new(staged, tokens, threads, repack)?;
+                matmul.set_activations(x)?;
+                Box::new(GgmlMultiply(matmul))
+            }
+            PreparedWeights::Codebook(matrix) => Box::new(CodebookMultiply {
+                matrix,
+                pool: WorkerPool::new(threads),
+                x: x.to_vec(),
+                tokens,
+                y: vec![0.0; tokens * matrix.rows],
+            }),
+        })
+    }
+}
+
+struct GgmlMultiply(MatMul);
+
+impl Multiply for GgmlMultiply {
+    fn compute(&mut self) -> Result<(), KernelError> {
+        self.0.compute()
+    }
+    fn output(&self) -> Vec<f32> {
+        self.0.output()
+    }
+    fn kernel_path(&self) -> String {
+        self.0.path().to_string()
+    }
+    fn weight_placement(&self) -> String {
+        self.0.placement()
+    }
+}
+
+struct CodebookMultiply<'a> {
+    matrix: &'a CodebookMatrix,
+    pool: WorkerPool,
+    x: Vec<f32>,
+    tokens: usize,
+    y: Vec<f32>,
+}
+
+impl Multiply for CodebookMultiply<'_> {
+    fn compute(&mut self) -> Result<(), KernelError> {
+        self.matrix
+            .gemm(&self.x, self.tokens, &mut self.y, &self.pool);
+        Ok(())
+    }
+    fn output(&self) -> Vec<f32> {
+        self.y.clone()
+    }
+    fn kernel_path(&self) -> String {
+        self.matrix.kernel_path().to_string()
+    }
+    fn weight_placement(&self) -> String {
+        // Quantized in the agent's own memory: no file, no GGML buffer.
+        match kernels::PageState::of_address(self.matrix.indices.as_ptr() as usize) {
+            Some(pages) => format!("heap/{pages}"),
+            None => "heap/?".to_string(),
+        }
+    }
+}

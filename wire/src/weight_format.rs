@@ -1,0 +1,263 @@
+//! What a kernel-matrix cell stores its weights in: one of GGML's types, or
+//! one of quantbench's own non-uniform codebook formats (`SQ4`, `SQ3`, with
+//! `+S<pct>` exact outliers; see `kernels::codebook`). Both spell
+//! themselves in the `types` list of a matrix and in the rows' `type`
+//! column, so plots, summaries and comparisons treat them alike.
+
+use crate::ggml_type::{GgmlType, UnknownType};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Weights per block of a codebook row: each block has its own 8-bit
+/// scale, and the kernels take 32 activations at a time.
+pub const CODEBOOK_BLOCK: usize = 32;
+
+/// `SQ4`, `SQ3`, `SQ4+S0.45`, `SQ3+S1`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CodebookType {
+    /// 3 or 4: index bits, 2^bits centroids per row.
+    pub bits: u8,
+    /// Percent of weights kept exactly in the sparse part.
+    pub outlier_percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum CodebookSpellingError {
+    #[error("`{0}` is not a codebook type: SQ4 or SQ3, optionally +S<percent> of outliers kept exactly (e.g. SQ4+S0.45)")]
+    Spelling(String),
+    #[error("`{name}`: the outlier percentage {percent} must be in (0, 10] (e.g. SQ4+S0.45)")]
+    Percent { name: String, percent: String },
+}
+
+impl CodebookType {
+    pub fn parse(name: &str) -> Result<CodebookType, CodebookSpellingError> {
+        let upper = name.trim().to_ascii_uppercase();
+        let (base, sparse) = match upper.split_once('+') {
+            Some((b, s)) => (b, Some(s)),
+            None => (upper.as_str(), None),
+        };
+        let bits = match base {
+            "SQ4" => 4,
+            "SQ3" => 3,
+            _ => return Err(CodebookSpellingError::Spelling(name.to_string())),
+        };
+        let outlier_percent = match sparse {
+            None => None,
+            Some(s) => {
+                let digits = s
+                    .strip_prefix('S')
+                    .ok_or_else(|| CodebookSpellingError::Spelling(name.to_string()))?;
+                let percent: f64 = digits
+                    .parse()
+                    .map_err(|_| CodebookSpellingError::Spelling(name.to_string()))?;
+                if !(percent > 0.0 && percent <= 10.0) {
+                    return Err(CodebookSpellingError::Percent {
+                        name: name.to_string(),
+                        percent: digits.to_string(),
+                    });
+                }
+                Some(percent)
+            }
+        };
+        Ok(CodebookType {
+            bits,
+            outlier_percent,
+        })
+    }
+
+    pub fn centroids(self) -> usize {
+        1 << self.bits
+    }
+
+    /// Bytes of one row's dense part: packed indices, one scale byte per
+    /// block, the f16 codebook and the f16 row scale.
+    pub fn dense_row_bytes(self, cols: usize) -> usize {
+        cols * self.bits as usize / 8 + cols / CODEBOOK_BLOCK + 2 * self.centroids() + 2
+    }
+
+    /// The sparse part's bytes for `entries` outliers in `rows` rows: f16
+    /// value and u16 column (u32 past 65536 columns) each, u32 row offsets.
+    pub fn sparse_bytes(self, rows: usize, cols: usize, entries: usize) -> usize {
+        if entries == 0 {
+            return 0;
+        }
+        let column_bytes = if cols <= 1 << 16 { 2 } else { 4 };
+        entries * (2 + column_bytes) + (rows + 1) * 4
+    }
+
+    /// Bytes of a `rows x cols` matrix, the outliers counted as the
+    /// percentage asks (the quantizer's count, rounded the same way).
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
+        let entries = self.outlier_count(rows * cols);
+        rows * self.dense_row_bytes(cols) + self.sparse_bytes(rows, cols, entries)
+    }
+
+    /// How many of `weights` weights the sparse part keeps.
+    pub fn outlier_count(self, weights: usize) -> usize {
+        self.outlier_percent
+            .map_or(0, |p| (weights as f64 * p / 100.0).round() as usize)
+    }
+}
+
+impl fmt::Display for CodebookType {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "SQ{}", self.bits)?;
+        if let Some(p) = self.outlier_percent {
+            write!(f, "+S{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A weight format a kernel-matrix cell measures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum WeightFormat {
+    Ggml(GgmlType),
+    Codebook(CodebookType),
+}
+
+impl WeightFormat {
+    /// Bytes of a `rows x cols` matrix in this format (for codebooks, with
+    /// the outlier count the percentage asks for).
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
+        match self {
+            WeightFormat::Ggml(ty) => ty.row_bytes(cols) * rows,
+            WeightFormat::Codebook(ty) => ty.matrix_bytes(rows, cols),
+        }
+    }
+
+    /// Storage cost per weight of a `rows x cols` matrix, everything
+    /// counted (scales, codebooks, the sparse part).
+    pub fn bits_per_weight(self, rows: usize, cols: usize) -> f64 {
+        match self {
+            WeightFormat::Ggml(ty) => ty.bits_per_weight(),
+            WeightFormat::Codebook(_) => {
+                self.matrix_bytes(rows, cols) as f64 * 8.0 / (rows * cols).max(1) as f64
+            }
+        }
+    }
+
+    /// Why this format cannot store rows of `cols` elements, if it cannot.
+    pub fn unsupported_reason(self, cols: usize) -> Option<String> {
+        match self {
+            WeightFormat::Ggml(ty) => ty.unsupported_reason(cols),
+            WeightFormat::Codebook(ty) => (!cols.is_multiple_of(CODEBOOK_BLOCK)).then(|| {
+                format!(
+                    "{ty} stores {CODEBOOK_BLOCK}-weight blocks and K={cols} is not a multiple of {CODEBOOK_BLOCK}"
+                )
+            }),
+        }
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WeightFormat::Ggml(ty) => ty.fmt(f),
+            WeightFormat::Codebook(ty) => ty.fmt(f),
+        }
+    }
+}
+
+impl From<GgmlType> for WeightFormat {
+    fn from(ty: GgmlType) -> Self {
+        WeightFormat::Ggml(ty)
+    }
+}
+
+/// A `types` entry that is neither a GGML type nor a codebook spelling.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UnknownFormat {
+    #[error("{0} or a codebook type (SQ4, SQ3, SQ4+S0.45)")]
+    Ggml(UnknownType),
+    #[error(transparent)]
+    Codebook(CodebookSpellingError),
+}
+
+impl FromStr for WeightFormat {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().to_ascii_uppercase().starts_with("SQ") {
+            return CodebookType::parse(s)
+                .map(WeightFormat::Codebook)
+                .map_err(UnknownFormat::Codebook);
+        }
+        s.parse::<GgmlType>()
+            .map(WeightFormat::Ggml)
+            .map_err(UnknownFormat::Ggml)
+    }
+}
+
+impl TryFrom<String> for WeightFormat {
+    type Error = UnknownFormat;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<WeightFormat> for String {
+    fn from(f: WeightFormat) -> String {
+        f.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ggml_and_codebook_spellings_parse_and_round_trip() {
+        for name in ["Q4_0", "IQ4_NL", "SQ4", "SQ3", "SQ4+S0.45", "SQ3+S1"] {
+            let format: WeightFormat = name.parse().unwrap();
+            assert_eq!(format.to_string(), name);
+            let json = serde_json::to_string(&format).unwrap();
+            assert_eq!(serde_json::from_str::<WeightFormat>(&json).unwrap(), format);
+        }
+        assert_eq!(
+            "sq4+s0.45".parse::<WeightFormat>().unwrap(),
+            WeightFormat::Codebook(CodebookType {
+                bits: 4,
+                outlier_percent: Some(0.45)
+            })
+        );
+    }
+
+    #[test]
+    fn bad_spellings_name_the_value_and_what_is_allowed() {
+        for (bad, says) in [
+            ("SQ5", "SQ4 or SQ3"),
+            ("SQ4+0.45", "+S<percent>"),
+            ("SQ4+Sx", "SQ4 or SQ3"),
+            ("SQ4+S0", "(0, 10]"),
+            ("SQ4+S12", "(0, 10]"),
+            ("Q4_X", "SQ4+S0.45"),
+        ] {
+            let message = bad.parse::<WeightFormat>().unwrap_err().to_string();
+            assert!(message.contains(bad) && message.contains(says), "{message}");
+        }
+    }
+
+    #[test]
+    fn codebook_sizes_count_indices_scales_codebooks_and_outliers() {
+        let sq4: WeightFormat = "SQ4".parse().unwrap();
+        // 2048 columns: 1024 index bytes, 64 scale bytes, 32 codebook bytes,
+        // 2 row-scale bytes.
+        assert_eq!(sq4.matrix_bytes(1, 2048), 1024 + 64 + 32 + 2);
+        let bits = sq4.bits_per_weight(2048, 2048);
+        assert!((4.3..4.5).contains(&bits), "{bits}");
+        let sparse: WeightFormat = "SQ4+S0.45".parse().unwrap();
+        let entries = (2048.0 * 2048.0 * 0.0045f64).round() as usize;
+        assert_eq!(
+            sparse.matrix_bytes(2048, 2048),
+            sq4.matrix_bytes(2048, 2048) + entries * 4 + 2049 * 4
+        );
+        let sq3: WeightFormat = "SQ3".parse().unwrap();
+        assert!(sq3.bits_per_weight(2048, 8192) < GgmlType::Q3K.bits_per_weight());
+        assert!(sq3
+            .unsupported_reason(100)
+            .unwrap()
+            .contains("multiple of 32"));
+    }
+}
