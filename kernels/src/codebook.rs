@@ -64,10 +64,12 @@ pub struct CodebookMatrix {
     /// Row after row, `cols * bits / 8` bytes each (see `pack_row`).
     pub indices: Vec<u8>,
     pub sparse: SparseRows,
-    /// For the integer kernels: each row's codebook as int8 (`rows x 16`,
-    /// the centroids over the row's `table_scales`, rounded, SQ3's padded
-    /// with zeros), so one byte shuffle looks 16 or 32 weights up.
-    int8_tables: Vec<i8>,
+    /// For the integer kernels: each row's codebook in 7 bits plus
+    /// [`TABLE_OFFSET`] (`rows x 16` bytes in 1..=127: the centroids over
+    /// the row's `table_scales`, rounded; SQ3's padded), so one byte
+    /// shuffle looks 16 or 32 weights up, and the unsigned x signed
+    /// multiply-add takes them as they are (see `simd`).
+    tables: Vec<u8>,
     /// Per row: the table's scale times the row scale.
     table_scales: Vec<f32>,
 }
@@ -461,19 +463,18 @@ impl CodebookMatrix {
                 row_start: vec![0],
                 ..Default::default()
             },
-            int8_tables: Vec::with_capacity(rows * 16),
+            tables: Vec::with_capacity(rows * 16),
             table_scales: Vec::with_capacity(rows),
         };
         for row in quantized {
             let amax = row.centroids.iter().fold(0f32, |m, c| m.max(c.abs()));
-            let scale = amax / 127.0;
+            let scale = amax / TABLE_MAX;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            m.int8_tables.extend(
-                row.centroids
-                    .iter()
-                    .map(|c| (c * inverse).round().clamp(-127.0, 127.0) as i8),
-            );
-            m.int8_tables.extend(std::iter::repeat_n(0i8, 16 - k));
+            m.tables.extend(row.centroids.iter().map(|c| {
+                ((c * inverse).round().clamp(-TABLE_MAX, TABLE_MAX) as i32 + TABLE_OFFSET) as u8
+            }));
+            m.tables
+                .extend(std::iter::repeat_n(TABLE_OFFSET as u8, 16 - k));
             m.table_scales.push(scale * row.row_scale);
             m.codebooks.extend_from_slice(&row.centroids);
             m.row_scales.push(row.row_scale);
@@ -601,7 +602,7 @@ impl CodebookMatrix {
     /// Tokens `t0..t0 + out.len()` against row `r` with the integer kernel.
     fn row_dot_int8(&self, r: usize, q: &QuantizedActivations, t0: usize, out: &mut [f32]) {
         let blocks = self.cols / BLOCK;
-        let table: &[i8; 16] = self.int8_tables[r * 16..(r + 1) * 16]
+        let table: &[u8; 16] = self.tables[r * 16..(r + 1) * 16]
             .try_into()
             .expect("16-entry table");
         simd::row_dot(
@@ -642,6 +643,11 @@ impl CodebookMatrix {
     }
 }
 
+/// The integer tables hold centroids in -63..=63, plus 64: unsigned bytes
+/// whose products with int8 activations, two summed, stay within int16.
+const TABLE_MAX: f32 = 63.0;
+const TABLE_OFFSET: i32 = 64;
+
 /// Rows one task of a GEMM takes: small enough to balance the threads,
 /// large enough that handing out tasks costs nothing.
 const ROWS_PER_TASK: usize = 64;
@@ -665,14 +671,21 @@ impl SharedOutput {
 pub struct QuantizedActivations {
     values: Vec<i8>,
     scales: Vec<f32>,
+    /// Per block, the sum of its int8 values times its scale.
+    offset_sums: Vec<f32>,
     blocks_per_token: usize,
 }
 
 impl QuantizedActivations {
-    /// Token `t`'s values and scales, and every later token's after them.
-    fn token(&self, t: usize) -> (&[i8], &[f32]) {
+    /// Token `t`'s values, scales and offset sums, and every later
+    /// token's after them.
+    fn token(&self, t: usize) -> (&[i8], &[f32], &[f32]) {
         let b = self.blocks_per_token;
-        (&self.values[t * b * BLOCK..], &self.scales[t * b..])
+        (
+            &self.values[t * b * BLOCK..],
+            &self.scales[t * b..],
+            &self.offset_sums[t * b..],
+        )
     }
 }
 
@@ -687,9 +700,17 @@ fn quantize_activations(x: &[f32], cols: usize) -> QuantizedActivations {
         scales.push(scale);
         values.extend(block.iter().map(|v| (v * inverse).round() as i8));
     }
+    // Each block's sum times its scale: what the table's offset adds to a
+    // block's products, taken out once per row (see `simd`).
+    let offset_sums = values
+        .chunks_exact(BLOCK)
+        .zip(&scales)
+        .map(|(block, scale)| block.iter().map(|&v| v as i32).sum::<i32>() as f32 * scale)
+        .collect();
     QuantizedActivations {
         values,
         scales,
+        offset_sums,
         blocks_per_token: cols / BLOCK,
     }
 }
@@ -709,7 +730,7 @@ mod simd {
     /// table[index] x activation in int32, times the block's scale and the
     /// activations' scale. The caller multiplies by the row's scales.
     pub fn row_dot(
-        table: &[i8; 16],
+        table: &[u8; 16],
         bits: u8,
         packed: &[u8],
         block_scales: &[u8],
@@ -723,7 +744,17 @@ mod simd {
         assert_eq!(block_scales.len(), q.blocks_per_token);
         // SAFETY: AVX2 and FMA are present (asserted), and the slices'
         // lengths cover every load (asserted above).
-        unsafe { row_dot_avx2(table, bits, packed, block_scales, q, t0, out) }
+        // One instance per token count keeps the accumulators in
+        // registers (a runtime count left them in memory, each block's
+        // accumulate waiting on a store and a load).
+        unsafe {
+            match out.len() {
+                1 => row_dot_avx2::<1>(table, bits, packed, block_scales, q, t0, out),
+                2 => row_dot_avx2::<2>(table, bits, packed, block_scales, q, t0, out),
+                3 => row_dot_avx2::<3>(table, bits, packed, block_scales, q, t0, out),
+                _ => row_dot_avx2::<4>(table, bits, packed, block_scales, q, t0, out),
+            }
+        }
     }
 
     /// The sum of the 8 lanes.
@@ -768,13 +799,17 @@ mod simd {
         _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(4)))
     }
 
-    /// Per block: the indices looked up in the row's int8 table with one
+    /// Per block: the indices looked up in the row's table with one
     /// `vpshufb`, multiplied with the int8 activations by
     /// `vpmaddubsw`/`vpmaddwd` (GGML's Q4_0 kernel, with a table lookup in
-    /// place of "minus 8"), scaled in f32.
+    /// place of "minus 8"), scaled in f32. The table's bytes are the
+    /// centroids plus 64, unsigned, so `vpmaddubsw` takes them as they are
+    /// (GGML takes absolute values and moves the signs to the activations,
+    /// two more instructions per block); the 64 x sum of each block's
+    /// activations this adds is taken out once per row.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_dot_avx2(
-        table: &[i8; 16],
+    unsafe fn row_dot_avx2<const N: usize>(
+        table: &[u8; 16],
         bits: u8,
         packed: &[u8],
         block_scales: &[u8],
@@ -786,28 +821,58 @@ mod simd {
         let table = _mm256_set_m128i(table128, table128);
         let ones = _mm256_set1_epi16(1);
         let step = packed_block_bytes(bits);
-        let n = out.len();
-        let (values, scales) = q.token(t0);
-        let (values, scales) = (values.as_ptr(), scales.as_ptr());
+        debug_assert_eq!(out.len(), N);
+        let (values, scales, offsets) = q.token(t0);
+        let (values, scales, offsets) = (values.as_ptr(), scales.as_ptr(), offsets.as_ptr());
         let (value_stride, scale_stride) = (q.blocks_per_token * BLOCK, q.blocks_per_token);
-        let mut acc = [_mm256_setzero_ps(); MAX_TOKENS_AT_ONCE];
-        for (b, &block_scale) in block_scales.iter().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offset_acc = [_mm256_setzero_ps(); N];
+        let mut offset_tail = [0f32; N];
+        // The block's int32 sums for every token.
+        let block_sums = |b: usize| -> [__m256; N] {
             let p = packed.as_ptr().add(b * step);
             let indices = if bits == 4 { unpack4(p) } else { unpack3(p) };
             let w = _mm256_shuffle_epi8(table, indices);
-            let w_abs = _mm256_sign_epi8(w, w);
-            let block_scale = block_scale as f32;
-            for (t, a) in acc.iter_mut().enumerate().take(n) {
+            std::array::from_fn(|t| {
                 let xq =
                     _mm256_loadu_si256(values.add(t * value_stride + b * BLOCK) as *const __m256i);
-                let products = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xq, w));
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-                let scale = *scales.add(t * scale_stride + b) * block_scale;
-                *a = _mm256_fmadd_ps(sums, _mm256_set1_ps(scale), *a);
+                _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones))
+            })
+        };
+        // Eight blocks at a time, their scales (block scale times the
+        // activations' scale) made in one vector and broadcast from it.
+        let chunks = block_scales.len() / 8;
+        for c in 0..chunks {
+            let block = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                block_scales.as_ptr().add(c * 8) as *const __m128i,
+            )));
+            let combined: [__m256; N] = std::array::from_fn(|t| {
+                let at = t * scale_stride + c * 8;
+                offset_acc[t] =
+                    _mm256_fmadd_ps(block, _mm256_loadu_ps(offsets.add(at)), offset_acc[t]);
+                _mm256_mul_ps(block, _mm256_loadu_ps(scales.add(at)))
+            });
+            for j in 0..8 {
+                let sums = block_sums(c * 8 + j);
+                let lane = _mm256_set1_epi32(j as i32);
+                for t in 0..N {
+                    let scale = _mm256_permutevar8x32_ps(combined[t], lane);
+                    acc[t] = _mm256_fmadd_ps(sums[t], scale, acc[t]);
+                }
             }
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = sum_lanes(a);
+        for (b, &block_scale) in block_scales.iter().enumerate().skip(chunks * 8) {
+            let sums = block_sums(b);
+            for t in 0..N {
+                let at = t * scale_stride + b;
+                let scale = *scales.add(at) * block_scale as f32;
+                acc[t] = _mm256_fmadd_ps(sums[t], _mm256_set1_ps(scale), acc[t]);
+                offset_tail[t] += *offsets.add(at) * block_scale as f32;
+            }
+        }
+        for t in 0..N {
+            let offset = sum_lanes(offset_acc[t]) + offset_tail[t];
+            out[t] = sum_lanes(acc[t]) - super::TABLE_OFFSET as f32 * offset;
         }
     }
 }
@@ -828,7 +893,7 @@ mod simd {
     /// table[index] x activation in int32, times the block's scale and the
     /// activations' scale. The caller multiplies by the row's scales.
     pub fn row_dot(
-        table: &[i8; 16],
+        table: &[u8; 16],
         bits: u8,
         packed: &[u8],
         block_scales: &[u8],
@@ -842,7 +907,17 @@ mod simd {
         assert_eq!(block_scales.len(), q.blocks_per_token);
         // SAFETY: NEON is baseline on aarch64, and the slices' lengths
         // cover every load (asserted above).
-        unsafe { row_dot_neon(table, bits, packed, block_scales, q, t0, out) }
+        // One instance per token count keeps the accumulators in
+        // registers (a runtime count left them in memory, each block's
+        // accumulate waiting on a store and a load).
+        unsafe {
+            match out.len() {
+                1 => row_dot_neon::<1>(table, bits, packed, block_scales, q, t0, out),
+                2 => row_dot_neon::<2>(table, bits, packed, block_scales, q, t0, out),
+                3 => row_dot_neon::<3>(table, bits, packed, block_scales, q, t0, out),
+                _ => row_dot_neon::<4>(table, bits, packed, block_scales, q, t0, out),
+            }
+        }
     }
 
     /// 32 indices in order, as two vectors of 16 (see `pack_block`).
@@ -876,12 +951,12 @@ mod simd {
         (vorrq_u8(q0, h0), vorrq_u8(q1, h1))
     }
 
-    /// Per block: the indices looked up in the row's int8 table with
-    /// `tbl`, multiplied with the int8 activations by widening
+    /// Per block: the indices looked up in the row's table with `tbl`
+    /// (less the table's offset), multiplied with the int8 activations by widening
     /// multiply-accumulates into int32, scaled in f32.
     #[target_feature(enable = "neon")]
-    unsafe fn row_dot_neon(
-        table: &[i8; 16],
+    unsafe fn row_dot_neon<const N: usize>(
+        table: &[u8; 16],
         bits: u8,
         packed: &[u8],
         block_scales: &[u8],
@@ -889,19 +964,21 @@ mod simd {
         t0: usize,
         out: &mut [f32],
     ) {
-        let table = vld1q_s8(table.as_ptr());
+        let table = vld1q_u8(table.as_ptr());
+        let offset = vdupq_n_u8(super::TABLE_OFFSET as u8);
         let step = packed_block_bytes(bits);
-        let n = out.len();
-        let (values, scales) = q.token(t0);
+        debug_assert_eq!(out.len(), N);
+        let (values, scales, _) = q.token(t0);
         let (values, scales) = (values.as_ptr(), scales.as_ptr());
         let (value_stride, scale_stride) = (q.blocks_per_token * BLOCK, q.blocks_per_token);
-        let mut acc = [vdupq_n_f32(0.0); MAX_TOKENS_AT_ONCE];
+        let mut acc = [vdupq_n_f32(0.0); N];
         for (b, &block_scale) in block_scales.iter().enumerate() {
             let (i0, i1) = unpack(packed.as_ptr().add(b * step), bits);
-            let w0 = vqtbl1q_s8(table, i0);
-            let w1 = vqtbl1q_s8(table, i1);
+            // The centroids without the table's offset: -63..=63.
+            let w0 = vreinterpretq_s8_u8(vsubq_u8(vqtbl1q_u8(table, i0), offset));
+            let w1 = vreinterpretq_s8_u8(vsubq_u8(vqtbl1q_u8(table, i1), offset));
             let block_scale = block_scale as f32;
-            for (t, a) in acc.iter_mut().enumerate().take(n) {
+            for (t, a) in acc.iter_mut().enumerate() {
                 let x = values.add(t * value_stride + b * BLOCK);
                 let (x0, x1) = (vld1q_s8(x), vld1q_s8(x.add(16)));
                 let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)), w0, x0);

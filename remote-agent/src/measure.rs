@@ -239,7 +239,11 @@ fn time_repetitions(
     matmul: &mut dyn Multiply,
     policy: &TimingPolicy,
 ) -> Result<Vec<u64>, KernelError> {
+    let warm = Instant::now();
     for _ in 0..policy.warmup {
+        matmul.compute()?;
+    }
+    while warm.elapsed() < matmul.warmup_time() {
         matmul.compute()?;
     }
     let min_time = Duration::from_millis(policy.min_time_ms);

@@ -15,6 +15,10 @@ pub trait Multiply {
     fn kernel_path(&self) -> String;
     /// Where the weights were read from, for `weight_placement`.
     fn weight_placement(&self) -> String;
+    /// Least time to warm up for, besides the policy's warm-up calls.
+    fn warmup_time(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// A cell's weights, quantized and placed once for every cell of the same
@@ -102,6 +106,12 @@ impl Multiply for CodebookMultiply<'_> {
     }
     fn kernel_path(&self) -> String {
         self.matrix.kernel_path().to_string()
+    }
+    fn warmup_time(&self) -> std::time::Duration {
+        // The pool's workers slept through the quantization; on a VM their
+        // first wake-ups cost hundreds of microseconds each until
+        // back-to-back calls keep them spinning.
+        std::time::Duration::from_millis(50)
     }
     fn weight_placement(&self) -> String {
         // Quantized in the agent's own memory: no file, no GGML buffer.
