@@ -593,7 +593,7 @@ impl CodebookMatrix {
     /// How this matrix is multiplied here, for the `kernel_path` column.
     pub fn kernel_path(&self) -> &'static str {
         if self.integer_kernel() {
-            simd::PATH
+            simd::path()
         } else {
             "codebook-scalar+act:f32"
         }
@@ -720,7 +720,9 @@ mod simd {
     use super::{packed_block_bytes, QuantizedActivations, BLOCK, MAX_TOKENS_AT_ONCE};
     use std::arch::x86_64::*;
 
-    pub const PATH: &str = "codebook-avx2-int8+act:int8x32";
+    pub fn path() -> &'static str {
+        "codebook-avx2-int8+act:int8x32"
+    }
 
     pub fn available() -> bool {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -882,7 +884,19 @@ mod simd {
     use super::{packed_block_bytes, QuantizedActivations, BLOCK, MAX_TOKENS_AT_ONCE};
     use std::arch::aarch64::*;
 
-    pub const PATH: &str = "codebook-neon-int8+act:int8x32";
+    /// `sdot` (Armv8.2 dot product: a Pi 5's Cortex-A76, not a Pi 4's
+    /// A72) sums four int8 products per lane in one instruction.
+    fn dotprod() -> bool {
+        std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+
+    pub fn path() -> &'static str {
+        if dotprod() {
+            "codebook-neon-sdot+act:int8x32"
+        } else {
+            "codebook-neon-int8+act:int8x32"
+        }
+    }
 
     /// NEON is part of every aarch64 target Rust builds for.
     pub fn available() -> bool {
@@ -905,23 +919,26 @@ mod simd {
         assert_eq!(packed.len(), block_scales.len() * packed_block_bytes(bits));
         assert!((t0 + out.len()) * q.blocks_per_token * BLOCK <= q.values.len());
         assert_eq!(block_scales.len(), q.blocks_per_token);
-        // SAFETY: NEON is baseline on aarch64, and the slices' lengths
-        // cover every load (asserted above).
-        // One instance per token count keeps the accumulators in
-        // registers (a runtime count left them in memory, each block's
-        // accumulate waiting on a store and a load).
+        let dot = dotprod();
+        // SAFETY: NEON is baseline on aarch64, `sdot` only where the CPU
+        // has it (checked above), and the slices' lengths cover every load
+        // (asserted above).
         unsafe {
-            match out.len() {
-                1 => row_dot_neon::<1>(table, bits, packed, block_scales, q, t0, out),
-                2 => row_dot_neon::<2>(table, bits, packed, block_scales, q, t0, out),
-                3 => row_dot_neon::<3>(table, bits, packed, block_scales, q, t0, out),
-                _ => row_dot_neon::<4>(table, bits, packed, block_scales, q, t0, out),
+            match (out.len(), dot) {
+                (1, true) => row_dot_sdot::<1>(table, bits, packed, block_scales, q, t0, out),
+                (2, true) => row_dot_sdot::<2>(table, bits, packed, block_scales, q, t0, out),
+                (3, true) => row_dot_sdot::<3>(table, bits, packed, block_scales, q, t0, out),
+                (_, true) => row_dot_sdot::<4>(table, bits, packed, block_scales, q, t0, out),
+                (1, false) => row_dot_neon::<1>(table, bits, packed, block_scales, q, t0, out),
+                (2, false) => row_dot_neon::<2>(table, bits, packed, block_scales, q, t0, out),
+                (3, false) => row_dot_neon::<3>(table, bits, packed, block_scales, q, t0, out),
+                (_, false) => row_dot_neon::<4>(table, bits, packed, block_scales, q, t0, out),
             }
         }
     }
 
     /// 32 indices in order, as two vectors of 16 (see `pack_block`).
-    #[target_feature(enable = "neon")]
+    #[inline(always)]
     unsafe fn unpack(p: *const u8, bits: u8) -> (uint8x16_t, uint8x16_t) {
         if bits == 4 {
             let packed = vld1q_u8(p);
@@ -951,11 +968,45 @@ mod simd {
         (vorrq_u8(q0, h0), vorrq_u8(q1, h1))
     }
 
+    /// Widening multiply-accumulates: the 32 products of a block summed
+    /// into four int32 lanes.
+    #[inline(always)]
+    unsafe fn dot_widening(
+        w0: int8x16_t,
+        w1: int8x16_t,
+        x0: int8x16_t,
+        x1: int8x16_t,
+    ) -> int32x4_t {
+        let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)), w0, x0);
+        let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(w1), vget_low_s8(x1)), w1, x1);
+        vpadalq_s16(vpaddlq_s16(p0), p1)
+    }
+
+    /// The same with two `sdot`s (written as `asm!`: Rust's `vdotq_s32`
+    /// is not stable yet).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn dot_sdot(w0: int8x16_t, w1: int8x16_t, x0: int8x16_t, x1: int8x16_t) -> int32x4_t {
+        let mut acc = vdupq_n_s32(0);
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {w0:v}.16b, {x0:v}.16b",
+            "sdot {acc:v}.4s, {w1:v}.16b, {x1:v}.16b",
+            acc = inout(vreg) acc,
+            w0 = in(vreg) w0,
+            x0 = in(vreg) x0,
+            w1 = in(vreg) w1,
+            x1 = in(vreg) x1,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        acc
+    }
+
     /// Per block: the indices looked up in the row's table with `tbl`
-    /// (less the table's offset), multiplied with the int8 activations by widening
-    /// multiply-accumulates into int32, scaled in f32.
-    #[target_feature(enable = "neon")]
-    unsafe fn row_dot_neon<const N: usize>(
+    /// (less the table's offset), multiplied with the int8 activations
+    /// into int32 by `dot`, scaled in f32.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_dot_with<const N: usize>(
         table: &[u8; 16],
         bits: u8,
         packed: &[u8],
@@ -963,6 +1014,7 @@ mod simd {
         q: &QuantizedActivations,
         t0: usize,
         out: &mut [f32],
+        dot: unsafe fn(int8x16_t, int8x16_t, int8x16_t, int8x16_t) -> int32x4_t,
     ) {
         let table = vld1q_u8(table.as_ptr());
         let offset = vdupq_n_u8(super::TABLE_OFFSET as u8);
@@ -980,10 +1032,7 @@ mod simd {
             let block_scale = block_scale as f32;
             for (t, a) in acc.iter_mut().enumerate() {
                 let x = values.add(t * value_stride + b * BLOCK);
-                let (x0, x1) = (vld1q_s8(x), vld1q_s8(x.add(16)));
-                let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)), w0, x0);
-                let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(w1), vget_low_s8(x1)), w1, x1);
-                let sums = vpadalq_s16(vpaddlq_s16(p0), p1);
+                let sums = dot(w0, w1, vld1q_s8(x), vld1q_s8(x.add(16)));
                 let scale = *scales.add(t * scale_stride + b) * block_scale;
                 *a = vmlaq_n_f32(*a, vcvtq_f32_s32(sums), scale);
             }
@@ -992,13 +1041,41 @@ mod simd {
             *o = vaddvq_f32(a);
         }
     }
+
+    #[target_feature(enable = "neon")]
+    unsafe fn row_dot_neon<const N: usize>(
+        table: &[u8; 16],
+        bits: u8,
+        packed: &[u8],
+        block_scales: &[u8],
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [f32],
+    ) {
+        row_dot_with::<N>(table, bits, packed, block_scales, q, t0, out, dot_widening)
+    }
+
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn row_dot_sdot<const N: usize>(
+        table: &[u8; 16],
+        bits: u8,
+        packed: &[u8],
+        block_scales: &[u8],
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [f32],
+    ) {
+        row_dot_with::<N>(table, bits, packed, block_scales, q, t0, out, dot_sdot)
+    }
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod simd {
     use super::QuantizedActivations;
 
-    pub const PATH: &str = "codebook-scalar+act:f32";
+    pub fn path() -> &'static str {
+        "codebook-scalar+act:f32"
+    }
 
     pub fn available() -> bool {
         false
