@@ -342,21 +342,24 @@ impl SshRunner {
         let started = Instant::now();
         let mut pending = String::new();
         let mut last_started: Option<String> = None;
+        let mut dispatch = |progress: &[u8], last_started: &mut Option<String>| {
+            pending.push_str(&String::from_utf8_lossy(progress));
+            while let Some(newline) = pending.find('\n') {
+                let line: String = pending.drain(..=newline).collect();
+                if let Some(event) = ProgressEvent::parse(&line) {
+                    if let ProgressEvent::CellStarted { cell_id, .. } = &event {
+                        *last_started = Some(cell_id.clone());
+                    }
+                    on_event(&event);
+                }
+            }
+        };
         let exit_code = loop {
             let (progress, state) = self.with_link(conn, "following the agent", |c| {
                 let progress = self.mirror(c, dir, job_dir, job.outputs)?;
                 Ok((progress, self.remote_state(c, dir)?))
             })?;
-            pending.push_str(&String::from_utf8_lossy(&progress));
-            while let Some(newline) = pending.find('\n') {
-                let line: String = pending.drain(..=newline).collect();
-                if let Some(event) = ProgressEvent::parse(&line) {
-                    if let ProgressEvent::CellStarted { cell_id, .. } = &event {
-                        last_started = Some(cell_id.clone());
-                    }
-                    on_event(&event);
-                }
-            }
+            dispatch(&progress, &mut last_started);
             match state {
                 RemoteState::Exited(code) => break code,
                 RemoteState::Absent => {
@@ -375,11 +378,15 @@ impl SshRunner {
             }
         };
         // Whatever the agent wrote last, and its description of the board.
-        let free_after = self.with_link(conn, "collecting the agent's files", |c| {
-            self.mirror(c, dir, job_dir, job.outputs)?;
+        // Its last progress lines (the `finished` event with the agent's
+        // own time) are often written between the last poll's read and
+        // its exit, so they are dispatched too.
+        let (progress, free_after) = self.with_link(conn, "collecting the agent's files", |c| {
+            let progress = self.mirror(c, dir, job_dir, job.outputs)?;
             self.fetch_probe(c, dir, job_dir)?;
-            Ok(c.free_bytes(dir))
+            Ok((progress, c.free_bytes(dir)))
         })?;
+        dispatch(&progress, &mut last_started);
         if exit_code == 0 {
             return Ok(());
         }

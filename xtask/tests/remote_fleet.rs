@@ -75,6 +75,17 @@ fn two_emulated_boards_at_once_then_second_run_uploads_nothing() {
         .boards
         .iter()
         .all(|b| b.uploaded_bytes == 0 && b.error.is_none()));
+    // The agent's own time reaches the host: its `finished` line is
+    // written just before it exits, after the host's last poll.
+    assert!(
+        manifest.boards.iter().all(|b| b.agent_seconds > 0.0),
+        "{:?}",
+        manifest
+            .boards
+            .iter()
+            .map(|b| b.agent_seconds)
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
