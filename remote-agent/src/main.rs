@@ -274,17 +274,9 @@ fn main() -> Result<()> {
         } => {
             let threads = if threads == 0 { num_cores() } else { threads };
             let ty = kernels::codebook::CodebookType::parse(&format)?;
-            let sensitivities = match &imatrix {
-                Some(path) => kernels::calibration::read_imatrix(path)?
-                    .entries
-                    .into_iter()
-                    .map(|(name, stats)| {
-                        let squares = stats.mean_squares();
-                        (name, squares)
-                    })
-                    .collect(),
-                None => Default::default(),
-            };
+            let sensitivities = model_run::imatrix_importance(imatrix.as_deref())?
+                .into_iter()
+                .collect();
             let report =
                 kernels::codebook_model::make_model(&input, &output, ty, &sensitivities, threads)?;
             let mut value = serde_json::to_value(&report)?;

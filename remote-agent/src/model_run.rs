@@ -19,16 +19,11 @@ use wire::stats::Summary;
 /// embedding and output matrices at `other_type`. Per-layer recipes pass a
 /// quantized `ftype` (llama.cpp ignores overrides for an F32 file type).
 /// Returns the tensors that ended in another type than asked.
-pub fn quantize(
-    input: &Path,
-    output: &Path,
-    ftype: &str,
-    layer_types: &[String],
-    other_type: Option<&str>,
-    threads: usize,
-    imatrix: Option<&Path>,
-) -> Result<Vec<String>> {
-    let importance: Vec<(String, Vec<f32>)> = match imatrix {
+/// Per weight in an importance-matrix file, the mean square of each input
+/// column (what llama.cpp's quantizer and the codebooks weight errors by);
+/// nothing without a file.
+pub fn imatrix_importance(imatrix: Option<&Path>) -> Result<Vec<(String, Vec<f32>)>> {
+    Ok(match imatrix {
         Some(path) => kernels::calibration::read_imatrix(path)?
             .entries
             .into_iter()
@@ -38,7 +33,19 @@ pub fn quantize(
             })
             .collect(),
         None => Vec::new(),
-    };
+    })
+}
+
+pub fn quantize(
+    input: &Path,
+    output: &Path,
+    ftype: &str,
+    layer_types: &[String],
+    other_type: Option<&str>,
+    threads: usize,
+    imatrix: Option<&Path>,
+) -> Result<Vec<String>> {
+    let importance = imatrix_importance(imatrix)?;
     let mut overrides: Vec<(String, String)> = layer_types
         .iter()
         .enumerate()
