@@ -34,8 +34,13 @@ fn fake_run(dir: &Path, run_id: &str, day: usize, cells: usize, reps: usize) {
                     run_id: run_id.to_string(),
                     board: row.board.clone(),
                     cell_id: row.cell_id.clone(),
-                    repetition: r as u32,
-                    ns: (base * (1.0 + ((r * 7919 + c) % 13) as f64 / 400.0)) as u64,
+                    // Five invocations, as a real board's default.
+                    repetition: (r / 5) as u32,
+                    invocation: (r % 5) as u32,
+                    round: (r % 5) as u32,
+                    ns: (base
+                        * (1.0 + ((r * 7919 + c) % 13) as f64 / 400.0)
+                        * (1.0 + (r % 5) as f64 / 100.0)) as u64,
                 })
                 .unwrap();
         }
@@ -121,7 +126,14 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     let started = Instant::now();
-    let points = history.trend("local", "kernel", "shape0/T0/n1/t0").unwrap();
+    let points = history
+        .trend(&wire::rows::CellKey {
+            board: "local".into(),
+            kind: "kernel".into(),
+            cell_id: "shape0/T0/n1/t0".into(),
+            settings: "llm-like/mmap/repack".into(),
+        })
+        .unwrap();
     println!(
         "one cell's trend over {} runs read in {:.3} s",
         points.len(),

@@ -101,6 +101,16 @@ pub struct MatrixSpec {
     /// (at least one timed repetition always runs).
     #[serde(default = "default_max_time_ms")]
     pub max_time_ms: u64,
+    /// Separate agent processes each cell is measured in, in shuffled
+    /// rounds (repetition counts and times above are per invocation).
+    /// Default: 10 on real boards, 1 on emulated ones.
+    #[serde(default)]
+    pub invocations: Option<u32>,
+    /// Most warm-up per invocation of a cell, ms (default 1000): warm-up
+    /// runs until the timings stop falling; a cell still falling then is
+    /// recorded as not settled, and `compare` calls it noisy.
+    #[serde(default)]
+    pub max_warmup_ms: Option<u64>,
     #[serde(default = "default_repack")]
     pub repack: bool,
     /// How weights are placed in memory: `mmap` (default, as llama.cpp
@@ -130,16 +140,22 @@ fn default_cooldown_max_seconds() -> u64 {
 
 impl MatrixSpec {
     /// The job's deadline: `deadline_seconds`, or 5 minutes plus, per cell,
-    /// twice its `max_time_ms`, 30 s for making its weights (an lm head
-    /// takes seconds to generate; an emulated board is tens of times slower)
-    /// and the longest cool-down.
-    pub fn deadline(&self, cells: usize) -> std::time::Duration {
+    /// 30 s for making its weights (an lm head takes seconds to generate; an
+    /// emulated board is tens of times slower) and, per invocation, twice
+    /// its `max_time_ms`, the longest warm-up and the longest cool-down.
+    pub fn deadline(&self, cells: usize, invocations: u32) -> std::time::Duration {
         let cooldown = match self.cooldown_below_c {
             Some(_) => self.cooldown_max_seconds,
             None => 0,
         };
+        let per_invocation = 2 * self.max_time_ms.div_ceil(1000)
+            + self
+                .max_warmup_ms
+                .unwrap_or(wire::kernel_job::DEFAULT_MAX_WARMUP_MS)
+                .div_ceil(1000)
+            + cooldown;
         let seconds = self.deadline_seconds.unwrap_or_else(|| {
-            300 + cells as u64 * (2 * self.max_time_ms.div_ceil(1000) + 30 + cooldown)
+            300 + cells as u64 * (30 + invocations.max(1) as u64 * per_invocation)
         });
         std::time::Duration::from_secs(seconds)
     }
@@ -444,10 +460,13 @@ mod tests {
     fn deadline_grows_with_cells_and_can_be_set() {
         let base = "[matrices.m]\ntypes=[\"q4_0\"]\nshapes=[\"all\"]\nmax_time_ms = 1500\n";
         let c = parse(base).unwrap();
-        // 5 min + per cell 2 x 2 s + 30 s.
-        assert_eq!(c.matrix("m").unwrap().deadline(10).as_secs(), 300 + 10 * 34);
+        // 5 min + per cell 30 s + per invocation 2 x 2 s + 1 s of warm-up.
+        assert_eq!(
+            c.matrix("m").unwrap().deadline(10, 1).as_secs(),
+            300 + 10 * 35
+        );
         let c = parse(&format!("{base}deadline_seconds = 60\n")).unwrap();
-        assert_eq!(c.matrix("m").unwrap().deadline(10).as_secs(), 60);
+        assert_eq!(c.matrix("m").unwrap().deadline(10, 5).as_secs(), 60);
     }
 
     #[test]

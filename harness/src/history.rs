@@ -10,11 +10,11 @@ use crate::run_dir::{list_runs, RunData, RunDirError};
 use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
-use wire::rows::CellStatus;
+use wire::rows::{CellKey, CellStatus};
 
 pub const HISTORY_FILE: &str = "history.sqlite";
 /// Bumped when the tables change; an index of another version is rebuilt.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 #[derive(Debug, Error)]
 pub enum HistoryError {
@@ -99,8 +99,12 @@ pub struct TrendPoint {
     pub run_id: String,
     pub started_at: String,
     pub git_commit: String,
+    /// Geometric mean of the invocations' medians.
     pub median_ns: f64,
+    /// Every repetition.
     pub samples: Vec<f64>,
+    /// Repetitions by invocation.
+    pub invocations: Vec<Vec<f64>>,
 }
 
 pub struct History {
@@ -334,38 +338,29 @@ impl History {
         rows.collect::<Result<_, _>>().map_err(self.sqlite_err())
     }
 
-    /// One cell's median (and repetitions) in every run that measured it,
-    /// oldest first.
-    pub fn trend(
-        &self,
-        board: &str,
-        kind: &str,
-        cell: &str,
-    ) -> Result<Vec<TrendPoint>, HistoryError> {
-        let table = if kind == "model" {
-            "model_cells"
-        } else {
-            "kernel_cells"
-        };
-        let median = if kind == "model" {
-            "avg_ns"
-        } else {
-            "median_ns"
-        };
-        let sql = format!(
-            "SELECT c.run_id, r.started_at, r.git_commit, c.{median} FROM {table} c JOIN runs r ON r.run_id = c.run_id
-             WHERE c.board = ?1 AND c.cell_id = ?2 AND c.status = 'ok' AND c.{median} IS NOT NULL
+    /// One cell's time (the geometric mean of its invocations' medians)
+    /// and repetitions in every run that measured it under the same
+    /// settings (`CellKey`), oldest first.
+    pub fn trend(&self, key: &CellKey) -> Result<Vec<TrendPoint>, HistoryError> {
+        let sql = if key.kind == "model" {
+            "SELECT c.run_id, r.started_at, r.git_commit, c.avg_ns FROM model_cells c JOIN runs r ON r.run_id = c.run_id
+             WHERE c.board = ?1 AND c.cell_id = ?2 AND ?3 = '' AND c.status = 'ok' AND c.avg_ns IS NOT NULL
              ORDER BY r.started_at, r.run_id"
-        );
-        let mut stmt = self.conn.prepare(&sql).map_err(self.sqlite_err())?;
+        } else {
+            "SELECT c.run_id, r.started_at, r.git_commit, c.median_ns FROM kernel_cells c JOIN runs r ON r.run_id = c.run_id
+             WHERE c.board = ?1 AND c.cell_id = ?2 AND c.settings = ?3 AND c.status = 'ok' AND c.median_ns IS NOT NULL
+             ORDER BY r.started_at, r.run_id"
+        };
+        let mut stmt = self.conn.prepare(sql).map_err(self.sqlite_err())?;
         let points: Vec<TrendPoint> = stmt
-            .query_map(params![board, cell], |r| {
+            .query_map(params![key.board, key.cell_id, key.settings], |r| {
                 Ok(TrendPoint {
                     run_id: r.get(0)?,
                     started_at: r.get(1)?,
                     git_commit: r.get(2)?,
                     median_ns: r.get(3)?,
                     samples: Vec::new(),
+                    invocations: Vec::new(),
                 })
             })
             .map_err(self.sqlite_err())?
@@ -373,17 +368,31 @@ impl History {
             .map_err(self.sqlite_err())?;
         let mut samples_stmt = self
             .conn
-            .prepare("SELECT ns FROM samples WHERE run_id = ?1 AND board = ?2 AND cell_id = ?3")
+            .prepare(
+                "SELECT invocation, ns FROM samples WHERE run_id = ?1 AND board = ?2 AND cell_id = ?3",
+            )
             .map_err(self.sqlite_err())?;
         let mut out = Vec::with_capacity(points.len());
         for mut p in points {
-            p.samples = samples_stmt
-                .query_map(params![p.run_id, board, cell], |r| r.get::<_, f64>(0))
-                .map_err(self.sqlite_err())?
-                .collect::<Result<_, _>>()
+            let mut by_invocation: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+            let rows = samples_stmt
+                .query_map(params![p.run_id, key.board, key.cell_id], |r| {
+                    Ok((
+                        r.get::<_, Option<i64>>(0)?.unwrap_or(0),
+                        r.get::<_, f64>(1)?,
+                    ))
+                })
                 .map_err(self.sqlite_err())?;
-            if let Some(s) = wire::stats::Summary::of(&p.samples) {
-                p.median_ns = s.median;
+            for row in rows {
+                let (invocation, ns) = row.map_err(self.sqlite_err())?;
+                by_invocation.entry(invocation).or_default().push(ns);
+            }
+            p.invocations = by_invocation.into_values().collect();
+            p.samples = p.invocations.iter().flatten().copied().collect();
+            if let Some(time) =
+                wire::stats::geometric_mean(&wire::stats::invocation_medians(&p.invocations))
+            {
+                p.median_ns = time;
             }
             out.push(p);
         }
@@ -415,7 +424,8 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE TABLE kernel_cells(run_id TEXT, board TEXT, emulated INTEGER, cell_id TEXT,
             type TEXT, shape TEXT, m INTEGER, k INTEGER, n INTEGER, threads INTEGER,
             kernel_path TEXT, agent_build TEXT, status TEXT, repetitions INTEGER,
-            median_ns REAL, gflops REAL, weight_gbps REAL, nmse REAL, finished_at TEXT);
+            median_ns REAL, gflops REAL, weight_gbps REAL, nmse REAL, finished_at TEXT,
+            settings TEXT, invocations INTEGER, invocation_spread REAL, disturbed INTEGER);
          CREATE INDEX kernel_cells_cell ON kernel_cells(board, cell_id);
          CREATE INDEX kernel_cells_run ON kernel_cells(run_id);
          CREATE TABLE model_cells(run_id TEXT, board TEXT, emulated INTEGER, cell_id TEXT,
@@ -424,7 +434,8 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
             top1_agreement REAL, mc_accuracy REAL, peak_rss_bytes INTEGER, finished_at TEXT);
          CREATE INDEX model_cells_cell ON model_cells(board, cell_id);
          CREATE INDEX model_cells_run ON model_cells(run_id);
-         CREATE TABLE samples(run_id TEXT, board TEXT, cell_id TEXT, repetition INTEGER, ns INTEGER);
+         CREATE TABLE samples(run_id TEXT, board TEXT, cell_id TEXT, repetition INTEGER, ns INTEGER,
+            invocation INTEGER);
          CREATE INDEX samples_cell ON samples(run_id, board, cell_id);
          CREATE TABLE llama_bench({}, quantbench_run_id TEXT);
          PRAGMA user_version = {SCHEMA_VERSION};",
@@ -481,7 +492,7 @@ fn ingest(
         ],
     )?;
     let mut k = conn.prepare(
-        "INSERT INTO kernel_cells VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+        "INSERT INTO kernel_cells VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
     )?;
     for r in &run.kernel_rows {
         k.execute(params![
@@ -503,7 +514,11 @@ fn ingest(
             r.gflops,
             r.weight_gbps,
             r.nmse,
-            r.finished_at
+            r.finished_at,
+            r.settings(),
+            r.invocations,
+            r.invocation_spread,
+            r.disturbed
         ])?;
     }
     let mut md = conn.prepare(
@@ -594,14 +609,15 @@ fn ingest(
             run_id
         ])?;
     }
-    let mut s = conn.prepare("INSERT INTO samples VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    let mut s = conn.prepare("INSERT INTO samples VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
     for x in &run.samples {
         s.execute(params![
             run_id,
             x.board,
             x.cell_id,
             x.repetition,
-            x.ns as i64
+            x.ns as i64,
+            x.invocation
         ])?;
     }
     Ok(())

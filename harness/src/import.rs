@@ -163,6 +163,8 @@ pub fn import_llama_bench(
                 board: board.to_string(),
                 cell_id: row.cell_id(),
                 repetition: repetition as u32,
+                invocation: 0,
+                round: 0,
                 ns: ns as u64,
             })?;
         }

@@ -9,6 +9,10 @@
 //!   labgrid farm by `farm`, which takes places through `labgrid`; one run at a time per board by
 //!   `board_lock`, work dirs pruned by `board_storage`) -> `manifest` (run.json) -> `render`
 //!   (summary, plots);
+//! - after a run: `run_dir` (a run directory read back), `compare` (two
+//!   runs cell by cell, verdicts at the invocation level), `noise`
+//!   (same-build pairs: a board's false-alarm table and per-cell noise
+//!   floors), `history` (the index of every run), `report` (the site);
 //! - around it: `boards` (targets), `setup` (a fresh machine), `testbed`
 //!   (emulated boards), `shell` (quoting), `pipeline` (the stages in order).
 //!
@@ -33,6 +37,7 @@ pub mod known_hosts;
 pub mod labgrid;
 pub mod manifest;
 pub mod matrix;
+pub mod noise;
 pub mod pipeline;
 pub mod recipes;
 pub mod render;

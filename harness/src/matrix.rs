@@ -31,13 +31,28 @@ impl MatrixSpec {
         Ok(cells)
     }
 
-    pub fn timing(&self) -> TimingPolicy {
+    /// The timing policy on a board: `invocations` as the matrix says, or
+    /// `DEFAULT_INVOCATIONS` on a real board and one on an emulated board
+    /// (its timings mean nothing; one keeps the embedded default fast).
+    pub fn timing(&self, emulated: bool) -> TimingPolicy {
         TimingPolicy {
             warmup: self.warmup,
             min_reps: self.min_reps,
             min_time_ms: self.min_time_ms,
             max_time_ms: self.max_time_ms,
+            invocations: self.invocations_on(emulated),
+            max_warmup_ms: self
+                .max_warmup_ms
+                .unwrap_or(wire::kernel_job::DEFAULT_MAX_WARMUP_MS),
         }
+    }
+
+    pub fn invocations_on(&self, emulated: bool) -> u32 {
+        self.invocations.unwrap_or(if emulated {
+            1
+        } else {
+            wire::kernel_job::DEFAULT_INVOCATIONS
+        })
     }
 }
 
@@ -85,9 +100,23 @@ pub fn job_for_board(
                 max_seconds: spec.cooldown_max_seconds,
             }
         }),
-        timing: spec.timing(),
+        timing: spec.timing(emulated),
+        round_seed: round_seed(run_id, board),
         cells,
     })
+}
+
+/// The seed of a board's shuffled rounds: from the run id and the board,
+/// so every run orders its cells differently and the job spec kept in the
+/// run directory reproduces the order.
+fn round_seed(run_id: &str, board: &str) -> u64 {
+    run_id
+        .bytes()
+        .chain([0])
+        .chain(board.bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 #[cfg(test)]

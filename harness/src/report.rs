@@ -14,7 +14,7 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use wire::files::{KERNEL_ROWS_FILE, MANIFEST_FILE, MODEL_ROWS_FILE, SAMPLES_FILE};
-use wire::stats::{change_points, median_ci};
+use wire::stats::{change_points, invocation_time_ci};
 
 #[derive(Debug, Error)]
 pub enum ReportError {
@@ -188,34 +188,21 @@ pub fn write_report(results_root: &Path, site: &Path) -> Result<ReportSummary, R
 /// two runs of history; returns the PNG file names.
 fn draw_trends(history: &History, run: &RunData, site: &Path) -> Result<Vec<String>, ReportError> {
     let mut candidates = Vec::new();
-    let cells: Vec<(String, String, String, bool)> = run
+    let cells: Vec<(wire::rows::CellKey, bool)> = run
         .kernel_rows
         .iter()
         .filter(|r| r.status == wire::rows::CellStatus::Ok)
-        .map(|r| {
-            (
-                r.board.clone(),
-                "kernel".to_string(),
-                r.cell_id.clone(),
-                r.emulated,
-            )
-        })
+        .map(|r| (r.key(), r.emulated))
         .chain(
             run.model_rows
                 .iter()
                 .filter(|r| r.status == wire::rows::CellStatus::Ok)
-                .map(|r| {
-                    (
-                        r.board.clone(),
-                        "model".to_string(),
-                        r.cell_id(),
-                        r.emulated,
-                    )
-                }),
+                .map(|r| (r.key(), r.emulated)),
         )
         .collect();
-    for (board, kind, cell, emulated) in cells {
-        let points = history.trend(&board, &kind, &cell)?;
+    for (key, emulated) in cells {
+        let (board, kind, cell) = (key.board.clone(), key.kind.clone(), key.cell_id.clone());
+        let points = history.trend(&key)?;
         if points.len() < 2 {
             continue;
         }
@@ -223,7 +210,7 @@ fn draw_trends(history: &History, run: &RunData, site: &Path) -> Result<Vec<Stri
         let mut low = Vec::new();
         let mut high = Vec::new();
         for p in &points {
-            let (m, lo, hi) = median_ci(&p.samples, 0.95, 500, 7).unwrap_or((
+            let (m, lo, hi) = invocation_time_ci(&p.invocations, 0.95).unwrap_or((
                 p.median_ns,
                 p.median_ns,
                 p.median_ns,
@@ -294,7 +281,7 @@ fn draw_trends(history: &History, run: &RunData, site: &Path) -> Result<Vec<Stri
 /// The comparison, worst first; unchanged cells folded away.
 fn comparison_table(cmp: &Comparison) -> String {
     let mut out = String::from(
-        "<table><tr><th>verdict</th><th>board</th><th>cell</th><th>time</th><th>95% CI</th><th>p</th><th>notes</th></tr>\n",
+        "<table><tr><th>verdict</th><th>board</th><th>cell</th><th>change</th><th>interval</th><th>p</th><th>notes</th></tr>\n",
     );
     let pct = |v: Option<f64>| {
         v.map(|r| format!("{:+.1}%", (r - 1.0) * 100.0))
@@ -302,7 +289,7 @@ fn comparison_table(cmp: &Comparison) -> String {
     };
     let mut unchanged = 0;
     for c in &cmp.cells {
-        if c.verdict == Verdict::Unchanged {
+        if c.verdict == Verdict::Same {
             unchanged += 1;
             continue;
         }
@@ -324,7 +311,8 @@ fn comparison_table(cmp: &Comparison) -> String {
     }
     let _ = writeln!(
         out,
-        "</table>\n<p>{unchanged} unchanged cells not listed.</p>"
+        "</table>\n<p>{unchanged} cells the same (within the margin) not listed. {}</p>",
+        esc(&cmp.method_line())
     );
     out
 }

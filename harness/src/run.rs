@@ -384,6 +384,15 @@ fn run_board(
         } else {
             let on_event = &mut |event: &ProgressEvent| match event {
                 ProgressEvent::CellStarted { cell_id, .. } => bar.set_message(cell_id.clone()),
+                ProgressEvent::InvocationFinished {
+                    cell_id,
+                    done,
+                    invocations,
+                    round,
+                } => bar.set_message(format!(
+                    "round {}: {cell_id} ({done}/{invocations} invocations)",
+                    round + 1
+                )),
                 ProgressEvent::CellFinished { index, .. } => {
                     bar.set_position(done_units + *index as u64 + 1)
                 }

@@ -71,15 +71,23 @@ impl RunData {
         })
     }
 
-    /// Raw repetitions (ns) by (board, cell id).
-    pub fn samples_by_cell(&self) -> BTreeMap<(String, String), Vec<f64>> {
-        let mut out: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    /// Raw repetitions (ns) by (board, cell id), grouped by the
+    /// invocation (agent process) that measured them, in invocation order.
+    /// A run from before invocations has one group per cell.
+    pub fn invocations_by_cell(&self) -> BTreeMap<(String, String), Vec<Vec<f64>>> {
+        let mut grouped: BTreeMap<(String, String), BTreeMap<u32, Vec<f64>>> = BTreeMap::new();
         for s in &self.samples {
-            out.entry((s.board.clone(), s.cell_id.clone()))
+            grouped
+                .entry((s.board.clone(), s.cell_id.clone()))
+                .or_default()
+                .entry(s.invocation)
                 .or_default()
                 .push(s.ns as f64);
         }
-        out
+        grouped
+            .into_iter()
+            .map(|(key, by_invocation)| (key, by_invocation.into_values().collect()))
+            .collect()
     }
 }
 

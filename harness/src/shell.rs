@@ -43,6 +43,20 @@ pub fn command_line(argv: &[&str]) -> String {
         .join(" ")
 }
 
+/// `name` as one safe file name: letters, digits, `.`, `-` and `_` kept,
+/// anything else `_` (a board named `user@host:22` becomes `user_host_22`).
+pub fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,11 @@ pub enum CodebookError {
     Spelling(#[from] CodebookSpellingError),
     #[error("{rows} x {cols}: codebook rows need a multiple of 32 columns")]
     Shape { rows: usize, cols: usize },
+    #[error("staged codebook matrix {path}: {reason}")]
+    Staged {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// Exact corrections: `value` is added to the dense part's weight at
@@ -396,6 +401,66 @@ fn quantize_row(
     }
 }
 
+/// Reads what `CodebookMatrix::write_file` wrote: little-endian words and
+/// length-prefixed arrays.
+struct StagedReader<'a> {
+    data: &'a [u8],
+    at: usize,
+    path: &'a std::path::Path,
+}
+
+impl StagedReader<'_> {
+    fn bad(&self, reason: &str) -> CodebookError {
+        CodebookError::Staged {
+            path: self.path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&[u8], CodebookError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|end| *end <= self.data.len())
+            .ok_or_else(|| self.bad("truncated (written by a run that was cut short?)"))?;
+        let slice = &self.data[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    fn word(&mut self) -> Result<u64, CodebookError> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
+    }
+    fn array(&mut self, width: usize) -> Result<&[u8], CodebookError> {
+        let n = self.word()? as usize;
+        let len = n
+            .checked_mul(width)
+            .ok_or_else(|| self.bad("corrupt length"))?;
+        self.take(len)
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, CodebookError> {
+        self.array(1).map(<[u8]>::to_vec)
+    }
+    fn f32s(&mut self) -> Result<Vec<f32>, CodebookError> {
+        Ok(self
+            .array(4)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+    fn u32s(&mut self) -> Result<Vec<u32>, CodebookError> {
+        Ok(self
+            .array(4)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+/// First bytes of a staged codebook matrix file (version 1).
+const STAGED_MAGIC: &[u8; 8] = b"QBCODE01";
+
 impl CodebookMatrix {
     /// Quantizes the row-major `rows x cols` matrix `w`; `sensitivity` is
     /// one weight per input column (e.g. the mean squared activation of
@@ -491,6 +556,109 @@ impl CodebookMatrix {
 
     fn row_bytes(&self) -> usize {
         self.cols * self.ty.bits as usize / 8
+    }
+
+    /// Writes the quantized matrix to `path` (synced), for other processes
+    /// of the run to [`CodebookMatrix::read_file`]: each invocation of a
+    /// cell then measures the same codes without quantizing again.
+    pub fn write_file(&self, path: &std::path::Path) -> Result<(), CodebookError> {
+        use std::io::Write;
+        let mut out = Vec::with_capacity(self.storage_bytes() + 4096);
+        out.extend_from_slice(STAGED_MAGIC);
+        out.push(self.ty.bits);
+        out.extend_from_slice(&self.ty.outlier_percent.unwrap_or(-1.0).to_le_bytes());
+        for n in [self.rows, self.cols] {
+            out.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        let f32s = |out: &mut Vec<u8>, v: &[f32]| {
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            v.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        };
+        let u32s = |out: &mut Vec<u8>, v: &[u32]| {
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            v.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        };
+        let bytes = |out: &mut Vec<u8>, v: &[u8]| {
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            out.extend_from_slice(v);
+        };
+        f32s(&mut out, &self.codebooks);
+        f32s(&mut out, &self.row_scales);
+        bytes(&mut out, &self.block_scales);
+        bytes(&mut out, &self.indices);
+        u32s(&mut out, &self.sparse.row_start);
+        u32s(&mut out, &self.sparse.columns);
+        f32s(&mut out, &self.sparse.values);
+        bytes(&mut out, &self.tables);
+        f32s(&mut out, &self.table_scales);
+        let staged = |e: std::io::Error| CodebookError::Staged {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut file = std::fs::File::create(path).map_err(staged)?;
+        file.write_all(&out)
+            .and_then(|_| file.sync_data())
+            .map_err(staged)
+    }
+
+    /// The matrix [`CodebookMatrix::write_file`] wrote.
+    pub fn read_file(path: &std::path::Path) -> Result<CodebookMatrix, CodebookError> {
+        let data = std::fs::read(path).map_err(|e| CodebookError::Staged {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut r = StagedReader {
+            data: &data,
+            at: 0,
+            path,
+        };
+        if r.take(STAGED_MAGIC.len())? != STAGED_MAGIC {
+            return Err(r.bad("not a staged codebook matrix"));
+        }
+        let bits = r.take(1)?[0];
+        let outliers = f64::from_bits(r.word()?);
+        let rows = r.word()? as usize;
+        let cols = r.word()? as usize;
+        let codebooks = r.f32s()?;
+        let row_scales = r.f32s()?;
+        let block_scales = r.bytes()?;
+        let indices = r.bytes()?;
+        let row_start = r.u32s()?;
+        let columns = r.u32s()?;
+        let values = r.f32s()?;
+        let tables = r.bytes()?;
+        let table_scales = r.f32s()?;
+        let m = CodebookMatrix {
+            ty: CodebookType {
+                bits,
+                outlier_percent: (outliers >= 0.0).then_some(outliers),
+            },
+            rows,
+            cols,
+            codebooks,
+            row_scales,
+            block_scales,
+            indices,
+            sparse: SparseRows {
+                row_start,
+                columns,
+                values,
+            },
+            tables,
+            table_scales,
+        };
+        let consistent = m.row_scales.len() == rows
+            && m.table_scales.len() == rows
+            && m.tables.len() == rows * 16
+            && m.indices.len() == rows * m.row_bytes()
+            && m.sparse.row_start.len() == rows + 1
+            && m.sparse.columns.len() == m.sparse.values.len();
+        if !consistent {
+            return Err(r.bad("inconsistent sizes"));
+        }
+        Ok(m)
     }
 
     /// Bytes as stored (`CodebookType::dense_row_bytes` per row and the
@@ -1097,6 +1265,28 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staged_codebook_file_reads_back_the_same_codes_and_a_truncated_one_is_refused() {
+        let (rows, cols) = (8, 64);
+        let w = crate::weights::llm_like_weights(rows, cols, 5);
+        let ty = CodebookType::parse("SQ4+S1").unwrap();
+        let m = CodebookMatrix::quantize(ty, &w, rows, cols, None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.bin");
+        m.write_file(&path).unwrap();
+        let back = CodebookMatrix::read_file(&path).unwrap();
+        assert_eq!(back.ty, m.ty);
+        assert_eq!(
+            (&back.codebooks, &back.indices, &back.tables, &back.sparse),
+            (&m.codebooks, &m.indices, &m.tables, &m.sparse)
+        );
+        assert_eq!(back.dequantize(), m.dequantize());
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let err = CodebookMatrix::read_file(&path).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+    }
     use crate::weights::{llm_like_activations, llm_like_weights};
 
     fn ty(name: &str) -> CodebookType {

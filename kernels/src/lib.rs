@@ -14,6 +14,7 @@
 //! anything, choose matrices or write results: that is the agent's and the
 //! harness's job.
 
+pub mod amx;
 pub mod calibration;
 pub mod codebook;
 pub mod codebook_model;

@@ -93,6 +93,7 @@ impl MatMul {
         // SAFETY: each GGML object is checked for NULL right after creation
         // and stored in `mm`, whose Drop frees whatever was created, in
         // reverse order, on every early return.
+        crate::amx::keep_ggml_off_amx();
         unsafe {
             mm.backend = sys::ggml_backend_cpu_init();
             if mm.backend.is_null() {

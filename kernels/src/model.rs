@@ -25,6 +25,7 @@ static BACKEND: Once = Once::new();
 
 fn init_backend() {
     BACKEND.call_once(|| {
+        crate::amx::keep_ggml_off_amx();
         // SAFETY: called once, before any other llama.cpp call of this crate.
         unsafe {
             sys::llama_backend_init();

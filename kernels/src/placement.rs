@@ -61,6 +61,65 @@ impl StagedMatrix {
         })
     }
 
+    /// Writes the quantized bytes to `path` (synced, so the page cache is
+    /// clean like a model file's) for other processes of the run to
+    /// [`StagedMatrix::open`]: each invocation of a cell maps its weights
+    /// afresh, as each model load would.
+    pub fn write_file(matrix: &QuantizedMatrix, path: &Path) -> Result<(), KernelError> {
+        let staging = |reason: String| KernelError::Staging {
+            dir: path.to_path_buf(),
+            reason,
+        };
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| staging(format!("creating the file: {e}")))?;
+        file.write_all(matrix.raw())
+            .and_then(|_| file.sync_data())
+            .map_err(|e| staging(format!("writing the weights: {e}")))
+    }
+
+    /// The matrix a [`StagedMatrix::write_file`] wrote, placed by `mode`:
+    /// `Mmap` maps the file in place, `NoMmap` reads it into memory.
+    pub fn open(
+        path: &Path,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        mode: LoadMode,
+    ) -> Result<Self, KernelError> {
+        let staging = |reason: String| KernelError::Staging {
+            dir: path.to_path_buf(),
+            reason,
+        };
+        let file = File::open(path).map_err(|e| staging(format!("opening: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| staging(format!("reading its size: {e}")))?
+            .len() as usize;
+        let expected = ty.row_bytes(cols) * rows;
+        if len != expected {
+            return Err(staging(format!(
+                "holds {len} bytes, a {ty} {rows}x{cols} matrix has {expected}"
+            )));
+        }
+        let storage = match mode {
+            LoadMode::NoMmap => {
+                Storage::Heap(std::fs::read(path).map_err(|e| staging(format!("reading: {e}")))?)
+            }
+            LoadMode::Mmap => Storage::Mapped(Arc::new(FileMapping::of_file(&file, len, path)?)),
+        };
+        Ok(StagedMatrix {
+            ty,
+            rows,
+            cols,
+            storage,
+        })
+    }
+
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
@@ -119,6 +178,19 @@ impl FileMapping {
         // Clean pages: nothing is written back to disk while cells are timed.
         file.sync_data()
             .map_err(|e| io_error("flushing the weights", e))?;
+        Self::of_file(&file, bytes.len(), dir)
+    }
+
+    /// Maps `len` bytes of `file` as llama.cpp maps a model; `path` names
+    /// it in errors.
+    fn of_file(file: &File, len: usize, path: &Path) -> Result<Self, KernelError> {
+        let io_error = |what: &str, e: std::io::Error| KernelError::Staging {
+            dir: path.to_path_buf(),
+            reason: format!("{what}: {e}"),
+        };
+        if len == 0 {
+            return Err(io_error("mapping", std::io::Error::other("empty matrix")));
+        }
         // SAFETY: plain syscalls on a file descriptor we own; the mapping is
         // checked for MAP_FAILED and owned (unmapped on drop) by the result.
         unsafe {
@@ -126,7 +198,7 @@ impl FileMapping {
             libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
             let address = libc::mmap(
                 std::ptr::null_mut(),
-                bytes.len(),
+                len,
                 libc::PROT_READ,
                 libc::MAP_SHARED | libc::MAP_POPULATE,
                 file.as_raw_fd(),
@@ -135,10 +207,7 @@ impl FileMapping {
             if address == libc::MAP_FAILED {
                 return Err(io_error("mapping", std::io::Error::last_os_error()));
             }
-            Ok(FileMapping {
-                address,
-                len: bytes.len(),
-            })
+            Ok(FileMapping { address, len })
         }
     }
 
@@ -313,6 +382,25 @@ Rss:                1024 kB
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         drop(staged);
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_staged_file_opens_in_another_placement_with_the_same_bytes_and_a_wrong_size_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = llm_like_weights(16, 256, 3);
+        let q = quantize(GgmlType::Q4K, 16, 256, &w).unwrap();
+        let path = dir.path().join("w.bin");
+        StagedMatrix::write_file(&q, &path).unwrap();
+        for mode in [LoadMode::Mmap, LoadMode::NoMmap] {
+            let staged = StagedMatrix::open(&path, GgmlType::Q4K, 16, 256, mode).unwrap();
+            assert_eq!(staged.raw(), q.raw());
+            assert_eq!(staged.load_mode(), mode);
+        }
+        let err = StagedMatrix::open(&path, GgmlType::Q4K, 32, 256, LoadMode::Mmap)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("w.bin") && err.contains("holds"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod bandwidth;
 mod measure;
 mod model_run;
 mod multiply;
+mod rounds;
 mod sysinfo;
 
 use anyhow::{Context, Result};
@@ -41,6 +42,24 @@ enum Command {
         /// Directory for kernels.csv, samples.csv and probe.json.
         #[arg(long)]
         out_dir: PathBuf,
+    },
+    /// One round of invocations (started by `run` itself): measure each
+    /// listed cell once from the weights `run` staged, in the given order,
+    /// reporting each on stdout.
+    MeasureRound {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// This round's number (for the record only).
+        #[arg(long)]
+        round: u32,
+        /// Indices of the job's cells, in the order to measure them.
+        #[arg(long, value_delimiter = ',')]
+        cells: Vec<usize>,
+        /// The board's cores, as `run` resolved `threads = "all"`.
+        #[arg(long)]
+        cores: usize,
     },
     /// Print the agent's build hash (SHA-256 prefix of this binary).
     Version,
@@ -369,6 +388,16 @@ fn main() -> Result<()> {
                     job.recipes.len()
                 );
             }
+        }
+        Command::MeasureRound {
+            job,
+            out_dir,
+            round: _,
+            cells,
+            cores,
+        } => {
+            let job: JobSpec = read_json(&job).context("reading the job spec")?;
+            rounds::measure_round(&job, &out_dir, &cells, cores)?;
         }
         Command::Run { job, out_dir } => {
             let job: JobSpec = read_json(&job).context("reading the job spec")?;

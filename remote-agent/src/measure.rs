@@ -5,15 +5,17 @@ use anyhow::{Context, Result};
 use kernels::codebook::CodebookMatrix;
 use kernels::weights::{activation_second_moments, activations, weights, Distribution};
 use kernels::{quantize, KernelError, StagedMatrix};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use wire::files::{CsvAppender, KERNEL_ROWS_FILE, SAMPLES_FILE};
+use wire::files::{CsvAppender, INVOCATIONS_FILE, KERNEL_ROWS_FILE, SAMPLES_FILE};
 use wire::kernel_job::{Cell, Cooldown, JobSpec, TimingPolicy};
 use wire::probe::{BoardProbe, ThermalReading};
 use wire::progress::ProgressEvent;
-use wire::rows::{CellStatus, KernelRow, SampleRow};
-use wire::stats::{nmse, Summary};
+use wire::rows::{CellStatus, InvocationRow, KernelRow, SampleRow};
+use wire::stats::{geometric_mean, invocation_medians, invocation_spread, nmse, Summary};
 use wire::weight_format::WeightFormat;
 
 /// The f64 reference is computed on at most this many weight rows and
@@ -28,18 +30,40 @@ pub struct Tally {
     pub failed: usize,
 }
 
-struct Measured {
-    samples_ns: Vec<u64>,
-    nmse: f64,
-    weight_bytes: u64,
+/// What preparing a cell found, once per cell whatever its invocations:
+/// the output error against the f64 reference and the storage figures.
+#[derive(Debug, Clone, Copy)]
+pub struct CellPrep {
+    pub nmse: f64,
+    pub weight_bytes: u64,
     /// The exact storage cost when it depends on the data.
-    bits_per_weight: Option<f64>,
-    kernel_path: String,
-    weight_placement: String,
+    pub bits_per_weight: Option<f64>,
 }
 
-enum Outcome {
-    Measured(Measured),
+/// One invocation's timing of a cell: its repetitions, its warm-up and
+/// what else used the CPU meanwhile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvocationTiming {
+    pub samples_ns: Vec<u64>,
+    pub warmup_reps: u32,
+    pub warmup_ms: f64,
+    pub settled: bool,
+    pub other_cpu_cores: Option<f64>,
+}
+
+/// One invocation of a cell as measured (in this process or a child).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvocationResult {
+    pub timing: InvocationTiming,
+    pub kernel_path: String,
+    pub weight_placement: String,
+    pub cooldown_seconds: Option<f64>,
+    pub before: ThermalReading,
+    pub after: ThermalReading,
+}
+
+/// How a cell's preparation or measurement ended when it produced no timing.
+pub enum Refusal {
     Unsupported(String),
     Failed(String),
 }
@@ -48,8 +72,9 @@ enum Outcome {
 /// (cells arrive grouped by shape, then type), since generating an lm head
 /// takes seconds; and the quantized matrix placed as a model load places it,
 /// kept while consecutive cells share the type, so each (shape, type) is
-/// quantized and written once.
-struct WeightCache<'a> {
+/// quantized and written once. With invocations in child processes the
+/// quantized matrix is also written to a staged file they map afresh.
+pub struct WeightCache<'a> {
     scratch_dir: &'a Path,
     key: Option<(String, u64, Distribution)>,
     values: Vec<f32>,
@@ -58,7 +83,7 @@ struct WeightCache<'a> {
 }
 
 impl<'a> WeightCache<'a> {
-    fn new(scratch_dir: &'a Path) -> Self {
+    pub fn new(scratch_dir: &'a Path) -> Self {
         WeightCache {
             scratch_dir,
             key: None,
@@ -81,11 +106,14 @@ impl<'a> WeightCache<'a> {
 
     /// The f32 weights of the cell's shape and the cell's format: a GGML
     /// type placed in memory by `load_mode`, or a codebook quantized with
-    /// the activations' channel second moments as sensitivities.
+    /// the activations' channel second moments as sensitivities. With
+    /// `staged_file`, the quantized matrix is also written there (once per
+    /// shape and type) and the GGML weights are placed from that file.
     fn get(
         &mut self,
         cell: &Cell,
         job: &JobSpec,
+        staged_file: Option<&Path>,
     ) -> Result<(&[f32], &PreparedWeights), KernelError> {
         let key = (cell.shape.name.clone(), job.seed, job.distribution);
         let (m, k) = (cell.shape.rows, cell.shape.cols);
@@ -104,16 +132,32 @@ impl<'a> WeightCache<'a> {
                 let prepared = match cell.ty {
                     WeightFormat::Ggml(ty) => {
                         let quantized = quantize(ty, m, k, &self.values)?;
-                        PreparedWeights::Ggml(StagedMatrix::stage(
-                            quantized,
-                            job.load_mode,
-                            self.scratch_dir,
-                        )?)
+                        match staged_file {
+                            Some(path) => {
+                                StagedMatrix::write_file(&quantized, path)?;
+                                drop(quantized);
+                                PreparedWeights::Ggml(StagedMatrix::open(
+                                    path,
+                                    ty,
+                                    m,
+                                    k,
+                                    job.load_mode,
+                                )?)
+                            }
+                            None => PreparedWeights::Ggml(StagedMatrix::stage(
+                                quantized,
+                                job.load_mode,
+                                self.scratch_dir,
+                            )?),
+                        }
                     }
                     WeightFormat::Codebook(ty) => {
                         let sensitivity = activation_second_moments(job.distribution, k, job.seed);
                         let matrix =
                             CodebookMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity))?;
+                        if let Some(path) = staged_file {
+                            matrix.write_file(path)?;
+                        }
                         PreparedWeights::Codebook(Box::new(matrix))
                     }
                 };
@@ -126,65 +170,22 @@ impl<'a> WeightCache<'a> {
     }
 }
 
+/// Runs every cell of the job: in this process with one invocation, in
+/// shuffled rounds of child processes with more (`crate::rounds`).
 pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tally> {
     let started = Instant::now();
-    let mut rows = CsvAppender::<KernelRow>::open(&out_dir.join(KERNEL_ROWS_FILE))?;
-    let mut samples = CsvAppender::<SampleRow>::open(&out_dir.join(SAMPLES_FILE))?;
-    let mut stdout = std::io::stdout();
-    let mut emit = |event: ProgressEvent| {
-        // A closed stdout (host gone) must not stop the measurement: rows
-        // are on disk and the host collects them when it reconnects.
-        let _ = writeln!(stdout, "{}", event.to_line());
-        let _ = stdout.flush();
-    };
-    emit(ProgressEvent::Started {
+    let mut out = JobOutput::open(job, probe, out_dir)?;
+    out.emit(ProgressEvent::Started {
         total: job.cells.len(),
         bandwidth_gbps: probe.read_bandwidth_gbps,
     });
-    // Mapped weights are written to an unnamed file beside the rows: the
-    // board's own disk, as a model file would be.
-    let mut cache = WeightCache::new(out_dir);
-    let mut tally = Tally::default();
-    for (index, cell) in job.cells.iter().enumerate() {
-        emit(ProgressEvent::CellStarted {
-            index,
-            cell_id: cell.id.clone(),
-        });
-        let threads = cell.threads.resolve(probe.cores);
-        let cooled = job.cooldown.map(cool_down);
-        let before = crate::sysinfo::thermal_reading();
-        let outcome = measure_cell(cell, threads, job, &mut cache);
-        let after = crate::sysinfo::thermal_reading();
-        let mut row = build_row(job, probe, cell, threads, &outcome, &before, &after);
-        row.cooldown_seconds = cooled;
-        if let Outcome::Measured(m) = &outcome {
-            for (i, &ns) in m.samples_ns.iter().enumerate() {
-                samples.append_unsynced(&SampleRow {
-                    run_id: job.run_id.clone(),
-                    board: job.board.clone(),
-                    cell_id: cell.id.clone(),
-                    repetition: i as u32,
-                    ns,
-                })?;
-            }
-        }
-        // Repetitions reach the disk before the row that says the cell is done.
-        samples.sync()?;
-        rows.append(&row)
-            .with_context(|| format!("writing the row of {}", cell.id))?;
-        match row.status {
-            CellStatus::Ok => tally.ok += 1,
-            CellStatus::Unsupported => tally.unsupported += 1,
-            CellStatus::Failed => tally.failed += 1,
-        }
-        emit(ProgressEvent::CellFinished {
-            index,
-            cell_id: cell.id.clone(),
-            status: row.status,
-            median_ns: row.median_ns,
-        });
+    if job.timing.invocations > 1 {
+        crate::rounds::run_rounds(job, &mut out, out_dir)?;
+    } else {
+        run_in_process(job, &mut out, out_dir)?;
     }
-    emit(ProgressEvent::Finished {
+    let tally = std::mem::take(&mut out.tally);
+    out.emit(ProgressEvent::Finished {
         ok: tally.ok,
         unsupported: tally.unsupported,
         failed: tally.failed,
@@ -193,9 +194,50 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
     Ok(tally)
 }
 
-fn measure_cell(cell: &Cell, threads: usize, job: &JobSpec, cache: &mut WeightCache) -> Outcome {
+/// One invocation per cell, in the agent's own process.
+fn run_in_process(job: &JobSpec, out: &mut JobOutput, out_dir: &Path) -> Result<()> {
+    // Mapped weights are written to an unnamed file beside the rows: the
+    // board's own disk, as a model file would be.
+    let mut cache = WeightCache::new(out_dir);
+    for (index, cell) in job.cells.iter().enumerate() {
+        out.emit(ProgressEvent::CellStarted {
+            index,
+            cell_id: cell.id.clone(),
+        });
+        let threads = cell.threads.resolve(out.probe.cores);
+        let measured = prepare_cell(cell, threads, job, &mut cache, None).and_then(|mut ready| {
+            let result = measure_invocation(ready.multiply.as_mut(), job)
+                .map_err(|e| Refusal::Failed(e.to_string()))?;
+            Ok((ready.prep, result))
+        });
+        match measured {
+            Ok((prep, result)) => {
+                out.record_invocation(cell, 0, 0, 0, &result)?;
+                out.finish_cell(index, cell, threads, Ok(prep))?;
+            }
+            Err(refusal) => out.finish_cell(index, cell, threads, Err(refusal))?,
+        }
+    }
+    Ok(())
+}
+
+/// A prepared cell: its figures and the multiplication ready to time.
+pub struct ReadyCell<'a> {
+    pub prep: CellPrep,
+    pub multiply: Box<dyn Multiply + 'a>,
+}
+
+/// Checks the cell can run on this board, makes its weights (written to
+/// `staged_file` too, when given) and computes its output error once.
+pub fn prepare_cell<'c>(
+    cell: &Cell,
+    threads: usize,
+    job: &JobSpec,
+    cache: &'c mut WeightCache,
+    staged_file: Option<&Path>,
+) -> Result<ReadyCell<'c>, Refusal> {
     if let Some(reason) = cell.ty.unsupported_reason(cell.shape.cols) {
-        return Outcome::Unsupported(reason);
+        return Err(Refusal::Unsupported(reason));
     }
     let available = crate::sysinfo::available_memory_bytes().map(|free| free + cache.held_bytes());
     if let Some(reason) =
@@ -203,49 +245,108 @@ fn measure_cell(cell: &Cell, threads: usize, job: &JobSpec, cache: &mut WeightCa
     {
         // Freed now: the next cell may be smaller and fit.
         cache.release();
-        return Outcome::Unsupported(reason);
+        return Err(Refusal::Unsupported(reason));
     }
-    match try_measure(cell, threads, job, cache) {
-        Ok(m) => Outcome::Measured(m),
-        Err(KernelError::Unsupported { reason, .. }) => Outcome::Unsupported(reason),
-        Err(e) => Outcome::Failed(e.to_string()),
-    }
-}
-
-fn try_measure(
-    cell: &Cell,
-    threads: usize,
-    job: &JobSpec,
-    cache: &mut WeightCache,
-) -> Result<Measured, KernelError> {
+    let refusal = |e: KernelError| match e {
+        KernelError::Unsupported { reason, .. } => Refusal::Unsupported(reason),
+        e => Refusal::Failed(e.to_string()),
+    };
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
-    let (w, prepared) = cache.get(cell, job)?;
+    let (w, prepared) = cache.get(cell, job, staged_file).map_err(refusal)?;
     let x = activations(job.distribution, n, k, job.seed);
-    let mut multiply = prepared.multiply(&x, n, threads, job.repack)?;
-    multiply.compute()?;
+    let mut multiply = prepared
+        .multiply(&x, n, threads, job.repack)
+        .map_err(refusal)?;
+    multiply.compute().map_err(refusal)?;
     let error = output_nmse(w, &x, &multiply.output(), m, k, n);
-    let samples_ns = time_repetitions(multiply.as_mut(), &job.timing)?;
-    Ok(Measured {
-        samples_ns,
-        nmse: error,
-        weight_bytes: prepared.bytes() as u64,
-        bits_per_weight: prepared.measured_bits_per_weight(),
-        kernel_path: multiply.kernel_path(),
-        weight_placement: multiply.weight_placement(),
+    Ok(ReadyCell {
+        prep: CellPrep {
+            nmse: error,
+            weight_bytes: prepared.bytes() as u64,
+            bits_per_weight: prepared.measured_bits_per_weight(),
+        },
+        multiply,
     })
 }
 
-fn time_repetitions(
+/// Cools down (when the job asks), reads thermals, warms up and times one
+/// invocation of a cell.
+pub fn measure_invocation(
+    multiply: &mut dyn Multiply,
+    job: &JobSpec,
+) -> Result<InvocationResult, KernelError> {
+    let cooldown_seconds = job.cooldown.map(cool_down);
+    let before = crate::sysinfo::thermal_reading();
+    let timing = time_invocation(multiply, &job.timing, !job.emulated)?;
+    let after = crate::sysinfo::thermal_reading();
+    Ok(InvocationResult {
+        timing,
+        kernel_path: multiply.kernel_path(),
+        weight_placement: multiply.weight_placement(),
+        cooldown_seconds,
+        before,
+        after,
+    })
+}
+
+/// Repetitions an invocation stops at once it has `min_reps`, even before
+/// `min_time_ms`: more of one process's repetitions add little once its
+/// invocations are the unit (the spread between processes dominates), and
+/// a 7 us GEMV would otherwise write 100 000 rows a second.
+const MAX_REPS_PER_INVOCATION: usize = 1000;
+
+/// Warm-up calls are compared in windows of this many.
+const WARMUP_WINDOW: usize = 5;
+/// Least warm-up time: a thread pool's workers and the caches wake up in
+/// milliseconds, longer than a small GEMV takes.
+const MIN_WARMUP: Duration = Duration::from_millis(20);
+/// A drop of the level inside the timed repetitions that counts as the
+/// end of a warm-up.
+const WARM_DROP: f64 = 0.10;
+/// A window of warm-up calls at most this much faster than the one before
+/// counts as steady.
+const STEADY_TOLERANCE: f64 = 0.02;
+
+/// Warms the cell up until its timings are steady (Barrett et al., "Virtual
+/// Machine Warmup Blows Hot and Cold": a fixed count of warm-up calls
+/// measures start-up on some cells), then times repetitions. Steady: after
+/// the policy's `warmup` calls and [`MIN_WARMUP`], the median of the last
+/// [`WARMUP_WINDOW`] calls is no more than [`STEADY_TOLERANCE`] below the
+/// median of the window before. A cell still getting faster at
+/// `max_warmup_ms` is timed anyway and recorded as not settled; a cell too
+/// slow for two windows within it is warmed by count and time only.
+fn time_invocation(
     matmul: &mut dyn Multiply,
     policy: &TimingPolicy,
-) -> Result<Vec<u64>, KernelError> {
+    measure_others: bool,
+) -> Result<InvocationTiming, KernelError> {
+    let cpu_before = measure_others.then(crate::sysinfo::CpuTimes::now).flatten();
     let warm = Instant::now();
-    for _ in 0..policy.warmup {
+    let least_warmup = MIN_WARMUP.max(matmul.warmup_time());
+    let max_warmup = Duration::from_millis(policy.max_warmup_ms).max(least_warmup);
+    let mut warmup_ns: Vec<f64> = Vec::new();
+    let settled = loop {
+        let t = Instant::now();
         matmul.compute()?;
-    }
-    while warm.elapsed() < matmul.warmup_time() {
-        matmul.compute()?;
-    }
+        warmup_ns.push(t.elapsed().as_nanos() as f64);
+        let elapsed = warm.elapsed();
+        if warmup_ns.len() < policy.warmup.max(1) as usize || elapsed < least_warmup {
+            continue;
+        }
+        if warmup_ns.len() >= 2 * WARMUP_WINDOW {
+            let median = |w: &[f64]| Summary::of(w).map_or(0.0, |s| s.median);
+            let n = warmup_ns.len();
+            let last = median(&warmup_ns[n - WARMUP_WINDOW..]);
+            let before = median(&warmup_ns[n - 2 * WARMUP_WINDOW..n - WARMUP_WINDOW]);
+            if last >= before * (1.0 - STEADY_TOLERANCE) {
+                break true;
+            }
+        }
+        if elapsed >= max_warmup {
+            break warmup_ns.len() < 2 * WARMUP_WINDOW;
+        }
+    };
+    let warmup_ms = warm.elapsed().as_secs_f64() * 1e3;
     let min_time = Duration::from_millis(policy.min_time_ms);
     let max_time = Duration::from_millis(policy.max_time_ms);
     let start = Instant::now();
@@ -255,10 +356,241 @@ fn time_repetitions(
         matmul.compute()?;
         samples.push(t.elapsed().as_nanos() as u64);
         let elapsed = start.elapsed();
-        let enough = samples.len() >= policy.min_reps as usize && elapsed >= min_time;
+        let enough = samples.len() >= policy.min_reps as usize
+            && (elapsed >= min_time || samples.len() >= MAX_REPS_PER_INVOCATION);
         if enough || elapsed >= max_time {
-            return Ok(samples);
+            break;
         }
+    }
+    // A level that drops clearly inside the timed repetitions (a pool that
+    // kept waking up after the warm-up looked flat) is warm-up too: the
+    // repetitions before the drop are dropped.
+    let mut warmup_reps = warmup_ns.len() as u32;
+    if let Some(start) = steady_start(&samples) {
+        samples.drain(..start);
+        warmup_reps += start as u32;
+    }
+    let window = warm.elapsed().as_secs_f64();
+    let other_cpu_cores = cpu_before
+        .zip(crate::sysinfo::CpuTimes::now())
+        .map(|(before, after)| after.others_since(&before) / window.max(1e-9));
+    Ok(InvocationTiming {
+        samples_ns: samples,
+        warmup_reps,
+        warmup_ms,
+        settled,
+        other_cpu_cores,
+    })
+}
+
+/// Where the timed repetitions' last level starts, when it is at least
+/// [`WARM_DROP`] below the level before it and holds for at least the last
+/// third of them (still warming up when timing began): change points
+/// (asv's L1 step fit, `wire::stats::change_points`) of the repetitions,
+/// binned to at most 60 medians so a long series costs little. `None`: one
+/// level, a short dip at the end (noise, not warm-up), or a last level that
+/// is slower (heat, a neighbour: not warm-up, kept).
+fn steady_start(samples: &[u64]) -> Option<usize> {
+    const BINS: usize = 60;
+    let per_bin = samples.len().div_ceil(BINS).max(1);
+    let bins: Vec<f64> = samples
+        .chunks(per_bin)
+        .filter_map(|chunk| {
+            let values: Vec<f64> = chunk.iter().map(|&ns| ns as f64).collect();
+            Summary::of(&values).map(|s| s.median)
+        })
+        .collect();
+    let points = wire::stats::change_points(&bins, None);
+    let &last = points.last()?;
+    let before = points.iter().rev().nth(1).copied().unwrap_or(0);
+    let level = |seg: &[f64]| Summary::of(seg).map_or(0.0, |s| s.median);
+    let (old, new) = (level(&bins[before..last]), level(&bins[last..]));
+    if new >= old * (1.0 - WARM_DROP) || 3 * (bins.len() - last) < bins.len() {
+        return None;
+    }
+    // The step lies within a bin of the boundary: cut after the last
+    // repetition there that is nearer the old level.
+    let boundary = last * per_bin;
+    let window = boundary.saturating_sub(per_bin)..(boundary + per_bin).min(samples.len());
+    let midpoint = (old + new) / 2.0;
+    let cut = window
+        .clone()
+        .rev()
+        .find(|&i| samples[i] as f64 > midpoint)
+        .map_or(window.start, |i| i + 1);
+    Some(cut)
+}
+
+/// Where a kernel job's results go: the rows, repetitions and invocation
+/// records (appended and synced as each arrives), progress on stdout, and
+/// each cell's invocations until its row is written.
+pub struct JobOutput<'a> {
+    job: &'a JobSpec,
+    pub probe: &'a BoardProbe,
+    rows: CsvAppender<KernelRow>,
+    samples: CsvAppender<SampleRow>,
+    invocations: CsvAppender<InvocationRow>,
+    /// Finished invocations by cell: their records and repetitions.
+    pub done: HashMap<String, Vec<(InvocationRow, Vec<u64>)>>,
+    /// Cells whose row is written.
+    finished: HashSet<String>,
+    pub tally: Tally,
+}
+
+impl<'a> JobOutput<'a> {
+    /// Opens the job's files; invocations a previous agent finished for
+    /// this run (a resumed job) are read back and count.
+    pub fn open(job: &'a JobSpec, probe: &'a BoardProbe, out_dir: &Path) -> Result<Self> {
+        let invocations_path = out_dir.join(INVOCATIONS_FILE);
+        let mut done: HashMap<String, Vec<(InvocationRow, Vec<u64>)>> = HashMap::new();
+        if invocations_path.exists() {
+            let cells: HashSet<&str> = job.cells.iter().map(|c| c.id.as_str()).collect();
+            let mut samples: HashMap<(String, u32), Vec<u64>> = HashMap::new();
+            for s in wire::files::read_csv_lenient::<SampleRow>(&out_dir.join(SAMPLES_FILE)) {
+                if s.run_id == job.run_id && cells.contains(s.cell_id.as_str()) {
+                    samples
+                        .entry((s.cell_id, s.invocation))
+                        .or_default()
+                        .push(s.ns);
+                }
+            }
+            for r in wire::files::read_csv_lenient::<InvocationRow>(&invocations_path) {
+                if r.run_id == job.run_id
+                    && r.status == CellStatus::Ok
+                    && cells.contains(r.cell_id.as_str())
+                {
+                    let reps = samples
+                        .remove(&(r.cell_id.clone(), r.invocation))
+                        .unwrap_or_default();
+                    done.entry(r.cell_id.clone()).or_default().push((r, reps));
+                }
+            }
+        }
+        Ok(JobOutput {
+            job,
+            probe,
+            rows: CsvAppender::open(&out_dir.join(KERNEL_ROWS_FILE))?,
+            samples: CsvAppender::open(&out_dir.join(SAMPLES_FILE))?,
+            invocations: CsvAppender::open(&invocations_path)?,
+            done,
+            finished: HashSet::new(),
+            tally: Tally::default(),
+        })
+    }
+
+    pub fn emit(&self, event: ProgressEvent) {
+        // A closed stdout (host gone) must not stop the measurement: rows
+        // are on disk and the host collects them when it reconnects.
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "{}", event.to_line());
+        let _ = stdout.flush();
+    }
+
+    pub fn is_finished(&self, cell_id: &str) -> bool {
+        self.finished.contains(cell_id)
+    }
+
+    /// Invocations of `cell_id` finished so far.
+    pub fn invocations_done(&self, cell_id: &str) -> u32 {
+        self.done.get(cell_id).map_or(0, |d| d.len() as u32)
+    }
+
+    /// Writes one finished invocation: its repetitions, then its record.
+    pub fn record_invocation(
+        &mut self,
+        cell: &Cell,
+        invocation: u32,
+        round: u32,
+        position: u32,
+        result: &InvocationResult,
+    ) -> Result<()> {
+        for (i, &ns) in result.timing.samples_ns.iter().enumerate() {
+            self.samples.append_unsynced(&SampleRow {
+                run_id: self.job.run_id.clone(),
+                board: self.job.board.clone(),
+                cell_id: cell.id.clone(),
+                repetition: i as u32,
+                ns,
+                invocation,
+                round,
+            })?;
+        }
+        // Repetitions reach the disk before the record that says they are done.
+        self.samples.sync()?;
+        let times: Vec<f64> = result.timing.samples_ns.iter().map(|&n| n as f64).collect();
+        let real = !self.job.emulated;
+        let record = InvocationRow {
+            run_id: self.job.run_id.clone(),
+            board: self.job.board.clone(),
+            cell_id: cell.id.clone(),
+            invocation,
+            round,
+            position,
+            status: CellStatus::Ok,
+            note: String::new(),
+            kernel_path: result.kernel_path.clone(),
+            weight_placement: result.weight_placement.clone(),
+            repetitions: times.len() as u32,
+            median_ns: Summary::of(&times).map(|s| s.median),
+            warmup_reps: result.timing.warmup_reps,
+            warmup_ms: result.timing.warmup_ms,
+            settled: result.timing.settled,
+            other_cpu_cores: result.timing.other_cpu_cores,
+            cooldown_seconds: result.cooldown_seconds,
+            // Under qemu-user these files are the host's: an emulated
+            // board reports no thermals rather than someone else's.
+            temp_before_c: result.before.temperature_c.filter(|_| real),
+            temp_after_c: result.after.temperature_c.filter(|_| real),
+            freq_before_mhz: result.before.freq_mhz.filter(|_| real),
+            freq_after_mhz: result.after.freq_mhz.filter(|_| real),
+            governor: result
+                .before
+                .governor
+                .clone()
+                .filter(|_| real)
+                .unwrap_or_default(),
+            throttled: wire::probe::throttled_between(&result.before, &result.after)
+                .filter(|_| real),
+            thermal_noisy: real && wire::probe::thermally_noisy(&result.before, &result.after),
+            finished_at: wire::utc_now_rfc3339(),
+        };
+        self.invocations
+            .append(&record)
+            .with_context(|| format!("recording an invocation of {}", cell.id))?;
+        self.done
+            .entry(cell.id.clone())
+            .or_default()
+            .push((record, result.timing.samples_ns.clone()));
+        Ok(())
+    }
+
+    /// Writes the cell's row: from its finished invocations and `prep`, or
+    /// the reason it has none.
+    pub fn finish_cell(
+        &mut self,
+        index: usize,
+        cell: &Cell,
+        threads: usize,
+        prep: Result<CellPrep, Refusal>,
+    ) -> Result<()> {
+        let done = self.done.remove(&cell.id).unwrap_or_default();
+        self.finished.insert(cell.id.clone());
+        let row = build_row(self.job, self.probe, cell, threads, prep, &done);
+        self.rows
+            .append(&row)
+            .with_context(|| format!("writing the row of {}", cell.id))?;
+        match row.status {
+            CellStatus::Ok => self.tally.ok += 1,
+            CellStatus::Unsupported => self.tally.unsupported += 1,
+            CellStatus::Failed => self.tally.failed += 1,
+        }
+        self.emit(ProgressEvent::CellFinished {
+            index,
+            cell_id: cell.id.clone(),
+            status: row.status,
+            median_ns: row.median_ns,
+        });
+        Ok(())
     }
 }
 
@@ -320,14 +652,17 @@ fn cool_down(cooldown: Cooldown) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// A cell's row from its invocations: `median_ns` is the geometric mean of
+/// the invocations' medians (what `compare` compares), the other time
+/// columns are over every repetition; warm-up and disturbance are the worst
+/// invocation's, thermals span the first to the last.
 fn build_row(
     job: &JobSpec,
     probe: &BoardProbe,
     cell: &Cell,
     threads: usize,
-    outcome: &Outcome,
-    before: &ThermalReading,
-    after: &ThermalReading,
+    prep: Result<CellPrep, Refusal>,
+    invocations: &[(InvocationRow, Vec<u64>)],
 ) -> KernelRow {
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
     let mut row = KernelRow::unmeasured(
@@ -338,48 +673,83 @@ fn build_row(
         CellStatus::Ok,
         String::new(),
     );
-    // Under qemu-user these files are the host's: an emulated board
-    // reports no thermals rather than someone else's.
-    if !job.emulated {
-        row.temp_before_c = before.temperature_c;
-        row.temp_after_c = after.temperature_c;
-        row.freq_before_mhz = before.freq_mhz;
-        row.freq_after_mhz = after.freq_mhz;
-        row.governor = before.governor.clone().unwrap_or_default();
-        row.throttled = wire::probe::throttled_between(before, after);
-        row.thermal_noisy = wire::probe::thermally_noisy(before, after);
-    }
-    match outcome {
-        Outcome::Unsupported(reason) => {
+    let prep = match prep {
+        Ok(prep) => prep,
+        Err(Refusal::Unsupported(reason)) => {
             row.status = CellStatus::Unsupported;
-            row.note = reason.clone();
+            row.note = reason;
+            return row;
         }
-        Outcome::Failed(reason) => {
+        Err(Refusal::Failed(reason)) => {
             row.status = CellStatus::Failed;
-            row.note = reason.clone();
+            row.note = reason;
+            return row;
         }
-        Outcome::Measured(measured) => {
-            let times: Vec<f64> = measured.samples_ns.iter().map(|&ns| ns as f64).collect();
-            row.kernel_path = measured.kernel_path.clone();
-            row.weight_placement = measured.weight_placement.clone();
-            row.repetitions = times.len() as u32;
-            row.weight_bytes = measured.weight_bytes;
-            if let Some(bits) = measured.bits_per_weight {
-                row.bits_per_weight = bits;
-            }
-            row.nmse = Some(measured.nmse);
-            if let Some(s) = Summary::of(&times) {
-                row.median_ns = Some(s.median);
-                row.min_ns = Some(s.min);
-                row.max_ns = Some(s.max);
-                row.mean_ns = Some(s.mean);
-                row.stddev_ns = Some(s.stddev);
-                row.gflops = Some(2.0 * (m * k * n) as f64 / s.median);
-                let gbps = measured.weight_bytes as f64 / s.median;
-                row.weight_gbps = Some(gbps);
-                row.bandwidth_share = probe.read_bandwidth_gbps.map(|bw| gbps / bw);
-            }
-        }
+    };
+    let (Some((first, _)), Some((last, _))) = (invocations.first(), invocations.last()) else {
+        row.status = CellStatus::Failed;
+        row.note = "no invocation finished".into();
+        return row;
+    };
+    row.kernel_path = last.kernel_path.clone();
+    row.weight_placement = last.weight_placement.clone();
+    row.weight_bytes = prep.weight_bytes;
+    if let Some(bits) = prep.bits_per_weight {
+        row.bits_per_weight = bits;
+    }
+    row.nmse = Some(prep.nmse);
+    let groups: Vec<Vec<f64>> = invocations
+        .iter()
+        .map(|(_, reps)| reps.iter().map(|&ns| ns as f64).collect())
+        .collect();
+    let all: Vec<f64> = groups.iter().flatten().copied().collect();
+    row.repetitions = all.len() as u32;
+    row.invocations = invocations.len() as u32;
+    row.invocation_spread = invocation_spread(&groups);
+    row.warmup_reps = invocations
+        .iter()
+        .map(|(r, _)| r.warmup_reps)
+        .max()
+        .unwrap_or(0);
+    row.warmup_ms = invocations
+        .iter()
+        .map(|(r, _)| r.warmup_ms)
+        .reduce(f64::max);
+    row.settled = invocations.iter().all(|(r, _)| r.settled);
+    row.other_cpu_cores = invocations
+        .iter()
+        .filter_map(|(r, _)| r.other_cpu_cores)
+        .reduce(f64::max);
+    row.disturbed = row
+        .other_cpu_cores
+        .is_some_and(|cores| cores > wire::rows::DISTURBED_OTHER_CORES);
+    row.temp_before_c = first.temp_before_c;
+    row.freq_before_mhz = first.freq_before_mhz;
+    row.governor = first.governor.clone();
+    row.temp_after_c = last.temp_after_c;
+    row.freq_after_mhz = last.freq_after_mhz;
+    row.throttled = invocations
+        .iter()
+        .filter_map(|(r, _)| r.throttled)
+        .reduce(|a, b| a || b);
+    row.thermal_noisy = invocations.iter().any(|(r, _)| r.thermal_noisy);
+    row.cooldown_seconds = invocations
+        .iter()
+        .filter_map(|(r, _)| r.cooldown_seconds)
+        .reduce(|a, b| a + b);
+    if let (Some(s), Some(median)) = (
+        Summary::of(&all),
+        geometric_mean(&invocation_medians(&groups)),
+    ) {
+        row.median_ns = Some(median);
+        row.min_ns = Some(s.min);
+        row.max_ns = Some(s.max);
+        row.mean_ns = Some(s.mean);
+        row.stddev_ns = Some(s.stddev);
+        row.gflops = Some(2.0 * (m * k * n) as f64 / median);
+        let gbps = prep.weight_bytes as f64 / median;
+        row.weight_gbps = Some(gbps);
+        row.bandwidth_share = probe.read_bandwidth_gbps.map(|bw| gbps / bw);
     }
     row
 }
@@ -411,8 +781,11 @@ mod tests {
                 min_reps: 1,
                 min_time_ms: 0,
                 max_time_ms: 1,
+                invocations: 1,
+                max_warmup_ms: 100,
             },
             cooldown: None,
+            round_seed: 0,
             cells: vec![Cell::new(
                 wire::ggml_type::GgmlType::Q4_0,
                 shape,
@@ -422,26 +795,64 @@ mod tests {
         }
     }
 
-    #[test]
-    fn thermals_are_recorded_on_real_boards_and_left_empty_on_emulated_ones() {
-        let probe: BoardProbe = serde_json::from_value(serde_json::json!({
+    fn probe() -> BoardProbe {
+        serde_json::from_value(serde_json::json!({
             "arch": "aarch64", "cpu_model": "Cortex-A76", "cpu_features": [],
             "ggml_features": [], "cores": 4, "memory_bytes": 0, "page_size": 4096,
             "os": "", "kernel": "", "cpufreq_governor": null, "cpu_freq_mhz": null,
             "cpu_max_freq_mhz": null, "temperature_c": null,
             "read_bandwidth_gbps": null, "agent_build": "h"
         }))
-        .unwrap();
+        .unwrap()
+    }
+
+    fn result(
+        samples_ns: Vec<u64>,
+        before: ThermalReading,
+        after: ThermalReading,
+    ) -> InvocationResult {
+        InvocationResult {
+            timing: InvocationTiming {
+                samples_ns,
+                warmup_reps: 7,
+                warmup_ms: 2.0,
+                settled: true,
+                other_cpu_cores: Some(0.01),
+            },
+            kernel_path: "CPU".into(),
+            weight_placement: "mmap/4k".into(),
+            cooldown_seconds: None,
+            before,
+            after,
+        }
+    }
+
+    const PREP: CellPrep = CellPrep {
+        nmse: 1e-3,
+        weight_bytes: 1000,
+        bits_per_weight: None,
+    };
+
+    #[test]
+    fn thermals_are_recorded_on_real_boards_and_left_empty_on_emulated_ones() {
+        let probe = probe();
         let hot = |bits| ThermalReading {
             temperature_c: Some(81.0),
             freq_mhz: Some(1500.0),
             governor: Some("ondemand".into()),
             throttle: Some(ThrottleState::PiFirmware(bits)),
         };
-        let outcome = Outcome::Unsupported("test".into());
         for emulated in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
             let job = job(emulated);
-            let row = build_row(&job, &probe, &job.cells[0], 1, &outcome, &hot(0), &hot(0x8));
+            let mut out = JobOutput::open(&job, &probe, dir.path()).unwrap();
+            let cell = &job.cells[0];
+            out.record_invocation(cell, 0, 0, 0, &result(vec![100, 110], hot(0), hot(0x8)))
+                .unwrap();
+            out.finish_cell(0, cell, 1, Ok(PREP)).unwrap();
+            let rows: Vec<KernelRow> =
+                wire::files::read_csv(&dir.path().join(KERNEL_ROWS_FILE)).unwrap();
+            let row = &rows[0];
             if emulated {
                 assert_eq!(row.temp_before_c, None);
                 assert_eq!(row.governor, "");
@@ -454,6 +865,111 @@ mod tests {
                 assert!(row.thermal_noisy);
             }
         }
+    }
+
+    #[test]
+    fn a_row_summarises_its_invocations_and_a_resumed_job_reads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job, probe) = (job(false), probe());
+        let cell = &job.cells[0];
+        let cool = ThermalReading::default();
+        {
+            let mut out = JobOutput::open(&job, &probe, dir.path()).unwrap();
+            out.record_invocation(
+                cell,
+                0,
+                0,
+                3,
+                &result(vec![100, 100, 100], cool.clone(), cool.clone()),
+            )
+            .unwrap();
+        }
+        // A new agent (a resumed job) knows the cell has one invocation.
+        let mut out = JobOutput::open(&job, &probe, dir.path()).unwrap();
+        assert_eq!(out.invocations_done(&cell.id), 1);
+        let mut busy = result(vec![400, 400], cool.clone(), cool);
+        busy.timing.other_cpu_cores = Some(0.9);
+        busy.timing.settled = false;
+        out.record_invocation(cell, 1, 1, 0, &busy).unwrap();
+        out.finish_cell(0, cell, 1, Ok(PREP)).unwrap();
+        let rows: Vec<KernelRow> =
+            wire::files::read_csv(&dir.path().join(KERNEL_ROWS_FILE)).unwrap();
+        let row = &rows[0];
+        assert_eq!((row.invocations, row.repetitions), (2, 5));
+        // Geometric mean of the medians 100 and 400.
+        assert!((row.median_ns.unwrap() - 200.0).abs() < 1e-9, "{row:?}");
+        assert!(row.disturbed && !row.settled);
+        assert!((row.invocation_spread.unwrap() - (4f64.ln() / 2f64.sqrt())).abs() < 1e-9);
+        let samples: Vec<SampleRow> =
+            wire::files::read_csv(&dir.path().join(SAMPLES_FILE)).unwrap();
+        assert_eq!(samples.iter().filter(|s| s.invocation == 1).count(), 2);
+    }
+
+    /// A multiplication that takes `delays[i]` on its i-th call (the last
+    /// one from then on).
+    struct Scripted {
+        delays: Vec<Duration>,
+        calls: usize,
+    }
+
+    impl Multiply for Scripted {
+        fn compute(&mut self) -> Result<(), KernelError> {
+            let d = self.delays[self.calls.min(self.delays.len() - 1)];
+            self.calls += 1;
+            let start = Instant::now();
+            while start.elapsed() < d {
+                std::hint::spin_loop();
+            }
+            Ok(())
+        }
+        fn output(&self) -> Vec<f32> {
+            Vec::new()
+        }
+        fn kernel_path(&self) -> String {
+            String::new()
+        }
+        fn weight_placement(&self) -> String {
+            String::new()
+        }
+    }
+
+    #[test]
+    fn warm_up_runs_until_the_timings_stop_falling_and_says_when_they_never_do() {
+        let policy = TimingPolicy {
+            warmup: 1,
+            min_reps: 3,
+            min_time_ms: 80,
+            max_time_ms: 200,
+            invocations: 1,
+            max_warmup_ms: 400,
+        };
+        // Slow for 60 calls (a pool waking up), then steady.
+        let mut delays = vec![Duration::from_micros(900); 60];
+        delays.push(Duration::from_micros(100));
+        let mut cold = Scripted { delays, calls: 0 };
+        let t = time_invocation(&mut cold, &policy, false).unwrap();
+        assert!(t.settled);
+        assert!(t.warmup_reps >= 50, "{}", t.warmup_reps);
+        // The slow calls are all warm-up: the first timed ones are fast (one
+        // may be preempted on a loaded machine, never a run of them).
+        let slow_at_start = t
+            .samples_ns
+            .iter()
+            .take(20)
+            .filter(|&&ns| ns > 500_000)
+            .count();
+        assert!(slow_at_start <= 1, "{:?}", &t.samples_ns[..20]);
+        // Ever faster: 3% per call, never steady within the budget.
+        let delays = (0..2000)
+            .map(|i| Duration::from_nanos((2_000_000.0 * 0.97f64.powi(i)) as u64 + 1))
+            .collect();
+        let mut falling = Scripted { delays, calls: 0 };
+        let policy = TimingPolicy {
+            max_warmup_ms: 60,
+            ..policy
+        };
+        let t = time_invocation(&mut falling, &policy, false).unwrap();
+        assert!(!t.settled, "{} warm-up calls", t.warmup_reps);
     }
 
     #[test]

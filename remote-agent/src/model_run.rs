@@ -461,6 +461,8 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
                             cell_id: row.cell_id(),
                             repetition: repetition as u32,
                             ns: ns as u64,
+                            invocation: 0,
+                            round: 0,
                         })?;
                     }
                     // Repetitions reach the disk before their row.

@@ -224,6 +224,90 @@ fn cpuinfo_field(cpuinfo: &str, key: &str) -> Option<String> {
     })
 }
 
+/// CPU time every other process has used, for telling whether something
+/// else ran during a measurement: the sum over `/proc/<pid>/stat` of
+/// utime, stime and the reaped children's cutime and cstime, for every
+/// process but this one. Each process's figure is the kernel's precise run
+/// time in clock ticks, so a neighbour shows however many CPUs the agent
+/// keeps busy; the machine-wide `/proc/stat` counters do not serve: they
+/// are sampled per CPU at each tick, and with sixteen busy threads their
+/// rounding alone reads as a core of "other" use in a 30 ms window (seen on
+/// a quiet 16-core host).
+#[derive(Debug, Clone, Default)]
+pub struct CpuTimes {
+    /// Ticks by process id.
+    by_pid: std::collections::HashMap<u32, u64>,
+}
+
+impl CpuTimes {
+    pub fn now() -> Option<CpuTimes> {
+        let own = std::process::id();
+        let mut by_pid = std::collections::HashMap::new();
+        for entry in fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == own {
+                continue;
+            }
+            if let Some(ticks) = fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|stat| parse_process_ticks(&stat))
+            {
+                by_pid.insert(pid, ticks);
+            }
+        }
+        Some(CpuTimes { by_pid })
+    }
+
+    /// Seconds of CPU other processes used since `before` (a process that
+    /// started since counts whole; one that ended and was reaped counts in
+    /// its parent's children's time).
+    pub fn others_since(&self, before: &CpuTimes) -> f64 {
+        let ticks: u64 = self
+            .by_pid
+            .iter()
+            .map(|(pid, now)| now.saturating_sub(before.by_pid.get(pid).copied().unwrap_or(0)))
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let ticks_per_second = if ticks_per_second > 0 {
+            ticks_per_second as f64
+        } else {
+            100.0
+        };
+        // Two ticks are allowed for: the host and the parent agent reading
+        // progress, and per-process rounding to whole ticks (one tick in a
+        // 30 ms window would read as a third of a core).
+        ticks.saturating_sub(2) as f64 / ticks_per_second
+    }
+}
+
+/// utime + stime + cutime + cstime of one `/proc/<pid>/stat`.
+fn parse_process_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces: fields count from its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14-17, the 12th-15th after ')'.
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<i64>().ok());
+    Some((field(11)? + field(12)? + field(13)?.max(0) + field(14)?.max(0)) as u64)
+}
+
+/// Bytes free for this user on the file system holding `path`.
+pub fn free_disk_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is a
+    // valid NUL-terminated string.
+    unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c_path.as_ptr(), &mut stat) != 0 {
+            return None;
+        }
+        Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+    }
+}
+
 /// Memory the kernel says a new allocation can get without swapping
 /// (`MemAvailable`), in bytes.
 pub fn available_memory_bytes() -> Option<u64> {
@@ -260,6 +344,39 @@ fn read_number(path: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_counters_parse_and_a_busy_neighbour_shows() {
+        let own =
+            "1234 (quantbench agent) R 1 1234 1234 0 -1 4194304 100 0 0 0 70 30 5 -1 20 0 3 0";
+        assert_eq!(parse_process_ticks(own), Some(105));
+        // A thread of our own spinning is not a neighbour; another process is.
+        let before = CpuTimes::now().unwrap();
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            std::hint::spin_loop();
+        }
+        let after = CpuTimes::now().unwrap();
+        assert!(
+            after.others_since(&before) < 0.5,
+            "{}",
+            after.others_since(&before)
+        );
+        let mut hog = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let before = CpuTimes::now().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let after = CpuTimes::now().unwrap();
+        hog.kill().unwrap();
+        hog.wait().unwrap();
+        assert!(
+            after.others_since(&before) > 0.2,
+            "{}",
+            after.others_since(&before)
+        );
+    }
 
     #[test]
     fn firmware_throttle_bits_parse_as_vcgencmd_and_sysfs_print_them() {

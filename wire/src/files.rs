@@ -11,6 +11,7 @@ use thiserror::Error;
 
 pub const KERNEL_ROWS_FILE: &str = "kernels.csv";
 pub const SAMPLES_FILE: &str = "samples.csv";
+pub const INVOCATIONS_FILE: &str = "invocations.csv";
 pub const PROBE_FILE: &str = "probe.json";
 pub const MODEL_ROWS_FILE: &str = "models.csv";
 pub const MANIFEST_FILE: &str = "run.json";
@@ -105,6 +106,17 @@ pub fn read_csv<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, Res
         .deserialize()
         .collect::<Result<Vec<T>, _>>()
         .map_err(csv_err)
+}
+
+/// The rows of `path` that parse, skipping a line that does not (a
+/// partial last line after a crash); empty when the file is missing. For
+/// an agent picking up its own earlier records, where a lost record only
+/// means measuring that invocation again.
+pub fn read_csv_lenient<T: for<'de> Deserialize<'de>>(path: &Path) -> Vec<T> {
+    match csv::Reader::from_path(path) {
+        Ok(mut reader) => reader.deserialize().filter_map(Result::ok).collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Writes pretty JSON to `path` through `<path>.tmp` and a rename.

@@ -124,13 +124,38 @@ impl Cell {
     }
 }
 
-/// Timing policy shared by every cell of a job.
+/// Invocations (agent processes) per cell on a real board unless a matrix
+/// says otherwise (see README, "Invocations and verdicts", for the
+/// dimensioning measurement behind it).
+pub const DEFAULT_INVOCATIONS: u32 = 10;
+
+/// Most time an invocation warms a cell up for before timing it anyway
+/// (and calling it unsettled), unless a matrix says otherwise.
+pub const DEFAULT_MAX_WARMUP_MS: u64 = 1000;
+
+/// Timing policy shared by every cell of a job. Repetition counts and
+/// times are per invocation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimingPolicy {
+    /// Least untimed calls; warm-up goes on until the timings are steady.
     pub warmup: u32,
     pub min_reps: u32,
     pub min_time_ms: u64,
     pub max_time_ms: u64,
+    /// Separate agent processes each cell is measured in, spread over the
+    /// job in shuffled rounds; 1 measures in the agent's own process.
+    #[serde(default = "one")]
+    pub invocations: u32,
+    /// Most warm-up per invocation of a cell, ms.
+    #[serde(default = "default_max_warmup_ms")]
+    pub max_warmup_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_max_warmup_ms() -> u64 {
+    DEFAULT_MAX_WARMUP_MS
 }
 
 /// How the agent places a cell's weights in memory, named after llama.cpp's
@@ -179,6 +204,10 @@ pub struct JobSpec {
     /// Wait before each cell until the board has cooled (real boards only).
     #[serde(default)]
     pub cooldown: Option<Cooldown>,
+    /// Seed of the order of cells in each round of invocations (recorded in
+    /// `run.json`, so a run's order can be reproduced).
+    #[serde(default)]
+    pub round_seed: u64,
     pub cells: Vec<Cell>,
 }
 

@@ -19,6 +19,15 @@ pub enum ProgressEvent {
         status: crate::rows::CellStatus,
         median_ns: Option<f64>,
     },
+    /// One invocation (agent process) of a cell finished; the cell's row
+    /// follows when its last invocation does.
+    InvocationFinished {
+        cell_id: String,
+        /// How many of the cell's invocations are done, of `invocations`.
+        done: u32,
+        invocations: u32,
+        round: u32,
+    },
     /// Every cell is done; `elapsed_seconds` is the agent's own run time.
     Finished {
         ok: usize,

@@ -54,7 +54,34 @@ pub struct KernelRow {
     /// repack buffer); `+thpN%` when N% of them were on huge pages.
     #[serde(default)]
     pub weight_placement: String,
+    /// Whether GGML could repack the weights for its CPU kernels (the
+    /// matrix's `repack`): part of the cell's identity (`CellKey`).
+    #[serde(default = "default_true")]
+    pub repack: bool,
+    /// `mmap` or `no-mmap` (the matrix's `load_mode`): part of the cell's identity.
+    #[serde(default)]
+    pub load_mode: crate::kernel_job::LoadMode,
+    /// Timed repetitions, over every invocation.
     pub repetitions: u32,
+    /// Separate agent processes the cell was measured in (1 for runs from
+    /// before invocations, and on emulated boards).
+    #[serde(default = "default_one")]
+    pub invocations: u32,
+    /// Spread between invocations: standard deviation of their log median
+    /// times (0.05 is about 5%); empty with one invocation.
+    #[serde(default)]
+    pub invocation_spread: Option<f64>,
+    /// Untimed calls before the timing, most over the invocations: warm-up
+    /// runs until the timings stop falling (`settled`).
+    #[serde(default)]
+    pub warmup_reps: u32,
+    /// Longest warm-up of an invocation, ms.
+    #[serde(default)]
+    pub warmup_ms: Option<f64>,
+    /// Every invocation's timings settled within the warm-up budget; a cell
+    /// that never settles is `noisy` in `compare`.
+    #[serde(default = "default_true")]
+    pub settled: bool,
     pub median_ns: Option<f64>,
     pub min_ns: Option<f64>,
     pub max_ns: Option<f64>,
@@ -88,8 +115,78 @@ pub struct KernelRow {
     /// the summary and plots flag it and `compare` calls it noisy.
     #[serde(default)]
     pub thermal_noisy: bool,
+    /// CPU time other processes used while the cell was timed, in cores
+    /// (0.5: half a core's worth), most over the invocations; from
+    /// `/proc/stat` less the agent's own. Empty where not measured (emulated
+    /// boards share the host's counters with every other qemu).
+    #[serde(default)]
+    pub other_cpu_cores: Option<f64>,
+    /// Something else used the board's CPU while the cell was timed
+    /// (`other_cpu_cores` above `DISTURBED_OTHER_CORES`): `compare` calls it
+    /// `disturbed`, not regressed.
+    #[serde(default)]
+    pub disturbed: bool,
     /// UTC time the cell finished, RFC 3339.
     pub finished_at: String,
+}
+
+/// Other processes' CPU use during a cell, in cores, above which the cell
+/// is `disturbed`: a busy neighbour (a compile, another benchmark) takes
+/// a core or shares the memory bus; idle daemons stay far below.
+pub const DISTURBED_OTHER_CORES: f64 = 0.2;
+
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> u32 {
+    1
+}
+
+/// What identifies a measured cell across runs: what is measured (the
+/// cell id: shape, type, batch, threads; a model row's model, recipe,
+/// test, threads) and every setting that changes its timing. `compare`,
+/// the history and noise floors match on this and nothing else, so rows
+/// measured under other settings are never judged against each other. A
+/// new setting that moves timings extends `settings`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CellKey {
+    pub board: String,
+    /// `kernel` or `model`.
+    pub kind: String,
+    pub cell_id: String,
+    /// `distribution/load_mode/repack` for kernel cells; empty for model cells.
+    pub settings: String,
+}
+
+impl std::fmt::Display for CellKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.settings.is_empty() {
+            write!(f, "{}", self.cell_id)
+        } else {
+            write!(f, "{} [{}]", self.cell_id, self.settings)
+        }
+    }
+}
+
+impl KernelRow {
+    /// `distribution/load_mode/repack|no-repack`.
+    pub fn settings(&self) -> String {
+        let distribution = match self.distribution {
+            crate::ggml_type::Distribution::LlmLike => "llm-like",
+            crate::ggml_type::Distribution::Uniform => "uniform",
+        };
+        let repack = if self.repack { "repack" } else { "no-repack" };
+        format!("{distribution}/{}/{repack}", self.load_mode)
+    }
+
+    pub fn key(&self) -> CellKey {
+        CellKey {
+            board: self.board.clone(),
+            kind: "kernel".into(),
+            cell_id: self.cell_id.clone(),
+            settings: self.settings(),
+        }
+    }
 }
 
 impl KernelRow {
@@ -122,7 +219,14 @@ impl KernelRow {
             distribution: job.distribution,
             kernel_path: String::new(),
             weight_placement: String::new(),
+            repack: job.repack,
+            load_mode: job.load_mode,
             repetitions: 0,
+            invocations: 0,
+            invocation_spread: None,
+            warmup_reps: 0,
+            warmup_ms: None,
+            settled: true,
             median_ns: None,
             min_ns: None,
             max_ns: None,
@@ -141,6 +245,8 @@ impl KernelRow {
             throttled: None,
             cooldown_seconds: None,
             thermal_noisy: false,
+            other_cpu_cores: None,
+            disturbed: false,
             finished_at: crate::utc_now_rfc3339(),
         }
     }
@@ -153,8 +259,53 @@ pub struct SampleRow {
     pub run_id: String,
     pub board: String,
     pub cell_id: String,
+    /// Index of the repetition within its invocation.
     pub repetition: u32,
     pub ns: u64,
+    /// Which agent process (invocation) measured it: repetitions of one
+    /// invocation share its memory placement, clocks and neighbours, so
+    /// statistics treat the invocation as the unit (0 in older runs).
+    #[serde(default)]
+    pub invocation: u32,
+    /// The shuffled round the invocation ran in (see `run.json`'s
+    /// `round_seed`); 0 in older runs.
+    #[serde(default)]
+    pub round: u32,
+}
+
+/// One row of `invocations.csv`: one invocation (agent process) of a
+/// kernel cell, written as it finishes, so a resumed run knows which
+/// invocations a cell still needs; the cell's row in `kernels.csv`
+/// summarises them once all are done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvocationRow {
+    pub run_id: String,
+    pub board: String,
+    pub cell_id: String,
+    pub invocation: u32,
+    /// The shuffled round it ran in.
+    pub round: u32,
+    /// Its place in the round's shuffled order.
+    pub position: u32,
+    pub status: CellStatus,
+    pub note: String,
+    pub kernel_path: String,
+    pub weight_placement: String,
+    pub repetitions: u32,
+    pub median_ns: Option<f64>,
+    pub warmup_reps: u32,
+    pub warmup_ms: f64,
+    pub settled: bool,
+    pub other_cpu_cores: Option<f64>,
+    pub cooldown_seconds: Option<f64>,
+    pub temp_before_c: Option<f64>,
+    pub temp_after_c: Option<f64>,
+    pub freq_before_mhz: Option<f64>,
+    pub freq_after_mhz: Option<f64>,
+    pub governor: String,
+    pub throttled: Option<bool>,
+    pub thermal_noisy: bool,
+    pub finished_at: String,
 }
 
 /// One row of `models.csv`: a model x recipe x threads x test (pp or tg).
@@ -231,6 +382,15 @@ impl ModelRow {
         )
     }
 
+    pub fn key(&self) -> CellKey {
+        CellKey {
+            board: self.board.clone(),
+            kind: "model".into(),
+            cell_id: self.cell_id(),
+            settings: String::new(),
+        }
+    }
+
     /// A row for a recipe that produced no measurement, with the reason.
     pub fn failed(job: &ModelJob, recipe: &RecipeFile, agent_build: &str, note: &str) -> ModelRow {
         ModelRow {
@@ -294,7 +454,14 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         distribution: crate::ggml_type::Distribution::LlmLike,
         kernel_path: "CPU_REPACK+act:q8_0".into(),
         weight_placement: "repack/4k".into(),
+        repack: true,
+        load_mode: crate::kernel_job::LoadMode::Mmap,
         repetitions: 10,
+        invocations: 1,
+        invocation_spread: None,
+        warmup_reps: 3,
+        warmup_ms: Some(1.5),
+        settled: true,
         median_ns: Some(150_000.0),
         min_ns: Some(140_000.0),
         max_ns: Some(190_000.0),
@@ -313,6 +480,8 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         throttled: Some(false),
         cooldown_seconds: None,
         thermal_noisy: false,
+        other_cpu_cores: Some(0.01),
+        disturbed: false,
         finished_at: "2026-11-22T12:00:01Z".into(),
     }
 }
@@ -366,6 +535,55 @@ mod tests {
             assert!(
                 readme.contains(&format!("| `{column}` |")),
                 "column `{column}` is not documented in README.md"
+            );
+        }
+    }
+
+    #[test]
+    fn invocation_columns_are_documented_in_the_readme() {
+        let row = InvocationRow {
+            run_id: "r".into(),
+            board: "b".into(),
+            cell_id: "c".into(),
+            invocation: 2,
+            round: 2,
+            position: 7,
+            status: CellStatus::Ok,
+            note: String::new(),
+            kernel_path: "CPU".into(),
+            weight_placement: "mmap/4k".into(),
+            repetitions: 5,
+            median_ns: Some(1e5),
+            warmup_reps: 12,
+            warmup_ms: 3.5,
+            settled: true,
+            other_cpu_cores: None,
+            cooldown_seconds: None,
+            temp_before_c: None,
+            temp_after_c: None,
+            freq_before_mhz: None,
+            freq_after_mhz: None,
+            governor: String::new(),
+            throttled: None,
+            thermal_noisy: false,
+            finished_at: "t".into(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::files::INVOCATIONS_FILE);
+        CsvAppender::open(&path).unwrap().append(&row).unwrap();
+        let back: Vec<InvocationRow> = read_csv(&path).unwrap();
+        assert_eq!(back, vec![row]);
+        let header = std::fs::read_to_string(&path).unwrap();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let section = readme
+            .split("### invocations.csv")
+            .nth(1)
+            .expect("README has a section `### invocations.csv`");
+        for column in header.lines().next().unwrap().split(',') {
+            assert!(
+                section.contains(&format!("`{column}`")),
+                "invocations.csv column `{column}` undocumented"
             );
         }
     }

@@ -249,7 +249,429 @@ pub fn median_ci(samples: &[f64], level: f64, rounds: usize, seed: u64) -> Optio
     Some((median, at(tail), at(1.0 - tail)))
 }
 
+/// How a cell's change was estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntervalMethod {
+    /// Two or more invocations on at least one side: the interval covers
+    /// the spread between invocations (hierarchical bootstrap, widened to
+    /// Student's t on the invocations' log medians where that is wider).
+    Invocations,
+    /// One invocation a side (runs from before invocations, or emulated
+    /// boards): the interval covers repetitions inside one process only and
+    /// misses run-to-run spread, so it is too narrow.
+    RepetitionsOnly,
+}
+
+/// The change of one cell between two runs, at the invocation level.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ChangeEstimate {
+    /// Geometric mean of the new invocations' medians over the base's
+    /// (above 1: slower).
+    pub ratio: f64,
+    pub low: f64,
+    pub high: f64,
+    /// Two-sided p of "no change": Welch's t on the invocations' log
+    /// medians (Mann-Whitney on repetitions with one invocation a side).
+    pub p_value: f64,
+    pub method: IntervalMethod,
+    /// Standard error of the log ratio and its degrees of freedom (Welch),
+    /// with invocations.
+    pub log_se: Option<f64>,
+    pub df: Option<f64>,
+}
+
+impl ChangeEstimate {
+    /// One-sided p of "the change is within +-`margin`" (0.05: 5%): small
+    /// when the ratio is beyond 1 + margin (or below 1 / (1 + margin))
+    /// with confidence. The test a regression verdict rests on.
+    pub fn p_beyond(&self, margin: f64) -> f64 {
+        let excess = self.ratio.ln().abs() - (1.0 + margin).ln();
+        match (self.log_se, self.df) {
+            (Some(se), Some(df)) if se > 0.0 => 1.0 - student_t_cdf(excess / se, df),
+            (Some(_), Some(_)) => {
+                if excess > 0.0 {
+                    0.0
+                } else {
+                    1.0
+                }
+            }
+            // One invocation a side: the repetition-level test, when the
+            // ratio itself is beyond the margin.
+            _ => {
+                if excess > 0.0 {
+                    self.p_value
+                } else {
+                    1.0
+                }
+            }
+        }
+    }
+}
+
+/// Geometric mean; `None` when empty or any value is not positive.
+pub fn geometric_mean(values: &[f64]) -> Option<f64> {
+    if values.is_empty() || values.iter().any(|v| v.is_nan() || *v <= 0.0) {
+        return None;
+    }
+    Some((values.iter().map(|v| v.ln()).sum::<f64>() / values.len() as f64).exp())
+}
+
+/// Each invocation's median (empty invocations skipped).
+pub fn invocation_medians(invocations: &[Vec<f64>]) -> Vec<f64> {
+    invocations
+        .iter()
+        .filter_map(|reps| Summary::of(reps).map(|s| s.median))
+        .collect()
+}
+
+/// The spread between invocations: the sample standard deviation of their
+/// log medians (about the relative spread: 0.05 is 5%); `None` below two.
+pub fn invocation_spread(invocations: &[Vec<f64>]) -> Option<f64> {
+    let logs: Vec<f64> = invocation_medians(invocations)
+        .iter()
+        .filter(|m| **m > 0.0)
+        .map(|m| m.ln())
+        .collect();
+    let s = Summary::of(&logs)?;
+    (s.count >= 2).then_some(s.stddev)
+}
+
+/// One run's time of a cell, the geometric mean of its invocations'
+/// medians, with an interval at `level`: Student's t on the log medians
+/// with two or more invocations; with one, the bootstrap interval of the
+/// median of its repetitions (too narrow: it misses run-to-run spread).
+pub fn invocation_time_ci(invocations: &[Vec<f64>], level: f64) -> Option<(f64, f64, f64)> {
+    let medians = invocation_medians(invocations);
+    let logs: Vec<f64> = medians
+        .iter()
+        .filter(|m| **m > 0.0)
+        .map(|m| m.ln())
+        .collect();
+    if logs.len() < 2 {
+        let all: Vec<f64> = invocations.iter().flatten().copied().collect();
+        return median_ci(&all, level, 500, 7);
+    }
+    let s = Summary::of(&logs)?;
+    let t = student_t_quantile(1.0 - (1.0 - level) / 2.0, (logs.len() - 1) as f64);
+    let half = t * s.stddev / (logs.len() as f64).sqrt();
+    Some((s.mean.exp(), (s.mean - half).exp(), (s.mean + half).exp()))
+}
+
+/// The change from `base` to `new`, each a list of invocations of
+/// repetitions, at confidence `level` (e.g. 0.95). Kalibera and Jones: a
+/// process is the unit of replication, so the ratio is of the geometric
+/// means of invocation medians and its interval comes from resampling
+/// invocations, then repetitions within each (`rounds` draws, seeded).
+/// A bootstrap over three to five invocations is too narrow (it sees only
+/// the spread of what was drawn), so the interval is widened to Welch's t
+/// interval on the log medians (df from Welch-Satterthwaite, the pooled
+/// spread when one side has a single invocation) where that is wider.
+pub fn invocation_change(
+    base: &[Vec<f64>],
+    new: &[Vec<f64>],
+    level: f64,
+    rounds: usize,
+    seed: u64,
+) -> Option<ChangeEstimate> {
+    let base: Vec<&Vec<f64>> = base.iter().filter(|r| !r.is_empty()).collect();
+    let new: Vec<&Vec<f64>> = new.iter().filter(|r| !r.is_empty()).collect();
+    if base.is_empty() || new.is_empty() {
+        return None;
+    }
+    let log_medians = |side: &[&Vec<f64>]| -> Option<Vec<f64>> {
+        side.iter()
+            .map(|reps| {
+                Summary::of(reps)
+                    .map(|s| s.median)
+                    .filter(|m| *m > 0.0)
+                    .map(f64::ln)
+            })
+            .collect()
+    };
+    let (lb, ln) = (log_medians(&base)?, log_medians(&new)?);
+    if lb.len() < 2 && ln.len() < 2 {
+        let flat = |side: &[&Vec<f64>]| side.iter().flat_map(|r| r.iter().copied()).collect();
+        let (fb, fnew): (Vec<f64>, Vec<f64>) = (flat(&base), flat(&new));
+        let (ratio, low, high) = median_ratio_ci(&fb, &fnew, level, rounds, seed)?;
+        return Some(ChangeEstimate {
+            ratio,
+            low,
+            high,
+            p_value: mann_whitney_p(&fb, &fnew)?,
+            method: IntervalMethod::RepetitionsOnly,
+            log_se: None,
+            df: None,
+        });
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let var = |v: &[f64]| {
+        let m = mean(v);
+        if v.len() < 2 {
+            0.0
+        } else {
+            v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64
+        }
+    };
+    let diff = mean(&ln) - mean(&lb);
+    let (nb, nn) = (lb.len() as f64, ln.len() as f64);
+    let (se, df) = if lb.len() >= 2 && ln.len() >= 2 {
+        let (ab, an) = (var(&lb) / nb, var(&ln) / nn);
+        let se2 = ab + an;
+        let df = if se2 > 0.0 {
+            se2 * se2 / (ab * ab / (nb - 1.0) + an * an / (nn - 1.0)).max(1e-300)
+        } else {
+            nb + nn - 2.0
+        };
+        (se2.sqrt(), df)
+    } else {
+        // One side has one invocation: its spread is taken to be the other's.
+        let (many, _) = if lb.len() >= 2 {
+            (&lb, &ln)
+        } else {
+            (&ln, &lb)
+        };
+        (
+            (var(many) * (1.0 / nb + 1.0 / nn)).sqrt(),
+            many.len() as f64 - 1.0,
+        )
+    };
+    let tail = (1.0 - level.clamp(0.0, 1.0)) / 2.0;
+    let t = student_t_quantile(1.0 - tail, df);
+    let (mut low, mut high) = ((diff - t * se).exp(), (diff + t * se).exp());
+    let p_value = if se > 0.0 {
+        2.0 * (1.0 - student_t_cdf((diff / se).abs(), df))
+    } else if diff == 0.0 {
+        1.0
+    } else {
+        0.0
+    };
+    let (boot_low, boot_high) = hierarchical_bootstrap(&base, &new, tail, rounds, seed);
+    low = low.min(boot_low);
+    high = high.max(boot_high);
+    Some(ChangeEstimate {
+        ratio: diff.exp(),
+        low,
+        high,
+        p_value: p_value.clamp(0.0, 1.0),
+        method: IntervalMethod::Invocations,
+        log_se: Some(se),
+        df: Some(df.max(1.0)),
+    })
+}
+
+/// Percentile interval (tails `tail`) of the ratio of geometric means of
+/// invocation medians, resampling invocations and then repetitions.
+fn hierarchical_bootstrap(
+    base: &[&Vec<f64>],
+    new: &[&Vec<f64>],
+    tail: f64,
+    rounds: usize,
+    seed: u64,
+) -> (f64, f64) {
+    let mut rng = SplitMix64(seed);
+    let mut draw = Vec::new();
+    let mut side_log_mean = |side: &[&Vec<f64>], rng: &mut SplitMix64| -> f64 {
+        let mut sum = 0.0;
+        for _ in 0..side.len() {
+            let reps = side[rng.below(side.len())];
+            draw.clear();
+            draw.extend((0..reps.len()).map(|_| reps[rng.below(reps.len())]));
+            let mid = draw.len() / 2;
+            let (_, upper, _) = draw.select_nth_unstable_by(mid, f64::total_cmp);
+            let mut median = *upper;
+            if draw.len() % 2 == 0 {
+                let lower = draw[..mid].iter().copied().fold(f64::MIN, f64::max);
+                median = (median + lower) / 2.0;
+            }
+            sum += median.max(f64::MIN_POSITIVE).ln();
+        }
+        sum / side.len() as f64
+    };
+    let mut ratios: Vec<f64> = (0..rounds.max(1))
+        .map(|_| {
+            let b = side_log_mean(base, &mut rng);
+            let n = side_log_mean(new, &mut rng);
+            n - b
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        ratios[((q * (ratios.len() - 1) as f64).round() as usize).min(ratios.len() - 1)].exp()
+    };
+    (at(tail), at(1.0 - tail))
+}
+
+/// Benjamini-Hochberg at false discovery rate `q`: which of the p-values
+/// are discoveries (the largest k with p_(k) <= k q / m, and every smaller).
+pub fn benjamini_hochberg(p_values: &[f64], q: f64) -> Vec<bool> {
+    let m = p_values.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| p_values[a].total_cmp(&p_values[b]));
+    let mut cutoff = 0;
+    for (rank, &i) in order.iter().enumerate() {
+        if p_values[i] <= (rank + 1) as f64 * q / m as f64 {
+            cutoff = rank + 1;
+        }
+    }
+    let mut out = vec![false; m];
+    for &i in &order[..cutoff] {
+        out[i] = true;
+    }
+    out
+}
+
+/// Student's t distribution function (df may be fractional, as Welch's).
+pub fn student_t_cdf(t: f64, df: f64) -> f64 {
+    if !df.is_finite() || df > 1e6 {
+        return standard_normal_cdf(t);
+    }
+    let x = df / (df + t * t);
+    let tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, x);
+    if t >= 0.0 {
+        1.0 - tail
+    } else {
+        tail
+    }
+}
+
+/// The `p` quantile of Student's t with `df` degrees of freedom (bisection
+/// on the distribution function; df below 1 is taken as 1).
+pub fn student_t_quantile(p: f64, df: f64) -> f64 {
+    let df = df.max(1.0);
+    let (mut lo, mut hi) = (-1e4, 1e4);
+    for _ in 0..200 {
+        let mid = (lo + hi) / 2.0;
+        if student_t_cdf(mid, df) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo + hi) / 2.0
+}
+
+/// I_x(a, b) by its continued fraction (Numerical Recipes' betacf).
+fn regularized_incomplete_beta(a: f64, b: f64, x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
+    let front = ln_front.exp();
+    if x < (a + 1.0) / (a + b + 2.0) {
+        front * beta_continued_fraction(a, b, x) / a
+    } else {
+        1.0 - front * beta_continued_fraction(b, a, 1.0 - x) / b
+    }
+}
+
+fn beta_continued_fraction(a: f64, b: f64, x: f64) -> f64 {
+    let tiny = 1e-300;
+    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
+    let mut c = 1.0;
+    let mut d = 1.0 - qab * x / qap;
+    if d.abs() < tiny {
+        d = tiny;
+    }
+    d = 1.0 / d;
+    let mut h = d;
+    for m in 1..300 {
+        let m = m as f64;
+        let m2 = 2.0 * m;
+        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < tiny {
+            d = tiny;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < tiny {
+            c = tiny;
+        }
+        d = 1.0 / d;
+        h *= d * c;
+        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < tiny {
+            d = tiny;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < tiny {
+            c = tiny;
+        }
+        d = 1.0 / d;
+        let del = d * c;
+        h *= del;
+        if (del - 1.0).abs() < 1e-14 {
+            break;
+        }
+    }
+    h
+}
+
+/// Lanczos approximation (g = 7, n = 9), relative error about 1e-15.
+fn ln_gamma(x: f64) -> f64 {
+    const COEF: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut sum = COEF[0];
+    for (i, c) in COEF.iter().enumerate().skip(1) {
+        sum += c / (x + i as f64);
+    }
+    let t = x + 7.5;
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
+/// A seeded random stream for simulations and shuffles: SplitMix64 with
+/// uniform and normal draws.
+#[derive(Debug, Clone)]
+pub struct SeededRng(SplitMix64);
+
+impl SeededRng {
+    pub fn new(seed: u64) -> SeededRng {
+        SeededRng(SplitMix64(seed))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0.next()
+    }
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0.below(n)
+    }
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.0.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    /// Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+}
+
 /// The SplitMix64 generator (Steele et al.), enough for resampling.
+#[derive(Debug, Clone)]
 struct SplitMix64(u64);
 
 impl SplitMix64 {
@@ -400,6 +822,54 @@ mod tests {
         samples.push(100_000.0);
         assert!(coefficient_of_variation(&samples).unwrap() > 1.0);
         assert!(robust_cv(&samples).unwrap() < 0.05);
+    }
+
+    #[test]
+    fn student_t_matches_tables() {
+        // Two-sided 95% critical values: df 1, 4, 8, 30.
+        for (df, t) in [(1.0, 12.706), (4.0, 2.776), (8.0, 2.306), (30.0, 2.042)] {
+            let q = student_t_quantile(0.975, df);
+            assert!((q - t).abs() < 2e-3, "df {df}: {q} vs {t}");
+        }
+        assert!((student_t_cdf(0.0, 5.0) - 0.5).abs() < 1e-12);
+        assert!((student_t_cdf(1.96, 1e9) - 0.975).abs() < 1e-4);
+    }
+
+    #[test]
+    fn benjamini_hochberg_takes_the_step_up_set() {
+        let p = [0.01, 0.04, 0.03, 0.20, 0.005];
+        // Sorted: .005 .01 .03 .04 .2 against k*0.05/5 = .01 .02 .03 .04 .05.
+        assert_eq!(
+            benjamini_hochberg(&p, 0.05),
+            vec![true, true, true, false, true]
+        );
+        assert_eq!(benjamini_hochberg(&[0.5, 0.6], 0.05), vec![false, false]);
+    }
+
+    #[test]
+    fn invocation_change_sees_between_invocation_spread() {
+        // Tight repetitions, invocations 10% apart: the repetition-level
+        // interval would exclude 1 for a pure placement difference.
+        let inv = |level: f64| (0..10).map(|i| level + i as f64 * 0.01).collect::<Vec<_>>();
+        let base = vec![inv(100.0), inv(110.0), inv(95.0), inv(105.0)];
+        let new = vec![inv(108.0), inv(97.0), inv(103.0), inv(101.0)];
+        let c = invocation_change(&base, &new, 0.95, 1000, 7).unwrap();
+        assert_eq!(c.method, IntervalMethod::Invocations);
+        assert!(c.low < 1.0 && c.high > 1.0, "{c:?}");
+        assert!(c.p_value > 0.3);
+        let one = invocation_change(&base[..1], &new[..1], 0.95, 1000, 7).unwrap();
+        assert_eq!(one.method, IntervalMethod::RepetitionsOnly);
+        assert!(
+            one.low > 1.0,
+            "one invocation a side looks significant: {one:?}"
+        );
+        // A clear 20% shift with every invocation agreeing.
+        let slow: Vec<Vec<f64>> = base
+            .iter()
+            .map(|r| r.iter().map(|x| x * 1.2).collect())
+            .collect();
+        let c = invocation_change(&base, &slow, 0.95, 1000, 7).unwrap();
+        assert!((c.ratio - 1.2).abs() < 1e-9 && c.low > 1.05, "{c:?}");
     }
 
     #[test]

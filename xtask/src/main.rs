@@ -190,10 +190,13 @@ enum Command {
         /// Smallest relative change of the median that counts (0.05 = 5%).
         #[arg(long, default_value_t = 0.05)]
         threshold: f64,
-        /// Significance level of the Mann-Whitney U test.
-        #[arg(long, default_value_t = 0.05)]
-        alpha: f64,
-        /// Cells whose coefficient of variation exceeds this are `noisy`.
+        /// False discovery rate over all judged cells (Benjamini-Hochberg):
+        /// of the cells called regressed or improved, at most this share
+        /// is expected to be noise.
+        #[arg(long, alias = "alpha", default_value_t = 0.05)]
+        fdr: f64,
+        /// Cells whose spread within an invocation (robust coefficient of
+        /// variation) exceeds this are `noisy`.
         #[arg(long, default_value_t = 0.25)]
         max_cv: f64,
         /// Worsening of a quality column that counts as a quality regression
@@ -206,6 +209,44 @@ enum Command {
         /// Parent folder of run directories (and of the history index).
         #[arg(long, default_value = "results")]
         results: PathBuf,
+        /// Judge every cell against the threshold alone, ignoring the noise
+        /// floors `cargo xtask noise` measured (results/noise/<board>.json).
+        #[arg(long)]
+        no_noise_floors: bool,
+    },
+    /// Measure a board's noise: run a matrix as pairs of same-build runs
+    /// (A, B, A, B, ...), judge each pair with `compare` and print the
+    /// board's false-alarm table (what a night where nothing changed looks
+    /// like); keep each cell's run-to-run spread as its noise floor in
+    /// results/noise/<board>.json, which `compare` then uses for runs of the
+    /// same agent build on the board as it was. The runs themselves go to
+    /// results/noise/<time>/, out of the nightly history.
+    Noise {
+        /// Where to measure, as for `bench` (default: one emulated Pi 5,
+        /// whose timings mean nothing: use a real board or `local`).
+        #[arg(long)]
+        target: Option<String>,
+        /// Matrices from the config, as for `bench`.
+        #[arg(long, default_value = "quick")]
+        matrix: String,
+        /// Same-build pairs to run (each pair is two whole runs).
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
+        #[arg(long, default_value = "bench.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Smallest relative change that counts, as for `compare`.
+        #[arg(long, default_value_t = 0.05)]
+        threshold: f64,
+        /// False discovery rate, as for `compare`.
+        #[arg(long, default_value_t = 0.05)]
+        fdr: f64,
+        /// Trust a board's unknown SSH host key for this run.
+        #[arg(long)]
+        accept_new_host_key: bool,
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        lock_wait: u64,
     },
     /// Bring the history index (results/history.sqlite) up to date with the
     /// run directories, rebuilding it when missing or corrupt, and list runs.
@@ -470,11 +511,12 @@ fn run() -> Result<ExitCode> {
             new,
             format,
             threshold,
-            alpha,
+            fdr,
             max_cv,
             quality_tolerance,
             fail_on_regression,
             results,
+            no_noise_floors,
         } => {
             if !["table", "md", "json", "junit"].contains(&format.as_str()) {
                 anyhow::bail!("unknown --format `{format}` (known: table, md, json, junit)");
@@ -487,13 +529,20 @@ fn run() -> Result<ExitCode> {
             };
             let base_run = load(&base)?;
             let new_run = load(&new)?;
-            let settings = harness::compare::CompareSettings {
+            let mut settings = harness::compare::CompareSettings {
                 threshold,
-                alpha,
+                fdr,
                 max_cv,
                 quality_tolerance,
                 ..Default::default()
             };
+            if !no_noise_floors {
+                let (floors, notes) = harness::noise::floors_for(&results, &new_run);
+                for note in notes {
+                    eprintln!("{note}");
+                }
+                settings.noise_floors = floors;
+            }
             let comparison = harness::compare::compare(&base_run, &new_run, &settings)?;
             let text = match format.as_str() {
                 "md" => comparison.to_markdown(),
@@ -524,6 +573,54 @@ fn run() -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Noise {
+            target,
+            matrix,
+            pairs,
+            config,
+            results,
+            threshold,
+            fdr,
+            accept_new_host_key,
+            lock_wait,
+        } => {
+            anyhow::ensure!(
+                pairs >= 1,
+                "--pairs {pairs}: a noise measurement needs at least one pair of runs"
+            );
+            let session_dir = harness::noise::new_session_dir(&results);
+            let options = SessionOptions {
+                config_path: config,
+                matrix,
+                target,
+                results_root: session_dir.clone(),
+                builder: harness::build::Builder::Cargo,
+                accept_new_host_key,
+                board_lock_wait: std::time::Duration::from_secs(lock_wait),
+                resume: None,
+            };
+            let mut runs = Vec::new();
+            for i in 0..2 * pairs {
+                let side = if i % 2 == 0 { "A" } else { "B" };
+                eprintln!("noise: pair {} side {side}", i / 2 + 1);
+                let report = run_bench(&options)?;
+                anyhow::ensure!(
+                    report.all_succeeded(),
+                    "noise run {} did not finish on every board (see its summary.md); the runs so far are in {}",
+                    report.run_dir.display(),
+                    session_dir.display()
+                );
+                runs.push(report.run_dir);
+            }
+            let settings = harness::compare::CompareSettings {
+                threshold,
+                fdr,
+                ..Default::default()
+            };
+            let report = harness::noise::measure(&runs, &results, &settings)?;
+            print!("{}", report.to_table());
+            Ok(ExitCode::SUCCESS)
         }
         Command::History { results, rebuild } => {
             if rebuild {

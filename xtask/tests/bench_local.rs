@@ -6,7 +6,7 @@ use common::xtask;
 
 use std::process::Output;
 use wire::files::read_csv;
-use wire::rows::{CellStatus, KernelRow, SampleRow};
+use wire::rows::{CellStatus, InvocationRow, KernelRow, SampleRow};
 
 const TINY_MATRIX: &str = r#"
 [matrices.tiny]
@@ -247,10 +247,11 @@ shapes = ["llama3.2-1b.attn_kv"]
 batches = [1]
 threads = [1]
 warmup = 0
-min_reps = 1
+min_reps = 1000000
 min_time_ms = 1500
 max_time_ms = 1500
 deadline_seconds = 4
+invocations = 1
 "#,
     )
     .unwrap();
@@ -294,9 +295,10 @@ shapes = ["llama3.2-1b.attn_kv"]
 batches = [1]
 threads = [1]
 warmup = 0
-min_reps = 1
+min_reps = 1000000
 min_time_ms = 1000
 max_time_ms = 1000
+invocations = 1
 "#,
     )
     .unwrap();
@@ -356,4 +358,218 @@ max_time_ms = 1000
         stderr.contains("--resume no-such-run: not a run directory"),
         "{stderr}"
     );
+}
+
+/// A matrix of three single-thread cells measured in `invocations`
+/// processes, each invocation `time_ms` long.
+fn rounds_matrix(invocations: u32, time_ms: u64) -> String {
+    format!(
+        r#"
+[matrices.rounds]
+types = ["F32", "Q8_0", "Q4_0"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 1
+min_reps = 1000000
+min_time_ms = {time_ms}
+max_time_ms = {time_ms}
+invocations = {invocations}
+"#
+    )
+}
+
+/// SIGKILLs every process of this test (working directory `dir`, where
+/// the CLI and its agents run) whose command line contains `word`; true
+/// when there was one.
+fn kill_processes(dir: &std::path::Path, word: &str) -> bool {
+    let mut killed = false;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let in_dir = std::fs::read_link(entry.path().join("cwd"))
+            .map(|cwd| cwd.starts_with(dir))
+            .unwrap_or(false);
+        if in_dir && cmdline.contains(word) {
+            killed |= std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+        }
+    }
+    killed
+}
+
+/// The records `invocations.csv` holds so far in the run under `dir`.
+fn invocation_records(dir: &std::path::Path) -> Vec<InvocationRow> {
+    std::fs::read_dir(dir.join("results"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("boards/local/jobs/rounds/invocations.csv"))
+        .find(|p| p.exists())
+        .map(|p| wire::files::read_csv_lenient(&p))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_killed_invocation_fails_its_cell_and_every_other_cell_gets_all_its_invocations() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), rounds_matrix(4, 150)).unwrap();
+    let host = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(["bench", "--target", "local", "--matrix", "rounds"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // SIGKILL the round's child process once an invocation of round 1 is
+    // on disk: the cell it is measuring then has no invocation 2.
+    let started = std::time::Instant::now();
+    let mut killed = false;
+    while !killed && started.elapsed().as_secs() < 120 {
+        if invocation_records(dir.path()).iter().any(|r| r.round == 1) {
+            killed = kill_processes(dir.path(), "measure-round");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = host.wait_with_output().unwrap();
+    assert!(killed, "no round-1 child to kill");
+    assert!(!out.status.success(), "a cell failed");
+    let run = common::only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run.join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let failed: Vec<&KernelRow> = rows
+        .iter()
+        .filter(|r| r.status == CellStatus::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1, "{rows:?}");
+    assert!(
+        failed[0].note.contains("died in this cell") && failed[0].note.contains("SIGKILL"),
+        "{}",
+        failed[0].note
+    );
+    for row in rows.iter().filter(|r| r.status == CellStatus::Ok) {
+        assert_eq!(row.invocations, 4, "{row:?}");
+    }
+    // Every invocation once, in rounds whose order is shuffled.
+    let records: Vec<InvocationRow> = read_csv(&run.join("invocations.csv")).unwrap();
+    let mut seen: Vec<(&str, u32)> = records
+        .iter()
+        .map(|r| (r.cell_id.as_str(), r.invocation))
+        .collect();
+    seen.sort();
+    let before = seen.len();
+    seen.dedup();
+    assert_eq!(before, seen.len(), "an invocation recorded twice");
+    let samples: Vec<SampleRow> = read_csv(&run.join("samples.csv")).unwrap();
+    assert!(samples.iter().any(|s| s.invocation == 3 && s.round >= 3));
+}
+
+#[test]
+// The host is killed and waited for on every path.
+#[allow(clippy::zombie_processes)]
+fn a_run_killed_between_rounds_is_resumed_and_measures_only_the_missing_invocations() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), rounds_matrix(4, 150)).unwrap();
+    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(["bench", "--target", "local", "--matrix", "rounds"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Host, agent and its child all SIGKILLed once four invocations are on
+    // disk (round 1 under way): no cell has its row yet.
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed().as_secs() < 120, "no invocations appeared");
+        if invocation_records(dir.path()).len() >= 4 {
+            host.kill().unwrap();
+            host.wait().unwrap();
+            kill_processes(dir.path(), "quantbench-agent");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = invocation_records(dir.path());
+    assert!(before.len() < 12, "killed before the end: {}", before.len());
+
+    let out = xtask(dir.path(), &["bench", "--resume", "latest"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let run = common::only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run.join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.status == CellStatus::Ok && r.invocations == 4),
+        "{rows:?}"
+    );
+    let records: Vec<InvocationRow> = read_csv(&run.join("invocations.csv")).unwrap();
+    for cell in rows.iter().map(|r| &r.cell_id) {
+        let mut numbers: Vec<u32> = records
+            .iter()
+            .filter(|r| &r.cell_id == cell)
+            .map(|r| r.invocation)
+            .collect();
+        numbers.sort();
+        assert_eq!(numbers, vec![0, 1, 2, 3], "{cell}");
+    }
+    for kept in &before {
+        assert!(records.contains(kept), "measured again: {kept:?}");
+    }
+}
+
+#[test]
+fn a_cpu_hog_beside_the_run_marks_its_cells_disturbed_and_compare_does_not_judge_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), rounds_matrix(3, 100)).unwrap();
+    common::bench_local(dir.path(), "rounds");
+    // A neighbour spinning on a core for the whole second run.
+    let mut hog = std::process::Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .spawn()
+        .unwrap();
+    let out = xtask(
+        dir.path(),
+        &["bench", "--target", "local", "--matrix", "rounds"],
+    );
+    hog.kill().unwrap();
+    hog.wait().unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let out = xtask(
+        dir.path(),
+        &["compare", "previous", "latest", "--format", "json"],
+    );
+    assert!(out.status.success(), "{}", common::text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let latest: Vec<KernelRow> = {
+        let mut runs: Vec<_> = std::fs::read_dir(dir.path().join("results"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        runs.sort();
+        read_csv(&runs[1].join("kernels.csv")).unwrap()
+    };
+    for row in &latest {
+        assert!(
+            row.disturbed && row.other_cpu_cores.unwrap_or(0.0) > 0.5,
+            "{row:?}"
+        );
+    }
+    for cell in json["cells"].as_array().unwrap() {
+        assert_eq!(cell["verdict"], "disturbed", "{cell}");
+        assert!(
+            cell["notes"]
+                .to_string()
+                .contains("another process used the CPU"),
+            "{cell}"
+        );
+    }
 }

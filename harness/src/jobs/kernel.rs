@@ -1,6 +1,6 @@
 //! The kernel matrix as a job kind: one job per board (the matrix's cells),
 //! run by the agent's `run`; rows in `kernels.csv`, repetitions in
-//! `samples.csv`.
+//! `samples.csv`, each invocation's record in `invocations.csv`.
 
 use super::{
     from_spec, merge_rows, rows_in, to_spec, JobError, JobFailure, JobKind, PlannedJob, Tally,
@@ -12,11 +12,12 @@ use crate::session::{BoardSlot, Session};
 use std::collections::HashSet;
 use std::path::Path;
 use wire::files::{
-    read_json, CsvAppender, ResultsError, KERNEL_ROWS_FILE, PROBE_FILE, SAMPLES_FILE,
+    read_json, CsvAppender, ResultsError, INVOCATIONS_FILE, KERNEL_ROWS_FILE, PROBE_FILE,
+    SAMPLES_FILE,
 };
 use wire::kernel_job::JobSpec;
 use wire::probe::BoardProbe;
-use wire::rows::{CellStatus, KernelRow, SampleRow};
+use wire::rows::{CellStatus, InvocationRow, KernelRow, SampleRow};
 
 pub struct KernelMatrix {
     name: String,
@@ -73,8 +74,8 @@ impl JobKind for KernelMatrix {
             uploads: Vec::new(),
             memory_need: None,
             disk_bytes: job.disk_need_bytes(),
-            outputs: &[KERNEL_ROWS_FILE, SAMPLES_FILE],
-            deadline: self.spec.deadline(job.cells.len()),
+            outputs: &[KERNEL_ROWS_FILE, SAMPLES_FILE, INVOCATIONS_FILE],
+            deadline: self.spec.deadline(job.cells.len(), job.timing.invocations),
         }])
     }
 
@@ -114,7 +115,9 @@ impl JobKind for KernelMatrix {
         Ok(Some(PlannedJob {
             units: spec.cells.len(),
             disk_bytes: spec.disk_need_bytes(),
-            deadline: self.spec.deadline(spec.cells.len()),
+            deadline: self
+                .spec
+                .deadline(spec.cells.len(), spec.timing.invocations),
             spec: to_spec(&spec),
             ..job.clone()
         }))
@@ -123,6 +126,7 @@ impl JobKind for KernelMatrix {
     fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
         merge_rows::<KernelRow>(run_dir, boards, KERNEL_ROWS_FILE)?;
         merge_rows::<SampleRow>(run_dir, boards, SAMPLES_FILE)?;
+        merge_rows::<InvocationRow>(run_dir, boards, INVOCATIONS_FILE)?;
         Ok(())
     }
 }

@@ -1,0 +1,382 @@
+//! Invocations in shuffled rounds: each cell of a kernel job is measured
+//! in `invocations` separate processes, so what differs between processes
+//! (memory placement, clocks, a worker's wake-ups) shows up as spread
+//! between invocations instead of hiding inside one (Kalibera and Jones).
+//!
+//! The agent prepares the cells (weights made, quantized and written to
+//! staged files once, output error measured once), then runs rounds: in
+//! each, one child process of itself (`measure-round`) measures every cell
+//! that still needs an invocation, in an order shuffled with the job's
+//! `round_seed`, so slow drifts (heat, a neighbour) fall on every cell
+//! alike. A child maps each cell's staged weights afresh, as a model load
+//! would, and reports each finished invocation on its stdout; this process
+//! records it. Staged files live in `<out_dir>/staged/` for the rounds and
+//! are deleted after; when they would not all fit on the board's disk, the
+//! cells are taken in consecutive groups that fit, each with its own rounds.
+
+use crate::measure::{
+    measure_invocation, prepare_cell, CellPrep, InvocationResult, JobOutput, Refusal, WeightCache,
+};
+use crate::multiply::PreparedWeights;
+use anyhow::{Context, Result};
+use kernels::codebook::CodebookMatrix;
+use kernels::weights::activations;
+use kernels::StagedMatrix;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use wire::kernel_job::{Cell, JobSpec};
+use wire::progress::ProgressEvent;
+use wire::stats::SeededRng;
+use wire::weight_format::WeightFormat;
+
+/// Folder of the staged weight files, inside the job's output folder.
+const STAGED_DIR: &str = "staged";
+
+/// What a `measure-round` child says on stdout, one JSON object a line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "child", rename_all = "snake_case")]
+enum ChildLine {
+    /// It starts measuring the job's cell `index`.
+    Started {
+        index: usize,
+    },
+    Measured {
+        index: usize,
+        result: Box<InvocationResult>,
+    },
+    Failed {
+        index: usize,
+        reason: String,
+    },
+}
+
+/// The staged file of a cell's weights: one per shape and format (cells of
+/// other batches and thread counts share it).
+pub fn staged_path(out_dir: &Path, cell: &Cell) -> PathBuf {
+    let name: String = format!("{}-{}", cell.shape.name, cell.ty)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    out_dir.join(STAGED_DIR).join(format!("{name}.bin"))
+}
+
+/// Runs the job's cells in rounds of child processes (see the module).
+pub fn run_rounds(job: &JobSpec, out: &mut JobOutput, out_dir: &Path) -> Result<()> {
+    let staged_dir = out_dir.join(STAGED_DIR);
+    std::fs::create_dir_all(&staged_dir)
+        .with_context(|| format!("creating {}", staged_dir.display()))?;
+    wire::files::write_json(&out_dir.join(JOB_COPY), job)?;
+    let budget = crate::sysinfo::free_disk_bytes(out_dir)
+        .map(|free| free / 2)
+        .unwrap_or(u64::MAX);
+    let mut round = 0u32;
+    for group in groups_within(&job.cells, budget) {
+        let prepared = prepare_group(job, out, out_dir, &group)?;
+        round = measure_group(job, out, out_dir, &prepared, round)?;
+        for &index in &group {
+            let _ = std::fs::remove_file(staged_path(out_dir, &job.cells[index]));
+        }
+    }
+    let _ = std::fs::remove_dir(&staged_dir);
+    let _ = std::fs::remove_file(out_dir.join(JOB_COPY));
+    Ok(())
+}
+
+/// Consecutive groups of cell indices whose distinct staged files together
+/// take at most `budget` bytes (a group has at least one cell).
+fn groups_within(cells: &[Cell], budget: u64) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut files: Vec<(&str, WeightFormat)> = Vec::new();
+    let mut bytes = 0u64;
+    for (index, cell) in cells.iter().enumerate() {
+        let file = (cell.shape.name.as_str(), cell.ty);
+        if !files.contains(&file) {
+            let need = cell.weight_bytes();
+            if !current.is_empty() && bytes + need > budget {
+                groups.push(std::mem::take(&mut current));
+                files.clear();
+                bytes = 0;
+            }
+            files.push(file);
+            bytes += need;
+        }
+        current.push(index);
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    groups
+}
+
+/// Prepares each cell of the group that still needs invocations; cells that
+/// cannot run get their row now. Returns the prepared cells' figures.
+fn prepare_group(
+    job: &JobSpec,
+    out: &mut JobOutput,
+    out_dir: &Path,
+    group: &[usize],
+) -> Result<HashMap<usize, CellPrep>> {
+    let mut cache = WeightCache::new(out_dir);
+    let mut prepared = HashMap::new();
+    for &index in group {
+        let cell = &job.cells[index];
+        out.emit(ProgressEvent::CellStarted {
+            index,
+            cell_id: cell.id.clone(),
+        });
+        let threads = cell.threads.resolve(out.probe.cores);
+        let path = staged_path(out_dir, cell);
+        match prepare_cell(cell, threads, job, &mut cache, Some(&path)) {
+            Ok(ready) => {
+                prepared.insert(index, ready.prep);
+            }
+            Err(refusal) => out.finish_cell(index, cell, threads, Err(refusal))?,
+        }
+    }
+    Ok(prepared)
+}
+
+/// Rounds over the prepared cells until each has its invocations; returns
+/// the next round's number.
+fn measure_group(
+    job: &JobSpec,
+    out: &mut JobOutput,
+    out_dir: &Path,
+    prepared: &HashMap<usize, CellPrep>,
+    mut round: u32,
+) -> Result<u32> {
+    let wanted = job.timing.invocations;
+    let mut pending: Vec<usize> = prepared.keys().copied().collect();
+    pending.sort_unstable();
+    // Cells whose invocations a previous agent already finished.
+    for &index in &pending {
+        let cell = &job.cells[index];
+        if out.invocations_done(&cell.id) >= wanted {
+            out.finish_cell(
+                index,
+                cell,
+                cell.threads.resolve(out.probe.cores),
+                Ok(prepared[&index]),
+            )?;
+        }
+    }
+    pending.retain(|&i| out.invocations_done(&job.cells[i].id) < wanted);
+    while !pending.is_empty() {
+        let mut order = pending.clone();
+        SeededRng::new(job.round_seed ^ u64::from(round).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .shuffle(&mut order);
+        let outcome = run_child(out_dir, out.probe.cores, &order, round, |line| match line {
+            ChildLine::Started { index } => {
+                out.emit(ProgressEvent::CellStarted {
+                    index,
+                    cell_id: job.cells[index].id.clone(),
+                });
+                Ok(())
+            }
+            ChildLine::Measured { index, result } => {
+                let cell = &job.cells[index];
+                let invocation = out.invocations_done(&cell.id);
+                let position = order.iter().position(|&i| i == index).unwrap_or(0) as u32;
+                out.record_invocation(cell, invocation, round, position, &result)?;
+                out.emit(ProgressEvent::InvocationFinished {
+                    cell_id: cell.id.clone(),
+                    done: invocation + 1,
+                    invocations: wanted,
+                    round,
+                });
+                if invocation + 1 >= wanted {
+                    let threads = cell.threads.resolve(out.probe.cores);
+                    out.finish_cell(index, cell, threads, Ok(prepared[&index]))?;
+                }
+                Ok(())
+            }
+            ChildLine::Failed { index, reason } => {
+                let cell = &job.cells[index];
+                let threads = cell.threads.resolve(out.probe.cores);
+                out.finish_cell(index, cell, threads, Err(Refusal::Failed(reason)))?;
+                Ok(())
+            }
+        })?;
+        if let Some((index, reason)) = outcome.died_in {
+            let cell = &job.cells[index];
+            if !out.is_finished(&cell.id) {
+                let threads = cell.threads.resolve(out.probe.cores);
+                let note = format!(
+                    "invocation {} died in this cell: {reason}",
+                    out.invocations_done(&cell.id) + 1
+                );
+                out.finish_cell(index, cell, threads, Err(Refusal::Failed(note)))?;
+            }
+        }
+        pending.retain(|&i| {
+            let id = &job.cells[i].id;
+            !out.is_finished(id) && out.invocations_done(id) < wanted
+        });
+        round += 1;
+    }
+    Ok(round)
+}
+
+struct ChildOutcome {
+    /// The cell a child that did not exit cleanly was measuring, and why.
+    died_in: Option<(usize, String)>,
+}
+
+/// Starts `quantbench-agent measure-round` on the job's cells in `order`
+/// and hands each of its lines to `on_line`.
+fn run_child(
+    out_dir: &Path,
+    cores: usize,
+    order: &[usize],
+    round: u32,
+    mut on_line: impl FnMut(ChildLine) -> Result<()>,
+) -> Result<ChildOutcome> {
+    let exe = std::env::current_exe().context("finding the agent's own binary")?;
+    let cells: Vec<String> = order.iter().map(usize::to_string).collect();
+    let mut child = Command::new(&exe)
+        .arg("measure-round")
+        .arg("--job")
+        .arg(out_dir.join(JOB_COPY))
+        .arg("--out-dir")
+        .arg(out_dir)
+        .arg("--round")
+        .arg(round.to_string())
+        .arg("--cells")
+        .arg(cells.join(","))
+        .arg("--cores")
+        .arg(cores.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting an invocation ({})", exe.display()))?;
+    let mut current: Option<usize> = None;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(parsed) = serde_json::from_str::<ChildLine>(&line) else {
+                continue;
+            };
+            current = match &parsed {
+                ChildLine::Started { index } => Some(*index),
+                _ => None,
+            };
+            on_line(parsed)?;
+        }
+    }
+    let status = child.wait().context("waiting for an invocation")?;
+    let died_in = if status.success() {
+        None
+    } else {
+        current.map(|index| (index, describe_exit(&status)))
+    };
+    Ok(ChildOutcome { died_in })
+}
+
+fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(9)) => "killed by SIGKILL (out of memory?)".to_string(),
+        (_, Some(signal)) => format!("killed by signal {signal}"),
+        (Some(code), _) => format!("exited with status {code}"),
+        _ => "ended".to_string(),
+    }
+}
+
+/// The job spec as the children read it, written by the agent beside its rows.
+pub const JOB_COPY: &str = "job-rounds.json";
+
+/// The child: measures one invocation of each listed cell, in order, from
+/// the staged files, and reports each on stdout.
+pub fn measure_round(job: &JobSpec, out_dir: &Path, cells: &[usize], cores: usize) -> Result<()> {
+    let mut stdout = std::io::stdout();
+    let mut say = |line: &ChildLine| -> Result<()> {
+        writeln!(stdout, "{}", serde_json::to_string(line)?)?;
+        stdout.flush()?;
+        Ok(())
+    };
+    for &index in cells {
+        let cell = job
+            .cells
+            .get(index)
+            .with_context(|| format!("the job has no cell {index}"))?;
+        say(&ChildLine::Started { index })?;
+        match measure_staged(job, out_dir, cell, cell.threads.resolve(cores)) {
+            Ok(result) => say(&ChildLine::Measured {
+                index,
+                result: Box::new(result),
+            })?,
+            Err(reason) => say(&ChildLine::Failed { index, reason })?,
+        }
+    }
+    Ok(())
+}
+
+/// One invocation of a cell whose weights the parent staged.
+fn measure_staged(
+    job: &JobSpec,
+    out_dir: &Path,
+    cell: &Cell,
+    threads: usize,
+) -> Result<InvocationResult, String> {
+    let path = staged_path(out_dir, cell);
+    let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
+    let weights = match cell.ty {
+        WeightFormat::Ggml(ty) => PreparedWeights::Ggml(
+            StagedMatrix::open(&path, ty, m, k, job.load_mode).map_err(|e| e.to_string())?,
+        ),
+        WeightFormat::Codebook(_) => PreparedWeights::Codebook(Box::new(
+            CodebookMatrix::read_file(&path).map_err(|e| e.to_string())?,
+        )),
+    };
+    let x = activations(job.distribution, n, k, job.seed);
+    let mut multiply = weights
+        .multiply(&x, n, threads, job.repack)
+        .map_err(|e| e.to_string())?;
+    measure_invocation(multiply.as_mut(), job).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::ggml_type::GgmlType;
+    use wire::kernel_job::{Shape, ThreadCount};
+
+    #[test]
+    fn groups_keep_each_within_the_disk_budget_and_shapes_together() {
+        let shape = |name: &str| Shape {
+            name: name.into(),
+            rows: 1024,
+            cols: 1024,
+        };
+        let mut cells = Vec::new();
+        for s in ["a", "b", "c"] {
+            for ty in [GgmlType::F32, GgmlType::Q8_0] {
+                for t in [1, 2] {
+                    cells.push(Cell::new(ty, shape(s), 1, ThreadCount::Fixed(t)));
+                }
+            }
+        }
+        // Everything fits: one group, the rounds span the whole job.
+        assert_eq!(
+            groups_within(&cells, u64::MAX),
+            vec![(0..12).collect::<Vec<_>>()]
+        );
+        // Room for one shape's two files at a time.
+        let per_shape = cells[0].weight_bytes() + cells[2].weight_bytes();
+        let groups = groups_within(&cells, per_shape);
+        assert_eq!(groups.len(), 3, "{groups:?}");
+        assert!(groups.iter().all(|g| g.len() == 4));
+        // Less than one file: still one cell's file per group.
+        assert_eq!(groups_within(&cells, 1).len(), 6);
+    }
+}
