@@ -68,6 +68,9 @@ pub struct CompareSettings {
     /// Per-cell noise floors (from the history or a `noise` run).
     #[serde(skip)]
     pub noise_floors: BTreeMap<CellKey, NoiseFloor>,
+    /// Divide each run's round effects out of its invocations (drift that
+    /// hit every cell of a round alike; `wire::stats::round_effects`).
+    pub adjust_rounds: bool,
 }
 
 impl Default for CompareSettings {
@@ -80,6 +83,7 @@ impl Default for CompareSettings {
             level: 0.95,
             bootstrap_rounds: 1000,
             noise_floors: BTreeMap::new(),
+            adjust_rounds: true,
         }
     }
 }
@@ -186,6 +190,8 @@ pub struct Comparison {
     pub judged: usize,
     /// How false discoveries are controlled across those cells.
     pub multiple_testing: String,
+    /// Round effects taken out of each run, per board, in words.
+    pub round_adjustment: Vec<String>,
     /// Worst first.
     pub cells: Vec<CellComparison>,
 }
@@ -227,8 +233,28 @@ impl Side {
     }
 }
 
-fn sides(run: &RunData) -> BTreeMap<CellKey, Side> {
-    let samples = run.invocations_by_cell();
+/// Each cell of a run as one side; with `adjust_rounds`, the run's round
+/// effects divided out (and described in the returned lines).
+fn sides(run: &RunData, adjust_rounds: bool) -> (BTreeMap<CellKey, Side>, Vec<String>) {
+    let mut notes = Vec::new();
+    let samples = if adjust_rounds {
+        let (adjusted, effects) = run.round_adjusted_invocations();
+        for (board, e) in effects.iter().filter(|(_, e)| !e.is_empty()) {
+            let (low, high) = e
+                .values()
+                .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+            notes.push(format!(
+                "{} on {board}: {} rounds, round effects {:+.1}% to {:+.1}% taken out",
+                run.manifest.run_id,
+                e.len(),
+                (low.exp() - 1.0) * 100.0,
+                (high.exp() - 1.0) * 100.0
+            ));
+        }
+        adjusted
+    } else {
+        run.invocations_by_cell()
+    };
     let mut out = BTreeMap::new();
     for r in &run.kernel_rows {
         out.insert(
@@ -273,7 +299,7 @@ fn sides(run: &RunData) -> BTreeMap<CellKey, Side> {
             },
         );
     }
-    out
+    (out, notes)
 }
 
 /// Differences between the two runs' probes of a board worth showing.
@@ -313,8 +339,9 @@ pub fn compare(
     new: &RunData,
     settings: &CompareSettings,
 ) -> Result<Comparison, CompareError> {
-    let base_sides = sides(base);
-    let new_sides = sides(new);
+    let (base_sides, mut round_notes) = sides(base, settings.adjust_rounds);
+    let (new_sides, new_notes) = sides(new, settings.adjust_rounds);
+    round_notes.extend(new_notes);
     let pairs: Vec<Pair> = base_sides
         .iter()
         .filter_map(|(key, b)| {
@@ -343,6 +370,7 @@ pub fn compare(
         settings: settings.clone(),
         judged,
         multiple_testing,
+        round_adjustment: round_notes,
         cells,
     })
 }
@@ -648,6 +676,9 @@ impl Comparison {
             self.multiple_testing,
             self.settings.threshold * 100.0
         );
+        for note in &self.round_adjustment {
+            let _ = write!(line, "; {note}");
+        }
         if one_invocation > 0 {
             let _ = write!(
                 line,
@@ -1031,6 +1062,7 @@ mod tests {
             settings: CompareSettings::default(),
             judged,
             multiple_testing,
+            round_adjustment: Vec::new(),
             cells,
         };
         let xml = cmp.to_junit();

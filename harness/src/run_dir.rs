@@ -24,6 +24,13 @@ pub enum RunDirError {
     Results(#[from] ResultsError),
 }
 
+/// (board, cell id).
+pub type BoardCell = (String, String);
+/// Repetitions (ns) by (board, cell id), grouped by invocation.
+pub type InvocationsByCell = BTreeMap<BoardCell, Vec<Vec<f64>>>;
+/// Each board's round effects (log factors by round).
+pub type RoundEffects = BTreeMap<String, BTreeMap<u32, f64>>;
+
 /// Everything a run directory holds.
 pub struct RunData {
     pub dir: PathBuf,
@@ -71,11 +78,63 @@ impl RunData {
         })
     }
 
+    /// As [`RunData::invocations_by_cell`], with each board's round
+    /// effects (`wire::stats::round_effects`) divided out of its
+    /// repetitions; returns the effects per board (empty where a board's
+    /// rounds hold too few cells, or the run has one invocation a cell).
+    pub fn round_adjusted_invocations(&self) -> (InvocationsByCell, RoundEffects) {
+        // (board, cell) -> invocation -> (round, repetitions)
+        let mut grouped: BTreeMap<BoardCell, BTreeMap<u32, (u32, Vec<f64>)>> = BTreeMap::new();
+        for s in &self.samples {
+            grouped
+                .entry((s.board.clone(), s.cell_id.clone()))
+                .or_default()
+                .entry(s.invocation)
+                .or_insert_with(|| (s.round, Vec::new()))
+                .1
+                .push(s.ns as f64);
+        }
+        let mut tables: BTreeMap<String, Vec<(usize, u32, f64)>> = BTreeMap::new();
+        for (index, ((board, _), invocations)) in grouped.iter().enumerate() {
+            for (round, reps) in invocations.values() {
+                if let Some(m) = wire::stats::Summary::of(reps).map(|s| s.median) {
+                    if m > 0.0 {
+                        tables
+                            .entry(board.clone())
+                            .or_default()
+                            .push((index, *round, m.ln()));
+                    }
+                }
+            }
+        }
+        let effects: RoundEffects = tables
+            .into_iter()
+            .map(|(board, table)| (board, wire::stats::round_effects(&table)))
+            .collect();
+        let adjusted = grouped
+            .into_iter()
+            .map(|((board, cell), invocations)| {
+                let board_effects = effects.get(&board);
+                let groups = invocations
+                    .into_values()
+                    .map(|(round, reps)| {
+                        let factor = board_effects
+                            .and_then(|e| e.get(&round))
+                            .map_or(1.0, |e| (-e).exp());
+                        reps.into_iter().map(|ns| ns * factor).collect()
+                    })
+                    .collect();
+                ((board, cell), groups)
+            })
+            .collect();
+        (adjusted, effects)
+    }
+
     /// Raw repetitions (ns) by (board, cell id), grouped by the
     /// invocation (agent process) that measured them, in invocation order.
     /// A run from before invocations has one group per cell.
-    pub fn invocations_by_cell(&self) -> BTreeMap<(String, String), Vec<Vec<f64>>> {
-        let mut grouped: BTreeMap<(String, String), BTreeMap<u32, Vec<f64>>> = BTreeMap::new();
+    pub fn invocations_by_cell(&self) -> InvocationsByCell {
+        let mut grouped: BTreeMap<BoardCell, BTreeMap<u32, Vec<f64>>> = BTreeMap::new();
         for s in &self.samples {
             grouped
                 .entry((s.board.clone(), s.cell_id.clone()))

@@ -3,6 +3,7 @@
 //! (`local` target) and on remote boards.
 
 mod bandwidth;
+mod kernel_run;
 mod measure;
 mod model_run;
 mod multiply;
@@ -405,7 +406,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("creating {}", out_dir.display()))?;
             let probe = sysinfo::probe(true);
             write_json(&out_dir.join(PROBE_FILE), &probe)?;
-            let tally = measure::run_job(&job, &probe, &out_dir)?;
+            let tally = kernel_run::run_job(&job, &probe, &out_dir)?;
             if tally.failed > 0 {
                 anyhow::bail!(
                     "{} of {} cells failed (see kernels.csv)",

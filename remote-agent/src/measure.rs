@@ -1,4 +1,6 @@
-//! Measuring a job's cells: weights, quantization, timing, error, rows.
+//! Measuring a cell: its weights made and staged, its output error, one
+//! invocation warmed up and timed (with what else used the CPU), and
+//! `JobOutput`, which records invocations, repetitions and each cell's row.
 
 use crate::multiply::{Multiply, PreparedWeights};
 use anyhow::{Context, Result};
@@ -168,57 +170,6 @@ impl<'a> WeightCache<'a> {
         let staged = self.staged.insert(staged);
         Ok((&self.values, staged))
     }
-}
-
-/// Runs every cell of the job: in this process with one invocation, in
-/// shuffled rounds of child processes with more (`crate::rounds`).
-pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tally> {
-    let started = Instant::now();
-    let mut out = JobOutput::open(job, probe, out_dir)?;
-    out.emit(ProgressEvent::Started {
-        total: job.cells.len(),
-        bandwidth_gbps: probe.read_bandwidth_gbps,
-    });
-    if job.timing.invocations > 1 {
-        crate::rounds::run_rounds(job, &mut out, out_dir)?;
-    } else {
-        run_in_process(job, &mut out, out_dir)?;
-    }
-    let tally = std::mem::take(&mut out.tally);
-    out.emit(ProgressEvent::Finished {
-        ok: tally.ok,
-        unsupported: tally.unsupported,
-        failed: tally.failed,
-        elapsed_seconds: started.elapsed().as_secs_f64(),
-    });
-    Ok(tally)
-}
-
-/// One invocation per cell, in the agent's own process.
-fn run_in_process(job: &JobSpec, out: &mut JobOutput, out_dir: &Path) -> Result<()> {
-    // Mapped weights are written to an unnamed file beside the rows: the
-    // board's own disk, as a model file would be.
-    let mut cache = WeightCache::new(out_dir);
-    for (index, cell) in job.cells.iter().enumerate() {
-        out.emit(ProgressEvent::CellStarted {
-            index,
-            cell_id: cell.id.clone(),
-        });
-        let threads = cell.threads.resolve(out.probe.cores);
-        let measured = prepare_cell(cell, threads, job, &mut cache, None).and_then(|mut ready| {
-            let result = measure_invocation(ready.multiply.as_mut(), job)
-                .map_err(|e| Refusal::Failed(e.to_string()))?;
-            Ok((ready.prep, result))
-        });
-        match measured {
-            Ok((prep, result)) => {
-                out.record_invocation(cell, 0, 0, 0, &result)?;
-                out.finish_cell(index, cell, threads, Ok(prep))?;
-            }
-            Err(refusal) => out.finish_cell(index, cell, threads, Err(refusal))?,
-        }
-    }
-    Ok(())
 }
 
 /// A prepared cell: its figures and the multiplication ready to time.

@@ -337,6 +337,48 @@ pub fn invocation_spread(invocations: &[Vec<f64>]) -> Option<f64> {
     (s.count >= 2).then_some(s.stddev)
 }
 
+/// Fewest cells a round must hold before its effect is estimated.
+pub const MIN_CELLS_PER_ROUND: usize = 8;
+
+/// Round effects of one run (a randomized complete block design: every
+/// cell is measured once per round, in a shuffled order): `log_medians`
+/// holds (cell, round, log median of that invocation). Each round's effect
+/// is the median, over the cells it holds, of the cell's log median less
+/// that cell's mean; the effects are centred so the run keeps its level.
+/// Drift that hits every cell of a round alike (a machine warming up, a
+/// neighbour for a minute) is then taken out of the spread between
+/// invocations, while a change of one cell, or of the whole run, stays.
+/// Empty when any round holds fewer than [`MIN_CELLS_PER_ROUND`] cells with
+/// two or more invocations (too few to tell a round from a cell).
+pub fn round_effects(log_medians: &[(usize, u32, f64)]) -> std::collections::BTreeMap<u32, f64> {
+    use std::collections::BTreeMap;
+    let mut by_cell: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for &(cell, _, v) in log_medians {
+        by_cell.entry(cell).or_default().push(v);
+    }
+    let means: BTreeMap<usize, f64> = by_cell
+        .iter()
+        .filter(|(_, v)| v.len() >= 2)
+        .map(|(c, v)| (*c, v.iter().sum::<f64>() / v.len() as f64))
+        .collect();
+    let mut residuals: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for &(cell, round, v) in log_medians {
+        if let Some(mean) = means.get(&cell) {
+            residuals.entry(round).or_default().push(v - mean);
+        }
+    }
+    if residuals.len() < 2 || residuals.values().any(|r| r.len() < MIN_CELLS_PER_ROUND) {
+        return BTreeMap::new();
+    }
+    let mut effects: BTreeMap<u32, f64> = residuals
+        .into_iter()
+        .filter_map(|(round, r)| Summary::of(&r).map(|s| (round, s.median)))
+        .collect();
+    let centre = effects.values().sum::<f64>() / effects.len() as f64;
+    effects.values_mut().for_each(|e| *e -= centre);
+    effects
+}
+
 /// One run's time of a cell, the geometric mean of its invocations'
 /// medians, with an interval at `level`: Student's t on the log medians
 /// with two or more invocations; with one, the bootstrap interval of the
@@ -833,6 +875,29 @@ mod tests {
         }
         assert!((student_t_cdf(0.0, 5.0) - 0.5).abs() < 1e-12);
         assert!((student_t_cdf(1.96, 1e9) - 0.975).abs() < 1e-4);
+    }
+
+    #[test]
+    fn round_effects_take_out_a_drift_every_cell_shared_and_keep_the_level() {
+        // 10 cells x 4 rounds; round 1 was 20% slow for everyone, cell 3 is
+        // simply slower than the others.
+        let mut table = Vec::new();
+        for cell in 0..10 {
+            for round in 0..4u32 {
+                let drift = if round == 1 { 1.2f64.ln() } else { 0.0 };
+                let level = (100.0 + 10.0 * cell as f64).ln();
+                let jitter = ((cell * 7 + round as usize * 3) % 5) as f64 * 0.001;
+                table.push((cell, round, level + drift + jitter));
+            }
+        }
+        let e = round_effects(&table);
+        assert_eq!(e.len(), 4);
+        let spread = e[&1] - e[&0];
+        assert!((spread - 1.2f64.ln()).abs() < 0.01, "{e:?}");
+        assert!(e.values().sum::<f64>().abs() < 1e-9, "centred: {e:?}");
+        // Too few cells to tell a round from a cell: no adjustment.
+        let few: Vec<_> = table.iter().copied().filter(|t| t.0 < 3).collect();
+        assert!(round_effects(&few).is_empty());
     }
 
     #[test]

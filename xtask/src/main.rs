@@ -213,6 +213,11 @@ enum Command {
         /// floors `cargo xtask noise` measured (results/noise/<board>.json).
         #[arg(long)]
         no_noise_floors: bool,
+        /// Keep each run's round effects in (by default a drift that hit
+        /// every cell of a round alike, such as a machine warming up, is
+        /// divided out of its invocations).
+        #[arg(long)]
+        no_round_adjustment: bool,
     },
     /// Measure a board's noise: run a matrix as pairs of same-build runs
     /// (A, B, A, B, ...), judge each pair with `compare` and print the
@@ -517,6 +522,7 @@ fn run() -> Result<ExitCode> {
             fail_on_regression,
             results,
             no_noise_floors,
+            no_round_adjustment,
         } => {
             if !["table", "md", "json", "junit"].contains(&format.as_str()) {
                 anyhow::bail!("unknown --format `{format}` (known: table, md, json, junit)");
@@ -534,6 +540,7 @@ fn run() -> Result<ExitCode> {
                 fdr,
                 max_cv,
                 quality_tolerance,
+                adjust_rounds: !no_round_adjustment,
                 ..Default::default()
             };
             if !no_noise_floors {
