@@ -116,9 +116,9 @@ pub struct KernelRow {
     #[serde(default)]
     pub thermal_noisy: bool,
     /// CPU time other processes used while the cell was timed, in cores
-    /// (0.5: half a core's worth), most over the invocations; from
-    /// `/proc/stat` less the agent's own. Empty where not measured (emulated
-    /// boards share the host's counters with every other qemu).
+    /// (0.5: half a core's worth), most over the invocations; from every
+    /// other process's `/proc/<pid>/stat`. Empty where not measured
+    /// (emulated boards share the host with every other qemu).
     #[serde(default)]
     pub other_cpu_cores: Option<f64>,
     /// Something else used the board's CPU while the cell was timed
