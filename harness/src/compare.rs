@@ -20,6 +20,10 @@
 //! top-1 agreement, multiple-choice accuracy) that worsen beyond a
 //! tolerance make a `quality-regressed` cell. Emulated rows are never
 //! compared with real ones.
+//!
+//! A timing regression seen once is a `suspect`; `persistence` confirms
+//! it with a second measurement (the run before the base, judged against
+//! both) and fills `Comparison::confirmation`.
 
 use crate::run_dir::RunData;
 use serde::Serialize;
@@ -140,6 +144,56 @@ impl Verdict {
     }
 }
 
+/// How sure a regression is: seen once (`suspect`), or seen again in a
+/// second measurement (`confirmed`). Quality columns are deterministic for
+/// a build (seeded weights, fixed text), so a quality regression is
+/// confirmed as soon as it is seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Persistence {
+    Suspect,
+    Confirmed,
+}
+
+impl Persistence {
+    pub fn name(self) -> &'static str {
+        match self {
+            Persistence::Suspect => "suspect",
+            Persistence::Confirmed => "confirmed",
+        }
+    }
+}
+
+/// A regression since an earlier run that both later runs show.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfirmedRegression {
+    pub board: String,
+    pub kind: String,
+    pub cell: String,
+    pub settings: String,
+    /// The run that first showed it (the base of this comparison).
+    pub first_seen: String,
+    /// new / earlier, with its interval.
+    pub ratio: Option<f64>,
+    pub ci_low: Option<f64>,
+    pub ci_high: Option<f64>,
+    pub ci_level: Option<f64>,
+}
+
+/// The second look at this comparison's regressions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Confirmation {
+    /// The run before the base that the base and the new run were both
+    /// judged against; `None` when there is none (every timing regression
+    /// stays a suspect).
+    pub against: Option<String>,
+    /// The rule, or why there was no second look, in words.
+    pub rule: String,
+    /// Cells regressed against `against` in the base run and still in the
+    /// new one (whatever their verdict between base and new).
+    pub confirmed: Vec<ConfirmedRegression>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CellComparison {
     pub board: String,
@@ -179,6 +233,8 @@ pub struct CellComparison {
     pub quality: Vec<String>,
     /// What changed beside the code: kernel path, agent build, board probe.
     pub notes: Vec<String>,
+    /// For `regressed` and `quality-regressed` cells.
+    pub persistence: Option<Persistence>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -194,6 +250,8 @@ pub struct Comparison {
     pub round_adjustment: Vec<String>,
     /// Worst first.
     pub cells: Vec<CellComparison>,
+    /// Suspect or confirmed: filled by `persistence::confirm`.
+    pub confirmation: Confirmation,
 }
 
 /// One side's view of a cell.
@@ -372,6 +430,15 @@ pub fn compare(
         multiple_testing,
         round_adjustment: round_notes,
         cells,
+        confirmation: Confirmation {
+            against: None,
+            rule: "no second look: every timing regression is a suspect".into(),
+            confirmed: Vec::new(),
+        },
+    })
+    .map(|mut cmp| {
+        cmp.mark_first_look();
+        cmp
     })
 }
 
@@ -420,6 +487,7 @@ fn judge(pairs: &[Pair], settings: &CompareSettings) -> (Vec<CellComparison>, us
             new_samples: n.samples(),
             quality: Vec::new(),
             notes: pair.notes.clone(),
+            persistence: None,
         };
         if b.emulated != n.emulated {
             c.notes
@@ -644,8 +712,51 @@ impl Comparison {
         self.cells.iter().filter(|c| c.verdict == verdict).count()
     }
 
+    /// Any regression or quality regression, suspect or confirmed.
     pub fn any_regression(&self) -> bool {
         self.cells.iter().any(|c| c.verdict.is_failure())
+    }
+
+    /// Confirmed regressions: quality regressions, and timing regressions
+    /// seen in two measurements (`persistence`).
+    pub fn confirmed_count(&self) -> usize {
+        let quality = self
+            .cells
+            .iter()
+            .filter(|c| c.persistence == Some(Persistence::Confirmed))
+            .filter(|c| !self.is_confirmed(c))
+            .count();
+        quality + self.confirmation.confirmed.len()
+    }
+
+    pub fn suspect_count(&self) -> usize {
+        self.cells
+            .iter()
+            .filter(|c| c.persistence == Some(Persistence::Suspect))
+            .count()
+    }
+
+    /// Whether `c`'s cell is in the confirmed list.
+    fn is_confirmed(&self, c: &CellComparison) -> bool {
+        self.confirmed_of(c).is_some()
+    }
+
+    fn confirmed_of(&self, c: &CellComparison) -> Option<&ConfirmedRegression> {
+        self.confirmation.confirmed.iter().find(|r| {
+            r.board == c.board && r.kind == c.kind && r.cell == c.cell && r.settings == c.settings
+        })
+    }
+
+    /// Before any second look: quality regressions confirmed, timing
+    /// regressions suspect.
+    fn mark_first_look(&mut self) {
+        for c in &mut self.cells {
+            c.persistence = match c.verdict {
+                Verdict::QualityRegressed => Some(Persistence::Confirmed),
+                Verdict::Regressed => Some(Persistence::Suspect),
+                _ => None,
+            };
+        }
     }
 
     /// `12 cells: 1 regressed, 0 quality-regressed, ...` and the
@@ -656,12 +767,51 @@ impl Comparison {
             .map(|v| format!("{} {}", self.count(*v), v.name()))
             .collect();
         format!(
-            "{} vs {}: {} cells: {}",
+            "{} vs {}: {} cells: {}; regressions {} confirmed, {} suspect",
             self.new_run,
             self.base_run,
             self.cells.len(),
-            parts.join(", ")
+            parts.join(", "),
+            self.confirmed_count(),
+            self.suspect_count()
         )
+    }
+
+    /// The non-zero verdict counts, e.g. `2 regressed, 30 same`.
+    pub fn verdict_counts_short(&self) -> String {
+        let parts: Vec<String> = Verdict::ALL
+            .iter()
+            .filter(|v| self.count(**v) > 0)
+            .map(|v| format!("{} {}", self.count(*v), v.name()))
+            .collect();
+        parts.join(", ")
+    }
+
+    /// The persistence rule and the confirmed regressions, one per line.
+    pub fn confirmation_lines(&self) -> Vec<String> {
+        let mut lines = vec![format!("persistence: {}", self.confirmation.rule)];
+        for r in &self.confirmation.confirmed {
+            let pct = |v: Option<f64>| {
+                v.map(|r| format!("{:+.1}%", (r - 1.0) * 100.0))
+                    .unwrap_or_else(|| "–".into())
+            };
+            let cell = if r.settings.is_empty() {
+                r.cell.clone()
+            } else {
+                format!("{} [{}]", r.cell, r.settings)
+            };
+            lines.push(format!(
+                "confirmed regression: {} {} {cell}: {} [{}, {}] since {} (first seen in {})",
+                r.board,
+                r.kind,
+                pct(r.ratio),
+                pct(r.ci_low),
+                pct(r.ci_high),
+                self.confirmation.against.as_deref().unwrap_or("?"),
+                r.first_seen
+            ));
+        }
+        lines
     }
 
     /// The rule line printed under every table.
@@ -714,8 +864,16 @@ impl Comparison {
                 } else {
                     format!("{} [{}]", c.cell, c.settings)
                 };
+                let verdict = match (c.persistence, self.is_confirmed(c)) {
+                    (_, true) if c.verdict == Verdict::Regressed => "regressed (confirmed)".into(),
+                    (Some(Persistence::Suspect), _) => "regressed (suspect)".into(),
+                    (_, true) => {
+                        format!("{} (confirmed regression since earlier)", c.verdict.name())
+                    }
+                    _ => c.verdict.name().to_string(),
+                };
                 [
-                    c.verdict.name().to_string(),
+                    verdict,
                     c.board.clone(),
                     c.kind.clone(),
                     cell,
@@ -784,6 +942,9 @@ impl Comparison {
         }
         let _ = writeln!(out, "{}", self.verdict_line());
         let _ = writeln!(out, "{}", self.method_line());
+        for line in self.confirmation_lines() {
+            let _ = writeln!(out, "{line}");
+        }
         out
     }
 
@@ -796,6 +957,9 @@ impl Comparison {
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
         let _ = writeln!(out, "\n{}", self.method_line());
+        for line in self.confirmation_lines() {
+            let _ = writeln!(out, "\n{line}");
+        }
         out
     }
 
@@ -804,9 +968,16 @@ impl Comparison {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// JUnit XML: one test case per cell, a failure for each regression.
+    /// JUnit XML: one test case per cell; a failure for each confirmed
+    /// regression (`type="confirmed-regression"`, or
+    /// `"quality-regression"`), a `<skipped>` naming each suspect and each
+    /// verdict that is neither same nor improved.
     pub fn to_junit(&self) -> String {
-        let failures = self.cells.iter().filter(|c| c.verdict.is_failure()).count();
+        let failures = self
+            .cells
+            .iter()
+            .filter(|c| self.junit_failure(c).is_some())
+            .count();
         let mut out = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n<testsuite name=\"quantbench {} vs {}\" tests=\"{}\" failures=\"{failures}\">\n",
             xml(&self.new_run),
@@ -821,13 +992,26 @@ impl Comparison {
                 xml(&c.kind),
                 xml(&c.cell)
             );
-            if c.verdict.is_failure() {
+            if let Some(kind) = self.junit_failure(c) {
+                let change = match self.confirmed_of(c) {
+                    Some(r) if c.verdict != Verdict::Regressed => format!(
+                        "{:+.1}% since {}",
+                        (r.ratio.unwrap_or(1.0) - 1.0) * 100.0,
+                        self.confirmation.against.as_deref().unwrap_or("?")
+                    ),
+                    _ => row[4].clone(),
+                };
                 let _ = write!(
                     out,
-                    "<failure message=\"{} {}\">{}</failure>",
-                    c.verdict.name(),
-                    xml(&row[4]),
+                    "<failure type=\"{kind}\" message=\"{kind} {}\">{}</failure>",
+                    xml(&change),
                     xml(&row.join(" "))
+                );
+            } else if c.persistence == Some(Persistence::Suspect) {
+                let _ = write!(
+                    out,
+                    "<skipped message=\"suspect regression {}: the next measurement confirms or clears it\"/>",
+                    xml(&row[4])
                 );
             } else if !matches!(c.verdict, Verdict::Same | Verdict::Improved) {
                 let _ = write!(out, "<skipped message=\"{}\"/>", c.verdict.name());
@@ -836,6 +1020,17 @@ impl Comparison {
         }
         out.push_str("</testsuite>\n</testsuites>\n");
         out
+    }
+
+    /// The JUnit failure type of a cell, when it is a confirmed regression.
+    fn junit_failure(&self, c: &CellComparison) -> Option<&'static str> {
+        if self.is_confirmed(c) {
+            Some("confirmed-regression")
+        } else if c.verdict == Verdict::QualityRegressed {
+            Some("quality-regression")
+        } else {
+            None
+        }
     }
 }
 
@@ -1056,7 +1251,7 @@ mod tests {
             notes: Vec::new(),
         }];
         let (cells, judged, multiple_testing) = judge(&pairs, &CompareSettings::default());
-        let cmp = Comparison {
+        let mut cmp = Comparison {
             base_run: "r1".into(),
             new_run: "r2".into(),
             settings: CompareSettings::default(),
@@ -1064,14 +1259,44 @@ mod tests {
             multiple_testing,
             round_adjustment: Vec::new(),
             cells,
+            confirmation: Confirmation::default(),
         };
+        cmp.mark_first_look();
+        // Seen once: a suspect, not a failure.
         let xml = cmp.to_junit();
         assert_eq!(xml.matches("<testcase").count(), 1);
-        assert_eq!(xml.matches("<failure").count(), 1);
+        assert_eq!(xml.matches("<failure").count(), 0, "{xml}");
+        assert!(xml.contains("suspect regression"), "{xml}");
         assert!(xml.contains("a&lt;b&gt;"));
         assert!(cmp.any_regression());
+        assert_eq!((cmp.suspect_count(), cmp.confirmed_count()), (1, 0));
         let table = cmp.to_table();
+        assert!(table.contains("regressed (suspect)"), "{table}");
         assert!(table.contains("1 regressed"), "{table}");
         assert!(table.contains("one invocation a side"), "{table}");
+        // Seen again: confirmed, a failure.
+        let c = &cmp.cells[0];
+        cmp.confirmation.confirmed.push(ConfirmedRegression {
+            board: c.board.clone(),
+            kind: c.kind.clone(),
+            cell: c.cell.clone(),
+            settings: c.settings.clone(),
+            first_seen: "r1".into(),
+            ratio: Some(1.5),
+            ci_low: Some(1.4),
+            ci_high: Some(1.6),
+            ci_level: Some(0.95),
+        });
+        cmp.confirmation.against = Some("r0".into());
+        let xml = cmp.to_junit();
+        assert_eq!(
+            xml.matches("type=\"confirmed-regression\"").count(),
+            1,
+            "{xml}"
+        );
+        assert_eq!(cmp.confirmed_count(), 1);
+        assert!(cmp
+            .to_table()
+            .contains("confirmed regression: b kernel a<b>"));
     }
 }

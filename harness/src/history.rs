@@ -6,7 +6,7 @@
 //! `cargo xtask history`, rebuilt whole when it is missing, corrupt or of
 //! another schema, and deleting it loses nothing.
 
-use crate::run_dir::{list_runs, RunData, RunDirError};
+use crate::run_dir::{list_runs, BoardState, RunData, RunDirError};
 use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -14,7 +14,7 @@ use wire::rows::{CellKey, CellStatus};
 
 pub const HISTORY_FILE: &str = "history.sqlite";
 /// Bumped when the tables change; an index of another version is rebuilt.
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 
 #[derive(Debug, Error)]
 pub enum HistoryError {
@@ -399,6 +399,89 @@ impl History {
         Ok(out)
     }
 
+    /// Every cell's time (kernel: geometric mean of invocation medians;
+    /// model: mean) in the last `max_runs` runs that started before
+    /// `before` (RFC 3339) on `board` with the board as `state` says (same
+    /// agent build, CPU, kernel, governor, maximum clock), newest first.
+    /// Real boards only; disturbed kernel cells are left out.
+    pub fn same_state_times(
+        &self,
+        board: &str,
+        state: &BoardState,
+        before: &str,
+        max_runs: usize,
+    ) -> Result<Vec<(String, CellKey, f64)>, HistoryError> {
+        let mut runs_stmt = self
+            .conn
+            .prepare(
+                "SELECT s.run_id FROM board_states s JOIN runs r ON r.run_id = s.run_id
+                 WHERE s.board = ?1 AND s.agent_build = ?2 AND s.cpu_model = ?3 AND s.kernel = ?4
+                   AND s.governor IS ?5 AND s.cpu_max_freq_mhz IS ?6 AND r.started_at < ?7
+                 ORDER BY r.started_at DESC, r.run_id DESC LIMIT ?8",
+            )
+            .map_err(self.sqlite_err())?;
+        let run_ids: Vec<String> = runs_stmt
+            .query_map(
+                params![
+                    board,
+                    state.agent_build,
+                    state.cpu_model,
+                    state.kernel,
+                    state.governor,
+                    state.cpu_max_freq_mhz,
+                    before,
+                    max_runs as i64
+                ],
+                |r| r.get(0),
+            )
+            .map_err(self.sqlite_err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.sqlite_err())?;
+        let mut kernel = self
+            .conn
+            .prepare(
+                "SELECT cell_id, settings, median_ns FROM kernel_cells
+                 WHERE run_id = ?1 AND board = ?2 AND status = 'ok' AND emulated = 0
+                   AND NOT disturbed AND median_ns > 0",
+            )
+            .map_err(self.sqlite_err())?;
+        let mut model = self
+            .conn
+            .prepare(
+                "SELECT cell_id, avg_ns FROM model_cells
+                 WHERE run_id = ?1 AND board = ?2 AND status = 'ok' AND emulated = 0 AND avg_ns > 0",
+            )
+            .map_err(self.sqlite_err())?;
+        let mut out = Vec::new();
+        for run_id in run_ids {
+            let key = |kind: &str, cell_id: String, settings: String| CellKey {
+                board: board.to_string(),
+                kind: kind.to_string(),
+                cell_id,
+                settings,
+            };
+            let rows = kernel
+                .query_map(params![run_id, board], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+                })
+                .map_err(self.sqlite_err())?;
+            for row in rows {
+                let (cell, settings, time) = row.map_err(self.sqlite_err())?;
+                out.push((run_id.clone(), key("kernel", cell, settings), time));
+            }
+            let rows = model
+                .query_map(params![run_id, board], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get(1)?))
+                })
+                .map_err(self.sqlite_err())?;
+            for row in rows {
+                let (cell, time) = row.map_err(self.sqlite_err())?;
+                out.push((run_id.clone(), key("model", cell, String::new()), time));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -431,7 +514,11 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE TABLE model_cells(run_id TEXT, board TEXT, emulated INTEGER, cell_id TEXT,
             model_filename TEXT, recipe TEXT, test TEXT, n_threads INTEGER, status TEXT,
             avg_ns REAL, avg_ts REAL, stddev_ts REAL, ppl REAL, kld_mean REAL,
-            top1_agreement REAL, mc_accuracy REAL, peak_rss_bytes INTEGER, finished_at TEXT);
+            top1_agreement REAL, mc_accuracy REAL, peak_rss_bytes INTEGER, finished_at TEXT,
+            agent_build TEXT);
+         CREATE TABLE board_states(run_id TEXT, board TEXT, agent_build TEXT, cpu_model TEXT,
+            kernel TEXT, governor TEXT, cpu_max_freq_mhz REAL);
+         CREATE INDEX board_states_board ON board_states(board, agent_build);
          CREATE INDEX model_cells_cell ON model_cells(board, cell_id);
          CREATE INDEX model_cells_run ON model_cells(run_id);
          CREATE TABLE samples(run_id TEXT, board TEXT, cell_id TEXT, repetition INTEGER, ns INTEGER,
@@ -444,7 +531,13 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 fn delete_run(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
-    for table in ["runs", "kernel_cells", "model_cells", "samples"] {
+    for table in [
+        "runs",
+        "kernel_cells",
+        "model_cells",
+        "samples",
+        "board_states",
+    ] {
         conn.execute(&format!("DELETE FROM {table} WHERE run_id = ?1"), [run_id])?;
     }
     conn.execute(
@@ -491,6 +584,21 @@ fn ingest(
             mtime
         ],
     )?;
+    for board in run.boards() {
+        let state = run.board_state(board);
+        conn.execute(
+            "INSERT INTO board_states VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                run_id,
+                board,
+                state.agent_build,
+                state.cpu_model,
+                state.kernel,
+                state.governor,
+                state.cpu_max_freq_mhz
+            ],
+        )?;
+    }
     let mut k = conn.prepare(
         "INSERT INTO kernel_cells VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
     )?;
@@ -522,7 +630,7 @@ fn ingest(
         ])?;
     }
     let mut md = conn.prepare(
-        "INSERT INTO model_cells VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        "INSERT INTO model_cells VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
     )?;
     let placeholders: Vec<String> = (1..=LLAMA_BENCH_FIELDS.len() + 1)
         .map(|i| format!("?{i}"))
@@ -550,7 +658,8 @@ fn ingest(
             r.top1_agreement,
             r.mc_accuracy,
             r.peak_rss_bytes.map(|b| b as i64),
-            r.finished_at
+            r.finished_at,
+            r.agent_build
         ])?;
         if r.status != CellStatus::Ok {
             continue;

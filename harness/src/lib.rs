@@ -10,7 +10,8 @@
 //!   `board_lock`, work dirs pruned by `board_storage`) -> `manifest` (run.json) -> `render`
 //!   (summary, plots);
 //! - after a run: `run_dir` (a run directory read back), `compare` (two
-//!   runs cell by cell, verdicts at the invocation level), `noise`
+//!   runs cell by cell, verdicts at the invocation level), `persistence`
+//!   (suspect or confirmed: a regression seen twice), `noise`
 //!   (same-build pairs: a board's false-alarm table and per-cell noise
 //!   floors), `history` (the index of every run), `report` (the site);
 //! - around it: `boards` (targets), `setup` (a fresh machine), `testbed`
@@ -38,6 +39,7 @@ pub mod labgrid;
 pub mod manifest;
 pub mod matrix;
 pub mod noise;
+pub mod persistence;
 pub mod pipeline;
 pub mod recipes;
 pub mod render;

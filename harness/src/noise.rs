@@ -8,14 +8,14 @@
 //! build starts a new floor.
 
 use crate::compare::{compare, CompareError, CompareSettings, Comparison, NoiseFloor, Verdict};
-use crate::run_dir::{RunData, RunDirError};
+use crate::history::History;
+use crate::run_dir::{BoardState, RunData, RunDirError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use wire::files::{read_json, write_json, ResultsError};
-use wire::probe::BoardProbe;
 use wire::rows::{CellKey, CellStatus};
 use wire::stats::{invocation_medians, invocation_spread, student_t_quantile, Summary};
 
@@ -42,59 +42,6 @@ pub enum NoiseError {
     Compare(#[from] CompareError),
     #[error(transparent)]
     Results(#[from] ResultsError),
-}
-
-/// What the board was when its noise was measured: a floor holds only for
-/// the same.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BoardState {
-    pub agent_build: String,
-    pub cpu_model: String,
-    pub kernel: String,
-    pub governor: Option<String>,
-    pub cpu_max_freq_mhz: Option<f64>,
-}
-
-impl BoardState {
-    fn of(probe: Option<&BoardProbe>, agent_build: &str) -> BoardState {
-        BoardState {
-            agent_build: agent_build.to_string(),
-            cpu_model: probe.map(|p| p.cpu_model.clone()).unwrap_or_default(),
-            kernel: probe.map(|p| p.kernel.clone()).unwrap_or_default(),
-            governor: probe.and_then(|p| p.cpufreq_governor.clone()),
-            cpu_max_freq_mhz: probe.and_then(|p| p.cpu_max_freq_mhz),
-        }
-    }
-
-    /// What differs from `other`, in words; empty when the same.
-    fn differences(&self, other: &BoardState) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.agent_build != other.agent_build {
-            out.push(format!(
-                "agent {} -> {}",
-                self.agent_build, other.agent_build
-            ));
-        }
-        if self.cpu_model != other.cpu_model {
-            out.push(format!("CPU {} -> {}", self.cpu_model, other.cpu_model));
-        }
-        if self.kernel != other.kernel {
-            out.push(format!("kernel {} -> {}", self.kernel, other.kernel));
-        }
-        if self.governor != other.governor {
-            out.push(format!(
-                "governor {:?} -> {:?}",
-                self.governor, other.governor
-            ));
-        }
-        if self.cpu_max_freq_mhz != other.cpu_max_freq_mhz {
-            out.push(format!(
-                "max clock {:?} -> {:?} MHz",
-                self.cpu_max_freq_mhz, other.cpu_max_freq_mhz
-            ));
-        }
-        out
-    }
 }
 
 /// One cell's noise on one board.
@@ -171,7 +118,7 @@ pub fn measure(
         // Judged as a nightly would be: with the floors of the board's
         // previous noise measurement, where it still holds.
         let mut settings = settings.clone();
-        let (floors, _) = floors_for(results_root, &pair[1]);
+        let (floors, _) = floors_for(results_root, None, &pair[1]);
         floors_used = floors_used.max(floors.len());
         settings.noise_floors = floors;
         let cmp = compare(&pair[0], &pair[1], &settings)?;
@@ -325,68 +272,111 @@ fn board_noise(data: &[RunData]) -> Result<Vec<BoardNoise>, NoiseError> {
         .collect())
 }
 
-/// Noise floors for judging `run`: each board's latest noise measurement
-/// under `results_root/noise/`, for cells measured by the same agent build
-/// on the board as it was then. Also returns a note per board whose floors
-/// were not used, saying why.
+/// Runs of the same build a history floor looks at (the latest).
+pub const HISTORY_FLOOR_RUNS: usize = 10;
+/// Fewer same-build runs than this give no history floor: a spread from
+/// a handful of runs is a guess.
+pub const MIN_HISTORY_FLOOR_RUNS: usize = 5;
+
+/// Noise floors for judging `run`, per board and cell, from two sources:
+/// the board's latest `cargo xtask noise` measurement
+/// (`results_root/noise/<board>.json`) and, with `history`, the cell's
+/// times in the last `HISTORY_FLOOR_RUNS` runs before `run` of the same
+/// agent build on the board as it was (at least `MIN_HISTORY_FLOOR_RUNS`).
+/// Either holds only for the board as `run` found it (same agent build,
+/// CPU, kernel, governor, maximum clock). Where both hold, the one from
+/// more runs is used. Also returns a note per board whose noise
+/// measurement was not used, saying why.
 pub fn floors_for(
     results_root: &Path,
+    history: Option<&History>,
     run: &RunData,
 ) -> (BTreeMap<CellKey, NoiseFloor>, Vec<String>) {
-    let mut floors = BTreeMap::new();
+    let mut floors: BTreeMap<CellKey, (usize, NoiseFloor)> = BTreeMap::new();
     let mut notes = Vec::new();
-    let boards: std::collections::BTreeSet<&str> = run
-        .kernel_rows
-        .iter()
-        .map(|r| r.board.as_str())
-        .chain(run.model_rows.iter().map(|r| r.board.as_str()))
-        .collect();
-    for board in boards {
+    for board in run.boards() {
+        let now = run.board_state(board);
         let path = results_root
             .join(NOISE_DIR)
             .join(format!("{}.json", crate::shell::file_safe(board)));
-        let Ok(noise) = read_json::<BoardNoise>(&path) else {
-            continue;
-        };
-        let build = run
-            .kernel_rows
-            .iter()
-            .filter(|r| r.board == board)
-            .map(|r| r.agent_build.as_str())
-            .chain(
-                run.model_rows
-                    .iter()
-                    .filter(|r| r.board == board)
-                    .map(|r| r.agent_build.as_str()),
-            )
-            .find(|b| !b.is_empty())
-            .unwrap_or_default();
-        let now = BoardState::of(run.probes.get(board), build);
-        let changed = noise.state.differences(&now);
-        if !changed.is_empty() {
-            notes.push(format!(
-                "{board}: noise floors of {} not used, the board changed since ({})",
-                noise.measured_at,
-                changed.join(", ")
-            ));
-            continue;
+        if let Ok(noise) = read_json::<BoardNoise>(&path) {
+            let changed = noise.state.differences(&now);
+            if changed.is_empty() {
+                for cell in noise.cells {
+                    let key = CellKey {
+                        board: board.to_string(),
+                        kind: cell.kind,
+                        cell_id: cell.cell_id,
+                        settings: cell.settings,
+                    };
+                    let floor = NoiseFloor {
+                        relative: cell.floor,
+                        source: format!("noise run of {}, {} runs", noise.measured_at, cell.runs),
+                    };
+                    floors.insert(key, (cell.runs, floor));
+                }
+            } else {
+                notes.push(format!(
+                    "{board}: noise floors of {} not used, the board changed since ({})",
+                    noise.measured_at,
+                    changed.join(", ")
+                ));
+            }
         }
-        for cell in noise.cells {
+        let Some(history) = history else { continue };
+        let times = match history.same_state_times(
+            board,
+            &now,
+            &run.manifest.started_at,
+            HISTORY_FLOOR_RUNS,
+        ) {
+            Ok(times) => times,
+            Err(e) => {
+                notes.push(format!("{board}: no noise floors from the history: {e}"));
+                continue;
+            }
+        };
+        let mut by_cell: BTreeMap<CellKey, Vec<f64>> = BTreeMap::new();
+        for (_, key, time) in times {
+            by_cell.entry(key).or_default().push(time.ln());
+        }
+        for (key, logs) in by_cell {
+            let Some(floor) = history_floor(&logs) else {
+                continue;
+            };
+            if floors.get(&key).is_some_and(|(runs, _)| *runs > logs.len()) {
+                continue;
+            }
+            let source = format!("history: {} runs of agent {}", logs.len(), now.agent_build);
             floors.insert(
-                CellKey {
-                    board: board.to_string(),
-                    kind: cell.kind,
-                    cell_id: cell.cell_id,
-                    settings: cell.settings,
-                },
-                NoiseFloor {
-                    relative: cell.floor,
-                    source: format!("noise run of {}, {} runs", noise.measured_at, cell.runs),
-                },
+                key,
+                (
+                    logs.len(),
+                    NoiseFloor {
+                        relative: floor,
+                        source,
+                    },
+                ),
             );
         }
     }
-    (floors, notes)
+    (
+        floors.into_iter().map(|(k, (_, f))| (k, f)).collect(),
+        notes,
+    )
+}
+
+/// The change two more runs reach by chance in 95 of 100 pairs, from the
+/// log times of earlier same-build runs: a t prediction bound on the
+/// difference of two runs, t(0.975, n-1) x sqrt(2) x sd. `None` below
+/// `MIN_HISTORY_FLOOR_RUNS` runs.
+pub fn history_floor(log_times: &[f64]) -> Option<f64> {
+    if log_times.len() < MIN_HISTORY_FLOOR_RUNS {
+        return None;
+    }
+    let s = Summary::of(log_times)?;
+    let t = student_t_quantile(0.975, (s.count - 1) as f64);
+    Some((t * std::f64::consts::SQRT_2 * s.stddev).exp() - 1.0)
 }
 
 impl NoiseReport {

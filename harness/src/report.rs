@@ -5,8 +5,9 @@
 //! copied beside them, and a trend plot per board and cell (median per run
 //! with its 95% confidence band and detected change points).
 
-use crate::compare::{compare, CompareSettings, Comparison, Verdict};
+use crate::compare::{CompareSettings, Comparison, Verdict};
 use crate::history::{History, HistoryError};
+use crate::persistence::{compare_and_confirm, ConfirmAgainst};
 use crate::render::chart::{Chart, Figure, Panel};
 use crate::render::{canvas, render_run, RenderError};
 use crate::run_dir::{RunData, RunDirError};
@@ -40,7 +41,10 @@ pub struct ReportSummary {
     pub index: PathBuf,
     pub latest_run: String,
     pub compared_with: Option<String>,
-    pub regressions: usize,
+    /// Regressions seen twice (and quality regressions).
+    pub confirmed: usize,
+    /// Timing regressions seen once.
+    pub suspects: usize,
     pub trend_plots: usize,
 }
 
@@ -97,7 +101,19 @@ pub fn write_report(results_root: &Path, site: &Path) -> Result<ReportSummary, R
     let comparison: Option<Comparison> = match &previous {
         Some(prev) => {
             let base = RunData::load(&prev.dir)?;
-            compare(&base, &run, &CompareSettings::default()).ok()
+            // Judged as `cargo xtask compare previous latest` judges it.
+            let settings = CompareSettings {
+                noise_floors: crate::noise::floors_for(results_root, Some(&history), &run).0,
+                ..CompareSettings::default()
+            };
+            compare_and_confirm(
+                &history,
+                &base,
+                &run,
+                &settings,
+                &ConfirmAgainst::PreviousOfBase,
+            )
+            .ok()
         }
         None => None,
     };
@@ -176,10 +192,8 @@ pub fn write_report(results_root: &Path, site: &Path) -> Result<ReportSummary, R
         index,
         latest_run: latest.run_id.clone(),
         compared_with: previous.map(|p| p.run_id),
-        regressions: comparison
-            .as_ref()
-            .map(|c| c.cells.iter().filter(|c| c.verdict.is_failure()).count())
-            .unwrap_or(0),
+        confirmed: comparison.as_ref().map_or(0, Comparison::confirmed_count),
+        suspects: comparison.as_ref().map_or(0, Comparison::suspect_count),
         trend_plots: trends.len(),
     })
 }
@@ -293,13 +307,17 @@ fn comparison_table(cmp: &Comparison) -> String {
             unchanged += 1;
             continue;
         }
+        let verdict = match c.persistence {
+            Some(p) => format!("{} ({})", c.verdict.name(), p.name()),
+            None => c.verdict.name().to_string(),
+        };
         let mut notes = c.quality.clone();
         notes.extend(c.notes.iter().cloned());
         let _ = writeln!(
             out,
             "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>[{}, {}]</td><td>{}</td><td>{}</td></tr>",
             c.verdict.name(),
-            c.verdict.name(),
+            esc(&verdict),
             esc(&c.board),
             esc(&c.cell),
             pct(c.ratio),
@@ -314,6 +332,17 @@ fn comparison_table(cmp: &Comparison) -> String {
         "</table>\n<p>{unchanged} cells the same (within the margin) not listed. {}</p>",
         esc(&cmp.method_line())
     );
+    // Confirmed regressions apart from suspects: what a lab acts on.
+    let lines = cmp.confirmation_lines();
+    let _ = writeln!(
+        out,
+        "<h3>Confirmed regressions ({})</h3>\n<ul>",
+        cmp.confirmed_count()
+    );
+    for line in &lines {
+        let _ = writeln!(out, "<li>{}</li>", esc(line));
+    }
+    out.push_str("</ul>\n");
     out
 }
 

@@ -31,6 +31,60 @@ pub type InvocationsByCell = BTreeMap<BoardCell, Vec<Vec<f64>>>;
 /// Each board's round effects (log factors by round).
 pub type RoundEffects = BTreeMap<String, BTreeMap<u32, f64>>;
 
+/// What a board was during a run: a run-to-run noise floor holds only
+/// for the same (a changed agent build, CPU, kernel, governor or maximum
+/// clock starts a new one).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BoardState {
+    pub agent_build: String,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub governor: Option<String>,
+    pub cpu_max_freq_mhz: Option<f64>,
+}
+
+impl BoardState {
+    pub fn of(probe: Option<&BoardProbe>, agent_build: &str) -> BoardState {
+        BoardState {
+            agent_build: agent_build.to_string(),
+            cpu_model: probe.map(|p| p.cpu_model.clone()).unwrap_or_default(),
+            kernel: probe.map(|p| p.kernel.clone()).unwrap_or_default(),
+            governor: probe.and_then(|p| p.cpufreq_governor.clone()),
+            cpu_max_freq_mhz: probe.and_then(|p| p.cpu_max_freq_mhz),
+        }
+    }
+
+    /// What differs from `other`, in words; empty when the same.
+    pub fn differences(&self, other: &BoardState) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.agent_build != other.agent_build {
+            out.push(format!(
+                "agent {} -> {}",
+                self.agent_build, other.agent_build
+            ));
+        }
+        if self.cpu_model != other.cpu_model {
+            out.push(format!("CPU {} -> {}", self.cpu_model, other.cpu_model));
+        }
+        if self.kernel != other.kernel {
+            out.push(format!("kernel {} -> {}", self.kernel, other.kernel));
+        }
+        if self.governor != other.governor {
+            out.push(format!(
+                "governor {:?} -> {:?}",
+                self.governor, other.governor
+            ));
+        }
+        if self.cpu_max_freq_mhz != other.cpu_max_freq_mhz {
+            out.push(format!(
+                "max clock {:?} -> {:?} MHz",
+                self.cpu_max_freq_mhz, other.cpu_max_freq_mhz
+            ));
+        }
+        out
+    }
+}
+
 /// Everything a run directory holds.
 pub struct RunData {
     pub dir: PathBuf,
@@ -128,6 +182,34 @@ impl RunData {
             })
             .collect();
         (adjusted, effects)
+    }
+
+    /// Boards that have rows in this run.
+    pub fn boards(&self) -> std::collections::BTreeSet<&str> {
+        self.kernel_rows
+            .iter()
+            .map(|r| r.board.as_str())
+            .chain(self.model_rows.iter().map(|r| r.board.as_str()))
+            .collect()
+    }
+
+    /// What `board` was in this run: its probe and the agent build of its
+    /// rows.
+    pub fn board_state(&self, board: &str) -> BoardState {
+        let build = self
+            .kernel_rows
+            .iter()
+            .filter(|r| r.board == board)
+            .map(|r| r.agent_build.as_str())
+            .chain(
+                self.model_rows
+                    .iter()
+                    .filter(|r| r.board == board)
+                    .map(|r| r.agent_build.as_str()),
+            )
+            .find(|b| !b.is_empty())
+            .unwrap_or_default();
+        BoardState::of(self.probes.get(board), build)
     }
 
     /// Raw repetitions (ns) by (board, cell id), grouped by the

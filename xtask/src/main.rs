@@ -203,9 +203,20 @@ enum Command {
         /// (relative for NMSE, perplexity, KLD; absolute for agreement and accuracy).
         #[arg(long, default_value_t = 0.02)]
         quality_tolerance: f64,
-        /// Exit with status 1 when any cell regressed.
+        /// Exit with status 1 on a confirmed regression: a timing
+        /// regression seen twice (see --confirm-against) or a quality
+        /// regression.
         #[arg(long)]
         fail_on_regression: bool,
+        /// Exit with status 1 on any regression, suspects (seen once) too.
+        #[arg(long)]
+        fail_on_suspect: bool,
+        /// The second look that confirms a timing regression: `auto` (the
+        /// run before the base on the same boards, judged against both the
+        /// base and the new run: a cell regressed in both is confirmed),
+        /// `none`, or a run (directory, `previous`, commit prefix).
+        #[arg(long, default_value = "auto", value_name = "RUN|auto|none")]
+        confirm_against: String,
         /// Parent folder of run directories (and of the history index).
         #[arg(long, default_value = "results")]
         results: PathBuf,
@@ -520,6 +531,8 @@ fn run() -> Result<ExitCode> {
             max_cv,
             quality_tolerance,
             fail_on_regression,
+            fail_on_suspect,
+            confirm_against,
             results,
             no_noise_floors,
             no_round_adjustment,
@@ -544,13 +557,20 @@ fn run() -> Result<ExitCode> {
                 ..Default::default()
             };
             if !no_noise_floors {
-                let (floors, notes) = harness::noise::floors_for(&results, &new_run);
+                let (floors, notes) =
+                    harness::noise::floors_for(&results, Some(&history), &new_run);
                 for note in notes {
                     eprintln!("{note}");
                 }
                 settings.noise_floors = floors;
             }
-            let comparison = harness::compare::compare(&base_run, &new_run, &settings)?;
+            let comparison = harness::persistence::compare_and_confirm(
+                &history,
+                &base_run,
+                &new_run,
+                &settings,
+                &harness::persistence::ConfirmAgainst::parse(&confirm_against),
+            )?;
             let text = match format.as_str() {
                 "md" => comparison.to_markdown(),
                 "json" => comparison.to_json(),
@@ -575,7 +595,9 @@ fn run() -> Result<ExitCode> {
                         )
                     })?;
             }
-            Ok(if fail_on_regression && comparison.any_regression() {
+            let failed = (fail_on_suspect && comparison.any_regression())
+                || (fail_on_regression && comparison.confirmed_count() > 0);
+            Ok(if failed {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
@@ -658,14 +680,15 @@ fn run() -> Result<ExitCode> {
             let started = std::time::Instant::now();
             let report = harness::report::write_report(&results, &site)?;
             println!(
-                "{}: latest run {}{}, {} regressed cells, {} trend plots ({:.1} s)",
+                "{}: latest run {}{}, {} confirmed and {} suspect regressions, {} trend plots ({:.1} s)",
                 report.index.display(),
                 report.latest_run,
                 report
                     .compared_with
                     .map(|p| format!(" against {p}"))
                     .unwrap_or_default(),
-                report.regressions,
+                report.confirmed,
+                report.suspects,
                 report.trend_plots,
                 started.elapsed().as_secs_f64()
             );

@@ -86,13 +86,16 @@ fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
     let measured = runs(dir.path())[0].clone();
     // Real timings on a shared 2-core machine are too noisy to judge
     // exactly, so both sides get the same controlled repetitions (ten,
-    // 1000..1009 ns) in copies of the real run; the "new" side then has
-    // Q4_0 40% slower and F32's output error doubled.
+    // 1000..1009 ns) in copies of the real run: two runs as before, then
+    // one with Q4_0 40% slower and F32's output error doubled, then one
+    // with Q4_0 still slow.
     let q4 = "llama3.2-1b.attn_kv/Q4_0/n1/t1";
     let f32 = "llama3.2-1b.attn_kv/F32/n1/t1";
+    let earlier = dir.path().join("results/20991229T000000Z-earlier");
     let base = dir.path().join("results/20991230T000000Z-base");
     let new = dir.path().join("results/20991231T000000Z-injected");
-    for (copy, q4_factor) in [(&base, 10), (&new, 14)] {
+    let again = dir.path().join("results/20991232T000000Z-again");
+    for (copy, q4_factor) in [(&earlier, 10), (&base, 10), (&new, 14), (&again, 14)] {
         copy_dir(&measured, copy);
         rewrite::<SampleRow>(&copy.join("samples.csv"), |s| {
             s.ns = (1000 + s.repetition as u64 % 10) * if s.cell_id == q4 { q4_factor } else { 10 }
@@ -111,40 +114,99 @@ fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
     let out = xtask(dir.path(), &["compare", base_arg, new_arg]);
     assert!(out.status.success(), "{}", text(&out));
     let table = String::from_utf8_lossy(&out.stdout);
-    let line_of = |cell: &str| {
+    let line_of = |table: &str, cell: &str| {
         table
             .lines()
             .find(|l| l.contains(cell))
             .unwrap_or_else(|| panic!("{cell} in\n{table}"))
             .to_string()
     };
-    assert!(line_of(q4).starts_with("regressed"), "{table}");
-    assert!(line_of(f32).starts_with("quality-regressed"), "{table}");
-    assert!(line_of(f32).contains("nmse"), "{table}");
+    // Seen once (the run before the base had it as fast as the base): a
+    // suspect. The error rise is deterministic: confirmed at once.
+    assert!(
+        line_of(&table, q4).starts_with("regressed (suspect)"),
+        "{table}"
+    );
+    assert!(
+        line_of(&table, f32).starts_with("quality-regressed"),
+        "{table}"
+    );
+    assert!(line_of(&table, f32).contains("nmse"), "{table}");
     assert!(
         table.contains(
-            "2 cells: 1 regressed, 1 quality-regressed, 0 improved, 0 inconclusive, 0 noisy, 0 disturbed, 0 same, 0 not-comparable"
+            "2 cells: 1 regressed, 1 quality-regressed, 0 improved, 0 inconclusive, 0 noisy, 0 disturbed, 0 same, 0 not-comparable; regressions 1 confirmed, 1 suspect"
         ),
         "{table}"
     );
+    assert!(
+        table.contains("20991229T000000Z-earlier (the run before the base)"),
+        "{table}"
+    );
 
-    // The same comparison for CI: JUnit with one case per cell and a failure
-    // per regression, and the exit code.
+    // The same comparison for CI: JUnit with one case per cell, a failure
+    // per confirmed regression and the suspect named; the exit code.
+    let junit_of = |base: &str, new: &str, fail_on: &str| {
+        let out = xtask(
+            dir.path(),
+            &["compare", base, new, "--format", "junit", fail_on],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, junit) = junit_of(base_arg, new_arg, "--fail-on-regression");
+    assert_eq!(code, Some(1), "the quality regression: {junit}");
+    assert_eq!(junit.matches("<testcase").count(), 2, "{junit}");
+    assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
+    assert_eq!(
+        junit.matches("type=\"quality-regression\"").count(),
+        1,
+        "{junit}"
+    );
+    assert_eq!(junit.matches("suspect regression").count(), 1, "{junit}");
+    // Without the quality change, a suspect alone fails only when asked.
+    let (code, _) = junit_of(base_arg, again.to_str().unwrap(), "--fail-on-regression");
+    assert_eq!(code, Some(0), "a suspect is no failure by default");
     let out = xtask(
         dir.path(),
         &[
             "compare",
             base_arg,
-            new_arg,
-            "--format",
-            "junit",
-            "--fail-on-regression",
+            again.to_str().unwrap(),
+            "--confirm-against",
+            "none",
+            "--fail-on-suspect",
         ],
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let junit = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(junit.matches("<testcase").count(), 2, "{junit}");
-    assert_eq!(junit.matches("<failure").count(), 2, "{junit}");
+    assert!(
+        text(&out).contains("no second look asked for"),
+        "{}",
+        text(&out)
+    );
+
+    // The next run still slow: between the two slow runs the cell is the
+    // same, but against the run before the step (the base) both show it:
+    // confirmed, a failure.
+    let (code, junit) = junit_of(new_arg, again.to_str().unwrap(), "--fail-on-regression");
+    assert_eq!(code, Some(1), "{junit}");
+    assert_eq!(
+        junit.matches("type=\"confirmed-regression\"").count(),
+        1,
+        "{junit}"
+    );
+    assert!(junit.contains("since 20991230T000000Z-base"), "{junit}");
+    let out = xtask(dir.path(), &["compare", new_arg, again.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line_of(&table, q4).starts_with("same (confirmed regression since earlier)"),
+        "{table}"
+    );
+    assert!(
+        table.contains("confirmed regression: local kernel llama3.2-1b.attn_kv/Q4_0/n1/t1"),
+        "{table}"
+    );
 
     // A run against itself: nothing regressed, and the markdown goes to
     // the step summary when CI sets one.
@@ -454,6 +516,73 @@ fn noise_pairs_print_a_false_alarm_table_and_compare_uses_their_floors_for_the_s
         .unwrap()
         .iter()
         .all(|c| c["noise_floor"].is_null()));
+
+    // Floors from the history: six more nights of the same build on the
+    // board as it was (copies of the last run, later in time, 10% apart
+    // night to night). Judging the last, the earlier same-build runs (five
+    // copies, and the two real ones where no other test's process
+    // disturbed them) give each cell a floor, and compare says where it
+    // came from.
+    let nightly: Vec<PathBuf> = runs(dir.path())
+        .into_iter()
+        .filter(|r| !r.ends_with("noise"))
+        .collect();
+    let last = nightly.last().unwrap().clone();
+    for night in 0..6u32 {
+        let copy = dir
+            .path()
+            .join(format!("results/20991201T00000{night}Z-night"));
+        copy_dir(&last, &copy);
+        let manifest = copy.join("run.json");
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        m["started_at"] = format!("2099-12-01T00:00:0{night}Z").into();
+        std::fs::write(&manifest, m.to_string()).unwrap();
+        let factor = if night % 2 == 0 { 1.0 } else { 1.1 };
+        rewrite::<KernelRow>(&copy.join("kernels.csv"), |r| {
+            r.median_ns = r.median_ns.map(|t| t * factor);
+        });
+        controlled_rows(&copy);
+    }
+    let out = xtask(
+        dir.path(),
+        &["compare", "previous", "latest", "--format", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for cell in json["cells"].as_array().unwrap() {
+        let source = cell["noise_floor"]["source"].as_str().unwrap_or_default();
+        let runs: usize = source
+            .strip_prefix("history: ")
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a floor from the history: {cell}"));
+        assert!((5..=7).contains(&runs), "{cell}");
+        assert!(source.contains("runs of agent"), "{cell}");
+        assert!(
+            cell["noise_floor"]["relative"].as_f64().unwrap() > 0.05,
+            "{cell}"
+        );
+    }
+    // Another agent build starts a new floor: none yet.
+    let newest = dir.path().join("results/20991201T000005Z-night");
+    rewrite::<KernelRow>(&newest.join("kernels.csv"), |r| {
+        r.agent_build = "0000other000".into();
+    });
+    let out = xtask(
+        dir.path(),
+        &["compare", "previous", "latest", "--format", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["noise_floor"].is_null()),
+        "{json}"
+    );
 
     // Bad input: one line each.
     let out = xtask(
