@@ -2,7 +2,9 @@
 //! kernel matrix (14 types x 18 shapes x 3 batches x 3 thread counts =
 //! 2268 cells, 10 repetitions each), and how long rebuilding the history
 //! index takes from 365 nightly run directories (a year of `quick`-sized
-//! runs: 200 cells, 10 repetitions each).
+//! runs: 200 cells, 10 repetitions each), and how long a nightly's
+//! `compare previous latest` takes on that history: noise floors from the
+//! last same-build runs, the comparison and its persistence check.
 //!
 //! `cargo run --release -p harness --example history_at_scale [work dir]`
 //! (default: a temporary folder, removed afterwards).
@@ -124,6 +126,33 @@ fn main() {
         "history up to date check ({} added) in {:.3} s",
         report.added,
         started.elapsed().as_secs_f64()
+    );
+    // A nightly's `compare previous latest`: floors from the history, the
+    // comparison, and the second look against the run before the base.
+    let started = Instant::now();
+    let runs = history.runs().unwrap();
+    let latest = RunData::load(&runs[runs.len() - 1].dir).unwrap();
+    let previous = RunData::load(&runs[runs.len() - 2].dir).unwrap();
+    let (floors, _) = harness::noise::floors_for(&year, Some(&history), &latest);
+    let floors_time = started.elapsed();
+    let settings = CompareSettings {
+        noise_floors: floors,
+        ..CompareSettings::default()
+    };
+    let cmp = harness::persistence::compare_and_confirm(
+        &history,
+        &previous,
+        &latest,
+        &settings,
+        &harness::persistence::ConfirmAgainst::PreviousOfBase,
+    )
+    .unwrap();
+    println!(
+        "compare previous latest on the year: floors for {} cells from the history in {:.2} s, compare and persistence check in {:.2} s; {}",
+        settings.noise_floors.len(),
+        floors_time.as_secs_f64(),
+        (started.elapsed() - floors_time).as_secs_f64(),
+        cmp.verdict_line()
     );
     let started = Instant::now();
     let points = history

@@ -40,6 +40,32 @@ use wire::stats::{
 pub enum CompareError {
     #[error("runs {base} and {new} have no measured cell in common (same boards and matrices?); nothing to compare")]
     NothingInCommon { base: String, new: String },
+    #[error(
+        "--across `{0}`: not a setting of a cell key (known: distribution, load_mode, repack)"
+    )]
+    UnknownSetting(String),
+}
+
+/// The settings of a kernel cell's key, in the order `KernelRow::settings`
+/// joins them: what `--across` may name.
+pub const CELL_SETTINGS: [&str; 3] = ["distribution", "load_mode", "repack"];
+
+/// `key` with the settings at `positions` replaced by `*`, so cells that
+/// differ only there match.
+fn across_key(key: &CellKey, positions: &[usize]) -> CellKey {
+    if positions.is_empty() || key.settings.is_empty() {
+        return key.clone();
+    }
+    let parts: Vec<&str> = key
+        .settings
+        .split('/')
+        .enumerate()
+        .map(|(i, part)| if positions.contains(&i) { "*" } else { part })
+        .collect();
+    CellKey {
+        settings: parts.join("/"),
+        ..key.clone()
+    }
 }
 
 /// A cell's run-to-run noise on its board, as a relative change that
@@ -75,6 +101,10 @@ pub struct CompareSettings {
     /// Divide each run's round effects out of its invocations (drift that
     /// hit every cell of a round alike; `wire::stats::round_effects`).
     pub adjust_rounds: bool,
+    /// Settings (`CELL_SETTINGS`) the two runs may differ in: cells are
+    /// matched ignoring them, to judge a setting itself (`repack` on
+    /// against off).
+    pub across: Vec<String>,
 }
 
 impl Default for CompareSettings {
@@ -88,6 +118,7 @@ impl Default for CompareSettings {
             bootstrap_rounds: 1000,
             noise_floors: BTreeMap::new(),
             adjust_rounds: true,
+            across: Vec::new(),
         }
     }
 }
@@ -397,18 +428,41 @@ pub fn compare(
     new: &RunData,
     settings: &CompareSettings,
 ) -> Result<Comparison, CompareError> {
+    let positions = settings
+        .across
+        .iter()
+        .map(|name| {
+            CELL_SETTINGS
+                .iter()
+                .position(|s| s == name)
+                .ok_or_else(|| CompareError::UnknownSetting(name.clone()))
+        })
+        .collect::<Result<Vec<usize>, _>>()?;
     let (base_sides, mut round_notes) = sides(base, settings.adjust_rounds);
     let (new_sides, new_notes) = sides(new, settings.adjust_rounds);
     round_notes.extend(new_notes);
+    let new_by_key: BTreeMap<CellKey, (&CellKey, &Side)> = new_sides
+        .iter()
+        .map(|(key, side)| (across_key(key, &positions), (key, side)))
+        .collect();
     let pairs: Vec<Pair> = base_sides
         .iter()
-        .filter_map(|(key, b)| {
-            let n = new_sides.get(key)?;
+        .filter_map(|(base_key, b)| {
+            let key = across_key(base_key, &positions);
+            let (new_key, n) = new_by_key.get(&key)?;
+            let mut notes = probe_notes(base, new, &key.board);
+            if base_key.settings != new_key.settings {
+                notes.push(format!(
+                    "settings {} -> {}",
+                    base_key.settings, new_key.settings
+                ));
+            }
             Some(Pair {
-                key: key.clone(),
+                key,
+                floor_key: (*new_key).clone(),
                 base: b,
                 new: n,
-                notes: probe_notes(base, new, &key.board),
+                notes,
             })
         })
         .collect();
@@ -444,7 +498,10 @@ pub fn compare(
 
 /// A cell present in both runs.
 struct Pair<'a> {
+    /// The key it is matched by (settings named by `--across` as `*`).
     key: CellKey,
+    /// The new side's own key, whose noise floor applies.
+    floor_key: CellKey,
     base: &'a Side,
     new: &'a Side,
     notes: Vec<String>,
@@ -458,7 +515,7 @@ fn judge(pairs: &[Pair], settings: &CompareSettings) -> (Vec<CellComparison>, us
     let mut judged: Vec<(usize, usize, f64)> = Vec::new();
     for (pair_index, pair) in pairs.iter().enumerate() {
         let (key, b, n) = (&pair.key, pair.base, pair.new);
-        let floor = settings.noise_floors.get(key).cloned();
+        let floor = settings.noise_floors.get(&pair.floor_key).cloned();
         let mut c = CellComparison {
             board: key.board.clone(),
             kind: key.kind.clone(),
@@ -1085,6 +1142,7 @@ mod tests {
             .enumerate()
             .map(|(i, (b, n))| Pair {
                 key: key(i),
+                floor_key: key(i),
                 base: b,
                 new: n,
                 notes: Vec::new(),
@@ -1246,6 +1304,7 @@ mod tests {
                 cell_id: "a<b>".into(),
                 ..key(0)
             },
+            floor_key: key(0),
             base: &base,
             new: &slow,
             notes: Vec::new(),

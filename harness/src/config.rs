@@ -111,6 +111,16 @@ pub struct MatrixSpec {
     /// recorded as not settled, and `compare` calls it noisy.
     #[serde(default)]
     pub max_warmup_ms: Option<u64>,
+    /// Adaptive repetition: cells whose time is not yet known to
+    /// `precision` after `invocations` get more, a round at a time, up to
+    /// this many. Default: none, or 3 x `invocations` when `bench` is
+    /// given a `--budget` (which then bounds the extra rounds).
+    #[serde(default)]
+    pub max_invocations: Option<u32>,
+    /// Relative half-width of the 95% interval of a cell's time that ends
+    /// its adaptive rounds (default 0.02).
+    #[serde(default)]
+    pub precision: Option<f64>,
     #[serde(default = "default_repack")]
     pub repack: bool,
     /// How weights are placed in memory: `mmap` (default, as llama.cpp
@@ -187,6 +197,11 @@ pub struct ModelMatrixSpec {
     pub n_gen: usize,
     #[serde(default = "default_reps")]
     pub repetitions: u32,
+    /// Separate processes each recipe's speed is measured in (each loads
+    /// the recipe afresh and runs every repetition), so `compare` sees the
+    /// spread between processes. Default: 3 on real boards, 1 on emulated.
+    #[serde(default)]
+    pub invocations: Option<u32>,
     #[serde(default)]
     pub adaptive: AdaptiveParams,
     /// Multiple-choice tasks, JSONL in the HellaSwag layout: one object per
@@ -389,9 +404,11 @@ impl NamedMatrix<'_> {
 
 impl ModelMatrixSpec {
     /// The job's deadline for `recipes` recipes on this board.
-    pub fn deadline(&self, recipes: usize) -> std::time::Duration {
+    pub fn deadline(&self, recipes: usize, invocations: u32) -> std::time::Duration {
         let units = (recipes * self.threads.len().max(1)) as u64;
-        std::time::Duration::from_secs(self.deadline_seconds.unwrap_or(600 + 600 * units))
+        // Each further invocation loads the recipe and runs its tests again.
+        let more = 300 * units * u64::from(invocations.saturating_sub(1));
+        std::time::Duration::from_secs(self.deadline_seconds.unwrap_or(600 + 600 * units + more))
     }
 
     /// Checks names and fractions; paths are checked by `check_model_file`.

@@ -147,6 +147,8 @@ pub fn import_llama_bench(
             stddev_ts: Some(r.stddev_ts),
             load_ms: None,
             peak_rss_bytes: None,
+            // llama-bench measures in one process.
+            invocations: 1,
             ppl: None,
             kld_mean: None,
             kld_p99: None,

@@ -4,7 +4,7 @@
 //! - `config` (bench.toml, with `catalog` for shapes, `recipes` for
 //!   model recipe names and `synthetic` for models made on the host) -> `jobs` (job kinds: `kernel`, `model`; `matrix`
 //!   expands a kernel matrix) -> `session` (target, boards, set-up, agent
-//!   `build`s, run id) -> `run` (every board at once; `deploy` for boards
+//!   `build`s, run id; `budget` fits `--budget`) -> `run` (every board at once; `deploy` for boards
 //!   over SSH via `transport`, whose host keys `known_hosts` checks; boards of a
 //!   labgrid farm by `farm`, which takes places through `labgrid`; one run at a time per board by
 //!   `board_lock`, work dirs pruned by `board_storage`) -> `manifest` (run.json) -> `render`
@@ -25,6 +25,7 @@
 pub mod board_lock;
 pub mod board_storage;
 pub mod boards;
+pub mod budget;
 pub mod build;
 pub mod catalog;
 pub mod compare;

@@ -44,6 +44,14 @@ impl MatrixSpec {
             max_warmup_ms: self
                 .max_warmup_ms
                 .unwrap_or(wire::kernel_job::DEFAULT_MAX_WARMUP_MS),
+            max_invocations: if emulated {
+                0
+            } else {
+                self.max_invocations.unwrap_or(0)
+            },
+            precision: self
+                .precision
+                .unwrap_or(wire::kernel_job::DEFAULT_PRECISION),
         }
     }
 
@@ -102,6 +110,7 @@ pub fn job_for_board(
         }),
         timing: spec.timing(emulated),
         round_seed: round_seed(run_id, board),
+        adaptive_seconds: None,
         cells,
     })
 }

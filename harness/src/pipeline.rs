@@ -17,7 +17,7 @@ use crate::manifest::{
     BoardOutcome, HostInfo, ManifestWriter, MatrixRecord, RunManifest, Versions,
 };
 use crate::render::{render_run, RenderError, Rendered};
-use crate::run::{run_all, BoardPlan, BoardRunner, LocalRunner};
+use crate::run::{run_all, BoardBudget, BoardPlan, BoardRunner, LocalRunner};
 use crate::session::{llama_cpp_sys_version, rustc_version, Session, SessionError, SessionOptions};
 use indicatif::MultiProgress;
 use std::path::PathBuf;
@@ -39,6 +39,8 @@ pub enum BenchError {
     Render(#[from] RenderError),
     #[error("{0}")]
     Resume(String),
+    #[error(transparent)]
+    Budget(#[from] crate::budget::BudgetError),
 }
 
 /// What a finished run produced.
@@ -55,6 +57,8 @@ impl BenchReport {
 }
 
 pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
+    // The budget bounds the whole run, builds and preparation included.
+    let budget_ends = options.budget.map(|b| std::time::Instant::now() + b);
     let resumed = match &options.resume {
         Some(reference) => Some(find_run_to_resume(&options.results_root, reference)?),
         None => None,
@@ -81,6 +85,50 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
     }
     for kind in kinds.iter_mut() {
         kind.prepare(&session)?;
+    }
+
+    // Every board's jobs, fitted to the budget, before anything is
+    // written: a budget too small refuses the run with nothing on disk.
+    let mut planned = Vec::new();
+    for slot in &session.boards {
+        let mut jobs = Vec::new();
+        for (index, kind) in kinds.iter().enumerate() {
+            for mut job in kind.plan(&session, slot)? {
+                job.kind_index = index;
+                jobs.push(job);
+            }
+        }
+        let budget = match budget_ends {
+            Some(ends) => {
+                let left = ends.saturating_duration_since(std::time::Instant::now());
+                let needs = jobs
+                    .iter()
+                    .map(|job| kinds[job.kind_index].budget_need(job))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let total = options.budget.unwrap_or(left);
+                let fit = crate::budget::fit_board(&slot.name, &needs, left, total)?;
+                if let Some(line) = &fit.lowered {
+                    eprintln!("{line}");
+                }
+                for (job, &invocations) in jobs.iter_mut().zip(&fit.invocations) {
+                    *job = kinds[job.kind_index].fit_budget(job, invocations, None)?;
+                }
+                Some(BoardBudget {
+                    ends,
+                    least: needs
+                        .iter()
+                        .zip(&fit.invocations)
+                        .map(|(n, &i)| {
+                            n.as_ref()
+                                .map_or(0.0, |n| n.seconds_per_invocation * i as f64)
+                        })
+                        .collect(),
+                    reserve_after: fit.reserve_after,
+                })
+            }
+            None => None,
+        };
+        planned.push((jobs, budget));
     }
 
     let run_dir = session.run_dir.clone();
@@ -146,14 +194,7 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
         })
     };
     let mut plans = Vec::new();
-    for slot in &session.boards {
-        let mut jobs = Vec::new();
-        for (index, kind) in kinds.iter().enumerate() {
-            for mut job in kind.plan(&session, slot)? {
-                job.kind_index = index;
-                jobs.push(job);
-            }
-        }
+    for (slot, (jobs, budget)) in session.boards.iter().zip(planned) {
         let runner: Box<dyn BoardRunner> = match (&slot.board, session.agent_for(&slot.board)) {
             (ResolvedBoard::Local, Some(agent)) => Box::new(LocalRunner {
                 board: slot.name.clone(),
@@ -191,6 +232,7 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
                 .iter()
                 .find(|b| b.board == slot.name && b.started_at.is_some())
                 .cloned(),
+            budget,
         });
     }
     let outcomes = run_all(plans, &kinds, &run_dir, &manifest, &multi);

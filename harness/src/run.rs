@@ -274,6 +274,17 @@ pub struct BoardPlan {
     pub jobs: Vec<PlannedJob>,
     /// What `run.json` said of this board when the run is resumed.
     pub previous: Option<BoardOutcome>,
+    /// The run's `--budget`, fitted to this board's jobs.
+    pub budget: Option<BoardBudget>,
+}
+
+/// When the budget ends, and per job the least time it and the board's
+/// later jobs need (`crate::budget`).
+#[derive(Debug, Clone)]
+pub struct BoardBudget {
+    pub ends: std::time::Instant,
+    pub least: Vec<f64>,
+    pub reserve_after: Vec<f64>,
 }
 
 /// Runs every board's jobs concurrently, one progress bar per board.
@@ -353,7 +364,7 @@ fn run_board(
     // Set when the board itself fails: later jobs are not tried.
     let mut board_down: Option<String> = outcome.error.clone();
     let mut done_units = 0u64;
-    for job in &plan.jobs {
+    for (job_index, job) in plan.jobs.iter().enumerate() {
         let kind = &kinds[job.kind_index];
         let job_dir = job_dir(&dir, &job.name);
         let earlier = previous
@@ -401,6 +412,20 @@ fn run_board(
                 } => record.agent_seconds += *elapsed_seconds,
                 _ => {}
             };
+            // With a budget, the job may add adaptive rounds for what is
+            // left of it, less what the later jobs need.
+            let fitted = match &plan.budget {
+                Some(b) => {
+                    let left = b.ends.saturating_duration_since(std::time::Instant::now());
+                    let i = job_index;
+                    let seconds =
+                        crate::budget::adaptive_seconds(left, b.reserve_after[i], b.least[i]);
+                    kind.fit_budget(job, u32::MAX, Some(seconds))
+                        .unwrap_or_else(|_| job.clone())
+                }
+                None => job.clone(),
+            };
+            let job = &fitted;
             let first = run_job(&mut *plan.runner, &**kind, job, &dir, &job_dir, on_event);
             match &first {
                 // A board that went away may come back (a farm's power

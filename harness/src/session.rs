@@ -58,6 +58,8 @@ pub struct SessionOptions {
     /// `--resume`: a run directory, a run id under `results_root`, or
     /// `latest`, to pick up again instead of starting a new run.
     pub resume: Option<String>,
+    /// `--budget`: the whole run's time (see `crate::budget`).
+    pub budget: Option<std::time::Duration>,
 }
 
 /// A board of this run, as the jobs and the runner see it.

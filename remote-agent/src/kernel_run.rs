@@ -21,7 +21,7 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
         total: job.cells.len(),
         bandwidth_gbps: probe.read_bandwidth_gbps,
     });
-    if job.timing.invocations > 1 {
+    if job.timing.most_invocations() > 1 {
         crate::rounds::run_rounds(job, &mut out, out_dir)?;
     } else {
         run_in_process(job, &mut out, out_dir)?;

@@ -185,6 +185,19 @@ enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
+    /// One further invocation of a model job's recipe (started by
+    /// `model-run`): load it afresh, time every test, print the result as
+    /// a JSON line.
+    ModelTime {
+        #[arg(long)]
+        job: PathBuf,
+        /// Index of the recipe in the job.
+        #[arg(long)]
+        recipe: usize,
+        /// The board's cores, as `model-run` resolved `threads = "all"`.
+        #[arg(long)]
+        cores: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -371,9 +384,15 @@ fn main() -> Result<()> {
                 })
             );
         }
-        Command::ModelRun { job, out_dir } => {
+        Command::ModelTime { job, recipe, cores } => {
             let job: wire::model_job::ModelJob =
                 read_json(&job).context("reading the model job")?;
+            model_run::time_invocation(&job, recipe, cores)?;
+        }
+        Command::ModelRun { job, out_dir } => {
+            let job_path = job;
+            let job: wire::model_job::ModelJob =
+                read_json(&job_path).context("reading the model job")?;
             std::fs::create_dir_all(&out_dir)?;
             let probe = sysinfo::probe(false);
             // A kernel job in the same folder may have left a probe with the
@@ -382,7 +401,7 @@ fn main() -> Result<()> {
             if !probe_path.exists() {
                 write_json(&probe_path, &probe)?;
             }
-            let failed = model_run::run_model_job(&job, &probe, &out_dir)?;
+            let failed = model_run::run_model_job(&job, &job_path, &probe, &out_dir)?;
             if failed > 0 {
                 anyhow::bail!(
                     "{failed} of {} recipes failed (see models.csv)",

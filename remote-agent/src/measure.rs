@@ -446,6 +446,19 @@ impl<'a> JobOutput<'a> {
         self.done.get(cell_id).map_or(0, |d| d.len() as u32)
     }
 
+    /// How precisely the cell's time is known from its invocations so
+    /// far: the relative half-width of its 95% interval (`None` below two
+    /// invocations).
+    pub fn precision(&self, cell_id: &str) -> Option<f64> {
+        let groups: Vec<Vec<f64>> = self
+            .done
+            .get(cell_id)?
+            .iter()
+            .map(|(_, reps)| reps.iter().map(|&n| n as f64).collect())
+            .collect();
+        wire::stats::relative_half_width(&groups, 0.95)
+    }
+
     /// Writes one finished invocation: its repetitions, then its record.
     pub fn record_invocation(
         &mut self,
@@ -657,6 +670,23 @@ fn build_row(
     row.repetitions = all.len() as u32;
     row.invocations = invocations.len() as u32;
     row.invocation_spread = invocation_spread(&groups);
+    row.precision = wire::stats::relative_half_width(&groups, 0.95);
+    let timing = &job.timing;
+    if timing.most_invocations() > timing.invocations
+        && row.precision.is_some_and(|p| p > timing.precision)
+    {
+        row.note = format!(
+            "time known to +-{:.1}% after {} invocations, short of the +-{:.1}% asked: {}",
+            row.precision.unwrap_or(0.0) * 100.0,
+            invocations.len(),
+            timing.precision * 100.0,
+            if invocations.len() as u32 >= timing.most_invocations() {
+                "max_invocations reached"
+            } else {
+                "the run's --budget left no time for more"
+            }
+        );
+    }
     row.warmup_reps = invocations
         .iter()
         .map(|(r, _)| r.warmup_reps)
@@ -734,9 +764,12 @@ mod tests {
                 max_time_ms: 1,
                 invocations: 1,
                 max_warmup_ms: 100,
+                max_invocations: 0,
+                precision: wire::kernel_job::DEFAULT_PRECISION,
             },
             cooldown: None,
             round_seed: 0,
+            adaptive_seconds: None,
             cells: vec![Cell::new(
                 wire::ggml_type::GgmlType::Q4_0,
                 shape,
@@ -893,6 +926,8 @@ mod tests {
             max_time_ms: 200,
             invocations: 1,
             max_warmup_ms: 400,
+            max_invocations: 0,
+            precision: wire::kernel_job::DEFAULT_PRECISION,
         };
         // Slow for 60 calls (a pool waking up), then steady.
         let mut delays = vec![Duration::from_micros(900); 60];

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use kernels::model::{gguf_tensor_types, quantize_model, BatchEntry, LoadedModel, QuantizeRequest};
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -340,6 +341,88 @@ fn time_test(model: &mut LoadedModel, prompt: bool, n: usize, reps: u32) -> Resu
     (0..reps).map(|_| run(model)).collect()
 }
 
+/// One invocation's speed of a recipe: every test (per thread count, pp
+/// then tg) as seconds per repetition, with the load time and peak memory
+/// of the process that measured it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InvocationTiming {
+    pub load_ms: f64,
+    pub peak_rss_bytes: Option<u64>,
+    /// `[threads][pp, tg]` flattened, as `tests` lists them.
+    pub seconds: Vec<Vec<f64>>,
+}
+
+/// The job's tests in order: (threads, prompt?, tokens).
+fn tests(job: &ModelJob, cores: usize) -> Vec<(usize, bool, usize)> {
+    job.threads
+        .iter()
+        .flat_map(|t| {
+            let threads = t.resolve(cores);
+            [(threads, true, job.n_prompt), (threads, false, job.n_gen)]
+        })
+        .collect()
+}
+
+/// Times every test on `model`.
+fn time_tests(job: &ModelJob, cores: usize, model: &mut LoadedModel) -> Result<Vec<Vec<f64>>> {
+    let mut out = Vec::new();
+    for (threads, prompt, n) in tests(job, cores) {
+        model.set_threads(threads)?;
+        out.push(time_test(model, prompt, n, job.repetitions)?);
+    }
+    Ok(out)
+}
+
+fn timing_ctx(job: &ModelJob) -> usize {
+    job.ctx.max(job.n_prompt).max(job.n_gen + 1)
+}
+
+/// The child of a further invocation (`quantbench-agent model-time`):
+/// loads recipe `index` afresh, times every test and prints the result as
+/// one JSON line.
+pub fn time_invocation(job: &ModelJob, index: usize, cores: usize) -> Result<()> {
+    let recipe = job
+        .recipes
+        .get(index)
+        .with_context(|| format!("the model job has no recipe {index}"))?;
+    peak_rss_reset();
+    let started = Instant::now();
+    let max_threads = tests(job, cores).iter().map(|t| t.0).max().unwrap_or(1);
+    let mut model = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), max_threads)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let seconds = time_tests(job, cores, &mut model)?;
+    let timing = InvocationTiming {
+        load_ms,
+        peak_rss_bytes: peak_rss_bytes(),
+        seconds,
+    };
+    println!("{}", serde_json::to_string(&timing)?);
+    Ok(())
+}
+
+/// A further invocation of recipe `index` in a fresh child process.
+fn invoke_child(job_path: &Path, index: usize, cores: usize) -> Result<InvocationTiming> {
+    let exe = std::env::current_exe().context("finding the agent's own binary")?;
+    let output = std::process::Command::new(&exe)
+        .arg("model-time")
+        .arg("--job")
+        .arg(job_path)
+        .arg("--recipe")
+        .arg(index.to_string())
+        .arg("--cores")
+        .arg(cores.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting an invocation ({})", exe.display()))?;
+    if !output.status.success() {
+        anyhow::bail!("a further invocation ended with {}", output.status);
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("reading an invocation's result `{line}`"))
+}
+
 fn greedy(model: &mut LoadedModel, prompt: &str, n: usize) -> Result<String> {
     let mut tokens = model.tokenize(prompt, model.adds_bos());
     model.clear();
@@ -399,7 +482,12 @@ fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64>
     Ok(correct as f64 / tasks.len() as f64)
 }
 
-pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Result<usize> {
+pub fn run_model_job(
+    job: &ModelJob,
+    job_path: &Path,
+    probe: &BoardProbe,
+    out_dir: &Path,
+) -> Result<usize> {
     let started = Instant::now();
     let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
     // Every repetition is kept, as llama-bench's JSON keeps `samples_ns`, so
@@ -450,20 +538,30 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
             }
             .to_line()
         );
-        let produced = measure_recipe(job, probe, recipe, &tokens, base.as_ref(), max_threads);
+        let produced = measure_recipe(
+            job,
+            (job_path, index),
+            probe,
+            &tokens,
+            base.as_ref(),
+            max_threads,
+        );
         let status = match produced {
             Ok(recipe_rows) => {
-                for (row, samples_ns) in &recipe_rows {
-                    for (repetition, &ns) in samples_ns.iter().enumerate() {
-                        samples.append_unsynced(&SampleRow {
-                            run_id: job.run_id.clone(),
-                            board: job.board.clone(),
-                            cell_id: row.cell_id(),
-                            repetition: repetition as u32,
-                            ns: ns as u64,
-                            invocation: 0,
-                            round: 0,
-                        })?;
+                for (row, by_invocation) in &recipe_rows {
+                    for (invocation, samples_ns) in by_invocation.iter().enumerate() {
+                        for (repetition, &ns) in samples_ns.iter().enumerate() {
+                            samples.append_unsynced(&SampleRow {
+                                run_id: job.run_id.clone(),
+                                board: job.board.clone(),
+                                cell_id: row.cell_id(),
+                                repetition: repetition as u32,
+                                ns: ns as u64,
+                                invocation: invocation as u32,
+                                // Invocations of a recipe run one after another.
+                                round: invocation as u32,
+                            })?;
+                        }
                     }
                     // Repetitions reach the disk before their row.
                     samples.sync()?;
@@ -507,21 +605,21 @@ pub fn run_model_job(job: &ModelJob, probe: &BoardProbe, out_dir: &Path) -> Resu
     Ok(failed)
 }
 
+/// A recipe's rows (one per thread count and test), each with its
+/// repetitions (ns) by invocation: quality and the first invocation's
+/// speed in this process, further invocations in fresh children.
 fn measure_recipe(
     job: &ModelJob,
+    (job_path, index): (&Path, usize),
     probe: &BoardProbe,
-    recipe: &RecipeFile,
     tokens: &[i32],
     base: Option<&Reference>,
     max_threads: usize,
-) -> Result<Vec<(ModelRow, Vec<f64>)>> {
+) -> Result<Vec<(ModelRow, Vec<Vec<f64>>)>> {
+    let recipe = &job.recipes[index];
     peak_rss_reset();
     let load_started = Instant::now();
-    let mut model = LoadedModel::load(
-        Path::new(&recipe.path),
-        job.ctx.max(job.n_prompt).max(job.n_gen + 1),
-        max_threads,
-    )?;
+    let mut model = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), max_threads)?;
     let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
     let facts = model.facts();
     // Quality needs a context of exactly `ctx` like the reference.
@@ -544,64 +642,83 @@ fn measure_recipe(
         }
         None => None,
     };
-    let mut out = Vec::new();
-    for &threads in &job.threads {
-        let threads = threads.resolve(probe.cores);
-        model.set_threads(threads)?;
-        for (prompt, n) in [(true, job.n_prompt), (false, job.n_gen)] {
-            // A decoded scheme runs llama.cpp's F32 kernels: its times and
-            // memory would be F32's, not the scheme's.
-            let seconds = match recipe.scheme_bits_per_weight {
-                Some(_) => Vec::new(),
-                None => time_test(&mut model, prompt, n, job.repetitions)?,
-            };
-            let ns: Vec<f64> = seconds.iter().map(|s| s * 1e9).collect();
-            let ts: Vec<f64> = seconds.iter().map(|s| n as f64 / s).collect();
-            let (summary_ns, ts) = (Summary::of(&ns), Summary::of(&ts));
-            let row = ModelRow {
-                status: CellStatus::Ok,
-                model_type: facts.description.clone(),
-                model_size: recipe
-                    .scheme_bits_per_weight
-                    .map_or(facts.size_bytes, |bits| {
-                        (bits * facts.n_params as f64 / 8.0).round() as u64
-                    }),
-                model_n_params: facts.n_params,
-                bits_per_weight: recipe
-                    .scheme_bits_per_weight
-                    .unwrap_or(facts.size_bytes as f64 * 8.0 / facts.n_params.max(1) as f64),
-                n_threads: threads,
-                n_prompt: if prompt { n } else { 0 },
-                n_gen: if prompt { 0 } else { n },
-                test: format!("{}{n}", if prompt { "pp" } else { "tg" }),
-                avg_ns: summary_ns.map(|s| s.mean),
-                stddev_ns: summary_ns.map(|s| s.stddev),
-                avg_ts: ts.map(|s| s.mean),
-                stddev_ts: ts.map(|s| s.stddev),
-                load_ms: recipe.scheme_bits_per_weight.is_none().then_some(load_ms),
-                peak_rss_bytes: peak_rss_bytes()
-                    .filter(|_| recipe.scheme_bits_per_weight.is_none()),
-                ppl: judged.as_ref().map(|j| j.0.ppl),
-                kld_mean: judged.as_ref().map(|j| j.0.kld_mean),
-                kld_p99: judged.as_ref().map(|j| j.0.kld_p99),
-                top1_agreement: judged.as_ref().map(|j| j.0.top1_agreement),
-                mc_accuracy: judged.as_ref().and_then(|j| j.2),
-                repetition_score: judged.as_ref().map(|j| repetition_score(&j.1)),
-                generated_text: judged.as_ref().map(|j| j.1.clone()).unwrap_or_default(),
-                note: match (judged.is_none(), recipe.note.is_empty()) {
-                    (true, true) => {
-                        "synthetic model (seeded random weights): speed and memory only".into()
-                    }
-                    (true, false) => format!(
-                        "synthetic model (seeded random weights): speed and memory only; {}",
-                        recipe.note
-                    ),
-                    (false, _) => recipe.note.clone(),
-                },
-                ..failed_row(job, probe, recipe, "")
-            };
-            out.push((row, ns));
+    // A decoded scheme runs llama.cpp's F32 kernels: its times and memory
+    // would be F32's, not the scheme's.
+    let timed = recipe.scheme_bits_per_weight.is_none();
+    let mut invocations: Vec<InvocationTiming> = Vec::new();
+    if timed {
+        invocations.push(InvocationTiming {
+            load_ms,
+            peak_rss_bytes: None,
+            seconds: time_tests(job, probe.cores, &mut model)?,
+        });
+        let own_peak = peak_rss_bytes();
+        invocations[0].peak_rss_bytes = own_peak;
+        drop(model);
+        for _ in 1..job.invocations {
+            invocations.push(invoke_child(job_path, index, probe.cores)?);
         }
+    }
+    let load_ms =
+        Summary::of(&invocations.iter().map(|i| i.load_ms).collect::<Vec<_>>()).map(|s| s.mean);
+    let peak_rss = invocations.iter().filter_map(|i| i.peak_rss_bytes).max();
+    let mut out = Vec::new();
+    for (test_index, (threads, prompt, n)) in tests(job, probe.cores).into_iter().enumerate() {
+        let seconds: Vec<Vec<f64>> = invocations
+            .iter()
+            .map(|i| i.seconds.get(test_index).cloned().unwrap_or_default())
+            .collect();
+        let all: Vec<f64> = seconds.iter().flatten().copied().collect();
+        let ns: Vec<f64> = all.iter().map(|s| s * 1e9).collect();
+        let ts: Vec<f64> = all.iter().map(|s| n as f64 / s).collect();
+        let (summary_ns, ts) = (Summary::of(&ns), Summary::of(&ts));
+        let row = ModelRow {
+            status: CellStatus::Ok,
+            model_type: facts.description.clone(),
+            model_size: recipe
+                .scheme_bits_per_weight
+                .map_or(facts.size_bytes, |bits| {
+                    (bits * facts.n_params as f64 / 8.0).round() as u64
+                }),
+            model_n_params: facts.n_params,
+            bits_per_weight: recipe
+                .scheme_bits_per_weight
+                .unwrap_or(facts.size_bytes as f64 * 8.0 / facts.n_params.max(1) as f64),
+            n_threads: threads,
+            n_prompt: if prompt { n } else { 0 },
+            n_gen: if prompt { 0 } else { n },
+            test: format!("{}{n}", if prompt { "pp" } else { "tg" }),
+            avg_ns: summary_ns.map(|s| s.mean),
+            stddev_ns: summary_ns.map(|s| s.stddev),
+            avg_ts: ts.map(|s| s.mean),
+            stddev_ts: ts.map(|s| s.stddev),
+            load_ms: load_ms.filter(|_| timed),
+            peak_rss_bytes: peak_rss.filter(|_| timed),
+            invocations: invocations.len() as u32,
+            ppl: judged.as_ref().map(|j| j.0.ppl),
+            kld_mean: judged.as_ref().map(|j| j.0.kld_mean),
+            kld_p99: judged.as_ref().map(|j| j.0.kld_p99),
+            top1_agreement: judged.as_ref().map(|j| j.0.top1_agreement),
+            mc_accuracy: judged.as_ref().and_then(|j| j.2),
+            repetition_score: judged.as_ref().map(|j| repetition_score(&j.1)),
+            generated_text: judged.as_ref().map(|j| j.1.clone()).unwrap_or_default(),
+            note: match (judged.is_none(), recipe.note.is_empty()) {
+                (true, true) => {
+                    "synthetic model (seeded random weights): speed and memory only".into()
+                }
+                (true, false) => format!(
+                    "synthetic model (seeded random weights): speed and memory only; {}",
+                    recipe.note
+                ),
+                (false, _) => recipe.note.clone(),
+            },
+            ..failed_row(job, probe, recipe, "")
+        };
+        let ns_by_invocation = seconds
+            .iter()
+            .map(|s| s.iter().map(|x| x * 1e9).collect())
+            .collect();
+        out.push((row, ns_by_invocation));
     }
     Ok(out)
 }

@@ -146,8 +146,10 @@ fn prepare_group(
     Ok(prepared)
 }
 
-/// Rounds over the prepared cells until each has its invocations; returns
-/// the next round's number.
+/// Rounds over the prepared cells until each has its invocations (and,
+/// with adaptive repetition, until its time is known to the policy's
+/// precision, its most invocations are spent, or the job's
+/// `adaptive_seconds` have passed); returns the next round's number.
 fn measure_group(
     job: &JobSpec,
     out: &mut JobOutput,
@@ -156,22 +158,28 @@ fn measure_group(
     mut round: u32,
 ) -> Result<u32> {
     let wanted = job.timing.invocations;
+    let started = std::time::Instant::now();
+    let adding_allowed = || {
+        job.adaptive_seconds
+            .is_none_or(|s| started.elapsed().as_secs() < s)
+    };
     let mut pending: Vec<usize> = prepared.keys().copied().collect();
     pending.sort_unstable();
-    // Cells whose invocations a previous agent already finished.
-    for &index in &pending {
-        let cell = &job.cells[index];
-        if out.invocations_done(&cell.id) >= wanted {
-            out.finish_cell(
-                index,
-                cell,
-                cell.threads.resolve(out.probe.cores),
-                Ok(prepared[&index]),
-            )?;
-        }
-    }
-    pending.retain(|&i| out.invocations_done(&job.cells[i].id) < wanted);
     while !pending.is_empty() {
+        // Cells with enough invocations (a previous agent's, or this
+        // one's) get their row; the rest measure another round.
+        let open = adding_allowed();
+        for &index in &pending {
+            let cell = &job.cells[index];
+            if !out.is_finished(&cell.id) && enough(job, out, &cell.id, open) {
+                let threads = cell.threads.resolve(out.probe.cores);
+                out.finish_cell(index, cell, threads, Ok(prepared[&index]))?;
+            }
+        }
+        pending.retain(|&i| !out.is_finished(&job.cells[i].id));
+        if pending.is_empty() {
+            break;
+        }
         let mut order = pending.clone();
         SeededRng::new(job.round_seed ^ u64::from(round).wrapping_mul(0x9e37_79b9_7f4a_7c15))
             .shuffle(&mut order);
@@ -191,13 +199,9 @@ fn measure_group(
                 out.emit(ProgressEvent::InvocationFinished {
                     cell_id: cell.id.clone(),
                     done: invocation + 1,
-                    invocations: wanted,
+                    invocations: wanted.max(invocation + 1),
                     round,
                 });
-                if invocation + 1 >= wanted {
-                    let threads = cell.threads.resolve(out.probe.cores);
-                    out.finish_cell(index, cell, threads, Ok(prepared[&index]))?;
-                }
                 Ok(())
             }
             ChildLine::Failed { index, reason } => {
@@ -218,13 +222,25 @@ fn measure_group(
                 out.finish_cell(index, cell, threads, Err(Refusal::Failed(note)))?;
             }
         }
-        pending.retain(|&i| {
-            let id = &job.cells[i].id;
-            !out.is_finished(id) && out.invocations_done(id) < wanted
-        });
         round += 1;
     }
     Ok(round)
+}
+
+/// Whether a cell has invocations enough: the policy's `invocations`, and
+/// with adaptive repetition either its most invocations, its precision,
+/// or (`open` false) no time left for another round.
+fn enough(job: &JobSpec, out: &JobOutput, cell_id: &str, open: bool) -> bool {
+    let done = out.invocations_done(cell_id);
+    let timing = &job.timing;
+    if done < timing.invocations {
+        return false;
+    }
+    if done >= timing.most_invocations() || !open {
+        return true;
+    }
+    out.precision(cell_id)
+        .is_some_and(|p| p <= timing.precision)
 }
 
 struct ChildOutcome {

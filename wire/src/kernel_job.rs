@@ -133,6 +133,12 @@ pub const DEFAULT_INVOCATIONS: u32 = 10;
 /// (and calling it unsettled), unless a matrix says otherwise.
 pub const DEFAULT_MAX_WARMUP_MS: u64 = 1000;
 
+/// Precision a cell's time is measured to when more invocations are
+/// allowed (`TimingPolicy::max_invocations`): the half-width of its 95%
+/// interval, relative (2%: two runs measured so are judged `same` within a
+/// 5% threshold when nothing changed).
+pub const DEFAULT_PRECISION: f64 = 0.02;
+
 /// Timing policy shared by every cell of a job. Repetition counts and
 /// times are per invocation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +155,27 @@ pub struct TimingPolicy {
     /// Most warm-up per invocation of a cell, ms.
     #[serde(default = "default_max_warmup_ms")]
     pub max_warmup_ms: u64,
+    /// Adaptive repetition: a cell whose time is not yet known to
+    /// `precision` after `invocations` gets more, a round at a time, up to
+    /// this many (0 or `invocations`: none), while the job's
+    /// `adaptive_seconds` last.
+    #[serde(default)]
+    pub max_invocations: u32,
+    /// Relative half-width of the 95% interval of a cell's time (Student's
+    /// t on its invocations' log medians) that ends its adaptive rounds.
+    #[serde(default = "default_precision")]
+    pub precision: f64,
+}
+
+impl TimingPolicy {
+    /// The most invocations a cell may get.
+    pub fn most_invocations(&self) -> u32 {
+        self.max_invocations.max(self.invocations)
+    }
+}
+
+fn default_precision() -> f64 {
+    DEFAULT_PRECISION
 }
 
 fn one() -> u32 {
@@ -208,6 +235,11 @@ pub struct JobSpec {
     /// `run.json`, so a run's order can be reproduced).
     #[serde(default)]
     pub round_seed: u64,
+    /// Seconds from the agent's start after which no adaptive round starts
+    /// (the run's `--budget`, less what the board's later jobs need);
+    /// `None`: adaptive rounds run until `max_invocations`.
+    #[serde(default)]
+    pub adaptive_seconds: Option<u64>,
     pub cells: Vec<Cell>,
 }
 

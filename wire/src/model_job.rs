@@ -89,6 +89,12 @@ pub struct ModelJob {
     pub n_prompt: usize,
     pub n_gen: usize,
     pub repetitions: u32,
+    /// Separate processes each recipe's speed is measured in (the first is
+    /// the agent's own, which also measures quality; the rest are fresh
+    /// children that map the same recipe file), one after another; each
+    /// runs `repetitions` of every test. 1 in jobs from before invocations.
+    #[serde(default = "one_invocation")]
+    pub invocations: u32,
     /// Multiple-choice JSONL on the machine that runs the agent.
     #[serde(default)]
     pub multiple_choice: Option<String>,
@@ -96,6 +102,10 @@ pub struct ModelJob {
     /// only, no quality to measure.
     #[serde(default)]
     pub synthetic: bool,
+}
+
+fn one_invocation() -> u32 {
+    1
 }
 
 /// A multiple-choice file that cannot be used, with the file and line.

@@ -71,6 +71,12 @@ pub struct KernelRow {
     /// times (0.05 is about 5%); empty with one invocation.
     #[serde(default)]
     pub invocation_spread: Option<f64>,
+    /// How precisely the invocations know the cell's time: relative
+    /// half-width of its 95% interval (Student's t on their log medians;
+    /// 0.02 is +-2%); empty below two invocations. Adaptive repetition
+    /// measures until it is at most the matrix's `precision`.
+    #[serde(default)]
+    pub precision: Option<f64>,
     /// Untimed calls before the timing, most over the invocations: warm-up
     /// runs until the timings stop falling (`settled`).
     #[serde(default)]
@@ -224,6 +230,7 @@ impl KernelRow {
             repetitions: 0,
             invocations: 0,
             invocation_spread: None,
+            precision: None,
             warmup_reps: 0,
             warmup_ms: None,
             settled: true,
@@ -350,6 +357,11 @@ pub struct ModelRow {
     pub load_ms: Option<f64>,
     /// Peak resident memory of the agent during this recipe (VmHWM), bytes.
     pub peak_rss_bytes: Option<u64>,
+    /// Processes the speed was measured in (each loads the recipe afresh
+    /// and runs every repetition); `avg_ns` is over all their repetitions,
+    /// `load_ms` their mean, `peak_rss_bytes` their most.
+    #[serde(default = "default_one")]
+    pub invocations: u32,
     /// Perplexity on the text, llama-perplexity's method (second half of
     /// each `ctx`-token chunk scored).
     pub ppl: Option<f64>,
@@ -419,6 +431,7 @@ impl ModelRow {
             stddev_ts: None,
             load_ms: None,
             peak_rss_bytes: None,
+            invocations: 0,
             ppl: None,
             kld_mean: None,
             kld_p99: None,
@@ -459,6 +472,7 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         repetitions: 10,
         invocations: 1,
         invocation_spread: None,
+        precision: None,
         warmup_reps: 3,
         warmup_ms: Some(1.5),
         settled: true,

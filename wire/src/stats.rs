@@ -400,6 +400,17 @@ pub fn invocation_time_ci(invocations: &[Vec<f64>], level: f64) -> Option<(f64, 
     Some((s.mean.exp(), (s.mean - half).exp(), (s.mean + half).exp()))
 }
 
+/// How precisely `invocations` know a cell's time: the relative
+/// half-width of `invocation_time_ci` at `level` (0.02: +-2%); `None`
+/// below two invocations, whose interval would miss run-to-run spread.
+pub fn relative_half_width(invocations: &[Vec<f64>], level: f64) -> Option<f64> {
+    if invocations.iter().filter(|r| !r.is_empty()).count() < 2 {
+        return None;
+    }
+    let (_, low, high) = invocation_time_ci(invocations, level)?;
+    (low > 0.0).then(|| (high / low).sqrt() - 1.0)
+}
+
 /// The change from `base` to `new`, each a list of invocations of
 /// repetitions, at confidence `level` (e.g. 0.95). Kalibera and Jones: a
 /// process is the unit of replication, so the ratio is of the geometric

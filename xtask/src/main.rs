@@ -122,6 +122,15 @@ enum Command {
         /// run.json; the agents must be the same builds (same commit).
         #[arg(long, value_name = "RUN", conflicts_with_all = ["target", "matrix"])]
         resume: Option<String>,
+        /// Bound the whole run's time, e.g. `45m`, `2h`, `1h30m`. Kernel
+        /// cells whose time is not yet known to the matrix's `precision`
+        /// (default +-2%) after their invocations get more, a round at a
+        /// time (up to 3x, or the matrix's `max_invocations`), while the
+        /// budget lasts; a budget too small for the matrix's invocations
+        /// lowers them, one too small for one invocation of every cell is
+        /// refused. Each job's `deadline_seconds` still stops a hung board.
+        #[arg(long, value_name = "DURATION")]
+        budget: Option<String>,
     },
     /// What quantbench keeps on boards: `board clean <target>` prunes old
     /// run folders, agent builds and unused models (also done after every
@@ -229,6 +238,11 @@ enum Command {
         /// divided out of its invocations).
         #[arg(long)]
         no_round_adjustment: bool,
+        /// Match cells across a setting the runs differ in, to judge the
+        /// setting itself: `repack` (on against off), `load_mode` or
+        /// `distribution`; comma list.
+        #[arg(long, value_delimiter = ',')]
+        across: Vec<String>,
     },
     /// Measure a board's noise: run a matrix as pairs of same-build runs
     /// (A, B, A, B, ...), judge each pair with `compare` and print the
@@ -332,7 +346,12 @@ fn run() -> Result<ExitCode> {
             accept_new_host_key,
             lock_wait,
             resume,
+            budget,
         } => {
+            let budget = budget
+                .as_deref()
+                .map(harness::budget::parse_duration)
+                .transpose()?;
             let report = run_bench(&SessionOptions {
                 config_path: config,
                 matrix: matrix.clone(),
@@ -342,6 +361,7 @@ fn run() -> Result<ExitCode> {
                 accept_new_host_key,
                 board_lock_wait: std::time::Duration::from_secs(lock_wait),
                 resume: resume.clone(),
+                budget,
             })
             .with_context(|| match &resume {
                 Some(run) => format!("resuming run `{run}`"),
@@ -536,6 +556,7 @@ fn run() -> Result<ExitCode> {
             results,
             no_noise_floors,
             no_round_adjustment,
+            across,
         } => {
             if !["table", "md", "json", "junit"].contains(&format.as_str()) {
                 anyhow::bail!("unknown --format `{format}` (known: table, md, json, junit)");
@@ -554,6 +575,7 @@ fn run() -> Result<ExitCode> {
                 max_cv,
                 quality_tolerance,
                 adjust_rounds: !no_round_adjustment,
+                across,
                 ..Default::default()
             };
             if !no_noise_floors {
@@ -628,6 +650,7 @@ fn run() -> Result<ExitCode> {
                 accept_new_host_key,
                 board_lock_wait: std::time::Duration::from_secs(lock_wait),
                 resume: None,
+                budget: None,
             };
             let mut runs = Vec::new();
             for i in 0..2 * pairs {

@@ -573,3 +573,120 @@ fn a_cpu_hog_beside_the_run_marks_its_cells_disturbed_and_compare_does_not_judge
         );
     }
 }
+
+#[test]
+fn adaptive_rounds_measure_imprecise_cells_until_the_budget_ends_and_a_budget_too_small_is_refused()
+{
+    // Two matrices of two 20 ms cells, two invocations each: `loose` asks
+    // a precision any two invocations reach, `strict` one none reaches, so
+    // its cells get rounds until the 12 s budget is spent.
+    let matrix = |name: &str, precision: f64, max_invocations: u32, min_time_ms: u64| {
+        format!(
+            r#"
+[matrices.{name}]
+types = ["F32", "Q8_0"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 1
+min_reps = 1000000
+min_time_ms = {min_time_ms}
+max_time_ms = {min_time_ms}
+invocations = 2
+max_invocations = {max_invocations}
+precision = {precision}
+"#
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = [
+        matrix("loose", 100.0, 6, 20),
+        matrix("strict", 1e-9, 1000, 20),
+        matrix("long", 0.02, 4, 10_000),
+    ]
+    .concat();
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let out = xtask(
+        dir.path(),
+        &[
+            "bench",
+            "--target",
+            "local",
+            "--matrix",
+            "loose,strict",
+            "--budget",
+            "12s",
+        ],
+    );
+    assert!(out.status.success(), "{}", common::text(&out));
+    let run = common::only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run.join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let (loose, strict): (Vec<&KernelRow>, Vec<&KernelRow>) = rows
+        .iter()
+        .partition(|r| r.run_id == rows[0].run_id && r.note.is_empty());
+    assert_eq!(loose.len(), 2, "{rows:?}");
+    for row in &loose {
+        assert_eq!(row.invocations, 2, "precise after two: {row:?}");
+        assert!(row.precision.is_some_and(|p| p <= 100.0), "{row:?}");
+    }
+    for row in &strict {
+        assert!(
+            row.invocations > 2 && row.invocations < 1000,
+            "more rounds, stopped by the budget: {row:?}"
+        );
+        assert!(
+            row.note.contains("short of the +-0.0% asked")
+                && row.note.contains("--budget left no time"),
+            "{}",
+            row.note
+        );
+    }
+    // Every invocation of a cell is in samples.csv with its round.
+    let samples: Vec<SampleRow> = read_csv(&run.join("samples.csv")).unwrap();
+    for row in &strict {
+        let invocations: std::collections::BTreeSet<u32> = samples
+            .iter()
+            .filter(|s| s.cell_id == row.cell_id && s.board == row.board)
+            .map(|s| s.invocation)
+            .collect();
+        assert!(invocations.len() as u32 >= row.invocations, "{row:?}");
+    }
+
+    // One invocation of every cell of `long` takes 2 x 10 s: a 5 s budget
+    // is refused in one line after the agent's build lines, nothing
+    // measured; a budget that is not a duration likewise, at once.
+    let out = xtask(
+        dir.path(),
+        &[
+            "bench", "--target", "local", "--matrix", "long", "--budget", "5s",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("rror")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    for word in ["--budget 5s is too small", "on board local", "at least 21s"] {
+        assert!(errors[0].contains(word), "`{word}` in {}", errors[0]);
+    }
+    let runs = std::fs::read_dir(dir.path().join("results"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count();
+    assert_eq!(runs, 1, "the first run, nothing more");
+    assert_one_clear_error(
+        &xtask(
+            dir.path(),
+            &[
+                "bench",
+                "--target",
+                "local",
+                "--matrix",
+                "long",
+                "--budget",
+                "5 minutes",
+            ],
+        ),
+        &["--budget `5 minutes`", "45m"],
+    );
+}

@@ -208,6 +208,56 @@ fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
         "{table}"
     );
 
+    // A setting judged itself: the same cells with repack off match none
+    // of the base's keys, unless compared across `repack`.
+    let unpacked = dir.path().join("results/20991233T000000Z-no-repack");
+    copy_dir(&again, &unpacked);
+    rewrite::<KernelRow>(&unpacked.join("kernels.csv"), |r| r.repack = false);
+    let out = xtask(
+        dir.path(),
+        &["compare", base_arg, unpacked.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no measured cell in common"),
+        "{}",
+        text(&out)
+    );
+    let out = xtask(
+        dir.path(),
+        &[
+            "compare",
+            base_arg,
+            unpacked.to_str().unwrap(),
+            "--across",
+            "repack",
+            "--format",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let q4_cell = json["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cell"] == q4)
+        .unwrap();
+    assert_eq!(q4_cell["verdict"], "regressed", "{q4_cell}");
+    assert_eq!(q4_cell["settings"], "llm-like/mmap/*", "{q4_cell}");
+    assert!(
+        q4_cell["notes"]
+            .to_string()
+            .contains("settings llm-like/mmap/repack -> llm-like/mmap/no-repack"),
+        "{q4_cell}"
+    );
+    let out = xtask(
+        dir.path(),
+        &["compare", base_arg, new_arg, "--across", "threads"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--across `threads`"), "{}", text(&out));
+
     // A run against itself: nothing regressed, and the markdown goes to
     // the step summary when CI sets one.
     let summary = dir.path().join("step-summary.md");

@@ -97,16 +97,26 @@ fn model_quick_gives_rows_quality_text_and_plots() {
         q8.fallbacks
     );
     // Every repetition is kept, keyed like the row, as llama-bench's
-    // `samples_ns`: 2 repetitions per test.
+    // `samples_ns`: 2 repetitions per test in each of 3 invocations (the
+    // agent's own process and two fresh children), each invocation's
+    // repetitions numbered on their own.
     let samples: Vec<wire::rows::SampleRow> = read_csv(&run.join("samples.csv")).unwrap();
     for r in rows.iter().filter(|r| r.status == CellStatus::Ok) {
-        let reps: Vec<u64> = samples
+        assert_eq!(r.invocations, 3, "{r:?}");
+        let reps: Vec<&wire::rows::SampleRow> = samples
             .iter()
             .filter(|s| s.cell_id == r.cell_id())
-            .map(|s| s.ns)
             .collect();
-        assert_eq!(reps.len(), 2, "{}", r.cell_id());
-        let mean = reps.iter().sum::<u64>() as f64 / 2.0;
+        assert_eq!(reps.len(), 6, "{}", r.cell_id());
+        for invocation in 0..3 {
+            let of: Vec<u32> = reps
+                .iter()
+                .filter(|s| s.invocation == invocation)
+                .map(|s| s.repetition)
+                .collect();
+            assert_eq!(of, [0, 1], "{} invocation {invocation}", r.cell_id());
+        }
+        let mean = reps.iter().map(|s| s.ns).sum::<u64>() as f64 / 6.0;
         assert!((mean - r.avg_ns.unwrap()).abs() <= 1.0, "{reps:?} {r:?}");
     }
     let importance = std::fs::read_to_string(run.join("importance.json")).unwrap();

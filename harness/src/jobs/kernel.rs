@@ -6,6 +6,7 @@ use super::{
     from_spec, merge_rows, rows_in, to_spec, JobError, JobFailure, JobKind, PlannedJob, Tally,
 };
 use crate::boards::ResolvedBoard;
+use crate::budget::BudgetNeed;
 use crate::config::{BenchConfig, MatrixSpec};
 use crate::matrix::job_for_board;
 use crate::session::{BoardSlot, Session};
@@ -65,6 +66,15 @@ impl JobKind for KernelMatrix {
         if let ResolvedBoard::Remote(remote) = &board.board {
             job.memory_limit_bytes = remote.max_memory_bytes;
         }
+        // With a budget, imprecise cells may get up to three times their
+        // invocations (the budget bounds the time they take).
+        if session.options.budget.is_some()
+            && self.spec.max_invocations.is_none()
+            && !board.emulated
+        {
+            job.timing.max_invocations = 3 * job.timing.invocations;
+        }
+        let deadline = self.job_deadline(&job);
         Ok(vec![PlannedJob {
             kind_index: 0,
             name: self.name.clone(),
@@ -75,7 +85,7 @@ impl JobKind for KernelMatrix {
             memory_need: None,
             disk_bytes: job.disk_need_bytes(),
             outputs: &[KERNEL_ROWS_FILE, SAMPLES_FILE, INVOCATIONS_FILE],
-            deadline: self.spec.deadline(job.cells.len(), job.timing.invocations),
+            deadline,
         }])
     }
 
@@ -115,12 +125,47 @@ impl JobKind for KernelMatrix {
         Ok(Some(PlannedJob {
             units: spec.cells.len(),
             disk_bytes: spec.disk_need_bytes(),
-            deadline: self
-                .spec
-                .deadline(spec.cells.len(), spec.timing.invocations),
+            deadline: self.job_deadline(&spec),
             spec: to_spec(&spec),
             ..job.clone()
         }))
+    }
+
+    fn budget_need(&self, job: &PlannedJob) -> Result<Option<BudgetNeed>, JobError> {
+        let spec: JobSpec = from_spec(job)?;
+        // Each invocation of a cell times for at least `min_time_ms` after
+        // at least the agent's shortest warm-up.
+        let per_cell_ms = spec.timing.min_time_ms + MIN_WARMUP_MS;
+        Ok(Some(BudgetNeed {
+            seconds_per_invocation: spec.cells.len() as f64 * per_cell_ms as f64 / 1000.0,
+            invocations: spec.timing.invocations,
+            what: format!(
+                "kernel matrix {}: {} cells x ({} ms timed + {MIN_WARMUP_MS} ms warm-up)",
+                self.name,
+                spec.cells.len(),
+                spec.timing.min_time_ms
+            ),
+        }))
+    }
+
+    fn fit_budget(
+        &self,
+        job: &PlannedJob,
+        invocations: u32,
+        adaptive_seconds: Option<u64>,
+    ) -> Result<PlannedJob, JobError> {
+        let mut spec: JobSpec = from_spec(job)?;
+        if invocations < spec.timing.invocations {
+            // Not even the matrix's invocations fit: no adaptive rounds.
+            spec.timing.invocations = invocations.max(1);
+            spec.timing.max_invocations = 0;
+        }
+        spec.adaptive_seconds = adaptive_seconds;
+        Ok(PlannedJob {
+            deadline: self.job_deadline(&spec),
+            spec: to_spec(&spec),
+            ..job.clone()
+        })
     }
 
     fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
@@ -128,6 +173,40 @@ impl JobKind for KernelMatrix {
         merge_rows::<SampleRow>(run_dir, boards, SAMPLES_FILE)?;
         merge_rows::<InvocationRow>(run_dir, boards, INVOCATIONS_FILE)?;
         Ok(())
+    }
+}
+
+/// The agent's shortest warm-up of an invocation (`remote-agent`'s
+/// `MIN_WARMUP`).
+const MIN_WARMUP_MS: u64 = 20;
+
+impl KernelMatrix {
+    /// The job's deadline: the matrix's for its cells and invocations, and
+    /// the time its adaptive rounds may take.
+    fn job_deadline(&self, spec: &JobSpec) -> std::time::Duration {
+        self.spec
+            .deadline(spec.cells.len(), spec.timing.invocations)
+            + self.adaptive_allowance(spec)
+    }
+
+    /// Time a job's adaptive rounds may add to its deadline: its
+    /// `adaptive_seconds`, or without a budget, a deadline's worth per
+    /// extra invocation.
+    fn adaptive_allowance(&self, spec: &JobSpec) -> std::time::Duration {
+        let extra = spec
+            .timing
+            .most_invocations()
+            .saturating_sub(spec.timing.invocations);
+        if extra == 0 {
+            return std::time::Duration::ZERO;
+        }
+        match spec.adaptive_seconds {
+            Some(seconds) => std::time::Duration::from_secs(seconds),
+            None => self
+                .spec
+                .deadline(spec.cells.len(), extra + 1)
+                .saturating_sub(self.spec.deadline(spec.cells.len(), 1)),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod kernel;
 pub mod model;
 
+use crate::budget::BudgetNeed;
 use crate::config::{BenchConfig, ConfigError, NamedMatrix};
 use crate::recipes::RecipeError;
 use crate::session::{BoardSlot, Session};
@@ -143,6 +144,23 @@ pub trait JobKind: Send + Sync {
     /// `job` cut down to the units without a row in `job_dir` (`None` when
     /// every unit has one): what a resumed run still has to measure.
     fn remaining(&self, job: &PlannedJob, job_dir: &Path) -> Result<Option<PlannedJob>, JobError>;
+
+    /// The job's least time per invocation of all its units, for
+    /// `--budget` (`crate::budget`); `None` for kinds without invocations.
+    fn budget_need(&self, _job: &PlannedJob) -> Result<Option<BudgetNeed>, JobError> {
+        Ok(None)
+    }
+
+    /// The job measuring at most `invocations` a unit and, with
+    /// `adaptive_seconds`, adding adaptive rounds for that long.
+    fn fit_budget(
+        &self,
+        job: &PlannedJob,
+        _invocations: u32,
+        _adaptive_seconds: Option<u64>,
+    ) -> Result<PlannedJob, JobError> {
+        Ok(job.clone())
+    }
     /// Rebuilds the run's merged row files from every board's.
     fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError>;
     /// Anything else the kind stores with the run once every board is done.

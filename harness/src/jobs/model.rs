@@ -53,6 +53,10 @@ fn uploads_of(job: &ModelJob) -> Vec<Upload> {
     uploads
 }
 
+/// Processes a recipe's speed is measured in on a real board unless the
+/// matrix says (README, "Invocations and verdicts").
+pub const DEFAULT_MODEL_INVOCATIONS: u32 = 3;
+
 pub struct ModelMatrix {
     name: String,
     spec: ModelMatrixSpec,
@@ -353,6 +357,15 @@ impl JobKind for ModelMatrix {
                 n_prompt: self.spec.n_prompt,
                 n_gen: self.spec.n_gen,
                 repetitions: self.spec.repetitions,
+                invocations: self
+                    .spec
+                    .invocations
+                    .unwrap_or(if board.emulated {
+                        1
+                    } else {
+                        DEFAULT_MODEL_INVOCATIONS
+                    })
+                    .max(1),
                 multiple_choice: self
                     .multiple_choice
                     .as_ref()
@@ -387,7 +400,7 @@ impl JobKind for ModelMatrix {
                 // Rows only: the models are uploads, checked as they go.
                 disk_bytes: wire::kernel_job::ROWS_ALLOWANCE_BYTES,
                 outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE],
-                deadline: self.spec.deadline(job.recipes.len()),
+                deadline: self.spec.deadline(job.recipes.len(), job.invocations),
             });
         }
         Ok(jobs)
@@ -447,7 +460,7 @@ impl JobKind for ModelMatrix {
         }
         Ok(Some(PlannedJob {
             units: spec.recipes.len(),
-            deadline: self.spec.deadline(spec.recipes.len()),
+            deadline: self.spec.deadline(spec.recipes.len(), spec.invocations),
             uploads: uploads_of(&spec),
             spec: to_spec(&spec),
             ..job.clone()

@@ -94,6 +94,9 @@ pub fn type_table(rows: &[KernelRow]) -> String {
         if let Some(note) = thermal_note(&rows) {
             let _ = writeln!(out, "{note}\n");
         }
+        if let Some(note) = precision_note(&rows) {
+            let _ = writeln!(out, "{note}\n");
+        }
         let _ = writeln!(
             out,
             "| type | bits/weight | cells ok | unsupported | failed | speedup vs F32 | GFLOP/s | weight GB/s | share of bandwidth | output NMSE |"
@@ -153,14 +156,35 @@ pub fn thermal_note<R: std::borrow::Borrow<KernelRow>>(rows: &[R]) -> Option<Str
     ))
 }
 
+/// How many of a board's measured cells stopped short of the precision
+/// their adaptive rounds asked (the agent's `note` says so), or `None`.
+pub fn precision_note(rows: &[&KernelRow]) -> Option<String> {
+    let short: Vec<&&KernelRow> = rows
+        .iter()
+        .filter(|r| r.status == CellStatus::Ok && r.note.contains("short of the"))
+        .collect();
+    if short.is_empty() {
+        return None;
+    }
+    let budget = short.iter().filter(|r| r.note.contains("--budget")).count();
+    Some(format!(
+        "**Not decided: {} of {} cells** stopped short of the precision asked ({budget} when the run's --budget ran out, {} at max_invocations); `compare` may call them inconclusive. A larger --budget or max_invocations decides them.",
+        short.len(),
+        rows.len(),
+        short.len() - budget
+    ))
+}
+
 /// Every cell, for the summary file.
 pub fn cell_table(rows: &[KernelRow]) -> String {
     let mut out = String::from(
         "| board | shape | type | N | threads | median µs | GFLOP/s | weight GB/s | NMSE | path / note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
-        let path_or_note = if r.status == CellStatus::Ok {
+        let path_or_note = if r.status == CellStatus::Ok && r.note.is_empty() {
             r.kernel_path.clone()
+        } else if r.status == CellStatus::Ok {
+            format!("{}; {}", r.kernel_path, r.note)
         } else {
             format!("{:?}: {}", r.status, r.note).to_lowercase()
         };
