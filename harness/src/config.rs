@@ -202,6 +202,15 @@ pub struct ModelMatrixSpec {
     /// spread between processes. Default: 3 on real boards, 1 on emulated.
     #[serde(default)]
     pub invocations: Option<u32>,
+    /// Adaptive repetition: a recipe whose tests are not yet known to
+    /// `precision` after `invocations` gets more, up to this many (real
+    /// boards only; default none).
+    #[serde(default)]
+    pub max_invocations: Option<u32>,
+    /// Relative half-width of the 95% interval of a test's time that ends
+    /// a recipe's adaptive invocations (default 0.02).
+    #[serde(default)]
+    pub precision: Option<f64>,
     #[serde(default)]
     pub adaptive: AdaptiveParams,
     /// Multiple-choice tasks, JSONL in the HellaSwag layout: one object per
@@ -408,6 +417,8 @@ impl ModelMatrixSpec {
         let units = (recipes * self.threads.len().max(1)) as u64;
         // Each further invocation loads the recipe and runs its tests again.
         let more = 300 * units * u64::from(invocations.saturating_sub(1));
+        let invocations = invocations.max(self.max_invocations.unwrap_or(0));
+        let more = more.max(300 * units * u64::from(invocations.saturating_sub(1)));
         std::time::Duration::from_secs(self.deadline_seconds.unwrap_or(600 + 600 * units + more))
     }
 

@@ -149,6 +149,7 @@ pub fn import_llama_bench(
             peak_rss_bytes: None,
             // llama-bench measures in one process.
             invocations: 1,
+            precision: None,
             ppl: None,
             kld_mean: None,
             kld_p99: None,

@@ -400,6 +400,18 @@ pub fn time_invocation(job: &ModelJob, index: usize, cores: usize) -> Result<()>
     Ok(())
 }
 
+/// Whether every test's time is known to `precision` from `invocations`.
+fn precise_enough(invocations: &[InvocationTiming], precision: f64) -> bool {
+    let tests = invocations.first().map_or(0, |i| i.seconds.len());
+    (0..tests).all(|t| {
+        let groups: Vec<Vec<f64>> = invocations
+            .iter()
+            .map(|i| i.seconds.get(t).cloned().unwrap_or_default())
+            .collect();
+        wire::stats::relative_half_width(&groups, 0.95).is_some_and(|p| p <= precision)
+    })
+}
+
 /// A further invocation of recipe `index` in a fresh child process.
 fn invoke_child(job_path: &Path, index: usize, cores: usize) -> Result<InvocationTiming> {
     let exe = std::env::current_exe().context("finding the agent's own binary")?;
@@ -658,6 +670,12 @@ fn measure_recipe(
         for _ in 1..job.invocations {
             invocations.push(invoke_child(job_path, index, probe.cores)?);
         }
+        // Adaptive: more invocations while any test's time is imprecise.
+        while (invocations.len() as u32) < job.max_invocations
+            && !precise_enough(&invocations, job.precision)
+        {
+            invocations.push(invoke_child(job_path, index, probe.cores)?);
+        }
     }
     let load_ms =
         Summary::of(&invocations.iter().map(|i| i.load_ms).collect::<Vec<_>>()).map(|s| s.mean);
@@ -695,6 +713,7 @@ fn measure_recipe(
             load_ms: load_ms.filter(|_| timed),
             peak_rss_bytes: peak_rss.filter(|_| timed),
             invocations: invocations.len() as u32,
+            precision: wire::stats::relative_half_width(&seconds, 0.95),
             ppl: judged.as_ref().map(|j| j.0.ppl),
             kld_mean: judged.as_ref().map(|j| j.0.kld_mean),
             kld_p99: judged.as_ref().map(|j| j.0.kld_p99),

@@ -95,6 +95,15 @@ pub struct ModelJob {
     /// runs `repetitions` of every test. 1 in jobs from before invocations.
     #[serde(default = "one_invocation")]
     pub invocations: u32,
+    /// Adaptive repetition: a recipe whose every test is not yet known to
+    /// `precision` after `invocations` gets more, one at a time, up to this
+    /// many (0 or `invocations`: none).
+    #[serde(default)]
+    pub max_invocations: u32,
+    /// Relative half-width of the 95% interval of a test's time that ends
+    /// a recipe's adaptive invocations.
+    #[serde(default = "default_precision")]
+    pub precision: f64,
     /// Multiple-choice JSONL on the machine that runs the agent.
     #[serde(default)]
     pub multiple_choice: Option<String>,
@@ -102,6 +111,10 @@ pub struct ModelJob {
     /// only, no quality to measure.
     #[serde(default)]
     pub synthetic: bool,
+}
+
+fn default_precision() -> f64 {
+    crate::kernel_job::DEFAULT_PRECISION
 }
 
 fn one_invocation() -> u32 {

@@ -362,6 +362,11 @@ pub struct ModelRow {
     /// `load_ms` their mean, `peak_rss_bytes` their most.
     #[serde(default = "default_one")]
     pub invocations: u32,
+    /// How precisely the invocations know the test's time: relative
+    /// half-width of its 95% interval (Student's t on their log medians);
+    /// empty below two invocations.
+    #[serde(default)]
+    pub precision: Option<f64>,
     /// Perplexity on the text, llama-perplexity's method (second half of
     /// each `ctx`-token chunk scored).
     pub ppl: Option<f64>,
@@ -432,6 +437,7 @@ impl ModelRow {
             load_ms: None,
             peak_rss_bytes: None,
             invocations: 0,
+            precision: None,
             ppl: None,
             kld_mean: None,
             kld_p99: None,

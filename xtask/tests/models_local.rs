@@ -347,3 +347,50 @@ fn make_model_writes_the_same_bytes_twice_and_refuses_bad_requests_in_one_line()
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
 }
+
+#[test]
+fn adaptive_invocations_time_an_imprecise_recipe_again_up_to_the_most_asked() {
+    // Two matrices on the fixture model, two invocations each: `loose`
+    // asks a precision two invocations reach, `strict` one none reaches,
+    // so its recipe is timed in fresh processes up to `max_invocations`.
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(&[fixture("stories260K.gguf")], "\"q8_0\"");
+    let strict = base.replace("[model_matrices.m]", "[model_matrices.strict]")
+        + "invocations = 2\nmax_invocations = 4\nprecision = 1e-9\n";
+    let loose = base.replace("[model_matrices.m]", "[model_matrices.loose]")
+        + "invocations = 2\nmax_invocations = 4\nprecision = 100.0\n";
+    std::fs::write(dir.path().join("bench.toml"), strict + &loose).unwrap();
+    for (matrix, expected) in [("strict", 4), ("loose", 2)] {
+        let out = xtask(
+            dir.path(),
+            &["bench", "--target", "local", "--matrix", matrix],
+        );
+        assert!(out.status.success(), "{}", common::text(&out));
+        let runs: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("results"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect();
+        let run = runs
+            .iter()
+            .find(|r| {
+                std::fs::read_to_string(r.join("run.json"))
+                    .unwrap()
+                    .contains(&format!("\"matrix\": \"{matrix}\""))
+            })
+            .unwrap_or_else(|| panic!("the run of {matrix} in {runs:?}"));
+        let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+        let samples: Vec<wire::rows::SampleRow> = read_csv(&run.join("samples.csv")).unwrap();
+        for r in &rows {
+            assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+            assert_eq!(r.invocations, expected, "{matrix}: {r:?}");
+            assert!(r.precision.is_some(), "{r:?}");
+            let invocations: std::collections::BTreeSet<u32> = samples
+                .iter()
+                .filter(|s| s.cell_id == r.cell_id())
+                .map(|s| s.invocation)
+                .collect();
+            assert_eq!(invocations.len() as u32, expected, "{matrix}: {r:?}");
+        }
+    }
+}

@@ -366,6 +366,15 @@ impl JobKind for ModelMatrix {
                         DEFAULT_MODEL_INVOCATIONS
                     })
                     .max(1),
+                max_invocations: if board.emulated {
+                    0
+                } else {
+                    self.spec.max_invocations.unwrap_or(0)
+                },
+                precision: self
+                    .spec
+                    .precision
+                    .unwrap_or(wire::kernel_job::DEFAULT_PRECISION),
                 multiple_choice: self
                     .multiple_choice
                     .as_ref()
