@@ -47,8 +47,9 @@ fn run_in_process(job: &JobSpec, out: &mut JobOutput, out_dir: &Path) -> Result<
             cell_id: cell.id.clone(),
         });
         let threads = cell.threads.resolve(out.probe.cores);
-        let measured = prepare_cell(cell, threads, job, &mut cache, None).and_then(|mut ready| {
-            let result = measure_invocation(ready.multiply.as_mut(), job)
+        let measured = prepare_cell(cell, threads, job, &mut cache, None).and_then(|ready| {
+            let mut multiply = crate::slowdown::for_cell(ready.multiply, &cell.id);
+            let result = measure_invocation(multiply.as_mut(), job)
                 .map_err(|e| Refusal::Failed(e.to_string()))?;
             Ok((ready.prep, result))
         });

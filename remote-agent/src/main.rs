@@ -8,6 +8,7 @@ mod measure;
 mod model_run;
 mod multiply;
 mod rounds;
+mod slowdown;
 mod sysinfo;
 
 use anyhow::{Context, Result};

@@ -355,9 +355,10 @@ fn measure_staged(
         )),
     };
     let x = activations(job.distribution, n, k, job.seed);
-    let mut multiply = weights
+    let multiply = weights
         .multiply(&x, n, threads, job.repack)
         .map_err(|e| e.to_string())?;
+    let mut multiply = crate::slowdown::for_cell(multiply, &cell.id);
     measure_invocation(multiply.as_mut(), job).map_err(|e| e.to_string())
 }
 
