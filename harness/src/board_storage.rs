@@ -36,15 +36,30 @@ pub fn prune(
     keep: usize,
     current_agent: &str,
 ) -> Result<Pruned, TransportError> {
-    let script = format!(
+    let out = conn.exec(&prune_script(work_dir, keep, current_agent))?;
+    Ok(read_counts(&out.stdout))
+}
+
+/// The shell script that prunes `work_dir` (POSIX sh; prints the counts).
+fn prune_script(work_dir: &str, keep: usize, current_agent: &str) -> String {
+    format!(
         r#"cd {wd} 2>/dev/null || {{ echo 0 0 0; exit 0; }}
 r=0; a=0; m=0
 [ -d agents/{current} ] && touch agents/{current}
-for d in $(ls -1dt runs/*/ 2>/dev/null | tail -n +{from}); do rm -rf "$d"; r=$((r+1)); done
-for d in $(ls -1dt agents/*/ 2>/dev/null | tail -n +{from}); do
+# Line by line, never word-split: a name with a space is one folder.
+while IFS= read -r d; do
+  [ -n "$d" ] || continue
+  rm -rf -- "$d"; r=$((r+1))
+done <<LIST
+$(ls -1dt runs/*/ 2>/dev/null | tail -n +{from})
+LIST
+while IFS= read -r d; do
+  [ -n "$d" ] || continue
   [ "${{d%/}}" = agents/{current} ] && continue
-  rm -rf "$d"; a=$((a+1))
-done
+  rm -rf -- "$d"; a=$((a+1))
+done <<LIST
+$(ls -1dt agents/*/ 2>/dev/null | tail -n +{from})
+LIST
 rm -f agents/*/*.part-* 2>/dev/null
 for f in models/*; do
   [ -e "$f" ] || continue
@@ -56,26 +71,63 @@ echo $r $a $m"#,
         wd = board_path(work_dir),
         current = crate::shell::shell_quote(current_agent),
         from = keep.max(1) + 1,
-    );
-    let out = conn.exec(&script)?;
-    let counts: Vec<usize> = out
-        .stdout
+    )
+}
+
+fn read_counts(stdout: &str) -> Pruned {
+    let counts: Vec<usize> = stdout
         .split_whitespace()
         .filter_map(|n| n.parse().ok())
         .collect();
-    Ok(match counts[..] {
+    match counts[..] {
         [runs, agents, models] => Pruned {
             runs,
             agents,
             models,
         },
         _ => Pruned::default(),
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_folder_with_a_space_is_pruned_whole_and_nothing_beside_it() {
+        // The script a board runs, run here by sh on a work dir holding
+        // three runs (one named with a space, as a matrix `x agents` once
+        // made), an `agents` folder of builds and a model a kept run uses.
+        let dir = tempfile::tempdir().unwrap();
+        let wd = dir.path();
+        for (i, run) in ["old run x agents", "mid", "new"].iter().enumerate() {
+            let folder = wd.join("runs").join(run);
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::write(folder.join("job.json"), "model.gguf").unwrap();
+            // Oldest first, a second apart, for `ls -t`.
+            let t = std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(1_000 + i as u64);
+            std::fs::File::open(&folder)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        std::fs::create_dir_all(wd.join("agents/abc")).unwrap();
+        std::fs::create_dir_all(wd.join("models")).unwrap();
+        std::fs::write(wd.join("models/model.gguf"), "m").unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(prune_script(&wd.display().to_string(), 2, "abc"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let pruned = read_counts(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(pruned.runs, 1, "{out:?}");
+        assert!(!wd.join("runs/old run x agents").exists());
+        for kept in ["runs/mid", "runs/new", "agents/abc", "models/model.gguf"] {
+            assert!(wd.join(kept).exists(), "{kept}");
+        }
+    }
 
     #[test]
     fn pruned_counts_read_as_a_sentence() {

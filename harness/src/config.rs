@@ -148,6 +148,15 @@ fn default_cooldown_max_seconds() -> u64 {
     120
 }
 
+/// Letters, digits, `.`, `_` and `-`, not starting with `.` or `-`.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 impl MatrixSpec {
     /// The job's deadline: `deadline_seconds`, or 5 minutes plus, per cell,
     /// 30 s for making its weights (an lm head takes seconds to generate; an
@@ -335,6 +344,17 @@ impl BenchConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        // A matrix name becomes a job folder on boards and the host, and
+        // shell scripts list those folders: letters, digits, `.`, `_`, `-`.
+        for name in self.matrices.keys().chain(self.model_matrices.keys()) {
+            if !is_safe_name(name) {
+                return Err(ConfigError::Invalid {
+                    path: self.source.clone(),
+                    matrix: name.clone(),
+                    message: "a matrix name may hold only letters, digits, `.`, `_` and `-` (it names folders on boards): rename it".into(),
+                });
+            }
+        }
         let catalog = self.catalog();
         for (name, spec) in &self.matrices {
             let invalid = |message: String| ConfigError::Invalid {
@@ -462,6 +482,23 @@ mod tests {
 
     fn parse(text: &str) -> Result<BenchConfig, ConfigError> {
         BenchConfig::parse(text, Path::new("bench.toml"))
+    }
+
+    #[test]
+    fn a_matrix_name_that_would_split_in_a_shell_or_climb_folders_is_refused() {
+        for bad in ["x agents", "../up", "a/b", "$(rm)", ".hidden", ""] {
+            let e = parse(&format!(
+                "[matrices.{bad:?}]\ntypes=[\"q4_0\"]\nshapes=[\"all\"]\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("only letters, digits"), "{bad}: {e}");
+        }
+        let e = parse(
+            "[model_matrices.\"m m\"]\nmodels=[\"x.gguf\"]\nrecipes=[\"q4_0\"]\ntext=\"t\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("only letters, digits"), "{e}");
+        parse("[matrices.\"quick-2.b_c\"]\ntypes=[\"q4_0\"]\nshapes=[\"all\"]\n").unwrap();
     }
 
     #[test]

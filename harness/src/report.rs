@@ -29,6 +29,8 @@ pub enum ReportError {
     Draw(#[from] canvas::DrawError),
     #[error("no runs under {0}: run `cargo xtask bench` first")]
     NoRuns(PathBuf),
+    #[error("{0} is not an earlier report (no {REPORT_MARKER} in it) and the report replaces its folder whole: give --out a new folder, or one an earlier `cargo xtask report` wrote")]
+    NotAReport(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -48,10 +50,53 @@ pub struct ReportSummary {
     pub trend_plots: usize,
 }
 
+/// Written into every report folder: only a folder holding it is replaced
+/// by the next report (`--out results` must not wipe the history).
+pub const REPORT_MARKER: &str = ".quantbench-report";
+
 /// At most this many trend plots: cells with change points first.
 const MAX_TRENDS: usize = 48;
 
-pub fn write_report(results_root: &Path, site: &Path) -> Result<ReportSummary, ReportError> {
+/// Writes the report into `out`: built in a folder beside it, then swapped
+/// in, so a failed report leaves the last one whole. `out` must be absent,
+/// empty, or an earlier report.
+pub fn write_report(results_root: &Path, out: &Path) -> Result<ReportSummary, ReportError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ReportError::Io { path, source }
+    };
+    let earlier = out.is_dir() && std::fs::read_dir(out).map_err(io(out))?.next().is_some();
+    if earlier && !out.join(REPORT_MARKER).exists() {
+        return Err(ReportError::NotAReport(out.to_path_buf()));
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "site".into());
+    let building = out.with_file_name(format!(".{name}.building"));
+    if building.exists() {
+        std::fs::remove_dir_all(&building).map_err(io(&building))?;
+    }
+    std::fs::create_dir_all(&building).map_err(io(&building))?;
+    std::fs::write(building.join(REPORT_MARKER), "").map_err(io(&building))?;
+    let mut summary = build_site(results_root, &building)?;
+    let old = out.with_file_name(format!(".{name}.old"));
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    }
+    if out.exists() {
+        std::fs::rename(out, &old).map_err(io(out))?;
+    }
+    std::fs::rename(&building, out).map_err(io(out))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    }
+    summary.index = out.join("index.html");
+    Ok(summary)
+}
+
+/// The whole site, written into the empty folder `site`.
+fn build_site(results_root: &Path, site: &Path) -> Result<ReportSummary, ReportError> {
     let (history, _) = History::open(results_root)?;
     let runs = history.runs()?;
     let latest = runs
@@ -61,9 +106,6 @@ pub fn write_report(results_root: &Path, site: &Path) -> Result<ReportSummary, R
         let path = path.to_path_buf();
         move |source| ReportError::Io { path, source }
     };
-    if site.exists() {
-        std::fs::remove_dir_all(site).map_err(io(site))?;
-    }
     let run_site = site.join("runs").join(&latest.run_id);
     std::fs::create_dir_all(run_site.join("plots")).map_err(io(&run_site))?;
     std::fs::create_dir_all(site.join("trends")).map_err(io(site))?;
@@ -136,6 +178,26 @@ pub fn write_report(results_root: &Path, site: &Path) -> Result<ReportSummary, R
             ""
         }
     );
+    let failed: Vec<_> = run
+        .manifest
+        .boards
+        .iter()
+        .filter_map(|b| Some((&b.board, b.error.as_ref()?)))
+        .collect();
+    if !failed.is_empty() {
+        // Each board's error once, as written: its advice must reach the
+        // reader unchanged.
+        html.push_str("<h2>Boards that failed</h2>\n<ul>\n");
+        for (board, error) in failed {
+            let _ = writeln!(
+                html,
+                "<li><code>{}</code><pre>{}</pre></li>",
+                esc(board),
+                esc(error)
+            );
+        }
+        html.push_str("</ul>\n");
+    }
     html.push_str("<h2>Against the previous run of the same boards</h2>\n");
     match (&previous, &comparison) {
         (Some(prev), Some(cmp)) => {

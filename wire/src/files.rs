@@ -52,7 +52,14 @@ impl<T: Serialize> CsvAppender<T> {
             .append(true)
             .open(path)
             .map_err(io)?;
-        let is_empty = file.metadata().map_err(io)?.len() == 0;
+        let len = file.metadata().map_err(io)?.len();
+        let is_empty = len == 0;
+        if !is_empty && !ends_with_newline(path, len).map_err(io)? {
+            // A line cut short (a full disk, a killed writer): end it, so
+            // the rows appended now start on a line of their own and the
+            // cut one stays a single bad line that readers skip.
+            (&file).write_all(b"\n").map_err(io)?;
+        }
         let writer = csv::WriterBuilder::new()
             .has_headers(is_empty)
             .from_writer(file);
@@ -94,6 +101,81 @@ impl<T: Serialize> CsvAppender<T> {
                 source,
             })
     }
+}
+
+fn ends_with_newline(path: &Path, len: u64) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
+/// Rows read line-complete from a file another process may still be
+/// writing (or a board wrote badly).
+#[derive(Debug)]
+pub struct RowsRead<T> {
+    pub rows: Vec<T>,
+    /// Lines that are not rows, `line N: why`, skipped.
+    pub skipped: Vec<String>,
+    /// The file ends in a line without its newline: not read (a writer may
+    /// still finish it; an appender ends it before adding rows).
+    pub partial_tail: bool,
+}
+
+/// The complete lines of `path` as rows: a last line without its newline
+/// is left for later, a line that is not a row is skipped and named.
+/// Missing file: no rows. Only an unreadable file is an error.
+pub fn read_rows<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<RowsRead<T>, ResultsError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(ResultsError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let partial_tail = complete < bytes.len();
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(&bytes[..complete]);
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    let headers = match reader.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => {
+            skipped.push(format!("line 1: {e}"));
+            return Ok(RowsRead {
+                rows,
+                skipped,
+                partial_tail,
+            });
+        }
+    };
+    for record in reader.records() {
+        match record {
+            Ok(record) => {
+                let line = record.position().map_or(0, |p| p.line());
+                match record.deserialize::<T>(Some(&headers)) {
+                    Ok(row) => rows.push(row),
+                    Err(e) => skipped.push(format!("line {line}: {e}")),
+                }
+            }
+            Err(e) => skipped.push(format!(
+                "line {}: {e}",
+                e.position().map_or(0, |p| p.line())
+            )),
+        }
+    }
+    Ok(RowsRead {
+        rows,
+        skipped,
+        partial_tail,
+    })
 }
 
 pub fn read_csv<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, ResultsError> {
@@ -154,6 +236,51 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, Results
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Row {
+        name: String,
+        value: u32,
+    }
+
+    #[test]
+    fn a_cut_line_is_left_a_bad_line_skipped_and_an_appender_ends_the_cut_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.csv");
+        let mut out = CsvAppender::open(&path).unwrap();
+        for (name, value) in [("a", 1), ("b", 2)] {
+            out.append(&Row {
+                name: name.into(),
+                value,
+            })
+            .unwrap();
+        }
+        drop(out);
+        // A hostile line, then a write cut short.
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"c,not-a-number\nd,4").unwrap();
+        drop(file);
+        let read: RowsRead<Row> = read_rows(&path).unwrap();
+        assert_eq!(read.rows.len(), 2);
+        assert!(read.partial_tail);
+        assert_eq!(read.skipped.len(), 1, "{:?}", read.skipped);
+        assert!(read.skipped[0].starts_with("line 4:"), "{:?}", read.skipped);
+        // A resumed writer ends the cut line before its rows.
+        let mut out = CsvAppender::open(&path).unwrap();
+        out.append(&Row {
+            name: "e".into(),
+            value: 5,
+        })
+        .unwrap();
+        let read: RowsRead<Row> = read_rows(&path).unwrap();
+        let names: Vec<&str> = read.rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "d", "e"], "{:?}", read.skipped);
+        assert!(!read.partial_tail);
+        assert!(read_rows::<Row>(&dir.path().join("missing.csv"))
+            .unwrap()
+            .rows
+            .is_empty());
+    }
 
     #[test]
     fn json_is_replaced_whole_and_leaves_no_temporary_file() {

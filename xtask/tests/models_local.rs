@@ -213,6 +213,29 @@ fn bad_model_files_fail_before_any_work_with_one_line() {
         );
         assert!(!dir.path().join("results").exists(), "nothing ran");
     }
+    // Two real models whose names would share rows and a job folder: the
+    // same file name in two folders, and names that differ only where the
+    // folder name has `_`.
+    let fixture_bytes = std::fs::read(fixture("stories260K.gguf")).unwrap();
+    for (a, b) in [("a/model.gguf", "b/model.gguf"), ("x-y.gguf", "x_y.gguf")] {
+        let paths: Vec<String> = [a, b]
+            .iter()
+            .map(|p| {
+                let path = dir.path().join(p);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, &fixture_bytes).unwrap();
+                path.display().to_string()
+            })
+            .collect();
+        std::fs::write(dir.path().join("bench.toml"), config(&paths, "\"q4_0\"")).unwrap();
+        let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].contains("would share the name"), "{stderr}");
+        assert!(!dir.path().join("results").exists(), "nothing ran");
+    }
 }
 
 #[test]
@@ -358,7 +381,7 @@ fn adaptive_invocations_time_an_imprecise_recipe_again_up_to_the_most_asked() {
     let strict = base.replace("[model_matrices.m]", "[model_matrices.strict]")
         + "invocations = 2\nmax_invocations = 4\nprecision = 1e-9\n";
     let loose = base.replace("[model_matrices.m]", "[model_matrices.loose]")
-        + "invocations = 2\nmax_invocations = 4\nprecision = 100.0\n";
+        + "invocations = 2\nmax_invocations = 4\nprecision = 1e9\n";
     std::fs::write(dir.path().join("bench.toml"), strict + &loose).unwrap();
     for (matrix, expected) in [("strict", 4), ("loose", 2)] {
         let out = xtask(

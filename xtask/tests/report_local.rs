@@ -105,3 +105,78 @@ fn report_renders_in_a_real_browser_with_every_image() {
         distinct.len()
     );
 }
+
+#[test]
+fn report_replaces_only_an_earlier_report_and_shows_a_failed_boards_error_once_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), MATRIX).unwrap();
+    bench_local(dir.path(), "pair");
+    bench_local(dir.path(), "pair");
+    // The latest run's board failed with a host-key error whose advice is
+    // case-sensitive (`-R`, not `-r`) and whose cells carry the same error.
+    let results = dir.path().join("results");
+    let mut runs: Vec<std::path::PathBuf> = std::fs::read_dir(&results)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("run.json").is_file())
+        .collect();
+    runs.sort();
+    let latest = runs.last().unwrap();
+    let error = "host key of [10.0.0.2]:22 CHANGED (SHA256:AbCdEfGh): if the board was re-imaged, run ssh-keygen -R '[10.0.0.2]:22'";
+    let manifest = latest.join("run.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["boards"][0]["error"] = error.into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let kernels = latest.join("kernels.csv");
+    let mut rows: Vec<wire::rows::KernelRow> = wire::files::read_csv(&kernels).unwrap();
+    for r in &mut rows {
+        r.status = wire::rows::CellStatus::Failed;
+        r.note = error.to_string();
+    }
+    std::fs::remove_file(&kernels).unwrap();
+    let mut out = wire::files::CsvAppender::open(&kernels).unwrap();
+    for r in &rows {
+        out.append(r).unwrap();
+    }
+    let out = xtask(dir.path(), &["plot", latest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary = std::fs::read_to_string(latest.join("summary.md")).unwrap();
+    assert_eq!(
+        summary.matches("ssh-keygen -R '[10.0.0.2]:22'").count(),
+        1,
+        "{summary}"
+    );
+    assert!(summary.contains("SHA256:AbCdEfGh"), "{summary}");
+    assert!(!summary.contains("ssh-keygen -r"), "{summary}");
+
+    // `--out` on a folder that is not an earlier report (here the results
+    // themselves) is refused in one line, and nothing in it is touched.
+    let before = std::fs::read_dir(&results).unwrap().count();
+    let out = xtask(dir.path(), &["report", "--out", "results"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not an earlier report"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&results).unwrap().count(), before);
+    assert!(runs.iter().all(|r| r.join("run.json").is_file()));
+
+    // A new folder, then the same folder again: the earlier report is
+    // replaced whole, nothing left beside it.
+    for _ in 0..2 {
+        let out = xtask(dir.path(), &["report", "--out", "site"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let html = std::fs::read_to_string(dir.path().join("site/index.html")).unwrap();
+    assert!(html.contains("Boards that failed"), "{html}");
+    assert_eq!(
+        html.matches("ssh-keygen -R '[10.0.0.2]:22'").count(),
+        1,
+        "{html}"
+    );
+    let beside: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".site"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
+}

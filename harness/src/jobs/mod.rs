@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
-use wire::files::{read_csv, CsvAppender, ResultsError};
+use wire::files::{CsvAppender, ResultsError};
 
 #[derive(Debug, Error)]
 pub enum JobError {
@@ -196,13 +196,23 @@ pub(crate) fn from_spec<T: DeserializeOwned>(job: &PlannedJob) -> Result<T, Resu
     })
 }
 
-/// Rows of type `T` already in `path` (none when it does not exist).
+/// Rows of type `T` already in `path` (none when it does not exist), read
+/// line-complete: a board's file may end in a line cut short (a full disk,
+/// a killed agent) or hold a line that is not a row (a hostile board).
+/// Such a line is skipped and named on stderr, once per file and line; the
+/// rest of the run goes on.
 pub(crate) fn rows_in<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, ResultsError> {
-    if path.exists() {
-        read_csv(path)
-    } else {
-        Ok(Vec::new())
+    let read = wire::files::read_rows(path)?;
+    static REPORTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    for line in &read.skipped {
+        let what = format!("{}: {line}", path.display());
+        let mut reported = REPORTED.lock().unwrap_or_else(|e| e.into_inner());
+        if !reported.contains(&what) {
+            eprintln!("{what}: not a row, skipped");
+            reported.push(what);
+        }
     }
+    Ok(read.rows)
 }
 
 /// Rebuilds `run_dir/<file>` from every job folder's
@@ -233,10 +243,14 @@ pub fn merge_rows<T: DeserializeOwned + Serialize>(
                 out = Some(CsvAppender::open(&merged)?);
             }
             if let Some(out) = out.as_mut() {
-                out.append(row)?;
+                out.append_unsynced(row)?;
             }
             count += 1;
         }
+    }
+    // One sync for the file (the board's copies are the record until then).
+    if let Some(out) = out.as_mut() {
+        out.sync()?;
     }
     Ok(count)
 }

@@ -76,6 +76,24 @@ enum ModelSource {
     Synthetic(SyntheticModel),
 }
 
+impl ModelSource {
+    /// The name its rows carry: the file name, or the synthetic model's.
+    fn name(&self) -> String {
+        match self {
+            ModelSource::File(path) => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            ModelSource::Synthetic(wanted) => wanted.file_name(),
+        }
+    }
+}
+
+/// A model name made safe for a job folder.
+fn job_name_part(model_name: &str) -> String {
+    model_name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+}
+
 struct PreparedModel {
     path: PathBuf,
     name: String,
@@ -105,6 +123,22 @@ impl ModelMatrix {
                     ModelSource::File(path)
                 }
             });
+        }
+        // A model's file name names its rows (llama-bench's
+        // `model_filename`) and, made file-safe, its job folder: two
+        // models sharing either would share cells and a folder.
+        let mut seen: Vec<(String, String, String)> = Vec::new();
+        for (entry, source) in spec.models.iter().zip(&models) {
+            let name = source.name();
+            let folder = job_name_part(&name);
+            if let Some((other, _, _)) = seen.iter().find(|(_, n, f)| *n == name || *f == folder) {
+                return Err(invalid(format!(
+                    "models `{other}` and `{}` would share the name `{name}` (their rows and job folder `{folder}`): give one of the files another name",
+                    entry.display()
+                ))
+                .into());
+            }
+            seen.push((entry.display().to_string(), name, folder));
         }
         let calibrated = spec
             .recipes
@@ -202,13 +236,7 @@ impl JobKind for ModelMatrix {
         self.prepared.clear();
         for source in &self.models {
             let (model, name, synthetic_layers) = match source {
-                ModelSource::File(path) => (
-                    path.clone(),
-                    path.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    None,
-                ),
+                ModelSource::File(path) => (path.clone(), source.name(), None),
                 ModelSource::Synthetic(wanted) => {
                     let made = synthetic::make(agent, &session.workspace, wanted, None)
                         .map_err(|e| JobError::Synthetic(e.to_string()))?;
@@ -390,13 +418,7 @@ impl JobKind for ModelMatrix {
             let needed = ((2 * largest).max(job.base.file_bytes) as f64 * 1.2) as u64;
             jobs.push(PlannedJob {
                 kind_index: 0,
-                name: format!(
-                    "{}-{}",
-                    self.name,
-                    model
-                        .name
-                        .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-                ),
+                name: format!("{}-{}", self.name, job_name_part(&model.name)),
                 subcommand: "model-run",
                 units: job.recipes.len(),
                 spec: to_spec(&job),

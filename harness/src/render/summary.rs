@@ -19,18 +19,48 @@ pub fn summary(run: &RunData) -> (String, String) {
         tables.push_str(&model_table(&run.model_rows));
     }
     let mut full = format!(
-        "# quantbench run {}\n\nmatrix `{}`, commit {}, started {}\n{}{}",
+        "# quantbench run {}\n\nmatrix `{}`, commit {}, started {}\n{}{}{}",
         m.run_id,
         m.matrix,
         m.git_commit,
         m.started_at,
+        board_errors(&m.boards),
         farm_boards(&m.boards),
         tables
     );
     if !run.kernel_rows.is_empty() {
-        let _ = write!(full, "\n## All cells\n\n{}", cell_table(&run.kernel_rows));
+        let errors: Vec<(&str, &str)> = m
+            .boards
+            .iter()
+            .filter_map(|b| Some((b.board.as_str(), b.error.as_deref()?)))
+            .collect();
+        let _ = write!(
+            full,
+            "\n## All cells\n\n{}",
+            cell_table(&run.kernel_rows, &errors)
+        );
     }
     (tables, full)
+}
+
+/// Each failed board's error, once and as written (its advice, such as an
+/// `ssh-keygen -R` line, must reach the reader unchanged); empty when no
+/// board failed.
+pub fn board_errors(boards: &[crate::manifest::BoardOutcome]) -> String {
+    let mut out = String::new();
+    for board in boards {
+        let Some(error) = &board.error else { continue };
+        if out.is_empty() {
+            out.push_str("\n## Boards that failed\n\n");
+        }
+        let _ = writeln!(
+            out,
+            "- `{}`:\n\n```text\n{}\n```\n",
+            board.board,
+            error.trim_end()
+        );
+    }
+    out
 }
 
 /// Which labgrid place each farm board was, so the summary names the exact
@@ -176,7 +206,10 @@ pub fn precision_note(rows: &[&KernelRow]) -> Option<String> {
 }
 
 /// Every cell, for the summary file.
-pub fn cell_table(rows: &[KernelRow]) -> String {
+/// Every cell; a failed cell whose note is its board's error (listed once
+/// above the table) points there instead of repeating it. Notes are kept
+/// as written.
+pub fn cell_table(rows: &[KernelRow], board_errors: &[(&str, &str)]) -> String {
     let mut out = String::from(
         "| board | shape | type | N | threads | median µs | GFLOP/s | weight GB/s | NMSE | path / note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
@@ -186,7 +219,18 @@ pub fn cell_table(rows: &[KernelRow]) -> String {
         } else if r.status == CellStatus::Ok {
             format!("{}; {}", r.kernel_path, r.note)
         } else {
-            format!("{:?}: {}", r.status, r.note).to_lowercase()
+            let status = match r.status {
+                CellStatus::Unsupported => "unsupported",
+                _ => "failed",
+            };
+            let board_error = board_errors
+                .iter()
+                .any(|(board, error)| *board == r.board && r.note.contains(error.trim()));
+            if board_error {
+                format!("{status}: the board's error (see Boards that failed)")
+            } else {
+                format!("{status}: {}", r.note)
+            }
         };
         let _ = writeln!(
             out,
