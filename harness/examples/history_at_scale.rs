@@ -75,6 +75,7 @@ fn fake_run(dir: &Path, run_id: &str, day: usize, cells: usize, reps: usize) {
                 ..Default::default()
             }],
             resumed_at: Vec::new(),
+            rejected_rows: Vec::new(),
         },
     )
     .unwrap();

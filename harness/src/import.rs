@@ -204,6 +204,7 @@ pub fn import_llama_bench(
                 ..Default::default()
             }],
             resumed_at: Vec::new(),
+            rejected_rows: Vec::new(),
         },
     )?;
     Ok(Imported {

@@ -31,6 +31,10 @@ pub struct RunManifest {
     /// When `bench --resume` picked the run up again, one entry each.
     #[serde(default)]
     pub resumed_at: Vec<String>,
+    /// Rows a board wrote that named another board or run, left out of
+    /// the merged files: one line per job file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_rows: Vec<String>,
 }
 
 /// One matrix of a run: its kind (`kernel`, `model`) and its spec as run.
@@ -249,6 +253,7 @@ mod tests {
                 ..Default::default()
             }],
             resumed_at: Vec::new(),
+            rejected_rows: Vec::new(),
         }
     }
 

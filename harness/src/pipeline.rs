@@ -170,6 +170,7 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
             })
             .collect(),
         resumed_at: Vec::new(),
+        rejected_rows: Vec::new(),
     };
     let manifest = ManifestWriter::create(
         &run_dir.join(MANIFEST_FILE),
@@ -244,9 +245,19 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
     manifest.update(|m| m.finished_at = Some(wire::utc_now_rfc3339()))?;
 
     let names = session.board_names();
+    let mut rejected: Vec<String> = Vec::new();
     for kind in &kinds {
-        kind.merge(&run_dir, &names)?;
+        for line in kind.merge(&run_dir, &session.run_id, &names)? {
+            // Samples are merged by each kind: say each once.
+            if !rejected.contains(&line) {
+                log(format!("rows left out: {line}"));
+                rejected.push(line);
+            }
+        }
         kind.finish(&run_dir)?;
+    }
+    if !rejected.is_empty() {
+        manifest.update(|m| m.rejected_rows = rejected.clone())?;
     }
     let rendered = render_run(&run_dir)?;
     // The run directory is the record; the index is a convenience that a

@@ -43,11 +43,35 @@ impl ProgressEvent {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// `None` for lines that are not progress events (e.g. library chatter).
+    /// `None` for lines that are not progress events (e.g. library chatter),
+    /// and for events whose figures no agent could report (not finite,
+    /// negative, or an agent time over a year): a board's output is not
+    /// trusted to keep the host's sums finite.
     pub fn parse(line: &str) -> Option<ProgressEvent> {
-        serde_json::from_str(line.trim()).ok()
+        let event: ProgressEvent = serde_json::from_str(line.trim()).ok()?;
+        event.is_plausible().then_some(event)
+    }
+
+    fn is_plausible(&self) -> bool {
+        let sane = |v: f64, most: f64| v.is_finite() && (0.0..=most).contains(&v);
+        match self {
+            ProgressEvent::Started { bandwidth_gbps, .. } => {
+                bandwidth_gbps.is_none_or(|b| sane(b, 1e5))
+            }
+            ProgressEvent::CellFinished { median_ns, .. } => {
+                median_ns.is_none_or(|t| sane(t, 1e15))
+            }
+            ProgressEvent::Finished {
+                elapsed_seconds, ..
+            } => sane(*elapsed_seconds, MAX_AGENT_SECONDS),
+            _ => true,
+        }
     }
 }
+
+/// The longest an agent's own time can be (a year): anything above is a
+/// broken or hostile board's output.
+pub const MAX_AGENT_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 #[cfg(test)]
 mod tests {
@@ -63,5 +87,24 @@ mod tests {
         };
         assert_eq!(ProgressEvent::parse(&e.to_line()), Some(e));
         assert_eq!(ProgressEvent::parse("repack: repack tensor"), None);
+    }
+
+    #[test]
+    fn figures_no_agent_could_report_are_not_events() {
+        let finished = |seconds: &str| {
+            format!(
+                "{{\"event\":\"finished\",\"ok\":1,\"unsupported\":0,\"failed\":0,\"elapsed_seconds\":{seconds}}}"
+            )
+        };
+        assert!(ProgressEvent::parse(&finished("12.5")).is_some());
+        for bad in ["1.7e308", "-1", "1e300"] {
+            assert_eq!(ProgressEvent::parse(&finished(bad)), None, "{bad}");
+        }
+        assert_eq!(
+            ProgressEvent::parse(
+                "{\"event\":\"cell_finished\",\"index\":0,\"cell_id\":\"c\",\"status\":\"ok\",\"median_ns\":-5}"
+            ),
+            None
+        );
     }
 }

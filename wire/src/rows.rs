@@ -148,6 +148,27 @@ fn default_one() -> u32 {
     1
 }
 
+/// A row that names the board and run that produced it: the host keeps a
+/// row only where both match the board folder and the run it came from.
+pub trait Stamped {
+    fn board(&self) -> &str;
+    fn run_id(&self) -> &str;
+}
+
+macro_rules! stamped {
+    ($($row:ty),*) => {$(
+        impl Stamped for $row {
+            fn board(&self) -> &str {
+                &self.board
+            }
+            fn run_id(&self) -> &str {
+                &self.run_id
+            }
+        }
+    )*};
+}
+stamped!(KernelRow, ModelRow, SampleRow, InvocationRow);
+
 /// What identifies a measured cell across runs: what is measured (the
 /// cell id: shape, type, batch, threads; a model row's model, recipe,
 /// test, threads) and every setting that changes its timing. `compare`,

@@ -368,6 +368,30 @@ invocations = 1
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
     assert_eq!(manifest["resumed_at"].as_array().unwrap().len(), 1);
+
+    // A board that writes rows for another board (hiding a regression
+    // there) or another run: the merge keeps only its own, and run.json
+    // says what was left out.
+    let mut forged = wire::files::CsvAppender::open(&rows_file().unwrap()).unwrap();
+    let mut other_board = rows[0].clone();
+    other_board.board = "pi5".into();
+    let mut other_run = rows[1].clone();
+    other_run.run_id = "20990101T000000Z-other".into();
+    forged.append(&other_board).unwrap();
+    forged.append(&other_run).unwrap();
+    drop(forged);
+    let out = xtask(dir.path(), &["bench", "--resume", "latest"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let merged: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    assert_eq!(merged, rows, "only the board's own rows of this run");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
+    let rejected = manifest["rejected_rows"].to_string();
+    assert!(
+        rejected.contains("2 rows claiming board `pi5`")
+            && rejected.contains("20990101T000000Z-other"),
+        "{manifest}"
+    );
     let out = xtask(dir.path(), &["bench", "--resume", "no-such-run"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

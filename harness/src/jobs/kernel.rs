@@ -168,11 +168,26 @@ impl JobKind for KernelMatrix {
         })
     }
 
-    fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
-        merge_rows::<KernelRow>(run_dir, boards, KERNEL_ROWS_FILE)?;
-        merge_rows::<SampleRow>(run_dir, boards, SAMPLES_FILE)?;
-        merge_rows::<InvocationRow>(run_dir, boards, INVOCATIONS_FILE)?;
-        Ok(())
+    fn merge(
+        &self,
+        run_dir: &Path,
+        run_id: &str,
+        boards: &[String],
+    ) -> Result<Vec<String>, ResultsError> {
+        let mut rejected = merge_rows::<KernelRow>(run_dir, run_id, boards, KERNEL_ROWS_FILE)?;
+        rejected.extend(merge_rows::<SampleRow>(
+            run_dir,
+            run_id,
+            boards,
+            SAMPLES_FILE,
+        )?);
+        rejected.extend(merge_rows::<InvocationRow>(
+            run_dir,
+            run_id,
+            boards,
+            INVOCATIONS_FILE,
+        )?);
+        Ok(rejected)
     }
 }
 

@@ -162,7 +162,14 @@ pub trait JobKind: Send + Sync {
         Ok(job.clone())
     }
     /// Rebuilds the run's merged row files from every board's.
-    fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError>;
+    /// Merges every board's rows of this kind into the run directory's
+    /// files; returns the rows left out, described (see `merge_rows`).
+    fn merge(
+        &self,
+        run_dir: &Path,
+        run_id: &str,
+        boards: &[String],
+    ) -> Result<Vec<String>, ResultsError>;
     /// Anything else the kind stores with the run once every board is done.
     fn finish(&self, _run_dir: &Path) -> Result<(), ResultsError> {
         Ok(())
@@ -217,12 +224,16 @@ pub(crate) fn rows_in<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, Result
 
 /// Rebuilds `run_dir/<file>` from every job folder's
 /// (`run_dir/boards/<board>/jobs/<job>/<file>`), in board order then job
-/// name; idempotent.
-pub fn merge_rows<T: DeserializeOwned + Serialize>(
+/// name; idempotent. A row is kept only when it names the board whose
+/// folder holds it and the run `run_id` (a board cannot write rows for
+/// another board or run); the others are left out and described in the
+/// returned lines, one per job file.
+pub fn merge_rows<T: DeserializeOwned + Serialize + wire::rows::Stamped>(
     run_dir: &Path,
+    run_id: &str,
     boards: &[String],
     file: &str,
-) -> Result<usize, ResultsError> {
+) -> Result<Vec<String>, ResultsError> {
     let merged = run_dir.join(file);
     if merged.exists() {
         std::fs::remove_file(&merged).map_err(|source| ResultsError::Io {
@@ -230,27 +241,44 @@ pub fn merge_rows<T: DeserializeOwned + Serialize>(
             source,
         })?;
     }
-    let mut count = 0;
+    let mut rejected = Vec::new();
     let mut out: Option<CsvAppender<T>> = None;
-    let job_files = boards
-        .iter()
-        .flat_map(|board| crate::session::job_dirs(&crate::session::board_dir(run_dir, board)))
-        .map(|dir| dir.join(file));
-    for path in job_files {
-        let rows: Vec<T> = rows_in(&path)?;
-        for row in &rows {
-            if out.is_none() {
-                out = Some(CsvAppender::open(&merged)?);
+    for board in boards {
+        let job_files = crate::session::job_dirs(&crate::session::board_dir(run_dir, board))
+            .into_iter()
+            .map(|dir| dir.join(file));
+        for path in job_files {
+            let rows: Vec<T> = rows_in(&path)?;
+            let mut claims: Vec<String> = Vec::new();
+            let mut left_out = 0;
+            for row in &rows {
+                if row.board() != board || row.run_id() != run_id {
+                    left_out += 1;
+                    let claim = format!("board `{}` run `{}`", row.board(), row.run_id());
+                    if !claims.contains(&claim) {
+                        claims.push(claim);
+                    }
+                    continue;
+                }
+                if out.is_none() {
+                    out = Some(CsvAppender::open(&merged)?);
+                }
+                if let Some(out) = out.as_mut() {
+                    out.append_unsynced(row)?;
+                }
             }
-            if let Some(out) = out.as_mut() {
-                out.append_unsynced(row)?;
+            if left_out > 0 {
+                rejected.push(format!(
+                    "{}: {left_out} rows claiming {} left out (rows of board `{board}` run `{run_id}` only)",
+                    path.strip_prefix(run_dir).unwrap_or(&path).display(),
+                    claims.join(", ")
+                ));
             }
-            count += 1;
         }
     }
     // One sync for the file (the board's copies are the record until then).
     if let Some(out) = out.as_mut() {
         out.sync()?;
     }
-    Ok(count)
+    Ok(rejected)
 }

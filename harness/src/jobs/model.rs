@@ -498,11 +498,22 @@ impl JobKind for ModelMatrix {
         }))
     }
 
-    fn merge(&self, run_dir: &Path, boards: &[String]) -> Result<(), ResultsError> {
-        merge_rows::<ModelRow>(run_dir, boards, MODEL_ROWS_FILE)?;
+    fn merge(
+        &self,
+        run_dir: &Path,
+        run_id: &str,
+        boards: &[String],
+    ) -> Result<Vec<String>, ResultsError> {
+        let mut rejected = merge_rows::<ModelRow>(run_dir, run_id, boards, MODEL_ROWS_FILE)?;
         // Kernel and model repetitions share the file; rebuilding it is
         // idempotent, whichever kind does it.
-        merge_rows::<SampleRow>(run_dir, boards, SAMPLES_FILE).map(|_| ())
+        rejected.extend(merge_rows::<SampleRow>(
+            run_dir,
+            run_id,
+            boards,
+            SAMPLES_FILE,
+        )?);
+        Ok(rejected)
     }
 
     fn finish(&self, run_dir: &Path) -> Result<(), ResultsError> {
