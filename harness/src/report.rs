@@ -123,7 +123,18 @@ fn build_site(results_root: &Path, site: &Path) -> Result<ReportSummary, ReportE
     ] {
         let from = latest.dir.join(file);
         if from.exists() {
-            std::fs::copy(&from, run_site.join(file)).map_err(io(&from))?;
+            let to = run_site.join(file);
+            // Published copies are for people: spreadsheet-safe CSVs and a
+            // run.json without what only the lab needs (see `published`).
+            let text = std::fs::read_to_string(&from).map_err(io(&from))?;
+            let text = if file.ends_with(".csv") {
+                spreadsheet_safe(&text)
+            } else if file == MANIFEST_FILE {
+                published_manifest(&text)
+            } else {
+                text
+            };
+            std::fs::write(&to, text).map_err(io(&to))?;
             copied.push(file);
         }
     }
@@ -451,6 +462,106 @@ fn markdown_to_html(markdown: &str) -> String {
     out
 }
 
+/// A CSV for a spreadsheet: every field that is not a number and starts
+/// with `=`, `+`, `-`, `@`, a tab or a carriage return (what spreadsheets
+/// run as a formula) gets a leading `'`, as OWASP advises for exports.
+/// Only the published copy: the tools read the run's own files.
+fn spreadsheet_safe(csv_text: &str) -> String {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(csv_text.as_bytes());
+    let mut writer = csv::WriterBuilder::new()
+        .flexible(true)
+        .from_writer(Vec::new());
+    for record in reader.records().flatten() {
+        let fields: Vec<String> = record
+            .iter()
+            .map(|f| {
+                let risky = f.starts_with(['=', '+', '-', '@', '\t', '\r']);
+                if risky && f.parse::<f64>().is_err() {
+                    format!("'{f}")
+                } else {
+                    f.to_string()
+                }
+            })
+            .collect();
+        let _ = writer.write_record(&fields);
+    }
+    writer
+        .into_inner()
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_default()
+}
+
+/// `run.json` as published: the labgrid reservation tokens removed, the
+/// config's folder and the host's name dropped, and in board errors a
+/// `user@` of an SSH address and SSH key paths replaced (a reader needs
+/// the error, not the lab's accounts). Unreadable: published as `{}`.
+fn published_manifest(json: &str) -> String {
+    let Ok(mut m) = serde_json::from_str::<serde_json::Value>(json) else {
+        return "{}\n".into();
+    };
+    if let Some(path) = m["config_path"].as_str() {
+        let name = Path::new(path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        m["config_path"] = name.into();
+    }
+    m["host"]["hostname"] = "redacted".into();
+    if let Some(boards) = m["boards"].as_array_mut() {
+        for board in boards {
+            if board["labgrid"].is_object() {
+                board["labgrid"]["token"] = serde_json::Value::Null;
+            }
+            if let Some(error) = board["error"].as_str() {
+                board["error"] = redact_accounts(error).into();
+            }
+            if let Some(jobs) = board["jobs"].as_array_mut() {
+                for job in jobs {
+                    if let Some(error) = job["error"].as_str() {
+                        job["error"] = redact_accounts(error).into();
+                    }
+                }
+            }
+        }
+    }
+    serde_json::to_string_pretty(&m).unwrap_or_default() + "\n"
+}
+
+/// `pi@10.0.0.2` -> `<user>@10.0.0.2`; `/home/ci/.ssh/id_ed25519` (or
+/// `~/.ssh/...`) -> `<ssh key>`.
+fn redact_accounts(text: &str) -> String {
+    text.split(' ')
+        .map(|word| {
+            if word.contains(".ssh/") {
+                let end = word.find([',', ')', ';', '\'', '"']).unwrap_or(word.len());
+                return format!("<ssh key>{}", &word[end..]);
+            }
+            match word.split_once('@') {
+                Some((user, host))
+                    if !user.is_empty()
+                        && user
+                            .trim_start_matches(['(', '`', '\''])
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                        && !host.is_empty() =>
+                {
+                    let lead: String = user
+                        .chars()
+                        .take_while(|c| matches!(c, '(' | '`' | '\''))
+                        .collect();
+                    format!("{lead}<user>@{host}")
+                }
+                _ => word.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn esc(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -466,6 +577,25 @@ const SCRIPT: &str = "<script>window.addEventListener('load',function(){var imgs
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn published_copies_are_spreadsheet_safe_and_keep_no_lab_accounts() {
+        let csv = "board,note,median_ns\nlocal,=HYPERLINK(\"x\"),-1.5\nlocal,@SUM(A1),12\n";
+        let safe = super::spreadsheet_safe(csv);
+        assert!(safe.contains("'=HYPERLINK"), "{safe}");
+        assert!(safe.contains("'@SUM(A1)"), "{safe}");
+        assert!(safe.contains(",-1.5"), "numbers stay: {safe}");
+        let json = r#"{"config_path":"/home/ci/lab/bench.toml","host":{"hostname":"ci-7"},"boards":[{"board":"pi5","error":"ssh pi@10.0.0.2:22 refused the key /home/ci/.ssh/id_ed25519 (try ssh-keygen -R '[10.0.0.2]:22')","labgrid":{"token":"ABC123"},"jobs":[]}]}"#;
+        let published = super::published_manifest(json);
+        for gone in ["ABC123", "pi@", "/home/ci", "ci-7"] {
+            assert!(!published.contains(gone), "{gone}: {published}");
+        }
+        assert!(published.contains("<user>@10.0.0.2:22"), "{published}");
+        assert!(
+            published.contains("ssh-keygen -R '[10.0.0.2]:22'"),
+            "{published}"
+        );
+    }
+
     use super::*;
 
     #[test]
