@@ -29,6 +29,8 @@ pub enum ImportError {
     },
     #[error("{0}: no llama-bench results in the file")]
     Empty(PathBuf),
+    #[error("--board `{0}`: a board name may hold only letters, digits, `.`, `_` and `-`")]
+    BadBoard(String),
     #[error(transparent)]
     Results(#[from] ResultsError),
 }
@@ -75,6 +77,9 @@ pub fn import_llama_bench(
     board: &str,
     model_name: Option<&str>,
 ) -> Result<Imported, ImportError> {
+    if !crate::config::is_safe_name(board) {
+        return Err(ImportError::BadBoard(board.to_string()));
+    }
     let text = std::fs::read_to_string(file).map_err(|source| ImportError::Read {
         path: file.to_path_buf(),
         source,
@@ -242,6 +247,18 @@ mod tests {
             wire::files::read_csv(&imported.run_dir.join(SAMPLES_FILE)).unwrap();
         assert_eq!(samples.len(), 4);
         crate::run_dir::RunData::load(&imported.run_dir).unwrap();
+
+        // A commit that climbs folders stays one folder under results;
+        // a board name with markup is refused.
+        let climbing = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("abc1234", "x/../../../../tmp/y");
+        std::fs::write(&file, climbing).unwrap();
+        let imported = import_llama_bench(&file, &results, "local", None).unwrap();
+        assert_eq!(imported.run_dir.parent(), Some(results.as_path()));
+        assert!(imported.run_dir.is_dir());
+        let e = import_llama_bench(&file, &results, "\"><img src=x>", None).unwrap_err();
+        assert!(e.to_string().contains("--board"), "{e}");
 
         std::fs::write(&file, "{\"model_filename\": 3}\n").unwrap();
         let e = import_llama_bench(&file, &results, "local", None)

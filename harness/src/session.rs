@@ -289,6 +289,19 @@ pub fn unique_run_id(results_root: &Path, commit: &str) -> String {
 /// same commit in the same second (two CI runners sharing a lab) from
 /// sharing an id, on boards or in a shared results folder.
 pub fn new_run_id(commit: &str) -> String {
+    // The id is a folder name: whatever the commit text says (an imported
+    // file's `build_commit` may say `x/../../tmp`), it stays one folder.
+    let commit: String = commit
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
     format!(
         "{}-{commit}-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
