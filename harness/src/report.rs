@@ -242,8 +242,10 @@ fn build_site(results_root: &Path, site: &Path) -> Result<ReportSummary, ReportE
     for plot in &run_plots {
         let _ = writeln!(
             html,
-            "<figure><img src=\"runs/{}/plots/{plot}\" alt=\"{plot}\"></figure>",
-            esc(&latest.run_id)
+            "<figure><img src=\"runs/{}/plots/{}\" alt=\"{}\"></figure>",
+            esc(&latest.run_id),
+            esc(plot),
+            esc(plot)
         );
     }
     let _ = writeln!(
@@ -254,7 +256,9 @@ fn build_site(results_root: &Path, site: &Path) -> Result<ReportSummary, ReportE
     for file in &trends {
         let _ = writeln!(
             html,
-            "<figure><img src=\"trends/{file}\" alt=\"{file}\"></figure>"
+            "<figure><img src=\"trends/{}\" alt=\"{}\"></figure>",
+            esc(file),
+            esc(file)
         );
     }
     html.push_str(SCRIPT);
@@ -322,7 +326,7 @@ fn draw_trends(history: &History, run: &RunData, site: &Path) -> Result<Vec<Stri
             Figure {
                 file_stem: format!(
                     "trend_{}_{}",
-                    board,
+                    crate::shell::file_safe(&board),
                     cell.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
                 ),
                 title: format!("{kind} {cell} on {board}: median time per run"),

@@ -180,3 +180,65 @@ fn report_replaces_only_an_earlier_report_and_shows_a_failed_boards_error_once_a
         .collect();
     assert!(beside.is_empty(), "{beside:?}");
 }
+
+#[test]
+fn a_board_name_with_markup_in_the_rows_cannot_put_markup_or_paths_into_the_report() {
+    // Two runs whose rows (all of them: kernels and samples) name a board
+    // `"><img src=x onerror=...>/..`, as a hostile board or an import could.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), MATRIX).unwrap();
+    bench_local(dir.path(), "pair");
+    bench_local(dir.path(), "pair");
+    let hostile = "\"><img src=x onerror=document.title='pwned'>/..";
+    for run in std::fs::read_dir(dir.path().join("results"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("run.json").is_file())
+    {
+        for file in ["kernels.csv", "samples.csv"] {
+            let path = run.join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            // The board column: every row's `local` field.
+            let text = text.replace(
+                ",local,",
+                &format!(",\"{}\",", hostile.replace('"', "\"\"")),
+            );
+            std::fs::write(&path, text).unwrap();
+        }
+    }
+    let out = xtask(dir.path(), &["history", "--rebuild"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = xtask(dir.path(), &["report"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let site = dir.path().join("results/site");
+    let html = std::fs::read_to_string(site.join("index.html")).unwrap();
+    assert!(!html.contains("<img src=x"), "{html}");
+    assert!(
+        html.contains("&lt;img src=x"),
+        "escaped, still shown: {html}"
+    );
+    // Every image the page names is a file inside the site.
+    let mut images = 0;
+    for src in html.split("src=\"").skip(1) {
+        let src = src.split('"').next().unwrap();
+        assert!(!src.split('/').any(|part| part == ".."), "{src}");
+        assert!(site.join(src).is_file(), "{src}");
+        images += 1;
+    }
+    assert!(images >= 2, "{html}");
+    if Command::new("chromium").arg("--version").output().is_err() {
+        println!("SKIPPED the browser check: chromium is not installed");
+        return;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", site.join("index.html").display());
+    let dom = chromium(&["--dump-dom", &url], profile.path()).unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains("<title>"), "{dom}");
+    assert!(!dom.contains("<title>pwned</title>"), "a script ran: {dom}");
+    // The markup is text in the page, never an element.
+    assert!(
+        !dom.contains("<img src=\"x\"") && !dom.contains("<img src=x"),
+        "{dom}"
+    );
+}

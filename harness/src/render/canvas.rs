@@ -54,7 +54,12 @@ pub fn draw(
     let size = (panel_widths.iter().sum::<u32>().max(640) + 40, 520);
     let mut written = Vec::new();
     for ext in ["png", "svg"] {
-        let path = out_dir.join(format!("{}.{ext}", figure.file_stem));
+        // A stem may come from row values (a board's name): one safe
+        // file name whatever they say.
+        let path = out_dir.join(format!(
+            "{}.{ext}",
+            crate::shell::file_safe(&figure.file_stem)
+        ));
         let result = if ext == "png" {
             let root = BitMapBackend::new(&path, size).into_drawing_area();
             draw_figure(&root, figure, &header)
