@@ -372,6 +372,11 @@ impl BenchConfig {
                     return Err(invalid(format!("`{what}` is empty")));
                 }
             }
+            if spec.precision.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
+                return Err(invalid(
+                    "`precision` must be a positive number (0.02: time known to +-2%)".into(),
+                ));
+            }
             if spec.batches.contains(&0) {
                 return Err(invalid("`batches` must be at least 1".into()));
             }
@@ -464,6 +469,9 @@ impl ModelMatrixSpec {
             || a.mid_fraction < 0.0
         {
             return Err("adaptive fractions must be >= 0 and sum to at most 1".into());
+        }
+        if self.precision.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
+            return Err("`precision` must be a positive number (0.02: time known to +-2%)".into());
         }
         if self.ctx < 8 || self.repetitions == 0 {
             return Err("`ctx` must be at least 8 and `repetitions` at least 1".into());

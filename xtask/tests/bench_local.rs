@@ -635,13 +635,13 @@ min_time_ms = {min_time_ms}
 max_time_ms = {min_time_ms}
 invocations = 2
 max_invocations = {max_invocations}
-precision = {precision}
+precision = {precision:e}
 "#
         )
     };
     let dir = tempfile::tempdir().unwrap();
     let config = [
-        matrix("loose", 1e9, 6, 20),
+        matrix("loose", 1e300, 6, 20),
         matrix("strict", 1e-9, 1000, 20),
         matrix("long", 0.02, 4, 10_000),
     ]
@@ -669,7 +669,7 @@ precision = {precision}
     assert_eq!(loose.len(), 2, "{rows:?}");
     for row in &loose {
         assert_eq!(row.invocations, 2, "precise after two: {row:?}");
-        assert!(row.precision.is_some_and(|p| p <= 1e9), "{row:?}");
+        assert!(row.precision.is_some(), "{row:?}");
     }
     for row in &strict {
         assert!(

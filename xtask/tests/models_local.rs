@@ -381,7 +381,7 @@ fn adaptive_invocations_time_an_imprecise_recipe_again_up_to_the_most_asked() {
     let strict = base.replace("[model_matrices.m]", "[model_matrices.strict]")
         + "invocations = 2\nmax_invocations = 4\nprecision = 1e-9\n";
     let loose = base.replace("[model_matrices.m]", "[model_matrices.loose]")
-        + "invocations = 2\nmax_invocations = 4\nprecision = 1e9\n";
+        + "invocations = 2\nmax_invocations = 4\nprecision = 1e300\n";
     std::fs::write(dir.path().join("bench.toml"), strict + &loose).unwrap();
     for (matrix, expected) in [("strict", 4), ("loose", 2)] {
         let out = xtask(
