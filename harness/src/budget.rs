@@ -93,6 +93,8 @@ pub fn describe(duration: Duration) -> String {
 pub struct BoardFit {
     /// Invocations each job measures (the matrix's, or fewer to fit).
     pub invocations: Vec<u32>,
+    /// Least seconds of each job, at those invocations.
+    pub least: Vec<f64>,
     /// Least seconds of the jobs after each one, at those invocations.
     pub reserve_after: Vec<f64>,
     /// A line saying what was lowered, if anything.
@@ -171,6 +173,7 @@ pub fn fit_board(
         .collect();
     Ok(BoardFit {
         invocations,
+        least,
         reserve_after,
         lowered,
     })

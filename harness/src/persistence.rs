@@ -12,11 +12,13 @@
 //! second look (their columns are deterministic for a build).
 
 use crate::compare::{
-    compare, CompareError, CompareSettings, Comparison, ConfirmedRegression, Persistence, Verdict,
+    compare, CellComparison, CompareError, CompareSettings, Comparison, ConfirmedRegression,
+    Persistence, Verdict,
 };
 use crate::history::{History, HistoryError};
 use crate::run_dir::{RunData, RunDirError};
 use thiserror::Error;
+use wire::rows::CellKey;
 
 #[derive(Debug, Error)]
 pub enum PersistenceError {
@@ -115,31 +117,17 @@ pub fn confirm(
             return;
         }
     };
-    let regressed_in_first: std::collections::BTreeSet<(&str, &str, &str, &str)> = first
+    let regressed_in_first: std::collections::BTreeSet<CellKey> = first
         .cells
         .iter()
         .filter(|c| c.verdict == Verdict::Regressed)
-        .map(|c| {
-            (
-                c.board.as_str(),
-                c.kind.as_str(),
-                c.cell.as_str(),
-                c.settings.as_str(),
-            )
-        })
+        .map(key_of)
         .collect();
     let confirmed: Vec<ConfirmedRegression> = second
         .cells
         .iter()
         .filter(|c| c.verdict == Verdict::Regressed)
-        .filter(|c| {
-            regressed_in_first.contains(&(
-                c.board.as_str(),
-                c.kind.as_str(),
-                c.cell.as_str(),
-                c.settings.as_str(),
-            ))
-        })
+        .filter(|c| regressed_in_first.contains(&key_of(c)))
         .map(|c| ConfirmedRegression {
             board: c.board.clone(),
             kind: c.kind.clone(),
@@ -160,28 +148,30 @@ pub fn confirm(
         confirmed.len()
     );
     comparison.confirmation.confirmed = confirmed;
-    let cells: Vec<(String, String, String, String)> = comparison
+    let confirmed_keys: std::collections::BTreeSet<CellKey> = comparison
         .confirmation
         .confirmed
         .iter()
-        .map(|r| {
-            (
-                r.board.clone(),
-                r.kind.clone(),
-                r.cell.clone(),
-                r.settings.clone(),
-            )
+        .map(|r| CellKey {
+            board: r.board.clone(),
+            kind: r.kind.clone(),
+            cell_id: r.cell.clone(),
+            settings: r.settings.clone(),
         })
         .collect();
     for c in &mut comparison.cells {
-        let key = (
-            c.board.clone(),
-            c.kind.clone(),
-            c.cell.clone(),
-            c.settings.clone(),
-        );
-        if c.verdict == Verdict::Regressed && cells.contains(&key) {
+        if c.verdict == Verdict::Regressed && confirmed_keys.contains(&key_of(c)) {
             c.persistence = Some(Persistence::Confirmed);
         }
+    }
+}
+
+/// The key a cell of a comparison was judged under.
+fn key_of(c: &CellComparison) -> CellKey {
+    CellKey {
+        board: c.board.clone(),
+        kind: c.kind.clone(),
+        cell_id: c.cell.clone(),
+        settings: c.settings.clone(),
     }
 }

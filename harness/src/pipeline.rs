@@ -115,14 +115,7 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
                 }
                 Some(BoardBudget {
                     ends,
-                    least: needs
-                        .iter()
-                        .zip(&fit.invocations)
-                        .map(|(n, &i)| {
-                            n.as_ref()
-                                .map_or(0.0, |n| n.seconds_per_invocation * i as f64)
-                        })
-                        .collect(),
+                    least: fit.least,
                     reserve_after: fit.reserve_after,
                 })
             }
