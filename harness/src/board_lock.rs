@@ -137,7 +137,7 @@ fn take_script(run_id: &str, owner_json: &str, run_dir_expr: &str) -> String {
     )
 }
 
-fn local_hostname() -> String {
+pub(crate) fn local_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|h| h.trim().to_string())

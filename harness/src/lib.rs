@@ -47,6 +47,7 @@ pub mod render;
 pub mod report;
 pub mod run;
 pub mod run_dir;
+pub mod run_owner;
 pub mod session;
 pub mod setup;
 pub mod shell;

@@ -18,6 +18,7 @@ use crate::manifest::{
 };
 use crate::render::{render_run, RenderError, Rendered};
 use crate::run::{run_all, BoardBudget, BoardPlan, BoardRunner, LocalRunner};
+use crate::run_owner::RunOwner;
 use crate::session::{llama_cpp_sys_version, rustc_version, Session, SessionError, SessionOptions};
 use indicatif::MultiProgress;
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub enum BenchError {
     Resume(String),
     #[error(transparent)]
     Budget(#[from] crate::budget::BudgetError),
+    #[error(transparent)]
+    Owner(#[from] crate::run_owner::OwnerError),
 }
 
 /// What a finished run produced.
@@ -61,6 +64,11 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
     let budget_ends = options.budget.map(|b| std::time::Instant::now() + b);
     let resumed = match &options.resume {
         Some(reference) => Some(find_run_to_resume(&options.results_root, reference)?),
+        None => None,
+    };
+    // Held until this function returns: one process per run directory.
+    let mut _owner = match &resumed {
+        Some((dir, _)) => Some(RunOwner::take(dir)?),
         None => None,
     };
     let options = &match &resumed {
@@ -129,6 +137,9 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
         path: run_dir.clone(),
         source,
     })?;
+    if _owner.is_none() {
+        _owner = Some(RunOwner::take(&run_dir)?);
+    }
     let fresh = || RunManifest {
         run_id: session.run_id.clone(),
         started_at: wire::utc_now_rfc3339(),

@@ -201,7 +201,8 @@ pub fn read_csv_lenient<T: for<'de> Deserialize<'de>>(path: &Path) -> Vec<T> {
     }
 }
 
-/// Writes pretty JSON to `path` through `<path>.tmp` and a rename.
+/// Writes pretty JSON to `path` through `<path>.tmp-<pid>` and a rename
+/// (a temporary name of this process's own: two writers never share one).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ResultsError> {
     let io = |source| ResultsError::Io {
         path: path.to_path_buf(),
@@ -212,7 +213,7 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ResultsErr
         source,
     })?;
     let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
+    temp.push(format!(".tmp-{}", std::process::id()));
     let temp = PathBuf::from(temp);
     let mut file = File::create(&temp).map_err(io)?;
     file.write_all(text.as_bytes())

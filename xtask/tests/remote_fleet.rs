@@ -1110,6 +1110,16 @@ fn host_killed_mid_run_is_resumed_by_following_its_still_running_agent() {
     let (mut child, _) = start_slow_run_on_sim2(dir.path(), 2);
     // Let the host mirror those rows (it polls twice a second).
     std::thread::sleep(std::time::Duration::from_millis(1500));
+    // A resume typed while the run is alive is refused, naming the holder,
+    // and changes nothing.
+    let early = resume(dir.path());
+    let all = text(&early);
+    assert!(!early.status.success(), "{all}");
+    assert!(
+        all.contains("in use by another quantbench process")
+            && all.contains(&format!("pid {}", child.id())),
+        "{all}"
+    );
     child.kill().unwrap(); // SIGKILL: no clean-up of any kind
     child.wait().unwrap();
     let run_dir = only_run_dir(dir.path());
