@@ -13,7 +13,10 @@
 //! while the agent's process (the `pid` file in its run dir, whose working
 //! directory must be that run dir, which guards against a reused PID) is
 //! alive, or, before the agent has started, for `START_GRACE_SECS` after it
-//! was taken. A host killed mid-run therefore leaves a lock that keeps
+//! was taken or last refreshed (the holder refreshes it before each upload
+//! and every 30 s of a long one, and lists there what it uploads, which
+//! pruning keeps). The agent is started only while the lock is still the
+//! starting run's, checked under the same flock. A host killed mid-run therefore leaves a lock that keeps
 //! others off the board until its orphaned agent ends, and no longer;
 //! unless that host's run is resumed: a lock naming the same run id is
 //! the resumed run's own, and it takes it back.
@@ -76,8 +79,7 @@ pub fn try_take(
     run_dir: &str,
     owner: &LockOwner,
 ) -> Result<TakeOutcome, TransportError> {
-    let owner_json = serde_json::to_string(owner).unwrap_or_default();
-    let script = take_script(&owner.run_id, &owner_json, &board_path(run_dir));
+    let script = take_script(&owner.run_id, &owner_json(owner), &board_path(run_dir));
     let command = format!(
         "mkdir -p {wd} && cd {wd} && flock .lock-guard sh -c {script}",
         wd = board_path(work_dir),
@@ -112,6 +114,103 @@ pub fn release(conn: &Connection, work_dir: &str, run_id: &str) -> Result<(), Tr
         script = shell_quote(&script)
     );
     conn.exec(&command).map(|_| ())
+}
+
+/// What [`hold`] or [`start_holding`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Holding {
+    /// The lock is still this run's.
+    Held,
+    /// Someone else's now (the lock went stale while this run could not
+    /// reach the board, and another run took it): its `owner` file.
+    Lost(String),
+}
+
+/// Under the guard's flock: exits `HELD` with the current owner when the
+/// lock is not (or no longer) `owner_json`'s.
+fn still_ours(owner_json: &str) -> String {
+    format!(
+        "[ \"$(cat lock/owner 2>/dev/null)\" = {owner} ] || {{ cat lock/owner 2>/dev/null; exit {HELD}; }}",
+        owner = shell_quote(owner_json)
+    )
+}
+
+fn owner_json(owner: &LockOwner) -> String {
+    serde_json::to_string(owner).unwrap_or_default()
+}
+
+/// Confirms the lock is still `owner`'s, keeps it fresh (the start grace
+/// counts from the last time the holder did this) and records `uses`
+/// (agent builds and model files this run is about to upload or run) in
+/// `lock/uses`, which pruning keeps. Called before each upload and while a
+/// long one runs, so a run that holds the board without an agent yet never
+/// looks stale and never has its files pruned.
+pub fn hold(
+    conn: &Connection,
+    board: &str,
+    work_dir: &str,
+    owner: &LockOwner,
+    uses: &[String],
+) -> Result<Holding, TransportError> {
+    let script = hold_script(&owner_json(owner), uses);
+    run_guarded(conn, board, work_dir, &script, "keeping the board lock")
+}
+
+fn hold_script(owner_json: &str, uses: &[String]) -> String {
+    let mut script = format!("{}\ntouch lock", still_ours(owner_json));
+    for name in uses {
+        script.push_str(&format!(
+            "\nprintf '%s\\n' {} >> lock/uses",
+            shell_quote(name)
+        ));
+    }
+    script
+}
+
+/// Runs `start` (a shell script that starts the agent and writes its pid)
+/// under the guard's flock only while the lock is still `owner`'s: a run
+/// whose lock went stale during a flaky start never starts a second agent
+/// beside the run that took the board over. The guard is closed for the
+/// started processes (`flock -o`), so the agent never holds it.
+pub fn start_holding(
+    conn: &Connection,
+    board: &str,
+    work_dir: &str,
+    owner: &LockOwner,
+    start: &str,
+) -> Result<Holding, TransportError> {
+    let script = format!("{}\n{start}", still_ours(&owner_json(owner)));
+    run_guarded(conn, board, work_dir, &script, "starting the agent")
+}
+
+fn run_guarded(
+    conn: &Connection,
+    board: &str,
+    work_dir: &str,
+    script: &str,
+    what: &str,
+) -> Result<Holding, TransportError> {
+    let out = conn.exec(&guarded(work_dir, script))?;
+    match out.status {
+        0 => Ok(Holding::Held),
+        HELD => Ok(Holding::Lost(out.stdout.trim().to_string())),
+        status => Err(TransportError::Remote {
+            board: board.to_string(),
+            command: what.into(),
+            status,
+            stderr: out.stderr.trim().to_string(),
+        }),
+    }
+}
+
+/// `script` run in `work_dir` under the guard's flock, closed for what
+/// the script starts.
+fn guarded(work_dir: &str, script: &str) -> String {
+    format!(
+        "cd {wd} && flock -o .lock-guard sh -c {script}",
+        wd = board_path(work_dir),
+        script = shell_quote(script)
+    )
 }
 
 /// Sets `live=yes` when the lock's agent runs (or has not started yet and
@@ -149,6 +248,55 @@ pub(crate) fn local_hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    fn owner(run_id: &str, pid: u32) -> LockOwner {
+        LockOwner {
+            run_id: run_id.into(),
+            host: "h".into(),
+            user: "u".into(),
+            pid,
+            started_at: "2026-12-05T00:00:00Z".into(),
+        }
+    }
+
+    /// Runs a guarded script on this machine's shell in `wd`.
+    fn run_here(wd: &Path, script: &str) -> std::process::Output {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(guarded(&wd.display().to_string(), script))
+            .output()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_run_whose_lock_was_taken_over_starts_nothing_and_names_the_new_holder() {
+        // What a flaky start leaves: this run took the lock, could not
+        // reach the board past the start grace, and another run took it.
+        let dir = tempfile::tempdir().unwrap();
+        let wd = dir.path();
+        let ours = owner("run-a", 1);
+        let theirs = owner("run-b", 2);
+        std::fs::create_dir_all(wd.join("lock")).unwrap();
+        std::fs::write(wd.join("lock/owner"), owner_json(&theirs)).unwrap();
+        let start = "echo started > started";
+        let out = run_here(wd, &format!("{}\n{start}", still_ours(&owner_json(&ours))));
+        assert_eq!(out.status.code(), Some(HELD), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("run-b"));
+        assert!(!wd.join("started").exists(), "a second agent was started");
+        // Still ours: the start runs, and `hold` lists what it uses.
+        std::fs::write(wd.join("lock/owner"), owner_json(&ours)).unwrap();
+        let uses = ["abc123".to_string(), "d e.gguf".to_string()];
+        let out = run_here(wd, &hold_script(&owner_json(&ours), &uses));
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            std::fs::read_to_string(wd.join("lock/uses")).unwrap(),
+            "abc123\nd e.gguf\n"
+        );
+        let out = run_here(wd, &format!("{}\n{start}", still_ours(&owner_json(&ours))));
+        assert!(out.status.success(), "{out:?}");
+        assert!(wd.join("started").exists());
+    }
 
     #[test]
     fn owner_describes_who_holds_the_board() {

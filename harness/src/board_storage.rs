@@ -5,7 +5,11 @@
 //! lock, so no agent is running) and on `cargo xtask board clean`, the
 //! board keeps its newest `keep_runs` run folders, as many agent builds
 //! (always the one in use), and only the models a kept run's job names.
-//! Half-uploaded files (`*.part-*`) go too.
+//! Whatever the board's lock lists in `lock/uses` (the agent builds and
+//! models the holding run uploaded or is about to run) is always kept.
+//! Half-uploaded files (`*.part-*`) go too: uploads happen only while
+//! their run holds the lock, and the prune runs under that lock, so none
+//! is in flight.
 
 use crate::shell::board_path;
 use crate::transport::{Connection, TransportError};
@@ -56,6 +60,8 @@ LIST
 while IFS= read -r d; do
   [ -n "$d" ] || continue
   [ "${{d%/}}" = agents/{current} ] && continue
+  n=${{d%/}}; n=${{n#agents/}}
+  grep -qsxF -- "$n" lock/uses && continue
   rm -rf -- "$d"; a=$((a+1))
 done <<LIST
 $(ls -1dt agents/*/ 2>/dev/null | tail -n +{from})
@@ -65,6 +71,7 @@ for f in models/*; do
   [ -e "$f" ] || continue
   b=${{f##*/}}
   case "$b" in *.part-*) rm -f "$f"; m=$((m+1)); continue;; esac
+  grep -qsxF -- "$b" lock/uses && continue
   grep -qsF "$b" runs/*/job.json || {{ rm -f "$f"; m=$((m+1)); }}
 done
 echo $r $a $m"#,
@@ -127,6 +134,44 @@ mod tests {
         for kept in ["runs/mid", "runs/new", "agents/abc", "models/model.gguf"] {
             assert!(wd.join(kept).exists(), "{kept}");
         }
+    }
+
+    #[test]
+    fn what_the_holding_run_lists_in_lock_uses_is_never_pruned() {
+        // A run holding the board uploaded a model no kept run's job names
+        // yet, and an agent build older than `keep` newer ones.
+        let dir = tempfile::tempdir().unwrap();
+        let wd = dir.path();
+        for (i, agent) in ["listed", "a", "b", "c"].iter().enumerate() {
+            let folder = wd.join("agents").join(agent);
+            std::fs::create_dir_all(&folder).unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(1_000 + i as u64);
+            std::fs::File::open(&folder)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        std::fs::create_dir_all(wd.join("models")).unwrap();
+        std::fs::create_dir_all(wd.join("lock")).unwrap();
+        for model in ["waiting.gguf", "orphan.gguf", "waiting.gguf.part-7"] {
+            std::fs::write(wd.join("models").join(model), "m").unwrap();
+        }
+        std::fs::write(wd.join("lock/uses"), "listed\nwaiting.gguf\n").unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(prune_script(&wd.display().to_string(), 1, "c"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        for kept in ["agents/listed", "agents/c", "models/waiting.gguf"] {
+            assert!(wd.join(kept).exists(), "{kept}");
+        }
+        for gone in ["agents/a", "agents/b", "models/orphan.gguf"] {
+            assert!(!wd.join(gone).exists(), "{gone}");
+        }
+        let pruned = read_counts(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!((pruned.agents, pruned.models), (2, 2), "{out:?}");
     }
 
     #[test]

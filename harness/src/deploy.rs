@@ -48,6 +48,9 @@ const DEADLINE_EXIT: i32 = -2;
 
 /// How often a run waiting for a busy board asks again.
 const LOCK_POLL: Duration = Duration::from_secs(3);
+/// How often a long upload refreshes its run's lock (well inside the
+/// lock's start grace).
+const LOCK_HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// What `follow` reports for an agent whose shell died before it could
 /// write the exit status.
@@ -155,13 +158,17 @@ impl SshRunner {
 
     /// Uploads the agent unless the board already has this exact build,
     /// intact.
-    fn deploy_agent(&self, conn: &Connection) -> Result<(), RunError> {
+    /// Checked before every job (another run's prune, or a person, may
+    /// have removed it between two jobs); said once.
+    fn deploy_agent(&self, conn: &Connection, say_cached: bool) -> Result<(), RunError> {
         let remote = self.agent_path();
         if self.cached_and_intact(conn, &remote, &self.agent.hash)? {
-            (self.log)(format!(
-                "{}: agent {} already on the board, nothing uploaded",
-                self.board.name, self.agent.hash
-            ));
+            if say_cached {
+                (self.log)(format!(
+                    "{}: agent {} already on the board, nothing uploaded",
+                    self.board.name, self.agent.hash
+                ));
+            }
             return Ok(());
         }
         conn.exec_ok(&command_line(&["mkdir", "-p", &self.agent_dir()]))
@@ -262,6 +269,7 @@ impl SshRunner {
         subcommand: &str,
         job: &serde_json::Value,
         token: &str,
+        owner: &LockOwner,
     ) -> Result<(), RunError> {
         conn.exec_ok(&command_line(&["mkdir", "-p", dir]))
             .map_err(board_err)?;
@@ -274,14 +282,24 @@ impl SshRunner {
             self.agent_command(),
             shell_quote(subcommand)
         );
-        let command = format!(
+        let script = format!(
             "cd {dir} && if [ \"$(cat start_token 2>/dev/null)\" = {token} ]; then exit 0; fi && mv job.json.next job.json && printf '%s' {token} > start_token && rm -f exit_code pid && (setsid nohup sh -c {inner} > /dev/null 2>&1 < /dev/null & echo $! > pid)",
-            dir = shell_quote(dir),
+            dir = crate::shell::board_path(dir),
             token = shell_quote(token),
             inner = shell_quote(&inner),
         );
-        conn.exec_ok(&command).map_err(board_err)?;
-        Ok(())
+        match board_lock::start_holding(
+            conn,
+            &self.board.name,
+            &self.board.work_dir,
+            owner,
+            &script,
+        )
+        .map_err(board_err)?
+        {
+            board_lock::Holding::Held => Ok(()),
+            board_lock::Holding::Lost(holder) => Err(self.lost_lock(&holder)),
+        }
     }
 
     /// Whether an agent was started in `dir`, and if so whether it runs (a
@@ -527,6 +545,81 @@ impl SshRunner {
         })
     }
 
+    /// The job's steps once its run holds the board: the agent, the
+    /// checks, the uploads (each listed in the lock before it starts), the
+    /// start (only while the lock is still this run's) and following.
+    fn run_holding(
+        &mut self,
+        conn: &mut Option<Connection>,
+        job: &PlannedJob,
+        job_dir: &Path,
+        owner: &LockOwner,
+        on_event: &mut dyn FnMut(&ProgressEvent),
+    ) -> Result<(), RunError> {
+        let first = !self.prepared;
+        self.with_link(conn, "preparing the board", |c| {
+            self.keep_holding(c, owner, std::slice::from_ref(&self.agent.hash))?;
+            self.deploy_agent(c, first)
+        })?;
+        self.prepared = true;
+        self.with_link(conn, "checking the board's memory", |c| {
+            self.check_memory(c, job)
+        })?;
+        let mut spec = job.spec.clone();
+        for upload in &job.uploads {
+            let remote = self.with_link(conn, "uploading", |c| {
+                self.upload_content_addressed(c, &upload.local, owner)
+            })?;
+            match spec.pointer_mut(&upload.pointer) {
+                Some(slot) => *slot = serde_json::Value::String(remote),
+                None => {
+                    return Err(RunError::Board(format!(
+                        "job {}: no `{}` in the job to point at {}",
+                        job.name,
+                        upload.pointer,
+                        upload.local.display()
+                    )))
+                }
+            }
+        }
+        self.with_link(conn, "checking the board's free space", |c| {
+            self.check_disk(c, job.disk_bytes)
+        })?;
+        let dir = self.run_dir(&owner.run_id);
+        let token = format!("{}-{}", std::process::id(), wire::utc_now_rfc3339_millis());
+        self.with_link(conn, "starting the agent", |c| {
+            self.start(c, &dir, job.subcommand, &spec, &token, owner)
+        })?;
+        self.follow(conn, &dir, job, job_dir, on_event)
+    }
+
+    /// Confirms this run still holds the board, keeps its lock fresh and
+    /// lists `uses` in it (so no prune removes them).
+    fn keep_holding(
+        &self,
+        conn: &Connection,
+        owner: &LockOwner,
+        uses: &[String],
+    ) -> Result<(), RunError> {
+        match board_lock::hold(conn, &self.board.name, &self.board.work_dir, owner, uses)
+            .map_err(board_err)?
+        {
+            board_lock::Holding::Held => Ok(()),
+            board_lock::Holding::Lost(holder) => Err(self.lost_lock(&holder)),
+        }
+    }
+
+    fn lost_lock(&self, holder: &str) -> RunError {
+        let holder = serde_json::from_str::<LockOwner>(holder)
+            .map(|o| o.describe())
+            .unwrap_or_else(|_| holder.to_string());
+        RunError::Board(format!(
+            "board {}: this run lost the board's lock to {holder} (it could not reach the board for longer than the lock's {} s start grace, and the lock was taken over); nothing more is started here. Run again, or resume, once that run has finished",
+            self.board.name,
+            board_lock::START_GRACE_SECS
+        ))
+    }
+
     /// Takes the board's lock for `owner`, waiting up to `lock_wait` while
     /// another live run holds it; then fails with who holds it.
     fn take_board(&self, conn: &Connection, owner: &LockOwner) -> Result<(), RunError> {
@@ -607,11 +700,14 @@ impl SshRunner {
         &self,
         conn: &Connection,
         local: &Path,
+        owner: &LockOwner,
     ) -> Result<String, RunError> {
         let hash = crate::build::file_hash(local).map_err(|e| RunError::Board(e.to_string()))?;
         let ext = local.extension().and_then(|e| e.to_str()).unwrap_or("bin");
         let dir = format!("{}/models", self.board.work_dir);
-        let remote = format!("{dir}/{hash}.{ext}");
+        let name = format!("{hash}.{ext}");
+        let remote = format!("{dir}/{name}");
+        self.keep_holding(conn, owner, &[name])?;
         if self.cached_and_intact(conn, &remote, &hash)? {
             (self.log)(format!(
                 "{}: {} already on the board",
@@ -632,10 +728,25 @@ impl SshRunner {
         );
         bar.set_prefix(self.board.name.clone());
         bar.set_message(local.display().to_string());
+        // A long upload keeps the lock fresh, so the run never looks
+        // stale while it holds the board without an agent yet.
+        let mut last_hold = Instant::now();
+        let mut lost = None;
         let sent = conn
-            .upload(local, &remote, 0o644, &mut |n| bar.set_position(n))
+            .upload(local, &remote, 0o644, &mut |n| {
+                bar.set_position(n);
+                if last_hold.elapsed() >= LOCK_HEARTBEAT && lost.is_none() {
+                    last_hold = Instant::now();
+                    if let Err(e) = self.keep_holding(conn, owner, &[]) {
+                        lost = Some(e);
+                    }
+                }
+            })
             .map_err(board_err)?;
         bar.finish_and_clear();
+        if let Some(e) = lost {
+            return Err(e);
+        }
         self.uploaded_bytes.fetch_add(sent, Ordering::Relaxed);
         (self.log)(format!(
             "{}: uploaded {} ({:.1} MB)",
@@ -711,47 +822,19 @@ impl BoardRunner for SshRunner {
     ) -> Result<(), RunError> {
         let mut conn = None;
         if !self.prepared {
-            self.with_link(&mut conn, "preparing the board", |c| {
-                self.check_architecture(c)?;
-                self.deploy_agent(c)
+            self.with_link(&mut conn, "checking the board", |c| {
+                self.check_architecture(c)
             })?;
-            self.prepared = true;
         }
-        self.with_link(&mut conn, "checking the board's memory", |c| {
-            self.check_memory(c, job)
-        })?;
-        let mut spec = job.spec.clone();
-        for upload in &job.uploads {
-            let remote = self.with_link(&mut conn, "uploading", |c| {
-                self.upload_content_addressed(c, &upload.local)
-            })?;
-            match spec.pointer_mut(&upload.pointer) {
-                Some(slot) => *slot = serde_json::Value::String(remote),
-                None => {
-                    return Err(RunError::Board(format!(
-                        "job {}: no `{}` in the job to point at {}",
-                        job.name,
-                        upload.pointer,
-                        upload.local.display()
-                    )))
-                }
-            }
-        }
-        self.with_link(&mut conn, "checking the board's free space", |c| {
-            self.check_disk(c, job.disk_bytes)
-        })?;
         let remote_run = Self::remote_run(job);
-        let dir = self.run_dir(&remote_run);
         let owner = LockOwner::this_process(&remote_run);
+        // The lock first, then the uploads: a run waiting for a busy board
+        // has nothing on it that the holder's end-of-job prune could
+        // remove, and everything it uploads is listed in the lock.
         self.with_link(&mut conn, "taking the board", |c| {
             self.take_board(c, &owner)
         })?;
-        let token = format!("{}-{}", std::process::id(), wire::utc_now_rfc3339_millis());
-        let result = self
-            .with_link(&mut conn, "starting the agent", |c| {
-                self.start(c, &dir, job.subcommand, &spec, &token)
-            })
-            .and_then(|_| self.follow(&mut conn, &dir, job, job_dir, on_event));
+        let result = self.run_holding(&mut conn, job, job_dir, &owner, on_event);
         self.finish_job(&remote_run);
         result
     }

@@ -894,20 +894,41 @@ fn second_user(dir: &Path) -> tempfile::TempDir {
 #[test]
 fn a_second_run_on_a_busy_board_fails_naming_the_holder_or_waits_its_turn() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
-    let dir = config_dir(&[]);
-    let (slow, _) = start_slow_run_on_sim2(dir.path(), 1);
+    // A work dir of its own, so the waiting run's model is new to the board
+    // and no earlier test's run names it.
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().display().to_string();
+    let dir = config_dir(&[("busy", &|b| {
+        b.insert("work_dir".into(), work_dir.clone().into());
+        b.insert("keep_runs".into(), toml::Value::Integer(1));
+    })]);
+    let fixtures = workspace_root().join("fixtures");
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[model_matrices.mq1]\nmodels = [{:?}]\nrecipes = [\"q8_0\"]\ntext = {:?}\ngenerate_tokens = 4\nn_prompt = 8\nn_gen = 2\nrepetitions = 1\n",
+        fixtures.join("stories260K.gguf").display().to_string(),
+        fixtures.join("stories-eval.txt").display().to_string()
+    ));
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    let slow = start_slow_run(dir.path(), "busy", &work_dir, 1);
+    // The impatient run prepares what the patient one needs (quantizing
+    // its recipe into the host's cache), so the patient one reaches the
+    // board while the holder still measures.
     let impatient = second_user(dir.path());
-    let busy = bench_waiting(impatient.path(), "sim2", "micro", 0)
+    let busy = bench_waiting(impatient.path(), "busy", "mq1,micro", 0)
         .output()
         .unwrap();
     let all = text(&busy);
     assert!(!busy.status.success(), "{all}");
     assert!(
-        all.contains("sim2 is busy") && all.contains("-slow") && all.contains("--lock-wait"),
+        all.contains("busy is busy") && all.contains("-slow") && all.contains("--lock-wait"),
         "{all}"
     );
+    // The waiting run has a model and recipe files to upload; the holder
+    // prunes the board (keep_runs = 1) when its job ends, while the waiter
+    // still waits. Uploaded before the lock, they would be gone.
     let patient = second_user(dir.path());
-    let waiter = bench_waiting(patient.path(), "sim2", "micro", 300)
+    let waiter = bench_waiting(patient.path(), "busy", "mq1,micro", 300)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -917,13 +938,24 @@ fn a_second_run_on_a_busy_board_fails_naming_the_holder_or_waits_its_turn() {
     let waited = waiter.wait_with_output().unwrap();
     assert!(waited.status.success(), "{}", text(&waited));
     assert!(text(&waited).contains("busy with"), "{}", text(&waited));
+    let models: Vec<wire::rows::ModelRow> =
+        read_csv(&only_run_dir(patient.path()).join("models.csv")).unwrap();
+    assert!(
+        !models.is_empty() && models.iter().all(|r| r.status == CellStatus::Ok),
+        "{models:?}"
+    );
     // Timings never overlap: the waiting run's first cell ended after the
     // holder's last.
     let holder: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
     let second: Vec<KernelRow> =
         read_csv(&only_run_dir(patient.path()).join("kernels.csv")).unwrap();
     let holder_last = holder.iter().map(|r| r.finished_at.clone()).max().unwrap();
-    let second_first = second.iter().map(|r| r.finished_at.clone()).min().unwrap();
+    let second_first = models
+        .iter()
+        .map(|r| r.finished_at.clone())
+        .chain(second.iter().map(|r| r.finished_at.clone()))
+        .min()
+        .unwrap();
     assert!(
         second_first >= holder_last,
         "{second_first} < {holder_last}"
