@@ -101,13 +101,11 @@ pub fn try_take(
 /// Releases the lock if `run_id` still holds it (a lock taken over after
 /// this run was thought dead is someone else's now) and its agent is no
 /// longer running (if it is, the lock stays with it and goes stale when it
-/// ends).
+/// ends). A lock whose agent never started (the job failed while holding
+/// the board: an upload, a check) is released at once: the start grace is
+/// for others judging a holder they cannot see, not for the holder.
 pub fn release(conn: &Connection, work_dir: &str, run_id: &str) -> Result<(), TransportError> {
-    let script = format!(
-        "grep -qF {id} lock/owner 2>/dev/null || exit 0\n{live}\n[ \"$live\" = yes ] || rm -rf lock",
-        id = shell_quote(&format!("\"run_id\":\"{run_id}\"")),
-        live = LIVENESS.replace("START_GRACE", &START_GRACE_SECS.to_string())
-    );
+    let script = release_script(run_id);
     let command = format!(
         "cd {wd} 2>/dev/null && flock .lock-guard sh -c {script}; true",
         wd = board_path(work_dir),
@@ -213,23 +211,34 @@ fn guarded(work_dir: &str, script: &str) -> String {
     )
 }
 
-/// Sets `live=yes` when the lock's agent runs (or has not started yet and
-/// the lock is younger than the start grace), else `live=no`.
-const LIVENESS: &str = r#"live=no
+fn release_script(run_id: &str) -> String {
+    format!(
+        "grep -qF {id} lock/owner 2>/dev/null || exit 0\n{AGENT_RUNS}\n[ \"$live\" = yes ] || rm -rf lock",
+        id = shell_quote(&format!("\"run_id\":\"{run_id}\"")),
+    )
+}
+
+/// Sets `live=yes` only when the lock's agent runs (its pid alive, working
+/// in the lock's run dir), else `live=no`.
+const AGENT_RUNS: &str = r#"live=no
 rd=$(cat lock/run_dir 2>/dev/null)
 pid=$(cat "$rd/pid" 2>/dev/null)
-if [ -n "$pid" ]; then
-  if kill -0 "$pid" 2>/dev/null && [ "$(readlink /proc/$pid/cwd 2>/dev/null)" = "$(cd "$rd" 2>/dev/null && pwd -P)" ]; then live=yes; fi
-elif [ $(( $(date +%s) - $(stat -c %Y lock) )) -lt START_GRACE ]; then
-  live=yes
-fi"#;
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(readlink /proc/$pid/cwd 2>/dev/null)" = "$(cd "$rd" 2>/dev/null && pwd -P)" ]; then live=yes; fi"#;
+
+/// Sets `live=yes` when the lock's agent runs, or has not started yet and
+/// the lock is younger than the start grace; else `live=no`.
+fn liveness() -> String {
+    format!(
+        "{AGENT_RUNS}\nif [ -z \"$pid\" ] && [ $(( $(date +%s) - $(stat -c %Y lock) )) -lt {START_GRACE_SECS} ]; then live=yes; fi"
+    )
+}
 
 /// The check-and-take, run in the work dir under the guard's flock.
 fn take_script(run_id: &str, owner_json: &str, run_dir_expr: &str) -> String {
     format!(
         "if grep -qF {id} lock/owner 2>/dev/null; then rm -rf lock; fi\nif [ -d lock ]; then\n{live}\n  if [ \"$live\" = yes ]; then cat lock/owner; exit {held}; fi\n  rm -rf lock\nfi\nmkdir lock && printf '%s' {owner} > lock/owner && printf '%s' {run_dir} > lock/run_dir",
         id = shell_quote(&format!("\"run_id\":\"{run_id}\"")),
-        live = LIVENESS.replace("START_GRACE", &START_GRACE_SECS.to_string()),
+        live = liveness(),
         held = HELD,
         owner = shell_quote(owner_json),
         run_dir = run_dir_expr,
@@ -296,6 +305,28 @@ mod tests {
         let out = run_here(wd, &format!("{}\n{start}", still_ours(&owner_json(&ours))));
         assert!(out.status.success(), "{out:?}");
         assert!(wd.join("started").exists());
+    }
+
+    #[test]
+    fn the_holder_releases_a_lock_whose_agent_never_started_at_once() {
+        // A job that failed while holding the board (an upload, a check):
+        // no agent, a lock seconds old. Others would wait out the start
+        // grace; the holder itself lets go.
+        let dir = tempfile::tempdir().unwrap();
+        let wd = dir.path();
+        std::fs::create_dir_all(wd.join("lock")).unwrap();
+        std::fs::create_dir_all(wd.join("runs/r")).unwrap();
+        std::fs::write(wd.join("lock/owner"), owner_json(&owner("run-a", 1))).unwrap();
+        std::fs::write(
+            wd.join("lock/run_dir"),
+            wd.join("runs/r").display().to_string(),
+        )
+        .unwrap();
+        let out = run_here(wd, &release_script("run-b"));
+        assert!(out.status.success() && wd.join("lock").exists(), "not ours");
+        let out = run_here(wd, &release_script("run-a"));
+        assert!(out.status.success(), "{out:?}");
+        assert!(!wd.join("lock").exists(), "released");
     }
 
     #[test]

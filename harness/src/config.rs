@@ -280,6 +280,35 @@ fn default_reps() -> u32 {
 }
 
 impl BenchConfig {
+    /// A path from the config, relative to the config file's folder,
+    /// falling back to the workspace for the repository's own fixtures.
+    pub fn relative_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_path_buf();
+        }
+        let base = self
+            .source
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let joined = base.join(path);
+        if joined.exists() {
+            joined
+        } else {
+            crate::build::workspace_root().join(path)
+        }
+    }
+
+    /// Every model file the config's model matrices name.
+    pub fn model_files(&self) -> Vec<PathBuf> {
+        self.model_matrices
+            .values()
+            .flat_map(|m| m.models.iter())
+            .map(|m| self.relative_path(m))
+            .filter(|p| p.is_file())
+            .collect()
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),

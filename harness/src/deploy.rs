@@ -16,10 +16,12 @@
 //!   on.
 //!
 //! While the agent runs, the host mirrors its files into the job's folder
-//! of the run directory, appending the new bytes of each poll and syncing
-//! them to disk: the host's copy is always a prefix of the board's, so
-//! whoever picks the job up (a reconnect, a resumed run) goes on from the
-//! length of the host's copy. Every remote step retries on a failed link,
+//! of the run directory (`mirror`), appending the new bytes of each poll
+//! and syncing them to disk, so whoever picks the job up (a reconnect, a
+//! resumed run) goes on from where the host's copy ends; a board file that
+//! shrank or was replaced is detected, said, and followed anew with the
+//! host's rows kept. Whatever a board sends is bounded: command output,
+//! downloads, the chunks of a backlog, a failed agent's log. Every remote step retries on a failed link,
 //! with back-off, for the board's `retry_seconds`; every reconnect checks
 //! the host key again.
 //!
@@ -32,6 +34,7 @@ use crate::board_storage::{self, Pruned};
 use crate::boards::RemoteBoard;
 use crate::build::{AgentBuild, AGENT_BIN};
 use crate::jobs::PlannedJob;
+use crate::mirror::{self, MirrorError};
 use crate::run::{BoardRunner, RunError};
 use crate::transport::{command_line, shell_quote, Connection, SshEndpoint, TransportError};
 use std::path::Path;
@@ -59,6 +62,13 @@ const NO_EXIT_STATUS: i32 = -3;
 const DISK_FULL_BYTES: u64 = 1 << 20;
 /// Free space kept beside what a job needs, for the system and its logs.
 const DISK_MARGIN_BYTES: u64 = 16 << 20;
+
+/// The longest progress line read as an event (a real one is under 1 KB).
+const MAX_PROGRESS_LINE: usize = 1 << 20;
+/// How much of a failed agent's log is read for its last lines.
+const LOG_TAIL_BYTES: u64 = 64 << 10;
+/// The largest probe.json taken from a board (a real one is a few KB).
+const MAX_PROBE_BYTES: u64 = 4 << 20;
 
 /// The longest pause between two retries of a failed remote step.
 const MAX_BACKOFF: Duration = Duration::from_secs(16);
@@ -319,8 +329,8 @@ impl SshRunner {
     }
 
     /// Appends what the board's copy of each file in `dir` has beyond the
-    /// host's copy in `job_dir`, synced to disk; returns the new progress
-    /// lines' bytes.
+    /// host's copy in `job_dir`, synced to disk (see `mirror`); returns the
+    /// new progress lines' bytes.
     fn mirror(
         &self,
         conn: &Connection,
@@ -330,17 +340,30 @@ impl SshRunner {
     ) -> Result<Vec<u8>, RunError> {
         let mut progress = Vec::new();
         for file in outputs.iter().chain(&[AGENT_LOG, PROGRESS_FILE]) {
-            let local = job_dir.join(file);
-            let have = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
-            let bytes = conn
-                .read_from(&format!("{dir}/{file}"), have)
-                .map_err(link_err)?;
-            if bytes.is_empty() {
-                continue;
+            let is_progress = *file == PROGRESS_FILE;
+            let followed = mirror::follow(
+                conn,
+                &format!("{dir}/{file}"),
+                &job_dir.join(file),
+                is_progress,
+            )
+            .map_err(|e| match e {
+                MirrorError::Board(e) => link_err(e),
+                MirrorError::Host(e) => RunError::Results(e),
+            })?;
+            if let Some(note) = followed.note {
+                (self.log)(format!("{}: {note}", self.board.name));
             }
-            append_synced(&local, &bytes)?;
-            if *file == PROGRESS_FILE {
-                progress = bytes;
+            if followed.cut > 0 {
+                (self.log)(format!(
+                    "{}: {} bytes of the agent's progress output came in one poll, more than {} MiB: kept in {PROGRESS_FILE}, not read as progress",
+                    self.board.name,
+                    followed.cut,
+                    mirror::MAX_KEPT_BYTES >> 20
+                ));
+            }
+            if is_progress {
+                progress = followed.bytes;
             }
         }
         Ok(progress)
@@ -364,12 +387,21 @@ impl SshRunner {
             pending.push_str(&String::from_utf8_lossy(progress));
             while let Some(newline) = pending.find('\n') {
                 let line: String = pending.drain(..=newline).collect();
+                if line.len() > MAX_PROGRESS_LINE {
+                    // No event is that long: not a progress line.
+                    continue;
+                }
                 if let Some(event) = ProgressEvent::parse(&line) {
                     if let ProgressEvent::CellStarted { cell_id, .. } = &event {
                         *last_started = Some(cell_id.clone());
                     }
                     on_event(&event);
                 }
+            }
+            if pending.len() > MAX_PROGRESS_LINE {
+                // A line without end that long is no event; drop what has
+                // come of it rather than hold it.
+                pending.clear();
             }
         };
         let exit_code = loop {
@@ -408,9 +440,16 @@ impl SshRunner {
         if exit_code == 0 {
             return Ok(());
         }
-        let log = std::fs::read_to_string(job_dir.join(AGENT_LOG)).unwrap_or_default();
+        // Its last lines only: a failed agent's log can be any size.
+        let log = mirror::read_tail(&job_dir.join(AGENT_LOG), LOG_TAIL_BYTES)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         let tail: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = tail[tail.len().saturating_sub(2)..].join(" / ");
+        let tail = tail[tail.len().saturating_sub(2)..]
+            .iter()
+            .map(|line| cut_line(line, 400))
+            .collect::<Vec<_>>()
+            .join(" / ");
         let reason = match exit_code {
             126 | 127 if log.contains("Exec format error") || log.contains("cannot execute") => format!(
                 "the board cannot execute the agent (exec format error): wrong architecture for profile {}",
@@ -444,7 +483,8 @@ impl SshRunner {
             return Ok(());
         }
         let part = job_dir.join(format!("{PROBE_FILE}.part"));
-        conn.download(&remote, &part).map_err(link_err)?;
+        conn.download(&remote, &part, MAX_PROBE_BYTES)
+            .map_err(board_err)?;
         std::fs::rename(&part, job_dir.join(PROBE_FILE)).map_err(|source| {
             RunError::Results(ResultsError::Io {
                 path: part.clone(),
@@ -501,20 +541,12 @@ enum RemoteState {
 const AGENT_LOG: &str = "agent.log";
 const PROGRESS_FILE: &str = "progress.jsonl";
 
-/// Appends `bytes` to `path` and syncs them to disk.
-fn append_synced(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    use std::io::Write;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_data()))
-        .map_err(|source| {
-            RunError::Results(ResultsError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        })
+/// `line` cut to at most `max` characters, saying how much was cut.
+fn cut_line(line: &str, max: usize) -> String {
+    match line.char_indices().nth(max) {
+        None => line.to_string(),
+        Some((at, _)) => format!("{}... ({} more bytes)", &line[..at], line.len() - at),
+    }
 }
 
 /// A transport failure as the runner sees it: the network (worth a

@@ -91,6 +91,9 @@ pub struct IndexedRun {
     pub git_commit: String,
     /// Board names, comma-separated, in name order.
     pub boards: String,
+    /// The matrices and target it ran (a series of comparable runs).
+    pub matrix: String,
+    pub target: String,
 }
 
 /// One point of a trend: a cell's median in one run.
@@ -249,7 +252,7 @@ impl History {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT run_id, dir, started_at, git_commit, boards FROM runs ORDER BY started_at, run_id",
+                "SELECT run_id, dir, started_at, git_commit, boards, matrix, target FROM runs ORDER BY started_at, run_id",
             )
             .map_err(self.sqlite_err())?;
         let rows = stmt
@@ -260,7 +263,39 @@ impl History {
                     started_at: r.get(2)?,
                     git_commit: r.get(3)?,
                     boards: r.get(4)?,
+                    matrix: r.get(5)?,
+                    target: r.get(6)?,
                 })
+            })
+            .map_err(self.sqlite_err())?;
+        rows.collect::<Result<_, _>>().map_err(self.sqlite_err())
+    }
+
+    /// (run id, board, the board's state as one key) of every indexed run:
+    /// runs with the same key share history noise floors.
+    pub fn board_states(&self) -> Result<Vec<(String, String, String)>, HistoryError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT run_id, board, agent_build, cpu_model, kernel, governor, cpu_max_freq_mhz FROM board_states",
+            )
+            .map_err(self.sqlite_err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                let governor: Option<String> = r.get(5)?;
+                let clock: Option<f64> = r.get(6)?;
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    format!(
+                        "{}|{}|{}|{}|{}",
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        governor.unwrap_or_default(),
+                        clock.map(|c| c.to_string()).unwrap_or_default()
+                    ),
+                ))
             })
             .map_err(self.sqlite_err())?;
         rows.collect::<Result<_, _>>().map_err(self.sqlite_err())

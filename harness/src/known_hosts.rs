@@ -48,23 +48,33 @@ pub fn read_files(files: &[PathBuf]) -> (Vec<KnownKey>, Vec<BadLine>) {
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
-        for (index, line) in text.lines().enumerate() {
-            match parse_line(line) {
-                Ok(Some((marker, patterns, key_type, key))) => keys.push(KnownKey {
-                    marker,
-                    patterns,
-                    key_type,
-                    key,
-                    file: file.clone(),
-                    line: index + 1,
-                }),
-                Ok(None) => {}
-                Err(reason) => bad.push(BadLine {
-                    file: file.clone(),
-                    line: index + 1,
-                    reason,
-                }),
-            }
+        let (k, b) = parse_text(&text, file);
+        keys.extend(k);
+        bad.extend(b);
+    }
+    (keys, bad)
+}
+
+/// The entries of one known_hosts file's `text`, and the lines that are not.
+pub fn parse_text(text: &str, file: &Path) -> (Vec<KnownKey>, Vec<BadLine>) {
+    let mut keys = Vec::new();
+    let mut bad = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        match parse_line(line) {
+            Ok(Some((marker, patterns, key_type, key))) => keys.push(KnownKey {
+                marker,
+                patterns,
+                key_type,
+                key,
+                file: file.to_path_buf(),
+                line: index + 1,
+            }),
+            Ok(None) => {}
+            Err(reason) => bad.push(BadLine {
+                file: file.to_path_buf(),
+                line: index + 1,
+                reason,
+            }),
         }
     }
     (keys, bad)

@@ -232,6 +232,10 @@ pub fn check_model_file(path: &Path) -> Result<u64, RecipeError> {
             String::from_utf8_lossy(&magic)
         )));
     }
+    // The whole header, before GGML (which trusts it) ever reads the file.
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    wire::gguf::check(std::io::BufReader::new(file), meta.len())
+        .map_err(|e| bad(format!("not a GGUF file GGML can read safely: {e}")))?;
     Ok(meta.len())
 }
 
@@ -297,12 +301,57 @@ fn unique_suffix() -> String {
 
 /// Writes `text` to `path` through a temporary file of this process and a
 /// rename, so a concurrent reader sees the old file or the new, never half.
+/// Synced before and after the rename: a power cut leaves the old file or
+/// the new one, whole.
 fn write_whole(path: &Path, text: &str) -> Result<(), RecipeError> {
     let mut temp = path.as_os_str().to_owned();
     temp.push(format!(".part-{}", unique_suffix()));
     let temp = PathBuf::from(temp);
     std::fs::write(&temp, text).map_err(io_err(&temp))?;
-    std::fs::rename(&temp, path).map_err(io_err(path))
+    sync_file(&temp)?;
+    std::fs::rename(&temp, path).map_err(io_err(path))?;
+    sync_parent(path)
+}
+
+fn sync_file(path: &Path) -> Result<(), RecipeError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
+}
+
+/// Makes a rename in `path`'s folder durable.
+fn sync_parent(path: &Path) -> Result<(), RecipeError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Where the SHA-256 (prefix) of a cached file made by the agent is kept.
+fn recorded_hash_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
+/// Why a cached file cannot be used as it is, or `None` when its content
+/// still matches the hash recorded when it was made (a file cut short by a
+/// power loss or a full disk keeps its name but not its hash).
+fn cache_damage(path: &Path) -> Option<String> {
+    let Ok(recorded) = std::fs::read_to_string(recorded_hash_path(path)) else {
+        return Some(
+            "has no recorded SHA-256 (made by an older quantbench, or cut off while being made)"
+                .into(),
+        );
+    };
+    match wire::build_id::content_hash(path) {
+        Ok(hash) if hash == recorded.trim() => None,
+        Ok(hash) => Some(format!(
+            "does not match the SHA-256 recorded when it was made ({hash} instead of {}: cut short by a power loss or a full disk?)",
+            recorded.trim()
+        )),
+        Err(e) => Some(format!("cannot be read ({e})")),
+    }
 }
 
 /// One quantization of a model: llama.cpp file type `ftype`, optionally
@@ -331,6 +380,9 @@ impl<'a> QuantizeSpec<'a> {
     }
 }
 
+/// Where recipe caches live, under the workspace.
+pub const RECIPE_CACHE_DIR: &str = "target/quantbench-models";
+
 /// The host-side recipe cache of one model:
 /// `target/quantbench-models/<model hash>/`.
 pub struct RecipeCache {
@@ -341,8 +393,11 @@ pub struct RecipeCache {
 impl RecipeCache {
     pub fn open(workspace: &Path, model: &Path) -> Result<Self, RecipeError> {
         let hash = wire::build_id::content_hash(model).map_err(io_err(model))?;
-        let dir = workspace.join("target/quantbench-models").join(hash);
+        let dir = workspace.join(RECIPE_CACHE_DIR).join(hash);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // When it was last used, for retention (`cargo xtask prune`).
+        let stamp = dir.join(crate::retention::LAST_USED_FILE);
+        std::fs::write(&stamp, wire::utc_now_rfc3339()).map_err(io_err(&stamp))?;
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -350,8 +405,9 @@ impl RecipeCache {
     }
 
     /// Quantizes once per (model hash, recipe): the output and its fallback
-    /// list are kept in the cache. Files are written under a temporary name
-    /// and renamed, so a cache entry is never partial.
+    /// list are kept in the cache. Files are written under a temporary name,
+    /// synced and renamed, with the output's SHA-256 beside it, checked
+    /// whenever the entry is used again.
     pub fn quantize(
         &self,
         agent: &AgentBuild,
@@ -444,7 +500,10 @@ impl RecipeCache {
         args: impl FnOnce(&Path) -> Vec<String>,
     ) -> Result<Option<serde_json::Value>, RecipeError> {
         if path.exists() && beside.iter().all(|p| p.exists()) {
-            return Ok(None);
+            match cache_damage(path) {
+                None => return Ok(None),
+                Some(why) => eprintln!("recipe cache: {} {why}: making it again", path.display()),
+            }
         }
         let mut temp = path.as_os_str().to_owned();
         temp.push(format!(".part-{}", unique_suffix()));
@@ -452,7 +511,14 @@ impl RecipeCache {
         let out = agent_json(agent, &args(&temp)).inspect_err(|_| {
             let _ = std::fs::remove_file(&temp);
         })?;
+        // The hash first, then the file under its name: a power cut in
+        // between leaves a hash the old file does not match, so it is made
+        // again next time, never used cut short.
+        sync_file(&temp)?;
+        let hash = wire::build_id::content_hash(&temp).map_err(io_err(&temp))?;
+        write_whole(&recorded_hash_path(path), &hash)?;
         std::fs::rename(&temp, path).map_err(io_err(path))?;
+        sync_parent(path)?;
         Ok(Some(out))
     }
 

@@ -70,6 +70,12 @@ pub enum TransportError {
         path: String,
         detail: String,
     },
+    #[error("board {board}: {path} is larger than {limit} bytes, more than such a file can hold: not read (is something else writing there?)")]
+    TooLarge {
+        board: String,
+        path: String,
+        limit: u64,
+    },
     #[error("board {board}: `{command}` exited with {status}: {stderr}")]
     Remote {
         board: String,
@@ -89,6 +95,46 @@ pub enum TransportError {
         step: String,
         source: std::io::Error,
     },
+}
+
+/// Part of a board's file, as [`Connection::read_window`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileWindow {
+    /// The file's size when it was opened.
+    pub size: u64,
+    /// The bytes just before the offset asked for.
+    pub before: Vec<u8>,
+    /// The bytes from the offset on (at most the `max` asked for).
+    pub bytes: Vec<u8>,
+}
+
+/// The most of a command's stdout (and of its stderr) kept in memory; a
+/// board that prints more has the rest cut, and says so.
+pub const MAX_COMMAND_OUTPUT: usize = 1 << 20;
+/// What is read and thrown away past the limit so the command can end;
+/// past this the channel is closed on it.
+const MAX_COMMAND_DRAIN: u64 = 64 << 20;
+
+/// Reads at most `limit` bytes of `reader` as text; what follows is read
+/// and dropped (up to `MAX_COMMAND_DRAIN`, so a command that prints forever
+/// cannot hold the host) and replaced by one line saying how much was cut.
+fn read_bounded(reader: &mut dyn Read, limit: usize) -> std::io::Result<String> {
+    let mut kept = Vec::new();
+    reader.take(limit as u64).read_to_end(&mut kept)?;
+    let cut = std::io::copy(&mut reader.take(MAX_COMMAND_DRAIN), &mut std::io::sink())?;
+    let mut text = String::from_utf8_lossy(&kept).into_owned();
+    if cut > 0 {
+        let more = if cut >= MAX_COMMAND_DRAIN {
+            " or more"
+        } else {
+            ""
+        };
+        text.push_str(&format!(
+            "\n[quantbench: {cut}{more} further bytes of this board's output cut; output is kept up to {} MiB]\n",
+            limit >> 20
+        ));
+    }
+    Ok(text)
 }
 
 impl TransportError {
@@ -234,14 +280,9 @@ impl Connection {
         channel
             .exec(command)
             .map_err(self.ssh_err("starting a command"))?;
-        let mut stdout = String::new();
-        channel
-            .read_to_string(&mut stdout)
+        let stdout = read_bounded(&mut channel, MAX_COMMAND_OUTPUT)
             .map_err(self.io_err("reading command output"))?;
-        let mut stderr = String::new();
-        channel
-            .stderr()
-            .read_to_string(&mut stderr)
+        let stderr = read_bounded(&mut channel.stderr(), MAX_COMMAND_OUTPUT)
             .map_err(self.io_err("reading command errors"))?;
         channel
             .wait_close()
@@ -378,31 +419,71 @@ impl Connection {
         }
     }
 
-    pub fn download(&self, remote: &str, local: &Path) -> Result<(), TransportError> {
+    /// Downloads a small file (a board's description), refusing one larger
+    /// than `limit` bytes: a board's file is never trusted to fit memory.
+    pub fn download(&self, remote: &str, local: &Path, limit: u64) -> Result<(), TransportError> {
         let sftp = self.sftp()?;
-        let mut source = sftp
+        let source = sftp
             .open(Path::new(remote))
             .map_err(self.ssh_err(&format!("opening {remote}")))?;
         let mut bytes = Vec::new();
         source
+            .take(limit + 1)
             .read_to_end(&mut bytes)
             .map_err(self.io_err(&format!("reading {remote}")))?;
+        if bytes.len() as u64 > limit {
+            return Err(TransportError::TooLarge {
+                board: self.endpoint.board.clone(),
+                path: remote.to_string(),
+                limit,
+            });
+        }
         std::fs::write(local, bytes).map_err(self.io_err(&format!("writing {}", local.display())))
     }
 
-    /// Bytes of `remote` from `offset` on (for following a growing file).
-    pub fn read_from(&self, remote: &str, offset: u64) -> Result<Vec<u8>, TransportError> {
+    /// What `remote` holds around `offset`, for following a growing file:
+    /// its size, the `back` bytes just before `offset` (which the follower
+    /// already has, to check they are still there) and at most `max`
+    /// bytes from `offset` on. `None` when the file does not exist.
+    pub fn read_window(
+        &self,
+        remote: &str,
+        offset: u64,
+        back: u64,
+        max: u64,
+    ) -> Result<Option<FileWindow>, TransportError> {
         let sftp = self.sftp()?;
         let mut file = match sftp.open(Path::new(remote)) {
             Ok(f) => f,
-            Err(_) => return Ok(Vec::new()),
+            Err(_) => return Ok(None),
         };
-        file.seek(SeekFrom::Start(offset))
+        let size = file
+            .stat()
+            .map_err(self.ssh_err(&format!("reading the size of {remote}")))?
+            .size
+            .unwrap_or(0);
+        if size < offset {
+            return Ok(Some(FileWindow {
+                size,
+                before: Vec::new(),
+                bytes: Vec::new(),
+            }));
+        }
+        let back = back.min(offset);
+        file.seek(SeekFrom::Start(offset - back))
             .map_err(self.io_err("seeking"))?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
+        (&mut file)
+            .take(back + max)
+            .read_to_end(&mut bytes)
             .map_err(self.io_err(&format!("reading {remote}")))?;
-        Ok(bytes)
+        let split = (back as usize).min(bytes.len());
+        let after = bytes.split_off(split);
+        Ok(Some(FileWindow {
+            size,
+            before: bytes,
+            bytes: after,
+        }))
     }
 
     pub fn write_file(&self, remote: &str, contents: &[u8]) -> Result<(), TransportError> {

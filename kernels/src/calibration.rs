@@ -302,6 +302,12 @@ pub fn read_imatrix(path: &Path) -> Result<Calibration, CalibrationError> {
         path: path.display().to_string(),
         reason: reason.to_string(),
     };
+    // GGML's typed getters abort the process on a key of another type, and
+    // its parser trusts the header's sizes: checked in Rust first.
+    wire::gguf::check_file(path).map_err(|reason| CalibrationError::BadImatrix {
+        path: path.display().to_string(),
+        reason,
+    })?;
     let c = c_path(path)?;
     let mut data_ctx: *mut sys::ggml_context = ptr::null_mut();
     // SAFETY: NULL results are checked; tensors are read within their

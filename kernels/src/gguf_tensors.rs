@@ -1,7 +1,7 @@
 //! Where each tensor of a GGUF file sits and its values as f32: what the
 //! recipes that rewrite a model's matrices in place (GPTQ, codebooks) read.
 
-use crate::model::{c_path, ModelError};
+use crate::model::ModelError;
 use llama_cpp_sys_2 as sys;
 use std::ffi::CStr;
 use std::io::{Read, Seek, SeekFrom};
@@ -27,7 +27,9 @@ pub struct TensorSlot {
 }
 
 pub fn tensor_slots(path: &Path) -> Result<Vec<TensorSlot>, TensorFileError> {
-    let c = c_path(path)?;
+    // GGML trusts the sizes in the header, and read_weights allocates from
+    // them: the header is checked against the file first.
+    let c = crate::model::checked_gguf_path(path)?;
     let bad = || TensorFileError::File {
         path: path.display().to_string(),
         message: "not a readable GGUF file".into(),
@@ -111,4 +113,24 @@ pub fn read_weights(path: &Path, slot: &TensorSlot) -> Result<Vec<f32>, TensorFi
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use llama_cpp_sys_2 as sys;
+
+    #[test]
+    fn the_gguf_checks_type_table_is_ggmls() {
+        for id in 0..sys::GGML_TYPE_COUNT {
+            // SAFETY: static table lookups for every type value GGML defines.
+            let (block, bytes) = unsafe { (sys::ggml_blck_size(id), sys::ggml_type_size(id)) };
+            let ours = wire::gguf::type_size(id);
+            if block == 0 {
+                assert_eq!(ours, None, "type {id} is retired in GGML");
+            } else {
+                assert_eq!(ours, Some((block as u64, bytes as u64)), "type {id}");
+            }
+        }
+        assert_eq!(wire::gguf::type_size(sys::GGML_TYPE_COUNT), None);
+    }
 }

@@ -15,6 +15,8 @@ pub enum ModelError {
     Load { path: String },
     #[error("{path}: llama.cpp could not quantize it to recipe `{recipe}`")]
     Quantize { path: String, recipe: String },
+    #[error("{0}")]
+    Header(String),
     #[error("path {0} is not valid UTF-8 / contains a NUL byte")]
     BadPath(String),
     #[error("llama.cpp: {0}")]
@@ -50,6 +52,14 @@ pub(crate) fn c_path(path: &Path) -> Result<CString, ModelError> {
         .to_str()
         .ok_or_else(|| ModelError::BadPath(path.display().to_string()))?;
     CString::new(text).map_err(|_| ModelError::BadPath(text.to_string()))
+}
+
+/// `path` for GGML to read as GGUF, after the pure-Rust header check
+/// (GGML's parser trusts the header's sizes and aborts on a key of an
+/// unexpected type).
+pub(crate) fn checked_gguf_path(path: &Path) -> Result<CString, ModelError> {
+    wire::gguf::check_file(path).map_err(ModelError::Header)?;
+    c_path(path)
 }
 
 /// A whole-model quantization request.
@@ -148,7 +158,7 @@ pub fn quantize_model(
         data: ptr::null(),
         size: 0,
     });
-    let (inp, out) = (c_path(input)?, c_path(output)?);
+    let (inp, out) = (checked_gguf_path(input)?, c_path(output)?);
     // SAFETY: params come from llama.cpp's defaults; the override array is
     // NULL-terminated and it and the pattern strings outlive the call.
     let status = unsafe {
@@ -173,7 +183,7 @@ pub fn quantize_model(
 /// A GGUF file's metadata and tensor table (no tensor data), for reading
 /// it; the caller frees it with `gguf_free`.
 pub(crate) fn open_gguf_metadata(path: &Path) -> Result<*mut sys::gguf_context, ModelError> {
-    let c = c_path(path)?;
+    let c = checked_gguf_path(path)?;
     // SAFETY: no_alloc reads only the metadata; a NULL result is an error.
     let ctx = unsafe {
         sys::gguf_init_from_file(
@@ -288,7 +298,7 @@ impl LoadedModel {
         user_data: *mut std::os::raw::c_void,
     ) -> Result<LoadedModel, ModelError> {
         init_backend();
-        let c = c_path(path)?;
+        let c = checked_gguf_path(path)?;
         let load_err = || ModelError::Load {
             path: path.display().to_string(),
         };

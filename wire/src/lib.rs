@@ -3,7 +3,8 @@
 //! `model_job`), the rows the agent returns and their CSV schema (`rows`,
 //! written and read by `files`), the progress events it streams
 //! (`progress`), the board description (`probe`), the agent's build
-//! identity (`build_id`), GGML's type table (`ggml_type`) and the formats a
+//! identity (`build_id`), the GGUF header check run before GGML reads a
+//! file (`gguf`), GGML's type table (`ggml_type`) and the formats a
 //! kernel cell measures (`weight_format`), the statistics
 //! both sides compute from raw samples (`stats`) and the synthetic models'
 //! architectures and tensor plans both sides size and write (`synthetic`). It links no GGML, no SSH,
@@ -11,7 +12,10 @@
 
 pub mod build_id;
 pub mod files;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod ggml_type;
+pub mod gguf;
 pub mod kernel_job;
 pub mod model_job;
 pub mod probe;

@@ -287,6 +287,33 @@ enum Command {
         #[arg(long)]
         rebuild: bool,
     },
+    /// Remove run directories nothing needs any more, and recipe caches not
+    /// used for a while. A run is kept while it is one of the newest
+    /// --keep-runs of its series (matrices and target), younger than
+    /// --keep-days, part of a board's history noise floor, pinned (its run
+    /// id a line of <results>/keep.txt: a baseline), or in use; each kept
+    /// run is listed with why. Noise runs (<results>/noise/) are never
+    /// removed. Try --dry-run first.
+    Prune {
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// The config whose models' recipe caches are always kept.
+        #[arg(long, default_value = "bench.toml")]
+        config: PathBuf,
+        /// Newest runs kept per series (at least 3).
+        #[arg(long, default_value_t = 30)]
+        keep_runs: usize,
+        /// Runs younger than this many days are kept.
+        #[arg(long, default_value_t = 90)]
+        keep_days: u64,
+        /// Recipe caches (target/quantbench-models/<model>) unused for this
+        /// many days are removed, unless the config names the model.
+        #[arg(long, default_value_t = 30)]
+        models_unused_days: u64,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Write the static HTML report (results/site/index.html): latest run
     /// against the previous run of the same boards, its plots and CSVs, and
     /// trend plots with change points from the history.
@@ -696,6 +723,40 @@ fn run() -> Result<ExitCode> {
                 if report.rebuilt { ", rebuilt" } else { "" },
                 started.elapsed().as_secs_f64()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prune {
+            results,
+            config,
+            keep_runs,
+            keep_days,
+            models_unused_days,
+            dry_run,
+        } => {
+            // A config that cannot be read protects no model's cache.
+            let models = harness::config::BenchConfig::load(&config)
+                .map(|c| c.model_files())
+                .unwrap_or_default();
+            let policy = harness::retention::RetentionPolicy {
+                keep_runs,
+                keep_days,
+                models_unused_days,
+                dry_run,
+            };
+            let done = harness::retention::prune(
+                &results,
+                &harness::build::workspace_root(),
+                &models,
+                &policy,
+            )?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for dir in done.removed_runs.iter().chain(&done.removed_models) {
+                println!("{verb} {}", dir.display());
+            }
+            for (run, why) in &done.kept_runs {
+                println!("kept {run}: {}", why.join("; "));
+            }
+            println!("{}{done}", if dry_run { "dry run: " } else { "" });
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { results, out } => {

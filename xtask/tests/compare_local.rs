@@ -646,3 +646,87 @@ fn noise_pairs_print_a_false_alarm_table_and_compare_uses_their_floors_for_the_s
     assert!(stderr.contains("--pairs 0"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn prune_keeps_what_compare_noise_floors_and_pins_need_and_removes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.toml"), MATRICES).unwrap();
+    bench_local(dir.path(), "other");
+    let measured = runs(dir.path())[0].clone();
+    // Sixteen old runs of the same series on the same board, a day apart,
+    // long before --keep-days.
+    let old = |i: usize| dir.path().join(format!("results/20250101T0000{i:02}Z-old"));
+    for i in 0..16 {
+        copy_dir(&measured, &old(i));
+        let path = old(i).join("run.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        manifest["started_at"] = format!("2025-01-{:02}T00:00:00Z", i + 1).into();
+        std::fs::write(&path, manifest.to_string()).unwrap();
+    }
+    // The first is a lab's baseline.
+    std::fs::write(
+        dir.path().join("results/keep.txt"),
+        "# baselines\n20250101T000000Z-old  # before the upgrade\n",
+    )
+    .unwrap();
+    // Recipe caches: one unused for 60 days, one used today.
+    let cache = harness::build::workspace_root().join("target/quantbench-models");
+    let stale = cache.join(format!("zz-retention-test-stale-{}", std::process::id()));
+    let fresh = cache.join(format!("zz-retention-test-fresh-{}", std::process::id()));
+    for folder in [&stale, &fresh] {
+        std::fs::create_dir_all(folder).unwrap();
+        std::fs::write(folder.join("q8_0.gguf"), b"x").unwrap();
+    }
+    let sixty_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(stale.join("q8_0.gguf"))
+        .unwrap()
+        .set_modified(sixty_days_ago)
+        .unwrap();
+
+    let prune = |extra: &[&str]| {
+        let mut args = vec!["prune", "--keep-runs", "3", "--keep-days", "90"];
+        args.extend(extra);
+        xtask(dir.path(), &args)
+    };
+    let dry = prune(&["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert_eq!(runs(dir.path()).len(), 17, "a dry run removes nothing");
+    assert!(stale.exists());
+
+    let out = prune(&[]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    // Kept: the newest 3 of the series (the real run, old15, old14), the
+    // 11 that make the board's history noise floor (the real run and
+    // old15..old06), the pinned old00. Removed: old01..old05.
+    for i in 0..16 {
+        let gone = (1..=5).contains(&i);
+        assert_eq!(!old(i).exists(), gone, "old{i}\n{all}");
+    }
+    assert!(measured.exists());
+    assert!(
+        all.contains("20250101T000000Z-old: pinned in keep.txt"),
+        "{all}"
+    );
+    assert!(
+        all.contains("makes the history noise floor of local"),
+        "{all}"
+    );
+    assert!(!stale.exists() && fresh.exists(), "{all}");
+    let _ = std::fs::remove_dir_all(&fresh);
+    // The history follows the folders.
+    let out = xtask(dir.path(), &["history"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("12 runs"),
+        "{}",
+        text(&out)
+    );
+    // A policy that would starve compare is refused in one line.
+    let out = xtask(dir.path(), &["prune", "--keep-runs", "2"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("keep at least 3"), "{stderr}");
+}

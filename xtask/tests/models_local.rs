@@ -417,3 +417,46 @@ fn adaptive_invocations_time_an_imprecise_recipe_again_up_to_the_most_asked() {
         }
     }
 }
+
+#[test]
+fn a_cached_recipe_cut_short_is_made_again_not_used() {
+    // A model of its own (one weight's lowest bit changed), so its recipe
+    // cache is this test's alone.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(fixture("stories260K.gguf")).unwrap();
+    let n = bytes.len();
+    bytes[n - 4] ^= 1;
+    let model = dir.path().join("own.gguf");
+    std::fs::write(&model, &bytes).unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(&[model.display().to_string()], "\"q8_0\""),
+    )
+    .unwrap();
+    let cache = harness::build::workspace_root()
+        .join("target/quantbench-models")
+        .join(wire::build_id::content_hash(&model).unwrap());
+    let _ = std::fs::remove_dir_all(&cache);
+    let run = || xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    let first = run();
+    assert!(first.status.success(), "{}", common::text(&first));
+    // What a power loss while the cache was written leaves: the name, and
+    // half the bytes.
+    let cached = cache.join("q8_0.gguf");
+    let whole = std::fs::metadata(&cached).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cached)
+        .unwrap()
+        .set_len(whole / 2)
+        .unwrap();
+    let second = run();
+    let all = common::text(&second);
+    assert!(second.status.success(), "{all}");
+    assert!(
+        all.contains("q8_0.gguf does not match the SHA-256 recorded when it was made"),
+        "{all}"
+    );
+    assert_eq!(std::fs::metadata(&cached).unwrap().len(), whole);
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -910,6 +910,8 @@ fn a_second_run_on_a_busy_board_fails_naming_the_holder_or_waits_its_turn() {
         fixtures.join("stories-eval.txt").display().to_string()
     ));
     std::fs::write(dir.path().join("bench.toml"), config).unwrap();
+    // The host agent that quantizes recipes, built before the holder starts.
+    harness::build::build_host_agent(&workspace_root()).expect("the host agent builds");
     let slow = start_slow_run(dir.path(), "busy", &work_dir, 1);
     // The impatient run prepares what the patient one needs (quantizing
     // its recipe into the host's cache), so the patient one reaches the
@@ -1222,5 +1224,125 @@ fn host_and_agent_killed_then_resume_measures_only_the_cells_without_a_row() {
     assert_eq!(
         read_csv::<KernelRow>(&run_dir.join("kernels.csv")).unwrap(),
         rows
+    );
+}
+
+#[test]
+fn a_board_run_folder_cleaned_while_the_host_was_down_keeps_the_host_rows_and_measures_the_rest() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let (mut child, work) = start_slow_run_on_sim2(dir.path(), 2);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(Command::new("pkill")
+        .args(["-9", "-f", &format!("{work}/agents/")])
+        .status()
+        .unwrap()
+        .success());
+    let run_dir = only_run_dir(dir.path());
+    let before: Vec<KernelRow> =
+        read_csv(&run_dir.join("boards/sim2/jobs/slow/kernels.csv")).unwrap();
+    assert!(!before.is_empty());
+    // The board's run folder is cleaned (a person, a prune, a reboot of a
+    // tmpfs); the resumed run's agent starts there afresh, and its file is
+    // shorter than, or spliced differently from, the host's copy.
+    let board_run = std::fs::read_dir(format!("{work}/runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(run_dir.file_name().unwrap().to_str().unwrap())
+        })
+        .expect("the run's folder on the board");
+    std::fs::remove_dir_all(&board_run).unwrap();
+
+    let out = resume(dir.path());
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        all.contains("its run folder was cleaned, replaced or re-imaged"),
+        "{all}"
+    );
+    let rows = assert_every_slow_cell_once(&run_dir);
+    for kept in &before {
+        assert!(rows.contains(kept), "{kept:?}");
+    }
+}
+
+/// Waits for `child` and returns its exit status and peak resident memory
+/// in KiB (its own, from the kernel's accounting).
+fn wait_with_peak_memory(child: std::process::Child) -> (i32, i64) {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value to be filled in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child by pid, with valid out-pointers.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    (status, usage.ru_maxrss)
+}
+
+#[test]
+fn a_board_flooding_its_output_is_followed_in_bounded_memory_with_its_reason_cut() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    // A hostile "agent": 150 MB of progress output and 150 MB of log, each
+    // one line, then a failure.
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().display().to_string();
+    // The board's filesystem is this machine's: the runner script lies in
+    // a folder of its own beside the work dir.
+    let script_dir = tempfile::tempdir().unwrap();
+    let flood = script_dir.path().join("flood.sh");
+    std::fs::write(
+        &flood,
+        "head -c 150000000 /dev/zero | tr '\\0' x\nhead -c 150000000 /dev/zero | tr '\\0' y >&2\nexit 3\n",
+    )
+    .unwrap();
+    let flood = flood.display().to_string();
+    let dir = config_dir(&[("flood", &|b| {
+        b.insert("work_dir".into(), work_dir.clone().into());
+        b.insert(
+            "runner".into(),
+            toml::Value::Array(
+                ["sh", flood.as_str()]
+                    .iter()
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+        );
+    })]);
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(["bench", "--target", "flood", "--matrix", "micro"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (status, peak_kib) = wait_with_peak_memory(child);
+    assert_ne!(status, 0);
+    // Everything the board wrote is on the host's disk, streamed.
+    let job = only_run_dir(dir.path()).join("boards/flood/jobs/micro");
+    for (file, len) in [("progress.jsonl", 150_000_000), ("agent.log", 150_000_000)] {
+        assert_eq!(
+            std::fs::metadata(job.join(file)).unwrap().len(),
+            len,
+            "{file}"
+        );
+    }
+    // Held whole, either flood alone would take 150 MB.
+    assert!(peak_kib < 100_000, "peak resident memory {peak_kib} KiB");
+    let summary =
+        std::fs::read_to_string(only_run_dir(dir.path()).join("summary.md")).unwrap_or_default();
+    let manifest: RunManifest =
+        wire::files::read_json(&only_run_dir(dir.path()).join("run.json")).unwrap();
+    let error = manifest.boards[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("exited with status 3")
+            && error.contains("more bytes)")
+            && error.len() < 2_000,
+        "{error}\n{summary}"
     );
 }

@@ -7,7 +7,6 @@ use super::{
     from_spec, merge_rows, rows_in, to_spec, JobError, JobFailure, JobKind, MemoryNeed, PlannedJob,
     Tally, Upload,
 };
-use crate::build::workspace_root;
 use crate::config::{BenchConfig, ConfigError, ModelMatrixSpec};
 use crate::recipes::{
     adaptive_assignment, check_model_file, CalibrationRecord, LayerImportance, QuantizeSpec,
@@ -118,7 +117,7 @@ impl ModelMatrix {
             models.push(match SyntheticModel::from_entry(&text, config.seed) {
                 Some(made) => ModelSource::Synthetic(made.map_err(|e| invalid(e.to_string()))?),
                 None => {
-                    let path = config_relative(config, entry);
+                    let path = config.relative_path(entry);
                     check_model_file(&path).map_err(|e| invalid(e.to_string()))?;
                     ModelSource::File(path)
                 }
@@ -153,13 +152,13 @@ impl ModelMatrix {
             ))
             .into());
         }
-        let text = config_relative(config, &spec.text);
+        let text = config.relative_path(&spec.text);
         if !text.is_file() {
             return Err(invalid(format!("text {} does not exist", text.display())).into());
         }
         let calibration = match &spec.calibration {
             Some(path) => {
-                let path = config_relative(config, path);
+                let path = config.relative_path(path);
                 if !path.is_file() {
                     return Err(invalid(format!(
                         "calibration text {} does not exist (the text calibrated recipes learn from; at least one context of {} tokens)",
@@ -175,7 +174,7 @@ impl ModelMatrix {
         let multiple_choice = spec
             .multiple_choice
             .as_ref()
-            .map(|p| config_relative(config, p));
+            .map(|p| config.relative_path(p));
         if let Some(mc) = &multiple_choice {
             read_choice_tasks(mc).map_err(|e| invalid(e.to_string()))?;
         }
@@ -188,25 +187,6 @@ impl ModelMatrix {
             multiple_choice,
             prepared: Vec::new(),
         })
-    }
-}
-
-/// A path from the config, relative to the config file's folder, falling
-/// back to the workspace for the repository's own fixtures.
-fn config_relative(config: &BenchConfig, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        return path.to_path_buf();
-    }
-    let base = config
-        .source
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let joined = base.join(path);
-    if joined.exists() {
-        joined
-    } else {
-        workspace_root().join(path)
     }
 }
 
