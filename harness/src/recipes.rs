@@ -382,6 +382,9 @@ impl<'a> QuantizeSpec<'a> {
 
 /// Where recipe caches live, under the workspace.
 pub const RECIPE_CACHE_DIR: &str = "target/quantbench-models";
+/// Rewritten in a model's cache folder each time it is opened: its last
+/// use, which retention (`cargo xtask prune`) goes by.
+pub const LAST_USED_FILE: &str = "last-used";
 
 /// The host-side recipe cache of one model:
 /// `target/quantbench-models/<model hash>/`.
@@ -396,7 +399,7 @@ impl RecipeCache {
         let dir = workspace.join(RECIPE_CACHE_DIR).join(hash);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // When it was last used, for retention (`cargo xtask prune`).
-        let stamp = dir.join(crate::retention::LAST_USED_FILE);
+        let stamp = dir.join(LAST_USED_FILE);
         std::fs::write(&stamp, wire::utc_now_rfc3339()).map_err(io_err(&stamp))?;
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())

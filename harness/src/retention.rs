@@ -29,8 +29,6 @@ use thiserror::Error;
 
 /// The file listing pinned run ids, one per line (`#` starts a comment).
 pub const PINNED_FILE: &str = "keep.txt";
-/// Written into a model's cache folder each time it is opened.
-pub const LAST_USED_FILE: &str = "last-used";
 
 #[derive(Debug, Error)]
 pub enum RetentionError {

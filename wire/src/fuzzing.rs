@@ -5,11 +5,12 @@
 //! proptest finds, and a tally of which outcomes the inputs reached, so
 //! each target reports its coverage.
 //!
-//! `QUANTBENCH_FUZZ_CASES=100000 cargo test --release -p <crate> --features
-//! ... --test fuzz` runs longer than CI's default.
+//! CI runs a fixed seed; `QUANTBENCH_FUZZ_CASES=100000
+//! QUANTBENCH_FUZZ_SEED=<n> cargo test --release -p harness --test fuzz`
+//! runs longer, on other inputs.
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -117,11 +118,22 @@ where
     S::Value: std::fmt::Debug,
 {
     let tally: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // A fixed seed by default, so CI runs the same inputs every time (a
+    // red CI is a real find, never luck); QUANTBENCH_FUZZ_SEED explores.
+    let seed: u64 = std::env::var("QUANTBENCH_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5EED_F00D_0B0A_1234);
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
     let result = runner.run(&strategy, |input| {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target(input)));
         match outcome {
@@ -143,7 +155,7 @@ where
     let reached = known.iter().filter(|k| tally.contains_key(**k)).count();
     let missed: Vec<&&str> = known.iter().filter(|k| !tally.contains_key(**k)).collect();
     eprintln!(
-        "fuzz {name}: {cases} executions, 0 crashes; outcomes reached {reached} of {} known{}; tally {tally:?}",
+        "fuzz {name}: {cases} executions (seed {seed}), 0 crashes; outcomes reached {reached} of {} known{}; tally {tally:?}",
         known.len(),
         if missed.is_empty() {
             String::new()

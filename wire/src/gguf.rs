@@ -8,7 +8,9 @@
 //! (before anything is allocated from it), value and tensor types,
 //! dimensions, the alignment, each tensor's data against the file's end,
 //! and the types of the keys our code reads. A failure is one line naming
-//! the byte where the file went wrong.
+//! the byte where the file went wrong; names from the file are quoted with
+//! their control characters escaped (a name holding a newline or a
+//! terminal escape cannot break the line or the terminal).
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
@@ -232,13 +234,13 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
         let key_type = if ty == ValueType::Array {
             let element = r.value_type("array element type")?;
             if element == ValueType::Array {
-                return Err(r.fail("nested array", format!("key {key}: an array of arrays")));
+                return Err(r.fail("nested array", format!("key {key:?}: an array of arrays")));
             }
             let n = r.u64("array length")?;
             r.fits(
                 n.saturating_mul(element.min_bytes()),
                 "array length",
-                || format!("key {key}: {n} elements cannot fit"),
+                || format!("key {key:?}: {n} elements cannot fit"),
             )?;
             for _ in 0..n {
                 r.value(element)?;
@@ -264,7 +266,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
             KeyType::Scalar(ty)
         };
         if keys.insert(key.clone(), key_type).is_some() {
-            return Err(r.fail("duplicate key", format!("key {key} twice")));
+            return Err(r.fail("duplicate key", format!("key {key:?} twice")));
         }
     }
     for (key, expected) in KEYS_READ {
@@ -285,7 +287,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(r.fail(
                 "tensor rank",
-                format!("tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS})"),
+                format!("tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS})"),
             ));
         }
         let mut dims = Vec::new();
@@ -294,7 +296,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
             if d > i64::MAX as u64 {
                 return Err(r.fail(
                     "tensor dimension",
-                    format!("tensor {name}: dimension {d} is negative as GGML reads it"),
+                    format!("tensor {name:?}: dimension {d} is negative as GGML reads it"),
                 ));
             }
             dims.push(d);
@@ -303,7 +305,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
         let Some((block, block_bytes)) = type_size(type_id) else {
             return Err(r.fail(
                 "tensor type",
-                format!("tensor {name} has type {type_id}, which GGML does not have"),
+                format!("tensor {name:?} has type {type_id}, which GGML does not have"),
             ));
         };
         let offset = r.u64("tensor offset")?;
@@ -311,7 +313,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
             return Err(r.fail(
                 "tensor offset",
                 format!(
-                    "tensor {name}: offset {offset} is not a multiple of the alignment {alignment}"
+                    "tensor {name:?}: offset {offset} is not a multiple of the alignment {alignment}"
                 ),
             ));
         }
@@ -319,7 +321,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
             return Err(r.fail(
                 "tensor shape",
                 format!(
-                    "tensor {name}: {} columns are not whole blocks of {block}",
+                    "tensor {name:?}: {} columns are not whole blocks of {block}",
                     dims[0]
                 ),
             ));
@@ -330,10 +332,13 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
             .filter(|&n| n <= i64::MAX as u64);
         let bytes = elements.and_then(|n| (n / block).checked_mul(block_bytes));
         let Some(bytes) = bytes else {
-            return Err(r.fail("tensor size", format!("tensor {name}: {dims:?} overflows")));
+            return Err(r.fail(
+                "tensor size",
+                format!("tensor {name:?}: {dims:?} overflows"),
+            ));
         };
         if !names.insert(name.clone()) {
-            return Err(r.fail("duplicate tensor", format!("tensor {name} twice")));
+            return Err(r.fail("duplicate tensor", format!("tensor {name:?} twice")));
         }
         tensors.push(TensorInfo {
             name,
@@ -355,7 +360,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
                     offset: r.pos,
                     check: "tensor data",
                     reason: format!(
-                        "tensor {}'s {} bytes at data offset {} end past the file's {len} bytes (cut short?)",
+                        "tensor {:?}'s {} bytes at data offset {} end past the file's {len} bytes (cut short?)",
                         t.name, t.bytes, t.offset
                     ),
                 })
@@ -574,5 +579,23 @@ mod tests {
         let e = check(&b[..], b.len() as u64).unwrap_err();
         assert_eq!(e.check, "key type");
         assert!(e.reason.contains("imatrix.chunk_count is String"), "{e}");
+    }
+
+    #[test]
+    fn a_name_with_a_newline_or_escape_stays_on_one_quoted_line() {
+        // Found by the fuzzer: a tensor name holding a newline broke the
+        // one-line error (and could carry terminal escapes).
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        let name = b"w\n\x1b[2J";
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name);
+        b.extend(0u32.to_le_bytes()); // rank 0
+        b.extend([0u8; 32]);
+        let e = check(&b[..], b.len() as u64).unwrap_err().to_string();
+        assert!(!e.contains('\n') && !e.contains('\x1b'), "{e}");
+        assert!(e.contains(r#""w\n\u{1b}[2J""#), "{e}");
     }
 }
