@@ -4,11 +4,11 @@
 //! raised): what must be flagged is known exactly.
 
 mod common;
-use common::{bench_local, text, xtask};
+use common::{bench_local, rewrite_csv, text, xtask};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use wire::files::{read_csv, CsvAppender};
+use wire::files::read_csv;
 use wire::rows::{KernelRow, SampleRow};
 
 const MATRICES: &str = r#"
@@ -57,25 +57,11 @@ fn copy_dir(from: &Path, to: &Path) {
 /// them: settled, undisturbed (another test's agent may have shared the
 /// CPU with the real run).
 fn controlled_rows(run: &Path) {
-    rewrite::<KernelRow>(&run.join("kernels.csv"), |r| {
+    rewrite_csv::<KernelRow>(&run.join("kernels.csv"), |r| {
         r.disturbed = false;
         r.settled = true;
         r.thermal_noisy = false;
     });
-}
-
-/// Rewrites a run's merged CSV through `change`.
-fn rewrite<T: serde::Serialize + serde::de::DeserializeOwned>(
-    path: &Path,
-    change: impl Fn(&mut T),
-) {
-    let mut rows: Vec<T> = read_csv(path).unwrap();
-    rows.iter_mut().for_each(change);
-    std::fs::remove_file(path).unwrap();
-    let mut out = CsvAppender::open(path).unwrap();
-    for row in &rows {
-        out.append(row).unwrap();
-    }
 }
 
 #[test]
@@ -97,13 +83,13 @@ fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
     let again = dir.path().join("results/20991232T000000Z-again");
     for (copy, q4_factor) in [(&earlier, 10), (&base, 10), (&new, 14), (&again, 14)] {
         copy_dir(&measured, copy);
-        rewrite::<SampleRow>(&copy.join("samples.csv"), |s| {
+        rewrite_csv::<SampleRow>(&copy.join("samples.csv"), |s| {
             s.ns = (1000 + s.repetition as u64 % 10) * if s.cell_id == q4 { q4_factor } else { 10 }
                 / 10;
         });
         controlled_rows(copy);
     }
-    rewrite::<KernelRow>(&new.join("kernels.csv"), |r| {
+    rewrite_csv::<KernelRow>(&new.join("kernels.csv"), |r| {
         if r.cell_id == f32 {
             r.nmse = Some(r.nmse.unwrap_or(1e-7).max(1e-7) * 2.0);
         }
@@ -212,7 +198,7 @@ fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
     // of the base's keys, unless compared across `repack`.
     let unpacked = dir.path().join("results/20991233T000000Z-no-repack");
     copy_dir(&again, &unpacked);
-    rewrite::<KernelRow>(&unpacked.join("kernels.csv"), |r| r.repack = false);
+    rewrite_csv::<KernelRow>(&unpacked.join("kernels.csv"), |r| r.repack = false);
     let out = xtask(
         dir.path(),
         &["compare", base_arg, unpacked.to_str().unwrap()],
@@ -310,7 +296,7 @@ fn placement_luck_between_invocations_is_not_a_regression_but_a_real_slowdown_is
     for (name, fast_invocations, q4_factor) in runs_of {
         let copy = dir.path().join(format!("results/20991230T000000Z-{name}"));
         copy_dir(&measured, &copy);
-        rewrite::<SampleRow>(&copy.join("samples.csv"), |s| {
+        rewrite_csv::<SampleRow>(&copy.join("samples.csv"), |s| {
             let level = if s.invocation < fast_invocations {
                 1000
             } else {
@@ -446,13 +432,13 @@ fn a_slowdown_measured_while_throttled_is_noisy_not_a_regression_and_the_summary
     let hot = dir.path().join("results/20991231T000000Z-hot");
     for (copy, q4_factor) in [(&base, 10), (&hot, 14)] {
         copy_dir(&measured, copy);
-        rewrite::<SampleRow>(&copy.join("samples.csv"), |s| {
+        rewrite_csv::<SampleRow>(&copy.join("samples.csv"), |s| {
             s.ns = (1000 + s.repetition as u64 % 10) * if s.cell_id == q4 { q4_factor } else { 10 }
                 / 10;
         });
         controlled_rows(copy);
     }
-    rewrite::<KernelRow>(&hot.join("kernels.csv"), |r| {
+    rewrite_csv::<KernelRow>(&hot.join("kernels.csv"), |r| {
         if r.cell_id == q4 {
             r.governor = "performance".into();
             r.throttled = Some(true);
@@ -589,7 +575,7 @@ fn noise_pairs_print_a_false_alarm_table_and_compare_uses_their_floors_for_the_s
         m["started_at"] = format!("2099-12-01T00:00:0{night}Z").into();
         std::fs::write(&manifest, m.to_string()).unwrap();
         let factor = if night % 2 == 0 { 1.0 } else { 1.1 };
-        rewrite::<KernelRow>(&copy.join("kernels.csv"), |r| {
+        rewrite_csv::<KernelRow>(&copy.join("kernels.csv"), |r| {
             r.median_ns = r.median_ns.map(|t| t * factor);
         });
         controlled_rows(&copy);
@@ -616,7 +602,7 @@ fn noise_pairs_print_a_false_alarm_table_and_compare_uses_their_floors_for_the_s
     }
     // Another agent build starts a new floor: none yet.
     let newest = dir.path().join("results/20991201T000005Z-night");
-    rewrite::<KernelRow>(&newest.join("kernels.csv"), |r| {
+    rewrite_csv::<KernelRow>(&newest.join("kernels.csv"), |r| {
         r.agent_build = "0000other000".into();
     });
     let out = xtask(

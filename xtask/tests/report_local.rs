@@ -3,7 +3,7 @@
 //! `cargo xtask setup` installs where it can).
 
 mod common;
-use common::{bench_local, text, xtask};
+use common::{bench_local, rewrite_csv, text, xtask};
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -128,17 +128,10 @@ fn report_replaces_only_an_earlier_report_and_shows_a_failed_boards_error_once_a
         serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     m["boards"][0]["error"] = error.into();
     std::fs::write(&manifest, m.to_string()).unwrap();
-    let kernels = latest.join("kernels.csv");
-    let mut rows: Vec<wire::rows::KernelRow> = wire::files::read_csv(&kernels).unwrap();
-    for r in &mut rows {
+    rewrite_csv::<wire::rows::KernelRow>(&latest.join("kernels.csv"), |r| {
         r.status = wire::rows::CellStatus::Failed;
         r.note = error.to_string();
-    }
-    std::fs::remove_file(&kernels).unwrap();
-    let mut out = wire::files::CsvAppender::open(&kernels).unwrap();
-    for r in &rows {
-        out.append(r).unwrap();
-    }
+    });
     let out = xtask(dir.path(), &["plot", latest.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let summary = std::fs::read_to_string(latest.join("summary.md")).unwrap();

@@ -52,3 +52,18 @@ pub fn only_run_dir(dir: &Path) -> std::path::PathBuf {
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs[0].clone()
 }
+
+/// Rewrites a run's CSV of `T` rows through `change` (for tests that
+/// inject a condition into a copy of a real run).
+pub fn rewrite_csv<T: serde::Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    change: impl Fn(&mut T),
+) {
+    let mut rows: Vec<T> = wire::files::read_csv(path).unwrap();
+    rows.iter_mut().for_each(change);
+    std::fs::remove_file(path).unwrap();
+    let mut out = wire::files::CsvAppender::open(path).unwrap();
+    for row in &rows {
+        out.append(row).unwrap();
+    }
+}
