@@ -38,7 +38,9 @@ fn crafted_gguf() -> Vec<u8> {
 }
 
 /// Headers that fail the checks the mutations rarely reach: an array of
-/// arrays, a tensor whose columns are not whole blocks, a tensor twice.
+/// arrays, a tensor whose columns are not whole blocks, a tensor twice, a
+/// key twice, a key read as u32 holding a string, every scalar width and a
+/// bool of 5 (found missing by `.ci/fuzz-coverage`).
 fn rare_ggufs() -> Vec<Vec<u8>> {
     let start = |n_tensors: u64, n_kv: u64| {
         let mut b = b"GGUF".to_vec();
@@ -68,7 +70,28 @@ fn rare_ggufs() -> Vec<Vec<u8>> {
     tensor(&mut twice, b"w", 8, 0);
     tensor(&mut twice, b"w", 8, 0);
     twice.extend([0u8; 64]);
-    vec![nested, shape, twice]
+    let key = |b: &mut Vec<u8>, name: &[u8], ty: u32, value: &[u8]| {
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name);
+        b.extend(ty.to_le_bytes());
+        b.extend(value);
+    };
+    let mut duplicate = start(0, 2);
+    key(&mut duplicate, b"a", 0, &[1]);
+    key(&mut duplicate, b"a", 0, &[1]);
+    // A key our code reads with a typed getter, of another type.
+    let mut mistyped = start(0, 1);
+    let mut text = 4u64.to_le_bytes().to_vec();
+    text.extend(b"1234");
+    key(&mut mistyped, b"imatrix.chunk_count", 8, &text);
+    // Every scalar width, then a bool that is neither 0 nor 1.
+    let mut scalars = start(0, 5);
+    key(&mut scalars, b"c", 2, &7u16.to_le_bytes());
+    key(&mut scalars, b"d", 10, &7u64.to_le_bytes());
+    key(&mut scalars, b"e", 7, &[1]);
+    key(&mut scalars, b"f", 12, &1.5f64.to_le_bytes());
+    key(&mut scalars, b"g", 7, &[5]);
+    vec![nested, shape, twice, duplicate, mistyped, scalars]
 }
 
 #[test]
