@@ -99,6 +99,26 @@ fn read_counts(stdout: &str) -> Pruned {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    /// Sets a folder's mtime to the `i`-th second after 1000 (for `ls -t`).
+    fn made_at(folder: &Path, i: usize) {
+        let t =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + i as u64);
+        std::fs::File::open(folder)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    /// The script a board runs, run here by `sh` on `wd`.
+    fn prune_here(wd: &Path, keep: usize, current: &str) -> std::process::Output {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(prune_script(&wd.display().to_string(), keep, current))
+            .output()
+            .unwrap()
+    }
 
     #[test]
     fn a_run_folder_with_a_space_is_pruned_whole_and_nothing_beside_it() {
@@ -112,21 +132,12 @@ mod tests {
             std::fs::create_dir_all(&folder).unwrap();
             std::fs::write(folder.join("job.json"), "model.gguf").unwrap();
             // Oldest first, a second apart, for `ls -t`.
-            let t = std::time::SystemTime::UNIX_EPOCH
-                + std::time::Duration::from_secs(1_000 + i as u64);
-            std::fs::File::open(&folder)
-                .unwrap()
-                .set_modified(t)
-                .unwrap();
+            made_at(&folder, i);
         }
         std::fs::create_dir_all(wd.join("agents/abc")).unwrap();
         std::fs::create_dir_all(wd.join("models")).unwrap();
         std::fs::write(wd.join("models/model.gguf"), "m").unwrap();
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(prune_script(&wd.display().to_string(), 2, "abc"))
-            .output()
-            .unwrap();
+        let out = prune_here(wd, 2, "abc");
         assert!(out.status.success(), "{out:?}");
         let pruned = read_counts(&String::from_utf8_lossy(&out.stdout));
         assert_eq!(pruned.runs, 1, "{out:?}");
@@ -145,12 +156,7 @@ mod tests {
         for (i, agent) in ["listed", "a", "b", "c"].iter().enumerate() {
             let folder = wd.join("agents").join(agent);
             std::fs::create_dir_all(&folder).unwrap();
-            let t = std::time::SystemTime::UNIX_EPOCH
-                + std::time::Duration::from_secs(1_000 + i as u64);
-            std::fs::File::open(&folder)
-                .unwrap()
-                .set_modified(t)
-                .unwrap();
+            made_at(&folder, i);
         }
         std::fs::create_dir_all(wd.join("models")).unwrap();
         std::fs::create_dir_all(wd.join("lock")).unwrap();
@@ -158,11 +164,7 @@ mod tests {
             std::fs::write(wd.join("models").join(model), "m").unwrap();
         }
         std::fs::write(wd.join("lock/uses"), "listed\nwaiting.gguf\n").unwrap();
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(prune_script(&wd.display().to_string(), 1, "c"))
-            .output()
-            .unwrap();
+        let out = prune_here(wd, 1, "c");
         assert!(out.status.success(), "{out:?}");
         for kept in ["agents/listed", "agents/c", "models/waiting.gguf"] {
             assert!(wd.join(kept).exists(), "{kept}");

@@ -271,9 +271,9 @@ impl History {
         rows.collect::<Result<_, _>>().map_err(self.sqlite_err())
     }
 
-    /// (run id, board, the board's state as one key) of every indexed run:
-    /// runs with the same key share history noise floors.
-    pub fn board_states(&self) -> Result<Vec<(String, String, String)>, HistoryError> {
+    /// (run id, board, the board as it was) of every indexed run: runs
+    /// whose states are the same share history noise floors.
+    pub fn board_states(&self) -> Result<Vec<(String, String, BoardState)>, HistoryError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -282,19 +282,16 @@ impl History {
             .map_err(self.sqlite_err())?;
         let rows = stmt
             .query_map([], |r| {
-                let governor: Option<String> = r.get(5)?;
-                let clock: Option<f64> = r.get(6)?;
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
-                    format!(
-                        "{}|{}|{}|{}|{}",
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        governor.unwrap_or_default(),
-                        clock.map(|c| c.to_string()).unwrap_or_default()
-                    ),
+                    BoardState {
+                        agent_build: r.get(2)?,
+                        cpu_model: r.get(3)?,
+                        kernel: r.get(4)?,
+                        governor: r.get(5)?,
+                        cpu_max_freq_mhz: r.get(6)?,
+                    },
                 ))
             })
             .map_err(self.sqlite_err())?;

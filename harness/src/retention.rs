@@ -22,10 +22,14 @@
 
 use crate::history::{History, HistoryError};
 use crate::noise::HISTORY_FLOOR_RUNS;
+use crate::run_dir::BoardState;
 use crate::run_owner::RunOwner;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
+
+/// (start time, run id).
+type StartedRun = (String, String);
 
 /// The file listing pinned run ids, one per line (`#` starts a comment).
 pub const PINNED_FILE: &str = "keep.txt";
@@ -137,19 +141,23 @@ pub fn prune(
         .iter()
         .map(|r| (r.run_id.as_str(), r.started_at.as_str()))
         .collect();
-    let mut by_state: BTreeMap<(String, String), Vec<(String, String)>> = BTreeMap::new();
+    // Runs grouped by board and the board's state, as the floors group them.
+    let mut by_state: Vec<(String, BoardState, Vec<StartedRun>)> = Vec::new();
     for (run_id, board, state) in history.board_states()? {
         let at = started
             .get(run_id.as_str())
             .copied()
             .unwrap_or("")
             .to_string();
-        by_state
-            .entry((board, state))
-            .or_default()
-            .push((at, run_id));
+        match by_state
+            .iter_mut()
+            .find(|(b, s, _)| *b == board && s.differences(&state).is_empty())
+        {
+            Some((_, _, list)) => list.push((at, run_id)),
+            None => by_state.push((board, state, vec![(at, run_id)])),
+        }
     }
-    for ((board, _), mut list) in by_state {
+    for (board, _, mut list) in by_state {
         list.sort();
         list.reverse();
         for (_, run_id) in list.into_iter().take(HISTORY_FLOOR_RUNS + 1) {
@@ -169,7 +177,13 @@ pub fn prune(
             out.kept_runs.push((run.run_id.clone(), why));
             continue;
         }
-        // A process that owns it (a run in progress) keeps it.
+        // A process that owns it (a run in progress) keeps it. A run from
+        // before owner locks has no lock file; a dry run leaves it so.
+        if policy.dry_run && !run.dir.join(crate::run_owner::OWNER_FILE).exists() {
+            out.bytes_freed += folder_bytes(&run.dir);
+            out.removed_runs.push(run.dir.clone());
+            continue;
+        }
         let owner = match RunOwner::take(&run.dir) {
             Ok(owner) => owner,
             Err(_) => {
