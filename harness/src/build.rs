@@ -1,10 +1,25 @@
 //! Building the agent binary for a target, identified by its content hash.
 
+use crate::llama_source::PreparedSource;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use thiserror::Error;
 
 pub const AGENT_BIN: &str = "quantbench-agent";
+
+/// `target/builds/<source folder>/`: cargo folders of non-default builds.
+pub const BUILDS_DIR: &str = "target/builds";
+/// `target/agents/<hash>/`: non-default builds' agents, kept by hash.
+pub const AGENTS_DIR: &str = "target/agents";
+/// Rewritten in a build folder and a kept agent's folder on every use:
+/// retention (`cargo xtask prune`) goes by it.
+pub const LAST_USED_FILE: &str = "last-used";
+
+fn stamp_used(dir: &Path) {
+    // A lost stamp only makes the folder look older to `prune`.
+    let _ = std::fs::create_dir_all(dir);
+    let _ = std::fs::write(dir.join(LAST_USED_FILE), wire::utc_now_rfc3339());
+}
 
 #[derive(Debug, Error)]
 pub enum BuildError {
@@ -24,6 +39,8 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Source(#[from] crate::llama_source::SourceError),
 }
 
 /// A built agent: where it is and what it is.
@@ -36,6 +53,16 @@ pub struct AgentBuild {
     pub target_triple: String,
 }
 
+/// `rustc --version`, recorded with a run and part of a build's reuse key.
+pub fn rustc_version() -> String {
+    Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The workspace root, found from this crate's manifest directory.
 pub use crate::setup::workspace_root;
 
@@ -46,7 +73,10 @@ fn cargo() -> String {
 /// Builds the agent for the host (the `local` target), optimised for the
 /// host CPU (see `.cargo/config.toml`). Incremental: a second call with no
 /// source change costs only cargo's up-to-date check.
-pub fn build_host_agent(workspace: &Path) -> Result<AgentBuild, BuildError> {
+pub fn build_host_agent(
+    workspace: &Path,
+    source: &PreparedSource,
+) -> Result<AgentBuild, BuildError> {
     let mut command = Command::new(cargo());
     command.current_dir(workspace).args([
         "build",
@@ -56,9 +86,190 @@ pub fn build_host_agent(workspace: &Path) -> Result<AgentBuild, BuildError> {
         "--bin",
         AGENT_BIN,
     ]);
-    run_build(command)?;
-    let path = workspace.join("target/release").join(AGENT_BIN);
-    identify(&path, host_triple())
+    let target_dir = match &source.crate_dir {
+        None => workspace.join("target"),
+        Some(_) => build_folder(workspace, source).join("host"),
+    };
+    if source.crate_dir.is_some() {
+        command.arg("--target-dir").arg(&target_dir);
+    }
+    let reuse = ReuseKey::of(workspace, source, "local", "cc", &[]);
+    if let Some(agent) = reuse
+        .as_ref()
+        .and_then(|k| k.lookup(workspace, host_triple()))
+    {
+        return Ok(agent);
+    }
+    source.materialize()?;
+    with_source(&mut command, source);
+    run_build_keeping_lock(command, workspace)?;
+    let path = target_dir.join("release").join(AGENT_BIN);
+    let agent = kept(workspace, source, identify(&path, host_triple())?)?;
+    if let Some(key) = reuse {
+        key.record(workspace, &agent);
+    }
+    Ok(agent)
+}
+
+/// What a non-default build's agent is made from, as a key: the llama.cpp
+/// tree (patches and CMake options included), the profile's flags, the
+/// compiler, and quantbench's own agent sources and build settings. An
+/// agent recorded under the same key is reused without running cargo (a
+/// bisect comes back to the same revisions; an A/B rebuilds neither side).
+struct ReuseKey(String);
+
+impl ReuseKey {
+    fn of(
+        workspace: &Path,
+        source: &PreparedSource,
+        profile: &str,
+        compiler: &str,
+        flags: &[&str],
+    ) -> Option<ReuseKey> {
+        source.crate_dir.as_ref()?;
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        let identity = serde_json::to_string(&source.identity).ok()?;
+        hasher.update(identity.as_bytes());
+        hasher.update(crate::llama_source::copy_rules().as_bytes());
+        hasher.update(profile.as_bytes());
+        for flag in flags {
+            hasher.update(flag.as_bytes());
+        }
+        let version = Command::new(compiler).arg("--version").output().ok()?;
+        hasher.update(&version.stdout);
+        for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CFLAGS", "CXXFLAGS"] {
+            hasher.update(std::env::var(var).unwrap_or_default().as_bytes());
+        }
+        hasher.update(rustc_version().as_bytes());
+        for file in [
+            "Cargo.lock",
+            "Cargo.toml",
+            ".cargo/config.toml",
+            "rust-toolchain.toml",
+        ] {
+            hasher.update(std::fs::read(workspace.join(file)).unwrap_or_default());
+        }
+        for dir in ["wire", "kernels", "remote-agent"] {
+            let mut files = Vec::new();
+            let mut stack = vec![workspace.join(dir)];
+            while let Some(d) = stack.pop() {
+                for entry in std::fs::read_dir(&d).ok()?.flatten() {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else {
+                        files.push(path);
+                    }
+                }
+            }
+            files.sort();
+            for file in files {
+                hasher.update(
+                    file.strip_prefix(workspace)
+                        .ok()?
+                        .to_string_lossy()
+                        .as_bytes(),
+                );
+                hasher.update(std::fs::read(&file).ok()?);
+            }
+        }
+        let digest: String = hasher.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some(ReuseKey(digest))
+    }
+
+    fn record_path(&self, workspace: &Path) -> PathBuf {
+        workspace.join(AGENTS_DIR).join("built").join(&self.0)
+    }
+
+    /// The agent recorded under this key, when it is still there intact.
+    fn lookup(&self, workspace: &Path, triple: String) -> Option<AgentBuild> {
+        let hash = std::fs::read_to_string(self.record_path(workspace)).ok()?;
+        let dir = workspace.join(AGENTS_DIR).join(hash.trim());
+        let path = dir.join(AGENT_BIN);
+        if file_hash(&path).ok()?.as_str() != hash.trim() {
+            return None;
+        }
+        stamp_used(&dir);
+        Some(AgentBuild {
+            path,
+            hash: hash.trim().to_string(),
+            target_triple: triple,
+        })
+    }
+
+    fn record(&self, workspace: &Path, agent: &AgentBuild) {
+        let path = self.record_path(workspace);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        // A lost record costs a cargo run next time, nothing more.
+        let _ = std::fs::write(path, &agent.hash);
+    }
+}
+
+/// A non-default build's agent, copied to `target/agents/<hash>/`: builds
+/// of one source share their cargo folders (the next revision builds
+/// incrementally over the last), so the binary a session measures must
+/// not be the one the next build overwrites.
+fn kept(
+    workspace: &Path,
+    source: &PreparedSource,
+    agent: AgentBuild,
+) -> Result<AgentBuild, BuildError> {
+    if source.crate_dir.is_none() {
+        return Ok(agent);
+    }
+    let dir = workspace.join(AGENTS_DIR).join(&agent.hash);
+    let path = dir.join(AGENT_BIN);
+    if file_hash(&path).ok().as_deref() != Some(agent.hash.as_str()) {
+        let io = |source| BuildError::Read {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let temp = dir.join(format!(".{AGENT_BIN}.tmp-{}", std::process::id()));
+        std::fs::copy(&agent.path, &temp).map_err(io)?;
+        std::fs::rename(&temp, &path).map_err(io)?;
+    }
+    stamp_used(&dir);
+    stamp_used(&build_folder(workspace, source));
+    Ok(AgentBuild { path, ..agent })
+}
+
+/// `target/builds/<source folder>/`: a non-default build's cargo output,
+/// one folder per source and profile so a new revision rebuilds only what
+/// changed.
+pub fn build_folder(workspace: &Path, source: &PreparedSource) -> PathBuf {
+    workspace.join(BUILDS_DIR).join(&source.folder)
+}
+
+fn with_source(command: &mut Command, source: &PreparedSource) {
+    command.args(source.cargo_args());
+    for (key, value) in source.cargo_env() {
+        command.env(key, value);
+    }
+}
+
+/// Runs a build that may patch in another llama-cpp-sys-2: cargo writes
+/// the patched package into Cargo.lock, so the lock file is put back as it
+/// was afterwards, whatever the outcome (the user's lock never changes).
+fn run_build_keeping_lock(command: Command, workspace: &Path) -> Result<(), BuildError> {
+    let lock = workspace.join("Cargo.lock");
+    let saved = std::fs::read(&lock).ok();
+    let result = run_build(command);
+    if let Some(bytes) = saved {
+        if std::fs::read(&lock).ok().as_ref() != Some(&bytes) {
+            std::fs::write(&lock, bytes).map_err(|source| BuildError::Read {
+                path: lock.clone(),
+                source,
+            })?;
+        }
+    }
+    result
 }
 
 pub(crate) fn run_build(mut command: Command) -> Result<(), BuildError> {
@@ -184,9 +395,13 @@ pub fn build_board_agent(
     workspace: &Path,
     profile: BoardProfile,
     builder: Builder,
+    source: &PreparedSource,
 ) -> Result<AgentBuild, BuildError> {
     let triple = profile.target_triple();
-    let target_dir = workspace.join("target/boards").join(profile.name());
+    let target_dir = match &source.crate_dir {
+        None => workspace.join("target/boards").join(profile.name()),
+        Some(_) => build_folder(workspace, source).join(profile.name()),
+    };
     let env_triple = triple.replace('-', "_");
     let rustflags = format!("-C target-feature={}", profile.rust_target_features());
     let mut command = match builder {
@@ -229,9 +444,35 @@ pub fn build_board_agent(
         .args(["--features", "static-stdcxx", "--target", triple])
         .arg("--target-dir")
         .arg(&target_dir);
-    run_build(command)?;
+    let reuse = ReuseKey::of(
+        workspace,
+        source,
+        profile.name(),
+        "aarch64-linux-gnu-gcc",
+        &[
+            profile.ggml_arch_flags(),
+            profile.rust_target_features(),
+            match builder {
+                Builder::Cargo => "cargo",
+                Builder::Cross => "cross",
+            },
+        ],
+    );
+    if let Some(agent) = reuse
+        .as_ref()
+        .and_then(|k| k.lookup(workspace, triple.to_string()))
+    {
+        return Ok(agent);
+    }
+    source.materialize()?;
+    with_source(&mut command, source);
+    run_build_keeping_lock(command, workspace)?;
     let path = target_dir.join(triple).join("release").join(AGENT_BIN);
-    identify(&path, triple.to_string())
+    let agent = kept(workspace, source, identify(&path, triple.to_string())?)?;
+    if let Some(key) = reuse {
+        key.record(workspace, &agent);
+    }
+    Ok(agent)
 }
 
 /// gcc/g++ wrappers that append the profile's arch flags after the crate's.

@@ -272,6 +272,9 @@ pub struct CellComparison {
 pub struct Comparison {
     pub base_run: String,
     pub new_run: String,
+    /// Which llama.cpp each side's agents contain (`RunManifest::llama_cpp`).
+    pub base_llama_cpp: String,
+    pub new_llama_cpp: String,
     pub settings: CompareSettings,
     /// Cells whose timing was judged (not noisy, disturbed or not comparable).
     pub judged: usize,
@@ -477,8 +480,10 @@ pub fn compare(
     }
     let (cells, judged, multiple_testing) = judge(&pairs, settings);
     Ok(Comparison {
-        base_run: base.manifest.run_id.clone(),
-        new_run: new.manifest.run_id.clone(),
+        base_run: base.label(),
+        new_run: new.label(),
+        base_llama_cpp: base.manifest.llama_cpp(),
+        new_llama_cpp: new.manifest.llama_cpp(),
         settings: settings.clone(),
         judged,
         multiple_testing,
@@ -998,11 +1003,24 @@ impl Comparison {
             let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
         }
         let _ = writeln!(out, "{}", self.verdict_line());
+        let _ = writeln!(out, "{}", self.llama_cpp_line());
         let _ = writeln!(out, "{}", self.method_line());
         for line in self.confirmation_lines() {
             let _ = writeln!(out, "{line}");
         }
         out
+    }
+
+    /// Which llama.cpp each side measured, one line.
+    pub fn llama_cpp_line(&self) -> String {
+        if self.base_llama_cpp == self.new_llama_cpp {
+            format!("llama.cpp (both sides): {}", self.base_llama_cpp)
+        } else {
+            format!(
+                "llama.cpp: base {} -> new {}",
+                self.base_llama_cpp, self.new_llama_cpp
+            )
+        }
     }
 
     pub fn to_markdown(&self) -> String {
@@ -1013,6 +1031,7 @@ impl Comparison {
             let cells: Vec<String> = row.iter().map(|c| c.replace('|', "/")).collect();
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
+        let _ = writeln!(out, "\n{}", self.llama_cpp_line());
         let _ = writeln!(out, "\n{}", self.method_line());
         for line in self.confirmation_lines() {
             let _ = writeln!(out, "\n{line}");
@@ -1313,6 +1332,8 @@ mod tests {
         let mut cmp = Comparison {
             base_run: "r1".into(),
             new_run: "r2".into(),
+            base_llama_cpp: "vendored".into(),
+            new_llama_cpp: "vendored".into(),
             settings: CompareSettings::default(),
             judged,
             multiple_testing,

@@ -73,6 +73,10 @@ pub struct BenchConfig {
     /// Defaults for boards of a labgrid farm (see `boards`).
     #[serde(default)]
     pub labgrid: crate::boards::LabgridSettings,
+    /// Named agent builds: which llama.cpp, patches and CMake options
+    /// (see `llama_source::BuildSpec`); `bench --build <name>` picks one.
+    #[serde(default)]
+    pub builds: BTreeMap<String, crate::llama_source::BuildSpec>,
     /// Seed of the synthetic weights and activations.
     #[serde(default = "default_seed")]
     pub seed: u64,
@@ -331,6 +335,42 @@ impl BenchConfig {
         Ok(config)
     }
 
+    /// The build `--build` names: a `[builds.<name>]` entry, `default`
+    /// (the pinned crate's own llama.cpp), or a source written directly
+    /// (`crate:0.1.140`, `path:../llama.cpp@<rev>`).
+    pub fn build(
+        &self,
+        name: &str,
+    ) -> Result<(String, crate::llama_source::BuildSpec), ConfigError> {
+        use crate::llama_source::{BuildSpec, LlamaSource};
+        if let Some(spec) = self.builds.get(name) {
+            return Ok((name.to_string(), spec.clone()));
+        }
+        if name == "default" {
+            return Ok((name.to_string(), BuildSpec::default()));
+        }
+        match LlamaSource::parse(name) {
+            Ok(llama) => Ok((
+                name.to_string(),
+                BuildSpec {
+                    llama,
+                    ..BuildSpec::default()
+                },
+            )),
+            Err(why) => Err(ConfigError::Parse {
+                path: self.source.clone(),
+                message: format!(
+                    "no build named `{name}` (defined: {}), and {why}",
+                    if self.builds.is_empty() {
+                        "none; add [builds.<name>]".to_string()
+                    } else {
+                        self.builds.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            }),
+        }
+    }
+
     pub fn catalog(&self) -> ShapeCatalog {
         ShapeCatalog::with_custom(&self.shapes)
     }
@@ -375,7 +415,12 @@ impl BenchConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         // A matrix name becomes a job folder on boards and the host, and
         // shell scripts list those folders: letters, digits, `.`, `_`, `-`.
-        for name in self.matrices.keys().chain(self.model_matrices.keys()) {
+        for name in self
+            .matrices
+            .keys()
+            .chain(self.model_matrices.keys())
+            .chain(self.builds.keys())
+        {
             if !is_safe_name(name) {
                 return Err(ConfigError::Invalid {
                     path: self.source.clone(),

@@ -137,12 +137,13 @@ impl SshRunner {
         endpoint_of(&self.board, self.accept_new_host_key)
     }
 
-    fn agent_dir(&self) -> String {
-        format!("{}/agents/{}", self.board.work_dir, self.agent.hash)
+    /// `agents/<hash>/`: where the board keeps an agent build.
+    fn agent_dir(&self, hash: &str) -> String {
+        format!("{}/agents/{hash}", self.board.work_dir)
     }
 
     fn agent_path(&self) -> String {
-        format!("{}/{AGENT_BIN}", self.agent_dir())
+        format!("{}/{AGENT_BIN}", self.agent_dir(&self.agent.hash))
     }
 
     /// Refuses a board whose CPU cannot run the agent (unless a runner such
@@ -170,27 +171,34 @@ impl SshRunner {
     /// intact.
     /// Checked before every job (another run's prune, or a person, may
     /// have removed it between two jobs); said once.
-    fn deploy_agent(&self, conn: &Connection, say_cached: bool) -> Result<(), RunError> {
-        let remote = self.agent_path();
-        if self.cached_and_intact(conn, &remote, &self.agent.hash)? {
+    /// `agent` is the runner's own or another build a job measures (A/B).
+    fn deploy_agent(
+        &self,
+        conn: &Connection,
+        agent: &AgentBuild,
+        say_cached: bool,
+    ) -> Result<(), RunError> {
+        let dir = self.agent_dir(&agent.hash);
+        let remote = format!("{dir}/{AGENT_BIN}");
+        if self.cached_and_intact(conn, &remote, &agent.hash)? {
             if say_cached {
                 (self.log)(format!(
                     "{}: agent {} already on the board, nothing uploaded",
-                    self.board.name, self.agent.hash
+                    self.board.name, agent.hash
                 ));
             }
             return Ok(());
         }
-        conn.exec_ok(&command_line(&["mkdir", "-p", &self.agent_dir()]))
+        conn.exec_ok(&command_line(&["mkdir", "-p", &dir]))
             .map_err(board_err)?;
         let bytes = conn
-            .upload(&self.agent.path, &remote, 0o755, &mut |_| {})
+            .upload(&agent.path, &remote, 0o755, &mut |_| {})
             .map_err(board_err)?;
         self.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
         (self.log)(format!(
             "{}: uploaded agent {} ({:.1} MB)",
             self.board.name,
-            self.agent.hash,
+            agent.hash,
             bytes as f64 / 1e6
         ));
         Ok(())
@@ -591,8 +599,16 @@ impl SshRunner {
         let first = !self.prepared;
         self.with_link(conn, "preparing the board", |c| {
             self.keep_holding(c, owner, std::slice::from_ref(&self.agent.hash))?;
-            self.deploy_agent(c, first)
+            self.deploy_agent(c, &self.agent, first)
         })?;
+        // The other builds an A/B job measures, each listed in the lock
+        // before its upload, like every upload.
+        for agent in &job.agents {
+            self.with_link(conn, "uploading another build's agent", |c| {
+                self.keep_holding(c, owner, std::slice::from_ref(&agent.hash))?;
+                self.deploy_agent(c, agent, true)
+            })?;
+        }
         self.prepared = true;
         self.with_link(conn, "checking the board's memory", |c| {
             self.check_memory(c, job)

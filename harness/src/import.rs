@@ -129,6 +129,7 @@ pub fn import_llama_bench(
             board: board.to_string(),
             emulated: false,
             agent_build: format!("llama-bench {}", r.build_commit),
+            llama_cpp: format!("llama-bench build {}", r.build_commit),
             git_commit: commit.clone(),
             status: CellStatus::Ok,
             note: format!("imported from stock llama-bench ({})", r.cpu_info),

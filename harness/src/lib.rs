@@ -4,13 +4,15 @@
 //! - `config` (bench.toml, with `catalog` for shapes, `recipes` for
 //!   model recipe names and `synthetic` for models made on the host) -> `jobs` (job kinds: `kernel`, `model`; `matrix`
 //!   expands a kernel matrix) -> `session` (target, boards, set-up, agent
-//!   `build`s, run id; `budget` fits `--budget`) -> `run` (every board at once; `deploy` for boards
+//!   `build`s, each from a llama.cpp `llama_source`, run id; `budget` fits `--budget`) -> `run` (every board at once; `deploy` for boards
 //!   over SSH via `transport`, whose host keys `known_hosts` checks; boards of a
 //!   labgrid farm by `farm`, which takes places through `labgrid`; one run at a time per board by
 //!   `board_lock`, work dirs pruned by `board_storage`) -> `manifest` (run.json) -> `render`
 //!   (summary, plots);
-//! - after a run: `run_dir` (a run directory read back), `compare` (two
-//!   runs cell by cell, verdicts at the invocation level), `persistence`
+//! - after a run: `run_dir` (a run directory read back, or one build's side
+//!   of an A/B run), `compare` (two runs cell by cell, verdicts at the
+//!   invocation level), `bisect` (A/B sessions over a llama.cpp checkout's
+//!   commits), `persistence`
 //!   (suspect or confirmed: a regression seen twice), `noise`
 //!   (same-build pairs: a board's false-alarm table and per-cell noise
 //!   floors), `history` (the index of every run), `report` (the site);
@@ -22,6 +24,7 @@
 //! `cargo xtask` builds on a machine without a C toolchain and can install
 //! one.
 
+pub mod bisect;
 pub mod board_lock;
 pub mod board_storage;
 pub mod boards;
@@ -37,6 +40,7 @@ pub mod import;
 pub mod jobs;
 pub mod known_hosts;
 pub mod labgrid;
+pub mod llama_source;
 pub mod manifest;
 pub mod matrix;
 pub mod mirror;

@@ -37,6 +37,38 @@ pub struct RunManifest {
     pub rejected_rows: Vec<String>,
 }
 
+impl RunManifest {
+    /// Which llama.cpp the run's agents contain, in one line (the summary,
+    /// every plot's header, the report and `compare` show this): each
+    /// build's source and tree hash, or the crate version for runs from
+    /// before builds were recorded.
+    pub fn llama_cpp(&self) -> String {
+        let mut labels: Vec<String> = Vec::new();
+        for build in &self.versions.agent_builds {
+            let label = match &build.llama_cpp {
+                Some(id) if id.source == "vendored" => {
+                    format!("llama-cpp-sys-2 {} (tree {})", id.crate_version, id.tree)
+                }
+                Some(id) => id.label(),
+                None => continue,
+            };
+            let label = if build.build == "default" || build.build == label {
+                label
+            } else {
+                format!("{label} [build {}]", build.build)
+            };
+            if !labels.contains(&label) {
+                labels.push(label);
+            }
+        }
+        if labels.is_empty() {
+            format!("llama-cpp-sys-2 {}", self.versions.llama_cpp_sys_2)
+        } else {
+            labels.join("; ")
+        }
+    }
+}
+
 /// One matrix of a run: its kind (`kernel`, `model`) and its spec as run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MatrixRecord {
@@ -62,6 +94,16 @@ pub struct BuildRecord {
     pub target_triple: String,
     /// Wall time of the build step (a warm build is cargo's up-to-date check).
     pub seconds: f64,
+    /// The build's name (`default`, a `[builds.<name>]`, or a source).
+    #[serde(default = "default_build")]
+    pub build: String,
+    /// The llama.cpp it contains (absent in runs from before builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llama_cpp: Option<crate::llama_source::LlamaIdentity>,
+}
+
+fn default_build() -> String {
+    "default".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

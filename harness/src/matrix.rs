@@ -111,6 +111,8 @@ pub fn job_for_board(
         timing: spec.timing(emulated),
         round_seed: round_seed(run_id, board),
         adaptive_seconds: None,
+        builds: Vec::new(),
+        runner: Vec::new(),
         cells,
     })
 }

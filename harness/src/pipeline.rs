@@ -9,17 +9,19 @@
 //! be the same builds, so resumed rows measure the same code.
 
 use crate::boards::ResolvedBoard;
+use crate::build::rustc_version;
 use crate::config::{BenchConfig, ConfigError};
 use crate::deploy::SshRunner;
 use crate::farm::FarmRunner;
 use crate::jobs::{kinds_for, JobError};
+use crate::llama_source::llama_cpp_sys_version;
 use crate::manifest::{
     BoardOutcome, HostInfo, ManifestWriter, MatrixRecord, RunManifest, Versions,
 };
 use crate::render::{render_run, RenderError, Rendered};
 use crate::run::{run_all, BoardBudget, BoardPlan, BoardRunner, LocalRunner};
 use crate::run_owner::RunOwner;
-use crate::session::{llama_cpp_sys_version, rustc_version, Session, SessionError, SessionOptions};
+use crate::session::{Session, SessionError, SessionOptions};
 use indicatif::MultiProgress;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub enum BenchError {
     Render(#[from] RenderError),
     #[error("{0}")]
     Resume(String),
+    #[error("{0}")]
+    Ab(String),
     #[error(transparent)]
     Budget(#[from] crate::budget::BudgetError),
     #[error(transparent)]
@@ -76,6 +80,25 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
             config_path: PathBuf::from(&recorded.config_path),
             matrix: recorded.matrix.clone(),
             target: Some(recorded.target.clone()),
+            build: recorded
+                .versions
+                .agent_builds
+                .first()
+                .map(|b| b.build.clone())
+                .unwrap_or_else(|| "default".into()),
+            // An A/B run's other builds, in their order.
+            versus: {
+                let mut names: Vec<String> = Vec::new();
+                for b in recorded.versions.agent_builds.iter().skip(1) {
+                    if !names.contains(&b.build)
+                        && Some(&b.build)
+                            != recorded.versions.agent_builds.first().map(|f| &f.build)
+                    {
+                        names.push(b.build.clone());
+                    }
+                }
+                names
+            },
             ..options.clone()
         },
         None => options.clone(),
@@ -84,6 +107,15 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
     // Every matrix and its inputs are checked before any build, so a typo
     // fails in milliseconds.
     let mut kinds = kinds_for(&config, &options.matrix)?;
+    if !options.versus.is_empty() {
+        if let Some(other) = kinds.iter().find(|k| k.kind() != "kernel") {
+            return Err(BenchError::Ab(format!(
+                "`ab` measures kernel matrices in shared rounds; `{}` is a {} matrix: run `bench --build <name>` once per build and `compare` the two runs",
+                other.matrix(),
+                other.kind()
+            )));
+        }
+    }
     let needs_host_agent = kinds.iter().any(|k| k.needs_host_agent());
     let mut session = Session::open(options, &config, needs_host_agent)?;
     if let Some((dir, recorded)) = &resumed {

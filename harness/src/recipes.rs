@@ -387,19 +387,31 @@ pub const RECIPE_CACHE_DIR: &str = "target/quantbench-models";
 pub const LAST_USED_FILE: &str = "last-used";
 
 /// The host-side recipe cache of one model:
-/// `target/quantbench-models/<model hash>/`.
+/// `target/quantbench-models/<model hash>/`, with a folder
+/// `llama-<tree hash>/` inside for each build that is not the default:
+/// each build quantizes with its own llama.cpp (a quantizer change is a
+/// change under test), so its files are its own.
 pub struct RecipeCache {
     pub dir: PathBuf,
     pub threads: usize,
 }
 
 impl RecipeCache {
-    pub fn open(workspace: &Path, model: &Path) -> Result<Self, RecipeError> {
+    pub fn open(
+        workspace: &Path,
+        model: &Path,
+        build: &crate::llama_source::PreparedSource,
+    ) -> Result<Self, RecipeError> {
         let hash = wire::build_id::content_hash(model).map_err(io_err(model))?;
-        let dir = workspace.join(RECIPE_CACHE_DIR).join(hash);
+        let model_dir = workspace.join(RECIPE_CACHE_DIR).join(hash);
+        let dir = match build.crate_dir {
+            None => model_dir.clone(),
+            Some(_) => model_dir.join(format!("llama-{}", build.identity.tree)),
+        };
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        // When it was last used, for retention (`cargo xtask prune`).
-        let stamp = dir.join(LAST_USED_FILE);
+        // When the model's folder (every build's files) was last used, for
+        // retention (`cargo xtask prune`).
+        let stamp = model_dir.join(LAST_USED_FILE);
         std::fs::write(&stamp, wire::utc_now_rfc3339()).map_err(io_err(&stamp))?;
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())

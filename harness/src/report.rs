@@ -356,7 +356,11 @@ fn draw_trends(history: &History, run: &RunData, site: &Path) -> Result<Vec<Stri
         let written = canvas::draw(
             &figure,
             &run.manifest.started_at,
-            &run.manifest.git_commit,
+            &format!(
+                "{} | llama.cpp {}",
+                run.manifest.git_commit,
+                run.manifest.llama_cpp()
+            ),
             &site.join("trends"),
         )?;
         files.extend(

@@ -18,7 +18,11 @@
 //! Noise runs (`<results>/noise/`) and the floors measured from them are
 //! never touched. In the recipe cache (`target/quantbench-models/<model
 //! hash>/`), a model's folder goes when it was not used for
-//! `models_unused_days` and the config does not name the model.
+//! `models_unused_days` and the config does not name the model. Builds of
+//! other llama.cpp sources (a crate copy in `target/llama-sources/`, its
+//! cargo folders in `target/builds/`, each some hundreds of MB) and kept
+//! agents (`target/agents/<hash>/`) go when unused for
+//! `builds_unused_days`.
 
 use crate::history::{History, HistoryError};
 use crate::noise::HISTORY_FLOOR_RUNS;
@@ -52,6 +56,7 @@ pub struct RetentionPolicy {
     pub keep_runs: usize,
     pub keep_days: u64,
     pub models_unused_days: u64,
+    pub builds_unused_days: u64,
     /// Say what would go, remove nothing.
     pub dry_run: bool,
 }
@@ -65,6 +70,9 @@ pub struct Retention {
     pub kept_runs: Vec<(String, Vec<String>)>,
     pub removed_models: Vec<PathBuf>,
     pub kept_models: usize,
+    /// Build folders and kept agents removed.
+    pub removed_builds: Vec<PathBuf>,
+    pub kept_builds: usize,
     pub bytes_freed: u64,
 }
 
@@ -72,11 +80,13 @@ impl std::fmt::Display for Retention {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} run(s) removed, {} kept; {} recipe cache folder(s) removed, {} kept; {:.1} MB freed",
+            "{} run(s) removed, {} kept; {} recipe cache folder(s) removed, {} kept; {} build folder(s) and agent(s) removed, {} kept; {:.1} MB freed",
             self.removed_runs.len(),
             self.kept_runs.len(),
             self.removed_models.len(),
             self.kept_models,
+            self.removed_builds.len(),
+            self.kept_builds,
             self.bytes_freed as f64 / 1e6
         )
     }
@@ -208,7 +218,64 @@ pub fn prune(
         history.update()?;
     }
     prune_recipe_cache(workspace, config_models, policy, &mut out)?;
+    prune_builds(workspace, policy, &mut out)?;
     Ok(out)
+}
+
+/// Build folders of other llama.cpp sources and kept agents unused for
+/// `builds_unused_days` (their `last-used` stamps, see `build`).
+fn prune_builds(
+    workspace: &Path,
+    policy: &RetentionPolicy,
+    out: &mut Retention,
+) -> Result<(), RetentionError> {
+    let cutoff = std::time::SystemTime::now()
+        - std::time::Duration::from_secs(policy.builds_unused_days * 86_400);
+    let remove = |dir: &Path, out: &mut Retention| -> Result<(), RetentionError> {
+        out.bytes_freed += folder_bytes(dir);
+        if !policy.dry_run {
+            std::fs::remove_dir_all(dir).map_err(|source| RetentionError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        out.removed_builds.push(dir.to_path_buf());
+        Ok(())
+    };
+    let builds = workspace.join(crate::build::BUILDS_DIR);
+    for entry in std::fs::read_dir(&builds).into_iter().flatten().flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        if newest_mtime(&dir).is_none_or(|t| t >= cutoff) {
+            out.kept_builds += 1;
+            continue;
+        }
+        // The crate copy goes with its cargo folders.
+        let copy = workspace
+            .join(crate::llama_source::SOURCES_DIR)
+            .join(entry.file_name());
+        if copy.is_dir() {
+            remove(&copy, out)?;
+        }
+        remove(&dir, out)?;
+    }
+    let agents = workspace.join(crate::build::AGENTS_DIR);
+    for entry in std::fs::read_dir(&agents).into_iter().flatten().flatten() {
+        let dir = entry.path();
+        // `built/` holds the reuse records: a record of a removed agent is
+        // ignored when looked up.
+        if !dir.is_dir() || entry.file_name() == "built" {
+            continue;
+        }
+        if newest_mtime(&dir).is_none_or(|t| t >= cutoff) {
+            out.kept_builds += 1;
+            continue;
+        }
+        remove(&dir, out)?;
+    }
+    Ok(())
 }
 
 fn pinned_runs(results_root: &Path) -> Result<BTreeSet<String>, RetentionError> {
@@ -284,4 +351,65 @@ fn folder_bytes(dir: &Path) -> u64 {
             _ => e.metadata().map(|m| m.len()).unwrap_or(0),
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aged(path: &Path, days: u64) {
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(days * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    fn used(dir: &Path, days: u64) {
+        std::fs::create_dir_all(dir).unwrap();
+        let stamp = dir.join(crate::build::LAST_USED_FILE);
+        std::fs::write(&stamp, "x").unwrap();
+        aged(&stamp, days);
+    }
+
+    #[test]
+    fn builds_and_agents_unused_for_the_days_go_with_their_crate_copy_and_used_ones_stay() {
+        let ws = tempfile::tempdir().unwrap();
+        let ws = ws.path();
+        let builds = ws.join(crate::build::BUILDS_DIR);
+        let sources = ws.join(crate::llama_source::SOURCES_DIR);
+        let agents = ws.join(crate::build::AGENTS_DIR);
+        used(&builds.join("checkout-old"), 30);
+        std::fs::create_dir_all(sources.join("checkout-old/llama.cpp")).unwrap();
+        used(&builds.join("crate-new"), 1);
+        std::fs::create_dir_all(sources.join("crate-new")).unwrap();
+        used(&agents.join("aaaaaaaaaaaa"), 30);
+        used(&agents.join("bbbbbbbbbbbb"), 2);
+        used(&agents.join("built"), 300);
+        let mut policy = RetentionPolicy {
+            keep_runs: 30,
+            keep_days: 90,
+            models_unused_days: 30,
+            builds_unused_days: 14,
+            dry_run: true,
+        };
+        let mut out = Retention::default();
+        prune_builds(ws, &policy, &mut out).unwrap();
+        assert_eq!(out.removed_builds.len(), 3, "{:?}", out.removed_builds);
+        assert!(
+            sources.join("checkout-old").exists(),
+            "a dry run removes nothing"
+        );
+        policy.dry_run = false;
+        let mut out = Retention::default();
+        prune_builds(ws, &policy, &mut out).unwrap();
+        assert!(!builds.join("checkout-old").exists());
+        assert!(!sources.join("checkout-old").exists());
+        assert!(!agents.join("aaaaaaaaaaaa").exists());
+        assert!(builds.join("crate-new").exists() && sources.join("crate-new").exists());
+        assert!(agents.join("bbbbbbbbbbbb").exists() && agents.join("built").exists());
+        assert_eq!(out.kept_builds, 2);
+    }
 }

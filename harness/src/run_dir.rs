@@ -13,6 +13,7 @@ use wire::files::{
     read_csv, read_json, ResultsError, KERNEL_ROWS_FILE, MANIFEST_FILE, MODEL_ROWS_FILE,
     PROBE_FILE, SAMPLES_FILE,
 };
+use wire::kernel_job::split_build;
 use wire::probe::BoardProbe;
 use wire::rows::{KernelRow, ModelRow, SampleRow};
 
@@ -22,6 +23,12 @@ pub enum RunDirError {
     NotARunDir(PathBuf),
     #[error(transparent)]
     Results(#[from] ResultsError),
+    #[error("{run}: no build `{build}` was measured in this run (builds: {known}); `<run>@<build>` picks one build of an A/B run made by `cargo xtask ab`")]
+    NoSuchBuild {
+        run: PathBuf,
+        build: String,
+        known: String,
+    },
 }
 
 /// (board, cell id).
@@ -95,6 +102,8 @@ pub struct RunData {
     pub importance: Vec<LayerImportance>,
     /// Each board's probe, where the run kept one.
     pub probes: BTreeMap<String, BoardProbe>,
+    /// The build this is one side of, for a side of an A/B run.
+    pub side: Option<String>,
 }
 
 impl RunData {
@@ -129,7 +138,99 @@ impl RunData {
             },
             probes,
             manifest,
+            side: None,
         })
+    }
+
+    /// The builds an A/B run measured (`<cell>@<build>` cell ids), in the
+    /// order of its run.json; empty for a run of one build.
+    pub fn measured_builds(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for record in &self.manifest.versions.agent_builds {
+            if !names.contains(&record.build) {
+                names.push(record.build.clone());
+            }
+        }
+        let measured = |name: &String| {
+            self.kernel_rows
+                .iter()
+                .any(|r| split_build(&r.cell_id).1 == Some(name.as_str()))
+        };
+        names.retain(measured);
+        names
+    }
+
+    /// One build's side of an A/B run, as if it were a run of its own: its
+    /// rows and repetitions with `@<build>` taken off the cell ids, so
+    /// `compare` judges one build against the other cell by cell.
+    pub fn build_side(&self, build: &str) -> Result<RunData, RunDirError> {
+        let builds = self.measured_builds();
+        if !builds.iter().any(|b| b == build) {
+            return Err(RunDirError::NoSuchBuild {
+                run: self.dir.clone(),
+                build: build.to_string(),
+                known: if builds.is_empty() {
+                    "none: it is not an A/B run".into()
+                } else {
+                    builds.join(", ")
+                },
+            });
+        }
+        let mine = |id: &str| match split_build(id) {
+            (cell, Some(b)) if b == build => Some(cell.to_string()),
+            _ => None,
+        };
+        let mut manifest = self.manifest.clone();
+        manifest.versions.agent_builds.retain(|b| b.build == build);
+        Ok(RunData {
+            dir: self.dir.clone(),
+            manifest,
+            kernel_rows: self
+                .kernel_rows
+                .iter()
+                .filter_map(|r| {
+                    let cell_id = mine(&r.cell_id)?;
+                    Some(KernelRow {
+                        cell_id,
+                        ..r.clone()
+                    })
+                })
+                .collect(),
+            model_rows: Vec::new(),
+            samples: self
+                .samples
+                .iter()
+                .filter_map(|s| {
+                    let cell_id = mine(&s.cell_id)?;
+                    Some(SampleRow {
+                        cell_id,
+                        ..s.clone()
+                    })
+                })
+                .collect(),
+            importance: Vec::new(),
+            probes: self.probes.clone(),
+            side: Some(build.to_string()),
+        })
+    }
+
+    /// The run's name as a comparison shows it: its id, `@<build>` for
+    /// one side of an A/B run.
+    pub fn label(&self) -> String {
+        match &self.side {
+            Some(build) => format!("{}@{build}", self.manifest.run_id),
+            None => self.manifest.run_id.clone(),
+        }
+    }
+
+    /// Loads `<run dir>` or, for `<run dir>@<build>`, that build's side of
+    /// an A/B run.
+    pub fn load_side(run_dir: &Path, build: Option<&str>) -> Result<RunData, RunDirError> {
+        let run = RunData::load(run_dir)?;
+        match build {
+            Some(build) => run.build_side(build),
+            None => Ok(run),
+        }
     }
 
     /// As [`RunData::invocations_by_cell`], with each board's round

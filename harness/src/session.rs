@@ -8,6 +8,7 @@ use crate::build::{
     build_board_agent, build_host_agent, workspace_root, AgentBuild, BuildError, Builder,
 };
 use crate::config::{BenchConfig, ConfigError};
+use crate::llama_source::PreparedSource;
 use crate::manifest::BuildRecord;
 use crate::setup::Need;
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ pub enum SessionError {
     Target(#[from] TargetError),
     #[error(transparent)]
     Testbed(#[from] crate::testbed::TestbedError),
+    #[error(transparent)]
+    Source(#[from] crate::llama_source::SourceError),
     // Not `source`: the message already holds the labgrid error, and a
     // source would print it twice in an error chain.
     #[error("board {board}: {error}")]
@@ -60,6 +63,18 @@ pub struct SessionOptions {
     pub resume: Option<String>,
     /// `--budget`: the whole run's time (see `crate::budget`).
     pub budget: Option<std::time::Duration>,
+    /// `--build`: which llama.cpp the agents are built from, a
+    /// `[builds.<name>]` of the config, `default`, or a source
+    /// (`crate:0.1.140`, `path:<checkout>@<rev>`).
+    pub build: String,
+    /// `ab <base> <new>`, `bisect`: builds measured in the same rounds as
+    /// `build` (kernel matrices; each cell once per build).
+    pub versus: Vec<String>,
+    /// Builds the caller defines besides the config's `[builds]` (bisect's
+    /// revisions), by name.
+    pub defined_builds: BTreeMap<String, crate::llama_source::BuildSpec>,
+    /// Kernel cells to measure (ids without `@<build>`); empty: all.
+    pub only_cells: Vec<String>,
 }
 
 /// A board of this run, as the jobs and the runner see it.
@@ -80,12 +95,35 @@ pub struct Session {
     pub run_id: String,
     /// `<results>/<run_id>`; created by the pipeline once jobs are prepared.
     pub run_dir: PathBuf,
+    /// The builds measured: `--build` first (the base of an A/B), then
+    /// the one `ab` measures against it.
+    pub under_test: Vec<BuildUnderTest>,
+    pub builds: Vec<BuildRecord>,
+}
+
+/// One build of the session: its llama.cpp and its agents.
+#[derive(Debug, Clone)]
+pub struct BuildUnderTest {
+    pub source: PreparedSource,
     /// The agent for this machine, when a board is `local` or a job
     /// prepares work on the host (quantizing models).
     pub host_agent: Option<AgentBuild>,
     /// Agents for remote boards by profile name.
     pub board_agents: BTreeMap<String, AgentBuild>,
-    pub builds: Vec<BuildRecord>,
+}
+
+impl BuildUnderTest {
+    pub fn name(&self) -> &str {
+        &self.source.name
+    }
+
+    /// The agent of this build that runs on `board`.
+    pub fn agent_for(&self, board: &ResolvedBoard) -> Option<&AgentBuild> {
+        match board {
+            ResolvedBoard::Local => self.host_agent.as_ref(),
+            ResolvedBoard::Remote(r) => self.board_agents.get(r.profile.name()),
+        }
+    }
 }
 
 impl Session {
@@ -126,44 +164,91 @@ impl Session {
             }
         }
 
-        let mut builds = Vec::new();
-        let mut timed = |profile: &str,
-                         build: &dyn Fn() -> Result<AgentBuild, BuildError>|
-         -> Result<AgentBuild, BuildError> {
-            let started = std::time::Instant::now();
-            let agent = build()?;
-            let record = BuildRecord {
-                profile: profile.to_string(),
-                hash: agent.hash.clone(),
-                target_triple: agent.target_triple.clone(),
-                seconds: started.elapsed().as_secs_f64(),
+        let config_dir = config
+            .source
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let mut names = vec![options.build.clone()];
+        names.extend(options.versus.iter().cloned());
+        let several = names.len() > 1;
+        let mut sources = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            let (mut build_name, build_spec) = match options.defined_builds.get(name) {
+                Some(spec) => (name.clone(), spec.clone()),
+                None => config.build(name)?,
             };
-            eprintln!(
-                "agent for {} built: {} ({}) in {:.1} s",
-                record.profile, record.hash, record.target_triple, record.seconds
-            );
-            builds.push(record);
-            Ok(agent)
-        };
+            // Cell ids carry a measured build's name (`<cell>@<name>`): a
+            // source written on the command line gets a plain one.
+            if several && !crate::config::is_safe_name(&build_name) {
+                build_name = match index {
+                    0 => "base".to_string(),
+                    1 => "new".to_string(),
+                    n => format!("new{n}"),
+                };
+            }
+            // Every source is checked before any compiles: a bad second
+            // build fails in seconds, not after the first one's build.
+            let source =
+                crate::llama_source::prepare(&workspace, &build_name, &build_spec, &config_dir)?;
+            if build_name != "default" || several {
+                eprintln!(
+                    "build `{build_name}`: llama.cpp {}{}",
+                    source.identity.label(),
+                    lacks_note(&source)
+                );
+            }
+            sources.push(source);
+        }
         let needs_host = host_agent || boards.iter().any(|b| matches!(b, ResolvedBoard::Local));
-        let host_agent = if needs_host {
-            Some(timed("local", &|| build_host_agent(&workspace))?)
-        } else {
-            None
-        };
-        let mut board_agents = BTreeMap::new();
-        for board in &boards {
-            if let ResolvedBoard::Remote(r) = board {
-                let profile = r.profile.name().to_string();
-                if let std::collections::btree_map::Entry::Vacant(slot) =
-                    board_agents.entry(profile)
-                {
-                    let agent = timed(slot.key(), &|| {
-                        build_board_agent(&workspace, r.profile, options.builder)
-                    })?;
-                    slot.insert(agent);
+        let mut builds = Vec::new();
+        let mut under_test = Vec::new();
+        for source in sources {
+            let mut timed = |profile: &str,
+                             build: &dyn Fn() -> Result<AgentBuild, BuildError>|
+             -> Result<AgentBuild, BuildError> {
+                let started = std::time::Instant::now();
+                let agent = build()?;
+                let record = BuildRecord {
+                    profile: profile.to_string(),
+                    hash: agent.hash.clone(),
+                    target_triple: agent.target_triple.clone(),
+                    seconds: started.elapsed().as_secs_f64(),
+                    build: source.name.clone(),
+                    llama_cpp: Some(source.identity.clone()),
+                };
+                eprintln!(
+                    "agent for {} built: {} ({}) in {:.1} s",
+                    record.profile, record.hash, record.target_triple, record.seconds
+                );
+                builds.push(record);
+                Ok(agent)
+            };
+            let host_agent = if needs_host {
+                Some(timed("local", &|| build_host_agent(&workspace, &source))?)
+            } else {
+                None
+            };
+            let mut board_agents = BTreeMap::new();
+            for board in &boards {
+                if let ResolvedBoard::Remote(r) = board {
+                    let profile = r.profile.name().to_string();
+                    if let std::collections::btree_map::Entry::Vacant(slot) =
+                        board_agents.entry(profile)
+                    {
+                        let agent = timed(slot.key(), &|| {
+                            build_board_agent(&workspace, r.profile, options.builder, &source)
+                        })?;
+                        slot.insert(agent);
+                    }
                 }
             }
+            under_test.push(BuildUnderTest {
+                source,
+                host_agent,
+                board_agents,
+            });
         }
 
         let commit = git_commit(&workspace);
@@ -185,22 +270,52 @@ impl Session {
             commit,
             run_id,
             run_dir,
-            host_agent,
-            board_agents,
+            under_test,
             builds,
         })
     }
 
-    /// The agent that runs on `board`.
+    /// The `--build` build (the base of an A/B): it runs every job.
+    pub fn base(&self) -> &BuildUnderTest {
+        &self.under_test[0]
+    }
+
+    /// The builds measured against the base in the same rounds.
+    pub fn versus(&self) -> &[BuildUnderTest] {
+        &self.under_test[1..]
+    }
+
+    /// The base build's agent that runs on `board`.
     pub fn agent_for(&self, board: &ResolvedBoard) -> Option<&AgentBuild> {
-        match board {
-            ResolvedBoard::Local => self.host_agent.as_ref(),
-            ResolvedBoard::Remote(r) => self.board_agents.get(r.profile.name()),
-        }
+        self.base().agent_for(board)
     }
 
     pub fn board_names(&self) -> Vec<String> {
         self.boards.iter().map(|b| b.name.clone()).collect()
+    }
+}
+
+/// What a build's llama.cpp lacks and what that switches off, for the
+/// line that names the build.
+pub fn lacks_note(source: &PreparedSource) -> String {
+    use crate::llama_source::Capability;
+    let off: Vec<&str> = source
+        .identity
+        .lacks
+        .iter()
+        .map(|c| match c {
+            Capability::TensorOverrides => {
+                "adaptive and per-layer recipes (no per-tensor overrides)"
+            }
+            Capability::ImatrixData => {
+                "+imatrix recipes (no importance data in quantize parameters)"
+            }
+        })
+        .collect();
+    if off.is_empty() {
+        String::new()
+    } else {
+        format!("; switched off: {}", off.join(", "))
     }
 }
 
@@ -324,29 +439,6 @@ fn random_tag() -> String {
         bytes.copy_from_slice(&mixed.to_le_bytes()[..3]);
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The pinned llama-cpp-sys-2 version, read from the workspace manifest.
-pub fn llama_cpp_sys_version(workspace: &Path) -> String {
-    std::fs::read_to_string(workspace.join("Cargo.toml"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("llama-cpp-sys-2"))
-                .and_then(|l| l.split("version = \"").nth(1))
-                .and_then(|v| v.split('"').next())
-                .map(|v| v.trim_start_matches('=').to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-pub fn rustc_version() -> String {
-    Command::new("rustc")
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Short commit of the workspace, with `-dirty` when it has local changes.

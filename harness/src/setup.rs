@@ -72,6 +72,12 @@ const REQUIREMENTS: &[Requirement] = &[
         package: "libclang-dev",
     },
     Requirement {
+        need: Need::HostBuild,
+        present: || on_path("patch"),
+        what: "patch (builds with patch files)",
+        package: "patch",
+    },
+    Requirement {
         need: Need::CrossBuild,
         present: || on_path("aarch64-linux-gnu-gcc"),
         what: "aarch64-linux-gnu-gcc",

@@ -14,6 +14,15 @@
 //! anything, choose matrices or write results: that is the agent's and the
 //! harness's job.
 
+/// The llama.cpp this crate was built against, as the harness named it
+/// (`harness::llama_source`): empty for the pinned crate's own copy.
+pub fn llama_source() -> &'static str {
+    match env!("QUANTBENCH_LLAMA_ID") {
+        "" => "vendored",
+        id => id,
+    }
+}
+
 pub mod amx;
 pub mod calibration;
 pub mod codebook;

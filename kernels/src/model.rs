@@ -99,6 +99,7 @@ pub fn ftype_from_name(name: &str) -> Option<sys::llama_ftype> {
     })
 }
 
+#[cfg_attr(llama_lacks_tensor_overrides, allow(dead_code))]
 fn ggml_type_from_name(name: &str) -> Option<sys::ggml_type> {
     (0..sys::GGML_TYPE_COUNT).find(|&t| {
         // SAFETY: static table lookup for every defined type value.
@@ -122,62 +123,153 @@ pub fn quantize_model(
         recipe: request.ftype.to_string(),
     };
     let ftype = ftype_from_name(request.ftype).ok_or_else(fail)?;
-    let patterns: Vec<CString> = request
-        .overrides
-        .iter()
-        .map(|(p, _)| CString::new(p.as_str()).map_err(|_| fail()))
-        .collect::<Result<_, _>>()?;
-    let mut overrides: Vec<sys::llama_model_tensor_override> = Vec::new();
-    for ((_, ty), pattern) in request.overrides.iter().zip(&patterns) {
-        overrides.push(sys::llama_model_tensor_override {
-            pattern: pattern.as_ptr(),
-            type_: ggml_type_from_name(ty).ok_or_else(fail)?,
-        });
+    if let Some(missing) = missing_capability(request) {
+        return Err(ModelError::Llama(format!(
+            "recipe `{}` needs {missing}, which the llama.cpp this agent was built from ({}) does not have; use a build of llama.cpp that has it (see `[builds]` in README)",
+            request.ftype,
+            crate::llama_source()
+        )));
     }
-    overrides.push(sys::llama_model_tensor_override {
-        pattern: ptr::null(),
-        type_: 0,
-    });
-    let names: Vec<CString> = request
-        .importance
-        .iter()
-        .map(|(name, _)| CString::new(name.as_str()).map_err(|_| fail()))
-        .collect::<Result<_, _>>()?;
-    let mut importance: Vec<sys::llama_model_imatrix_data> = request
-        .importance
-        .iter()
-        .zip(&names)
-        .map(|((_, values), name)| sys::llama_model_imatrix_data {
-            name: name.as_ptr(),
-            data: values.as_ptr(),
-            size: values.len(),
-        })
-        .collect();
-    importance.push(sys::llama_model_imatrix_data {
-        name: ptr::null(),
-        data: ptr::null(),
-        size: 0,
-    });
     let (inp, out) = (checked_gguf_path(input)?, c_path(output)?);
-    // SAFETY: params come from llama.cpp's defaults; the override array is
-    // NULL-terminated and it and the pattern strings outlive the call.
+    let overrides = TensorOverrides::new(request, fail)?;
+    let importance = ImportanceData::new(request, fail)?;
+    // SAFETY: params come from llama.cpp's defaults; the override and
+    // importance arrays are NULL-terminated and they and their strings
+    // outlive the call.
     let status = unsafe {
         let mut params = sys::llama_model_quantize_default_params();
         params.ftype = ftype;
         params.nthread = request.threads as i32;
-        if !request.overrides.is_empty() {
-            params.tt_overrides = overrides.as_ptr();
-        }
-        // NULL-terminated like the overrides; names and values outlive the call.
-        if !request.importance.is_empty() {
-            params.imatrix = importance.as_ptr();
-        }
+        overrides.attach(&mut params);
+        importance.attach(&mut params);
         sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)
     };
     if status != 0 {
         return Err(fail());
     }
     Ok(())
+}
+
+/// What `request` needs that this build's llama.cpp lacks, if anything.
+fn missing_capability(request: &QuantizeRequest) -> Option<&'static str> {
+    if !request.overrides.is_empty() && cfg!(llama_lacks_tensor_overrides) {
+        return Some("per-tensor type overrides (`llama_model_tensor_override`)");
+    }
+    if !request.importance.is_empty() && cfg!(llama_lacks_imatrix_data) {
+        return Some("importance data in the quantize parameters (`llama_model_imatrix_data`)");
+    }
+    None
+}
+
+/// The NULL-terminated per-tensor type overrides of a request, with the
+/// pattern strings they point into.
+#[cfg(not(llama_lacks_tensor_overrides))]
+struct TensorOverrides {
+    _patterns: Vec<CString>,
+    entries: Vec<sys::llama_model_tensor_override>,
+}
+
+#[cfg(not(llama_lacks_tensor_overrides))]
+impl TensorOverrides {
+    fn new(request: &QuantizeRequest, fail: impl Fn() -> ModelError) -> Result<Self, ModelError> {
+        let patterns: Vec<CString> = request
+            .overrides
+            .iter()
+            .map(|(p, _)| CString::new(p.as_str()).map_err(|_| fail()))
+            .collect::<Result<_, _>>()?;
+        let mut entries = Vec::new();
+        for ((_, ty), pattern) in request.overrides.iter().zip(&patterns) {
+            entries.push(sys::llama_model_tensor_override {
+                pattern: pattern.as_ptr(),
+                type_: ggml_type_from_name(ty).ok_or_else(&fail)?,
+            });
+        }
+        entries.push(sys::llama_model_tensor_override {
+            pattern: ptr::null(),
+            type_: 0,
+        });
+        Ok(TensorOverrides {
+            _patterns: patterns,
+            entries,
+        })
+    }
+
+    fn attach(&self, params: &mut sys::llama_model_quantize_params) {
+        if self.entries.len() > 1 {
+            params.tt_overrides = self.entries.as_ptr();
+        }
+    }
+}
+
+/// A llama.cpp without per-tensor overrides: requests that need them were
+/// refused by `missing_capability`.
+#[cfg(llama_lacks_tensor_overrides)]
+struct TensorOverrides;
+
+#[cfg(llama_lacks_tensor_overrides)]
+impl TensorOverrides {
+    fn new(_: &QuantizeRequest, _: impl Fn() -> ModelError) -> Result<Self, ModelError> {
+        Ok(TensorOverrides)
+    }
+
+    fn attach(&self, _: &mut sys::llama_model_quantize_params) {}
+}
+
+/// The NULL-terminated importance data of a request, with its names.
+#[cfg(not(llama_lacks_imatrix_data))]
+struct ImportanceData {
+    _names: Vec<CString>,
+    entries: Vec<sys::llama_model_imatrix_data>,
+}
+
+#[cfg(not(llama_lacks_imatrix_data))]
+impl ImportanceData {
+    fn new(request: &QuantizeRequest, fail: impl Fn() -> ModelError) -> Result<Self, ModelError> {
+        let names: Vec<CString> = request
+            .importance
+            .iter()
+            .map(|(name, _)| CString::new(name.as_str()).map_err(|_| fail()))
+            .collect::<Result<_, _>>()?;
+        let mut entries: Vec<sys::llama_model_imatrix_data> = request
+            .importance
+            .iter()
+            .zip(&names)
+            .map(|((_, values), name)| sys::llama_model_imatrix_data {
+                name: name.as_ptr(),
+                data: values.as_ptr(),
+                size: values.len(),
+            })
+            .collect();
+        entries.push(sys::llama_model_imatrix_data {
+            name: ptr::null(),
+            data: ptr::null(),
+            size: 0,
+        });
+        Ok(ImportanceData {
+            _names: names,
+            entries,
+        })
+    }
+
+    fn attach(&self, params: &mut sys::llama_model_quantize_params) {
+        if self.entries.len() > 1 {
+            params.imatrix = self.entries.as_ptr();
+        }
+    }
+}
+
+/// A llama.cpp without importance data in its parameters: requests that
+/// need it were refused by `missing_capability`.
+#[cfg(llama_lacks_imatrix_data)]
+struct ImportanceData;
+
+#[cfg(llama_lacks_imatrix_data)]
+impl ImportanceData {
+    fn new(_: &QuantizeRequest, _: impl Fn() -> ModelError) -> Result<Self, ModelError> {
+        Ok(ImportanceData)
+    }
+
+    fn attach(&self, _: &mut sys::llama_model_quantize_params) {}
 }
 
 /// A GGUF file's metadata and tensor table (no tensor data), for reading

@@ -21,7 +21,9 @@ pub fn run_job(job: &JobSpec, probe: &BoardProbe, out_dir: &Path) -> Result<Tall
         total: job.cells.len(),
         bandwidth_gbps: probe.read_bandwidth_gbps,
     });
-    if job.timing.most_invocations() > 1 {
+    // Several builds (A/B) are measured by their own binaries: always in
+    // rounds of child processes.
+    if job.timing.most_invocations() > 1 || !job.builds.is_empty() {
         crate::rounds::run_rounds(job, &mut out, out_dir)?;
     } else {
         run_in_process(job, &mut out, out_dir)?;

@@ -3,6 +3,7 @@
 //! (`local` target) and on remote boards.
 
 mod bandwidth;
+mod child;
 mod kernel_run;
 mod measure;
 mod model_run;
@@ -27,6 +28,25 @@ struct Cli {
     command: Command,
 }
 
+/// What `run` tells a child process of a kernel job (`measure-round`,
+/// `prepare-cells`).
+#[derive(clap::Args)]
+struct ChildArgs {
+    #[arg(long)]
+    job: PathBuf,
+    #[arg(long)]
+    out_dir: PathBuf,
+    /// This round's number (for the record only).
+    #[arg(long)]
+    round: u32,
+    /// Indices of the job's cells, in the order to measure them.
+    #[arg(long, value_delimiter = ',')]
+    cells: Vec<usize>,
+    /// The board's cores, as `run` resolved `threads = "all"`.
+    #[arg(long)]
+    cores: usize,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print this board's description as JSON (CPU, features, memory, clocks).
@@ -48,21 +68,11 @@ enum Command {
     /// One round of invocations (started by `run` itself): measure each
     /// listed cell once from the weights `run` staged, in the given order,
     /// reporting each on stdout.
-    MeasureRound {
-        #[arg(long)]
-        job: PathBuf,
-        #[arg(long)]
-        out_dir: PathBuf,
-        /// This round's number (for the record only).
-        #[arg(long)]
-        round: u32,
-        /// Indices of the job's cells, in the order to measure them.
-        #[arg(long, value_delimiter = ',')]
-        cells: Vec<usize>,
-        /// The board's cores, as `run` resolved `threads = "all"`.
-        #[arg(long)]
-        cores: usize,
-    },
+    MeasureRound(ChildArgs),
+    /// Prepare listed cells of an A/B job (started by `run` of another
+    /// build): make and stage their weights with this build's quantizer and
+    /// measure their output error, reporting each on stdout.
+    PrepareCells(ChildArgs),
     /// Print the agent's build hash (SHA-256 prefix of this binary).
     Version,
     /// Quantize a GGUF model with llama.cpp's quantizer; prints JSON with
@@ -410,15 +420,13 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Command::MeasureRound {
-            job,
-            out_dir,
-            round: _,
-            cells,
-            cores,
-        } => {
-            let job: JobSpec = read_json(&job).context("reading the job spec")?;
-            rounds::measure_round(&job, &out_dir, &cells, cores)?;
+        Command::MeasureRound(child) => {
+            let job: JobSpec = read_json(&child.job).context("reading the job spec")?;
+            rounds::measure_round(&job, &child.out_dir, &child.cells, child.cores)?;
+        }
+        Command::PrepareCells(child) => {
+            let job: JobSpec = read_json(&child.job).context("reading the job spec")?;
+            rounds::prepare_cells(&job, &child.out_dir, &child.cells, child.cores)?;
         }
         Command::Run { job, out_dir } => {
             let job: JobSpec = read_json(&job).context("reading the job spec")?;

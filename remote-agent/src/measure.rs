@@ -10,7 +10,7 @@ use kernels::{quantize, KernelError, StagedMatrix};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wire::files::{CsvAppender, INVOCATIONS_FILE, KERNEL_ROWS_FILE, SAMPLES_FILE};
 use wire::kernel_job::{Cell, Cooldown, JobSpec, TimingPolicy};
@@ -34,7 +34,7 @@ pub struct Tally {
 
 /// What preparing a cell found, once per cell whatever its invocations:
 /// the output error against the f64 reference and the storage figures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct CellPrep {
     pub nmse: f64,
     pub weight_bytes: u64,
@@ -62,6 +62,9 @@ pub struct InvocationResult {
     pub cooldown_seconds: Option<f64>,
     pub before: ThermalReading,
     pub after: ThermalReading,
+    /// The process that measured it.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// How a cell's preparation or measurement ended when it produced no timing.
@@ -80,7 +83,9 @@ pub struct WeightCache<'a> {
     scratch_dir: &'a Path,
     key: Option<(String, u64, Distribution)>,
     values: Vec<f32>,
-    staged_type: Option<WeightFormat>,
+    /// The format and staged file of `staged`: an A/B job stages one file
+    /// per build, so the same type for another build is staged again.
+    staged_for: Option<(WeightFormat, Option<PathBuf>)>,
     staged: Option<PreparedWeights>,
 }
 
@@ -90,7 +95,7 @@ impl<'a> WeightCache<'a> {
             scratch_dir,
             key: None,
             values: Vec::new(),
-            staged_type: None,
+            staged_for: None,
             staged: None,
         }
     }
@@ -126,11 +131,12 @@ impl<'a> WeightCache<'a> {
             self.values = weights(job.distribution, m, k, job.seed);
             self.key = Some(key);
         }
+        let wanted = (cell.ty, staged_file.map(Path::to_path_buf));
         let staged = match self.staged.take() {
-            Some(staged) if self.staged_type == Some(cell.ty) => staged,
+            Some(staged) if self.staged_for.as_ref() == Some(&wanted) => staged,
             stale => {
                 drop(stale);
-                self.staged_type = None;
+                self.staged_for = None;
                 let prepared = match cell.ty {
                     WeightFormat::Ggml(ty) => {
                         let quantized = quantize(ty, m, k, &self.values)?;
@@ -163,7 +169,7 @@ impl<'a> WeightCache<'a> {
                         PreparedWeights::Codebook(Box::new(matrix))
                     }
                 };
-                self.staged_type = Some(cell.ty);
+                self.staged_for = Some(wanted);
                 prepared
             }
         };
@@ -237,6 +243,7 @@ pub fn measure_invocation(
         cooldown_seconds,
         before,
         after,
+        pid: std::process::id(),
     })
 }
 
@@ -517,6 +524,7 @@ impl<'a> JobOutput<'a> {
                 .filter(|_| real),
             thermal_noisy: real && wire::probe::thermally_noisy(&result.before, &result.after),
             finished_at: wire::utc_now_rfc3339(),
+            pid: result.pid,
         };
         self.invocations
             .append(&record)
@@ -629,14 +637,9 @@ fn build_row(
     invocations: &[(InvocationRow, Vec<u64>)],
 ) -> KernelRow {
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
-    let mut row = KernelRow::unmeasured(
-        job,
-        cell,
-        threads,
-        &probe.agent_build,
-        CellStatus::Ok,
-        String::new(),
-    );
+    // A cell of another build (A/B) was measured by that build's binary.
+    let agent = job.build_of(cell).map_or(&probe.agent, |b| &b.agent);
+    let mut row = KernelRow::unmeasured(job, cell, threads, agent, CellStatus::Ok, String::new());
     let prep = match prep {
         Ok(prep) => prep,
         Err(Refusal::Unsupported(reason)) => {
@@ -770,6 +773,8 @@ mod tests {
             cooldown: None,
             round_seed: 0,
             adaptive_seconds: None,
+            builds: Vec::new(),
+            runner: Vec::new(),
             cells: vec![Cell::new(
                 wire::ggml_type::GgmlType::Q4_0,
                 shape,
@@ -808,6 +813,7 @@ mod tests {
             cooldown_seconds: None,
             before,
             after,
+            pid: 1,
         }
     }
 

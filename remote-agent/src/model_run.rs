@@ -413,9 +413,14 @@ fn precise_enough(invocations: &[InvocationTiming], precision: f64) -> bool {
 }
 
 /// A further invocation of recipe `index` in a fresh child process.
-fn invoke_child(job_path: &Path, index: usize, cores: usize) -> Result<InvocationTiming> {
+fn invoke_child(
+    runner: &[String],
+    job_path: &Path,
+    index: usize,
+    cores: usize,
+) -> Result<InvocationTiming> {
     let exe = std::env::current_exe().context("finding the agent's own binary")?;
-    let output = std::process::Command::new(&exe)
+    let output = crate::child::command(runner, &exe)
         .arg("model-time")
         .arg("--job")
         .arg(job_path)
@@ -668,13 +673,13 @@ fn measure_recipe(
         invocations[0].peak_rss_bytes = own_peak;
         drop(model);
         for _ in 1..job.invocations {
-            invocations.push(invoke_child(job_path, index, probe.cores)?);
+            invocations.push(invoke_child(&job.runner, job_path, index, probe.cores)?);
         }
         // Adaptive: more invocations while any test's time is imprecise.
         while (invocations.len() as u32) < job.max_invocations
             && !precise_enough(&invocations, job.precision)
         {
-            invocations.push(invoke_child(job_path, index, probe.cores)?);
+            invocations.push(invoke_child(&job.runner, job_path, index, probe.cores)?);
         }
     }
     let load_ms =
@@ -743,5 +748,5 @@ fn measure_recipe(
 }
 
 fn failed_row(job: &ModelJob, probe: &BoardProbe, recipe: &RecipeFile, note: &str) -> ModelRow {
-    ModelRow::failed(job, recipe, &probe.agent_build, note)
+    ModelRow::failed(job, recipe, &probe.agent, note)
 }

@@ -13,6 +13,13 @@
 //! records it. Staged files live in `<out_dir>/staged/` for the rounds and
 //! are deleted after; when they would not all fit on the board's disk, the
 //! cells are taken in consecutive groups that fit, each with its own rounds.
+//!
+//! A job that names several builds (A/B, `cargo xtask ab`) has each cell
+//! once per build: a cell is prepared (`prepare-cells`) and measured
+//! (`measure-round`) by its build's own binary, so each build quantizes
+//! with its own GGML and times its own kernels; in a round, the cells come
+//! in the round's shuffled order and each cell's builds back to back, one
+//! child process each, the first build turning with the round.
 
 use crate::measure::{
     measure_invocation, prepare_cell, CellPrep, InvocationResult, JobOutput, Refusal, WeightCache,
@@ -26,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use wire::kernel_job::{Cell, JobSpec};
 use wire::progress::ProgressEvent;
 use wire::stats::SeededRng;
@@ -51,12 +58,86 @@ enum ChildLine {
         index: usize,
         reason: String,
     },
+    /// `prepare-cells`: the cell is staged and these are its figures.
+    Prepared {
+        index: usize,
+        prep: CellPrep,
+    },
+    /// `prepare-cells`: the cell cannot run.
+    Refused {
+        index: usize,
+        unsupported: bool,
+        reason: String,
+    },
+}
+
+/// The binary that prepares and measures `cell`: its build's (A/B), or
+/// this one.
+fn agent_of(job: &JobSpec, cell: &Cell) -> Result<PathBuf> {
+    let own = std::env::current_exe().context("finding the agent's own binary")?;
+    let Some(build) = job.build_of(cell) else {
+        return Ok(own);
+    };
+    if build.agent.agent_build == own_hash() {
+        return Ok(own);
+    }
+    if let Some(path) = &build.path {
+        return Ok(PathBuf::from(path));
+    }
+    // Boards keep agents as `agents/<hash>/<binary>`, side by side.
+    let name = own.file_name().context("the agent's own file name")?;
+    let folder = own
+        .parent()
+        .and_then(Path::parent)
+        .context("the agent's folder has no parent")?;
+    Ok(folder.join(&build.agent.agent_build).join(name))
+}
+
+fn own_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(crate::sysinfo::agent_build).clone()
+}
+
+/// Each build's binary, checked once before the first round: it must be
+/// there and be the build the job names (a board's copy replaced or cut
+/// short would measure other code under that build's name).
+fn check_agents(job: &JobSpec) -> Result<()> {
+    for build in &job.builds {
+        let Some(cell) = job
+            .cells
+            .iter()
+            .find(|c| c.build.as_ref() == Some(&build.name))
+        else {
+            continue;
+        };
+        let path = agent_of(job, cell)?;
+        let hash = wire::build_id::content_hash(&path).with_context(|| {
+            format!(
+                "build `{}`: its agent {} cannot be read",
+                build.name,
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            hash == build.agent.agent_build,
+            "build `{}`: {} is agent {hash}, not {} as the job says",
+            build.name,
+            path.display(),
+            build.agent.agent_build
+        );
+    }
+    Ok(())
 }
 
 /// The staged file of a cell's weights: one per shape and format (cells of
 /// other batches and thread counts share it).
 pub fn staged_path(out_dir: &Path, cell: &Cell) -> PathBuf {
-    let name: String = format!("{}-{}", cell.shape.name, cell.ty)
+    let build = cell
+        .build
+        .as_ref()
+        .map(|b| format!("@{b}"))
+        .unwrap_or_default();
+    let name: String = format!("{}-{}{build}", cell.shape.name, cell.ty)
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
@@ -75,6 +156,7 @@ pub fn run_rounds(job: &JobSpec, out: &mut JobOutput, out_dir: &Path) -> Result<
     std::fs::create_dir_all(&staged_dir)
         .with_context(|| format!("creating {}", staged_dir.display()))?;
     wire::files::write_json(&out_dir.join(JOB_COPY), job)?;
+    check_agents(job)?;
     let budget = crate::sysinfo::free_disk_bytes(out_dir)
         .map(|free| free / 2)
         .unwrap_or(u64::MAX);
@@ -96,10 +178,10 @@ pub fn run_rounds(job: &JobSpec, out: &mut JobOutput, out_dir: &Path) -> Result<
 fn groups_within(cells: &[Cell], budget: u64) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
-    let mut files: Vec<(&str, WeightFormat)> = Vec::new();
+    let mut files: Vec<(&str, WeightFormat, Option<&String>)> = Vec::new();
     let mut bytes = 0u64;
     for (index, cell) in cells.iter().enumerate() {
-        let file = (cell.shape.name.as_str(), cell.ty);
+        let file = (cell.shape.name.as_str(), cell.ty, cell.build.as_ref());
         if !files.contains(&file) {
             let need = cell.weight_bytes();
             if !current.is_empty() && bytes + need > budget {
@@ -126,10 +208,20 @@ fn prepare_group(
     out_dir: &Path,
     group: &[usize],
 ) -> Result<HashMap<usize, CellPrep>> {
+    let own = std::env::current_exe().context("finding the agent's own binary")?;
     let mut cache = WeightCache::new(out_dir);
     let mut prepared = HashMap::new();
+    let mut elsewhere: Vec<(PathBuf, Vec<usize>)> = Vec::new();
     for &index in group {
         let cell = &job.cells[index];
+        let agent = agent_of(job, cell)?;
+        if agent != own {
+            match elsewhere.iter_mut().find(|(a, _)| *a == agent) {
+                Some((_, cells)) => cells.push(index),
+                None => elsewhere.push((agent, vec![index])),
+            }
+            continue;
+        }
         out.emit(ProgressEvent::CellStarted {
             index,
             cell_id: cell.id.clone(),
@@ -143,7 +235,158 @@ fn prepare_group(
             Err(refusal) => out.finish_cell(index, cell, threads, Err(refusal))?,
         }
     }
+    drop(cache);
+    // Another build's cells: quantized, staged and judged by its binary.
+    for (agent, cells) in elsewhere {
+        let mut reported = std::collections::HashSet::new();
+        let outcome = run_child(
+            Child {
+                runner: &job.runner,
+                exe: &agent,
+                subcommand: "prepare-cells",
+            },
+            out_dir,
+            out.probe.cores,
+            &cells,
+            0,
+            |line| {
+                match line {
+                    ChildLine::Started { index } => out.emit(ProgressEvent::CellStarted {
+                        index,
+                        cell_id: job.cells[index].id.clone(),
+                    }),
+                    ChildLine::Prepared { index, prep } => {
+                        reported.insert(index);
+                        prepared.insert(index, prep);
+                    }
+                    ChildLine::Refused {
+                        index,
+                        unsupported,
+                        reason,
+                    } => {
+                        reported.insert(index);
+                        let cell = &job.cells[index];
+                        let threads = cell.threads.resolve(out.probe.cores);
+                        let refusal = if unsupported {
+                            Refusal::Unsupported(reason)
+                        } else {
+                            Refusal::Failed(reason)
+                        };
+                        out.finish_cell(index, cell, threads, Err(refusal))?;
+                    }
+                    ChildLine::Measured { .. } | ChildLine::Failed { .. } => {}
+                }
+                Ok(())
+            },
+        )?;
+        // A child that died leaves its remaining cells without a row.
+        for index in cells.into_iter().filter(|i| !reported.contains(i)) {
+            let cell = &job.cells[index];
+            let threads = cell.threads.resolve(out.probe.cores);
+            let reason = match &outcome.died_in {
+                Some((at, why)) if *at == index => {
+                    format!("preparing it, {} died: {why}", agent.display())
+                }
+                Some((_, why)) => format!("not prepared: {} died earlier ({why})", agent.display()),
+                None => format!("{} did not prepare it", agent.display()),
+            };
+            out.finish_cell(index, cell, threads, Err(Refusal::Failed(reason)))?;
+        }
+    }
+    share_identical_staged_files(job, out_dir, group, &prepared);
     Ok(prepared)
+}
+
+/// Where the builds of an A/B job staged identical bytes for a cell (their
+/// quantizers agree), every build maps one file: the first build's, the
+/// others' made hard links to it. A file's page cache keeps its physical
+/// pages for the whole session, and two copies of the same weights sat in
+/// different ones: an A/A (one binary under two names) measured an F32
+/// cell 27% faster on the copy written second (interval +-6%), a bias no
+/// number of invocations averages out. Different bytes (a quantizer under
+/// test) keep their own files.
+fn share_identical_staged_files(
+    job: &JobSpec,
+    out_dir: &Path,
+    group: &[usize],
+    prepared: &HashMap<usize, CellPrep>,
+) {
+    if job.builds.is_empty() {
+        return;
+    }
+    let mut first_of: HashMap<(String, String), (PathBuf, String)> = HashMap::new();
+    for &index in group.iter().filter(|i| prepared.contains_key(i)) {
+        let cell = &job.cells[index];
+        let path = staged_path(out_dir, cell);
+        let Ok(hash) = wire::build_id::content_hash(&path) else {
+            continue;
+        };
+        match first_of.entry((cell.shape.name.clone(), cell.ty.to_string())) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((path, hash));
+            }
+            std::collections::hash_map::Entry::Occupied(first) => {
+                let (first_path, first_hash) = first.get();
+                if *first_hash != hash || *first_path == path {
+                    continue;
+                }
+                // Linked under a temporary name, then renamed over: the
+                // cell always has a complete file.
+                let temp = path.with_extension("link");
+                let _ = std::fs::remove_file(&temp);
+                if std::fs::hard_link(first_path, &temp).is_ok() {
+                    let _ = std::fs::rename(&temp, &path);
+                }
+            }
+        }
+    }
+}
+
+/// A child's line to its parent, on stdout, flushed at once.
+fn say(line: &ChildLine) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", serde_json::to_string(line)?)?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// The child `prepare-cells` of a build's binary: prepares each listed
+/// cell (weights made with this build's quantizer, staged, output error
+/// measured) and reports each on stdout.
+pub fn prepare_cells(job: &JobSpec, out_dir: &Path, cells: &[usize], cores: usize) -> Result<()> {
+    let mut cache = WeightCache::new(out_dir);
+    for &index in cells {
+        let cell = job
+            .cells
+            .get(index)
+            .with_context(|| format!("the job has no cell {index}"))?;
+        say(&ChildLine::Started { index })?;
+        let path = staged_path(out_dir, cell);
+        let line = match prepare_cell(
+            cell,
+            cell.threads.resolve(cores),
+            job,
+            &mut cache,
+            Some(&path),
+        ) {
+            Ok(ready) => ChildLine::Prepared {
+                index,
+                prep: ready.prep,
+            },
+            Err(Refusal::Unsupported(reason)) => ChildLine::Refused {
+                index,
+                unsupported: true,
+                reason,
+            },
+            Err(Refusal::Failed(reason)) => ChildLine::Refused {
+                index,
+                unsupported: false,
+                reason,
+            },
+        };
+        say(&line)?;
+    }
+    Ok(())
 }
 
 /// Rounds over the prepared cells until each has its invocations (and,
@@ -181,45 +424,61 @@ fn measure_group(
             break;
         }
         let mut order = pending.clone();
-        SeededRng::new(job.round_seed ^ u64::from(round).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-            .shuffle(&mut order);
-        let outcome = run_child(out_dir, out.probe.cores, &order, round, |line| match line {
-            ChildLine::Started { index } => {
-                out.emit(ProgressEvent::CellStarted {
-                    index,
-                    cell_id: job.cells[index].id.clone(),
-                });
-                Ok(())
-            }
-            ChildLine::Measured { index, result } => {
+        let mut rng =
+            SeededRng::new(job.round_seed ^ u64::from(round).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        rng.shuffle(&mut order);
+        let children = children_of_round(job, &order, round)?;
+        for (agent, cells) in children {
+            let outcome = run_child(
+                Child {
+                    runner: &job.runner,
+                    exe: &agent,
+                    subcommand: "measure-round",
+                },
+                out_dir,
+                out.probe.cores,
+                &cells,
+                round,
+                |line| match line {
+                    ChildLine::Started { index } => {
+                        out.emit(ProgressEvent::CellStarted {
+                            index,
+                            cell_id: job.cells[index].id.clone(),
+                        });
+                        Ok(())
+                    }
+                    ChildLine::Measured { index, result } => {
+                        let cell = &job.cells[index];
+                        let invocation = out.invocations_done(&cell.id);
+                        let position = order.iter().position(|&i| i == index).unwrap_or(0) as u32;
+                        out.record_invocation(cell, invocation, round, position, &result)?;
+                        out.emit(ProgressEvent::InvocationFinished {
+                            cell_id: cell.id.clone(),
+                            done: invocation + 1,
+                            invocations: wanted.max(invocation + 1),
+                            round,
+                        });
+                        Ok(())
+                    }
+                    ChildLine::Failed { index, reason } => {
+                        let cell = &job.cells[index];
+                        let threads = cell.threads.resolve(out.probe.cores);
+                        out.finish_cell(index, cell, threads, Err(Refusal::Failed(reason)))?;
+                        Ok(())
+                    }
+                    ChildLine::Prepared { .. } | ChildLine::Refused { .. } => Ok(()),
+                },
+            )?;
+            if let Some((index, reason)) = outcome.died_in {
                 let cell = &job.cells[index];
-                let invocation = out.invocations_done(&cell.id);
-                let position = order.iter().position(|&i| i == index).unwrap_or(0) as u32;
-                out.record_invocation(cell, invocation, round, position, &result)?;
-                out.emit(ProgressEvent::InvocationFinished {
-                    cell_id: cell.id.clone(),
-                    done: invocation + 1,
-                    invocations: wanted.max(invocation + 1),
-                    round,
-                });
-                Ok(())
-            }
-            ChildLine::Failed { index, reason } => {
-                let cell = &job.cells[index];
-                let threads = cell.threads.resolve(out.probe.cores);
-                out.finish_cell(index, cell, threads, Err(Refusal::Failed(reason)))?;
-                Ok(())
-            }
-        })?;
-        if let Some((index, reason)) = outcome.died_in {
-            let cell = &job.cells[index];
-            if !out.is_finished(&cell.id) {
-                let threads = cell.threads.resolve(out.probe.cores);
-                let note = format!(
-                    "invocation {} died in this cell: {reason}",
-                    out.invocations_done(&cell.id) + 1
-                );
-                out.finish_cell(index, cell, threads, Err(Refusal::Failed(note)))?;
+                if !out.is_finished(&cell.id) {
+                    let threads = cell.threads.resolve(out.probe.cores);
+                    let note = format!(
+                        "invocation {} died in this cell: {reason}",
+                        out.invocations_done(&cell.id) + 1
+                    );
+                    out.finish_cell(index, cell, threads, Err(Refusal::Failed(note)))?;
+                }
             }
         }
         round += 1;
@@ -243,24 +502,77 @@ fn enough(job: &JobSpec, out: &JobOutput, cell_id: &str, open: bool) -> bool {
         .is_some_and(|p| p <= timing.precision)
 }
 
+/// The child processes of a round, in order, each with its cells. One
+/// build: one child measuring the round's order. Several builds (A/B): a
+/// child per cell and build, the builds of one cell back to back (a paired
+/// measurement: whatever drifts between cells falls on both), which build
+/// goes first turning with the round, so neither side is always first.
+/// (With one child per build and round instead, two names of one binary
+/// measured an F32 cell 12% apart, interval +-1%, on a 2-core VM.)
+fn children_of_round(
+    job: &JobSpec,
+    order: &[usize],
+    round: u32,
+) -> Result<Vec<(PathBuf, Vec<usize>)>> {
+    if job.builds.is_empty() {
+        let own = std::env::current_exe().context("finding the agent's own binary")?;
+        return Ok(vec![(own, order.to_vec())]);
+    }
+    let mut pairs: Vec<(&str, Vec<usize>)> = Vec::new();
+    for &index in order {
+        let (cell, _) = wire::kernel_job::split_build(&job.cells[index].id);
+        match pairs.iter_mut().find(|(c, _)| *c == cell) {
+            Some((_, indices)) => indices.push(index),
+            None => pairs.push((cell, vec![index])),
+        }
+    }
+    let mut children = Vec::new();
+    for (pair, (_, mut indices)) in pairs.into_iter().enumerate() {
+        // Builds in the job's order, turned by the round and the pair.
+        indices.sort_by_key(|&i| {
+            job.builds
+                .iter()
+                .position(|b| Some(&b.name) == job.cells[i].build.as_ref())
+        });
+        let turn = (round as usize + pair) % indices.len();
+        indices.rotate_left(turn);
+        for index in indices {
+            children.push((agent_of(job, &job.cells[index])?, vec![index]));
+        }
+    }
+    Ok(children)
+}
+
 struct ChildOutcome {
     /// The cell a child that did not exit cleanly was measuring, and why.
     died_in: Option<(usize, String)>,
 }
 
-/// Starts `quantbench-agent measure-round` on the job's cells in `order`
-/// and hands each of its lines to `on_line`.
+/// Which binary a child runs, with which subcommand, under which runner.
+struct Child<'a> {
+    runner: &'a [String],
+    exe: &'a Path,
+    subcommand: &'a str,
+}
+
+/// Starts `<agent> <subcommand>` (`measure-round`, `prepare-cells`) on the
+/// job's cells in `order` and hands each of its lines to `on_line`.
 fn run_child(
+    child: Child,
     out_dir: &Path,
     cores: usize,
     order: &[usize],
     round: u32,
     mut on_line: impl FnMut(ChildLine) -> Result<()>,
 ) -> Result<ChildOutcome> {
-    let exe = std::env::current_exe().context("finding the agent's own binary")?;
     let cells: Vec<String> = order.iter().map(usize::to_string).collect();
-    let mut child = Command::new(&exe)
-        .arg("measure-round")
+    let Child {
+        runner,
+        exe,
+        subcommand,
+    } = child;
+    let mut child = crate::child::command(runner, exe)
+        .arg(subcommand)
         .arg("--job")
         .arg(out_dir.join(JOB_COPY))
         .arg("--out-dir")
@@ -314,12 +626,6 @@ pub const JOB_COPY: &str = "job-rounds.json";
 /// The child: measures one invocation of each listed cell, in order, from
 /// the staged files, and reports each on stdout.
 pub fn measure_round(job: &JobSpec, out_dir: &Path, cells: &[usize], cores: usize) -> Result<()> {
-    let mut stdout = std::io::stdout();
-    let mut say = |line: &ChildLine| -> Result<()> {
-        writeln!(stdout, "{}", serde_json::to_string(line)?)?;
-        stdout.flush()?;
-        Ok(())
-    };
     for &index in cells {
         let cell = job
             .cells

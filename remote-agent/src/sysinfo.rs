@@ -32,7 +32,10 @@ pub fn probe(with_bandwidth: bool) -> BoardProbe {
             .map(|khz| khz / 1000.0),
         temperature_c: thermal.temperature_c,
         read_bandwidth_gbps: with_bandwidth.then(|| crate::bandwidth::read_bandwidth_gbps(cores)),
-        agent_build: agent_build(),
+        agent: wire::probe::AgentIdentity {
+            agent_build: agent_build(),
+            llama_cpp: kernels::llama_source().to_string(),
+        },
     }
 }
 

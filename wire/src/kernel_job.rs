@@ -62,12 +62,17 @@ impl fmt::Display for ThreadCount {
 /// One measurement: a weight format, a shape, a batch and a thread count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cell {
-    /// Stable within a run: `<shape>/<type>/n<batch>/t<threads>`.
+    /// Stable within a run: `<shape>/<type>/n<batch>/t<threads>`, with
+    /// `@<build>` after it in a job that measures several builds (A/B).
     pub id: String,
     pub ty: WeightFormat,
     pub shape: Shape,
     pub batch_tokens: usize,
     pub threads: ThreadCount,
+    /// The build (of the job's `builds`) whose agent prepares and measures
+    /// this cell; `None`: the agent that runs the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 impl Cell {
@@ -85,8 +90,39 @@ impl Cell {
             shape,
             batch_tokens,
             threads,
+            build: None,
         }
     }
+
+    /// This cell as measured by build `name`: its id gains `@<name>`.
+    pub fn for_build(mut self, name: &str) -> Cell {
+        self.id = format!("{}@{name}", self.id);
+        self.build = Some(name.to_string());
+        self
+    }
+}
+
+/// The build a cell id names after `@`, and the id without it.
+pub fn split_build(cell_id: &str) -> (&str, Option<&str>) {
+    match cell_id.rsplit_once('@') {
+        Some((id, build)) => (id, Some(build)),
+        None => (cell_id, None),
+    }
+}
+
+/// An agent build a job measures (A/B, `cargo xtask ab`): the cells that
+/// name it are prepared and measured by its own binary, as separate
+/// processes in the same shuffled rounds as the other build's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobBuild {
+    pub name: String,
+    #[serde(flatten)]
+    pub agent: crate::probe::AgentIdentity,
+    /// Its binary on the board; `None`: where boards keep agents by hash,
+    /// `<agents folder>/<agent_build>/quantbench-agent`, beside the
+    /// running agent's own folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// Fixed memory a cell needs besides its matrices: GGML's thread pool and
@@ -240,6 +276,16 @@ pub struct JobSpec {
     /// `None`: adaptive rounds run until `max_invocations`.
     #[serde(default)]
     pub adaptive_seconds: Option<u64>,
+    /// The builds the cells name (empty: one build, the running agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builds: Vec<JobBuild>,
+    /// The command the board runs the agent under (an emulator such as
+    /// `qemu-aarch64 -cpu cortex-a76`, the board's `runner`): the agent
+    /// starts its child processes under it too (under qemu-user a program
+    /// cannot start another of its architecture directly).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runner: Vec<String>,
+
     pub cells: Vec<Cell>,
 }
 
@@ -255,6 +301,12 @@ pub struct Cooldown {
 pub const ROWS_ALLOWANCE_BYTES: u64 = 4 << 20;
 
 impl JobSpec {
+    /// The build that measures `cell`, when the job names builds.
+    pub fn build_of(&self, cell: &Cell) -> Option<&JobBuild> {
+        let name = cell.build.as_ref()?;
+        self.builds.iter().find(|b| &b.name == name)
+    }
+
     /// The most disk the agent uses at once in its output folder: the
     /// largest cell's staged weights (mmap load mode; one cell's at a time)
     /// plus its rows.

@@ -111,6 +111,12 @@ pub struct ModelJob {
     /// only, no quality to measure.
     #[serde(default)]
     pub synthetic: bool,
+    /// The command the board runs the agent under (an emulator such as
+    /// `qemu-aarch64 -cpu cortex-a76`, the board's `runner`): the agent
+    /// starts its child processes under it too (under qemu-user a program
+    /// cannot start another of its architecture directly).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runner: Vec<String>,
 }
 
 fn default_precision() -> f64 {

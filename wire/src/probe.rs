@@ -24,8 +24,19 @@ pub struct BoardProbe {
     /// Read bandwidth with all cores, best of several sweeps over a buffer
     /// far larger than the caches (GB/s, 1e9 bytes). Absent from a quick probe.
     pub read_bandwidth_gbps: Option<f64>,
+    /// SHA-256 prefix of the agent binary and the llama.cpp it contains.
+    #[serde(flatten)]
+    pub agent: AgentIdentity,
+}
+
+/// What an agent binary is: its hash and the llama.cpp built into it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentIdentity {
     /// SHA-256 prefix of the agent binary.
     pub agent_build: String,
+    /// `kernels::llama_source()`: `vendored` or the build's source label.
+    #[serde(default)]
+    pub llama_cpp: String,
 }
 
 /// Readings taken before and after each cell (thermal throttling shows here).

@@ -28,6 +28,11 @@ pub struct KernelRow {
     pub emulated: bool,
     /// SHA-256 prefix of the agent binary that measured this row.
     pub agent_build: String,
+    /// The llama.cpp that binary contains, as it names itself
+    /// (`vendored`, `crate:0.1.140 tree ...`, `path:...`); empty in rows
+    /// from before builds were an axis.
+    #[serde(default)]
+    pub llama_cpp: String,
     pub git_commit: String,
     pub cell_id: String,
     pub status: CellStatus,
@@ -223,7 +228,7 @@ impl KernelRow {
         job: &crate::kernel_job::JobSpec,
         cell: &crate::kernel_job::Cell,
         threads: usize,
-        agent_build: &str,
+        agent: &crate::probe::AgentIdentity,
         status: CellStatus,
         note: String,
     ) -> KernelRow {
@@ -231,7 +236,8 @@ impl KernelRow {
             run_id: job.run_id.clone(),
             board: job.board.clone(),
             emulated: job.emulated,
-            agent_build: agent_build.to_string(),
+            agent_build: agent.agent_build.clone(),
+            llama_cpp: agent.llama_cpp.clone(),
             git_commit: job.git_commit.clone(),
             cell_id: cell.id.clone(),
             status,
@@ -334,6 +340,10 @@ pub struct InvocationRow {
     pub throttled: Option<bool>,
     pub thermal_noisy: bool,
     pub finished_at: String,
+    /// The process that measured it (each invocation is its own; in an A/B
+    /// job each build's are its own binary's); 0 in older files.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// One row of `models.csv`: a model x recipe x threads x test (pp or tg).
@@ -344,6 +354,9 @@ pub struct ModelRow {
     pub board: String,
     pub emulated: bool,
     pub agent_build: String,
+    /// The llama.cpp the agent contains, as in `KernelRow`.
+    #[serde(default)]
+    pub llama_cpp: String,
     pub git_commit: String,
     pub status: CellStatus,
     pub note: String,
@@ -430,12 +443,18 @@ impl ModelRow {
     }
 
     /// A row for a recipe that produced no measurement, with the reason.
-    pub fn failed(job: &ModelJob, recipe: &RecipeFile, agent_build: &str, note: &str) -> ModelRow {
+    pub fn failed(
+        job: &ModelJob,
+        recipe: &RecipeFile,
+        agent: &crate::probe::AgentIdentity,
+        note: &str,
+    ) -> ModelRow {
         ModelRow {
             run_id: job.run_id.clone(),
             board: job.board.clone(),
             emulated: job.emulated,
-            agent_build: agent_build.to_string(),
+            agent_build: agent.agent_build.clone(),
+            llama_cpp: agent.llama_cpp.clone(),
             git_commit: job.git_commit.clone(),
             status: CellStatus::Failed,
             note: note.to_string(),
@@ -480,6 +499,7 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         board: "local".into(),
         emulated: false,
         agent_build: "0123456789ab".into(),
+        llama_cpp: "vendored".into(),
         git_commit: "abc1234".into(),
         cell_id: cell_id.into(),
         status: CellStatus::Ok,
@@ -608,6 +628,7 @@ mod tests {
             throttled: None,
             thermal_noisy: false,
             finished_at: "t".into(),
+            pid: 4242,
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(crate::files::INVOCATIONS_FILE);
@@ -640,7 +661,15 @@ mod tests {
             "generate_tokens":1,"n_prompt":1,"n_gen":1,"repetitions":1}"#,
         )
         .unwrap();
-        let row = ModelRow::failed(&job, &job.base, "h", "n");
+        let row = ModelRow::failed(
+            &job,
+            &job.base,
+            &crate::probe::AgentIdentity {
+                agent_build: "h".into(),
+                llama_cpp: "vendored".into(),
+            },
+            "n",
+        );
         CsvAppender::open(&path).unwrap().append(&row).unwrap();
         let back: Vec<ModelRow> = read_csv(&path).unwrap();
         assert_eq!(back, vec![row]);

@@ -78,42 +78,84 @@ enum ImportSource {
     },
 }
 
+/// Where and what to measure: the arguments `bench`, `ab` and `bisect`
+/// share.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where to measure: `local` (this machine), a board or group from the
+    /// config, an ~/.ssh/config alias, user@host:port, `labgrid:<place>`
+    /// (a place of a labgrid farm, taken for the run and released after;
+    /// coordinator from the config or LG_COORDINATOR), or a comma list.
+    /// Without it: one emulated Pi 5 on this machine (board sim1).
+    #[arg(long)]
+    target: Option<String>,
+    /// Matrices from the config, kernel or model, one name or a comma
+    /// list run into one run directory (`quick`, `smoke,model-quick`, ...).
+    #[arg(long, default_value = "quick")]
+    matrix: String,
+    /// The matrix config file.
+    #[arg(long, default_value = "bench.toml")]
+    config: PathBuf,
+    /// Parent folder of run directories.
+    #[arg(long, default_value = "results")]
+    results: PathBuf,
+    /// Cross-build with `cargo` (Debian's aarch64 gcc, the default) or
+    /// `cross` (cross-rs; needs Docker or Podman).
+    #[arg(long, default_value = "cargo")]
+    builder: String,
+    /// Trust a board's unknown SSH host key for this run (a changed key is
+    /// always refused).
+    #[arg(long)]
+    accept_new_host_key: bool,
+    /// Seconds to wait for a board that another run (another host, a
+    /// colleague, last night's agent still going) is measuring on, or a
+    /// labgrid place someone else holds, before failing that board with
+    /// who holds it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    lock_wait: u64,
+    /// Bound the whole run's time, e.g. `45m`, `2h`, `1h30m`. Kernel
+    /// cells whose time is not yet known to the matrix's `precision`
+    /// (default +-2%) after their invocations get more, a round at a
+    /// time (up to 3x, or the matrix's `max_invocations`), while the
+    /// budget lasts; a budget too small for the matrix's invocations
+    /// lowers them, one too small for one invocation of every cell is
+    /// refused. Each job's `deadline_seconds` still stops a hung board.
+    #[arg(long, value_name = "DURATION")]
+    budget: Option<String>,
+}
+
+impl RunArgs {
+    /// The session these arguments ask for, with `build` (and `versus`).
+    fn options(&self, build: &str, versus: Vec<String>) -> Result<SessionOptions> {
+        Ok(SessionOptions {
+            config_path: self.config.clone(),
+            matrix: self.matrix.clone(),
+            target: self.target.clone(),
+            results_root: self.results.clone(),
+            builder: parse_builder(&self.builder)?,
+            accept_new_host_key: self.accept_new_host_key,
+            board_lock_wait: std::time::Duration::from_secs(self.lock_wait),
+            resume: None,
+            budget: self
+                .budget
+                .as_deref()
+                .map(harness::budget::parse_duration)
+                .transpose()?,
+            build: build.to_string(),
+            versus,
+            defined_builds: Default::default(),
+            only_cells: Vec::new(),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Build the agent, run kernel and/or model matrices on a target, write
     /// CSVs, run.json, plots and a summary into one run directory.
     Bench {
-        /// Where to measure: `local` (this machine), a board or group from the
-        /// config, an ~/.ssh/config alias, user@host:port, `labgrid:<place>`
-        /// (a place of a labgrid farm, taken for the run and released after;
-        /// coordinator from the config or LG_COORDINATOR), or a comma list.
-        /// Without it: one emulated Pi 5 on this machine (board sim1).
-        #[arg(long)]
-        target: Option<String>,
-        /// Matrices from the config, kernel or model, one name or a comma
-        /// list run into one run directory (`quick`, `smoke,model-quick`, ...).
-        #[arg(long, default_value = "quick")]
-        matrix: String,
-        /// The matrix config file.
-        #[arg(long, default_value = "bench.toml")]
-        config: PathBuf,
-        /// Parent folder of run directories.
-        #[arg(long, default_value = "results")]
-        results: PathBuf,
-        /// Cross-build with `cargo` (Debian's aarch64 gcc, the default) or
-        /// `cross` (cross-rs; needs Docker or Podman).
-        #[arg(long, default_value = "cargo")]
-        builder: String,
-        /// Trust a board's unknown SSH host key for this run (a changed key is
-        /// always refused).
-        #[arg(long)]
-        accept_new_host_key: bool,
-        /// Seconds to wait for a board that another run (another host, a
-        /// colleague, last night's agent still going) is measuring on, or a
-        /// labgrid place someone else holds, before failing that board with
-        /// who holds it.
-        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
-        lock_wait: u64,
+        #[command(flatten)]
+        run: RunArgs,
         /// Pick up an interrupted run instead of starting one: a run
         /// directory, a run id under --results, or `latest`. Agents still
         /// running on boards are followed, finished ones collected, jobs
@@ -122,15 +164,14 @@ enum Command {
         /// run.json; the agents must be the same builds (same commit).
         #[arg(long, value_name = "RUN", conflicts_with_all = ["target", "matrix"])]
         resume: Option<String>,
-        /// Bound the whole run's time, e.g. `45m`, `2h`, `1h30m`. Kernel
-        /// cells whose time is not yet known to the matrix's `precision`
-        /// (default +-2%) after their invocations get more, a round at a
-        /// time (up to 3x, or the matrix's `max_invocations`), while the
-        /// budget lasts; a budget too small for the matrix's invocations
-        /// lowers them, one too small for one invocation of every cell is
-        /// refused. Each job's `deadline_seconds` still stops a hung board.
-        #[arg(long, value_name = "DURATION")]
-        budget: Option<String>,
+        /// Which llama.cpp the agents are built from: `default` (the pinned
+        /// llama-cpp-sys-2's own copy), a `[builds.<name>]` of the config
+        /// (source, patches, CMake options), or a source written directly:
+        /// `crate:0.1.140` (another llama-cpp-sys-2 version's copy, fetched
+        /// by cargo) or `path:../llama.cpp` / `path:../llama.cpp@<git rev>`
+        /// (a local checkout). Recorded in run.json and every row.
+        #[arg(long, default_value = "default", conflicts_with = "resume")]
+        build: String,
     },
     /// What quantbench keeps on boards: `board clean <target>` prunes old
     /// run folders, agent builds and unused models (also done after every
@@ -185,13 +226,86 @@ enum Command {
         /// `cargo` (default, Debian's cross gcc) or `cross` (needs a container engine).
         #[arg(long, default_value = "cargo")]
         builder: String,
+        /// Which llama.cpp: `default`, a `[builds.<name>]` of the config, or
+        /// a source (`crate:0.1.140`, `path:../llama.cpp@<rev>`); see `bench --build`.
+        #[arg(long, default_value = "default")]
+        build: String,
+        /// The config file holding `[builds]`.
+        #[arg(long, default_value = "bench.toml")]
+        config: PathBuf,
+    },
+    /// A/B of two builds in one session: both agents measure every cell of
+    /// the kernel matrices in the same shuffled rounds (each as its own
+    /// processes) on every board of the target, then the verdict table of
+    /// <new> against <base> is printed, with the statistics of `compare`.
+    /// A build is `default`, a `[builds.<name>]` of the config, or a source
+    /// (`crate:0.1.140`, `path:../llama.cpp@<rev>`); see `bench --build`.
+    /// The run directory keeps both (`compare <run>@<base> <run>@<new>`).
+    Ab {
+        /// The baseline build.
+        base: String,
+        /// The build judged against it.
+        new: String,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Output: `table`, `md`, `json` or `junit`.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Smallest relative change of the median that counts (0.05 = 5%).
+        #[arg(long, default_value_t = 0.05)]
+        threshold: f64,
+        /// False discovery rate over all judged cells (Benjamini-Hochberg).
+        #[arg(long, default_value_t = 0.05)]
+        fdr: f64,
+        /// Judge against the threshold alone, without the boards' noise
+        /// floors (results/noise/<board>.json).
+        #[arg(long)]
+        no_noise_floors: bool,
+        /// Exit with status 1 when any cell regressed.
+        #[arg(long)]
+        fail_on_regression: bool,
+        /// When no cell regressed (and every board finished), write <new>'s
+        /// source pinned to its exact tree (`path:<checkout>@<commit>`) to
+        /// this file: the nightly's accepted build, tomorrow's base.
+        #[arg(long, value_name = "FILE")]
+        accept_to: Option<PathBuf>,
+    },
+    /// Find the commit of a llama.cpp checkout that made a kernel cell
+    /// slower: builds the midpoints of --good..--bad (first-parent history)
+    /// and measures each against its nearest known-good and known-bad
+    /// commits in one A/B session on the target, measuring again while a
+    /// step is undecided; prints the first bad commit with each step's
+    /// evidence, or that the range is not monotonic. Every revision builds
+    /// in the same folders, so a step is an incremental GGML build; each
+    /// step's run is in --results and the history.
+    Bisect {
+        /// The llama.cpp checkout (a git repository).
+        #[arg(long)]
+        llama: PathBuf,
+        /// A revision where the cell was fast.
+        #[arg(long)]
+        good: String,
+        /// A later revision where it is slow.
+        #[arg(long)]
+        bad: String,
+        /// The kernel cell, as its id in kernels.csv
+        /// (`<shape>/<type>/n<batch>/t<threads>`), of the kernel --matrix
+        /// (whose timing settings each step uses; --budget bounds each step).
+        #[arg(long)]
+        cell: String,
+        /// Sessions a step may take before it is called inconclusive.
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Compare two runs cell by cell: did the new one get slower or worse?
     /// Each side is a run directory, `latest`, `previous`, or a commit prefix.
     Compare {
-        /// The baseline run.
+        /// The baseline run; `<run>@<build>` is one build's side of an A/B
+        /// run (`cargo xtask ab`), e.g. `latest@base latest@new`.
         base: String,
-        /// The run to judge against it.
+        /// The run to judge against it (`<run>@<build>` likewise).
         new: String,
         /// Output: `table` (terminal), `md`, `json` or `junit` (JUnit XML).
         #[arg(long, default_value = "table")]
@@ -310,6 +424,11 @@ enum Command {
         /// many days are removed, unless the config names the model.
         #[arg(long, default_value_t = 30)]
         models_unused_days: u64,
+        /// Builds of other llama.cpp sources (target/llama-sources,
+        /// target/builds) and kept agents (target/agents) unused for this
+        /// many days are removed.
+        #[arg(long, default_value_t = 14)]
+        builds_unused_days: u64,
         /// Say what would be removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -364,37 +483,17 @@ fn main() -> ExitCode {
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Bench {
-            target,
-            matrix,
-            config,
-            results,
-            builder,
-            accept_new_host_key,
-            lock_wait,
-            resume,
-            budget,
-        } => {
-            let budget = budget
-                .as_deref()
-                .map(harness::budget::parse_duration)
-                .transpose()?;
+        Command::Bench { run, resume, build } => {
             let report = run_bench(&SessionOptions {
-                config_path: config,
-                matrix: matrix.clone(),
-                target: target.clone(),
-                results_root: results,
-                builder: parse_builder(&builder)?,
-                accept_new_host_key,
-                board_lock_wait: std::time::Duration::from_secs(lock_wait),
                 resume: resume.clone(),
-                budget,
+                ..run.options(&build, Vec::new())?
             })
             .with_context(|| match &resume {
-                Some(run) => format!("resuming run `{run}`"),
+                Some(resumed) => format!("resuming run `{resumed}`"),
                 None => format!(
-                    "bench of `{matrix}` on `{}`",
-                    target.as_deref().unwrap_or("the default emulated Pi 5")
+                    "bench of `{}` on `{}`",
+                    run.matrix,
+                    run.target.as_deref().unwrap_or("the default emulated Pi 5")
                 ),
             })?;
             println!("{}", report.rendered.tables);
@@ -523,7 +622,10 @@ fn run() -> Result<ExitCode> {
             let out = out.unwrap_or_else(|| PathBuf::from(model.file_name()));
             harness::setup::ensure(&[harness::setup::Need::HostBuild])?;
             let workspace = harness::build::workspace_root();
-            let agent = harness::build::build_host_agent(&workspace)?;
+            let agent = harness::build::build_host_agent(
+                &workspace,
+                &harness::llama_source::vendored(&workspace)?,
+            )?;
             let made = harness::synthetic::make(&agent, &workspace, &model, Some(&out))?;
             println!(
                 "{}: synthetic {} ({} layers, {:.3} G parameters, {}) {:.2} GB in {:.1} s, peak memory {:.2} GB",
@@ -538,7 +640,12 @@ fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::BuildAgent { profile, builder } => {
+        Command::BuildAgent {
+            profile,
+            builder,
+            build,
+            config,
+        } => {
             let profile = harness::build::BoardProfile::from_name(&profile).with_context(|| {
                 format!("unknown board profile `{profile}` (known: pi5, pi4, generic-aarch64)")
             })?;
@@ -547,12 +654,10 @@ fn run() -> Result<ExitCode> {
                 harness::setup::Need::HostBuild,
                 harness::setup::Need::CrossBuild,
             ])?;
+            let workspace = harness::build::workspace_root();
+            let source = prepared_build(&workspace, &config, &build)?;
             let started = std::time::Instant::now();
-            let agent = harness::build::build_board_agent(
-                &harness::build::workspace_root(),
-                profile,
-                builder,
-            )?;
+            let agent = harness::build::build_board_agent(&workspace, profile, builder, &source)?;
             let facts = harness::build::inspect_aarch64_binary(&agent.path)?;
             println!(
                 "{} ({}, {}): {:.1} s; {}; {} sdot instructions",
@@ -568,6 +673,143 @@ fn run() -> Result<ExitCode> {
                 facts.sdot_count
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Ab {
+            base,
+            new,
+            run: run_args,
+            format,
+            threshold,
+            fdr,
+            no_noise_floors,
+            fail_on_regression,
+            accept_to,
+        } => {
+            if !["table", "md", "json", "junit"].contains(&format.as_str()) {
+                anyhow::bail!("unknown --format `{format}` (known: table, md, json, junit)");
+            }
+            anyhow::ensure!(
+                base != new,
+                "`ab {base} {new}`: name two different builds (to measure a build against itself, define it twice under [builds] with different names)"
+            );
+            let report =
+                run_bench(&run_args.options(&base, vec![new.clone()])?).with_context(|| {
+                    format!("A/B of `{new}` against `{base}` on `{}`", run_args.matrix)
+                })?;
+            let results = run_args.results.clone();
+            let run = harness::run_dir::RunData::load(&report.run_dir)?;
+            // The names the run gave them (a source written here is `base`
+            // or `new` in cell ids).
+            let measured = run.measured_builds();
+            anyhow::ensure!(
+                measured.len() == 2,
+                "the A/B run {} measured builds {measured:?}, not two: see its summary",
+                report.run_dir.display()
+            );
+            let base_side = run.build_side(&measured[0])?;
+            let new_side = run.build_side(&measured[1])?;
+            let mut settings = harness::compare::CompareSettings {
+                threshold,
+                fdr,
+                ..Default::default()
+            };
+            if !no_noise_floors {
+                let (floors, notes) = harness::noise::floors_for(&results, None, &new_side);
+                for note in notes {
+                    eprintln!("{note}");
+                }
+                settings.noise_floors = floors;
+            }
+            let mut comparison = harness::compare::compare(&base_side, &new_side, &settings)?;
+            comparison.confirmation.rule = format!(
+                "A/B in one session: both builds measured in the same shuffled rounds on the same boards ({}); compare {}@{} {}@{} judges it again",
+                report.run_dir.display(),
+                report.run_dir.display(),
+                measured[0],
+                report.run_dir.display(),
+                measured[1]
+            );
+            print_comparison(&comparison, &format)?;
+            if !report.all_succeeded() {
+                eprintln!("some boards failed; their rows are missing from the verdict");
+            }
+            if let Some(file) = &accept_to {
+                let identity = run
+                    .manifest
+                    .versions
+                    .agent_builds
+                    .iter()
+                    .find(|b| b.build == measured[1])
+                    .and_then(|b| b.llama_cpp.clone());
+                if comparison.any_regression() || !report.all_succeeded() {
+                    eprintln!(
+                        "not accepted: {} stays the accepted build ({})",
+                        base,
+                        file.display()
+                    );
+                } else if let Some(pinned) = identity.as_ref().and_then(|i| i.pinned()) {
+                    let temp = file.with_extension("tmp");
+                    std::fs::write(&temp, format!("{pinned}\n"))
+                        .and_then(|()| std::fs::rename(&temp, file))
+                        .with_context(|| {
+                            format!("writing the accepted build to {}", file.display())
+                        })?;
+                    eprintln!(
+                        "accepted: {pinned} is now the accepted build ({})",
+                        file.display()
+                    );
+                } else {
+                    anyhow::bail!(
+                        "`{new}` cannot be accepted into {}: its source does not name one tree (patches, CMake options or a working tree with uncommitted changes); accept a checkout at a commit",
+                        file.display()
+                    );
+                }
+            }
+            Ok(
+                if (fail_on_regression && comparison.any_regression()) || !report.all_succeeded() {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
+        }
+        Command::Bisect {
+            llama,
+            good,
+            bad,
+            cell,
+            attempts,
+            run,
+        } => {
+            let matrix = &run.matrix;
+            let loaded = harness::config::BenchConfig::load(&run.config)?;
+            let spec = loaded.matrix(matrix)?;
+            let cells = spec
+                .expand(&loaded.catalog())
+                .with_context(|| format!("expanding matrix `{matrix}`"))?;
+            if !cells.iter().any(|c| c.id == cell) {
+                let known: Vec<&str> = cells.iter().map(|c| c.id.as_str()).take(12).collect();
+                anyhow::bail!(
+                    "matrix `{matrix}` has no cell `{cell}` (its cells include: {}); give --matrix the matrix that holds it",
+                    known.join(", ")
+                );
+            }
+            let report = harness::bisect::bisect(&harness::bisect::BisectOptions {
+                session: run.options("default", Vec::new())?,
+                checkout: llama,
+                good,
+                bad,
+                cell: cell.clone(),
+                attempts,
+            })?;
+            for line in report.step_lines() {
+                println!("{line}");
+            }
+            println!("{}", report.verdict_line(&cell));
+            Ok(match report.outcome {
+                harness::bisect::Outcome::FirstBad(_) => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            })
         }
         Command::Compare {
             base,
@@ -591,8 +833,13 @@ fn run() -> Result<ExitCode> {
             let (history, _) = harness::history::History::open(&results)
                 .with_context(|| format!("reading the history of {}", results.display()))?;
             let load = |reference: &str| -> Result<harness::run_dir::RunData> {
-                let dir = history.resolve(reference)?;
-                Ok(harness::run_dir::RunData::load(&dir)?)
+                // `<run>@<build>`: one build's side of an A/B run.
+                let (run, build) = match reference.rsplit_once('@') {
+                    Some((run, build)) if !build.is_empty() => (run, Some(build)),
+                    _ => (reference, None),
+                };
+                let dir = history.resolve(run)?;
+                Ok(harness::run_dir::RunData::load_side(&dir, build)?)
             };
             let base_run = load(&base)?;
             let new_run = load(&new)?;
@@ -620,30 +867,7 @@ fn run() -> Result<ExitCode> {
                 &settings,
                 &harness::persistence::ConfirmAgainst::parse(&confirm_against),
             )?;
-            let text = match format.as_str() {
-                "md" => comparison.to_markdown(),
-                "json" => comparison.to_json(),
-                "junit" => comparison.to_junit(),
-                _ => comparison.to_table(),
-            };
-            println!("{text}");
-            if format != "table" {
-                eprintln!("{}", comparison.verdict_line());
-            }
-            if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY") {
-                use std::io::Write;
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&summary)
-                    .and_then(|mut f| f.write_all(comparison.to_markdown().as_bytes()))
-                    .with_context(|| {
-                        format!(
-                            "appending to $GITHUB_STEP_SUMMARY ({})",
-                            summary.to_string_lossy()
-                        )
-                    })?;
-            }
+            print_comparison(&comparison, &format)?;
             let failed = (fail_on_suspect && comparison.any_regression())
                 || (fail_on_regression && comparison.confirmed_count() > 0);
             Ok(if failed {
@@ -678,6 +902,10 @@ fn run() -> Result<ExitCode> {
                 board_lock_wait: std::time::Duration::from_secs(lock_wait),
                 resume: None,
                 budget: None,
+                build: "default".into(),
+                versus: Vec::new(),
+                defined_builds: Default::default(),
+                only_cells: Vec::new(),
             };
             let mut runs = Vec::new();
             for i in 0..2 * pairs {
@@ -731,6 +959,7 @@ fn run() -> Result<ExitCode> {
             keep_runs,
             keep_days,
             models_unused_days,
+            builds_unused_days,
             dry_run,
         } => {
             // A config that cannot be read protects no model's cache.
@@ -741,6 +970,7 @@ fn run() -> Result<ExitCode> {
                 keep_runs,
                 keep_days,
                 models_unused_days,
+                builds_unused_days,
                 dry_run,
             };
             let done = harness::retention::prune(
@@ -750,7 +980,12 @@ fn run() -> Result<ExitCode> {
                 &policy,
             )?;
             let verb = if dry_run { "would remove" } else { "removed" };
-            for dir in done.removed_runs.iter().chain(&done.removed_models) {
+            for dir in done
+                .removed_runs
+                .iter()
+                .chain(&done.removed_models)
+                .chain(&done.removed_builds)
+            {
                 println!("{verb} {}", dir.display());
             }
             for (run, why) in &done.kept_runs {
@@ -818,6 +1053,65 @@ fn ensure_browser() {
     if let Err(e) = harness::setup::ensure(&[harness::setup::Need::Browser]) {
         eprintln!("setup: no headless browser ({e}); the report's browser test will be skipped");
     }
+}
+
+/// Prints a comparison in `format` (table, md, json, junit), the verdict
+/// line on stderr for the machine formats, and appends the markdown to a
+/// GitHub Actions step summary when there is one.
+fn print_comparison(comparison: &harness::compare::Comparison, format: &str) -> Result<()> {
+    let text = match format {
+        "md" => comparison.to_markdown(),
+        "json" => comparison.to_json(),
+        "junit" => comparison.to_junit(),
+        _ => comparison.to_table(),
+    };
+    println!("{text}");
+    if format != "table" {
+        eprintln!("{}", comparison.verdict_line());
+    }
+    if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY") {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&summary)
+            .and_then(|mut f| f.write_all(comparison.to_markdown().as_bytes()))
+            .with_context(|| {
+                format!(
+                    "appending to $GITHUB_STEP_SUMMARY ({})",
+                    summary.to_string_lossy()
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// The build `--build` names, prepared for cargo (a build that is not
+/// `default` needs the config only when it names one of its `[builds]`).
+fn prepared_build(
+    workspace: &std::path::Path,
+    config: &std::path::Path,
+    build: &str,
+) -> Result<harness::llama_source::PreparedSource> {
+    let config = if config.exists() || build != "default" {
+        harness::config::BenchConfig::load(config)?
+    } else {
+        harness::config::BenchConfig::parse("", config)?
+    };
+    let (name, spec) = config.build(build)?;
+    let base = config
+        .source
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let source = harness::llama_source::prepare(workspace, &name, &spec, &base)?;
+    println!(
+        "build `{name}`: llama.cpp {}{}",
+        source.identity.label(),
+        harness::session::lacks_note(&source)
+    );
+    Ok(source)
 }
 
 fn parse_builder(name: &str) -> Result<harness::build::Builder> {

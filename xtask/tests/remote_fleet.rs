@@ -5,7 +5,7 @@
 
 mod common;
 use common::fleet::*;
-use common::{only_run_dir, text};
+use common::{only_run_dir, text, xtask};
 
 use harness::build::{
     build_board_agent, inspect_aarch64_binary, workspace_root, BoardProfile, Builder,
@@ -90,7 +90,13 @@ fn two_emulated_boards_at_once_then_second_run_uploads_nothing() {
 
 #[test]
 fn pi5_agent_is_fully_static_and_uses_dot_product_instructions() {
-    let agent = build_board_agent(&workspace_root(), BoardProfile::Pi5, Builder::Cargo).unwrap();
+    let agent = build_board_agent(
+        &workspace_root(),
+        BoardProfile::Pi5,
+        Builder::Cargo,
+        &harness::llama_source::vendored(&workspace_root()).unwrap(),
+    )
+    .unwrap();
     let facts = inspect_aarch64_binary(&agent.path).unwrap();
     assert!(
         facts.needed.is_empty(),
@@ -696,6 +702,66 @@ fn codebook_formats_run_on_an_emulated_board_with_the_neon_kernel_beside_ggml_ty
     );
 }
 
+/// Two llama.cpp sources on one board: both agents deployed side by side
+/// (the running one finds the other by its hash), each build's cells
+/// measured by its own binary, a verdict for every cell.
+#[test]
+fn ab_of_two_llama_cpp_sources_on_an_emulated_board_measures_each_with_its_own_agent() {
+    let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir(&[]);
+    let out = xtask(
+        dir.path(),
+        &[
+            "ab",
+            "default",
+            "crate:0.1.140",
+            "--target",
+            "sim1",
+            "--matrix",
+            "micro",
+            "--no-noise-floors",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("llama.cpp: base llama-cpp-sys-2 0.1.161")
+            && stdout.contains("-> new crate:0.1.140 tree "),
+        "{}",
+        text(&out)
+    );
+    let rows: Vec<KernelRow> = read_csv(&only_run_dir(dir.path()).join("kernels.csv")).unwrap();
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    let side = |build: &str| -> Vec<&KernelRow> {
+        rows.iter()
+            .filter(|r| r.cell_id.ends_with(&format!("@{build}")))
+            .collect()
+    };
+    let (base, new) = (side("default"), side("new"));
+    assert_eq!((base.len(), new.len()), (3, 3), "{rows:?}");
+    assert!(base.iter().all(|r| r.llama_cpp == "vendored"), "{base:?}");
+    assert!(
+        new.iter()
+            .all(|r| r.llama_cpp.starts_with("crate:0.1.140 tree ")),
+        "{new:?}"
+    );
+    assert_ne!(base[0].agent_build, new[0].agent_build);
+    for (b, n) in base.iter().zip(&new) {
+        assert_eq!(b.status, n.status, "{b:?} {n:?}");
+    }
+    assert!(base.iter().any(|r| r.status == CellStatus::Ok));
+    // A verdict line for every cell of the matrix.
+    for cell in ["F32", "Q4_0", "Q4_K"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(&format!("gemma3-1b.attn_kv/{cell}/n1/t1"))),
+            "{cell}: {}",
+            text(&out)
+        );
+    }
+}
+
 #[test]
 fn model_matrix_runs_on_an_emulated_board() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
@@ -911,7 +977,11 @@ fn a_second_run_on_a_busy_board_fails_naming_the_holder_or_waits_its_turn() {
     ));
     std::fs::write(dir.path().join("bench.toml"), config).unwrap();
     // The host agent that quantizes recipes, built before the holder starts.
-    harness::build::build_host_agent(&workspace_root()).expect("the host agent builds");
+    harness::build::build_host_agent(
+        &workspace_root(),
+        &harness::llama_source::vendored(&workspace_root()).unwrap(),
+    )
+    .expect("the host agent builds");
     let slow = start_slow_run(dir.path(), "busy", &work_dir, 1);
     // The impatient run prepares what the patient one needs (quantizing
     // its recipe into the host's cache), so the patient one reaches the

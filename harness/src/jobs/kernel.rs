@@ -65,6 +65,7 @@ impl JobKind for KernelMatrix {
         // memory, so a shape too large becomes one `unsupported` row.
         if let ResolvedBoard::Remote(remote) = &board.board {
             job.memory_limit_bytes = remote.max_memory_bytes;
+            job.runner = remote.runner.clone();
         }
         // With a budget, imprecise cells may get up to three times their
         // invocations (the budget bounds the time they take).
@@ -74,6 +75,11 @@ impl JobKind for KernelMatrix {
         {
             job.timing.max_invocations = 3 * job.timing.invocations;
         }
+        if !session.options.only_cells.is_empty() {
+            job.cells
+                .retain(|c| session.options.only_cells.contains(&c.id));
+        }
+        let agents = measure_builds(&mut job, session, board)?;
         let deadline = self.job_deadline(&job);
         Ok(vec![PlannedJob {
             kind_index: 0,
@@ -86,6 +92,7 @@ impl JobKind for KernelMatrix {
             disk_bytes: job.disk_need_bytes(),
             outputs: &[KERNEL_ROWS_FILE, SAMPLES_FILE, INVOCATIONS_FILE],
             deadline,
+            agents,
         }])
     }
 
@@ -235,6 +242,53 @@ fn finished_cells(job: &JobSpec, job_dir: &Path) -> Result<HashSet<String>, Resu
         .collect())
 }
 
+/// An A/B session (`ab <base> <new>`): every cell once per build, the
+/// cell of each build beside the other's (`<cell>@<build>`), each build's
+/// agent named in the job so the agent runs its cells with it in the same
+/// shuffled rounds. Returns the agents the board needs besides its own.
+fn measure_builds(
+    job: &mut JobSpec,
+    session: &Session,
+    board: &BoardSlot,
+) -> Result<Vec<crate::build::AgentBuild>, JobError> {
+    if session.versus().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut agents = Vec::new();
+    for build in &session.under_test {
+        let agent = build.agent_for(&board.board).ok_or_else(|| {
+            JobError::MissingHostAgent(format!(
+                "build `{}` has no agent for board {}",
+                build.name(),
+                board.name
+            ))
+        })?;
+        job.builds.push(wire::kernel_job::JobBuild {
+            name: build.name().to_string(),
+            agent: wire::probe::AgentIdentity {
+                agent_build: agent.hash.clone(),
+                llama_cpp: build.source.agent_label(),
+            },
+            // A remote board keeps agents by hash beside each other; on
+            // this machine each build's binary is in its own target folder.
+            path: matches!(board.board, ResolvedBoard::Local)
+                .then(|| agent.path.display().to_string()),
+        });
+        agents.push(agent.clone());
+    }
+    agents.remove(0);
+    job.cells = std::mem::take(&mut job.cells)
+        .into_iter()
+        .flat_map(|cell| {
+            session
+                .under_test
+                .iter()
+                .map(move |b| cell.clone().for_build(b.name()))
+        })
+        .collect();
+    Ok(agents)
+}
+
 /// Adds a `failed` row for each cell the agent did not finish: the cell it
 /// died in gets the reason, later ones say they were not reached. Returns
 /// every row of the job's file.
@@ -252,7 +306,7 @@ pub fn complete_rows(
     }
     let probe: Option<BoardProbe> = read_json(&job_dir.join(PROBE_FILE)).ok();
     let cores = probe.as_ref().map(|p| p.cores).unwrap_or(0);
-    let build = probe.map(|p| p.agent_build).unwrap_or_default();
+    let agent = probe.map(|p| p.agent).unwrap_or_default();
     let reason = failure.map(|f| f.reason.as_str());
     let died_in = failure.and_then(|f| f.died_in.as_deref());
     let mut appender = CsvAppender::open(&path)?;
@@ -272,7 +326,7 @@ pub fn complete_rows(
             job,
             cell,
             cell.threads.resolve(cores),
-            &build,
+            job.build_of(cell).map_or(&agent, |b| &b.agent),
             CellStatus::Failed,
             note,
         );
@@ -296,8 +350,14 @@ mod tests {
         .unwrap();
         let job = job_for_board(&config, "m", "r", "b", false, "c").unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut finished =
-            KernelRow::unmeasured(&job, &job.cells[0], 2, "h", CellStatus::Ok, String::new());
+        let mut finished = KernelRow::unmeasured(
+            &job,
+            &job.cells[0],
+            2,
+            &Default::default(),
+            CellStatus::Ok,
+            String::new(),
+        );
         finished.median_ns = Some(1.0);
         CsvAppender::open(&dir.path().join(KERNEL_ROWS_FILE))
             .unwrap()

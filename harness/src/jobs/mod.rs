@@ -60,6 +60,9 @@ pub struct PlannedJob {
     /// unfinished units become `failed` rows (a hung board must not hold the
     /// run forever).
     pub deadline: std::time::Duration,
+    /// Other builds' agents the job runs besides the board's own (an A/B
+    /// kernel job measures both builds in the same rounds): deployed first.
+    pub agents: Vec<crate::build::AgentBuild>,
 }
 
 impl PlannedJob {

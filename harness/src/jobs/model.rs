@@ -209,7 +209,7 @@ impl JobKind for ModelMatrix {
 
     /// Quantization always happens on the host, whatever the target.
     fn prepare(&mut self, session: &Session) -> Result<(), JobError> {
-        let agent = session.host_agent.as_ref().ok_or_else(|| {
+        let agent = session.base().host_agent.as_ref().ok_or_else(|| {
             JobError::MissingHostAgent("the model matrix needs the host agent to quantize".into())
         })?;
         let spec = &self.spec;
@@ -234,7 +234,7 @@ impl JobKind for ModelMatrix {
             };
             let synthetic = synthetic_layers.is_some();
             let model = &model;
-            let cache = RecipeCache::open(&session.workspace, model)?;
+            let cache = RecipeCache::open(&session.workspace, model, &session.base().source)?;
             let mut recipes = Vec::new();
             let mut importance = None;
             let mut calibrations = Vec::new();
@@ -244,6 +244,14 @@ impl JobKind for ModelMatrix {
                     matrix: self.name.clone(),
                     message,
                 })?;
+                if let Some(missing) = switched_off(&parsed, &session.base().source) {
+                    eprintln!(
+                        "{recipe}: switched off for build `{}` (llama.cpp {} has no {missing})",
+                        session.base().source.name,
+                        session.base().source.identity.source
+                    );
+                    continue;
+                }
                 if parsed.is_calibrated() && self.calibration == self.text {
                     eprintln!(
                         "warning: {recipe} is calibrated on {}, the text it is judged on: its quality figures flatter it. Set `calibration` in model matrix `{}` to another text",
@@ -389,6 +397,10 @@ impl JobKind for ModelMatrix {
                     .filter(|_| !model.synthetic)
                     .map(|p| p.display().to_string()),
                 synthetic: model.synthetic,
+                runner: match &board.board {
+                    crate::boards::ResolvedBoard::Remote(remote) => remote.runner.clone(),
+                    crate::boards::ResolvedBoard::Local => Vec::new(),
+                },
             };
             let uploads = uploads_of(&job);
             // The agent loads the base alone, then each recipe twice (a
@@ -412,6 +424,7 @@ impl JobKind for ModelMatrix {
                 disk_bytes: wire::kernel_job::ROWS_ALLOWANCE_BYTES,
                 outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE],
                 deadline: self.spec.deadline(job.recipes.len(), job.invocations),
+                agents: Vec::new(),
             });
         }
         Ok(jobs)
@@ -441,7 +454,7 @@ impl JobKind for ModelMatrix {
                 .map(|r| r.status)
                 .collect();
             let status = if statuses.is_empty() {
-                out.append(&ModelRow::failed(&job, recipe, "", reason))?;
+                out.append(&ModelRow::failed(&job, recipe, &Default::default(), reason))?;
                 CellStatus::Failed
             } else {
                 statuses
@@ -552,4 +565,25 @@ fn codebook_note(report: &wire::model_job::CodebookReport, record: &CalibrationR
         note.push_str(&format!("; left as they were: {}", report.left.join(", ")));
     }
     note
+}
+
+/// What a recipe needs that the build's llama.cpp lacks, if anything: such
+/// a recipe is left out of that build's runs (the rest still run).
+fn switched_off(
+    recipe: &Recipe,
+    build: &crate::llama_source::PreparedSource,
+) -> Option<&'static str> {
+    use crate::llama_source::Capability;
+    match recipe {
+        // Codebook files keep some tensors at q8_0 through an override.
+        Recipe::Adaptive | Recipe::Codebook(_)
+            if build.identity.lacks(Capability::TensorOverrides) =>
+        {
+            Some("per-tensor quantize overrides (llama_model_tensor_override)")
+        }
+        Recipe::Imatrix(_) if build.identity.lacks(Capability::ImatrixData) => {
+            Some("importance data in the quantize parameters (llama_model_imatrix_data)")
+        }
+        _ => None,
+    }
 }

@@ -91,7 +91,11 @@ pub fn render_selected(run_dir: &Path, only: &[String]) -> Result<Rendered, Rend
             written.extend(canvas::draw(
                 &figure,
                 &run.manifest.started_at,
-                &run.manifest.git_commit,
+                &format!(
+                    "{} | llama.cpp {}",
+                    run.manifest.git_commit,
+                    run.manifest.llama_cpp()
+                ),
                 &plot_dir,
             )?);
         }

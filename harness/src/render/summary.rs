@@ -19,10 +19,11 @@ pub fn summary(run: &RunData) -> (String, String) {
         tables.push_str(&model_table(&run.model_rows));
     }
     let mut full = format!(
-        "# quantbench run {}\n\nmatrix `{}`, commit {}, started {}\n{}{}{}",
+        "# quantbench run {}\n\nmatrix `{}`, commit {}, llama.cpp {}, started {}\n{}{}{}",
         m.run_id,
         m.matrix,
         m.git_commit,
+        m.llama_cpp(),
         m.started_at,
         board_errors(&m.boards),
         farm_boards(&m.boards),

@@ -50,8 +50,13 @@ pub fn testbed() -> &'static Mutex<()> {
         );
         // Build the Pi 5 agent once here, so no test's deadline includes a
         // first cross-build of llama.cpp (minutes on 2 cores).
-        build_board_agent(&workspace_root(), BoardProfile::Pi5, Builder::Cargo)
-            .expect("the pi5 agent builds");
+        build_board_agent(
+            &workspace_root(),
+            BoardProfile::Pi5,
+            Builder::Cargo,
+            &harness::llama_source::vendored(&workspace_root()).expect("the pinned llama.cpp"),
+        )
+        .expect("the pi5 agent builds");
         Mutex::new(())
     })
 }

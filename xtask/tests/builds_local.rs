@@ -1,0 +1,525 @@
+//! Builds as an axis, end to end on `local`: an agent built from another
+//! llama.cpp (another llama-cpp-sys-2 version's copy, a patched copy) runs
+//! the matrices and says which llama.cpp it is; `ab` measures two builds
+//! in the same rounds and flags exactly what a patch slowed; bad sources
+//! are refused in one line before anything is built.
+//!
+//! The tests take turns (one lock): an A/B verdict on a 2-core machine
+//! must not be disturbed by another test's processes.
+
+mod common;
+use common::{text, xtask};
+
+use std::path::Path;
+use std::sync::Mutex;
+use wire::files::read_csv;
+use wire::rows::{InvocationRow, KernelRow, ModelRow};
+
+static TIMED: Mutex<()> = Mutex::new(());
+
+const MATRICES: &str = r#"
+[matrices.tiny]
+types = ["F32", "Q8_0", "Q4_0"]
+shapes = ["llama3.2-1b.attn_kv"]
+batches = [1]
+threads = [1]
+warmup = 1
+min_reps = 5
+min_time_ms = 30
+max_time_ms = 300
+invocations = 5
+
+[model_matrices.model-tiny]
+models = ["synthetic:distilgpt2:1"]
+recipes = ["q8_0", "adaptive"]
+threads = [1]
+text = "FIXTURES/stories-eval.txt"
+ctx = 64
+prompt = "The future of artificial intelligence is"
+generate_tokens = 0
+n_prompt = 8
+n_gen = 2
+repetitions = 1
+adaptive = { high = "f32", mid = "q8_0", low = "q4_0", high_fraction = 0.3, mid_fraction = 0.3 }
+
+[builds.base]
+llama = "vendored"
+
+[builds.same]
+llama = "vendored"
+"#;
+
+fn config_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = harness::build::workspace_root().join("fixtures");
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        MATRICES.replace("FIXTURES", &fixtures.display().to_string()),
+    )
+    .unwrap();
+    dir
+}
+
+fn run_dirs(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut runs: Vec<_> = std::fs::read_dir(dir.join("results"))
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    runs.sort();
+    runs
+}
+
+/// The verdict column of `ab`'s table for each cell (without the build).
+fn verdicts(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("verdict"))
+        .skip(1)
+        .take_while(|l| !l.contains(" vs "))
+        .filter_map(|l| {
+            // Columns are padded and joined by two spaces; a verdict may
+            // read `regressed (suspect)`.
+            let mut columns = l.split("  ").map(str::trim).filter(|c| !c.is_empty());
+            let verdict = columns.next()?.split_whitespace().next()?.to_string();
+            let cell = columns.nth(2)?.split_whitespace().next()?.to_string();
+            Some((cell, verdict))
+        })
+        .collect()
+}
+
+#[test]
+fn bad_sources_are_refused_in_one_line_before_anything_is_built() {
+    // Its processes would disturb the timed tests' verdicts.
+    let _turn = TIMED.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir();
+    // A tree with llama.cpp's real headers but one function our FFI calls
+    // taken out: an API-incompatible source.
+    let real = harness::llama_source::registry_crate(
+        &harness::llama_source::llama_cpp_sys_version(&harness::build::workspace_root()),
+    )
+    .unwrap()
+    .join("llama.cpp");
+    let fake = dir.path().join("old-llama");
+    for file in [
+        "include/llama.h",
+        "ggml/include/ggml.h",
+        "ggml/include/gguf.h",
+    ] {
+        std::fs::create_dir_all(fake.join(file).parent().unwrap()).unwrap();
+        std::fs::copy(real.join(file), fake.join(file)).unwrap();
+    }
+    for file in [
+        "ggml/include/ggml-backend.h",
+        "ggml/include/ggml-cpu.h",
+        "ggml/include/ggml-alloc.h",
+    ] {
+        std::fs::copy(real.join(file), fake.join(file)).unwrap();
+    }
+    let header = std::fs::read_to_string(fake.join("include/llama.h")).unwrap();
+    std::fs::write(
+        fake.join("include/llama.h"),
+        header.replace("llama_memory_clear", "llama_memory_wipe"),
+    )
+    .unwrap();
+    std::fs::write(fake.join("CMakeLists.txt"), "project(llama)\n").unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .current_dir(&fake)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "old llama.cpp"]);
+    let bad_patch = dir.path().join("bad.patch");
+    std::fs::write(
+        &bad_patch,
+        "--- a/CMakeLists.txt\n+++ b/CMakeLists.txt\n@@ -1 +1 @@\n-project(whisper)\n+project(whisper2)\n",
+    )
+    .unwrap();
+    let config = dir.path().join("bench.toml");
+    let mut text_config = std::fs::read_to_string(&config).unwrap();
+    text_config.push_str(&format!(
+        "\n[builds.unpatchable]\nllama = \"vendored\"\npatches = [\"{}\"]\n",
+        bad_patch.display()
+    ));
+    std::fs::write(&config, text_config).unwrap();
+
+    let not_llama = dir.path().join("results");
+    std::fs::create_dir_all(&not_llama).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("path:{}", not_llama.display()),
+            "is not a llama.cpp tree (it has no include/llama.h)",
+        ),
+        (
+            format!("path:{}@no-such-branch", fake.display()),
+            "has no revision `no-such-branch`",
+        ),
+        ("unpatchable".to_string(), "does not apply"),
+        (
+            format!("path:{}", fake.display()),
+            "lacks llama_memory_clear, which quantbench's FFI calls; sources known to work: llama-cpp-sys-2 0.1.140",
+        ),
+        ("crate:0.0.0-nope".to_string(), "could not be fetched"),
+        ("master".to_string(), "is not a llama.cpp source"),
+    ];
+    for (build, said) in cases {
+        let out = xtask(
+            dir.path(),
+            &[
+                "bench", "--target", "local", "--matrix", "tiny", "--build", &build,
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{build}: {}", text(&out));
+        assert!(
+            stderr.contains(said),
+            "{build}: wanted `{said}`: {}",
+            text(&out)
+        );
+        let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(error_lines.len(), 1, "{build}: {}", text(&out));
+        assert!(
+            !stderr.contains("Compiling"),
+            "{build}: refused only after building: {}",
+            text(&out)
+        );
+        assert!(
+            run_dirs(dir.path()).is_empty(),
+            "{build}: a run was started"
+        );
+    }
+    // `ab` measures kernel matrices only, and says so before building.
+    let out = xtask(
+        dir.path(),
+        &[
+            "ab",
+            "base",
+            "same",
+            "--target",
+            "local",
+            "--matrix",
+            "model-tiny",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`ab` measures kernel matrices"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_build_from_another_llama_cpp_runs_both_matrices_and_names_itself_everywhere() {
+    let _turn = TIMED.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir();
+    let out = xtask(
+        dir.path(),
+        &[
+            "bench",
+            "--target",
+            "local",
+            "--matrix",
+            "tiny,model-tiny",
+            "--build",
+            "crate:0.1.140",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 0.1.140 has no per-tensor overrides: the adaptive recipe is switched
+    // off for this build with a line, the rest runs.
+    assert!(
+        stderr.contains("adaptive: switched off for build `crate:0.1.140`"),
+        "{}",
+        text(&out)
+    );
+    let run = run_dirs(dir.path()).pop().unwrap();
+    let kernels: Vec<KernelRow> = read_csv(&run.join("kernels.csv")).unwrap();
+    assert_eq!(kernels.len(), 3);
+    for row in &kernels {
+        assert!(row.llama_cpp.starts_with("crate:0.1.140 tree "), "{row:?}");
+        assert_eq!(row.status, wire::rows::CellStatus::Ok, "{row:?}");
+    }
+    let models: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    assert!(models.iter().any(|r| r.recipe == "q8_0"), "{models:?}");
+    assert!(models.iter().all(|r| r.recipe != "adaptive"), "{models:?}");
+    assert!(models.iter().all(|r| r.llama_cpp == kernels[0].llama_cpp));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    let build = &manifest["versions"]["agent_builds"][0];
+    assert_eq!(build["build"], "crate:0.1.140");
+    assert_eq!(build["llama_cpp"]["crate_version"], "0.1.140");
+    assert_eq!(
+        build["llama_cpp"]["lacks"],
+        serde_json::json!(["tensor-overrides", "imatrix-data"])
+    );
+    let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("llama.cpp crate:0.1.140 tree "),
+        "{summary}"
+    );
+    // The workspace's lock file is as it was: the patched crate is the
+    // build's business, not the user's Cargo.lock.
+    let lock = harness::build::workspace_root().join("Cargo.lock");
+    assert!(
+        !std::fs::read_to_string(lock)
+            .unwrap()
+            .contains("llama-sources"),
+        "Cargo.lock kept the patched crate"
+    );
+}
+
+#[test]
+fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {
+    let _turn = TIMED.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir();
+    // A build against itself (one binary, two names): two sides as separate
+    // processes in each round, nothing flagged.
+    let out = xtask(
+        dir.path(),
+        &[
+            "ab",
+            "base",
+            "same",
+            "--target",
+            "local",
+            "--matrix",
+            "tiny",
+            "--no-noise-floors",
+            "--fail-on-regression",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    let found = verdicts(&stdout);
+    assert_eq!(found.len(), 3, "{}", text(&out));
+    for (cell, verdict) in &found {
+        assert!(
+            !["regressed", "improved"].contains(&verdict.as_str()),
+            "{cell}: {verdict}\n{}",
+            text(&out)
+        );
+    }
+    let run = run_dirs(dir.path()).pop().unwrap();
+    let invocations: Vec<InvocationRow> = read_csv(&run.join("invocations.csv")).unwrap();
+    assert_eq!(invocations.len(), 2 * 3 * 5);
+    for row in &invocations {
+        let other_side = invocations.iter().filter(|o| {
+            o.round == row.round && o.cell_id.ends_with("@same") != row.cell_id.ends_with("@same")
+        });
+        for other in other_side {
+            assert_ne!(other.pid, row.pid, "{row:?} and {other:?} in one process");
+        }
+    }
+    // The same run judged again by `compare`, one build's side each.
+    let out = xtask(
+        dir.path(),
+        &[
+            "compare",
+            &format!("{}@base", run.display()),
+            &format!("{}@same", run.display()),
+            "--confirm-against",
+            "none",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 cells"),
+        "{}",
+        text(&out)
+    );
+
+    // A local llama.cpp checkout (the vendored tree as a git repository):
+    // its first commit against itself plus a patch that makes GGML's Q8_0
+    // dot product about 15% slower flags exactly the Q8_0 cell.
+    let repo = SlowingRepo::new(dir.path());
+    let config = dir.path().join("bench.toml");
+    let mut with_builds = std::fs::read_to_string(&config).unwrap();
+    with_builds.push_str(&format!(
+        "\n[builds.first]\nllama = \"path:{repo}@{c0}\"\n\n[builds.patched]\nllama = \"path:{repo}@{c0}\"\npatches = [\"{patch}\"]\n",
+        repo = repo.dir.display(),
+        c0 = repo.commits[0],
+        patch = common::fixture("patches/slow-q8_0-x86.patch"),
+    ));
+    std::fs::write(&config, with_builds).unwrap();
+    let out = xtask(
+        dir.path(),
+        &[
+            "ab",
+            "first",
+            "patched",
+            "--target",
+            "local",
+            "--matrix",
+            "tiny",
+            "--no-noise-floors",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let found = verdicts(&stdout);
+    assert_eq!(found.len(), 3, "{}", text(&out));
+    for (cell, verdict) in &found {
+        if cell.contains("/Q8_0/") {
+            assert_eq!(verdict, "regressed", "{}", text(&out));
+        } else {
+            assert!(
+                !["regressed", "improved"].contains(&verdict.as_str()),
+                "{cell}: {verdict}\n{}",
+                text(&out)
+            );
+        }
+    }
+    assert!(
+        stdout.contains("+1 patch(es) [build patched]"),
+        "{}",
+        text(&out)
+    );
+
+    // Bisect over its eight commits: the slowing one is the sixth (not the
+    // first midpoint), and every revision builds in the same folders.
+    let bisect = |good: &str, bad: &str| {
+        xtask(
+            dir.path(),
+            &[
+                "bisect",
+                "--llama",
+                &repo.dir.display().to_string(),
+                "--good",
+                good,
+                "--bad",
+                bad,
+                "--cell",
+                Q8_0_CELL,
+                "--matrix",
+                "tiny",
+                "--target",
+                "local",
+            ],
+        )
+    };
+    let out = bisect(&repo.commits[0], &repo.commits[7]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The steps' evidence and build times, for the test log.
+    eprintln!("{}", text(&out));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout.contains(&format!(
+            "first bad commit for {Q8_0_CELL}: {}",
+            &repo.commits[5][..10]
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains("slow the Q8_0 dot product"),
+        "{}",
+        text(&out)
+    );
+    // Ends, then midpoints 3 (good), 5 (bad), 4 (good).
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("step ")).count(),
+        4,
+        "{}",
+        text(&out)
+    );
+    // A range whose midpoint is slower than both ends.
+    let out = bisect(&repo.commits[8], &repo.commits[11]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the range is not monotonic"),
+        "{}",
+        text(&out)
+    );
+}
+
+const Q8_0_CELL: &str = "llama3.2-1b.attn_kv/Q8_0/n1/t1";
+
+/// A git repository of the vendored llama.cpp with twelve commits: 0-4
+/// fast, 5-7 with the Q8_0 dot product about 15% slower, 8 fast again,
+/// 9 about 50% slower, 10 fast, 11 about 15% slower. Each commit also
+/// changes a note, so every tree differs.
+struct SlowingRepo {
+    dir: std::path::PathBuf,
+    commits: Vec<String>,
+}
+
+impl SlowingRepo {
+    fn new(parent: &Path) -> SlowingRepo {
+        let vendored = harness::llama_source::registry_crate(
+            &harness::llama_source::llama_cpp_sys_version(&harness::build::workspace_root()),
+        )
+        .unwrap()
+        .join("llama.cpp");
+        let dir = parent.join("llama.cpp");
+        let copied = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&vendored)
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .current_dir(&dir)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        git(&["init", "-q"]);
+        let quants = dir.join("ggml/src/ggml-cpu/arch/x86/quants.c");
+        let fast = std::fs::read_to_string(&quants).unwrap();
+        // The patched file, by applying the fixture patch to a copy.
+        let scratch = parent.join("patched");
+        std::fs::create_dir_all(scratch.join("ggml/src/ggml-cpu/arch/x86")).unwrap();
+        std::fs::write(scratch.join("ggml/src/ggml-cpu/arch/x86/quants.c"), &fast).unwrap();
+        let patched = std::process::Command::new("patch")
+            .args(["-p1", "--batch", "--silent", "-d"])
+            .arg(&scratch)
+            .arg("-i")
+            .arg(common::fixture("patches/slow-q8_0-x86.patch"))
+            .status()
+            .unwrap();
+        assert!(patched.success());
+        let slow =
+            std::fs::read_to_string(scratch.join("ggml/src/ggml-cpu/arch/x86/quants.c")).unwrap();
+        let slower = slow.replace("% 6 == 0", "% 2 == 0");
+        assert_ne!(slow, slower);
+        let plan: [(&str, &str); 12] = [
+            (&fast, "start from llama-cpp-sys-2's llama.cpp"),
+            (&fast, "a note"),
+            (&fast, "another note"),
+            (&fast, "a third note"),
+            (&fast, "a fourth note"),
+            (&slow, "slow the Q8_0 dot product"),
+            (&slow, "a note after it"),
+            (&slow, "another note after it"),
+            (&fast, "fast again"),
+            (&slower, "much slower"),
+            (&fast, "fast once more"),
+            (&slow, "slow again"),
+        ];
+        let mut commits = Vec::new();
+        for (i, (content, subject)) in plan.into_iter().enumerate() {
+            std::fs::write(&quants, content).unwrap();
+            std::fs::write(dir.join("QUANTBENCH-NOTE"), format!("commit {i}\n")).unwrap();
+            git(&["add", "-A"]);
+            git(&["commit", "-qm", subject]);
+            commits.push(git(&["rev-parse", "HEAD"]));
+        }
+        SlowingRepo { dir, commits }
+    }
+}
