@@ -1204,16 +1204,24 @@ mod tests {
             "[package]\nname = \"llama-cpp-sys-2\"\nversion = \"0.1.140\"\n[dependencies.x]\nversion = \"1\"\n[features]\ncuda = []\n",
         )
         .unwrap();
-        let linux = format!("match os {{\n        Linux => {{\n            {DYNAMIC_STDCXX}\n        }}\n}}\n");
+        let linux = format!(
+            "match os {{\n        Linux => {{\n            {DYNAMIC_STDCXX}\n        }}\n}}\n"
+        );
         std::fs::write(dir.path().join("build.rs"), &linux).unwrap();
         set_manifest_version(dir.path(), "0.1.161").unwrap();
         // An older build script links libstdc++ statically when asked.
         let script = std::fs::read_to_string(dir.path().join("build.rs")).unwrap();
-        assert!(script.contains("if cfg!(feature = \"static-stdcxx\")"), "{script}");
+        assert!(
+            script.contains("if cfg!(feature = \"static-stdcxx\")"),
+            "{script}"
+        );
         assert!(script.contains("static=stdc++") && script.contains(DYNAMIC_STDCXX));
         // One already static is left alone.
         set_manifest_version(dir.path(), "0.1.161").unwrap();
-        assert_eq!(std::fs::read_to_string(dir.path().join("build.rs")).unwrap(), script);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("build.rs")).unwrap(),
+            script
+        );
         let text = std::fs::read_to_string(dir.path().join("Cargo.toml")).unwrap();
         assert!(
             text.contains("version = \"0.1.161\"\n[dependencies.x]\nversion = \"1\""),
