@@ -1,5 +1,6 @@
-//! Bisect: the first commit of a llama.cpp checkout that made one kernel
-//! cell slower. Each step is an A/B session (`pipeline::run_bench` with
+//! Bisect: the first commit of a llama.cpp checkout, or of this
+//! repository (our own kernels and agent), that made one kernel cell
+//! slower. Each step is an A/B session (`pipeline::run_bench` with
 //! several builds) on the target: the nearest known-good commit, the
 //! midpoint and the nearest known-bad commit measured in the same shuffled
 //! rounds, the midpoint judged against both with `compare`'s statistics. A step that cannot decide
@@ -9,8 +10,9 @@
 //!
 //! Every revision of the checkout is built in the same crate copy and
 //! cargo folders (`llama_source`: one folder per source location, files
-//! rewritten only where they differ), so a step after a small change is
-//! an incremental GGML build; each step's run is a run directory of its
+//! rewritten only where they differ; `quantbench_revision`: one export
+//! folder for this repository's commits), so a step after a small change
+//! is an incremental build; each step's run is a run directory of its
 //! own, in the history like any other.
 
 use crate::compare::{compare, CompareSettings, Verdict};
@@ -39,13 +41,48 @@ pub struct BisectOptions {
     /// Target, matrix, config and results as for `bench`; its builds are
     /// set by each step.
     pub session: SessionOptions,
-    pub checkout: PathBuf,
+    pub over: BisectOver,
     pub good: String,
     pub bad: String,
     /// The kernel cell, as its id (`<shape>/<type>/n<batch>/t<threads>`).
     pub cell: String,
     /// Sessions a step may take before it is called inconclusive.
     pub attempts: u32,
+}
+
+/// Whose commits are bisected.
+#[derive(Debug, Clone)]
+pub enum BisectOver {
+    /// A llama.cpp checkout's, built with this repository's working tree.
+    Llama(PathBuf),
+    /// This repository's (the workspace), built with the default
+    /// llama.cpp; each commit must speak the host's job format.
+    Quantbench(PathBuf),
+}
+
+impl BisectOver {
+    fn repository(&self) -> &Path {
+        match self {
+            BisectOver::Llama(path) | BisectOver::Quantbench(path) => path,
+        }
+    }
+
+    /// The build of `commit`.
+    fn build(&self, commit: &str) -> BuildSpec {
+        match self {
+            BisectOver::Llama(path) => BuildSpec {
+                llama: LlamaSource::Checkout {
+                    path: path.clone(),
+                    rev: Some(commit.to_string()),
+                },
+                ..BuildSpec::default()
+            },
+            BisectOver::Quantbench(_) => BuildSpec {
+                quantbench: Some(commit.to_string()),
+                ..BuildSpec::default()
+            },
+        }
+    }
 }
 
 /// One commit of the range.
@@ -297,7 +334,7 @@ fn decide(against_good: Verdict, bad_against_it: Option<Verdict>) -> Decision {
 
 /// Bisects (see the module).
 pub fn bisect(options: &BisectOptions) -> Result<Report, BisectError> {
-    let checkout = &options.checkout;
+    let checkout = options.over.repository();
     let good = commit(checkout, &options.good)?;
     let bad = commit(checkout, &options.bad)?;
     let commits = range(checkout, &good, &bad)?;
@@ -394,13 +431,7 @@ fn measure(
     mid: Option<&Commit>,
     bad: &Commit,
 ) -> Result<Step, BisectError> {
-    let spec = |c: &Commit| BuildSpec {
-        llama: LlamaSource::Checkout {
-            path: options.checkout.clone(),
-            rev: Some(c.hash.clone()),
-        },
-        ..BuildSpec::default()
-    };
+    let spec = |c: &Commit| options.over.build(&c.hash);
     let good_name = build_name("good", good);
     let bad_name = build_name("bad", bad);
     let mut session = options.session.clone();

@@ -86,11 +86,11 @@ pub fn build_host_agent(
         "--bin",
         AGENT_BIN,
     ]);
-    let target_dir = match &source.crate_dir {
-        None => workspace.join("target"),
-        Some(_) => build_folder(workspace, source).join("host"),
+    let target_dir = match source.is_default() {
+        true => workspace.join("target"),
+        false => build_folder(workspace, source).join("host"),
     };
-    if source.crate_dir.is_some() {
+    if !source.is_default() {
         command.arg("--target-dir").arg(&target_dir);
     }
     let reuse = ReuseKey::of(workspace, source, "local", "cc", &[]);
@@ -102,9 +102,8 @@ pub fn build_host_agent(
     }
     source.materialize()?;
     with_source(&mut command, source);
-    run_build_keeping_lock(command, workspace)?;
     let path = target_dir.join("release").join(AGENT_BIN);
-    let agent = kept(workspace, source, identify(&path, host_triple())?)?;
+    let agent = run_agent_build(command, workspace, source, &path, host_triple())?;
     if let Some(key) = reuse {
         key.record(workspace, &agent);
     }
@@ -126,7 +125,9 @@ impl ReuseKey {
         compiler: &str,
         flags: &[&str],
     ) -> Option<ReuseKey> {
-        source.crate_dir.as_ref()?;
+        if source.is_default() {
+            return None;
+        }
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
         let identity = serde_json::to_string(&source.identity).ok()?;
@@ -142,12 +143,21 @@ impl ReuseKey {
             hasher.update(std::env::var(var).unwrap_or_default().as_bytes());
         }
         hasher.update(rustc_version().as_bytes());
-        for file in [
-            "Cargo.lock",
-            "Cargo.toml",
-            ".cargo/config.toml",
-            "rust-toolchain.toml",
-        ] {
+        // Cargo's configuration is this checkout's, whatever is built.
+        for file in [".cargo/config.toml", "rust-toolchain.toml"] {
+            hasher.update(std::fs::read(workspace.join(file)).unwrap_or_default());
+        }
+        if let Some(revision) = &source.revision {
+            // A commit's git tree names every file it builds from.
+            hasher.update(b"quantbench tree ");
+            hasher.update(revision.tree.as_bytes());
+            let digest: String = hasher.finalize()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            return Some(ReuseKey(digest));
+        }
+        for file in ["Cargo.lock", "Cargo.toml"] {
             hasher.update(std::fs::read(workspace.join(file)).unwrap_or_default());
         }
         for dir in ["wire", "kernels", "remote-agent"] {
@@ -220,7 +230,7 @@ fn kept(
     source: &PreparedSource,
     agent: AgentBuild,
 ) -> Result<AgentBuild, BuildError> {
-    if source.crate_dir.is_none() {
+    if source.is_default() {
         return Ok(agent);
     }
     let dir = workspace.join(AGENTS_DIR).join(&agent.hash);
@@ -242,26 +252,54 @@ fn kept(
 
 /// `target/builds/<source folder>/`: a non-default build's cargo output,
 /// one folder per source and profile so a new revision rebuilds only what
-/// changed.
+/// changed. A commit of this repository has folders of its own
+/// (`<source folder>+quantbench`): cargo names a workspace crate's output
+/// by its path within the workspace, so the exported commit's `kernels`
+/// and the working tree's would overwrite each other's in one folder.
 pub fn build_folder(workspace: &Path, source: &PreparedSource) -> PathBuf {
-    workspace.join(BUILDS_DIR).join(&source.folder)
+    let folder = match source.revision {
+        None => source.folder.clone(),
+        Some(_) => format!("{}+quantbench", source.folder),
+    };
+    workspace.join(BUILDS_DIR).join(folder)
 }
 
 fn with_source(command: &mut Command, source: &PreparedSource) {
+    if source.revision.is_some() {
+        command
+            .arg("--manifest-path")
+            .arg(source.manifest_dir().join("Cargo.toml"));
+    }
     command.args(source.cargo_args());
     for (key, value) in source.cargo_env() {
         command.env(key, value);
     }
 }
 
-/// Runs a build that may patch in another llama-cpp-sys-2: cargo writes
-/// the patched package into Cargo.lock, so the lock file is put back as it
-/// was afterwards, whatever the outcome (the user's lock never changes).
-fn run_build_keeping_lock(command: Command, workspace: &Path) -> Result<(), BuildError> {
-    let lock = workspace.join("Cargo.lock");
-    let saved = std::fs::read(&lock).ok();
-    let result = run_build(command);
-    if let Some(bytes) = saved {
+/// Runs cargo for `source` and returns the agent it made at `built`,
+/// leaving the user's files as they were whatever the outcome: a build
+/// that patches in another llama-cpp-sys-2 makes cargo write it into
+/// Cargo.lock, so the lock file is put back.
+fn run_agent_build(
+    command: Command,
+    workspace: &Path,
+    source: &PreparedSource,
+    built: &Path,
+    triple: String,
+) -> Result<AgentBuild, BuildError> {
+    let lock = source.manifest_dir().join("Cargo.lock");
+    // Two such builds at once (two runs, a bisect beside a bench) would
+    // each put back the lock file the other had changed: they take turns
+    // (cargo serialises builds in one folder anyway).
+    let _turn = match source.crate_dir {
+        Some(_) => Some(take_turn(workspace)?),
+        None => None,
+    };
+    let saved_lock = std::fs::read(&lock).ok();
+    let result = run_build(command)
+        .and_then(|()| identify(built, triple))
+        .and_then(|agent| kept(workspace, source, agent));
+    if let Some(bytes) = saved_lock {
         if std::fs::read(&lock).ok().as_ref() != Some(&bytes) {
             std::fs::write(&lock, bytes).map_err(|source| BuildError::Read {
                 path: lock.clone(),
@@ -270,6 +308,25 @@ fn run_build_keeping_lock(command: Command, workspace: &Path) -> Result<(), Buil
         }
     }
     result
+}
+
+/// An exclusive lock on `target/.quantbench-build.lock`, held until the
+/// returned file is dropped.
+fn take_turn(workspace: &Path) -> Result<std::fs::File, BuildError> {
+    let path = workspace.join("target").join(".quantbench-build.lock");
+    let io = |source| BuildError::Read {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(workspace.join("target")).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(file)
 }
 
 pub(crate) fn run_build(mut command: Command) -> Result<(), BuildError> {
@@ -398,9 +455,9 @@ pub fn build_board_agent(
     source: &PreparedSource,
 ) -> Result<AgentBuild, BuildError> {
     let triple = profile.target_triple();
-    let target_dir = match &source.crate_dir {
-        None => workspace.join("target/boards").join(profile.name()),
-        Some(_) => build_folder(workspace, source).join(profile.name()),
+    let target_dir = match source.is_default() {
+        true => workspace.join("target/boards").join(profile.name()),
+        false => build_folder(workspace, source).join(profile.name()),
     };
     let env_triple = triple.replace('-', "_");
     let rustflags = format!("-C target-feature={}", profile.rust_target_features());
@@ -466,9 +523,8 @@ pub fn build_board_agent(
     }
     source.materialize()?;
     with_source(&mut command, source);
-    run_build_keeping_lock(command, workspace)?;
     let path = target_dir.join(triple).join("release").join(AGENT_BIN);
-    let agent = kept(workspace, source, identify(&path, triple.to_string())?)?;
+    let agent = run_agent_build(command, workspace, source, &path, triple.to_string())?;
     if let Some(key) = reuse {
         key.record(workspace, &agent);
     }

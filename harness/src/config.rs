@@ -336,8 +336,9 @@ impl BenchConfig {
     }
 
     /// The build `--build` names: a `[builds.<name>]` entry, `default`
-    /// (the pinned crate's own llama.cpp), or a source written directly
-    /// (`crate:0.1.140`, `path:../llama.cpp@<rev>`).
+    /// (the pinned crate's own llama.cpp), a source written directly
+    /// (`crate:0.1.140`, `path:../llama.cpp@<rev>`), or this repository
+    /// at a commit with the default llama.cpp (`quantbench@HEAD~1`).
     pub fn build(
         &self,
         name: &str,
@@ -348,6 +349,15 @@ impl BenchConfig {
         }
         if name == "default" {
             return Ok((name.to_string(), BuildSpec::default()));
+        }
+        if let Some(rev) = name.strip_prefix("quantbench@") {
+            return Ok((
+                name.to_string(),
+                BuildSpec {
+                    quantbench: Some(rev.to_string()),
+                    ..BuildSpec::default()
+                },
+            ));
         }
         match LlamaSource::parse(name) {
             Ok(llama) => Ok((

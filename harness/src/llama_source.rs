@@ -18,6 +18,8 @@
 //! quantize overrides, importance data) becomes a capability the build
 //! lacks, compiled out of `kernels` and switched off in the recipes.
 
+use crate::quantbench_revision::QuantbenchRevision;
+use crate::source_tree::{copy_tree, git_export, git_head, resolve_rev, sync_tree, tree_hash};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -224,6 +226,7 @@ impl<'de> Deserialize<'de> for LlamaSource {
 /// llama = "path:../llama.cpp@master"   # or "crate:0.1.140", "vendored"
 /// patches = ["patches/q4_0-kernel.patch"] # applied with `patch -p1` in llama.cpp/
 /// cmake = { GGML_CPU_REPACK = "OFF" }   # GGML/llama.cpp CMake options
+/// quantbench = "HEAD~1"                  # our agent from a commit of this repository
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,6 +237,11 @@ pub struct BuildSpec {
     pub patches: Vec<PathBuf>,
     #[serde(default)]
     pub cmake: BTreeMap<String, String>,
+    /// A git revision of this repository whose agent (kernels, remote
+    /// agent) is built instead of the working tree's
+    /// (`quantbench_revision`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantbench: Option<String>,
 }
 
 impl BuildSpec {
@@ -325,9 +333,38 @@ pub struct PreparedSource {
     pub folder: String,
     /// How to write the crate copy (`materialize`), `None` for the default.
     plan: Option<std::sync::Arc<SourcePlan>>,
+    /// The commit of this repository the agent is built from, `None` for
+    /// the working tree.
+    pub revision: Option<QuantbenchRevision>,
+    /// Where `revision` is exported and built.
+    pub workspace: PathBuf,
 }
 
 impl PreparedSource {
+    /// The build in one line: its llama.cpp, and the commit of this
+    /// repository when it is not the working tree.
+    pub fn label(&self) -> String {
+        match &self.revision {
+            None => self.identity.label(),
+            Some(revision) => format!("{}; {}", self.identity.label(), revision.label()),
+        }
+    }
+
+    /// The working tree with the pinned crate's own llama.cpp: built in
+    /// cargo's usual folder, shared with `cargo build` and `cargo test`.
+    pub fn is_default(&self) -> bool {
+        self.crate_dir.is_none() && self.revision.is_none()
+    }
+
+    /// The manifest cargo builds: the workspace's, or the exported
+    /// revision's.
+    pub fn manifest_dir(&self) -> PathBuf {
+        match &self.revision {
+            None => self.workspace.clone(),
+            Some(_) => QuantbenchRevision::checkout(&self.workspace),
+        }
+    }
+
     /// How the agent binary names its llama.cpp (`kernels::llama_source`,
     /// the rows' `llama_cpp` column): `vendored`, or the identity's label.
     pub fn agent_label(&self) -> String {
@@ -384,9 +421,22 @@ pub fn prepare(
         build: name.to_string(),
         message,
     };
+    if let Some(rev) = &spec.quantbench {
+        // The commit is checked first (seconds), then its llama.cpp.
+        let revision = QuantbenchRevision::resolve(workspace, rev).map_err(invalid)?;
+        let llama = BuildSpec {
+            quantbench: None,
+            ..spec.clone()
+        };
+        let source = prepare(workspace, name, &llama, base)?;
+        return Ok(PreparedSource {
+            revision: Some(revision),
+            ..source
+        });
+    }
     let pinned = llama_cpp_sys_version(workspace);
     if spec.is_default() {
-        return vendored_named(name, &pinned).map_err(|e| match e {
+        return vendored_named(workspace, name, &pinned).map_err(|e| match e {
             VendoredError::Io(path, source) => SourceError::Io {
                 build: name.to_string(),
                 path,
@@ -484,6 +534,8 @@ pub fn prepare(
         crate_dir: Some(sources.join(&folder)),
         folder,
         plan: Some(std::sync::Arc::new(plan)),
+        revision: None,
+        workspace: workspace.to_path_buf(),
     })
 }
 
@@ -567,6 +619,14 @@ impl PreparedSource {
     /// its cargo folders, so the next revision is an incremental build).
     /// Nothing to do for the default build, or when the copy holds it.
     pub fn materialize(&self) -> Result<(), SourceError> {
+        if let Some(revision) = &self.revision {
+            revision
+                .materialize(&self.workspace)
+                .map_err(|message| SourceError::Invalid {
+                    build: self.name.clone(),
+                    message,
+                })?;
+        }
         let (Some(plan), Some(dir)) = (&self.plan, &self.crate_dir) else {
             return Ok(());
         };
@@ -610,7 +670,11 @@ enum VendoredError {
     Other(String),
 }
 
-fn vendored_named(name: &str, pinned: &str) -> Result<PreparedSource, VendoredError> {
+fn vendored_named(
+    workspace: &Path,
+    name: &str,
+    pinned: &str,
+) -> Result<PreparedSource, VendoredError> {
     let dir = registry_crate(pinned).map_err(VendoredError::Other)?;
     let llama = dir.join("llama.cpp");
     let lacks = check_headers(&llama).map_err(|missing| {
@@ -633,6 +697,8 @@ fn vendored_named(name: &str, pinned: &str) -> Result<PreparedSource, VendoredEr
         crate_dir: None,
         folder: "default".into(),
         plan: None,
+        revision: None,
+        workspace: workspace.to_path_buf(),
     })
 }
 
@@ -719,85 +785,6 @@ fn check_llama_tree(path: &Path) -> Result<(), String> {
     }
 }
 
-fn git(repo: &Path, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(args)
-        .output()
-        .map_err(|e| format!("could not run git: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .next()
-            .unwrap_or("git failed")
-            .trim()
-            .to_string())
-    }
-}
-
-fn resolve_rev(repo: &Path, rev: &str) -> Result<String, String> {
-    if rev.starts_with('-') {
-        return Err(format!("`{rev}` is not a git revision"));
-    }
-    git(repo, &["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])
-        .ok()
-        .filter(|c| !c.is_empty())
-        .map(|c| c.chars().take(12).collect())
-        .ok_or_else(|| {
-            format!(
-                "{} has no revision `{rev}` (git rev-parse found no commit by that name); check the name with `git -C {} log --oneline`",
-                repo.display(),
-                repo.display()
-            )
-        })
-}
-
-fn git_head(repo: &Path) -> Option<String> {
-    let commit: String = git(repo, &["rev-parse", "HEAD"])
-        .ok()?
-        .chars()
-        .take(12)
-        .collect();
-    let dirty =
-        git(repo, &["status", "--porcelain", "--untracked-files=no"]).is_ok_and(|s| !s.is_empty());
-    Some(if dirty {
-        format!("{commit}-dirty")
-    } else {
-        commit
-    })
-}
-
-/// The files of `commit` in `repo`, written to `into`.
-fn git_export(repo: &Path, commit: &str, into: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(into).map_err(|e| format!("{}: {e}", into.display()))?;
-    let mut archive = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(["archive", "--format=tar", commit])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("could not run git archive: {e}"))?;
-    let stdout = archive.stdout.take().ok_or("git archive gave no output")?;
-    let tar = Command::new("tar")
-        .arg("-x")
-        .arg("-C")
-        .arg(into)
-        .stdin(stdout)
-        .status()
-        .map_err(|e| format!("could not run tar: {e}"))?;
-    let archived = archive.wait().map_err(|e| format!("git archive: {e}"))?;
-    if !archived.success() || !tar.success() {
-        return Err(format!(
-            "could not export {commit} of {} (git archive | tar failed)",
-            repo.display()
-        ));
-    }
-    Ok(())
-}
-
 /// Hidden entries and build output of a checkout are not its source.
 fn is_checkout_clutter(rel: &Path) -> bool {
     let first = rel.components().next();
@@ -812,114 +799,6 @@ fn is_checkout_clutter(rel: &Path) -> bool {
                 .as_deref(),
             Some("build") | Some("target")
         ) && rel.components().count() == 1
-}
-
-/// Copies `from` into `to` (created), leaving out entries `skip` names by
-/// their path relative to `from`. Symbolic links are copied as links.
-fn copy_tree(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        for entry in std::fs::read_dir(from.join(&rel))? {
-            let entry = entry?;
-            let child = rel.join(entry.file_name());
-            if skip(&child) {
-                continue;
-            }
-            let kind = entry.file_type()?;
-            let target = to.join(&child);
-            if kind.is_dir() {
-                std::fs::create_dir_all(&target)?;
-                stack.push(child);
-            } else if kind.is_symlink() {
-                let link = std::fs::read_link(entry.path())?;
-                std::os::unix::fs::symlink(link, &target)?;
-            } else {
-                std::fs::copy(entry.path(), &target)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Every regular file under `root` by relative path, sorted.
-fn files_under(root: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        for entry in std::fs::read_dir(root.join(&rel))? {
-            let entry = entry?;
-            let child = rel.join(entry.file_name());
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                stack.push(child);
-            } else {
-                files.push(child);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// Makes `to` hold exactly what `from` holds, rewriting only files whose
-/// bytes differ, so unchanged files keep their times and cargo and CMake
-/// rebuild only what changed.
-fn sync_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    let wanted = files_under(from)?;
-    for rel in &wanted {
-        let (src, dst) = (from.join(rel), to.join(rel));
-        let src_meta = std::fs::symlink_metadata(&src)?;
-        if src_meta.file_type().is_symlink() {
-            let link = std::fs::read_link(&src)?;
-            if std::fs::read_link(&dst).ok().as_ref() != Some(&link) {
-                let _ = std::fs::remove_file(&dst);
-                if let Some(parent) = dst.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                std::os::unix::fs::symlink(link, &dst)?;
-            }
-            continue;
-        }
-        let same = std::fs::symlink_metadata(&dst)
-            .is_ok_and(|m| m.is_file() && m.len() == src_meta.len())
-            && std::fs::read(&src)? == std::fs::read(&dst)?;
-        if !same {
-            if let Some(parent) = dst.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let _ = std::fs::remove_file(&dst);
-            std::fs::copy(&src, &dst)?;
-        }
-    }
-    let wanted: std::collections::HashSet<&PathBuf> = wanted.iter().collect();
-    for rel in files_under(to)? {
-        if !wanted.contains(&rel) {
-            std::fs::remove_file(to.join(&rel))?;
-        }
-    }
-    Ok(())
-}
-
-/// SHA-256 of every file's relative path and bytes, 12 hex digits.
-fn tree_hash(root: &Path) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    for rel in files_under(root)? {
-        let path = root.join(&rel);
-        hasher.update(rel.to_string_lossy().as_bytes());
-        hasher.update([0]);
-        if std::fs::symlink_metadata(&path)?.file_type().is_symlink() {
-            hasher.update(std::fs::read_link(&path)?.to_string_lossy().as_bytes());
-        } else {
-            hasher.update(std::fs::read(&path)?);
-        }
-        hasher.update([0]);
-    }
-    Ok(hasher.finalize()[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// `patch -p1` in the llama.cpp folder; a patch that does not apply

@@ -52,6 +52,10 @@ impl RunManifest {
                 Some(id) => id.label(),
                 None => continue,
             };
+            let label = match &build.quantbench {
+                Some(revision) => format!("{label}; {}", revision.label()),
+                None => label,
+            };
             let label = if build.build == "default" || build.build == label {
                 label
             } else {
@@ -100,6 +104,10 @@ pub struct BuildRecord {
     /// The llama.cpp it contains (absent in runs from before builds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub llama_cpp: Option<crate::llama_source::LlamaIdentity>,
+    /// The commit of this repository the agent was built from, when not
+    /// the run's working tree (`quantbench_revision`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantbench: Option<crate::quantbench_revision::QuantbenchRevision>,
 }
 
 fn default_build() -> String {

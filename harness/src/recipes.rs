@@ -267,12 +267,30 @@ pub(crate) fn agent_json(
         })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let message = stderr
+        let mut message = stderr
             .lines()
             .find_map(|l| l.strip_prefix("Error: "))
             .or_else(|| stderr.lines().last())
             .unwrap_or("no message")
             .to_string();
+        // llama.cpp's quantizer says why on its own stderr, after
+        // `failed to quantize:` (on the same line or the next).
+        let lines: Vec<&str> = stderr.lines().collect();
+        if let Some(at) = lines.iter().position(|l| l.contains("failed to quantize:")) {
+            let same = lines[at]
+                .split("failed to quantize:")
+                .nth(1)
+                .unwrap_or("")
+                .trim();
+            let why = if same.is_empty() {
+                lines.get(at + 1).map_or("", |l| l.trim())
+            } else {
+                same
+            };
+            if !why.is_empty() {
+                message.push_str(&format!(" (llama.cpp: {why})"));
+            }
+        }
         return Err(RecipeError::AgentFailed {
             subcommand,
             message,
@@ -388,9 +406,11 @@ pub const LAST_USED_FILE: &str = "last-used";
 
 /// The host-side recipe cache of one model:
 /// `target/quantbench-models/<model hash>/`, with a folder
-/// `llama-<tree hash>/` inside for each build that is not the default:
-/// each build quantizes with its own llama.cpp (a quantizer change is a
-/// change under test), so its files are its own.
+/// `llama-<tree hash>/` inside for each build that is not the default
+/// (`llama-<tree>+quantbench-<commit tree>/` for a commit of this
+/// repository): each build quantizes with its own llama.cpp and our own
+/// code (a quantizer change is a change under test), so its files are its
+/// own.
 pub struct RecipeCache {
     pub dir: PathBuf,
     pub threads: usize,
@@ -404,9 +424,15 @@ impl RecipeCache {
     ) -> Result<Self, RecipeError> {
         let hash = wire::build_id::content_hash(model).map_err(io_err(model))?;
         let model_dir = workspace.join(RECIPE_CACHE_DIR).join(hash);
-        let dir = match build.crate_dir {
-            None => model_dir.clone(),
-            Some(_) => model_dir.join(format!("llama-{}", build.identity.tree)),
+        // A commit of this repository quantizes with its own code too
+        // (the codebook recipes are ours).
+        let dir = match (&build.crate_dir, &build.revision) {
+            (None, None) => model_dir.clone(),
+            (Some(_), None) => model_dir.join(format!("llama-{}", build.identity.tree)),
+            (_, Some(revision)) => model_dir.join(format!(
+                "llama-{}+quantbench-{}",
+                build.identity.tree, revision.tree
+            )),
         };
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // When the model's folder (every build's files) was last used, for
@@ -498,6 +524,7 @@ impl RecipeCache {
             file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
             note: String::new(),
             scheme_bits_per_weight: None,
+            unmade: None,
         })
     }
 
@@ -658,6 +685,7 @@ impl RecipeCache {
             file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
             note: String::new(),
             scheme_bits_per_weight: None,
+            unmade: None,
         };
         Ok((file, record))
     }
@@ -713,6 +741,7 @@ impl RecipeCache {
             file_bytes: std::fs::metadata(&path).map_err(io_err(&path))?.len(),
             note: String::new(),
             scheme_bits_per_weight: Some(report.bits_per_weight()),
+            unmade: None,
         };
         Ok((file, report))
     }

@@ -195,7 +195,7 @@ impl Session {
             if build_name != "default" || several {
                 eprintln!(
                     "build `{build_name}`: llama.cpp {}{}",
-                    source.identity.label(),
+                    source.label(),
                     lacks_note(&source)
                 );
             }
@@ -217,6 +217,7 @@ impl Session {
                     seconds: started.elapsed().as_secs_f64(),
                     build: source.name.clone(),
                     llama_cpp: Some(source.identity.clone()),
+                    quantbench: source.revision.clone(),
                 };
                 eprintln!(
                     "agent for {} built: {} ({}) in {:.1} s",

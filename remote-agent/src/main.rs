@@ -452,3 +452,29 @@ fn num_cores() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_parses_the_command_line_its_parent_writes() {
+        let request = wire::child::ChildRequest {
+            job: PathBuf::from("/tmp/job.json"),
+            out_dir: PathBuf::from("/tmp/out"),
+            round: 3,
+            cells: vec![4, 0, 2],
+            cores: 8,
+        };
+        let mut line: Vec<std::ffi::OsString> = vec!["agent".into(), "measure-round".into()];
+        line.extend(request.args());
+        let Command::MeasureRound(args) = Cli::try_parse_from(line).expect("parses").command else {
+            panic!("not measure-round");
+        };
+        assert_eq!(args.job, request.job);
+        assert_eq!(args.out_dir, request.out_dir);
+        assert_eq!(args.round, 3);
+        assert_eq!(args.cells, vec![4, 0, 2]);
+        assert_eq!(args.cores, 8);
+    }
+}

@@ -7,14 +7,14 @@ use anyhow::{Context, Result};
 use kernels::codebook::CodebookMatrix;
 use kernels::weights::{activation_second_moments, activations, weights, Distribution};
 use kernels::{quantize, KernelError, StagedMatrix};
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use wire::child::{CellPrep, InvocationResult, InvocationTiming};
 use wire::files::{CsvAppender, INVOCATIONS_FILE, KERNEL_ROWS_FILE, SAMPLES_FILE};
 use wire::kernel_job::{Cell, Cooldown, JobSpec, TimingPolicy};
-use wire::probe::{BoardProbe, ThermalReading};
+use wire::probe::BoardProbe;
 use wire::progress::ProgressEvent;
 use wire::rows::{CellStatus, InvocationRow, KernelRow, SampleRow};
 use wire::stats::{geometric_mean, invocation_medians, invocation_spread, nmse, Summary};
@@ -30,41 +30,6 @@ pub struct Tally {
     pub ok: usize,
     pub unsupported: usize,
     pub failed: usize,
-}
-
-/// What preparing a cell found, once per cell whatever its invocations:
-/// the output error against the f64 reference and the storage figures.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct CellPrep {
-    pub nmse: f64,
-    pub weight_bytes: u64,
-    /// The exact storage cost when it depends on the data.
-    pub bits_per_weight: Option<f64>,
-}
-
-/// One invocation's timing of a cell: its repetitions, its warm-up and
-/// what else used the CPU meanwhile.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InvocationTiming {
-    pub samples_ns: Vec<u64>,
-    pub warmup_reps: u32,
-    pub warmup_ms: f64,
-    pub settled: bool,
-    pub other_cpu_cores: Option<f64>,
-}
-
-/// One invocation of a cell as measured (in this process or a child).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InvocationResult {
-    pub timing: InvocationTiming,
-    pub kernel_path: String,
-    pub weight_placement: String,
-    pub cooldown_seconds: Option<f64>,
-    pub before: ThermalReading,
-    pub after: ThermalReading,
-    /// The process that measured it.
-    #[serde(default)]
-    pub pid: u32,
 }
 
 /// How a cell's preparation or measurement ended when it produced no timing.
@@ -742,7 +707,7 @@ fn build_row(
 mod tests {
     use super::*;
     use wire::kernel_job::{LoadMode, Shape, ThreadCount};
-    use wire::probe::ThrottleState;
+    use wire::probe::{ThermalReading, ThrottleState};
 
     fn job(emulated: bool) -> JobSpec {
         let shape = Shape {

@@ -555,6 +555,26 @@ pub fn run_model_job(
             }
             .to_line()
         );
+        // A recipe this build's quantizer could not make: unsupported by
+        // this build, like a kernel cell its GGML cannot run.
+        if let Some(reason) = &recipe.unmade {
+            rows.append(&ModelRow {
+                status: CellStatus::Unsupported,
+                ..failed_row(job, probe, recipe, reason)
+            })?;
+            let _ = writeln!(
+                stdout,
+                "{}",
+                ProgressEvent::CellFinished {
+                    index,
+                    cell_id,
+                    status: CellStatus::Unsupported,
+                    median_ns: None
+                }
+                .to_line()
+            );
+            continue;
+        }
         let produced = measure_recipe(
             job,
             (job_path, index),

@@ -21,19 +21,18 @@
 //! in the round's shuffled order and each cell's builds back to back, one
 //! child process each, the first build turning with the round.
 
-use crate::measure::{
-    measure_invocation, prepare_cell, CellPrep, InvocationResult, JobOutput, Refusal, WeightCache,
-};
+use crate::measure::{measure_invocation, prepare_cell, JobOutput, Refusal, WeightCache};
 use crate::multiply::PreparedWeights;
 use anyhow::{Context, Result};
 use kernels::codebook::CodebookMatrix;
 use kernels::weights::activations;
 use kernels::StagedMatrix;
-use serde::{Deserialize, Serialize};
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use wire::child::{CellPrep, ChildLine, ChildRequest, InvocationResult};
 use wire::kernel_job::{Cell, JobSpec};
 use wire::progress::ProgressEvent;
 use wire::stats::SeededRng;
@@ -41,35 +40,6 @@ use wire::weight_format::WeightFormat;
 
 /// Folder of the staged weight files, inside the job's output folder.
 const STAGED_DIR: &str = "staged";
-
-/// What a `measure-round` child says on stdout, one JSON object a line.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "child", rename_all = "snake_case")]
-enum ChildLine {
-    /// It starts measuring the job's cell `index`.
-    Started {
-        index: usize,
-    },
-    Measured {
-        index: usize,
-        result: Box<InvocationResult>,
-    },
-    Failed {
-        index: usize,
-        reason: String,
-    },
-    /// `prepare-cells`: the cell is staged and these are its figures.
-    Prepared {
-        index: usize,
-        prep: CellPrep,
-    },
-    /// `prepare-cells`: the cell cannot run.
-    Refused {
-        index: usize,
-        unsupported: bool,
-        reason: String,
-    },
-}
 
 /// The binary that prepares and measures `cell`: its build's (A/B), or
 /// this one.
@@ -565,24 +535,21 @@ fn run_child(
     round: u32,
     mut on_line: impl FnMut(ChildLine) -> Result<()>,
 ) -> Result<ChildOutcome> {
-    let cells: Vec<String> = order.iter().map(usize::to_string).collect();
     let Child {
         runner,
         exe,
         subcommand,
     } = child;
+    let request = ChildRequest {
+        job: out_dir.join(JOB_COPY),
+        out_dir: out_dir.to_path_buf(),
+        round,
+        cells: order.to_vec(),
+        cores,
+    };
     let mut child = crate::child::command(runner, exe)
         .arg(subcommand)
-        .arg("--job")
-        .arg(out_dir.join(JOB_COPY))
-        .arg("--out-dir")
-        .arg(out_dir)
-        .arg("--round")
-        .arg(round.to_string())
-        .arg("--cells")
-        .arg(cells.join(","))
-        .arg("--cores")
-        .arg(cores.to_string())
+        .args(request.args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,6 +1,7 @@
 //! What crosses the wire between quantbench's host and its on-board agent,
 //! and nothing else: the job specs the host sends (`kernel_job`,
-//! `model_job`), the rows the agent returns and their CSV schema (`rows`,
+//! `model_job`), what one agent process says to another (`child`), the
+//! rows the agent returns and their CSV schema (`rows`,
 //! written and read by `files`), the progress events it streams
 //! (`progress`), the board description (`probe`), the agent's build
 //! identity (`build_id`), the GGUF header check run before GGML reads a
@@ -11,6 +12,7 @@
 //! no plotting: the agent and the host library both depend on it.
 
 pub mod build_id;
+pub mod child;
 pub mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

@@ -27,6 +27,27 @@ pub struct RecipeFile {
     /// speed or memory figures (the F16 file's would mislead).
     #[serde(default)]
     pub scheme_bits_per_weight: Option<f64>,
+    /// Set when the build's quantizer could not make the recipe (an older
+    /// llama.cpp that refuses a tensor shape): why, in its words. There is
+    /// no file; the agent writes the recipe's row as unsupported with this
+    /// note and measures the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmade: Option<String>,
+}
+
+impl RecipeFile {
+    /// A recipe the build's quantizer refused (see `unmade`).
+    pub fn unmade(recipe: &str, reason: String) -> RecipeFile {
+        RecipeFile {
+            recipe: recipe.to_string(),
+            path: String::new(),
+            fallbacks: Vec::new(),
+            file_bytes: 0,
+            note: String::new(),
+            scheme_bits_per_weight: None,
+            unmade: Some(reason),
+        }
+    }
 }
 
 /// What a codebook recipe did to a model (`quantbench-agent codebook`).

@@ -270,8 +270,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         accept_to: Option<PathBuf>,
     },
-    /// Find the commit of a llama.cpp checkout that made a kernel cell
-    /// slower: builds the midpoints of --good..--bad (first-parent history)
+    /// Find the commit of a llama.cpp checkout (--llama), or of this
+    /// repository (--quantbench), that made a kernel cell slower: builds the midpoints of --good..--bad (first-parent history)
     /// and measures each against its nearest known-good and known-bad
     /// commits in one A/B session on the target, measuring again while a
     /// step is undecided; prints the first bad commit with each step's
@@ -279,9 +279,19 @@ enum Command {
     /// in the same folders, so a step is an incremental GGML build; each
     /// step's run is in --results and the history.
     Bisect {
-        /// The llama.cpp checkout (a git repository).
+        /// The llama.cpp checkout (a git repository) whose commits to
+        /// bisect, built with this working tree's quantbench.
+        #[arg(
+            long,
+            required_unless_present = "quantbench",
+            conflicts_with = "quantbench"
+        )]
+        llama: Option<PathBuf>,
+        /// Bisect this repository's own commits instead (our kernels and
+        /// agent, with the default llama.cpp); every commit must share
+        /// this checkout's wire/ (the job format).
         #[arg(long)]
-        llama: PathBuf,
+        quantbench: bool,
         /// A revision where the cell was fast.
         #[arg(long)]
         good: String,
@@ -775,6 +785,7 @@ fn run() -> Result<ExitCode> {
         }
         Command::Bisect {
             llama,
+            quantbench: _,
             good,
             bad,
             cell,
@@ -796,7 +807,12 @@ fn run() -> Result<ExitCode> {
             }
             let report = harness::bisect::bisect(&harness::bisect::BisectOptions {
                 session: run.options("default", Vec::new())?,
-                checkout: llama,
+                over: match llama {
+                    Some(checkout) => harness::bisect::BisectOver::Llama(checkout),
+                    None => {
+                        harness::bisect::BisectOver::Quantbench(harness::build::workspace_root())
+                    }
+                },
                 good,
                 bad,
                 cell: cell.clone(),

@@ -30,7 +30,7 @@ max_time_ms = 300
 invocations = 5
 
 [model_matrices.model-tiny]
-models = ["synthetic:distilgpt2:1"]
+models = ["synthetic:distilgpt2:1", "FIXTURES/stories260K.gguf"]
 recipes = ["q8_0", "adaptive"]
 threads = [1]
 text = "FIXTURES/stories-eval.txt"
@@ -169,6 +169,10 @@ fn bad_sources_are_refused_in_one_line_before_anything_is_built() {
             "lacks llama_memory_clear, which quantbench's FFI calls; sources known to work: llama-cpp-sys-2 0.1.140",
         ),
         ("crate:0.0.0-nope".to_string(), "could not be fetched"),
+        (
+            "quantbench@no-such-branch".to_string(),
+            "has no revision `no-such-branch`",
+        ),
         ("master".to_string(), "is not a llama.cpp source"),
     ];
     for (build, said) in cases {
@@ -251,7 +255,32 @@ fn a_build_from_another_llama_cpp_runs_both_matrices_and_names_itself_everywhere
         assert_eq!(row.status, wire::rows::CellStatus::Ok, "{row:?}");
     }
     let models: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
-    assert!(models.iter().any(|r| r.recipe == "q8_0"), "{models:?}");
+    // 0.1.140's quantizer refuses stories260K's tensors for Q8_0 (the
+    // pinned one falls back per tensor): that recipe is an unsupported row
+    // with the quantizer's words, the synthetic model's Q8_0 is measured.
+    let q8 = |model: &str| {
+        models
+            .iter()
+            .filter(|r| r.recipe == "q8_0" && r.model_filename.contains(model))
+            .collect::<Vec<_>>()
+    };
+    assert!(!q8("distilgpt2").is_empty(), "{models:?}");
+    assert!(
+        q8("distilgpt2")
+            .iter()
+            .all(|r| r.status == wire::rows::CellStatus::Ok),
+        "{models:?}"
+    );
+    let refused = q8("stories260K");
+    assert!(!refused.is_empty(), "{models:?}");
+    for row in refused {
+        assert_eq!(row.status, wire::rows::CellStatus::Unsupported, "{row:?}");
+        assert!(
+            row.note.contains("not made")
+                && row.note.contains("llama.cpp: Unsupported tensor size"),
+            "{row:?}"
+        );
+    }
     assert!(models.iter().all(|r| r.recipe != "adaptive"), "{models:?}");
     assert!(models.iter().all(|r| r.llama_cpp == kernels[0].llama_cpp));
     let manifest: serde_json::Value =
@@ -278,6 +307,206 @@ fn a_build_from_another_llama_cpp_runs_both_matrices_and_names_itself_everywhere
         "Cargo.lock kept the patched crate"
     );
 }
+
+/// A commit of this repository that is the working tree's last commit
+/// with one file rewritten by `change`, made with git's plumbing (no
+/// branch, no checkout: the working tree is untouched).
+fn commit_with(file: &str, change: impl Fn(&str) -> String) -> String {
+    commit_on("HEAD", "quantbench test commit", &[(file, &change)])
+}
+
+/// A commit whose parent is `parent`: its tree with each file rewritten by
+/// its change, made with git's plumbing.
+type Change<'a> = (&'a str, &'a dyn Fn(&str) -> String);
+fn commit_on(parent: &str, message: &str, changes: &[Change]) -> String {
+    let workspace = harness::build::workspace_root();
+    let index = tempfile::NamedTempFile::new().unwrap();
+    let git = |args: &[&str], input: Option<&str>| -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("git")
+            .current_dir(&workspace)
+            .env("GIT_INDEX_FILE", index.path())
+            .args([
+                "-c",
+                "user.name=quantbench test",
+                "-c",
+                "user.email=test@quantbench",
+            ])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.unwrap_or("").as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "git {args:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["read-tree", parent], None);
+    for (file, change) in changes {
+        let text = git(&["show", &format!("{parent}:{file}")], None);
+        let blob = git(&["hash-object", "-w", "--stdin"], Some(&change(&text)));
+        git(
+            &[
+                "update-index",
+                "--cacheinfo",
+                &format!("100644,{blob},{file}"),
+            ],
+            None,
+        );
+    }
+    let tree = git(&["write-tree"], None);
+    git(&["commit-tree", &tree, "-p", parent, "-m", message], None)
+}
+
+#[test]
+fn a_commit_of_this_repository_is_a_build_and_one_of_another_job_format_is_refused() {
+    let _turn = TIMED.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = config_dir();
+    // A change to our own agent code: the commit's agent names the kernel
+    // path it measured differently, so the rows show which code measured
+    // them (each invocation runs in its build's own binary).
+    let changed = commit_with("remote-agent/src/multiply.rs", |text| {
+        let old = "self.0.path().to_string()";
+        assert!(text.contains(old));
+        text.replace(old, r#"format!("{}+commit-under-test", self.0.path())"#)
+    });
+    let out = xtask(
+        dir.path(),
+        &[
+            "ab",
+            "default",
+            &format!("quantbench@{changed}"),
+            "--target",
+            "local",
+            "--matrix",
+            "tiny",
+            "--no-noise-floors",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("quantbench {}", &changed[..12])),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(verdicts(&String::from_utf8_lossy(&out.stdout)).len(), 3);
+    let run = run_dirs(dir.path()).pop().unwrap();
+    let kernels: Vec<KernelRow> = read_csv(&run.join("kernels.csv")).unwrap();
+    assert_eq!(kernels.len(), 6, "{kernels:?}");
+    for row in &kernels {
+        let by_commit = row.kernel_path.ends_with("+commit-under-test");
+        assert_eq!(by_commit, row.cell_id.ends_with("@new"), "{row:?}");
+        assert_eq!(row.llama_cpp, "vendored", "{row:?}");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    let builds = manifest["versions"]["agent_builds"].as_array().unwrap();
+    let new = builds.iter().find(|b| b["build"] == "new").unwrap();
+    assert_eq!(new["quantbench"]["commit"], changed[..12]);
+    assert_ne!(new["hash"], builds[0]["hash"]);
+    // The working tree's own agent is still the working tree's.
+    let out = xtask(
+        dir.path(),
+        &["bench", "--target", "local", "--matrix", "tiny"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let run = run_dirs(dir.path()).pop().unwrap();
+    let kernels: Vec<KernelRow> = read_csv(&run.join("kernels.csv")).unwrap();
+    assert!(
+        kernels
+            .iter()
+            .all(|r| !r.kernel_path.contains("commit-under-test")),
+        "{kernels:?}"
+    );
+
+    // A commit whose wire crate differs reads jobs another way: refused in
+    // one line before anything is built.
+    let other_format = commit_with("wire/src/lib.rs", |text| format!("{text}\n// changed\n"));
+    let runs_before = run_dirs(dir.path()).len();
+    let out = xtask(
+        dir.path(),
+        &[
+            "bench",
+            "--target",
+            "local",
+            "--matrix",
+            "tiny",
+            "--build",
+            &format!("quantbench@{other_format}"),
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another job format") && stderr.contains("wire/src/lib.rs"),
+        "{}",
+        text(&out)
+    );
+    assert!(!stderr.contains("Compiling"), "{}", text(&out));
+    assert_eq!(run_dirs(dir.path()).len(), runs_before);
+
+    // Bisect over six commits of this repository: the fifth makes our
+    // GGML multiply compute twice (the F32 cell about 2x slower); each
+    // commit also changes a note, so every tree differs.
+    let twice = |text: &str| {
+        let once =
+            "    fn compute(&mut self) -> Result<(), KernelError> {\n        self.0.compute()\n";
+        assert_eq!(text.matches(once).count(), 1);
+        text.replace(
+            once,
+            "    fn compute(&mut self) -> Result<(), KernelError> {\n        self.0.compute()?;\n        self.0.compute()\n",
+        )
+    };
+    let mut commits: Vec<String> = Vec::new();
+    for step in 0..6 {
+        let parent = commits.last().cloned().unwrap_or_else(|| "HEAD".into());
+        let note = move |text: &str| format!("{text}\n<!-- bisect step {step} -->\n");
+        let message = if step == 4 {
+            "multiply twice".to_string()
+        } else {
+            format!("note {step}")
+        };
+        let mut changes: Vec<Change> = vec![("README.md", &note)];
+        if step == 4 {
+            changes.push(("remote-agent/src/multiply.rs", &twice));
+        }
+        commits.push(commit_on(&parent, &message, &changes));
+    }
+    let out = xtask(
+        dir.path(),
+        &[
+            "bisect",
+            "--quantbench",
+            "--good",
+            &commits[0],
+            "--bad",
+            &commits[5],
+            "--cell",
+            F32_CELL,
+            "--matrix",
+            "tiny",
+            "--target",
+            "local",
+        ],
+    );
+    eprintln!("{}", text(&out));
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "first bad commit for {F32_CELL}: {}",
+            &commits[4][..10]
+        )) && stdout.contains("multiply twice"),
+        "{}",
+        text(&out)
+    );
+}
+
+const F32_CELL: &str = "llama3.2-1b.attn_kv/F32/n1/t1";
 
 #[test]
 fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {

@@ -10,7 +10,7 @@ use super::{
 use crate::config::{BenchConfig, ConfigError, ModelMatrixSpec};
 use crate::recipes::{
     adaptive_assignment, check_model_file, CalibrationRecord, LayerImportance, QuantizeSpec,
-    Recipe, RecipeCache,
+    Recipe, RecipeCache, RecipeError,
 };
 use crate::session::{BoardSlot, Session};
 use crate::synthetic::{self, SyntheticModel};
@@ -38,6 +38,9 @@ fn uploads_of(job: &ModelJob) -> Vec<Upload> {
         },
     ];
     for (i, recipe) in job.recipes.iter().enumerate() {
+        if recipe.unmade.is_some() {
+            continue;
+        }
         uploads.push(Upload {
             pointer: format!("/recipes/{i}/path"),
             local: PathBuf::from(&recipe.path),
@@ -50,6 +53,37 @@ fn uploads_of(job: &ModelJob) -> Vec<Upload> {
         });
     }
     uploads
+}
+
+/// A recipe's file, or, when the build's llama.cpp quantizer refused to
+/// make it (llama-cpp-sys-2 0.1.140 stops on a tensor size the pinned one
+/// handles by falling back), a recipe the agent reports as unsupported
+/// with the quantizer's words: one recipe a build cannot make is a row of
+/// the comparison, not the end of the matrix. With the default build the
+/// error stands (the matrix asks for what the model cannot take).
+fn made_or_refused(
+    recipe: &str,
+    build: &crate::llama_source::PreparedSource,
+    made: Result<RecipeFile, RecipeError>,
+) -> Result<RecipeFile, RecipeError> {
+    match made {
+        // With the default build a recipe the model cannot take is a
+        // mistake in the matrix: one line, nothing measured.
+        Err(RecipeError::AgentFailed {
+            subcommand,
+            message,
+        }) if subcommand == "quantize" && !build.is_default() => {
+            let reason = format!(
+                "not made: build `{}` (llama.cpp {}) could not quantize it: {}",
+                build.name,
+                build.identity.source,
+                message.trim()
+            );
+            eprintln!("{recipe}: {reason}");
+            Ok(RecipeFile::unmade(recipe, reason))
+        }
+        other => other,
+    }
 }
 
 /// Processes a recipe's speed is measured in on a real board unless the
@@ -327,11 +361,8 @@ impl JobKind for ModelMatrix {
                         assignment,
                     });
                 } else {
-                    recipes.push(cache.quantize(
-                        agent,
-                        model,
-                        &QuantizeSpec::uniform(recipe, recipe),
-                    )?);
+                    let made = cache.quantize(agent, model, &QuantizeSpec::uniform(recipe, recipe));
+                    recipes.push(made_or_refused(recipe, &session.base().source, made)?);
                 }
             }
             self.prepared.push(PreparedModel {
@@ -363,6 +394,7 @@ impl JobKind for ModelMatrix {
                     file_bytes: model.file_bytes,
                     note: String::new(),
                     scheme_bits_per_weight: None,
+                    unmade: None,
                 },
                 recipes: model.recipes.clone(),
                 threads: self.spec.threads.clone(),

@@ -287,9 +287,13 @@ pub fn model_table(rows: &[ModelRow]) -> String {
             if r.status != CellStatus::Ok {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | – | – | – | – | – | – | – | – | – | – | – | – | failed: {} |",
+                    "| {} | {} | – | – | – | – | – | – | – | – | – | – | – | – | {}: {} |",
                     r.model_filename,
                     r.recipe,
+                    match r.status {
+                        CellStatus::Unsupported => "unsupported",
+                        _ => "failed",
+                    },
                     r.note.replace('|', "/")
                 );
                 continue;

@@ -1,0 +1,106 @@
+//! What an agent says to another agent process: the kernel job's
+//! children (`measure-round`, `prepare-cells`), which may be another
+//! build's binary (A/B, a commit of this repository): the command line a
+//! child is started with (`ChildRequest`) and the lines it answers on its
+//! stdout (`ChildLine`), with the figures they carry. Being in this crate
+//! makes it part of the job format a build must share with the host.
+
+use crate::probe::ThermalReading;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The command line of a child after its subcommand: which job, where
+/// its files are, which round, which of the job's cells in which order,
+/// and the board's cores as the parent resolved `threads = "all"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildRequest {
+    pub job: PathBuf,
+    pub out_dir: PathBuf,
+    pub round: u32,
+    pub cells: Vec<usize>,
+    pub cores: usize,
+}
+
+impl ChildRequest {
+    /// `--job J --out-dir D --round R --cells 3,1,2 --cores C`: what the
+    /// agent's `ChildArgs` parse.
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        let cells: Vec<String> = self.cells.iter().map(usize::to_string).collect();
+        vec![
+            "--job".into(),
+            self.job.clone().into(),
+            "--out-dir".into(),
+            self.out_dir.clone().into(),
+            "--round".into(),
+            self.round.to_string().into(),
+            "--cells".into(),
+            cells.join(",").into(),
+            "--cores".into(),
+            self.cores.to_string().into(),
+        ]
+    }
+}
+
+/// What preparing a cell found, once per cell whatever its invocations:
+/// the output error against the f64 reference and the storage figures.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct CellPrep {
+    pub nmse: f64,
+    pub weight_bytes: u64,
+    /// The exact storage cost when it depends on the data.
+    pub bits_per_weight: Option<f64>,
+}
+
+/// One invocation's timing of a cell: its repetitions, its warm-up and
+/// what else used the CPU meanwhile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvocationTiming {
+    pub samples_ns: Vec<u64>,
+    pub warmup_reps: u32,
+    pub warmup_ms: f64,
+    pub settled: bool,
+    pub other_cpu_cores: Option<f64>,
+}
+
+/// One invocation of a cell as measured (in this process or a child).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvocationResult {
+    pub timing: InvocationTiming,
+    pub kernel_path: String,
+    pub weight_placement: String,
+    pub cooldown_seconds: Option<f64>,
+    pub before: ThermalReading,
+    pub after: ThermalReading,
+    /// The process that measured it.
+    #[serde(default)]
+    pub pid: u32,
+}
+
+/// What a `measure-round` child says on stdout, one JSON object a line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "child", rename_all = "snake_case")]
+pub enum ChildLine {
+    /// It starts measuring the job's cell `index`.
+    Started {
+        index: usize,
+    },
+    Measured {
+        index: usize,
+        result: Box<InvocationResult>,
+    },
+    Failed {
+        index: usize,
+        reason: String,
+    },
+    /// `prepare-cells`: the cell is staged and these are its figures.
+    Prepared {
+        index: usize,
+        prep: CellPrep,
+    },
+    /// `prepare-cells`: the cell cannot run.
+    Refused {
+        index: usize,
+        unsupported: bool,
+        reason: String,
+    },
+}
