@@ -172,8 +172,11 @@ impl LlamaSource {
             };
         }
         if let Some(rest) = text.strip_prefix("path:") {
+            // The revision follows the last `@` and may hold `/`
+            // (`origin/master`); a folder whose own name has an `@` is
+            // taken whole when it exists as written.
             let (path, rev) = match rest.rsplit_once('@') {
-                Some((path, rev)) if !rev.is_empty() && !rev.contains('/') => {
+                Some((path, rev)) if !rev.is_empty() && !Path::new(rest).is_dir() => {
                     (path, Some(rev.to_string()))
                 }
                 _ => (rest, None),
@@ -1005,6 +1008,26 @@ mod tests {
             .unwrap_err()
             .contains("crate:0.1.140"));
         assert!(LlamaSource::parse("master").unwrap_err().contains("path:"));
+        // A revision with a `/` (a remote's branch), as the nightly follows.
+        assert_eq!(
+            LlamaSource::parse("path:/srv/llama.cpp@origin/master"),
+            Ok(LlamaSource::Checkout {
+                path: PathBuf::from("/srv/llama.cpp"),
+                rev: Some("origin/master".into())
+            })
+        );
+        // A folder with an `@` in its name, written without a revision.
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("llama@work");
+        std::fs::create_dir_all(&odd).unwrap();
+        let written = format!("path:{}", odd.display());
+        assert_eq!(
+            LlamaSource::parse(&written),
+            Ok(LlamaSource::Checkout {
+                path: odd.clone(),
+                rev: None
+            })
+        );
         for text in ["vendored", "crate:0.1.140", "path:/a/b@v1"] {
             assert_eq!(LlamaSource::parse(text).unwrap().describe(), text);
         }

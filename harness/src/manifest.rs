@@ -114,6 +114,36 @@ fn default_build() -> String {
     "default".into()
 }
 
+impl BuildRecord {
+    /// This build written so that it names exactly what was measured
+    /// again, for keeping an accepted build (`ab --accept-to`): a llama.cpp
+    /// source pinned to its commit (`path:...@<commit>`, with the working
+    /// tree's quantbench, as a nightly following llama.cpp wants), or
+    /// `quantbench@<commit>` for the default llama.cpp with this
+    /// repository at a commit (`run_commit`, the run's `git_commit`, when
+    /// the build was the working tree). `None` when one source cannot say
+    /// it: patches or CMake options, uncommitted changes, or a commit of
+    /// this repository with another llama.cpp (write that in bench.toml).
+    pub fn pinned_source(&self, run_commit: &str) -> Option<String> {
+        let llama = match &self.llama_cpp {
+            Some(identity) => identity.pinned()?,
+            None => crate::llama_source::LlamaSource::Vendored.describe(),
+        };
+        let vendored = llama == crate::llama_source::LlamaSource::Vendored.describe();
+        match (&self.quantbench, vendored) {
+            (None, false) => Some(llama),
+            (Some(revision), true) => Some(format!("quantbench@{}", revision.commit)),
+            (None, true) => {
+                let clean = !run_commit.is_empty()
+                    && !run_commit.ends_with("-dirty")
+                    && run_commit != "nogit";
+                clean.then(|| format!("quantbench@{run_commit}"))
+            }
+            (Some(_), false) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {
     pub hostname: String,
@@ -279,6 +309,74 @@ impl ManifestWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llama_source::LlamaIdentity;
+    use crate::quantbench_revision::QuantbenchRevision;
+
+    #[test]
+    fn an_accepted_build_is_pinned_to_what_was_measured() {
+        let identity = |source: &str, commit: Option<&str>| LlamaIdentity {
+            source: source.into(),
+            crate_version: "0.1.161".into(),
+            commit: commit.map(str::to_string),
+            tree: "t".into(),
+            patches: Vec::new(),
+            cmake: Default::default(),
+            lacks: Vec::new(),
+        };
+        let record = |llama: Option<LlamaIdentity>, quantbench: Option<&str>| BuildRecord {
+            profile: "local".into(),
+            hash: "h".into(),
+            target_triple: "x".into(),
+            seconds: 0.0,
+            build: "new".into(),
+            llama_cpp: llama,
+            quantbench: quantbench.map(|c| QuantbenchRevision {
+                rev: "HEAD~1".into(),
+                commit: c.into(),
+                tree: "t".into(),
+            }),
+        };
+        // A llama.cpp checkout followed at a branch: pinned to its commit.
+        let followed = record(
+            Some(identity(
+                "path:/srv/llama.cpp@origin/master",
+                Some("0c1e57098bba"),
+            )),
+            None,
+        );
+        assert_eq!(
+            followed.pinned_source("abc1234").as_deref(),
+            Some("path:/srv/llama.cpp@0c1e57098bba")
+        );
+        // Its working tree with uncommitted changes names no one tree.
+        let dirty = record(
+            Some(identity("path:/srv/llama.cpp", Some("0c1e57098bba-dirty"))),
+            None,
+        );
+        assert_eq!(dirty.pinned_source("abc1234"), None);
+        // The default build: this repository at the run's commit.
+        let default = record(Some(identity("vendored", None)), None);
+        assert_eq!(
+            default.pinned_source("abc1234").as_deref(),
+            Some("quantbench@abc1234")
+        );
+        assert_eq!(default.pinned_source("abc1234-dirty"), None);
+        assert_eq!(default.pinned_source("nogit"), None);
+        // A commit of this repository: that commit.
+        let commit = record(Some(identity("vendored", None)), Some("1a2b3c4d5e6f"));
+        assert_eq!(
+            commit.pinned_source("abc1234").as_deref(),
+            Some("quantbench@1a2b3c4d5e6f")
+        );
+        // A commit with another llama.cpp: bench.toml has to say it.
+        let both = record(Some(identity("crate:0.1.140", None)), Some("1a2b3c4d5e6f"));
+        assert_eq!(both.pinned_source("abc1234"), None);
+        // Runs from before builds were recorded: the default.
+        assert_eq!(
+            record(None, None).pinned_source("abc1234").as_deref(),
+            Some("quantbench@abc1234")
+        );
+    }
 
     fn manifest() -> RunManifest {
         RunManifest {

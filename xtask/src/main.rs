@@ -744,20 +744,20 @@ fn run() -> Result<ExitCode> {
                 eprintln!("some boards failed; their rows are missing from the verdict");
             }
             if let Some(file) = &accept_to {
-                let identity = run
+                let pinned = run
                     .manifest
                     .versions
                     .agent_builds
                     .iter()
                     .find(|b| b.build == measured[1])
-                    .and_then(|b| b.llama_cpp.clone());
+                    .and_then(|b| b.pinned_source(&run.manifest.git_commit));
                 if comparison.any_regression() || !report.all_succeeded() {
                     eprintln!(
                         "not accepted: {} stays the accepted build ({})",
                         base,
                         file.display()
                     );
-                } else if let Some(pinned) = identity.as_ref().and_then(|i| i.pinned()) {
+                } else if let Some(pinned) = pinned {
                     let temp = file.with_extension("tmp");
                     std::fs::write(&temp, format!("{pinned}\n"))
                         .and_then(|()| std::fs::rename(&temp, file))
@@ -770,7 +770,7 @@ fn run() -> Result<ExitCode> {
                     );
                 } else {
                     anyhow::bail!(
-                        "`{new}` cannot be accepted into {}: its source does not name one tree (patches, CMake options or a working tree with uncommitted changes); accept a checkout at a commit",
+                        "`{new}` cannot be accepted into {}: no one source names what it measured (patches, CMake options, uncommitted changes, or a commit of this repository with another llama.cpp); accept a checkout at a commit, or commit your changes",
                         file.display()
                     );
                 }
