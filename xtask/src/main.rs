@@ -169,7 +169,9 @@ enum Command {
         /// (source, patches, CMake options), or a source written directly:
         /// `crate:0.1.140` (another llama-cpp-sys-2 version's copy, fetched
         /// by cargo) or `path:../llama.cpp` / `path:../llama.cpp@<git rev>`
-        /// (a local checkout). Recorded in run.json and every row.
+        /// (a local checkout), or `quantbench@<git rev>` (this repository's
+        /// agent at a commit, with the default llama.cpp). Recorded in
+        /// run.json and every row.
         #[arg(long, default_value = "default", conflicts_with = "resume")]
         build: String,
     },
@@ -226,8 +228,9 @@ enum Command {
         /// `cargo` (default, Debian's cross gcc) or `cross` (needs a container engine).
         #[arg(long, default_value = "cargo")]
         builder: String,
-        /// Which llama.cpp: `default`, a `[builds.<name>]` of the config, or
-        /// a source (`crate:0.1.140`, `path:../llama.cpp@<rev>`); see `bench --build`.
+        /// Which build: `default`, a `[builds.<name>]` of the config, or a
+        /// source (`crate:0.1.140`, `path:../llama.cpp@<rev>`,
+        /// `quantbench@<rev>`); see `bench --build`.
         #[arg(long, default_value = "default")]
         build: String,
         /// The config file holding `[builds]`.
@@ -239,8 +242,10 @@ enum Command {
     /// processes) on every board of the target, then the verdict table of
     /// <new> against <base> is printed, with the statistics of `compare`.
     /// A build is `default`, a `[builds.<name>]` of the config, or a source
-    /// (`crate:0.1.140`, `path:../llama.cpp@<rev>`); see `bench --build`.
-    /// The run directory keeps both (`compare <run>@<base> <run>@<new>`).
+    /// (`crate:0.1.140`, `path:../llama.cpp@<rev>`, `quantbench@<rev>` for
+    /// this repository at a commit: `ab quantbench@HEAD default` measures
+    /// your uncommitted change); see `bench --build`. The run directory
+    /// keeps both (`compare <run>@<base> <run>@<new>`).
     Ab {
         /// The baseline build.
         base: String,
