@@ -557,60 +557,54 @@ pub fn run_model_job(
         );
         // A recipe this build's quantizer could not make: unsupported by
         // this build, like a kernel cell its GGML cannot run.
-        if let Some(reason) = &recipe.unmade {
-            rows.append(&ModelRow {
-                status: CellStatus::Unsupported,
-                ..failed_row(job, probe, recipe, reason)
-            })?;
-            let _ = writeln!(
-                stdout,
-                "{}",
-                ProgressEvent::CellFinished {
-                    index,
-                    cell_id,
-                    status: CellStatus::Unsupported,
-                    median_ns: None
-                }
-                .to_line()
-            );
-            continue;
-        }
-        let produced = measure_recipe(
-            job,
-            (job_path, index),
-            probe,
-            &tokens,
-            base.as_ref(),
-            max_threads,
-        );
+        let produced = match &recipe.unmade {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(measure_recipe(
+                job,
+                (job_path, index),
+                probe,
+                &tokens,
+                base.as_ref(),
+                max_threads,
+            )),
+        };
         let status = match produced {
-            Ok(recipe_rows) => {
-                for (row, by_invocation) in &recipe_rows {
-                    for (invocation, samples_ns) in by_invocation.iter().enumerate() {
-                        for (repetition, &ns) in samples_ns.iter().enumerate() {
-                            samples.append_unsynced(&SampleRow {
-                                run_id: job.run_id.clone(),
-                                board: job.board.clone(),
-                                cell_id: row.cell_id(),
-                                repetition: repetition as u32,
-                                ns: ns as u64,
-                                invocation: invocation as u32,
-                                // Invocations of a recipe run one after another.
-                                round: invocation as u32,
-                            })?;
+            Err(reason) => {
+                rows.append(&ModelRow {
+                    status: CellStatus::Unsupported,
+                    ..failed_row(job, probe, recipe, &reason)
+                })?;
+                CellStatus::Unsupported
+            }
+            Ok(produced) => match produced {
+                Ok(recipe_rows) => {
+                    for (row, by_invocation) in &recipe_rows {
+                        for (invocation, samples_ns) in by_invocation.iter().enumerate() {
+                            for (repetition, &ns) in samples_ns.iter().enumerate() {
+                                samples.append_unsynced(&SampleRow {
+                                    run_id: job.run_id.clone(),
+                                    board: job.board.clone(),
+                                    cell_id: row.cell_id(),
+                                    repetition: repetition as u32,
+                                    ns: ns as u64,
+                                    invocation: invocation as u32,
+                                    // Invocations of a recipe run one after another.
+                                    round: invocation as u32,
+                                })?;
+                            }
                         }
+                        // Repetitions reach the disk before their row.
+                        samples.sync()?;
+                        rows.append(row)?;
                     }
-                    // Repetitions reach the disk before their row.
-                    samples.sync()?;
-                    rows.append(row)?;
+                    CellStatus::Ok
                 }
-                CellStatus::Ok
-            }
-            Err(e) => {
-                failed += 1;
-                rows.append(&failed_row(job, probe, recipe, &format!("{e:#}")))?;
-                CellStatus::Failed
-            }
+                Err(e) => {
+                    failed += 1;
+                    rows.append(&failed_row(job, probe, recipe, &format!("{e:#}")))?;
+                    CellStatus::Failed
+                }
+            },
         };
         let _ = writeln!(
             stdout,
