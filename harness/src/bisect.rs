@@ -1,6 +1,6 @@
 //! Bisect: the first commit of a llama.cpp checkout, or of this
-//! repository (our own kernels and agent), that made one kernel cell
-//! slower. Each step is an A/B session (`pipeline::run_bench` with
+//! repository (our own kernels and agent), that made one kernel cell or
+//! model test slower. Each step is an A/B session (`pipeline::run_bench` with
 //! several builds) on the target: the nearest known-good commit, the
 //! midpoint and the nearest known-bad commit measured in the same shuffled
 //! rounds, the midpoint judged against both with `compare`'s statistics. A step that cannot decide
@@ -44,7 +44,8 @@ pub struct BisectOptions {
     pub over: BisectOver,
     pub good: String,
     pub bad: String,
-    /// The kernel cell, as its id (`<shape>/<type>/n<batch>/t<threads>`).
+    /// The kernel cell, as its id (`<shape>/<type>/n<batch>/t<threads>`),
+    /// or a model test (`<model file>/<recipe>/<pp|tg><N>/t<threads>`).
     pub cell: String,
     /// Sessions a step may take before it is called inconclusive.
     pub attempts: u32,

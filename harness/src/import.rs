@@ -137,6 +137,7 @@ pub fn import_llama_bench(
                 .map(str::to_string)
                 .unwrap_or_else(|| r.model_filename.clone()),
             recipe,
+            build: String::new(),
             model_type: r.model_type.clone(),
             model_size: r.model_size,
             model_n_params: r.model_n_params,

@@ -43,7 +43,7 @@ pub enum BenchError {
     #[error("{0}")]
     Resume(String),
     #[error("{0}")]
-    Ab(String),
+    NoSuchCell(String),
     #[error(transparent)]
     Budget(#[from] crate::budget::BudgetError),
     #[error(transparent)]
@@ -107,15 +107,6 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
     // Every matrix and its inputs are checked before any build, so a typo
     // fails in milliseconds.
     let mut kinds = kinds_for(&config, &options.matrix)?;
-    if !options.versus.is_empty() {
-        if let Some(other) = kinds.iter().find(|k| k.kind() != "kernel") {
-            return Err(BenchError::Ab(format!(
-                "`ab` measures kernel matrices in shared rounds; `{}` is a {} matrix: run `bench --build <name>` once per build and `compare` the two runs",
-                other.matrix(),
-                other.kind()
-            )));
-        }
-    }
     let needs_host_agent = kinds.iter().any(|k| k.needs_host_agent());
     let mut session = Session::open(options, &config, needs_host_agent)?;
     if let Some((dir, recorded)) = &resumed {
@@ -164,6 +155,13 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
         planned.push((jobs, budget));
     }
 
+    if !options.only_cells.is_empty() && planned.iter().all(|(jobs, _)| jobs.is_empty()) {
+        return Err(BenchError::NoSuchCell(format!(
+            "no cell of matrix `{}` is {}: give a kernel cell as kernels.csv names it (`<shape>/<type>/n<batch>/t<threads>`) or a model test as `<model file>/<recipe>/<pp|tg><N>/t<threads>`",
+            options.matrix,
+            options.only_cells.join(", ")
+        )));
+    }
     let run_dir = session.run_dir.clone();
     std::fs::create_dir_all(&run_dir).map_err(|source| ResultsError::Io {
         path: run_dir.clone(),

@@ -155,6 +155,7 @@ impl RunData {
             self.kernel_rows
                 .iter()
                 .any(|r| split_build(&r.cell_id).1 == Some(name.as_str()))
+                || self.model_rows.iter().any(|r| r.build == *name)
         };
         names.retain(measured);
         names
@@ -196,7 +197,15 @@ impl RunData {
                     })
                 })
                 .collect(),
-            model_rows: Vec::new(),
+            model_rows: self
+                .model_rows
+                .iter()
+                .filter(|r| r.build == build)
+                .map(|r| ModelRow {
+                    build: String::new(),
+                    ..r.clone()
+                })
+                .collect(),
             samples: self
                 .samples
                 .iter()
@@ -208,7 +217,7 @@ impl RunData {
                     })
                 })
                 .collect(),
-            importance: Vec::new(),
+            importance: self.importance.clone(),
             probes: self.probes.clone(),
             side: Some(build.to_string()),
         })

@@ -208,6 +208,22 @@ enum Command {
         /// The board's cores, as `model-run` resolved `threads = "all"`.
         #[arg(long)]
         cores: usize,
+        /// The A/B job's build whose recipe files to load.
+        #[arg(long)]
+        build: Option<String>,
+    },
+    /// Judges one build of an A/B model job (started by `model-run`):
+    /// the base model's reference with this binary's llama.cpp, then each
+    /// of the build's recipes (quality, continuation, multiple choice),
+    /// one JSON line each.
+    ModelQuality {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        build: String,
+        /// The board's cores, as `model-run` resolved `threads = "all"`.
+        #[arg(long)]
+        cores: usize,
     },
 }
 
@@ -395,10 +411,20 @@ fn main() -> Result<()> {
                 })
             );
         }
-        Command::ModelTime { job, recipe, cores } => {
+        Command::ModelTime {
+            job,
+            recipe,
+            cores,
+            build,
+        } => {
             let job: wire::model_job::ModelJob =
                 read_json(&job).context("reading the model job")?;
-            model_run::time_invocation(&job, recipe, cores)?;
+            model_run::time_invocation(&job, build.as_deref(), recipe, cores)?;
+        }
+        Command::ModelQuality { job, build, cores } => {
+            let job: wire::model_job::ModelJob =
+                read_json(&job).context("reading the model job")?;
+            model_run::judge_build(&job, &build, cores)?;
         }
         Command::ModelRun { job, out_dir } => {
             let job_path = job;

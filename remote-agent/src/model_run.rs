@@ -3,12 +3,13 @@
 
 use anyhow::{bail, Context, Result};
 use kernels::model::{gguf_tensor_types, quantize_model, BatchEntry, LoadedModel, QuantizeRequest};
-use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
+use wire::child::{JudgedLine, ModelFacts, ModelTiming, Quality, RecipeJudgement};
 use wire::files::{CsvAppender, MODEL_ROWS_FILE, SAMPLES_FILE};
-use wire::model_job::{repetition_score, ModelJob, RecipeFile};
+use wire::kernel_job::JobBuild;
+use wire::model_job::{repetition_score, ModelJob, ModelJobBuild, RecipeFile};
 use wire::probe::BoardProbe;
 use wire::progress::ProgressEvent;
 use wire::rows::CellStatus;
@@ -213,13 +214,6 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
 }
 
 /// Quality of `candidate` against `base` at the same positions.
-pub struct Quality {
-    pub ppl: f64,
-    pub kld_mean: f64,
-    pub kld_p99: f64,
-    pub top1_agreement: f64,
-}
-
 pub fn compare(base: &Reference, candidate: &Reference) -> Quality {
     let n = candidate.targets.len();
     let mut nll = 0.0;
@@ -341,17 +335,6 @@ fn time_test(model: &mut LoadedModel, prompt: bool, n: usize, reps: u32) -> Resu
     (0..reps).map(|_| run(model)).collect()
 }
 
-/// One invocation's speed of a recipe: every test (per thread count, pp
-/// then tg) as seconds per repetition, with the load time and peak memory
-/// of the process that measured it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct InvocationTiming {
-    pub load_ms: f64,
-    pub peak_rss_bytes: Option<u64>,
-    /// `[threads][pp, tg]` flattened, as `tests` lists them.
-    pub seconds: Vec<Vec<f64>>,
-}
-
 /// The job's tests in order: (threads, prompt?, tokens).
 fn tests(job: &ModelJob, cores: usize) -> Vec<(usize, bool, usize)> {
     job.threads
@@ -361,6 +344,11 @@ fn tests(job: &ModelJob, cores: usize) -> Vec<(usize, bool, usize)> {
             [(threads, true, job.n_prompt), (threads, false, job.n_gen)]
         })
         .collect()
+}
+
+/// The most threads any test uses: what a recipe is loaded with.
+fn max_threads(job: &ModelJob, cores: usize) -> usize {
+    tests(job, cores).iter().map(|t| t.0).max().unwrap_or(1)
 }
 
 /// Times every test on `model`.
@@ -377,21 +365,45 @@ fn timing_ctx(job: &ModelJob) -> usize {
     job.ctx.max(job.n_prompt).max(job.n_gen + 1)
 }
 
-/// The child of a further invocation (`quantbench-agent model-time`):
-/// loads recipe `index` afresh, times every test and prints the result as
-/// one JSON line.
-pub fn time_invocation(job: &ModelJob, index: usize, cores: usize) -> Result<()> {
-    let recipe = job
-        .recipes
+/// Recipe `index` of `build`'s files (the job's own without a build).
+fn recipe_of<'a>(job: &'a ModelJob, build: Option<&str>, index: usize) -> Result<&'a RecipeFile> {
+    job.recipes_of(build)
+        .with_context(|| {
+            format!(
+                "the model job names no build `{}`",
+                build.unwrap_or_default()
+            )
+        })?
         .get(index)
-        .with_context(|| format!("the model job has no recipe {index}"))?;
+        .with_context(|| format!("the model job has no recipe {index}"))
+}
+
+/// A decoded scheme runs llama.cpp's F32 kernels: its times and memory
+/// would be F32's, not the scheme's, so it is not timed.
+fn timed(recipe: &RecipeFile) -> bool {
+    recipe.scheme_bits_per_weight.is_none()
+}
+
+/// The child of a further invocation (`quantbench-agent model-time`):
+/// loads recipe `index` (of `build`'s files in an A/B job) afresh, times
+/// every test and prints the result as one JSON line.
+pub fn time_invocation(
+    job: &ModelJob,
+    build: Option<&str>,
+    index: usize,
+    cores: usize,
+) -> Result<()> {
+    let recipe = recipe_of(job, build, index)?;
     peak_rss_reset();
     let started = Instant::now();
-    let max_threads = tests(job, cores).iter().map(|t| t.0).max().unwrap_or(1);
-    let mut model = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), max_threads)?;
+    let mut model = LoadedModel::load(
+        Path::new(&recipe.path),
+        timing_ctx(job),
+        max_threads(job, cores),
+    )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let seconds = time_tests(job, cores, &mut model)?;
-    let timing = InvocationTiming {
+    let timing = ModelTiming {
         load_ms,
         peak_rss_bytes: peak_rss_bytes(),
         seconds,
@@ -400,42 +412,77 @@ pub fn time_invocation(job: &ModelJob, index: usize, cores: usize) -> Result<()>
     Ok(())
 }
 
-/// Whether every test's time is known to `precision` from `invocations`.
-fn precise_enough(invocations: &[InvocationTiming], precision: f64) -> bool {
-    let tests = invocations.first().map_or(0, |i| i.seconds.len());
-    (0..tests).all(|t| {
-        let groups: Vec<Vec<f64>> = invocations
+/// A recipe's invocations so far, each with the round it ran in.
+type Timings = Vec<(u32, ModelTiming)>;
+
+/// Whether every test's time is known to `precision` from `timings`.
+fn precise_enough(timings: &Timings, precision: f64) -> bool {
+    let tests = timings.first().map_or(0, |(_, t)| t.seconds.len());
+    (0..tests).all(|test| {
+        let groups: Vec<Vec<f64>> = timings
             .iter()
-            .map(|i| i.seconds.get(t).cloned().unwrap_or_default())
+            .map(|(_, t)| t.seconds.get(test).cloned().unwrap_or_default())
             .collect();
         wire::stats::relative_half_width(&groups, 0.95).is_some_and(|p| p <= precision)
     })
 }
 
-/// A further invocation of recipe `index` in a fresh child process.
-fn invoke_child(
-    runner: &[String],
-    job_path: &Path,
-    index: usize,
-    cores: usize,
-) -> Result<InvocationTiming> {
-    let exe = std::env::current_exe().context("finding the agent's own binary")?;
-    let output = crate::child::command(runner, &exe)
-        .arg("model-time")
-        .arg("--job")
-        .arg(job_path)
-        .arg("--recipe")
-        .arg(index.to_string())
-        .arg("--cores")
-        .arg(cores.to_string())
+/// Whether a recipe needs another invocation: fewer than the job's
+/// `invocations`, or (adaptive) fewer than `max_invocations` while some
+/// test's time is imprecise.
+fn wants_more(job: &ModelJob, timings: &Timings) -> bool {
+    let n = timings.len() as u32;
+    n < job.invocations || (n < job.max_invocations && !precise_enough(timings, job.precision))
+}
+
+/// Starts `exe` (this binary, or an A/B build's) as a child with
+/// `subcommand` on the job's recipe or build, and returns its stdout.
+fn run_child(
+    job: &ModelJob,
+    exe: &Path,
+    subcommand: &str,
+    args: &[String],
+) -> Result<(std::process::ExitStatus, String)> {
+    let output = crate::child::command(&job.runner, exe)
+        .arg(subcommand)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output()
-        .with_context(|| format!("starting an invocation ({})", exe.display()))?;
-    if !output.status.success() {
-        anyhow::bail!("a further invocation ended with {}", output.status);
+        .with_context(|| format!("starting `{subcommand}` ({})", exe.display()))?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    ))
+}
+
+/// A further invocation of recipe `index` (of `build`'s files) in a fresh
+/// child process of `exe`.
+fn invoke_child(
+    job: &ModelJob,
+    exe: &Path,
+    job_path: &Path,
+    build: Option<&str>,
+    (index, cores): (usize, usize),
+) -> Result<ModelTiming> {
+    let mut args = vec![
+        "--job".to_string(),
+        job_path.display().to_string(),
+        "--recipe".into(),
+        index.to_string(),
+        "--cores".into(),
+        cores.to_string(),
+    ];
+    if let Some(build) = build {
+        args.extend(["--build".to_string(), build.to_string()]);
     }
-    let text = String::from_utf8_lossy(&output.stdout);
+    let (status, text) = run_child(job, exe, "model-time", &args)?;
+    if !status.success() {
+        bail!(
+            "a further invocation {}",
+            crate::rounds::describe_exit(&status)
+        );
+    }
     let line = text.lines().last().unwrap_or_default();
     serde_json::from_str(line).with_context(|| format!("reading an invocation's result `{line}`"))
 }
@@ -499,216 +546,153 @@ fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64>
     Ok(correct as f64 / tasks.len() as f64)
 }
 
-pub fn run_model_job(
-    job: &ModelJob,
-    job_path: &Path,
-    probe: &BoardProbe,
-    out_dir: &Path,
-) -> Result<usize> {
-    let started = Instant::now();
-    let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
-    // Every repetition is kept, as llama-bench's JSON keeps `samples_ns`, so
-    // model cells can be compared between runs like kernel cells.
-    let mut samples = CsvAppender::<SampleRow>::open(&out_dir.join(SAMPLES_FILE))?;
+/// The text's tokens and the base model's reference at the scored
+/// positions; nothing for a synthetic model (random weights have no
+/// quality to measure).
+fn reference(job: &ModelJob, threads: usize) -> Result<(Vec<i32>, Option<Reference>)> {
+    if job.synthetic {
+        return Ok((Vec::new(), None));
+    }
     let text =
         std::fs::read_to_string(&job.text).with_context(|| format!("reading {}", job.text))?;
-    let max_threads = job
-        .threads
-        .iter()
-        .map(|t| t.resolve(probe.cores))
-        .max()
-        .unwrap_or(1);
-    // Random weights have no quality to measure: no reference either.
-    let (tokens, base) = if job.synthetic {
-        (Vec::new(), None)
-    } else {
-        let mut base_model = LoadedModel::load_with(
-            Path::new(&job.base.path),
-            job.ctx,
-            eval_sequences(job.ctx),
-            max_threads,
-        )?;
-        let tokens = base_model.tokenize(&text, base_model.adds_bos());
-        let base = score_positions(&mut base_model, &tokens, job.ctx)?;
-        (tokens, Some(base))
+    let mut base_model = LoadedModel::load_with(
+        Path::new(&job.base.path),
+        job.ctx,
+        eval_sequences(job.ctx),
+        threads,
+    )?;
+    let tokens = base_model.tokenize(&text, base_model.adds_bos());
+    let base = score_positions(&mut base_model, &tokens, job.ctx)?;
+    Ok((tokens, Some(base)))
+}
+
+/// Everything but speed of `recipe`, loaded as `model` for timing:
+/// llama.cpp's facts and, against `base`, quality (in a context of
+/// exactly `ctx`, like the reference), the greedy continuation and the
+/// multiple-choice accuracy.
+fn judge(
+    job: &ModelJob,
+    recipe: &RecipeFile,
+    model: &mut LoadedModel,
+    (tokens, base): (&[i32], Option<&Reference>),
+    threads: usize,
+) -> Result<RecipeJudgement> {
+    let facts = model.facts();
+    let mut judged = RecipeJudgement {
+        facts: ModelFacts {
+            description: facts.description,
+            size_bytes: facts.size_bytes,
+            n_params: facts.n_params,
+        },
+        quality: None,
+        generated_text: None,
+        mc_accuracy: None,
     };
+    let Some(base) = base else {
+        return Ok(judged);
+    };
+    let mut eval_model = LoadedModel::load_with(
+        Path::new(&recipe.path),
+        job.ctx,
+        eval_sequences(job.ctx),
+        threads,
+    )?;
+    judged.quality = Some(compare(
+        base,
+        &score_positions(&mut eval_model, tokens, job.ctx)?,
+    ));
+    drop(eval_model);
+    judged.generated_text = Some(greedy(model, &job.prompt, job.generate_tokens)?);
+    judged.mc_accuracy = match &job.multiple_choice {
+        Some(path) => Some(multiple_choice_accuracy(model, Path::new(path))?),
+        None => None,
+    };
+    Ok(judged)
+}
+
+/// The child that judges one build of an A/B job (`quantbench-agent
+/// model-quality`): the base model's reference with this binary's
+/// llama.cpp, then each recipe the build made, one `JudgedLine` a recipe
+/// on stdout as it is done.
+pub fn judge_build(job: &ModelJob, build: &str, cores: usize) -> Result<()> {
+    let recipes = job
+        .recipes_of(Some(build))
+        .with_context(|| format!("the model job names no build `{build}`"))?;
+    let threads = max_threads(job, cores);
+    let (tokens, base) = reference(job, threads)?;
     let mut stdout = std::io::stdout();
-    let total = job.recipes.len();
-    let _ = writeln!(
-        stdout,
-        "{}",
-        ProgressEvent::Started {
-            total,
-            bandwidth_gbps: probe.read_bandwidth_gbps
+    for (index, recipe) in recipes.iter().enumerate() {
+        if recipe.unmade.is_some() {
+            continue;
         }
-        .to_line()
-    );
-    let mut failed = 0;
-    for (index, recipe) in job.recipes.iter().enumerate() {
-        let cell_id = format!("{}/{}", job.model_name, recipe.recipe);
-        let _ = writeln!(
-            stdout,
-            "{}",
-            ProgressEvent::CellStarted {
-                index,
-                cell_id: cell_id.clone()
-            }
-            .to_line()
-        );
-        // A recipe this build's quantizer could not make: unsupported by
-        // this build, like a kernel cell its GGML cannot run.
-        let produced = match &recipe.unmade {
-            Some(reason) => Err(reason.clone()),
-            None => Ok(measure_recipe(
-                job,
-                (job_path, index),
-                probe,
-                &tokens,
-                base.as_ref(),
-                max_threads,
-            )),
+        let judged = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), threads)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut model| judge(job, recipe, &mut model, (&tokens, base.as_ref()), threads))
+            .map_err(|e| format!("{e:#}"));
+        let line = JudgedLine {
+            recipe: index,
+            judged,
         };
-        let status = match produced {
-            Err(reason) => {
-                rows.append(&ModelRow {
-                    status: CellStatus::Unsupported,
-                    ..failed_row(job, probe, recipe, &reason)
-                })?;
-                CellStatus::Unsupported
-            }
-            Ok(produced) => match produced {
-                Ok(recipe_rows) => {
-                    for (row, by_invocation) in &recipe_rows {
-                        for (invocation, samples_ns) in by_invocation.iter().enumerate() {
-                            for (repetition, &ns) in samples_ns.iter().enumerate() {
-                                samples.append_unsynced(&SampleRow {
-                                    run_id: job.run_id.clone(),
-                                    board: job.board.clone(),
-                                    cell_id: row.cell_id(),
-                                    repetition: repetition as u32,
-                                    ns: ns as u64,
-                                    invocation: invocation as u32,
-                                    // Invocations of a recipe run one after another.
-                                    round: invocation as u32,
-                                })?;
-                            }
-                        }
-                        // Repetitions reach the disk before their row.
-                        samples.sync()?;
-                        rows.append(row)?;
-                    }
-                    CellStatus::Ok
-                }
-                Err(e) => {
-                    failed += 1;
-                    rows.append(&failed_row(job, probe, recipe, &format!("{e:#}")))?;
-                    CellStatus::Failed
-                }
-            },
-        };
-        let _ = writeln!(
-            stdout,
-            "{}",
-            ProgressEvent::CellFinished {
-                index,
-                cell_id,
-                status,
-                median_ns: None
-            }
-            .to_line()
-        );
-        let _ = stdout.flush();
+        writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
+        stdout.flush()?;
     }
-    // The host's `agent_seconds`: the agent's own time, without upload and
-    // polling.
-    let _ = writeln!(
-        stdout,
-        "{}",
-        ProgressEvent::Finished {
-            ok: total - failed,
-            unsupported: 0,
-            failed,
-            elapsed_seconds: started.elapsed().as_secs_f64(),
-        }
-        .to_line()
-    );
-    let _ = stdout.flush();
-    Ok(failed)
+    Ok(())
 }
 
 /// A recipe's rows (one per thread count and test), each with its
-/// repetitions (ns) by invocation: quality and the first invocation's
-/// speed in this process, further invocations in fresh children.
-fn measure_recipe(
+/// repetitions (ns) by invocation and the round each invocation ran in.
+type RecipeRows = Vec<(ModelRow, Vec<(u32, Vec<f64>)>)>;
+
+/// What measuring one recipe with one build came to.
+enum Measured {
+    Rows(RecipeRows),
+    /// The build could not make the recipe (its quantizer's words).
+    Unsupported(String),
+    Failed(String),
+}
+
+/// The row of `recipe` before any figure: the job's, build's and recipe's
+/// columns, `note` saying why it has none.
+fn base_row(
     job: &ModelJob,
-    (job_path, index): (&Path, usize),
     probe: &BoardProbe,
-    tokens: &[i32],
-    base: Option<&Reference>,
-    max_threads: usize,
-) -> Result<Vec<(ModelRow, Vec<Vec<f64>>)>> {
-    let recipe = &job.recipes[index];
-    peak_rss_reset();
-    let load_started = Instant::now();
-    let mut model = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), max_threads)?;
-    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
-    let facts = model.facts();
-    // Quality needs a context of exactly `ctx` like the reference.
-    let judged = match base {
-        Some(base) => {
-            let mut eval_model = LoadedModel::load_with(
-                Path::new(&recipe.path),
-                job.ctx,
-                eval_sequences(job.ctx),
-                max_threads,
-            )?;
-            let quality = compare(base, &score_positions(&mut eval_model, tokens, job.ctx)?);
-            drop(eval_model);
-            let generated = greedy(&mut model, &job.prompt, job.generate_tokens)?;
-            let mc_accuracy = match &job.multiple_choice {
-                Some(path) => Some(multiple_choice_accuracy(&mut model, Path::new(path))?),
-                None => None,
-            };
-            Some((quality, generated, mc_accuracy))
-        }
-        None => None,
-    };
-    // A decoded scheme runs llama.cpp's F32 kernels: its times and memory
-    // would be F32's, not the scheme's.
-    let timed = recipe.scheme_bits_per_weight.is_none();
-    let mut invocations: Vec<InvocationTiming> = Vec::new();
-    if timed {
-        invocations.push(InvocationTiming {
-            load_ms,
-            peak_rss_bytes: None,
-            seconds: time_tests(job, probe.cores, &mut model)?,
-        });
-        let own_peak = peak_rss_bytes();
-        invocations[0].peak_rss_bytes = own_peak;
-        drop(model);
-        for _ in 1..job.invocations {
-            invocations.push(invoke_child(&job.runner, job_path, index, probe.cores)?);
-        }
-        // Adaptive: more invocations while any test's time is imprecise.
-        while (invocations.len() as u32) < job.max_invocations
-            && !precise_enough(&invocations, job.precision)
-        {
-            invocations.push(invoke_child(&job.runner, job_path, index, probe.cores)?);
-        }
+    build: Option<&JobBuild>,
+    recipe: &RecipeFile,
+    note: &str,
+) -> ModelRow {
+    let mut row = ModelRow::failed(job, recipe, build.map_or(&probe.agent, |b| &b.agent), note);
+    if let Some(build) = build {
+        row.build = build.name.clone();
     }
+    row
+}
+
+/// The rows of `recipe` as `build` measured it: `judged` and the
+/// invocations in `timings` (none for a recipe that is not timed).
+fn recipe_rows(
+    job: &ModelJob,
+    probe: &BoardProbe,
+    build: Option<&JobBuild>,
+    recipe: &RecipeFile,
+    judged: &RecipeJudgement,
+    timings: &Timings,
+) -> RecipeRows {
+    let timed = !timings.is_empty();
+    let facts = &judged.facts;
     let load_ms =
-        Summary::of(&invocations.iter().map(|i| i.load_ms).collect::<Vec<_>>()).map(|s| s.mean);
-    let peak_rss = invocations.iter().filter_map(|i| i.peak_rss_bytes).max();
+        Summary::of(&timings.iter().map(|(_, t)| t.load_ms).collect::<Vec<_>>()).map(|s| s.mean);
+    let peak_rss = timings.iter().filter_map(|(_, t)| t.peak_rss_bytes).max();
     let mut out = Vec::new();
     for (test_index, (threads, prompt, n)) in tests(job, probe.cores).into_iter().enumerate() {
-        let seconds: Vec<Vec<f64>> = invocations
+        let seconds: Vec<Vec<f64>> = timings
             .iter()
-            .map(|i| i.seconds.get(test_index).cloned().unwrap_or_default())
+            .map(|(_, t)| t.seconds.get(test_index).cloned().unwrap_or_default())
             .collect();
         let all: Vec<f64> = seconds.iter().flatten().copied().collect();
         let ns: Vec<f64> = all.iter().map(|s| s * 1e9).collect();
         let ts: Vec<f64> = all.iter().map(|s| n as f64 / s).collect();
         let (summary_ns, ts) = (Summary::of(&ns), Summary::of(&ts));
+        let quality = judged.quality.as_ref();
         let row = ModelRow {
             status: CellStatus::Ok,
             model_type: facts.description.clone(),
@@ -731,16 +715,16 @@ fn measure_recipe(
             stddev_ts: ts.map(|s| s.stddev),
             load_ms: load_ms.filter(|_| timed),
             peak_rss_bytes: peak_rss.filter(|_| timed),
-            invocations: invocations.len() as u32,
+            invocations: timings.len() as u32,
             precision: wire::stats::relative_half_width(&seconds, 0.95),
-            ppl: judged.as_ref().map(|j| j.0.ppl),
-            kld_mean: judged.as_ref().map(|j| j.0.kld_mean),
-            kld_p99: judged.as_ref().map(|j| j.0.kld_p99),
-            top1_agreement: judged.as_ref().map(|j| j.0.top1_agreement),
-            mc_accuracy: judged.as_ref().and_then(|j| j.2),
-            repetition_score: judged.as_ref().map(|j| repetition_score(&j.1)),
-            generated_text: judged.as_ref().map(|j| j.1.clone()).unwrap_or_default(),
-            note: match (judged.is_none(), recipe.note.is_empty()) {
+            ppl: quality.map(|q| q.ppl),
+            kld_mean: quality.map(|q| q.kld_mean),
+            kld_p99: quality.map(|q| q.kld_p99),
+            top1_agreement: quality.map(|q| q.top1_agreement),
+            mc_accuracy: judged.mc_accuracy,
+            repetition_score: judged.generated_text.as_deref().map(repetition_score),
+            generated_text: judged.generated_text.clone().unwrap_or_default(),
+            note: match (quality.is_none(), recipe.note.is_empty()) {
                 (true, true) => {
                     "synthetic model (seeded random weights): speed and memory only".into()
                 }
@@ -750,17 +734,317 @@ fn measure_recipe(
                 ),
                 (false, _) => recipe.note.clone(),
             },
-            ..failed_row(job, probe, recipe, "")
+            ..base_row(job, probe, build, recipe, "")
         };
-        let ns_by_invocation = seconds
+        let ns_by_invocation = timings
             .iter()
-            .map(|s| s.iter().map(|x| x * 1e9).collect())
+            .zip(&seconds)
+            .map(|((round, _), s)| (*round, s.iter().map(|x| x * 1e9).collect()))
             .collect();
         out.push((row, ns_by_invocation));
+    }
+    out
+}
+
+/// A one-build job's recipe: quality and the first invocation's speed in
+/// this process, further invocations in fresh children, one after another.
+fn measure_recipe(
+    job: &ModelJob,
+    (job_path, index): (&Path, usize),
+    probe: &BoardProbe,
+    reference: (&[i32], Option<&Reference>),
+    threads: usize,
+) -> Result<RecipeRows> {
+    let recipe = &job.recipes[index];
+    peak_rss_reset();
+    let load_started = Instant::now();
+    let mut model = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), threads)?;
+    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
+    let judged = judge(job, recipe, &mut model, reference, threads)?;
+    let mut timings: Timings = Vec::new();
+    if timed(recipe) {
+        let seconds = time_tests(job, probe.cores, &mut model)?;
+        timings.push((
+            0,
+            ModelTiming {
+                load_ms,
+                peak_rss_bytes: peak_rss_bytes(),
+                seconds,
+            },
+        ));
+        drop(model);
+        let own = std::env::current_exe().context("finding the agent's own binary")?;
+        while wants_more(job, &timings) {
+            let timing = invoke_child(job, &own, job_path, None, (index, probe.cores))?;
+            // Invocations of a recipe run one after another.
+            timings.push((timings.len() as u32, timing));
+        }
+    }
+    Ok(recipe_rows(job, probe, None, recipe, &judged, &timings))
+}
+
+/// One build of an A/B job: its binary and what its judging said of
+/// each of its recipes (`None`: nothing).
+struct JudgedBuild<'a> {
+    build: &'a ModelJobBuild,
+    exe: std::path::PathBuf,
+    judged: Vec<Option<Result<RecipeJudgement, String>>>,
+}
+
+/// Judges every build of an A/B job, each in a child of its own binary
+/// (`model-quality`): its quantizer made its files, its llama.cpp
+/// computes its own reference and evaluates them.
+fn judge_builds<'a>(
+    job: &'a ModelJob,
+    job_path: &Path,
+    cores: usize,
+) -> Result<Vec<JudgedBuild<'a>>> {
+    let mut out = Vec::new();
+    for build in &job.builds {
+        let exe = crate::rounds::check_agent(&build.build)?;
+        let args = [
+            "--job".to_string(),
+            job_path.display().to_string(),
+            "--build".into(),
+            build.build.name.clone(),
+            "--cores".into(),
+            cores.to_string(),
+        ];
+        let (status, text) = run_child(job, &exe, "model-quality", &args)?;
+        let mut judged: Vec<Option<Result<RecipeJudgement, String>>> =
+            vec![None; build.recipes.len()];
+        for line in text.lines() {
+            if let Ok(line) = serde_json::from_str::<JudgedLine>(line) {
+                if let Some(slot) = judged.get_mut(line.recipe) {
+                    *slot = Some(line.judged);
+                }
+            }
+        }
+        if !status.success() {
+            let why = format!(
+                "build `{}`: its judging process {} before this recipe",
+                build.build.name,
+                crate::rounds::describe_exit(&status)
+            );
+            for (slot, recipe) in judged.iter_mut().zip(&build.recipes) {
+                if slot.is_none() && recipe.unmade.is_none() {
+                    *slot = Some(Err(why.clone()));
+                }
+            }
+        }
+        out.push(JudgedBuild { build, exe, judged });
     }
     Ok(out)
 }
 
-fn failed_row(job: &ModelJob, probe: &BoardProbe, recipe: &RecipeFile, note: &str) -> ModelRow {
-    ModelRow::failed(job, recipe, &probe.agent, note)
+/// Recipe `index` of an A/B job: each build's invocations in shared
+/// rounds, the builds back to back in each (a paired measurement: what
+/// drifts between rounds falls on both), which goes first turning with
+/// the round; every build gets as many rounds as the one that wants most.
+fn measure_ab<'a>(
+    job: &ModelJob,
+    (job_path, index): (&Path, usize),
+    probe: &BoardProbe,
+    builds: &'a [JudgedBuild<'a>],
+) -> Vec<(&'a JudgedBuild<'a>, Measured)> {
+    let mut sides: Vec<Result<(&RecipeJudgement, Timings), Measured>> = builds
+        .iter()
+        .map(|b| {
+            let recipe = &b.build.recipes[index];
+            if let Some(reason) = &recipe.unmade {
+                return Err(Measured::Unsupported(reason.clone()));
+            }
+            match &b.judged[index] {
+                Some(Ok(judged)) => Ok((judged, Vec::new())),
+                Some(Err(reason)) => Err(Measured::Failed(reason.clone())),
+                None => Err(Measured::Failed(format!(
+                    "build `{}`: its judging process said nothing of this recipe",
+                    b.build.build.name
+                ))),
+            }
+        })
+        .collect();
+    let mut round = 0u32;
+    loop {
+        let mut order: Vec<usize> = (0..builds.len())
+            .filter(|&s| sides[s].is_ok() && timed(&builds[s].build.recipes[index]))
+            .collect();
+        let more = order
+            .iter()
+            .any(|&s| matches!(&sides[s], Ok((_, t)) if wants_more(job, t)));
+        if order.is_empty() || !more {
+            break;
+        }
+        let turn = (round as usize + index) % order.len();
+        order.rotate_left(turn);
+        for s in order {
+            let build = &builds[s];
+            let name = build.build.build.name.as_str();
+            let measured =
+                invoke_child(job, &build.exe, job_path, Some(name), (index, probe.cores));
+            match (measured, &mut sides[s]) {
+                (Ok(timing), Ok((_, timings))) => timings.push((round, timing)),
+                (Err(e), side) => *side = Err(Measured::Failed(format!("build `{name}`: {e:#}"))),
+                (Ok(_), Err(_)) => {}
+            }
+        }
+        round += 1;
+    }
+    builds
+        .iter()
+        .zip(sides)
+        .map(|(b, side)| {
+            let measured = match side {
+                Ok((judged, timings)) => Measured::Rows(recipe_rows(
+                    job,
+                    probe,
+                    Some(&b.build.build),
+                    &b.build.recipes[index],
+                    judged,
+                    &timings,
+                )),
+                Err(measured) => measured,
+            };
+            (b, measured)
+        })
+        .collect()
+}
+
+/// Runs a model job: every recipe's quality, speed and memory, rows
+/// appended to `models.csv` (repetitions to `samples.csv` first) recipe by
+/// recipe. Returns how many recipes failed.
+pub fn run_model_job(
+    job: &ModelJob,
+    job_path: &Path,
+    probe: &BoardProbe,
+    out_dir: &Path,
+) -> Result<usize> {
+    let started = Instant::now();
+    let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
+    // Every repetition is kept, as llama-bench's JSON keeps `samples_ns`, so
+    // model cells can be compared between runs like kernel cells.
+    let mut samples = CsvAppender::<SampleRow>::open(&out_dir.join(SAMPLES_FILE))?;
+    let threads = max_threads(job, probe.cores);
+    // One build: the reference in this process. A/B: each build judges
+    // its own recipes in a child of its own before any is timed.
+    let (tokens, base) = if job.builds.is_empty() {
+        reference(job, threads)?
+    } else {
+        (Vec::new(), None)
+    };
+    let judged_builds = judge_builds(job, job_path, probe.cores)?;
+    let mut stdout = std::io::stdout();
+    let total = job.recipes.len();
+    let _ = writeln!(
+        stdout,
+        "{}",
+        ProgressEvent::Started {
+            total,
+            bandwidth_gbps: probe.read_bandwidth_gbps
+        }
+        .to_line()
+    );
+    let (mut failed, mut unsupported) = (0, 0);
+    for (index, recipe) in job.recipes.iter().enumerate() {
+        let cell_id = format!("{}/{}", job.model_name, recipe.recipe);
+        let _ = writeln!(
+            stdout,
+            "{}",
+            ProgressEvent::CellStarted {
+                index,
+                cell_id: cell_id.clone()
+            }
+            .to_line()
+        );
+        let measured: Vec<(Option<&JobBuild>, &RecipeFile, Measured)> = if job.builds.is_empty() {
+            let measured = match &recipe.unmade {
+                Some(reason) => Measured::Unsupported(reason.clone()),
+                None => measure_recipe(
+                    job,
+                    (job_path, index),
+                    probe,
+                    (&tokens, base.as_ref()),
+                    threads,
+                )
+                .map_or_else(|e| Measured::Failed(format!("{e:#}")), Measured::Rows),
+            };
+            vec![(None, recipe, measured)]
+        } else {
+            measure_ab(job, (job_path, index), probe, &judged_builds)
+                .into_iter()
+                .map(|(b, m)| (Some(&b.build.build), &b.build.recipes[index], m))
+                .collect()
+        };
+        // A recipe's status is its worst build's.
+        let mut status = CellStatus::Ok;
+        for (build, recipe, measured) in measured {
+            match measured {
+                Measured::Rows(recipe_rows) => {
+                    for (row, by_invocation) in &recipe_rows {
+                        for (invocation, (round, samples_ns)) in by_invocation.iter().enumerate() {
+                            for (repetition, &ns) in samples_ns.iter().enumerate() {
+                                samples.append_unsynced(&SampleRow {
+                                    run_id: job.run_id.clone(),
+                                    board: job.board.clone(),
+                                    cell_id: row.cell_id(),
+                                    repetition: repetition as u32,
+                                    ns: ns as u64,
+                                    invocation: invocation as u32,
+                                    round: *round,
+                                })?;
+                            }
+                        }
+                        // Repetitions reach the disk before their row.
+                        samples.sync()?;
+                        rows.append(row)?;
+                    }
+                }
+                Measured::Unsupported(reason) => {
+                    rows.append(&ModelRow {
+                        status: CellStatus::Unsupported,
+                        ..base_row(job, probe, build, recipe, &reason)
+                    })?;
+                    if status == CellStatus::Ok {
+                        status = CellStatus::Unsupported;
+                    }
+                }
+                Measured::Failed(reason) => {
+                    rows.append(&base_row(job, probe, build, recipe, &reason))?;
+                    status = CellStatus::Failed;
+                }
+            }
+        }
+        match status {
+            CellStatus::Failed => failed += 1,
+            CellStatus::Unsupported => unsupported += 1,
+            _ => {}
+        }
+        let _ = writeln!(
+            stdout,
+            "{}",
+            ProgressEvent::CellFinished {
+                index,
+                cell_id,
+                status,
+                median_ns: None
+            }
+            .to_line()
+        );
+        let _ = stdout.flush();
+    }
+    // The host's `agent_seconds`: the agent's own time, without upload and
+    // polling.
+    let _ = writeln!(
+        stdout,
+        "{}",
+        ProgressEvent::Finished {
+            ok: total - failed - unsupported,
+            unsupported,
+            failed,
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+        }
+        .to_line()
+    );
+    let _ = stdout.flush();
+    Ok(failed)
 }

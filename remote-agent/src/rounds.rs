@@ -33,7 +33,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use wire::child::{CellPrep, ChildLine, ChildRequest, InvocationResult};
-use wire::kernel_job::{Cell, JobSpec};
+use wire::kernel_job::{Cell, JobBuild, JobSpec};
 use wire::progress::ProgressEvent;
 use wire::stats::SeededRng;
 use wire::weight_format::WeightFormat;
@@ -44,8 +44,15 @@ const STAGED_DIR: &str = "staged";
 /// The binary that prepares and measures `cell`: its build's (A/B), or
 /// this one.
 fn agent_of(job: &JobSpec, cell: &Cell) -> Result<PathBuf> {
+    agent_path(job.build_of(cell))
+}
+
+/// The binary of `build` (an A/B job's; `None`: this one): this binary
+/// when it is that build, the job's path for it on this machine, or on a
+/// board the folder beside this one named by its hash.
+pub fn agent_path(build: Option<&JobBuild>) -> Result<PathBuf> {
     let own = std::env::current_exe().context("finding the agent's own binary")?;
-    let Some(build) = job.build_of(cell) else {
+    let Some(build) = build else {
         return Ok(own);
     };
     if build.agent.agent_build == own_hash() {
@@ -68,33 +75,38 @@ fn own_hash() -> String {
     HASH.get_or_init(crate::sysinfo::agent_build).clone()
 }
 
-/// Each build's binary, checked once before the first round: it must be
+/// Checks a build's binary once before it measures anything: it must be
 /// there and be the build the job names (a board's copy replaced or cut
 /// short would measure other code under that build's name).
+pub fn check_agent(build: &JobBuild) -> Result<PathBuf> {
+    let path = agent_path(Some(build))?;
+    let hash = wire::build_id::content_hash(&path).with_context(|| {
+        format!(
+            "build `{}`: its agent {} cannot be read",
+            build.name,
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        hash == build.agent.agent_build,
+        "build `{}`: {} is agent {hash}, not {} as the job says",
+        build.name,
+        path.display(),
+        build.agent.agent_build
+    );
+    Ok(path)
+}
+
+/// Each build that measures a cell of the job, checked (`check_agent`).
 fn check_agents(job: &JobSpec) -> Result<()> {
     for build in &job.builds {
-        let Some(cell) = job
+        if job
             .cells
             .iter()
-            .find(|c| c.build.as_ref() == Some(&build.name))
-        else {
-            continue;
-        };
-        let path = agent_of(job, cell)?;
-        let hash = wire::build_id::content_hash(&path).with_context(|| {
-            format!(
-                "build `{}`: its agent {} cannot be read",
-                build.name,
-                path.display()
-            )
-        })?;
-        anyhow::ensure!(
-            hash == build.agent.agent_build,
-            "build `{}`: {} is agent {hash}, not {} as the job says",
-            build.name,
-            path.display(),
-            build.agent.agent_build
-        );
+            .any(|c| c.build.as_ref() == Some(&build.name))
+        {
+            check_agent(build)?;
+        }
     }
     Ok(())
 }
@@ -577,7 +589,7 @@ fn run_child(
     Ok(ChildOutcome { died_in })
 }
 
-fn describe_exit(status: &std::process::ExitStatus) -> String {
+pub(crate) fn describe_exit(status: &std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (_, Some(9)) => "killed by SIGKILL (out of memory?)".to_string(),

@@ -2,8 +2,9 @@
 //! children (`measure-round`, `prepare-cells`), which may be another
 //! build's binary (A/B, a commit of this repository): the command line a
 //! child is started with (`ChildRequest`) and the lines it answers on its
-//! stdout (`ChildLine`), with the figures they carry. Being in this crate
-//! makes it part of the job format a build must share with the host.
+//! stdout (`ChildLine`), with the figures they carry; and the model job's
+//! children (`model-time`, `model-quality`) with theirs. Being in this
+//! crate makes it part of the job format a build must share with the host.
 
 use crate::probe::ThermalReading;
 use serde::{Deserialize, Serialize};
@@ -103,4 +104,51 @@ pub enum ChildLine {
         unsupported: bool,
         reason: String,
     },
+}
+
+/// One invocation of a model recipe (`model-time`): every test (per thread
+/// count, pp then tg) as seconds per repetition, with the load time and
+/// peak memory of the process that measured it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelTiming {
+    pub load_ms: f64,
+    pub peak_rss_bytes: Option<u64>,
+    /// `[threads][pp, tg]` flattened, in the order of the job's tests.
+    pub seconds: Vec<Vec<f64>>,
+}
+
+/// What llama.cpp says of a loaded recipe file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelFacts {
+    pub description: String,
+    pub size_bytes: u64,
+    pub n_params: u64,
+}
+
+/// A recipe's output quality against the base model at the same positions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quality {
+    pub ppl: f64,
+    pub kld_mean: f64,
+    pub kld_p99: f64,
+    pub top1_agreement: f64,
+}
+
+/// Everything but speed of one recipe: llama.cpp's facts of the file and,
+/// for a trained model, its quality, greedy continuation and
+/// multiple-choice accuracy (`None` for a synthetic model's random weights).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecipeJudgement {
+    pub facts: ModelFacts,
+    pub quality: Option<Quality>,
+    pub generated_text: Option<String>,
+    pub mc_accuracy: Option<f64>,
+}
+
+/// What a `model-quality` child says on stdout, one JSON object a line:
+/// per recipe of its build, its judgement or why there is none.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JudgedLine {
+    pub recipe: usize,
+    pub judged: Result<RecipeJudgement, String>,
 }

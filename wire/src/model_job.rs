@@ -138,6 +138,36 @@ pub struct ModelJob {
     /// cannot start another of its architecture directly).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runner: Vec<String>,
+    /// The builds an A/B job measures (`cargo xtask ab`), base first, each
+    /// with the recipe files its own quantizer made; empty: one build, the
+    /// running agent, measuring `recipes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builds: Vec<ModelJobBuild>,
+}
+
+/// A build an A/B model job measures: its agent, and the files its own
+/// quantizer made for the job's recipes, in the order of `recipes` (a
+/// recipe it could not make, or lacks a feature for, is `unmade`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelJobBuild {
+    #[serde(flatten)]
+    pub build: crate::kernel_job::JobBuild,
+    pub recipes: Vec<RecipeFile>,
+}
+
+impl ModelJob {
+    /// The recipe files `build` measures (`None`: the job's own); `None`
+    /// for a build the job does not name.
+    pub fn recipes_of(&self, build: Option<&str>) -> Option<&[RecipeFile]> {
+        match build {
+            None => Some(&self.recipes),
+            Some(name) => self
+                .builds
+                .iter()
+                .find(|b| b.build.name == name)
+                .map(|b| b.recipes.as_slice()),
+        }
+    }
 }
 
 fn default_precision() -> f64 {

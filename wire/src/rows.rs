@@ -363,6 +363,10 @@ pub struct ModelRow {
     /// llama-bench: model file name.
     pub model_filename: String,
     pub recipe: String,
+    /// The build that measured the row in an A/B run (`cargo xtask ab`),
+    /// also at the end of its cell id (`...@<build>`); empty otherwise.
+    #[serde(default)]
+    pub build: String,
     /// llama-bench: model description (architecture, size, type).
     pub model_type: String,
     /// llama-bench: bytes of weights (for a codebook recipe, as the
@@ -424,13 +428,19 @@ pub struct ModelRow {
 }
 
 impl ModelRow {
-    /// The row's cell: `<model>/<recipe>/<test>/t<threads>`, the key its
-    /// repetitions carry in `samples.csv` and comparisons match on.
+    /// The row's cell: `<model>/<recipe>/<test>/t<threads>`, with
+    /// `@<build>` in an A/B run: the key its repetitions carry in
+    /// `samples.csv` and comparisons match on.
     pub fn cell_id(&self) -> String {
-        format!(
+        let id = format!(
             "{}/{}/{}/t{}",
             self.model_filename, self.recipe, self.test, self.n_threads
-        )
+        );
+        if self.build.is_empty() {
+            id
+        } else {
+            format!("{id}@{}", self.build)
+        }
     }
 
     pub fn key(&self) -> CellKey {
@@ -460,6 +470,7 @@ impl ModelRow {
             note: note.to_string(),
             model_filename: job.model_name.clone(),
             recipe: recipe.recipe.clone(),
+            build: String::new(),
             model_type: String::new(),
             model_size: 0,
             model_n_params: 0,

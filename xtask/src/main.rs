@@ -238,8 +238,10 @@ enum Command {
         config: PathBuf,
     },
     /// A/B of two builds in one session: both agents measure every cell of
-    /// the kernel matrices in the same shuffled rounds (each as its own
-    /// processes) on every board of the target, then the verdict table of
+    /// the kernel matrices in the same shuffled rounds, and every recipe of
+    /// the model matrices (each build quantizing with its own quantizer) in
+    /// shared rounds, each as its own processes, on every board of the
+    /// target; then the verdict table of
     /// <new> against <base> is printed, with the statistics of `compare`.
     /// A build is `default`, a `[builds.<name>]` of the config, or a source
     /// (`crate:0.1.140`, `path:../llama.cpp@<rev>`, `quantbench@<rev>` for
@@ -276,7 +278,8 @@ enum Command {
         accept_to: Option<PathBuf>,
     },
     /// Find the commit of a llama.cpp checkout (--llama), or of this
-    /// repository (--quantbench), that made a kernel cell slower: builds the midpoints of --good..--bad (first-parent history)
+    /// repository (--quantbench), that made a kernel cell or a model test
+    /// slower: builds the midpoints of --good..--bad (first-parent history)
     /// and measures each against its nearest known-good and known-bad
     /// commits in one A/B session on the target, measuring again while a
     /// step is undecided; prints the first bad commit with each step's
@@ -305,7 +308,10 @@ enum Command {
         bad: String,
         /// The kernel cell, as its id in kernels.csv
         /// (`<shape>/<type>/n<batch>/t<threads>`), of the kernel --matrix
-        /// (whose timing settings each step uses; --budget bounds each step).
+        /// (whose timing settings each step uses; --budget bounds each
+        /// step); or a model test of a model --matrix,
+        /// `<model file>/<recipe>/<pp|tg><N>/t<threads>` (only that
+        /// recipe is quantized and measured by each build).
         #[arg(long)]
         cell: String,
         /// Sessions a step may take before it is called inconclusive.
@@ -799,16 +805,23 @@ fn run() -> Result<ExitCode> {
         } => {
             let matrix = &run.matrix;
             let loaded = harness::config::BenchConfig::load(&run.config)?;
-            let spec = loaded.matrix(matrix)?;
-            let cells = spec
-                .expand(&loaded.catalog())
-                .with_context(|| format!("expanding matrix `{matrix}`"))?;
-            if !cells.iter().any(|c| c.id == cell) {
-                let known: Vec<&str> = cells.iter().map(|c| c.id.as_str()).take(12).collect();
-                anyhow::bail!(
-                    "matrix `{matrix}` has no cell `{cell}` (its cells include: {}); give --matrix the matrix that holds it",
-                    known.join(", ")
-                );
+            // A typo in the cell fails here, before any build.
+            if let Some(spec) = loaded.model_matrices.get(matrix) {
+                harness::jobs::model::ModelMatrix::new(&loaded, matrix, spec)?
+                    .check_test(&cell)
+                    .map_err(anyhow::Error::msg)?;
+            } else {
+                let cells = loaded
+                    .matrix(matrix)?
+                    .expand(&loaded.catalog())
+                    .with_context(|| format!("expanding matrix `{matrix}`"))?;
+                if !cells.iter().any(|c| c.id == cell) {
+                    let known: Vec<&str> = cells.iter().map(|c| c.id.as_str()).take(12).collect();
+                    anyhow::bail!(
+                        "matrix `{matrix}` has no cell `{cell}` (its cells include: {}); give --matrix the matrix that holds it",
+                        known.join(", ")
+                    );
+                }
             }
             let report = harness::bisect::bisect(&harness::bisect::BisectOptions {
                 session: run.options("default", Vec::new())?,

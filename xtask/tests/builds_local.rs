@@ -201,25 +201,6 @@ fn bad_sources_are_refused_in_one_line_before_anything_is_built() {
             "{build}: a run was started"
         );
     }
-    // `ab` measures kernel matrices only, and says so before building.
-    let out = xtask(
-        dir.path(),
-        &[
-            "ab",
-            "base",
-            "same",
-            "--target",
-            "local",
-            "--matrix",
-            "model-tiny",
-        ],
-    );
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("`ab` measures kernel matrices"),
-        "{}",
-        text(&out)
-    );
 }
 
 #[test]
@@ -297,6 +278,66 @@ fn a_build_from_another_llama_cpp_runs_both_matrices_and_names_itself_everywhere
         summary.contains("llama.cpp crate:0.1.140 tree "),
         "{summary}"
     );
+    // The model matrix A/B between the pinned llama.cpp and 0.1.140: each
+    // build quantizes with its own quantizer and judges its own files; a
+    // recipe one build cannot make is a not-comparable cell saying why.
+    let out = xtask(
+        dir.path(),
+        &[
+            "ab",
+            "default",
+            "crate:0.1.140",
+            "--target",
+            "local",
+            "--matrix",
+            "model-tiny",
+            "--no-noise-floors",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let found = verdicts(&stdout);
+    // 2 models x 2 recipes x (pp, tg).
+    assert_eq!(found.len(), 8, "{}", text(&out));
+    for (cell, verdict) in &found {
+        let comparable = cell.contains("distilgpt2") && cell.contains("/q8_0/");
+        assert_eq!(
+            verdict != "not-comparable",
+            comparable,
+            "{cell}: {verdict}\n{}",
+            text(&out)
+        );
+    }
+    assert!(
+        stdout.contains("new: not made: build `new`")
+            && stdout.contains("new: switched off for build `new`"),
+        "{}",
+        text(&out)
+    );
+    let run = run_dirs(dir.path()).pop().unwrap();
+    let models: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    let built = |name: &'static str| models.iter().filter(move |r| r.build == name);
+    assert_eq!(built("default").count(), 8, "{models:?}");
+    assert!(built("default").all(|r| r.status == wire::rows::CellStatus::Ok));
+    assert!(built("new").all(|r| r.llama_cpp.starts_with("crate:0.1.140 tree ")));
+    assert!(built("default").all(|r| r.llama_cpp != kernels[0].llama_cpp));
+    let samples: Vec<wire::rows::SampleRow> = read_csv(&run.join("samples.csv")).unwrap();
+    // Both builds' invocations in the same rounds, three each.
+    for build in ["default", "new"] {
+        let rounds: std::collections::BTreeSet<u32> = samples
+            .iter()
+            .filter(|s| s.cell_id.starts_with("synthetic") && s.cell_id.contains("/q8_0/tg2/"))
+            .filter(|s| s.cell_id.ends_with(&format!("@{build}")))
+            .map(|s| s.round)
+            .collect();
+        assert_eq!(rounds.into_iter().collect::<Vec<_>>(), [0, 1, 2], "{build}");
+    }
+    let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("| q8_0@default |") && summary.contains("| q8_0@new |"),
+        "{summary}"
+    );
+
     // The workspace's lock file is as it was: the patched crate is the
     // build's business, not the user's Cargo.lock.
     let lock = harness::build::workspace_root().join("Cargo.lock");

@@ -709,6 +709,14 @@ fn codebook_formats_run_on_an_emulated_board_with_the_neon_kernel_beside_ggml_ty
 fn ab_of_two_llama_cpp_sources_on_an_emulated_board_measures_each_with_its_own_agent() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
     let dir = config_dir(&[]);
+    let fixtures = workspace_root().join("fixtures");
+    let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[model_matrices.mq]\nmodels = [{:?}]\nrecipes = [\"f16\", \"q4_0\"]\ntext = {:?}\ngenerate_tokens = 4\nn_prompt = 8\nn_gen = 2\nrepetitions = 1\n",
+        fixtures.join("stories260K.gguf").display().to_string(),
+        fixtures.join("stories-eval.txt").display().to_string()
+    ));
+    std::fs::write(dir.path().join("bench.toml"), config).unwrap();
     let out = xtask(
         dir.path(),
         &[
@@ -718,7 +726,7 @@ fn ab_of_two_llama_cpp_sources_on_an_emulated_board_measures_each_with_its_own_a
             "--target",
             "sim1",
             "--matrix",
-            "micro",
+            "micro,mq",
             "--no-noise-floors",
         ],
     );
@@ -757,6 +765,43 @@ fn ab_of_two_llama_cpp_sources_on_an_emulated_board_measures_each_with_its_own_a
                 .lines()
                 .any(|l| l.contains(&format!("gemma3-1b.attn_kv/{cell}/n1/t1"))),
             "{cell}: {}",
+            text(&out)
+        );
+    }
+    // The model matrix: each build's files judged and timed by its own
+    // agent on the board; the recipe 0.1.140 cannot make is
+    // not-comparable, saying so.
+    let models: Vec<wire::rows::ModelRow> =
+        read_csv(&only_run_dir(dir.path()).join("models.csv")).unwrap();
+    let f16 = |build: &str| {
+        models
+            .iter()
+            .filter(|r| r.recipe == "f16" && r.build == build)
+            .collect::<Vec<_>>()
+    };
+    let (base, new) = (f16("default"), f16("new"));
+    assert_eq!((base.len(), new.len()), (2, 2), "{models:?}");
+    for (b, n) in base.iter().zip(&new) {
+        assert_eq!((b.status, n.status), (CellStatus::Ok, CellStatus::Ok));
+        assert!(b.emulated && n.emulated);
+        assert_eq!(b.llama_cpp, "vendored");
+        assert!(n.llama_cpp.starts_with("crate:0.1.140 tree "), "{n:?}");
+        assert_ne!(b.agent_build, n.agent_build);
+        assert!(n.ppl.is_some() && n.avg_ns.is_some(), "{n:?}");
+    }
+    for test in ["pp8", "tg2"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(&format!("stories260K.gguf/f16/{test}/t"))),
+            "{test}: {}",
+            text(&out)
+        );
+        assert!(
+            stdout.lines().any(|l| l.starts_with("not-comparable")
+                && l.contains(&format!("stories260K.gguf/q4_0/{test}/t"))
+                && l.contains("new: not made")),
+            "{test}: {}",
             text(&out)
         );
     }

@@ -78,6 +78,10 @@ impl JobKind for KernelMatrix {
         if !session.options.only_cells.is_empty() {
             job.cells
                 .retain(|c| session.options.only_cells.contains(&c.id));
+            // `bisect --cell` naming a model test: nothing here to run.
+            if job.cells.is_empty() {
+                return Ok(Vec::new());
+            }
         }
         let agents = measure_builds(&mut job, session, board)?;
         let deadline = self.job_deadline(&job);
@@ -251,32 +255,11 @@ fn measure_builds(
     session: &Session,
     board: &BoardSlot,
 ) -> Result<Vec<crate::build::AgentBuild>, JobError> {
-    if session.versus().is_empty() {
-        return Ok(Vec::new());
+    let (builds, agents) = super::job_builds(session, board)?;
+    if builds.is_empty() {
+        return Ok(agents);
     }
-    let mut agents = Vec::new();
-    for build in &session.under_test {
-        let agent = build.agent_for(&board.board).ok_or_else(|| {
-            JobError::MissingHostAgent(format!(
-                "build `{}` has no agent for board {}",
-                build.name(),
-                board.name
-            ))
-        })?;
-        job.builds.push(wire::kernel_job::JobBuild {
-            name: build.name().to_string(),
-            agent: wire::probe::AgentIdentity {
-                agent_build: agent.hash.clone(),
-                llama_cpp: build.source.agent_label(),
-            },
-            // A remote board keeps agents by hash beside each other; on
-            // this machine each build's binary is in its own target folder.
-            path: matches!(board.board, ResolvedBoard::Local)
-                .then(|| agent.path.display().to_string()),
-        });
-        agents.push(agent.clone());
-    }
-    agents.remove(0);
+    job.builds = builds;
     job.cells = std::mem::take(&mut job.cells)
         .into_iter()
         .flat_map(|cell| {

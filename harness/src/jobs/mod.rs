@@ -65,6 +65,49 @@ pub struct PlannedJob {
     pub agents: Vec<crate::build::AgentBuild>,
 }
 
+/// The builds an A/B session measures on `board`, base first, as a job
+/// names them, and the agents the board needs besides its own (the
+/// base's); nothing for a session of one build.
+pub(crate) fn job_builds(
+    session: &Session,
+    board: &BoardSlot,
+) -> Result<
+    (
+        Vec<wire::kernel_job::JobBuild>,
+        Vec<crate::build::AgentBuild>,
+    ),
+    JobError,
+> {
+    if session.versus().is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mut builds = Vec::new();
+    let mut agents = Vec::new();
+    for build in &session.under_test {
+        let agent = build.agent_for(&board.board).ok_or_else(|| {
+            JobError::MissingHostAgent(format!(
+                "build `{}` has no agent for board {}",
+                build.name(),
+                board.name
+            ))
+        })?;
+        builds.push(wire::kernel_job::JobBuild {
+            name: build.name().to_string(),
+            agent: wire::probe::AgentIdentity {
+                agent_build: agent.hash.clone(),
+                llama_cpp: build.source.agent_label(),
+            },
+            // A remote board keeps agents by hash beside each other; on
+            // this machine each build's binary is in its own target folder.
+            path: matches!(board.board, crate::boards::ResolvedBoard::Local)
+                .then(|| agent.path.display().to_string()),
+        });
+        agents.push(agent.clone());
+    }
+    agents.remove(0);
+    Ok((builds, agents))
+}
+
 impl PlannedJob {
     pub fn job_file(&self) -> String {
         format!("job-{}.json", self.name)

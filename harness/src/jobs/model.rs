@@ -17,7 +17,7 @@ use crate::synthetic::{self, SyntheticModel};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use wire::files::{write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE, SAMPLES_FILE};
-use wire::model_job::{read_choice_tasks, ModelJob, RecipeFile};
+use wire::model_job::{read_choice_tasks, ModelJob, ModelJobBuild, RecipeFile};
 use wire::rows::{CellStatus, ModelRow, SampleRow};
 
 pub const IMPORTANCE_FILE: &str = "importance.json";
@@ -45,6 +45,16 @@ fn uploads_of(job: &ModelJob) -> Vec<Upload> {
             pointer: format!("/recipes/{i}/path"),
             local: PathBuf::from(&recipe.path),
         });
+    }
+    for (b, build) in job.builds.iter().enumerate() {
+        for (i, recipe) in build.recipes.iter().enumerate() {
+            if recipe.unmade.is_none() {
+                uploads.push(Upload {
+                    pointer: format!("/builds/{b}/recipes/{i}/path"),
+                    local: PathBuf::from(&recipe.path),
+                });
+            }
+        }
     }
     if let Some(mc) = &job.multiple_choice {
         uploads.push(Upload {
@@ -83,6 +93,23 @@ fn made_or_refused(
             Ok(RecipeFile::unmade(recipe, reason))
         }
         other => other,
+    }
+}
+
+/// Every recipe file a job names: its own and each A/B build's.
+fn all_recipes(job: &ModelJob) -> impl Iterator<Item = &RecipeFile> {
+    job.recipes
+        .iter()
+        .chain(job.builds.iter().flat_map(|b| &b.recipes))
+}
+
+/// The builds whose rows a job writes, by the name its rows carry (empty
+/// for a one-build job).
+fn sides(job: &ModelJob) -> Vec<String> {
+    if job.builds.is_empty() {
+        vec![String::new()]
+    } else {
+        job.builds.iter().map(|b| b.build.name.clone()).collect()
     }
 }
 
@@ -132,7 +159,10 @@ struct PreparedModel {
     name: String,
     synthetic: bool,
     file_bytes: u64,
+    /// The base build's recipe files.
     recipes: Vec<RecipeFile>,
+    /// In an A/B session, each other build's, in the same order.
+    versus_recipes: Vec<Vec<RecipeFile>>,
     importance: Option<LayerImportance>,
     calibrations: Vec<CalibrationRecord>,
 }
@@ -224,6 +254,206 @@ impl ModelMatrix {
     }
 }
 
+/// The model a build quantizes recipes of.
+struct ModelToQuantize<'a> {
+    path: &'a Path,
+    name: &'a str,
+    /// A synthetic model's layers (its importance is the layer order).
+    synthetic_layers: Option<usize>,
+}
+
+/// A build's recipe files of one model, the layer importance its
+/// `adaptive` recipe used and how its calibrated recipes were made.
+type BuildRecipes = (
+    Vec<RecipeFile>,
+    Option<LayerImportance>,
+    Vec<CalibrationRecord>,
+);
+
+impl ModelMatrix {
+    /// Checks that `cell` is one of the matrix's model tests
+    /// (`<model file>/<recipe>/<pp|tg><N>/t<threads>`, any thread count
+    /// for `"all"`); otherwise says which there are.
+    pub fn check_test(&self, cell: &str) -> Result<(), String> {
+        let mut known = Vec::new();
+        for source in &self.models {
+            let model = source.name();
+            for recipe in &self.spec.recipes {
+                let tests = [
+                    format!("pp{}", self.spec.n_prompt),
+                    format!("tg{}", self.spec.n_gen),
+                ];
+                for test in tests {
+                    for threads in &self.spec.threads {
+                        let id = format!("{model}/{recipe}/{test}/t");
+                        let matched = match threads {
+                            wire::kernel_job::ThreadCount::Fixed(n) => {
+                                known.push(format!("{id}{n}"));
+                                cell == format!("{id}{n}")
+                            }
+                            wire::kernel_job::ThreadCount::All => {
+                                known.push(format!("{id}<cores>"));
+                                cell.strip_prefix(&id).is_some_and(|n| {
+                                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                                })
+                            }
+                        };
+                        if matched {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "model matrix `{}` has no test `{cell}` (its tests include: {})",
+            self.name,
+            known.into_iter().take(12).collect::<Vec<_>>().join(", ")
+        ))
+    }
+
+    /// How long a job may run: each build of an A/B job measures every
+    /// recipe.
+    fn deadline(&self, job: &ModelJob) -> std::time::Duration {
+        let recipes = job.recipes.len() * job.builds.len().max(1);
+        self.spec.deadline(recipes, job.invocations)
+    }
+
+    /// Makes the matrix's recipes of `model` with `build`'s quantizer (its
+    /// own recipe cache). A recipe the build's llama.cpp lacks a feature
+    /// for is left out of a one-build session with a note; in an A/B
+    /// session it stays in the list, unmade, so each build's files line up
+    /// with the job's recipes and the row says why.
+    fn recipes_for_build(
+        &self,
+        session: &Session,
+        build: &crate::session::BuildUnderTest,
+        model: &ModelToQuantize,
+    ) -> Result<BuildRecipes, JobError> {
+        let agent = build.host_agent.as_ref().ok_or_else(|| {
+            JobError::MissingHostAgent(format!(
+                "build `{}` has no host agent to quantize with",
+                build.name()
+            ))
+        })?;
+        let spec = &self.spec;
+        let (name, synthetic_layers) = (model.name.to_string(), model.synthetic_layers);
+        let synthetic = synthetic_layers.is_some();
+        let model = model.path;
+        let cache = RecipeCache::open(&session.workspace, model, &build.source)?;
+        let mut recipes = Vec::new();
+        let mut importance = None;
+        let mut calibrations = Vec::new();
+        for recipe in &spec.recipes {
+            // `bisect --cell <model>/<recipe>/<test>/t<threads>`: that
+            // recipe only.
+            let only = &session.options.only_cells;
+            if !only.is_empty()
+                && !only
+                    .iter()
+                    .any(|cell| cell.starts_with(&format!("{name}/{recipe}/")))
+            {
+                continue;
+            }
+            let parsed = Recipe::parse(recipe).map_err(|message| ConfigError::Invalid {
+                path: PathBuf::from(&self.name),
+                matrix: self.name.clone(),
+                message,
+            })?;
+            if let Some(missing) = switched_off(&parsed, &build.source) {
+                let reason = format!(
+                    "switched off for build `{}` (llama.cpp {} has no {missing})",
+                    build.name(),
+                    build.source.identity.source
+                );
+                eprintln!("{recipe}: {reason}");
+                if !session.versus().is_empty() {
+                    recipes.push(RecipeFile::unmade(recipe, reason));
+                }
+                continue;
+            }
+            if parsed.is_calibrated() && self.calibration == self.text {
+                eprintln!(
+                    "warning: {recipe} is calibrated on {}, the text it is judged on: its quality figures flatter it. Set `calibration` in model matrix `{}` to another text",
+                    self.text.display(),
+                    self.name
+                );
+            }
+            if let Recipe::Imatrix(base) = &parsed {
+                let (imatrix, mut record) =
+                    cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
+                let mut file = cache.quantize(
+                    agent,
+                    model,
+                    &QuantizeSpec {
+                        imatrix: Some(&imatrix),
+                        ..QuantizeSpec::uniform(recipe, base)
+                    },
+                )?;
+                record.model = name.clone();
+                record.recipe = recipe.clone();
+                file.note = record.note();
+                recipes.push(file);
+                calibrations.push(record);
+            } else if let Recipe::Codebook(format) = &parsed {
+                let (imatrix, mut record) =
+                    cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
+                let (mut file, report) = cache.codebook(agent, model, recipe, *format, &imatrix)?;
+                record.model = name.clone();
+                record.recipe = recipe.clone();
+                file.note = codebook_note(&report, &record);
+                recipes.push(file);
+                calibrations.push(record);
+            } else if let Recipe::Gptq(base) = &parsed {
+                let (mut file, mut record) =
+                    cache.gptq(agent, model, base, &self.calibration, spec.ctx)?;
+                record.model = name.clone();
+                file.note = record.note();
+                recipes.push(file);
+                calibrations.push(record);
+            } else if recipe == "adaptive" {
+                let a = &spec.adaptive;
+                // Random weights have no importance to measure: the
+                // layer order stands in for it, and the method says so.
+                let scores = if let Some(n) = synthetic_layers {
+                    (0..n).map(|i| (n - i) as f64).collect()
+                } else {
+                    cache.importance(agent, model, &self.text, spec.ctx, &a.low)?
+                };
+                let assignment = adaptive_assignment(&scores, a);
+                recipes.push(cache.quantize(
+                    agent,
+                    model,
+                    &QuantizeSpec {
+                        layer_types: &assignment,
+                        other_type: Some(&a.high),
+                        ..QuantizeSpec::uniform("adaptive", &a.low)
+                    },
+                )?);
+                importance = Some(LayerImportance {
+                    model: name.clone(),
+                    method: if synthetic {
+                        "layer order, earlier layers first (a synthetic model's random weights have no importance to measure)".to_string()
+                    } else {
+                        format!(
+                            "mean KL divergence from the unquantized model on {} (ctx {}) when only that layer is quantized to {}",
+                            spec.text.display(),
+                            spec.ctx,
+                            a.low
+                        )
+                    },
+                    scores,
+                    assignment,
+                });
+            } else {
+                let made = cache.quantize(agent, model, &QuantizeSpec::uniform(recipe, recipe));
+                recipes.push(made_or_refused(recipe, &build.source, made)?);
+            }
+        }
+        Ok((recipes, importance, calibrations))
+    }
+}
+
 impl JobKind for ModelMatrix {
     fn kind(&self) -> &'static str {
         "model"
@@ -241,12 +471,12 @@ impl JobKind for ModelMatrix {
         true
     }
 
-    /// Quantization always happens on the host, whatever the target.
+    /// Quantization always happens on the host, whatever the target; in
+    /// an A/B session each build quantizes with its own quantizer.
     fn prepare(&mut self, session: &Session) -> Result<(), JobError> {
         let agent = session.base().host_agent.as_ref().ok_or_else(|| {
             JobError::MissingHostAgent("the model matrix needs the host agent to quantize".into())
         })?;
-        let spec = &self.spec;
         self.prepared.clear();
         for source in &self.models {
             let (model, name, synthetic_layers) = match source {
@@ -266,111 +496,24 @@ impl JobKind for ModelMatrix {
                     (made.path, wanted.file_name(), Some(wanted.spec.n_layer))
                 }
             };
-            let synthetic = synthetic_layers.is_some();
-            let model = &model;
-            let cache = RecipeCache::open(&session.workspace, model, &session.base().source)?;
-            let mut recipes = Vec::new();
-            let mut importance = None;
-            let mut calibrations = Vec::new();
-            for recipe in &spec.recipes {
-                let parsed = Recipe::parse(recipe).map_err(|message| ConfigError::Invalid {
-                    path: PathBuf::from(&self.name),
-                    matrix: self.name.clone(),
-                    message,
-                })?;
-                if let Some(missing) = switched_off(&parsed, &session.base().source) {
-                    eprintln!(
-                        "{recipe}: switched off for build `{}` (llama.cpp {} has no {missing})",
-                        session.base().source.name,
-                        session.base().source.identity.source
-                    );
-                    continue;
-                }
-                if parsed.is_calibrated() && self.calibration == self.text {
-                    eprintln!(
-                        "warning: {recipe} is calibrated on {}, the text it is judged on: its quality figures flatter it. Set `calibration` in model matrix `{}` to another text",
-                        self.text.display(),
-                        self.name
-                    );
-                }
-                if let Recipe::Imatrix(base) = &parsed {
-                    let (imatrix, mut record) =
-                        cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
-                    let mut file = cache.quantize(
-                        agent,
-                        model,
-                        &QuantizeSpec {
-                            imatrix: Some(&imatrix),
-                            ..QuantizeSpec::uniform(recipe, base)
-                        },
-                    )?;
-                    record.model = name.clone();
-                    record.recipe = recipe.clone();
-                    file.note = record.note();
-                    recipes.push(file);
-                    calibrations.push(record);
-                } else if let Recipe::Codebook(format) = &parsed {
-                    let (imatrix, mut record) =
-                        cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
-                    let (mut file, report) =
-                        cache.codebook(agent, model, recipe, *format, &imatrix)?;
-                    record.model = name.clone();
-                    record.recipe = recipe.clone();
-                    file.note = codebook_note(&report, &record);
-                    recipes.push(file);
-                    calibrations.push(record);
-                } else if let Recipe::Gptq(base) = &parsed {
-                    let (mut file, mut record) =
-                        cache.gptq(agent, model, base, &self.calibration, spec.ctx)?;
-                    record.model = name.clone();
-                    file.note = record.note();
-                    recipes.push(file);
-                    calibrations.push(record);
-                } else if recipe == "adaptive" {
-                    let a = &spec.adaptive;
-                    // Random weights have no importance to measure: the
-                    // layer order stands in for it, and the method says so.
-                    let scores = if let Some(n) = synthetic_layers {
-                        (0..n).map(|i| (n - i) as f64).collect()
-                    } else {
-                        cache.importance(agent, model, &self.text, spec.ctx, &a.low)?
-                    };
-                    let assignment = adaptive_assignment(&scores, a);
-                    recipes.push(cache.quantize(
-                        agent,
-                        model,
-                        &QuantizeSpec {
-                            layer_types: &assignment,
-                            other_type: Some(&a.high),
-                            ..QuantizeSpec::uniform("adaptive", &a.low)
-                        },
-                    )?);
-                    importance = Some(LayerImportance {
-                        model: name.clone(),
-                        method: if synthetic {
-                            "layer order, earlier layers first (a synthetic model's random weights have no importance to measure)".to_string()
-                        } else {
-                            format!(
-                                "mean KL divergence from the unquantized model on {} (ctx {}) when only that layer is quantized to {}",
-                                spec.text.display(),
-                                spec.ctx,
-                                a.low
-                            )
-                        },
-                        scores,
-                        assignment,
-                    });
-                } else {
-                    let made = cache.quantize(agent, model, &QuantizeSpec::uniform(recipe, recipe));
-                    recipes.push(made_or_refused(recipe, &session.base().source, made)?);
-                }
+            let target = ModelToQuantize {
+                path: &model,
+                name: &name,
+                synthetic_layers,
+            };
+            let mut by_build = Vec::new();
+            for build in &session.under_test {
+                by_build.push(self.recipes_for_build(session, build, &target)?);
             }
+            // What the base build measured and learnt is the run's record.
+            let (recipes, importance, calibrations) = by_build.remove(0);
             self.prepared.push(PreparedModel {
-                path: model.clone(),
-                file_bytes: check_model_file(model)?,
+                file_bytes: check_model_file(&model)?,
+                path: model,
                 name,
-                synthetic,
+                synthetic: synthetic_layers.is_some(),
                 recipes,
+                versus_recipes: by_build.into_iter().map(|(r, _, _)| r).collect(),
                 importance,
                 calibrations,
             });
@@ -380,8 +523,9 @@ impl JobKind for ModelMatrix {
 
     fn plan(&self, session: &Session, board: &BoardSlot) -> Result<Vec<PlannedJob>, JobError> {
         let mut jobs = Vec::new();
-        for model in &self.prepared {
-            let job = ModelJob {
+        // A model none of whose recipes a `bisect --cell` names has no job.
+        for model in self.prepared.iter().filter(|m| !m.recipes.is_empty()) {
+            let mut job = ModelJob {
                 run_id: session.run_id.clone(),
                 board: board.name.clone(),
                 emulated: board.emulated,
@@ -433,12 +577,25 @@ impl JobKind for ModelMatrix {
                     crate::boards::ResolvedBoard::Remote(remote) => remote.runner.clone(),
                     crate::boards::ResolvedBoard::Local => Vec::new(),
                 },
+                builds: Vec::new(),
             };
+            // An A/B session: each build measures its own files of every
+            // recipe, its binary beside the board's own.
+            let (builds, agents) = super::job_builds(session, board)?;
+            let files = std::iter::once(&model.recipes).chain(&model.versus_recipes);
+            job.builds = builds
+                .into_iter()
+                .zip(files)
+                .map(|(build, recipes)| ModelJobBuild {
+                    build,
+                    recipes: recipes.clone(),
+                })
+                .collect();
             let uploads = uploads_of(&job);
             // The agent loads the base alone, then each recipe twice (a
             // timing context and an evaluation context) with mmap sharing
             // the weights; count both copies to stay on the safe side, plus 20%.
-            let largest = job.recipes.iter().map(|r| r.file_bytes).max().unwrap_or(0);
+            let largest = all_recipes(&job).map(|r| r.file_bytes).max().unwrap_or(0);
             let needed = ((2 * largest).max(job.base.file_bytes) as f64 * 1.2) as u64;
             jobs.push(PlannedJob {
                 kind_index: 0,
@@ -455,8 +612,8 @@ impl JobKind for ModelMatrix {
                 // Rows only: the models are uploads, checked as they go.
                 disk_bytes: wire::kernel_job::ROWS_ALLOWANCE_BYTES,
                 outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE],
-                deadline: self.spec.deadline(job.recipes.len(), job.invocations),
-                agents: Vec::new(),
+                deadline: self.deadline(&job),
+                agents,
             });
         }
         Ok(jobs)
@@ -479,22 +636,34 @@ impl JobKind for ModelMatrix {
         // One status per recipe (a recipe's pp and tg rows share it; the
         // worst wins), each recipe counted once.
         let mut by_recipe: BTreeMap<&str, CellStatus> = BTreeMap::new();
-        for recipe in &job.recipes {
-            let statuses: Vec<CellStatus> = rows
-                .iter()
-                .filter(|r| r.recipe == recipe.recipe)
-                .map(|r| r.status)
-                .collect();
-            let status = if statuses.is_empty() {
-                out.append(&ModelRow::failed(&job, recipe, &Default::default(), reason))?;
-                CellStatus::Failed
-            } else {
-                statuses
-                    .into_iter()
-                    .find(|s| *s != CellStatus::Ok)
-                    .unwrap_or(CellStatus::Ok)
-            };
-            by_recipe.insert(&recipe.recipe, status);
+        for (index, recipe) in job.recipes.iter().enumerate() {
+            let mut worst = CellStatus::Ok;
+            for build in sides(&job) {
+                let statuses: Vec<CellStatus> = rows
+                    .iter()
+                    .filter(|r| r.recipe == recipe.recipe && r.build == build)
+                    .map(|r| r.status)
+                    .collect();
+                let status = if statuses.is_empty() {
+                    let (agent, file) = match job.builds.iter().find(|b| b.build.name == build) {
+                        Some(b) => (b.build.agent.clone(), &b.recipes[index]),
+                        None => (Default::default(), recipe),
+                    };
+                    let mut row = ModelRow::failed(&job, file, &agent, reason);
+                    row.build = build;
+                    out.append(&row)?;
+                    CellStatus::Failed
+                } else {
+                    statuses
+                        .into_iter()
+                        .find(|s| *s != CellStatus::Ok)
+                        .unwrap_or(CellStatus::Ok)
+                };
+                if worst == CellStatus::Ok || status == CellStatus::Failed {
+                    worst = status;
+                }
+            }
+            by_recipe.insert(&recipe.recipe, worst);
         }
         let mut tally = Tally::default();
         by_recipe.values().for_each(|s| tally.count(*s));
@@ -504,19 +673,33 @@ impl JobKind for ModelMatrix {
     fn remaining(&self, job: &PlannedJob, job_dir: &Path) -> Result<Option<PlannedJob>, JobError> {
         let mut spec: ModelJob = from_spec(job)?;
         let rows: Vec<ModelRow> = rows_in(&job_dir.join(MODEL_ROWS_FILE))?;
-        spec.recipes.retain(|recipe| {
-            !rows.iter().any(|r| {
-                r.run_id == spec.run_id
-                    && r.model_filename == spec.model_name
-                    && r.recipe == recipe.recipe
+        // A recipe is done when every build has its rows.
+        let done: Vec<bool> = spec
+            .recipes
+            .iter()
+            .map(|recipe| {
+                sides(&spec).iter().all(|build| {
+                    rows.iter().any(|r| {
+                        r.run_id == spec.run_id
+                            && r.model_filename == spec.model_name
+                            && r.recipe == recipe.recipe
+                            && r.build == *build
+                    })
+                })
             })
-        });
+            .collect();
+        let keep = |recipes: &mut Vec<RecipeFile>| {
+            let mut done = done.iter();
+            recipes.retain(|_| !done.next().copied().unwrap_or(false));
+        };
+        keep(&mut spec.recipes);
+        spec.builds.iter_mut().for_each(|b| keep(&mut b.recipes));
         if spec.recipes.is_empty() {
             return Ok(None);
         }
         Ok(Some(PlannedJob {
             units: spec.recipes.len(),
-            deadline: self.spec.deadline(spec.recipes.len(), spec.invocations),
+            deadline: self.deadline(&spec),
             uploads: uploads_of(&spec),
             spec: to_spec(&spec),
             ..job.clone()

@@ -182,6 +182,30 @@ pub fn type_figures(rows: &[&KernelRow]) -> Vec<TypeFigures> {
         .collect()
 }
 
+/// Model rows as tables and plots show them: in an A/B run each build's
+/// recipe is a recipe of its own, `<recipe>@<build>`, so the two builds'
+/// figures stand side by side instead of one hiding the other.
+pub fn shown_model_rows(rows: &[ModelRow]) -> Vec<ModelRow> {
+    rows.iter()
+        .map(|r| match r.build.as_str() {
+            "" => r.clone(),
+            build => ModelRow {
+                recipe: format!("{}@{build}", r.recipe),
+                ..r.clone()
+            },
+        })
+        .collect()
+}
+
+/// The f32 recipe a recipe's speedup is taken against: the same build's
+/// in an A/B run.
+pub fn f32_beside(recipe: &str) -> String {
+    match recipe.rsplit_once('@') {
+        Some((_, build)) => format!("f32@{build}"),
+        None => "f32".to_string(),
+    }
+}
+
 /// The model matrix's figures for one board, at the most threads measured.
 pub struct ModelFigures<'a> {
     pub rows: Vec<&'a ModelRow>,
@@ -232,7 +256,8 @@ impl<'a> ModelFigures<'a> {
         self.tg_rows()
             .iter()
             .filter_map(|r| {
-                let base = self.tokens_per_second(&r.model_filename, "f32", false)?;
+                let base =
+                    self.tokens_per_second(&r.model_filename, &f32_beside(&r.recipe), false)?;
                 Some((
                     (r.model_filename.clone(), r.recipe.clone()),
                     r.avg_ts? / base,

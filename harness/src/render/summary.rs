@@ -2,7 +2,7 @@
 //! type and a line per model recipe, then every kernel cell. Figures come
 //! from `figures`, the same ones the plots draw.
 
-use super::figures::{by_board, type_figures, ModelFigures};
+use super::figures::{by_board, f32_beside, shown_model_rows, type_figures, ModelFigures};
 use super::RunData;
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -16,7 +16,7 @@ pub fn summary(run: &RunData) -> (String, String) {
         tables.push_str(&type_table(&run.kernel_rows));
     }
     if !run.model_rows.is_empty() {
-        tables.push_str(&model_table(&run.model_rows));
+        tables.push_str(&model_table(&shown_model_rows(&run.model_rows)));
     }
     let mut full = format!(
         "# quantbench run {}\n\nmatrix `{}`, commit {}, llama.cpp {}, started {}\n{}{}{}",
@@ -301,7 +301,7 @@ pub fn model_table(rows: &[ModelRow]) -> String {
             let pp = figures.tokens_per_second(&r.model_filename, &r.recipe, true);
             let tg = figures.tokens_per_second(&r.model_filename, &r.recipe, false);
             let speedup = tg
-                .zip(figures.tokens_per_second(&r.model_filename, "f32", false))
+                .zip(figures.tokens_per_second(&r.model_filename, &f32_beside(&r.recipe), false))
                 .map(|(a, b)| a / b);
             let text: String = r.generated_text.chars().take(60).collect();
             let _ = writeln!(

@@ -13,7 +13,7 @@ mod thread_scaling;
 mod throughput_batch1;
 
 use super::chart::{Chart, Figure, Panel};
-use super::figures::{by_board, emulated_boards, ModelFigures};
+use super::figures::{by_board, emulated_boards, shown_model_rows, ModelFigures};
 use super::{PlotKind, RunData};
 use wire::rows::{CellStatus, KernelRow, ModelRow};
 
@@ -83,8 +83,8 @@ fn model_figure(
     title: impl Fn(&[ModelFigures]) -> String,
     chart: impl Fn(&ModelFigures) -> Chart,
 ) -> Vec<Figure> {
-    let ok: Vec<&ModelRow> = run
-        .model_rows
+    let shown = shown_model_rows(&run.model_rows);
+    let ok: Vec<&ModelRow> = shown
         .iter()
         .filter(|r| r.status == CellStatus::Ok)
         .collect();
