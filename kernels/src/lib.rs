@@ -207,7 +207,7 @@ mod tests {
 
     /// Documented quality bounds: NMSE of dequantized weights on the seeded
     /// LLM-like generator (256x1024). Measured values sit well inside these
-    /// (see README); a bound failing means a kernel or the generator changed.
+    /// (see docs/contributing.md, "Tests"); a bound failing means a kernel or the generator changed.
     #[test]
     fn every_type_meets_its_documented_nmse_bound() {
         let (rows, cols) = (256, 1024);

@@ -125,7 +125,7 @@ pub fn quantize_model(
     let ftype = ftype_from_name(request.ftype).ok_or_else(fail)?;
     if let Some(missing) = missing_capability(request) {
         return Err(ModelError::Llama(format!(
-            "recipe `{}` needs {missing}, which the llama.cpp this agent was built from ({}) does not have; use a build of llama.cpp that has it (see `[builds]` in README)",
+            "recipe `{}` needs {missing}, which the llama.cpp this agent was built from ({}) does not have; use a build of llama.cpp that has it (see `[builds]` in docs/builds.md)",
             request.ftype,
             crate::llama_source()
         )));

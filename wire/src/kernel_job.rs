@@ -161,7 +161,7 @@ impl Cell {
 }
 
 /// Invocations (agent processes) per cell on a real board unless a matrix
-/// says otherwise (see README, "Invocations and verdicts", for the
+/// says otherwise (see docs/nightly.md, "Invocations and verdicts", for the
 /// dimensioning measurement behind it).
 pub const DEFAULT_INVOCATIONS: u32 = 10;
 

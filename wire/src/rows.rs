@@ -1,7 +1,7 @@
 //! The rows an agent returns, one type per CSV schema: `KernelRow`
 //! (`kernels.csv`), `SampleRow` (`samples.csv`, one timed repetition each)
 //! and `ModelRow` (`models.csv`). The field order is the column order; every
-//! column is documented in the README, which the tests check.
+//! column is documented in docs/results.md, which the tests check.
 
 use crate::model_job::{ModelJob, RecipeFile};
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ pub enum CellStatus {
 }
 
 /// One row of `kernels.csv`. The field order is the column order; every
-/// column is documented in the README ("CSV columns").
+/// column is documented in docs/results.md ("CSV columns").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelRow {
     pub run_id: String,
@@ -602,17 +602,18 @@ mod tests {
         let header = std::fs::read_to_string(&path).unwrap();
         let header = header.lines().next().unwrap();
         let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/results.md"))
+                .unwrap();
         for column in header.split(',') {
             assert!(
                 readme.contains(&format!("| `{column}` |")),
-                "column `{column}` is not documented in README.md"
+                "column `{column}` is not documented in docs/results.md"
             );
         }
     }
 
     #[test]
-    fn invocation_columns_are_documented_in_the_readme() {
+    fn invocation_columns_are_documented_in_the_results_guide() {
         let row = InvocationRow {
             run_id: "r".into(),
             board: "b".into(),
@@ -648,11 +649,12 @@ mod tests {
         assert_eq!(back, vec![row]);
         let header = std::fs::read_to_string(&path).unwrap();
         let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/results.md"))
+                .unwrap();
         let section = readme
             .split("### invocations.csv")
             .nth(1)
-            .expect("README has a section `### invocations.csv`");
+            .expect("docs/results.md has a section `### invocations.csv`");
         for column in header.lines().next().unwrap().split(',') {
             assert!(
                 section.contains(&format!("`{column}`")),
@@ -662,7 +664,7 @@ mod tests {
     }
 
     #[test]
-    fn model_columns_are_documented_in_the_readme() {
+    fn model_columns_are_documented_in_the_results_guide() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(MODEL_ROWS_FILE);
         let job: ModelJob = serde_json::from_str(
@@ -686,7 +688,8 @@ mod tests {
         assert_eq!(back, vec![row]);
         let header = std::fs::read_to_string(&path).unwrap();
         let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/results.md"))
+                .unwrap();
         for column in header.lines().next().unwrap().split(',') {
             assert!(
                 readme.contains(&format!("| `{column}` |")),

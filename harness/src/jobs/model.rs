@@ -114,7 +114,7 @@ fn sides(job: &ModelJob) -> Vec<String> {
 }
 
 /// Processes a recipe's speed is measured in on a real board unless the
-/// matrix says (README, "Invocations and verdicts").
+/// matrix says (docs/nightly.md, "Invocations and verdicts").
 pub const DEFAULT_MODEL_INVOCATIONS: u32 = 3;
 
 pub struct ModelMatrix {
