@@ -1,5 +1,5 @@
 //! What the llama.cpp this crate is linked against can do. The harness
-//! checks a source's headers before cargo runs (`harness::llama_source`)
+//! checks a source's headers before cargo runs (`harness::builds::llama_source`)
 //! and says here, in `QUANTBENCH_LLAMA_LACKS`, which optional parts of
 //! the API it lacks; they become cfgs so the crate still compiles against
 //! that source, and the features using them say so at run time. The

@@ -9,10 +9,10 @@
 //! `cargo run --release -p harness --example history_at_scale [work dir]`
 //! (default: a temporary folder, removed afterwards).
 
-use harness::compare::{compare, CompareSettings};
-use harness::history::History;
-use harness::manifest::{BoardOutcome, HostInfo, RunManifest, Versions};
-use harness::run_dir::RunData;
+use harness::results::compare::{compare, CompareSettings};
+use harness::results::history::History;
+use harness::results::run_dir::RunData;
+use harness::runs::manifest::{BoardOutcome, HostInfo, RunManifest, Versions};
 use std::path::Path;
 use std::time::Instant;
 use wire::files::{write_json, CsvAppender, KERNEL_ROWS_FILE, MANIFEST_FILE, SAMPLES_FILE};
@@ -134,18 +134,18 @@ fn main() {
     let runs = history.runs().unwrap();
     let latest = RunData::load(&runs[runs.len() - 1].dir).unwrap();
     let previous = RunData::load(&runs[runs.len() - 2].dir).unwrap();
-    let (floors, _) = harness::noise::floors_for(&year, Some(&history), &latest);
+    let (floors, _) = harness::results::noise::floors_for(&year, Some(&history), &latest);
     let floors_time = started.elapsed();
     let settings = CompareSettings {
         noise_floors: floors,
         ..CompareSettings::default()
     };
-    let cmp = harness::persistence::compare_and_confirm(
+    let cmp = harness::results::persistence::compare_and_confirm(
         &history,
         &previous,
         &latest,
         &settings,
-        &harness::persistence::ConfirmAgainst::PreviousOfBase,
+        &harness::results::persistence::ConfirmAgainst::PreviousOfBase,
     )
     .unwrap();
     println!(

@@ -15,11 +15,11 @@
 //! is an incremental build; each step's run is a run directory of its
 //! own, in the history like any other.
 
-use crate::compare::{compare, CompareSettings, Verdict};
-use crate::llama_source::{BuildSpec, LlamaSource};
+use crate::builds::llama_source::{BuildSpec, LlamaSource};
 use crate::pipeline::run_bench;
-use crate::run_dir::RunData;
-use crate::session::SessionOptions;
+use crate::results::compare::{compare, CompareSettings, Verdict};
+use crate::results::run_dir::RunData;
+use crate::runs::session::SessionOptions;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use thiserror::Error;
@@ -31,9 +31,9 @@ pub enum BisectError {
     #[error(transparent)]
     Bench(#[from] crate::pipeline::BenchError),
     #[error(transparent)]
-    RunDir(#[from] crate::run_dir::RunDirError),
+    RunDir(#[from] crate::results::run_dir::RunDirError),
     #[error(transparent)]
-    Compare(#[from] crate::compare::CompareError),
+    Compare(#[from] crate::results::compare::CompareError),
 }
 
 /// What to bisect and where.

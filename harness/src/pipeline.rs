@@ -8,20 +8,20 @@
 //! `run.json` recorded (config, matrices, target, run id); its agents must
 //! be the same builds, so resumed rows measure the same code.
 
-use crate::boards::ResolvedBoard;
-use crate::build::rustc_version;
-use crate::config::{BenchConfig, ConfigError};
-use crate::deploy::SshRunner;
-use crate::farm::FarmRunner;
-use crate::jobs::{kinds_for, JobError};
-use crate::llama_source::llama_cpp_sys_version;
-use crate::manifest::{
+use crate::builds::build::rustc_version;
+use crate::builds::llama_source::llama_cpp_sys_version;
+use crate::fleet::boards::ResolvedBoard;
+use crate::results::render::{render_run, RenderError, Rendered};
+use crate::runs::config::{BenchConfig, ConfigError};
+use crate::runs::deploy::SshRunner;
+use crate::runs::farm::FarmRunner;
+use crate::runs::jobs::{kinds_for, JobError};
+use crate::runs::manifest::{
     BoardOutcome, HostInfo, ManifestWriter, MatrixRecord, RunManifest, Versions,
 };
-use crate::render::{render_run, RenderError, Rendered};
-use crate::run::{run_all, BoardBudget, BoardPlan, BoardRunner, LocalRunner};
-use crate::run_owner::RunOwner;
-use crate::session::{Session, SessionError, SessionOptions};
+use crate::runs::run::{run_all, BoardBudget, BoardPlan, BoardRunner, LocalRunner};
+use crate::runs::run_owner::RunOwner;
+use crate::runs::session::{Session, SessionError, SessionOptions};
 use indicatif::MultiProgress;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,9 +45,9 @@ pub enum BenchError {
     #[error("{0}")]
     NoSuchCell(String),
     #[error(transparent)]
-    Budget(#[from] crate::budget::BudgetError),
+    Budget(#[from] crate::runs::budget::BudgetError),
     #[error(transparent)]
-    Owner(#[from] crate::run_owner::OwnerError),
+    Owner(#[from] crate::runs::run_owner::OwnerError),
 }
 
 /// What a finished run produced.
@@ -137,7 +137,7 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
                     .map(|job| kinds[job.kind_index].budget_need(job))
                     .collect::<Result<Vec<_>, _>>()?;
                 let total = options.budget.unwrap_or(left);
-                let fit = crate::budget::fit_board(&slot.name, &needs, left, total)?;
+                let fit = crate::runs::budget::fit_board(&slot.name, &needs, left, total)?;
                 if let Some(line) = &fit.lowered {
                     eprintln!("{line}");
                 }
@@ -296,7 +296,7 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
     let rendered = render_run(&run_dir)?;
     // The run directory is the record; the index is a convenience that a
     // later `cargo xtask history` can always rebuild.
-    if let Err(e) = crate::history::History::open(&options.results_root) {
+    if let Err(e) = crate::results::history::History::open(&options.results_root) {
         log(format!(
             "history index not updated ({e}); `cargo xtask history` rebuilds it"
         ));
@@ -315,7 +315,7 @@ fn find_run_to_resume(
     reference: &str,
 ) -> Result<(PathBuf, RunManifest), BenchError> {
     let dir = if reference == "latest" {
-        crate::run_dir::list_runs(results_root).pop().ok_or_else(|| {
+        crate::results::run_dir::list_runs(results_root).pop().ok_or_else(|| {
             BenchError::Resume(format!(
                 "--resume latest: no run under {} (no folder with a {MANIFEST_FILE}); pass the run directory",
                 results_root.display()

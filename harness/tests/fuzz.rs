@@ -7,7 +7,7 @@
 //! fuzz -- --nocapture` runs longer. (`kernels/tests/fuzz_imatrix.rs` feeds
 //! importance matrices through the check to GGML itself.)
 
-use harness::build::workspace_root;
+use harness::builds::build::workspace_root;
 use std::path::Path;
 use wire::fuzzing::{cases, mutated, run};
 
@@ -238,7 +238,7 @@ fn bench_toml() {
         &["ok", "refused"],
         |bytes| {
             let text = String::from_utf8_lossy(&bytes);
-            match harness::config::BenchConfig::parse(&text, &path) {
+            match harness::runs::config::BenchConfig::parse(&text, &path) {
                 Ok(_) => "ok".into(),
                 Err(e) => {
                     assert!(!e.to_string().is_empty());
@@ -259,10 +259,11 @@ fn known_hosts_files() {
         &["keys", "keys and bad lines", "only bad lines", "nothing"],
         |bytes| {
             let text = String::from_utf8_lossy(&bytes);
-            let (keys, bad) = harness::known_hosts::parse_text(&text, Path::new("known_hosts"));
+            let (keys, bad) =
+                harness::fleet::known_hosts::parse_text(&text, Path::new("known_hosts"));
             for key in &keys {
                 // A verdict on any key never panics.
-                let _ = harness::known_hosts::verdict(
+                let _ = harness::fleet::known_hosts::verdict(
                     std::slice::from_ref(key),
                     "[10.213.0.11]:22",
                     &key.key_type,
@@ -291,8 +292,8 @@ fn labgrid_client_output() {
         &["place held", "place free", "resources", "no resources"],
         |bytes| {
             let text = String::from_utf8_lossy(&bytes);
-            let info = harness::labgrid::parse_show("qa", &text);
-            let resources = harness::labgrid::parse_env(&text);
+            let info = harness::fleet::labgrid::parse_show("qa", &text);
+            let resources = harness::fleet::labgrid::parse_env(&text);
             match (resources.is_empty(), info.acquired_by.is_some()) {
                 (false, _) => "resources",
                 (true, true) => "place held",
@@ -331,7 +332,8 @@ fn llama_bench_json() {
         &["imported", "refused"],
         |bytes| {
             std::fs::write(&file, &bytes).unwrap();
-            let outcome = harness::import::import_llama_bench(&file, &results, "local", None);
+            let outcome =
+                harness::results::import::import_llama_bench(&file, &results, "local", None);
             match outcome {
                 Ok(imported) => {
                     // One folder directly under results/, whatever the file says.

@@ -15,7 +15,7 @@
 //! harness's job.
 
 /// The llama.cpp this crate was built against, as the harness named it
-/// (`harness::llama_source`): empty for the pinned crate's own copy.
+/// (`harness::builds::llama_source`): empty for the pinned crate's own copy.
 pub fn llama_source() -> &'static str {
     match env!("QUANTBENCH_LLAMA_ID") {
         "" => "vendored",

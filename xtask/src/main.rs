@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use harness::pipeline::run_bench;
-use harness::session::SessionOptions;
+use harness::runs::session::SessionOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -139,7 +139,7 @@ impl RunArgs {
             budget: self
                 .budget
                 .as_deref()
-                .map(harness::budget::parse_duration)
+                .map(harness::runs::budget::parse_duration)
                 .transpose()?,
             build: build.to_string(),
             versus,
@@ -486,7 +486,7 @@ fn main() -> ExitCode {
     // on boards keep running; `bench --resume` takes the places again and
     // collects them.
     let installed = ctrlc::set_handler(|| {
-        harness::labgrid::release_all_held();
+        harness::fleet::labgrid::release_all_held();
         std::process::exit(130);
     });
     if let Err(e) = installed {
@@ -553,28 +553,31 @@ fn run() -> Result<ExitCode> {
                     accept_new_host_key,
                 },
         } => {
-            let workspace = harness::build::workspace_root();
-            let config = harness::config::BenchConfig::load(&config)?;
-            let boards = harness::boards::resolve_targets(
+            let workspace = harness::builds::build::workspace_root();
+            let config = harness::runs::config::BenchConfig::load(&config)?;
+            let boards = harness::fleet::boards::resolve_targets(
                 &target,
-                &harness::session::known_boards(&config, &workspace)?,
-                &harness::boards::SshConfig::load_default(),
+                &harness::runs::session::known_boards(&config, &workspace)?,
+                &harness::fleet::boards::SshConfig::load_default(),
             )?;
             let mut failed = false;
             for board in boards {
                 match board {
-                    harness::boards::ResolvedBoard::Local => {
+                    harness::fleet::boards::ResolvedBoard::Local => {
                         println!("local: nothing kept on boards to clean")
                     }
-                    harness::boards::ResolvedBoard::Remote(remote) if remote.farm.is_some() => {
+                    harness::fleet::boards::ResolvedBoard::Remote(remote)
+                        if remote.farm.is_some() =>
+                    {
                         eprintln!(
                             "{}: a labgrid place is cleaned by the runs that take it (each prunes the board to its `keep_runs` after every job); `board clean` does not take places",
                             remote.name
                         );
                         failed = true;
                     }
-                    harness::boards::ResolvedBoard::Remote(remote) => {
-                        match harness::deploy::clean_board(&remote, keep, accept_new_host_key) {
+                    harness::fleet::boards::ResolvedBoard::Remote(remote) => {
+                        match harness::runs::deploy::clean_board(&remote, keep, accept_new_host_key)
+                        {
                             Ok(line) => println!("{line}"),
                             Err(e) => {
                                 eprintln!("{e}");
@@ -591,17 +594,17 @@ fn run() -> Result<ExitCode> {
             })
         }
         Command::Testbed { action } => {
-            let workspace = harness::build::workspace_root();
+            let workspace = harness::builds::build::workspace_root();
             match action {
                 TestbedAction::Up { boards } => {
-                    let file = harness::testbed::up(&workspace, boards)?;
+                    let file = harness::fleet::testbed::up(&workspace, boards)?;
                     println!(
                         "testbed: {boards} emulated Pi 5 board(s) up (sim1..sim{boards}, group `testbed`); config in {}",
                         file.display()
                     );
                 }
                 TestbedAction::Down => {
-                    harness::testbed::down(&workspace)?;
+                    harness::fleet::testbed::down(&workspace)?;
                     println!("testbed: down, nothing left behind");
                 }
             }
@@ -618,7 +621,7 @@ fn run() -> Result<ExitCode> {
             ensure_browser();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = std::process::Command::new(cargo)
-                .current_dir(harness::build::workspace_root())
+                .current_dir(harness::builds::build::workspace_root())
                 .args(["test", "--release", "--workspace"])
                 .args(&cargo_test_args)
                 .status()
@@ -636,18 +639,18 @@ fn run() -> Result<ExitCode> {
             seed,
             out,
         } => {
-            use harness::synthetic::{SyntheticModel, Weights};
+            use harness::runs::synthetic::{SyntheticModel, Weights};
             let weights = Weights::parse(&weights)
                 .with_context(|| format!("--weights {weights}: f16 or f32"))?;
             let model = SyntheticModel::named(&like, layers, weights, seed)?;
             let out = out.unwrap_or_else(|| PathBuf::from(model.file_name()));
             harness::setup::ensure(&[harness::setup::Need::HostBuild])?;
-            let workspace = harness::build::workspace_root();
-            let agent = harness::build::build_host_agent(
+            let workspace = harness::builds::build::workspace_root();
+            let agent = harness::builds::build::build_host_agent(
                 &workspace,
-                &harness::llama_source::vendored(&workspace)?,
+                &harness::builds::llama_source::vendored(&workspace)?,
             )?;
-            let made = harness::synthetic::make(&agent, &workspace, &model, Some(&out))?;
+            let made = harness::runs::synthetic::make(&agent, &workspace, &model, Some(&out))?;
             println!(
                 "{}: synthetic {} ({} layers, {:.3} G parameters, {}) {:.2} GB in {:.1} s, peak memory {:.2} GB",
                 made.path.display(),
@@ -667,19 +670,21 @@ fn run() -> Result<ExitCode> {
             build,
             config,
         } => {
-            let profile = harness::build::BoardProfile::from_name(&profile).with_context(|| {
-                format!("unknown board profile `{profile}` (known: pi5, pi4, generic-aarch64)")
-            })?;
+            let profile =
+                harness::builds::build::BoardProfile::from_name(&profile).with_context(|| {
+                    format!("unknown board profile `{profile}` (known: pi5, pi4, generic-aarch64)")
+                })?;
             let builder = parse_builder(&builder)?;
             harness::setup::ensure(&[
                 harness::setup::Need::HostBuild,
                 harness::setup::Need::CrossBuild,
             ])?;
-            let workspace = harness::build::workspace_root();
+            let workspace = harness::builds::build::workspace_root();
             let source = prepared_build(&workspace, &config, &build)?;
             let started = std::time::Instant::now();
-            let agent = harness::build::build_board_agent(&workspace, profile, builder, &source)?;
-            let facts = harness::build::inspect_aarch64_binary(&agent.path)?;
+            let agent =
+                harness::builds::build::build_board_agent(&workspace, profile, builder, &source)?;
+            let facts = harness::builds::build::inspect_aarch64_binary(&agent.path)?;
             println!(
                 "{} ({}, {}): {:.1} s; {}; {} sdot instructions",
                 agent.path.display(),
@@ -718,7 +723,7 @@ fn run() -> Result<ExitCode> {
                     format!("A/B of `{new}` against `{base}` on `{}`", run_args.matrix)
                 })?;
             let results = run_args.results.clone();
-            let run = harness::run_dir::RunData::load(&report.run_dir)?;
+            let run = harness::results::run_dir::RunData::load(&report.run_dir)?;
             // The names the run gave them (a source written here is `base`
             // or `new` in cell ids).
             let measured = run.measured_builds();
@@ -729,19 +734,21 @@ fn run() -> Result<ExitCode> {
             );
             let base_side = run.build_side(&measured[0])?;
             let new_side = run.build_side(&measured[1])?;
-            let mut settings = harness::compare::CompareSettings {
+            let mut settings = harness::results::compare::CompareSettings {
                 threshold,
                 fdr,
                 ..Default::default()
             };
             if !no_noise_floors {
-                let (floors, notes) = harness::noise::floors_for(&results, None, &new_side);
+                let (floors, notes) =
+                    harness::results::noise::floors_for(&results, None, &new_side);
                 for note in notes {
                     eprintln!("{note}");
                 }
                 settings.noise_floors = floors;
             }
-            let mut comparison = harness::compare::compare(&base_side, &new_side, &settings)?;
+            let mut comparison =
+                harness::results::compare::compare(&base_side, &new_side, &settings)?;
             comparison.confirmation.rule = format!(
                 "A/B in one session: both builds measured in the same shuffled rounds on the same boards ({}); compare {}@{} {}@{} judges it again",
                 report.run_dir.display(),
@@ -804,10 +811,10 @@ fn run() -> Result<ExitCode> {
             run,
         } => {
             let matrix = &run.matrix;
-            let loaded = harness::config::BenchConfig::load(&run.config)?;
+            let loaded = harness::runs::config::BenchConfig::load(&run.config)?;
             // A typo in the cell fails here, before any build.
             if let Some(spec) = loaded.model_matrices.get(matrix) {
-                harness::jobs::model::ModelMatrix::new(&loaded, matrix, spec)?
+                harness::runs::jobs::model::ModelMatrix::new(&loaded, matrix, spec)?
                     .check_test(&cell)
                     .map_err(anyhow::Error::msg)?;
             } else {
@@ -827,9 +834,9 @@ fn run() -> Result<ExitCode> {
                 session: run.options("default", Vec::new())?,
                 over: match llama {
                     Some(checkout) => harness::bisect::BisectOver::Llama(checkout),
-                    None => {
-                        harness::bisect::BisectOver::Quantbench(harness::build::workspace_root())
-                    }
+                    None => harness::bisect::BisectOver::Quantbench(
+                        harness::builds::build::workspace_root(),
+                    ),
                 },
                 good,
                 bad,
@@ -864,20 +871,20 @@ fn run() -> Result<ExitCode> {
             if !["table", "md", "json", "junit"].contains(&format.as_str()) {
                 anyhow::bail!("unknown --format `{format}` (known: table, md, json, junit)");
             }
-            let (history, _) = harness::history::History::open(&results)
+            let (history, _) = harness::results::history::History::open(&results)
                 .with_context(|| format!("reading the history of {}", results.display()))?;
-            let load = |reference: &str| -> Result<harness::run_dir::RunData> {
+            let load = |reference: &str| -> Result<harness::results::run_dir::RunData> {
                 // `<run>@<build>`: one build's side of an A/B run.
                 let (run, build) = match reference.rsplit_once('@') {
                     Some((run, build)) if !build.is_empty() => (run, Some(build)),
                     _ => (reference, None),
                 };
                 let dir = history.resolve(run)?;
-                Ok(harness::run_dir::RunData::load_side(&dir, build)?)
+                Ok(harness::results::run_dir::RunData::load_side(&dir, build)?)
             };
             let base_run = load(&base)?;
             let new_run = load(&new)?;
-            let mut settings = harness::compare::CompareSettings {
+            let mut settings = harness::results::compare::CompareSettings {
                 threshold,
                 fdr,
                 max_cv,
@@ -888,18 +895,18 @@ fn run() -> Result<ExitCode> {
             };
             if !no_noise_floors {
                 let (floors, notes) =
-                    harness::noise::floors_for(&results, Some(&history), &new_run);
+                    harness::results::noise::floors_for(&results, Some(&history), &new_run);
                 for note in notes {
                     eprintln!("{note}");
                 }
                 settings.noise_floors = floors;
             }
-            let comparison = harness::persistence::compare_and_confirm(
+            let comparison = harness::results::persistence::compare_and_confirm(
                 &history,
                 &base_run,
                 &new_run,
                 &settings,
-                &harness::persistence::ConfirmAgainst::parse(&confirm_against),
+                &harness::results::persistence::ConfirmAgainst::parse(&confirm_against),
             )?;
             print_comparison(&comparison, &format)?;
             let failed = (fail_on_suspect && comparison.any_regression())
@@ -925,13 +932,13 @@ fn run() -> Result<ExitCode> {
                 pairs >= 1,
                 "--pairs {pairs}: a noise measurement needs at least one pair of runs"
             );
-            let session_dir = harness::noise::new_session_dir(&results);
+            let session_dir = harness::results::noise::new_session_dir(&results);
             let options = SessionOptions {
                 config_path: config,
                 matrix,
                 target,
                 results_root: session_dir.clone(),
-                builder: harness::build::Builder::Cargo,
+                builder: harness::builds::build::Builder::Cargo,
                 accept_new_host_key,
                 board_lock_wait: std::time::Duration::from_secs(lock_wait),
                 resume: None,
@@ -954,25 +961,25 @@ fn run() -> Result<ExitCode> {
                 );
                 runs.push(report.run_dir);
             }
-            let settings = harness::compare::CompareSettings {
+            let settings = harness::results::compare::CompareSettings {
                 threshold,
                 fdr,
                 ..Default::default()
             };
-            let report = harness::noise::measure(&runs, &results, &settings)?;
+            let report = harness::results::noise::measure(&runs, &results, &settings)?;
             print!("{}", report.to_table());
             Ok(ExitCode::SUCCESS)
         }
         Command::History { results, rebuild } => {
             if rebuild {
-                let path = results.join(harness::history::HISTORY_FILE);
+                let path = results.join(harness::results::history::HISTORY_FILE);
                 if path.exists() {
                     std::fs::remove_file(&path)
                         .with_context(|| format!("removing {}", path.display()))?;
                 }
             }
             let started = std::time::Instant::now();
-            let (history, report) = harness::history::History::open(&results)?;
+            let (history, report) = harness::results::history::History::open(&results)?;
             for run in history.runs()? {
                 println!("{}  {}  {}", run.run_id, run.git_commit, run.boards);
             }
@@ -997,19 +1004,19 @@ fn run() -> Result<ExitCode> {
             dry_run,
         } => {
             // A config that cannot be read protects no model's cache.
-            let models = harness::config::BenchConfig::load(&config)
+            let models = harness::runs::config::BenchConfig::load(&config)
                 .map(|c| c.model_files())
                 .unwrap_or_default();
-            let policy = harness::retention::RetentionPolicy {
+            let policy = harness::results::retention::RetentionPolicy {
                 keep_runs,
                 keep_days,
                 models_unused_days,
                 builds_unused_days,
                 dry_run,
             };
-            let done = harness::retention::prune(
+            let done = harness::results::retention::prune(
                 &results,
-                &harness::build::workspace_root(),
+                &harness::builds::build::workspace_root(),
                 &models,
                 &policy,
             )?;
@@ -1031,7 +1038,7 @@ fn run() -> Result<ExitCode> {
         Command::Report { results, out } => {
             let site = out.unwrap_or_else(|| results.join("site"));
             let started = std::time::Instant::now();
-            let report = harness::report::write_report(&results, &site)?;
+            let report = harness::results::report::write_report(&results, &site)?;
             println!(
                 "{}: latest run {}{}, {} confirmed and {} suspect regressions, {} trend plots ({:.1} s)",
                 report.index.display(),
@@ -1056,10 +1063,14 @@ fn run() -> Result<ExitCode> {
                     results,
                 },
         } => {
-            let imported =
-                harness::import::import_llama_bench(&file, &results, &board, model.as_deref())?;
-            harness::render::render_run(&imported.run_dir)?;
-            harness::history::History::open(&results)?;
+            let imported = harness::results::import::import_llama_bench(
+                &file,
+                &results,
+                &board,
+                model.as_deref(),
+            )?;
+            harness::results::render::render_run(&imported.run_dir)?;
+            harness::results::history::History::open(&results)?;
             println!(
                 "{} llama-bench rows imported into {}",
                 imported.rows,
@@ -1068,7 +1079,7 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { run_dir, only } => {
-            let rendered = harness::render::render_selected(&run_dir, &only)
+            let rendered = harness::results::render::render_selected(&run_dir, &only)
                 .with_context(|| format!("redrawing {}", run_dir.display()))?;
             println!("{}", rendered.tables);
             println!(
@@ -1092,7 +1103,10 @@ fn ensure_browser() {
 /// Prints a comparison in `format` (table, md, json, junit), the verdict
 /// line on stderr for the machine formats, and appends the markdown to a
 /// GitHub Actions step summary when there is one.
-fn print_comparison(comparison: &harness::compare::Comparison, format: &str) -> Result<()> {
+fn print_comparison(
+    comparison: &harness::results::compare::Comparison,
+    format: &str,
+) -> Result<()> {
     let text = match format {
         "md" => comparison.to_markdown(),
         "json" => comparison.to_json(),
@@ -1126,11 +1140,11 @@ fn prepared_build(
     workspace: &std::path::Path,
     config: &std::path::Path,
     build: &str,
-) -> Result<harness::llama_source::PreparedSource> {
+) -> Result<harness::builds::llama_source::PreparedSource> {
     let config = if config.exists() || build != "default" {
-        harness::config::BenchConfig::load(config)?
+        harness::runs::config::BenchConfig::load(config)?
     } else {
-        harness::config::BenchConfig::parse("", config)?
+        harness::runs::config::BenchConfig::parse("", config)?
     };
     let (name, spec) = config.build(build)?;
     let base = config
@@ -1139,19 +1153,19 @@ fn prepared_build(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
-    let source = harness::llama_source::prepare(workspace, &name, &spec, &base)?;
+    let source = harness::builds::llama_source::prepare(workspace, &name, &spec, &base)?;
     println!(
         "build `{name}`: llama.cpp {}{}",
         source.identity.label(),
-        harness::session::lacks_note(&source)
+        harness::runs::session::lacks_note(&source)
     );
     Ok(source)
 }
 
-fn parse_builder(name: &str) -> Result<harness::build::Builder> {
+fn parse_builder(name: &str) -> Result<harness::builds::build::Builder> {
     match name {
-        "cargo" => Ok(harness::build::Builder::Cargo),
-        "cross" => Ok(harness::build::Builder::Cross),
+        "cargo" => Ok(harness::builds::build::Builder::Cargo),
+        "cross" => Ok(harness::builds::build::Builder::Cross),
         other => anyhow::bail!("unknown builder `{other}` (known: cargo, cross)"),
     }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 fn agent_links_no_host_library_ssh_plotting_or_progress_bars() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .current_dir(harness::build::workspace_root())
+        .current_dir(harness::builds::build::workspace_root())
         .args([
             "tree",
             "--package",

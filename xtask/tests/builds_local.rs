@@ -51,7 +51,7 @@ llama = "vendored"
 
 fn config_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = harness::build::workspace_root().join("fixtures");
+    let fixtures = harness::builds::build::workspace_root().join("fixtures");
     std::fs::write(
         dir.path().join("bench.toml"),
         MATRICES.replace("FIXTURES", &fixtures.display().to_string()),
@@ -98,8 +98,10 @@ fn bad_sources_are_refused_in_one_line_before_anything_is_built() {
     let dir = config_dir();
     // A tree with llama.cpp's real headers but one function our FFI calls
     // taken out: an API-incompatible source.
-    let real = harness::llama_source::registry_crate(
-        &harness::llama_source::llama_cpp_sys_version(&harness::build::workspace_root()),
+    let real = harness::builds::llama_source::registry_crate(
+        &harness::builds::llama_source::llama_cpp_sys_version(
+            &harness::builds::build::workspace_root(),
+        ),
     )
     .unwrap()
     .join("llama.cpp");
@@ -340,7 +342,7 @@ fn a_build_from_another_llama_cpp_runs_both_matrices_and_names_itself_everywhere
 
     // The workspace's lock file is as it was: the patched crate is the
     // build's business, not the user's Cargo.lock.
-    let lock = harness::build::workspace_root().join("Cargo.lock");
+    let lock = harness::builds::build::workspace_root().join("Cargo.lock");
     assert!(
         !std::fs::read_to_string(lock)
             .unwrap()
@@ -360,7 +362,7 @@ fn commit_with(file: &str, change: impl Fn(&str) -> String) -> String {
 /// its change, made with git's plumbing.
 type Change<'a> = (&'a str, &'a dyn Fn(&str) -> String);
 fn commit_on(parent: &str, message: &str, changes: &[Change]) -> String {
-    let workspace = harness::build::workspace_root();
+    let workspace = harness::builds::build::workspace_root();
     let index = tempfile::NamedTempFile::new().unwrap();
     let git = |args: &[&str], input: Option<&str>| -> String {
         use std::io::Write;
@@ -726,8 +728,10 @@ struct SlowingRepo {
 
 impl SlowingRepo {
     fn new(parent: &Path) -> SlowingRepo {
-        let vendored = harness::llama_source::registry_crate(
-            &harness::llama_source::llama_cpp_sys_version(&harness::build::workspace_root()),
+        let vendored = harness::builds::llama_source::registry_crate(
+            &harness::builds::llama_source::llama_cpp_sys_version(
+                &harness::builds::build::workspace_root(),
+            ),
         )
         .unwrap()
         .join("llama.cpp");

@@ -657,7 +657,7 @@ fn prune_keeps_what_compare_noise_floors_and_pins_need_and_removes_the_rest() {
     )
     .unwrap();
     // Recipe caches: one unused for 60 days, one used today.
-    let cache = harness::build::workspace_root().join("target/quantbench-models");
+    let cache = harness::builds::build::workspace_root().join("target/quantbench-models");
     let stale = cache.join(format!("zz-retention-test-stale-{}", std::process::id()));
     let fresh = cache.join(format!("zz-retention-test-fresh-{}", std::process::id()));
     for folder in [&stale, &fresh] {

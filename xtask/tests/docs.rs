@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    harness::build::workspace_root()
+    harness::builds::build::workspace_root()
 }
 
 /// README.md and every Markdown file of docs/.

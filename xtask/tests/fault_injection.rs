@@ -11,8 +11,8 @@ mod common;
 use common::fleet::*;
 use common::{only_run_dir, text};
 
-use harness::build::workspace_root;
-use harness::testbed::{board_address, board_link, namespace};
+use harness::builds::build::workspace_root;
+use harness::fleet::testbed::{board_address, board_link, namespace};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;

@@ -9,7 +9,7 @@ mod common;
 use common::fleet::*;
 use common::{only_run_dir, text};
 
-use harness::testbed::{board_address, board_link};
+use harness::fleet::testbed::{board_address, board_link};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use wire::files::read_csv;
 use wire::rows::{CellStatus, KernelRow};
 
 fn venv_bin(program: &str) -> PathBuf {
-    let venv = harness::build::workspace_root().join(harness::setup::LABGRID_VENV_DIR);
+    let venv = harness::builds::build::workspace_root().join(harness::setup::LABGRID_VENV_DIR);
     let in_venv = venv.join("bin").join(program);
     if in_venv.is_file() {
         in_venv
@@ -453,7 +453,7 @@ impl CableSwitch {
                     "/relay/0/0" | "/relay/0/1" => {
                         let on = path.ends_with('1');
                         let _ = Command::new("ip")
-                            .args(["netns", "exec", &harness::testbed::namespace(2)])
+                            .args(["netns", "exec", &harness::fleet::testbed::namespace(2)])
                             .args(["ip", "link", "set", "dev", &board_link(2)])
                             .arg(if on { "up" } else { "down" })
                             .status();

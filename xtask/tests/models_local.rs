@@ -295,7 +295,7 @@ fn a_synthetic_model_of_a_real_architecture_runs_for_speed_and_memory_only() {
     let importance = std::fs::read_to_string(run.join("importance.json")).unwrap();
     assert!(importance.contains("layer order"), "{importance}");
     // The agent reports its own time, so the host's overhead is known.
-    let manifest: harness::manifest::RunManifest =
+    let manifest: harness::runs::manifest::RunManifest =
         wire::files::read_json(&run.join("run.json")).unwrap();
     assert!(
         manifest.boards[0].agent_seconds > 0.0,
@@ -433,7 +433,7 @@ fn a_cached_recipe_cut_short_is_made_again_not_used() {
         config(&[model.display().to_string()], "\"q8_0\""),
     )
     .unwrap();
-    let cache = harness::build::workspace_root()
+    let cache = harness::builds::build::workspace_root()
         .join("target/quantbench-models")
         .join(wire::build_id::content_hash(&model).unwrap());
     let _ = std::fs::remove_dir_all(&cache);

@@ -7,10 +7,10 @@ mod common;
 use common::fleet::*;
 use common::{only_run_dir, text, xtask};
 
-use harness::build::{
+use harness::builds::build::{
     build_board_agent, inspect_aarch64_binary, workspace_root, BoardProfile, Builder,
 };
-use harness::manifest::RunManifest;
+use harness::runs::manifest::RunManifest;
 use std::path::Path;
 use std::process::Command;
 use wire::files::read_csv;
@@ -94,7 +94,7 @@ fn pi5_agent_is_fully_static_and_uses_dot_product_instructions() {
         &workspace_root(),
         BoardProfile::Pi5,
         Builder::Cargo,
-        &harness::llama_source::vendored(&workspace_root()).unwrap(),
+        &harness::builds::llama_source::vendored(&workspace_root()).unwrap(),
     )
     .unwrap();
     let facts = inspect_aarch64_binary(&agent.path).unwrap();
@@ -1022,9 +1022,9 @@ fn a_second_run_on_a_busy_board_fails_naming_the_holder_or_waits_its_turn() {
     ));
     std::fs::write(dir.path().join("bench.toml"), config).unwrap();
     // The host agent that quantizes recipes, built before the holder starts.
-    harness::build::build_host_agent(
+    harness::builds::build::build_host_agent(
         &workspace_root(),
-        &harness::llama_source::vendored(&workspace_root()).unwrap(),
+        &harness::builds::llama_source::vendored(&workspace_root()).unwrap(),
     )
     .expect("the host agent builds");
     let slow = start_slow_run(dir.path(), "busy", &work_dir, 1);

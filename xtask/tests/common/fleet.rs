@@ -3,8 +3,8 @@
 //! the real CLI run against them.
 
 use super::text;
-use harness::build::{build_board_agent, workspace_root, BoardProfile, Builder};
-use harness::testbed::{board_link, namespace};
+use harness::builds::build::{build_board_agent, workspace_root, BoardProfile, Builder};
+use harness::fleet::testbed::{board_link, namespace};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
@@ -54,7 +54,8 @@ pub fn testbed() -> &'static Mutex<()> {
             &workspace_root(),
             BoardProfile::Pi5,
             Builder::Cargo,
-            &harness::llama_source::vendored(&workspace_root()).expect("the pinned llama.cpp"),
+            &harness::builds::llama_source::vendored(&workspace_root())
+                .expect("the pinned llama.cpp"),
         )
         .expect("the pi5 agent builds");
         Mutex::new(())

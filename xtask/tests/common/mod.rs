@@ -18,7 +18,7 @@ pub fn xtask(dir: &Path, args: &[&str]) -> Output {
 
 /// A file of the repository's `fixtures/`, as a path string.
 pub fn fixture(name: &str) -> String {
-    harness::build::workspace_root()
+    harness::builds::build::workspace_root()
         .join("fixtures")
         .join(name)
         .display()

@@ -1,0 +1,274 @@
+//! Bringing stock llama.cpp's `llama-bench -o jsonl` (or `-o json`) results
+//! into a run directory as model rows, so `compare` can put quantbench's
+//! numbers beside stock llama.cpp's on the same GGUF files. A llama-bench
+//! row's file name gives the recipe (quantbench's cache names recipe files
+//! `<recipe>.gguf`); `--model` gives the model name our rows use.
+
+use crate::runs::manifest::{BoardOutcome, HostInfo, MatrixRecord, RunManifest, Versions};
+use crate::runs::session::unique_run_id;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use wire::files::{
+    write_json, CsvAppender, ResultsError, MANIFEST_FILE, MODEL_ROWS_FILE, SAMPLES_FILE,
+};
+use wire::rows::{CellStatus, ModelRow, SampleRow};
+
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: not a llama-bench result ({source}); expected the output of `llama-bench -o jsonl` or `-o json`")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("{0}: no llama-bench results in the file")]
+    Empty(PathBuf),
+    #[error("--board `{0}`: a board name may hold only letters, digits, `.`, `_` and `-`")]
+    BadBoard(String),
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+}
+
+/// The llama-bench fields quantbench uses (its JSON has more).
+#[derive(Debug, Deserialize)]
+struct LlamaBenchRecord {
+    #[serde(default)]
+    build_commit: String,
+    #[serde(default)]
+    cpu_info: String,
+    model_filename: String,
+    #[serde(default)]
+    model_type: String,
+    #[serde(default)]
+    model_size: u64,
+    #[serde(default)]
+    model_n_params: u64,
+    n_threads: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    #[serde(default)]
+    test_time: String,
+    avg_ns: f64,
+    stddev_ns: f64,
+    avg_ts: f64,
+    stddev_ts: f64,
+    #[serde(default)]
+    samples_ns: Vec<f64>,
+}
+
+/// What an import made.
+#[derive(Debug)]
+pub struct Imported {
+    pub run_dir: PathBuf,
+    pub rows: usize,
+}
+
+/// Reads `file` and writes `<results_root>/<time>-llama-bench-<commit>/`
+/// with `models.csv`, `samples.csv` and `run.json`, rows under `board`.
+pub fn import_llama_bench(
+    file: &Path,
+    results_root: &Path,
+    board: &str,
+    model_name: Option<&str>,
+) -> Result<Imported, ImportError> {
+    if !crate::runs::config::is_safe_name(board) {
+        return Err(ImportError::BadBoard(board.to_string()));
+    }
+    let text = std::fs::read_to_string(file).map_err(|source| ImportError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let records: Vec<LlamaBenchRecord> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|source| ImportError::Parse {
+            path: file.to_path_buf(),
+            line: source.line(),
+            source,
+        })?
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|source| ImportError::Parse {
+                    path: file.to_path_buf(),
+                    line: i + 1,
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let first = records
+        .first()
+        .ok_or_else(|| ImportError::Empty(file.to_path_buf()))?;
+    let commit = format!("llama.cpp-{}", first.build_commit);
+    let run_id = unique_run_id(results_root, &format!("llama-bench-{}", first.build_commit));
+    let run_dir = results_root.join(&run_id);
+    let io = |source| ResultsError::Io {
+        path: run_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&run_dir).map_err(io)?;
+    let mut rows = CsvAppender::<ModelRow>::open(&run_dir.join(MODEL_ROWS_FILE))?;
+    let mut samples = CsvAppender::<SampleRow>::open(&run_dir.join(SAMPLES_FILE))?;
+    for r in &records {
+        let path = Path::new(&r.model_filename);
+        let recipe = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let prompt = r.n_prompt > 0;
+        let n = if prompt { r.n_prompt } else { r.n_gen };
+        let row = ModelRow {
+            run_id: run_id.clone(),
+            board: board.to_string(),
+            emulated: false,
+            agent_build: format!("llama-bench {}", r.build_commit),
+            llama_cpp: format!("llama-bench build {}", r.build_commit),
+            git_commit: commit.clone(),
+            status: CellStatus::Ok,
+            note: format!("imported from stock llama-bench ({})", r.cpu_info),
+            model_filename: model_name
+                .map(str::to_string)
+                .unwrap_or_else(|| r.model_filename.clone()),
+            recipe,
+            build: String::new(),
+            model_type: r.model_type.clone(),
+            model_size: r.model_size,
+            model_n_params: r.model_n_params,
+            file_bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            bits_per_weight: r.model_size as f64 * 8.0 / r.model_n_params.max(1) as f64,
+            fallbacks: String::new(),
+            n_threads: r.n_threads,
+            n_prompt: r.n_prompt,
+            n_gen: r.n_gen,
+            test: format!("{}{n}", if prompt { "pp" } else { "tg" }),
+            avg_ns: Some(r.avg_ns),
+            stddev_ns: Some(r.stddev_ns),
+            avg_ts: Some(r.avg_ts),
+            stddev_ts: Some(r.stddev_ts),
+            load_ms: None,
+            peak_rss_bytes: None,
+            // llama-bench measures in one process.
+            invocations: 1,
+            precision: None,
+            ppl: None,
+            kld_mean: None,
+            kld_p99: None,
+            top1_agreement: None,
+            mc_accuracy: None,
+            generated_text: String::new(),
+            repetition_score: None,
+            synthetic: false,
+            finished_at: r.test_time.clone(),
+        };
+        for (repetition, &ns) in r.samples_ns.iter().enumerate() {
+            samples.append_unsynced(&SampleRow {
+                run_id: run_id.clone(),
+                board: board.to_string(),
+                cell_id: row.cell_id(),
+                repetition: repetition as u32,
+                invocation: 0,
+                round: 0,
+                ns: ns as u64,
+            })?;
+        }
+        samples.sync()?;
+        rows.append(&row)?;
+    }
+    let now = wire::utc_now_rfc3339();
+    write_json(
+        &run_dir.join(MANIFEST_FILE),
+        &RunManifest {
+            run_id: run_id.clone(),
+            started_at: first.test_time.clone(),
+            finished_at: Some(now),
+            matrix: "import:llama-bench".into(),
+            matrices: vec![MatrixRecord {
+                name: "llama-bench".into(),
+                kind: "model".into(),
+                spec: serde_json::json!({ "imported_from": file.display().to_string() }),
+            }],
+            config_path: String::new(),
+            seed: 0,
+            git_commit: commit,
+            target: board.to_string(),
+            versions: Versions {
+                quantbench: env!("CARGO_PKG_VERSION").to_string(),
+                llama_cpp_sys_2: String::new(),
+                rustc: String::new(),
+                agent_builds: Vec::new(),
+            },
+            host: HostInfo::current(),
+            boards: vec![BoardOutcome {
+                board: board.to_string(),
+                ok: records.len(),
+                ..Default::default()
+            }],
+            resumed_at: Vec::new(),
+            rejected_rows: Vec::new(),
+        },
+    )?;
+    Ok(Imported {
+        run_dir,
+        rows: records.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_rows_become_model_rows_with_their_repetitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lb.jsonl");
+        std::fs::write(
+            &file,
+            concat!(
+                r#"{"build_commit":"abc1234","cpu_info":"AMD","model_filename":"/m/q8_0.gguf","model_type":"llama ?B Q8_0","model_size":100,"model_n_params":80,"n_threads":2,"n_prompt":64,"n_gen":0,"test_time":"2026-11-25T10:00:00Z","avg_ns":2000,"stddev_ns":10,"avg_ts":32000,"stddev_ts":100,"samples_ns":[1990,2010]}"#,
+                "\n",
+                r#"{"build_commit":"abc1234","cpu_info":"AMD","model_filename":"/m/q8_0.gguf","model_type":"llama ?B Q8_0","model_size":100,"model_n_params":80,"n_threads":2,"n_prompt":0,"n_gen":16,"test_time":"2026-11-25T10:00:01Z","avg_ns":1000,"stddev_ns":10,"avg_ts":16000,"stddev_ts":100,"samples_ns":[990,1010]}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let results = dir.path().join("results");
+        let imported =
+            import_llama_bench(&file, &results, "local", Some("stories260K.gguf")).unwrap();
+        assert_eq!(imported.rows, 2);
+        let rows: Vec<ModelRow> =
+            wire::files::read_csv(&imported.run_dir.join(MODEL_ROWS_FILE)).unwrap();
+        assert_eq!(rows[1].cell_id(), "stories260K.gguf/q8_0/tg16/t2");
+        let samples: Vec<SampleRow> =
+            wire::files::read_csv(&imported.run_dir.join(SAMPLES_FILE)).unwrap();
+        assert_eq!(samples.len(), 4);
+        crate::results::run_dir::RunData::load(&imported.run_dir).unwrap();
+
+        // A commit that climbs folders stays one folder under results;
+        // a board name with markup is refused.
+        let climbing = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("abc1234", "x/../../../../tmp/y");
+        std::fs::write(&file, climbing).unwrap();
+        let imported = import_llama_bench(&file, &results, "local", None).unwrap();
+        assert_eq!(imported.run_dir.parent(), Some(results.as_path()));
+        assert!(imported.run_dir.is_dir());
+        let e = import_llama_bench(&file, &results, "\"><img src=x>", None).unwrap_err();
+        assert!(e.to_string().contains("--board"), "{e}");
+
+        std::fs::write(&file, "{\"model_filename\": 3}\n").unwrap();
+        let e = import_llama_bench(&file, &results, "local", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 1") && e.contains("llama-bench -o jsonl"),
+            "{e}"
+        );
+    }
+}
