@@ -11,8 +11,9 @@
 //!   published and pruned.
 //!
 //! On top, `pipeline` runs the stages in order and `bisect` runs A/B
-//! sessions over a range of commits; beneath everything, `setup` (a fresh
-//! machine's packages and paths) and `shell` (quoting).
+//! sessions over a range of commits; beneath everything, `shell` (quoting).
+//! A fresh machine's packages and paths are the `bootstrap` crate, which
+//! the launcher (`cargo xtask`) uses before this library is compiled.
 //!
 //! What crosses the wire to the agent (job specs, rows, progress, probe)
 //! is the `wire` crate; GGML is `kernels`, linked only into the agent, so
@@ -25,5 +26,4 @@ pub mod fleet;
 pub mod pipeline;
 pub mod results;
 pub mod runs;
-pub mod setup;
 pub mod shell;

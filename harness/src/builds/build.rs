@@ -64,7 +64,7 @@ pub fn rustc_version() -> String {
 }
 
 /// The workspace root, found from this crate's manifest directory.
-pub use crate::setup::workspace_root;
+pub use bootstrap::workspace_root;
 
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
@@ -404,7 +404,7 @@ impl BoardProfile {
     }
 
     pub fn target_triple(self) -> &'static str {
-        crate::setup::AARCH64_TARGET
+        bootstrap::AARCH64_TARGET
     }
 
     /// Flags appended to every GGML C/C++ compile.
@@ -566,13 +566,13 @@ fn write_compiler_wrappers(
 /// `cross` runs the build in a container; without a working engine it fails
 /// deep inside with a confusing message, so say it up front.
 fn check_container_engine() -> Result<(), BuildError> {
-    if !crate::setup::on_path("cross") {
+    if !bootstrap::on_path("cross") {
         return Err(BuildError::Tool(
             "`--builder cross` needs cross-rs: cargo install cross (and a container engine); the default builder needs neither".into(),
         ));
     }
     let engine = std::env::var("CROSS_CONTAINER_ENGINE").unwrap_or_else(|_| {
-        if crate::setup::on_path("docker") {
+        if bootstrap::on_path("docker") {
             "docker".into()
         } else {
             "podman".into()

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-use crate::setup::{LABGRID_VENV_DIR, LABGRID_VERSION};
+use bootstrap::{LABGRID_VENV_DIR, LABGRID_VERSION};
 
 /// labgrid's own default when neither config nor `LG_COORDINATOR` says.
 pub const DEFAULT_COORDINATOR: &str = "127.0.0.1:20408";
@@ -114,8 +114,8 @@ impl LabgridClient {
     /// `labgrid-client` from PATH, or from the venv `cargo xtask setup`
     /// makes; `QUANTBENCH_LABGRID_CLIENT` names another one.
     pub fn find(coordinator: &str) -> Result<LabgridClient, LabgridError> {
-        let program = crate::setup::labgrid_client().ok_or_else(|| LabgridError::NotInstalled {
-            venv: crate::setup::workspace_root()
+        let program = bootstrap::labgrid_client().ok_or_else(|| LabgridError::NotInstalled {
+            venv: bootstrap::workspace_root()
                 .join(LABGRID_VENV_DIR)
                 .display()
                 .to_string(),

@@ -38,7 +38,7 @@ pub enum TestbedError {
         log: String,
     },
     #[error("testbed: {0}")]
-    Setup(#[from] crate::setup::SetupError),
+    Setup(#[from] bootstrap::SetupError),
 }
 
 pub fn state_dir(workspace: &Path) -> PathBuf {
@@ -71,8 +71,8 @@ pub fn board_address(index: usize) -> String {
 /// Brings up boards `sim1..=simN` (keeping any already running) and writes
 /// their config, identity and known_hosts. Returns the boards file path.
 pub fn up(workspace: &Path, boards: usize) -> Result<PathBuf, TestbedError> {
-    crate::setup::ensure(&[crate::setup::Need::Testbed])?;
-    if !crate::setup::is_root() {
+    bootstrap::ensure(&[bootstrap::Need::Testbed])?;
+    if !bootstrap::is_root() {
         return Err(TestbedError::NotRoot);
     }
     let dir = state_dir(workspace);
@@ -173,7 +173,7 @@ pub fn up(workspace: &Path, boards: usize) -> Result<PathBuf, TestbedError> {
 
 /// Removes every namespace, process and file the testbed made.
 pub fn down(workspace: &Path) -> Result<(), TestbedError> {
-    if !crate::setup::is_root() {
+    if !bootstrap::is_root() {
         return Err(TestbedError::NotRoot);
     }
     let dir = state_dir(workspace);

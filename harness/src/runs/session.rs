@@ -10,7 +10,7 @@ use crate::builds::llama_source::PreparedSource;
 use crate::fleet::boards::{resolve_targets, BoardsFile, ResolvedBoard, SshConfig, TargetError};
 use crate::runs::config::{BenchConfig, ConfigError};
 use crate::runs::manifest::BuildRecord;
-use crate::setup::Need;
+use bootstrap::Need;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +23,7 @@ pub enum SessionError {
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error(transparent)]
-    Setup(#[from] crate::setup::SetupError),
+    Setup(#[from] bootstrap::SetupError),
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error(transparent)]
@@ -152,7 +152,7 @@ impl Session {
         if any_farm {
             needs.push(Need::Labgrid);
         }
-        crate::setup::ensure(&needs)?;
+        bootstrap::ensure(&needs)?;
         // Before any build: a missing client, a coordinator that does not
         // answer or a place that does not exist fails in a second.
         for board in &mut boards {

@@ -39,7 +39,7 @@ max_time_ms = 3000
 pub fn testbed() -> &'static Mutex<()> {
     static TESTBED: OnceLock<Mutex<()>> = OnceLock::new();
     TESTBED.get_or_init(|| {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        let out = Command::new(env!("CARGO_BIN_EXE_quantbench"))
             .args(["testbed", "up", "--boards", "2"])
             .output()
             .expect("xtask runs");
@@ -89,7 +89,7 @@ pub fn config_dir(extra_boards: &[(&str, BoardTweak)]) -> tempfile::TempDir {
 }
 
 pub fn bench(dir: &Path, target: &str, matrix: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
+    Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir)
         .args(["bench", "--target", target, "--matrix", matrix])
         .output()
@@ -114,7 +114,7 @@ pub fn start_slow_run(dir: &Path, target: &str, work: &str, rows: usize) -> std:
     let runs_before: Vec<_> = std::fs::read_dir(format!("{work}/runs"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir)
         .args(["bench", "--target", target, "--matrix", "slow"])
         .stdout(std::process::Stdio::piped())
@@ -147,7 +147,7 @@ pub fn start_slow_run(dir: &Path, target: &str, work: &str, rows: usize) -> std:
 
 /// `bench --resume latest` in `dir`.
 pub fn resume(dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
+    Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir)
         .args(["bench", "--resume", "latest"])
         .output()

@@ -94,7 +94,7 @@ fn sshd_killed_and_restarted_mid_run_loses_nothing() {
         .unwrap()
         .success());
     std::thread::sleep(Duration::from_secs(6));
-    let up = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let up = Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .args(["testbed", "up", "--boards", "2"])
         .output()
         .unwrap();

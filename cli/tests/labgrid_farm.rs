@@ -21,7 +21,7 @@ use wire::files::read_csv;
 use wire::rows::{CellStatus, KernelRow};
 
 fn venv_bin(program: &str) -> PathBuf {
-    let venv = harness::builds::build::workspace_root().join(harness::setup::LABGRID_VENV_DIR);
+    let venv = harness::builds::build::workspace_root().join(bootstrap::LABGRID_VENV_DIR);
     let in_venv = venv.join("bin").join(program);
     if in_venv.is_file() {
         in_venv
@@ -58,7 +58,7 @@ impl Labgrid {
     /// Starts a coordinator and an exporter with `exporter_yaml`, and waits
     /// until the exporter's `groups` are registered.
     fn start(exporter_yaml: &str, groups: &[&str]) -> Labgrid {
-        harness::setup::ensure(&[harness::setup::Need::Labgrid]).expect("labgrid installs");
+        bootstrap::ensure(&[bootstrap::Need::Labgrid]).expect("labgrid installs");
         let dir = tempfile::tempdir().unwrap();
         let coordinator = format!("127.0.0.1:{}", free_port());
         let logs = dir.path().to_path_buf();
@@ -220,7 +220,7 @@ fn measured(row: &KernelRow) -> bool {
 }
 
 fn bench_with(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
+    Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir)
         .arg("bench")
         .args(args)
@@ -351,7 +351,7 @@ fn bad_farm_input_gets_one_line_each() {
     lab.place("qb-nossh", "pi-power");
     let dir = farm_config(&lab, &[("qb-one", 1, ""), ("qb-nossh", 2, "")]);
     let fails = |args: &[&str], envs: &[(&str, &str)], expect: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        let out = Command::new(env!("CARGO_BIN_EXE_quantbench"))
             .current_dir(dir.path())
             .arg("bench")
             .args(args)
@@ -380,7 +380,7 @@ fn bad_farm_input_gets_one_line_each() {
     let dead = format!("127.0.0.1:{}", free_port());
     let bare = tempfile::tempdir().unwrap();
     std::fs::write(bare.path().join("bench.toml"), MICRO).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let out = Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(bare.path())
         .args(["bench", "--target", "labgrid:qb-one", "--matrix", "micro"])
         .env("LG_COORDINATOR", &dead)

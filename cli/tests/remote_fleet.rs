@@ -178,7 +178,7 @@ fn refused_auth_unknown_and_changed_host_keys_each_get_one_clear_error() {
     // HOME points at an empty folder so the user's own keys and known_hosts
     // (and any ssh-agent) play no part.
     let isolated = |target: &str| {
-        Command::new(env!("CARGO_BIN_EXE_xtask"))
+        Command::new(env!("CARGO_BIN_EXE_quantbench"))
             .current_dir(dir.path())
             .env("HOME", tmp.path())
             .env_remove("SSH_AUTH_SOCK")
@@ -271,7 +271,7 @@ fn host_keys_are_pinned_matched_by_type_revocable_and_bad_lines_hide_nothing() {
         }),
     ]);
     let isolated = |target: &str, accept: bool| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_quantbench"));
         command
             .current_dir(dir.path())
             .env("HOME", tmp.path())
@@ -500,7 +500,7 @@ fn board_work_dir_is_pruned_to_keep_runs_and_board_clean_does_it_on_demand() {
     );
     assert!(names("models").is_empty(), "{:?}", names("models"));
     // On demand, down to one run.
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let out = Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir.path())
         .args(["board", "clean", "tidy", "--keep", "1"])
         .output()
@@ -612,7 +612,7 @@ fn missing_cross_toolchain_gets_one_clear_error_with_the_install_command() {
         }
     }
     let dir = config_dir(&[]);
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let out = Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir.path())
         .env("PATH", bin.path())
         .env("QUANTBENCH_NO_INSTALL", "1")
@@ -982,7 +982,7 @@ fn a_synthetic_model_runs_on_an_emulated_board_and_one_whose_own_memory_is_too_s
 }
 
 fn bench_waiting(dir: &Path, target: &str, matrix: &str, lock_wait: u64) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_quantbench"));
     command.current_dir(dir).args([
         "bench",
         "--target",
@@ -1429,7 +1429,7 @@ fn a_board_flooding_its_output_is_followed_in_bounded_memory_with_its_reason_cut
             ),
         );
     })]);
-    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let child = Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir.path())
         .args(["bench", "--target", "flood", "--matrix", "micro"])
         .stdout(std::process::Stdio::null())

@@ -247,7 +247,7 @@ fn injected_slowdown_and_error_rise_are_flagged_and_nothing_else() {
     // A run against itself: nothing regressed, and the markdown goes to
     // the step summary when CI sets one.
     let summary = dir.path().join("step-summary.md");
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let out = Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir.path())
         .env("GITHUB_STEP_SUMMARY", &summary)
         .args([

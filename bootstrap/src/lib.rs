@@ -1,33 +1,71 @@
-//! Making a fresh Debian machine ready: the system packages GGML's build,
-//! the cross-build and the emulated boards need, and the Rust target.
-//! As root it installs them with apt; otherwise it says the exact command.
+//! Making a fresh Debian machine ready: the system libraries the CLI
+//! links, the packages GGML's build, the cross-build and the emulated
+//! boards need, and the Rust target. As root it installs them with apt;
+//! otherwise it says the exact command.
+//!
+//! std only: `cargo xtask` (the launcher) runs this before anything else
+//! is compiled, so it must compile in seconds on a bare machine.
 
 use std::path::Path;
 use std::process::Command;
-use thiserror::Error;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-#[derive(Debug, Error)]
+pub mod cargo_build;
+
+#[derive(Debug)]
 pub enum SetupError {
-    #[error(
-        "missing {missing} (needed for {why}); install with: sudo apt-get install -y {packages}"
-    )]
     NotRoot {
         missing: String,
         why: String,
         packages: String,
     },
-    #[error("`{command}` failed ({status}); run it by hand to see why")]
-    CommandFailed { command: String, status: String },
-    #[error("could not run `{command}`: {source}")]
+    CommandFailed {
+        command: String,
+        status: String,
+    },
     Spawn {
         command: String,
         source: std::io::Error,
     },
 }
 
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetupError::NotRoot {
+                missing,
+                why,
+                packages,
+            } => write!(
+                f,
+                "missing {missing} (needed for {why}); install with: sudo apt-get install -y {packages}"
+            ),
+            SetupError::CommandFailed { command, status } => {
+                write!(f, "`{command}` failed ({status}); run it by hand to see why")
+            }
+            SetupError::Spawn { command, source } => {
+                write!(f, "could not run `{command}`: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SetupError::Spawn { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 /// What the coming work needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
+    /// Compiling quantbench's CLI, which links the system's OpenSSL (for
+    /// SSH), SQLite (the history index) and zlib rather than compiling
+    /// vendored copies (minutes on a 2-core machine).
+    CliBuild,
     /// Building GGML for the host (cmake, a C++ compiler, libclang for bindgen).
     HostBuild,
     /// Cross-building the agent for aarch64 boards.
@@ -53,6 +91,30 @@ struct Requirement {
 }
 
 const REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        need: Need::CliBuild,
+        present: || on_path("pkg-config"),
+        what: "pkg-config",
+        package: "pkg-config",
+    },
+    Requirement {
+        need: Need::CliBuild,
+        present: || pkg_config_has("openssl"),
+        what: "OpenSSL's headers",
+        package: "libssl-dev",
+    },
+    Requirement {
+        need: Need::CliBuild,
+        present: || pkg_config_has("sqlite3"),
+        what: "SQLite's headers",
+        package: "libsqlite3-dev",
+    },
+    Requirement {
+        need: Need::CliBuild,
+        present: || pkg_config_has("zlib"),
+        what: "zlib's headers",
+        package: "zlib1g-dev",
+    },
     Requirement {
         need: Need::HostBuild,
         present: || on_path("cmake"),
@@ -139,6 +201,9 @@ const REQUIREMENTS: &[Requirement] = &[
     },
 ];
 
+/// Where the set-up's apt output goes, under the workspace.
+pub const SETUP_LOG: &str = "target/xtask/setup.log";
+
 pub const AARCH64_TARGET: &str = "aarch64-unknown-linux-gnu";
 
 /// The labgrid release set-up installs and the tests run.
@@ -203,12 +268,24 @@ pub fn ensure(needs: &[Need]) -> Result<(), SetupError> {
                 packages: packages.join(" "),
             });
         }
-        eprintln!("setup: installing {} with apt-get", packages.join(" "));
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&packages))?;
+        let log = workspace_root().join(SETUP_LOG);
+        eprintln!(
+            "setup: installing {} with apt-get (its output in {})",
+            packages.join(" "),
+            log.display()
+        );
+        // One package-list refresh per process is enough.
+        static UPDATED: AtomicBool = AtomicBool::new(false);
+        if !UPDATED.swap(true, Ordering::SeqCst) {
+            run_logged(Command::new("apt-get").args(["update", "-qq"]), &log)?;
+        }
+        run_logged(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&packages),
+            &log,
+        )?;
     }
     // Without leave to install, a missing client is reported where it is
     // needed, with how to install it.
@@ -236,7 +313,17 @@ fn install_labgrid() -> Result<(), SetupError> {
         .arg(format!("labgrid=={LABGRID_VERSION}")))
 }
 
-fn may_install() -> bool {
+/// The packages `needs` lack, as apt names them.
+pub fn missing_packages(needs: &[Need]) -> Vec<&'static str> {
+    REQUIREMENTS
+        .iter()
+        .filter(|r| needs.contains(&r.need) && !(r.present)())
+        .map(|r| r.package)
+        .collect()
+}
+
+/// Whether `ensure` installs what is missing (root, and not told not to).
+pub fn may_install() -> bool {
     is_root() && std::env::var_os("QUANTBENCH_NO_INSTALL").is_none()
 }
 
@@ -247,6 +334,43 @@ fn python_venv_present() -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Runs `command` with its output appended to `log`; a failure says the
+/// command and the log's last lines.
+fn run_logged(command: &mut Command, log: &Path) -> Result<(), SetupError> {
+    let described = format!("{command:?}");
+    let spawn_error = |source| SetupError::Spawn {
+        command: described.clone(),
+        source,
+    };
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(spawn_error)?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(spawn_error)?;
+    let err = out.try_clone().map_err(spawn_error)?;
+    let status = command
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .map_err(spawn_error)?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    Err(SetupError::CommandFailed {
+        command: described,
+        status: format!(
+            "{status}; the end of its output, from {}:\n{}",
+            log.display(),
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        ),
+    })
 }
 
 fn run(command: &mut Command) -> Result<(), SetupError> {
@@ -263,6 +387,14 @@ fn run(command: &mut Command) -> Result<(), SetupError> {
             status: status.to_string(),
         })
     }
+}
+
+/// Whether pkg-config knows `library` (its headers are installed).
+fn pkg_config_has(library: &str) -> bool {
+    Command::new("pkg-config")
+        .args(["--exists", library])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 pub fn on_path(program: &str) -> bool {

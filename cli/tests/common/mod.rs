@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 /// Runs `cargo xtask <args>` (the built binary) in `dir`.
 pub fn xtask(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
+    Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir)
         .args(args)
         .output()

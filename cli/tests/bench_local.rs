@@ -302,7 +302,7 @@ invocations = 1
 "#,
     )
     .unwrap();
-    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir.path())
         .args(["bench", "--target", "local", "--matrix", "long"])
         .stdout(std::process::Stdio::null())
@@ -461,7 +461,7 @@ fn invocation_records(dir: &std::path::Path) -> Vec<InvocationRow> {
 fn a_killed_invocation_fails_its_cell_and_every_other_cell_gets_all_its_invocations() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.toml"), rounds_matrix(4, 150)).unwrap();
-    let host = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let host = std::process::Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir.path())
         .args(["bench", "--target", "local", "--matrix", "rounds"])
         .stdout(std::process::Stdio::null())
@@ -517,7 +517,7 @@ fn a_killed_invocation_fails_its_cell_and_every_other_cell_gets_all_its_invocati
 fn a_run_killed_between_rounds_is_resumed_and_measures_only_the_missing_invocations() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.toml"), rounds_matrix(4, 150)).unwrap();
-    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_quantbench"))
         .current_dir(dir.path())
         .args(["bench", "--target", "local", "--matrix", "rounds"])
         .stdout(std::process::Stdio::null())
