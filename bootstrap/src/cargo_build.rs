@@ -157,9 +157,9 @@ pub fn follow(mut command: Command, what: &str, log: &Path) -> Result<Built, Bui
     let elapsed = started.elapsed();
     if shown {
         eprintln!(
-            "{what}: done in {} ({} crates compiled)",
+            "{what}: done in {} ({})",
             minutes(elapsed),
-            progress.compiled
+            crates(progress.compiled)
         );
     }
     Ok(Built {
@@ -193,9 +193,9 @@ impl Progress {
             name => format!(", last {name}"),
         };
         format!(
-            "{what}: {} so far, {} crates compiled{last}",
+            "{what}: {} so far, {}{last}",
             minutes(elapsed),
-            self.compiled
+            crates(self.compiled)
         )
     }
 }
@@ -214,9 +214,17 @@ impl Artifact {
         if !line.contains(r#""reason":"compiler-artifact""#) {
             return None;
         }
-        let target = &line[line.find(r#""target":{"#)?..];
+        // The package's name (a build script's target is `build-script-build`).
+        // `registry+<index>#serde@1.0.228`, `path+file:///w/cli#quantbench@0.1.0`,
+        // or `path+file:///w/kernels#0.1.0` when the name is the folder's.
+        let package = json_string_after(line, r#""package_id":"#)?;
+        let (source, tail) = package.rsplit_once('#')?;
+        let name = match tail.split_once('@') {
+            Some((name, _)) => name,
+            None => source.rsplit('/').next()?,
+        };
         Some(Artifact {
-            name: json_string_after(target, r#""name":"#)?,
+            name: name.to_string(),
             fresh: line.contains(r#""fresh":true"#),
             executable: json_string_after(line, r#""executable":"#).map(PathBuf::from),
         })
@@ -243,6 +251,14 @@ fn json_string_after(text: &str, key: &str) -> Option<String> {
     None
 }
 
+/// `1 crate compiled`, `3 crates compiled`.
+fn crates(count: usize) -> String {
+    match count {
+        1 => "1 crate compiled".to_string(),
+        n => format!("{n} crates compiled"),
+    }
+}
+
 /// `2m05s`.
 pub fn minutes(elapsed: Duration) -> String {
     let s = elapsed.as_secs();
@@ -263,6 +279,7 @@ mod tests {
     #[test]
     fn cargo_artifact_lines_give_the_crate_its_freshness_and_the_binary() {
         let lib = r#"{"reason":"compiler-artifact","package_id":"registry+https://github.com/rust-lang/crates.io-index#serde@1.0.228","manifest_path":"/x/serde/Cargo.toml","target":{"kind":["lib"],"crate_types":["lib"],"name":"serde","src_path":"/x/src/lib.rs","edition":"2021","doctest":true,"test":true},"profile":{"opt_level":"3"},"features":[],"filenames":["/t/libserde.rlib"],"executable":null,"fresh":false}"#;
+        let script = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/kernels#0.1.0","manifest_path":"/w/kernels/Cargo.toml","target":{"kind":["custom-build"],"crate_types":["bin"],"name":"build-script-build","src_path":"/w/kernels/build.rs"},"executable":null,"fresh":false}"#;
         let bin = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/cli#quantbench@0.1.0","manifest_path":"/w/cli/Cargo.toml","target":{"kind":["bin"],"crate_types":["bin"],"name":"quantbench","src_path":"/w/cli/src/main.rs"},"filenames":["/w/target/release/quantbench"],"executable":"/w/target/release/quant\"bench","fresh":true}"#;
         let mut progress = Progress::default();
         for line in [lib, r#"{"reason":"build-finished","success":true}"#, bin] {
@@ -273,12 +290,17 @@ mod tests {
         assert_eq!(progress.compiled, 1, "the fresh binary is not counted");
         assert_eq!(progress.last, "serde");
         assert_eq!(
+            Artifact::parse(script).map(|a| a.name).as_deref(),
+            Some("kernels"),
+            "a build script is named by its package"
+        );
+        assert_eq!(
             progress.executable,
             Some(PathBuf::from("/w/target/release/quant\"bench"))
         );
         assert_eq!(
             progress.line("compiling", Duration::from_secs(125)),
-            "compiling: 2m05s so far, 1 crates compiled, last serde"
+            "compiling: 2m05s so far, 1 crate compiled, last serde"
         );
     }
 

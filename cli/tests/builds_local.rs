@@ -194,7 +194,7 @@ fn bad_sources_are_refused_in_one_line_before_anything_is_built() {
         let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
         assert_eq!(error_lines.len(), 1, "{build}: {}", text(&out));
         assert!(
-            !stderr.contains("Compiling"),
+            !stderr.contains("agent for"),
             "{build}: refused only after building: {}",
             text(&out)
         );
@@ -489,7 +489,7 @@ fn a_commit_of_this_repository_is_a_build_and_one_of_another_job_format_is_refus
         "{}",
         text(&out)
     );
-    assert!(!stderr.contains("Compiling"), "{}", text(&out));
+    assert!(!stderr.contains("agent for"), "{}", text(&out));
     assert_eq!(run_dirs(dir.path()).len(), runs_before);
 
     // Bisect over six commits of this repository: the fifth makes our

@@ -22,6 +22,7 @@ use crate::runs::manifest::{
 use crate::runs::run::{run_all, BoardBudget, BoardPlan, BoardRunner, LocalRunner};
 use crate::runs::run_owner::RunOwner;
 use crate::runs::session::{Session, SessionError, SessionOptions};
+use crate::runs::steps::Stage;
 use indicatif::MultiProgress;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -270,7 +271,17 @@ pub fn run_bench(options: &SessionOptions) -> Result<BenchReport, BenchError> {
             budget,
         });
     }
+    Stage::Measuring.begin(&format!(
+        "measuring matrix `{}` on {} board(s); rows are written to {} as they are measured (if interrupted, `cargo xtask bench --resume latest` goes on)",
+        options.matrix,
+        session.boards.len(),
+        run_dir.display()
+    ));
     let outcomes = run_all(plans, &kinds, &run_dir, &manifest, &multi);
+    Stage::Results.begin(&format!(
+        "results: rows merged, summary and plots drawn into {}",
+        run_dir.display()
+    ));
     for outcome in &outcomes {
         if let Some(e) = &outcome.error {
             log(format!("board {} failed: {e}", outcome.board));

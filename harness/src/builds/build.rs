@@ -28,8 +28,8 @@ pub enum BuildError {
         program: String,
         source: std::io::Error,
     },
-    #[error("building the agent failed (`{command}` exited with {status}); its output is above")]
-    Failed { command: String, status: String },
+    #[error(transparent)]
+    Cargo(#[from] bootstrap::cargo_build::BuildFailed),
     #[error("the build finished but {0} is missing")]
     Missing(PathBuf),
     #[error("{0}")]
@@ -296,7 +296,7 @@ fn run_agent_build(
         None => None,
     };
     let saved_lock = std::fs::read(&lock).ok();
-    let result = run_build(command)
+    let result = run_build(command, built, &triple)
         .and_then(|()| identify(built, triple))
         .and_then(|agent| kept(workspace, source, agent));
     if let Some(bytes) = saved_lock {
@@ -329,18 +329,16 @@ fn take_turn(workspace: &Path) -> Result<std::fs::File, BuildError> {
     Ok(file)
 }
 
-pub(crate) fn run_build(mut command: Command) -> Result<(), BuildError> {
-    let described = format!("{command:?}");
-    let status = command.status().map_err(|source| BuildError::Spawn {
-        program: command.get_program().to_string_lossy().into_owned(),
-        source,
-    })?;
-    if !status.success() {
-        return Err(BuildError::Failed {
-            command: described,
-            status: status.to_string(),
-        });
-    }
+/// Runs an agent build, cargo's output in a log beside the binary and a
+/// line saying how far it is while it compiles (a first GGML build takes
+/// minutes on a small machine; a reused one says nothing).
+fn run_build(command: Command, built: &Path, triple: &str) -> Result<(), BuildError> {
+    let what = match triple == host_triple() {
+        true => "      compiling the agent for this machine (GGML for its CPU: 2-3 minutes on 2 cores, once)".to_string(),
+        false => format!("      compiling the agent for {triple} (GGML cross-compiled: 2-3 minutes on 2 cores, once)"),
+    };
+    let log = built.with_file_name(format!("{AGENT_BIN}-build.log"));
+    bootstrap::cargo_build::follow(command, &what, &log)?;
     Ok(())
 }
 

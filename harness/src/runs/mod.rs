@@ -7,7 +7,8 @@
 //! `session` (target, boards, set-up, agent builds, run id; `budget` fits
 //! `--budget`) -> `run` (every board at once: `deploy` is the SSH runner,
 //! `farm` the labgrid one) -> `manifest` (run.json). `run_owner` keeps one
-//! host process per run directory.
+//! host process per run directory; `steps` numbers the stages for whoever
+//! watches.
 
 pub mod budget;
 pub mod catalog;
@@ -21,4 +22,5 @@ pub mod recipes;
 pub mod run;
 pub mod run_owner;
 pub mod session;
+pub mod steps;
 pub mod synthetic;

@@ -10,6 +10,7 @@ use crate::builds::llama_source::PreparedSource;
 use crate::fleet::boards::{resolve_targets, BoardsFile, ResolvedBoard, SshConfig, TargetError};
 use crate::runs::config::{BenchConfig, ConfigError};
 use crate::runs::manifest::BuildRecord;
+use crate::runs::steps::Stage;
 use bootstrap::Need;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -135,6 +136,10 @@ impl Session {
         host_agent: bool,
     ) -> Result<Session, SessionError> {
         let workspace = workspace_root();
+        Stage::SetUp.begin(match options.target {
+            None => "set-up: the packages and Rust target this run needs, and one emulated Pi 5 (no --target)",
+            Some(_) => "set-up: the packages and Rust target this run needs",
+        });
         let target = target_or_default(options.target.as_deref(), &workspace)?;
         let mut boards = resolve_targets(
             &target,
@@ -165,6 +170,15 @@ impl Session {
                 })?;
             }
         }
+
+        Stage::Boards.begin(&format!(
+            "boards: {}",
+            boards
+                .iter()
+                .map(describe_board)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
 
         let config_dir = config
             .source
@@ -207,6 +221,9 @@ impl Session {
             }
             sources.push(source);
         }
+        Stage::Agents.begin(
+            "agents: quantbench's agent with GGML for each kind of board (compiled once, then reused)",
+        );
         let needs_host = host_agent || boards.iter().any(|b| matches!(b, ResolvedBoard::Local));
         let mut builds = Vec::new();
         let mut under_test = Vec::new();
@@ -377,6 +394,30 @@ pub fn known_boards(config: &BenchConfig, workspace: &Path) -> Result<BoardsFile
         .into());
     }
     Ok(file)
+}
+
+/// One board as the boards step names it: what it is and whether its
+/// timings mean anything.
+fn describe_board(board: &ResolvedBoard) -> String {
+    match board {
+        ResolvedBoard::Local => "local (this machine)".to_string(),
+        ResolvedBoard::Remote(r) => {
+            let mut what = vec![format!(
+                "{}, {}@{}:{}",
+                r.profile.name(),
+                r.user,
+                r.host,
+                r.port
+            )];
+            if r.emulated {
+                what.push("emulated: its timings measure qemu, not the board".into());
+            }
+            if let Some(farm) = &r.farm {
+                what.push(format!("labgrid place {}", farm.place));
+            }
+            format!("{} ({})", r.name, what.join("; "))
+        }
+    }
 }
 
 /// `--target`, or the embedded default: one emulated Pi 5 on this machine
