@@ -17,8 +17,8 @@
 //!
 //! What crosses the wire to the agent (job specs, rows, progress, probe)
 //! is the `wire` crate; GGML is `kernels`, linked only into the agent, so
-//! `cargo xtask` builds on a machine without a C toolchain and can install
-//! one.
+//! the CLI compiles without cmake or a C++ compiler (it links the system's
+//! OpenSSL and SQLite, which the launcher installs first).
 
 pub mod bisect;
 pub mod builds;

@@ -103,7 +103,8 @@ pub fn build_host_agent(
     source.materialize()?;
     with_source(&mut command, source);
     let path = target_dir.join("release").join(AGENT_BIN);
-    let agent = run_agent_build(command, workspace, source, &path, host_triple())?;
+    let what = "      compiling the agent for this machine (GGML for its CPU: 2-3 minutes on 2 cores, once)";
+    let agent = run_agent_build(command, workspace, source, &path, host_triple(), what)?;
     if let Some(key) = reuse {
         key.record(workspace, &agent);
     }
@@ -286,6 +287,7 @@ fn run_agent_build(
     source: &PreparedSource,
     built: &Path,
     triple: String,
+    what: &str,
 ) -> Result<AgentBuild, BuildError> {
     let lock = source.manifest_dir().join("Cargo.lock");
     // Two such builds at once (two runs, a bisect beside a bench) would
@@ -296,7 +298,7 @@ fn run_agent_build(
         None => None,
     };
     let saved_lock = std::fs::read(&lock).ok();
-    let result = run_build(command, built, &triple)
+    let result = run_build(command, built, what)
         .and_then(|()| identify(built, triple))
         .and_then(|agent| kept(workspace, source, agent));
     if let Some(bytes) = saved_lock {
@@ -332,13 +334,9 @@ fn take_turn(workspace: &Path) -> Result<std::fs::File, BuildError> {
 /// Runs an agent build, cargo's output in a log beside the binary and a
 /// line saying how far it is while it compiles (a first GGML build takes
 /// minutes on a small machine; a reused one says nothing).
-fn run_build(command: Command, built: &Path, triple: &str) -> Result<(), BuildError> {
-    let what = match triple == host_triple() {
-        true => "      compiling the agent for this machine (GGML for its CPU: 2-3 minutes on 2 cores, once)".to_string(),
-        false => format!("      compiling the agent for {triple} (GGML cross-compiled: 2-3 minutes on 2 cores, once)"),
-    };
+fn run_build(command: Command, built: &Path, what: &str) -> Result<(), BuildError> {
     let log = built.with_file_name(format!("{AGENT_BIN}-build.log"));
-    bootstrap::cargo_build::follow(command, &what, &log)?;
+    bootstrap::cargo_build::follow(command, what, &log)?;
     Ok(())
 }
 
@@ -522,7 +520,11 @@ pub fn build_board_agent(
     source.materialize()?;
     with_source(&mut command, source);
     let path = target_dir.join(triple).join("release").join(AGENT_BIN);
-    let agent = run_agent_build(command, workspace, source, &path, triple.to_string())?;
+    let what = format!(
+        "      compiling the agent for {} boards (GGML cross-compiled for {triple}: 2-3 minutes on 2 cores, once)",
+        profile.name()
+    );
+    let agent = run_agent_build(command, workspace, source, &path, triple.to_string(), &what)?;
     if let Some(key) = reuse {
         key.record(workspace, &agent);
     }
