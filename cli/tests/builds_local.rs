@@ -624,19 +624,39 @@ fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {
         patch = common::fixture("patches/slow-q8_0-x86.patch"),
     ));
     std::fs::write(&config, with_builds).unwrap();
-    let out = xtask(
-        dir.path(),
-        &[
-            "ab",
-            "first",
-            "patched",
-            "--target",
-            "local",
-            "--matrix",
-            "tiny",
-            "--no-noise-floors",
-        ],
-    );
+    let patched_ab = || {
+        xtask(
+            dir.path(),
+            &[
+                "ab",
+                "first",
+                "patched",
+                "--target",
+                "local",
+                "--matrix",
+                "tiny",
+                "--no-noise-floors",
+            ],
+        )
+    };
+    let mut out = patched_ab();
+    // The patch's slowdown is well beyond the 5% margin, but a host busy
+    // with its neighbours can widen its interval into `inconclusive`
+    // (seen once in CI: spread between invocations 25%): measured once
+    // more, as its user would. Only `inconclusive` is measured again; a
+    // `same` verdict (the patch not applied) fails at once.
+    let q8_inconclusive = |stdout: &str| {
+        verdicts(stdout)
+            .iter()
+            .any(|(cell, verdict)| cell.contains("/Q8_0/") && verdict == "inconclusive")
+    };
+    if out.status.success() && q8_inconclusive(&String::from_utf8_lossy(&out.stdout)) {
+        eprintln!(
+            "Q8_0 inconclusive on the first A/B, measuring again:\n{}",
+            text(&out)
+        );
+        out = patched_ab();
+    }
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let found = verdicts(&stdout);
