@@ -136,10 +136,6 @@ impl Session {
         host_agent: bool,
     ) -> Result<Session, SessionError> {
         let workspace = workspace_root();
-        Stage::SetUp.begin(match options.target {
-            None => "set-up: the packages and Rust target this run needs, and one emulated Pi 5 (no --target)",
-            Some(_) => "set-up: the packages and Rust target this run needs",
-        });
         let target = target_or_default(options.target.as_deref(), &workspace)?;
         let mut boards = resolve_targets(
             &target,
@@ -171,6 +167,12 @@ impl Session {
             }
         }
 
+        // Said once the set-up and the boards are known good: a run refused
+        // for a missing package or an unknown board is one error line.
+        Stage::SetUp.begin(match options.target {
+            None => "set-up: the packages and Rust target this run needs are here, and one emulated Pi 5 is up (no --target)",
+            Some(_) => "set-up: the packages and Rust target this run needs are here",
+        });
         Stage::Boards.begin(&format!(
             "boards: {}",
             boards
