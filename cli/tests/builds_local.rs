@@ -613,7 +613,10 @@ fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {
 
     // A local llama.cpp checkout (the vendored tree as a git repository):
     // its first commit against itself plus a patch that makes GGML's Q8_0
-    // dot product about 15% slower flags exactly the Q8_0 cell.
+    // dot product about 50% slower flags exactly the Q8_0 cell. A budget
+    // lets a cell whose time is not yet known to the matrix's precision
+    // get more invocations (the Q8_0 cell varies 20-25% from process to
+    // process on some CI machines, 1-5% within one).
     let repo = SlowingRepo::new(dir.path());
     let config = dir.path().join("bench.toml");
     let mut with_builds = std::fs::read_to_string(&config).unwrap();
@@ -636,6 +639,8 @@ fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {
                 "--matrix",
                 "tiny",
                 "--no-noise-floors",
+                "--budget",
+                "10m",
             ],
         )
     };
@@ -658,6 +663,28 @@ fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {
         out = patched_ab();
     }
     assert!(out.status.success(), "{}", text(&out));
+    // Both builds' sides of a cell stop together: as many invocations
+    // each, in the same rounds, however many the budget added.
+    let run = run_dirs(dir.path()).pop().unwrap();
+    let invocations: Vec<InvocationRow> = read_csv(&run.join("invocations.csv")).unwrap();
+    for row in &invocations {
+        let (cell, build) = wire::kernel_job::split_build(&row.cell_id);
+        let rounds = |build: &str| -> Vec<u32> {
+            let mut r: Vec<u32> = invocations
+                .iter()
+                .filter(|o| o.cell_id == format!("{cell}@{build}"))
+                .map(|o| o.round)
+                .collect();
+            r.sort_unstable();
+            r
+        };
+        assert_eq!(
+            rounds("first"),
+            rounds("patched"),
+            "{cell} ({build:?}): the builds' rounds differ\n{}",
+            text(&out)
+        );
+    }
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let found = verdicts(&stdout);
     assert_eq!(found.len(), 3, "{}", text(&out));
@@ -738,8 +765,8 @@ fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {
 const Q8_0_CELL: &str = "llama3.2-1b.attn_kv/Q8_0/n1/t1";
 
 /// A git repository of the vendored llama.cpp with twelve commits: 0-4
-/// fast, 5-7 with the Q8_0 dot product about 15% slower, 8 fast again,
-/// 9 about 50% slower, 10 fast, 11 about 15% slower. Each commit also
+/// fast, 5-7 with the Q8_0 dot product about 50% slower, 8 fast again,
+/// 9 about twice as slow, 10 fast, 11 about 50% slower. Each commit also
 /// changes a note, so every tree differs.
 struct SlowingRepo {
     dir: std::path::PathBuf,
@@ -790,7 +817,7 @@ impl SlowingRepo {
         assert!(patched.success());
         let slow =
             std::fs::read_to_string(scratch.join("ggml/src/ggml-cpu/arch/x86/quants.c")).unwrap();
-        let slower = slow.replace("% 6 == 0", "% 2 == 0");
+        let slower = slow.replace("% 2 == 0", "% 1 == 0");
         assert_ne!(slow, slower);
         let plan: [(&str, &str); 12] = [
             (&fast, "start from llama-cpp-sys-2's llama.cpp"),
