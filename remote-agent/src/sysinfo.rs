@@ -353,17 +353,23 @@ mod tests {
         let own =
             "1234 (quantbench agent) R 1 1234 1234 0 -1 4194304 100 0 0 0 70 30 5 -1 20 0 3 0";
         assert_eq!(parse_process_ticks(own), Some(105));
-        // A thread of our own spinning is not a neighbour; another process is.
-        let before = CpuTimes::now().unwrap();
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_millis(300) {
-            std::hint::spin_loop();
-        }
-        let after = CpuTimes::now().unwrap();
+        // A thread of our own spinning is not a neighbour; another process
+        // is. Counted as a neighbour, our spinning would read about one
+        // core every time; the host's own processes (a CI machine's, just
+        // after other tests) read 0.56 once, so the quietest of three
+        // tries is what is judged.
+        let own_spin = || {
+            let before = CpuTimes::now().unwrap();
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_millis(300) {
+                std::hint::spin_loop();
+            }
+            CpuTimes::now().unwrap().others_since(&before)
+        };
+        let tries: Vec<f64> = (0..3).map(|_| own_spin()).collect();
         assert!(
-            after.others_since(&before) < 0.5,
-            "{}",
-            after.others_since(&before)
+            tries.iter().copied().fold(f64::INFINITY, f64::min) < 0.5,
+            "{tries:?}"
         );
         let mut hog = std::process::Command::new("sh")
             .args(["-c", "while :; do :; done"])
