@@ -320,6 +320,105 @@ fn a_synthetic_model_of_a_real_architecture_runs_for_speed_and_memory_only() {
 }
 
 #[test]
+fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed() {
+    // The fixture: quality in each KV-cache type. Its attention heads are
+    // 8 values wide, so q8_0's blocks of 32 cannot hold them: those rows
+    // are unsupported, saying why, and the others are measured.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = "n_depth = [0, 64]\nkv_type = [\"f16\", \"bf16\", \"q8_0\"]\nflash_attn = [\"on\"]\n";
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(&[fixture("stories260K.gguf")], "\"q8_0\"")
+            .replace("multiple_choice", "# multiple_choice")
+            + settings,
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    let all = common::text(&out);
+    assert!(out.status.success(), "{all}");
+    let run = only_run_dir(dir.path());
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    assert_eq!(rows.len(), 3 * 2 * 2, "kv types x depths x pp, tg: {rows:?}");
+    let row = |kv: &str, test: &str| {
+        rows.iter()
+            .find(|r| r.type_k == kv && r.test == test)
+            .unwrap_or_else(|| panic!("{kv} {test}: {rows:?}"))
+    };
+    for kv in ["f16", "bf16"] {
+        for test in ["pp32", "tg8", "pp32+d64", "tg8+d64"] {
+            let r = row(kv, test);
+            assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+            assert_eq!((r.type_v.as_str(), r.flash_attn.as_str()), (kv, "on"));
+            assert_eq!(r.flash_attn_used, "on", "{r:?}");
+            assert!(r.avg_ts.unwrap() > 0.0 && r.ppl.is_some(), "{r:?}");
+            assert_eq!(r.n_depth, if test.contains("+d") { 64 } else { 0 });
+            assert_eq!(r.key().settings, format!("ctk={kv}/ctv={kv}/fa=on/b=2048/ub=512"));
+        }
+        // The cache holds the depth and the test's tokens.
+        let (shallow, deep) = (row(kv, "tg8").kv_bytes.unwrap(), row(kv, "tg8+d64").kv_bytes.unwrap());
+        assert!(deep > shallow && shallow > 0, "{kv}: {shallow} -> {deep}");
+    }
+    // Quality measured in each cache type: bf16 keys and values round
+    // differently from f16, so the same file's figures move.
+    assert_ne!(row("f16", "tg8").kld_mean, row("bf16", "tg8").kld_mean);
+    assert_eq!(row("f16", "tg8").kv_bytes, row("bf16", "tg8").kv_bytes);
+    for test in ["pp32", "tg8", "pp32+d64", "tg8+d64"] {
+        let r = row("q8_0", test);
+        assert_eq!(r.status, CellStatus::Unsupported, "{r:?}");
+        assert!(r.note.contains("attention heads of 8"), "{r:?}");
+        assert!(r.avg_ts.is_none(), "{r:?}");
+    }
+    let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(summary.contains("q8_0 kv=bf16 fa=on d64"), "{summary}");
+    for plot in ["model_tg_vs_depth", "model_kv_vs_depth"] {
+        assert!(run.join(format!("plots/{plot}.svg")).exists(), "{plot}");
+    }
+
+    // A model whose heads hold whole blocks: KV memory falls with the type.
+    std::fs::remove_dir_all(&run).unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(&["synthetic:distilgpt2:1".to_string()], "\"q8_0\"")
+            .replace("multiple_choice", "# multiple_choice")
+            + "n_depth = [0, 256]\nkv_type = [\"f16\", \"q8_0\", \"q4_0\"]\nflash_attn = [\"on\"]\n",
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    let all = common::text(&out);
+    assert!(out.status.success(), "{all}");
+    let run = only_run_dir(dir.path());
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    let kv_bytes = |kv: &str, test: &str| {
+        let r = rows
+            .iter()
+            .find(|r| r.type_k == kv && r.test == test)
+            .unwrap_or_else(|| panic!("{kv} {test}: {rows:?}"));
+        assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+        r.kv_bytes.unwrap()
+    };
+    for test in ["tg8", "tg8+d256"] {
+        let (f16, q8, q4) = (kv_bytes("f16", test), kv_bytes("q8_0", test), kv_bytes("q4_0", test));
+        assert!(f16 > q8 && q8 > q4, "{test}: f16 {f16}, q8_0 {q8}, q4_0 {q4}");
+    }
+    assert!(kv_bytes("q4_0", "tg8+d256") > kv_bytes("q4_0", "tg8"));
+
+    // A depth past the context the model was trained for: one line.
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        config(&[fixture("stories260K.gguf")], "\"q8_0\"") + "n_depth = [4096]\n",
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("needs a context of 4128") && stderr.contains("trained for 2048"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
 fn make_model_writes_the_same_bytes_twice_and_refuses_bad_requests_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let make = |out: &str| {

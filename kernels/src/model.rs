@@ -6,8 +6,9 @@ use llama_cpp_sys_2 as sys;
 use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::ptr;
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use thiserror::Error;
+pub use wire::model_settings::{ContextSettings, FlashAttn};
 
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -21,6 +22,11 @@ pub enum ModelError {
     BadPath(String),
     #[error("llama.cpp: {0}")]
     Llama(String),
+    /// A context of these settings cannot run this model (llama.cpp
+    /// refused it, or would compute garbage or abort): what the settings'
+    /// rows say; the model stays loaded with its previous context.
+    #[error("{0}")]
+    ContextRefused(String),
 }
 
 static BACKEND: Once = Once::new();
@@ -37,13 +43,83 @@ fn init_backend() {
     });
 }
 
+/// llama.cpp's log while a context is created: it is where llama.cpp says
+/// what `auto` flash attention resolved to and why a context was refused
+/// (no API returns either).
+static CONTEXT_LOG: Mutex<Option<String>> = Mutex::new(None);
+
 unsafe extern "C" fn quiet_log(
     level: sys::ggml_log_level,
     text: *const std::os::raw::c_char,
     _: *mut std::os::raw::c_void,
 ) {
-    if level == sys::GGML_LOG_LEVEL_ERROR && !text.is_null() {
-        eprint!("{}", CStr::from_ptr(text).to_string_lossy());
+    if text.is_null() {
+        return;
+    }
+    let text = CStr::from_ptr(text).to_string_lossy();
+    if let Ok(mut captured) = CONTEXT_LOG.lock() {
+        if let Some(log) = captured.as_mut() {
+            log.push_str(&text);
+            return;
+        }
+    }
+    if level == sys::GGML_LOG_LEVEL_ERROR {
+        eprint!("{text}");
+    }
+}
+
+/// Runs `f` with llama.cpp's log collected instead of printed; returns
+/// what it said.
+fn with_context_log<T>(f: impl FnOnce() -> T) -> (T, String) {
+    if let Ok(mut captured) = CONTEXT_LOG.lock() {
+        *captured = Some(String::new());
+    }
+    let value = f();
+    let log = CONTEXT_LOG
+        .lock()
+        .ok()
+        .and_then(|mut captured| captured.take())
+        .unwrap_or_default();
+    (value, log)
+}
+
+/// What llama.cpp's log says it did with flash attention (`Flash
+/// Attention enabled`, `... was auto, set to disabled`, `enabling
+/// flash_attn since it is required for quantized V cache`).
+fn flash_attn_in_log(log: &str) -> Option<bool> {
+    log.lines().rev().find_map(|line| {
+        let lower = line.to_ascii_lowercase();
+        if !lower.contains("flash attention") && !lower.contains("enabling flash_attn") {
+            return None;
+        }
+        if lower.contains("disabled") || lower.contains("not supported") {
+            Some(false)
+        } else if lower.contains("enabled") || lower.contains("enabling") {
+            Some(true)
+        } else {
+            None
+        }
+    })
+}
+
+/// llama.cpp's error lines of a log, joined: why it refused a context.
+fn errors_in_log(log: &str) -> String {
+    let said: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let lower = l.to_ascii_lowercase();
+            lower.contains("requires")
+                || lower.contains("does not")
+                || lower.contains("failed")
+                || lower.contains("error")
+                || lower.contains("not supported")
+        })
+        .collect();
+    if said.is_empty() {
+        "llama.cpp gave no reason".into()
+    } else {
+        said.join("; ")
     }
 }
 
@@ -99,7 +175,6 @@ pub fn ftype_from_name(name: &str) -> Option<sys::llama_ftype> {
     })
 }
 
-#[cfg_attr(llama_lacks_tensor_overrides, allow(dead_code))]
 fn ggml_type_from_name(name: &str) -> Option<sys::ggml_type> {
     (0..sys::GGML_TYPE_COUNT).find(|&t| {
         // SAFETY: static table lookup for every defined type value.
@@ -327,8 +402,59 @@ pub struct LoadedModel {
     /// llama-bench, which attaches a pool, does not pay.
     threadpool: *mut sys::ggml_threadpool,
     threadpool_threads: usize,
+    threads: usize,
     n_ctx: usize,
     n_vocab: usize,
+    /// Whether the context runs flash attention, as llama.cpp's log said
+    /// (`None`: it did not say).
+    flash_attn_used: Option<bool>,
+    /// The evaluation callback the context was made with, kept for a new
+    /// context of the same model.
+    observer: sys::ggml_backend_sched_eval_callback,
+    observer_data: *mut std::os::raw::c_void,
+}
+
+/// The context a model is loaded with: its size and the settings of what
+/// runs in it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextShape {
+    /// Tokens per sequence.
+    pub n_ctx: usize,
+    pub n_seq: usize,
+    pub n_batch: usize,
+    pub n_ubatch: usize,
+    pub settings: ContextSettings,
+}
+
+impl ContextShape {
+    /// `n_seq` sequences of `n_ctx` tokens each, decoded in batches of up
+    /// to all of them and micro-batches of llama.cpp's default 512: how
+    /// `llama-perplexity` evaluates (16 chunks of 128 at once with its
+    /// default batch of 2048), which fixes the matrix shapes and so the
+    /// rounding of every result. The KV cache and attention are
+    /// `settings`'.
+    pub fn evaluation(n_ctx: usize, n_seq: usize, settings: &ContextSettings) -> ContextShape {
+        let total = n_ctx * n_seq.max(1);
+        ContextShape {
+            n_ctx,
+            n_seq: n_seq.max(1),
+            n_batch: total,
+            n_ubatch: total.min(wire::model_settings::DEFAULT_N_UBATCH),
+            settings: settings.clone(),
+        }
+    }
+
+    /// One sequence of `n_ctx` tokens with `settings`' batches: a timed
+    /// test's (llama-bench's).
+    pub fn timing(n_ctx: usize, settings: &ContextSettings) -> ContextShape {
+        ContextShape {
+            n_ctx,
+            n_seq: 1,
+            n_batch: settings.n_batch,
+            n_ubatch: settings.n_ubatch,
+            settings: settings.clone(),
+        }
+    }
 }
 
 // SAFETY: the model and context are used from one thread at a time (&mut).
@@ -360,19 +486,27 @@ impl LoadedModel {
         Self::load_with(path, n_ctx, 1, threads)
     }
 
-    /// Loads with room for `n_seq` sequences of `n_ctx` tokens each,
-    /// decoded in batches of up to `n_ctx * n_seq` tokens and micro-batches
-    /// of llama.cpp's default 512: how `llama-perplexity` evaluates (16
-    /// chunks of 128 at once with its default batch of 2048), which fixes the
-    /// matrix shapes and so the rounding of every result.
+    /// Loads with room for `n_seq` sequences of `n_ctx` tokens each, as
+    /// `llama-perplexity` evaluates (`ContextShape::evaluation`), with
+    /// llama.cpp's default KV cache and attention.
     pub fn load_with(
         path: &Path,
         n_ctx: usize,
         n_seq: usize,
         threads: usize,
     ) -> Result<LoadedModel, ModelError> {
+        let shape = ContextShape::evaluation(n_ctx, n_seq, &ContextSettings::default());
+        Self::load_shaped(path, &shape, threads)
+    }
+
+    /// Loads with a context of `shape`.
+    pub fn load_shaped(
+        path: &Path,
+        shape: &ContextShape,
+        threads: usize,
+    ) -> Result<LoadedModel, ModelError> {
         // SAFETY: no evaluation callback.
-        unsafe { Self::load_observed(path, n_ctx, n_seq, threads, None, ptr::null_mut()) }
+        unsafe { Self::load_observed_shaped(path, shape, threads, None, ptr::null_mut()) }
     }
 
     /// `load_with`, with GGML's evaluation callback set on the context: it
@@ -385,6 +519,22 @@ impl LoadedModel {
         path: &Path,
         n_ctx: usize,
         n_seq: usize,
+        threads: usize,
+        observer: sys::ggml_backend_sched_eval_callback,
+        user_data: *mut std::os::raw::c_void,
+    ) -> Result<LoadedModel, ModelError> {
+        let shape = ContextShape::evaluation(n_ctx, n_seq, &ContextSettings::default());
+        // SAFETY: the caller's guarantee.
+        unsafe { Self::load_observed_shaped(path, &shape, threads, observer, user_data) }
+    }
+
+    /// `load_observed` with a context of `shape`.
+    ///
+    /// # Safety
+    /// `user_data` must be what `observer` expects and outlive the model.
+    unsafe fn load_observed_shaped(
+        path: &Path,
+        shape: &ContextShape,
         threads: usize,
         observer: sys::ggml_backend_sched_eval_callback,
         user_data: *mut std::os::raw::c_void,
@@ -403,34 +553,137 @@ impl LoadedModel {
             if model.is_null() {
                 return Err(load_err());
             }
-            let mut cparams = sys::llama_context_default_params();
-            let total = (n_ctx * n_seq.max(1)) as u32;
-            cparams.n_ctx = total;
-            cparams.n_batch = total;
-            cparams.n_ubatch = total.min(512);
-            cparams.n_seq_max = n_seq.max(1) as u32;
-            cparams.n_threads = threads as i32;
-            cparams.n_threads_batch = threads as i32;
-            cparams.no_perf = true;
-            cparams.cb_eval = observer;
-            cparams.cb_eval_user_data = user_data;
-            let ctx = sys::llama_init_from_model(model, cparams);
-            if ctx.is_null() {
-                sys::llama_model_free(model);
-                return Err(ModelError::Llama("could not create a context".into()));
-            }
             let vocab = sys::llama_model_get_vocab(model);
             let mut loaded = LoadedModel {
                 model,
-                ctx,
+                ctx: ptr::null_mut(),
                 vocab,
                 threadpool: std::ptr::null_mut(),
                 threadpool_threads: 0,
-                n_ctx,
+                threads: threads.max(1),
+                n_ctx: shape.n_ctx,
                 n_vocab: sys::llama_vocab_n_tokens(vocab) as usize,
+                flash_attn_used: None,
+                observer,
+                observer_data: user_data,
             };
-            loaded.attach_threadpool(threads)?;
+            // Drop frees the model if the context cannot be made.
+            loaded.recontext(shape)?;
             Ok(loaded)
+        }
+    }
+
+    /// Replaces the context with a new one of `shape` on the same loaded
+    /// weights (a test's KV-cache type, attention and batches); the KV
+    /// cache starts empty. A shape llama.cpp refuses (a quantized V cache
+    /// without flash attention, a K type whose block does not divide the
+    /// head size) is an error in llama.cpp's words.
+    pub fn recontext(&mut self, shape: &ContextShape) -> Result<(), ModelError> {
+        let s = &shape.settings;
+        let type_of = |name: &str| {
+            ggml_type_from_name(name).ok_or_else(|| {
+                ModelError::Llama(format!("GGML has no type `{name}` for the KV cache"))
+            })
+        };
+        let (type_k, type_v) = (type_of(&s.kv_type.k)?, type_of(&s.kv_type.v)?);
+        // llama.cpp checks this for a K cache with flash attention only;
+        // without it a quantized cache's per-head views split blocks and
+        // GGML aborts the process.
+        let head = self.head_size();
+        for (which, name, ty) in [("K", &s.kv_type.k, type_k), ("V", &s.kv_type.v, type_v)] {
+            // SAFETY: a type GGML named.
+            let block = unsafe { sys::ggml_blck_size(ty) }.max(1) as usize;
+            if head % block != 0 {
+                return Err(ModelError::ContextRefused(format!(
+                    "a {which} cache of {name} stores blocks of {block} values, which do not divide this model's attention heads of {head} values: llama.cpp cannot run it (use f16, bf16 or f32 for this model)"
+                )));
+            }
+        }
+        // SAFETY: the model is loaded; the new context is made before the
+        // old one is freed (a refused one leaves the old in place), and the
+        // worker pool, the model's, outlives both.
+        unsafe {
+            let mut cparams = sys::llama_context_default_params();
+            let total = (shape.n_ctx * shape.n_seq.max(1)) as u32;
+            cparams.n_ctx = total;
+            cparams.n_batch = (shape.n_batch as u32).max(1);
+            cparams.n_ubatch = (shape.n_ubatch as u32).max(1);
+            cparams.n_seq_max = shape.n_seq.max(1) as u32;
+            cparams.n_threads = self.threads as i32;
+            cparams.n_threads_batch = self.threads as i32;
+            cparams.no_perf = true;
+            cparams.cb_eval = self.observer;
+            cparams.cb_eval_user_data = self.observer_data;
+            cparams.type_k = type_k;
+            cparams.type_v = type_v;
+            match s.flash_attn {
+                FlashAttn::Auto => {}
+                FlashAttn::On => cparams.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                FlashAttn::Off => cparams.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            }
+            let model = self.model;
+            let (ctx, log) = with_context_log(|| sys::llama_init_from_model(model, cparams));
+            if ctx.is_null() {
+                return Err(ModelError::ContextRefused(format!(
+                    "could not create a context with KV cache {}, flash attention {}, batch {}/{}: {}",
+                    s.kv_type,
+                    s.flash_attn.name(),
+                    shape.n_batch,
+                    shape.n_ubatch,
+                    errors_in_log(&log)
+                )));
+            }
+            if !self.ctx.is_null() {
+                sys::llama_free(self.ctx);
+            }
+            self.ctx = ctx;
+            self.n_ctx = shape.n_ctx;
+            self.flash_attn_used = match s.flash_attn {
+                FlashAttn::On => Some(true),
+                FlashAttn::Off => Some(false),
+                FlashAttn::Auto => flash_attn_in_log(&log),
+            };
+        }
+        if self.threadpool.is_null() {
+            self.attach_threadpool(self.threads)
+        } else {
+            // SAFETY: both are valid; the pool outlives the context.
+            unsafe { sys::llama_attach_threadpool(self.ctx, self.threadpool, self.threadpool) };
+            Ok(())
+        }
+    }
+
+    /// Values per attention head (embedding width over heads).
+    fn head_size(&self) -> usize {
+        // SAFETY: the model is loaded.
+        let (embd, heads) = unsafe {
+            (
+                sys::llama_model_n_embd(self.model),
+                sys::llama_model_n_head(self.model),
+            )
+        };
+        (embd.max(1) / heads.max(1)).max(1) as usize
+    }
+
+    /// Whether the context runs flash attention (`None`: llama.cpp did
+    /// not say what `auto` resolved to).
+    pub fn flash_attn_used(&self) -> Option<bool> {
+        self.flash_attn_used
+    }
+
+    /// Bytes the KV cache holds for sequence 0 now (llama.cpp's size of
+    /// its saved state: the cells' K and V rows of every layer).
+    pub fn kv_bytes(&self) -> u64 {
+        // SAFETY: ctx is valid.
+        unsafe { sys::llama_state_seq_get_size(self.ctx, 0) as u64 }
+    }
+
+    /// Forgets sequence 0's tokens from position `pos` on (the KV cache
+    /// keeps the first `pos`).
+    pub fn forget_from(&mut self, pos: usize) {
+        // SAFETY: ctx is valid.
+        unsafe {
+            sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx), 0, pos as i32, -1);
         }
     }
 
@@ -528,6 +781,7 @@ impl LoadedModel {
         if threads > self.threadpool_threads {
             self.attach_threadpool(threads)?;
         }
+        self.threads = threads.max(1);
         // SAFETY: ctx is valid.
         unsafe { sys::llama_set_n_threads(self.ctx, threads as i32, threads as i32) };
         Ok(())
@@ -647,7 +901,9 @@ impl Drop for LoadedModel {
     fn drop(&mut self) {
         // SAFETY: both were created in `load` and are freed once.
         unsafe {
-            sys::llama_free(self.ctx);
+            if !self.ctx.is_null() {
+                sys::llama_free(self.ctx);
+            }
             sys::llama_model_free(self.model);
             if !self.threadpool.is_null() {
                 sys::ggml_threadpool_free(self.threadpool);

@@ -2,14 +2,17 @@
 //! and running a model job (speed, memory, quality, generated text).
 
 use anyhow::{bail, Context, Result};
-use kernels::model::{gguf_tensor_types, quantize_model, BatchEntry, LoadedModel, QuantizeRequest};
+use kernels::model::{
+    gguf_tensor_types, quantize_model, BatchEntry, ContextSettings, ContextShape, LoadedModel,
+    ModelError, QuantizeRequest,
+};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
-use wire::child::{JudgedLine, ModelFacts, ModelTiming, Quality, RecipeJudgement};
+use wire::child::{JudgedLine, ModelFacts, ModelTiming, Quality, RecipeJudgement, TestFacts};
 use wire::files::{CsvAppender, MODEL_ROWS_FILE, SAMPLES_FILE};
 use wire::kernel_job::JobBuild;
-use wire::model_job::{repetition_score, ModelJob, ModelJobBuild, RecipeFile};
+use wire::model_job::{repetition_score, ModelJob, ModelJobBuild, ModelTest, RecipeFile};
 use wire::probe::BoardProbe;
 use wire::progress::ProgressEvent;
 use wire::rows::CellStatus;
@@ -235,15 +238,41 @@ pub fn compare(base: &Reference, candidate: &Reference) -> Quality {
     }
     let mut sorted = klds.clone();
     sorted.sort_by(f64::total_cmp);
-    let p99 = sorted[((sorted.len() as f64 * 0.99).ceil() as usize)
-        .saturating_sub(1)
-        .min(sorted.len() - 1)];
+    let percentile = |p: f64| {
+        sorted[((sorted.len() as f64 * p).ceil() as usize)
+            .saturating_sub(1)
+            .min(sorted.len() - 1)]
+    };
+    let nlls: Vec<f64> = (0..n)
+        .map(|i| -(candidate.log_probs[i][candidate.targets[i] as usize] as f64))
+        .collect();
+    let (mean_nll, nll_se) = mean_and_uncertainty(&nlls);
+    let (kld_mean, kld_se) = mean_and_uncertainty(&klds);
+    let ppl = (nll / n as f64).exp();
+    let top1 = same_top as f64 / n as f64;
+    debug_assert!((mean_nll - nll / n as f64).abs() < 1e-9);
     Quality {
-        ppl: (nll / n as f64).exp(),
-        kld_mean: klds.iter().sum::<f64>() / n as f64,
-        kld_p99: p99,
-        top1_agreement: same_top as f64 / n as f64,
+        ppl,
+        kld_mean,
+        kld_p99: percentile(0.99),
+        top1_agreement: top1,
+        // llama-perplexity: PPL's error is PPL times the standard error of
+        // the mean log-probability; top-1's the binomial one.
+        ppl_stderr: ppl * nll_se,
+        kld_stderr: kld_se,
+        kld_p90: percentile(0.90),
+        kld_max: sorted[sorted.len() - 1],
+        top1_stderr: (top1 * (1.0 - top1) / (n.max(2) - 1) as f64).sqrt(),
     }
+}
+
+/// Mean and standard error of the mean, as llama-perplexity computes them
+/// (`sqrt(var / (n - 1))`, the population variance).
+fn mean_and_uncertainty(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| v * v).sum::<f64>() / n - mean * mean;
+    (mean, (var.max(0.0) / (n - 1.0).max(1.0)).sqrt())
 }
 
 fn argmax(values: &[f32]) -> usize {
@@ -311,56 +340,127 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// llama-bench's tests: pp = one batch of `n` tokens from an empty cache;
-/// tg = `n` single-token decodes. Returns seconds per repetition.
-fn time_test(model: &mut LoadedModel, prompt: bool, n: usize, reps: u32) -> Result<Vec<f64>> {
-    let mut rng = kernels::weights::SplitMix64::new(7, n as u64);
+/// Random tokens for a test: the same for every repetition and recipe.
+fn random_tokens(model: &LoadedModel, n: usize, seed: u64) -> Vec<i32> {
+    let mut rng = kernels::weights::SplitMix64::new(7, seed);
     let vocab = model.n_vocab() as u64;
+    (0..n).map(|_| (rng.next_u64() % vocab) as i32).collect()
+}
+
+/// Decodes `tokens` from position `first` on, in batches of `n_batch`.
+fn decode_prompt(
+    model: &mut LoadedModel,
+    tokens: &[i32],
+    first: usize,
+    n_batch: usize,
+) -> Result<()> {
+    for (i, chunk) in tokens.chunks(n_batch.max(1)).enumerate() {
+        model.decode(chunk, first + i * n_batch.max(1), false)?;
+    }
+    Ok(())
+}
+
+/// llama-bench's tests on a KV cache holding `test.depth` tokens: pp = the
+/// prompt in batches, tg = one token at a time, pg = a prompt then tokens
+/// one at a time, timed together. Before each repetition the
+/// cache forgets what the last one added, so every repetition starts at the
+/// depth. Returns seconds per repetition and the KV cache's bytes at the
+/// end of one.
+fn time_test(
+    model: &mut LoadedModel,
+    test: &ModelTest,
+    n_batch: usize,
+    reps: u32,
+) -> Result<(Vec<f64>, u64)> {
+    let tokens = random_tokens(model, test.tokens(), test.tokens() as u64);
+    let (prompt, generated) = tokens.split_at(test.n_prompt);
     let mut run = |model: &mut LoadedModel| -> Result<f64> {
-        let tokens: Vec<i32> = (0..n).map(|_| (rng.next_u64() % vocab) as i32).collect();
-        model.clear();
+        model.forget_from(test.depth);
         let started = Instant::now();
-        if prompt {
-            for (i, chunk) in tokens.chunks(model.n_ctx()).enumerate() {
-                model.decode(chunk, i * model.n_ctx(), false)?;
-            }
-        } else {
-            for (pos, &t) in tokens.iter().enumerate() {
-                model.decode(&[t], pos, false)?;
-            }
+        decode_prompt(model, prompt, test.depth, n_batch)?;
+        let first = test.depth + prompt.len();
+        for (i, &t) in generated.iter().enumerate() {
+            model.decode(&[t], first + i, false)?;
         }
         Ok(started.elapsed().as_secs_f64())
     };
     run(model)?; // warm-up, as llama-bench does
-    (0..reps).map(|_| run(model)).collect()
-}
-
-/// The job's tests in order: (threads, prompt?, tokens).
-fn tests(job: &ModelJob, cores: usize) -> Vec<(usize, bool, usize)> {
-    job.threads
-        .iter()
-        .flat_map(|t| {
-            let threads = t.resolve(cores);
-            [(threads, true, job.n_prompt), (threads, false, job.n_gen)]
-        })
-        .collect()
+    let seconds = (0..reps).map(|_| run(model)).collect::<Result<Vec<f64>>>()?;
+    Ok((seconds, model.kv_bytes()))
 }
 
 /// The most threads any test uses: what a recipe is loaded with.
 fn max_threads(job: &ModelJob, cores: usize) -> usize {
-    tests(job, cores).iter().map(|t| t.0).max().unwrap_or(1)
+    job.tests(cores).iter().map(|t| t.threads).max().unwrap_or(1)
 }
 
-/// Times every test on `model`.
-fn time_tests(job: &ModelJob, cores: usize, model: &mut LoadedModel) -> Result<Vec<Vec<f64>>> {
-    let mut out = Vec::new();
-    for (threads, prompt, n) in tests(job, cores) {
-        model.set_threads(threads)?;
-        out.push(time_test(model, prompt, n, job.repetitions)?);
+/// Times every test on `model`: for each context and depth, a context of
+/// those settings on the loaded weights with room for the depth and the
+/// tests (llama-bench's `n_depth + n_prompt + n_gen`), its KV cache filled
+/// to the depth once, then each test on top. A context llama.cpp cannot run
+/// for this model times nothing; its tests' facts say why.
+fn time_tests(
+    job: &ModelJob,
+    cores: usize,
+    model: &mut LoadedModel,
+) -> Result<(Vec<Vec<f64>>, Vec<TestFacts>)> {
+    let contexts = job.contexts();
+    let tests = job.tests(cores);
+    let (mut seconds, mut facts) = (Vec::new(), Vec::new());
+    let mut first = 0;
+    while first < tests.len() {
+        let (context, depth) = (tests[first].context, tests[first].depth);
+        let end = tests[first..]
+            .iter()
+            .position(|t| t.context != context || t.depth != depth)
+            .map_or(tests.len(), |p| first + p);
+        let group = &tests[first..end];
+        first = end;
+        let settings = &contexts[context];
+        let n_ctx = depth + group.iter().map(ModelTest::tokens).max().unwrap_or(1).max(1);
+        match model.recontext(&ContextShape::timing(n_ctx, settings)) {
+            Err(ModelError::ContextRefused(why)) => {
+                for _ in group {
+                    seconds.push(Vec::new());
+                    facts.push(TestFacts {
+                        refused: Some(why.clone()),
+                        ..TestFacts::default()
+                    });
+                }
+                continue;
+            }
+            other => other?,
+        }
+        // From here on the peak is this context's: the previous one is
+        // freed (after the new one was made, so a refused context leaves
+        // the model usable).
+        peak_rss_reset();
+        if depth > 0 {
+            model.set_threads(group.iter().map(|t| t.threads).max().unwrap_or(1))?;
+            let fill = random_tokens(model, depth, depth as u64 + 1);
+            decode_prompt(model, &fill, 0, settings.n_batch)?;
+        }
+        let group_facts = facts.len();
+        for test in group {
+            model.set_threads(test.threads)?;
+            let (s, kv_bytes) = time_test(model, test, settings.n_batch, job.repetitions)?;
+            seconds.push(s);
+            facts.push(TestFacts {
+                peak_rss_bytes: None,
+                kv_bytes: Some(kv_bytes),
+                flash_attn_used: model.flash_attn_used(),
+                refused: None,
+            });
+        }
+        let peak = peak_rss_bytes();
+        for f in &mut facts[group_facts..] {
+            f.peak_rss_bytes = peak;
+        }
     }
-    Ok(out)
+    Ok((seconds, facts))
 }
 
+/// The context a recipe is loaded in for greedy text and multiple choice.
 fn timing_ctx(job: &ModelJob) -> usize {
     job.ctx.max(job.n_prompt).max(job.n_gen + 1)
 }
@@ -402,14 +502,25 @@ pub fn time_invocation(
         max_threads(job, cores),
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    let seconds = time_tests(job, cores, &mut model)?;
+    let (seconds, tests) = time_tests(job, cores, &mut model)?;
     let timing = ModelTiming {
         load_ms,
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes: most_memory(&tests),
         seconds,
+        tests,
     };
     println!("{}", serde_json::to_string(&timing)?);
     Ok(())
+}
+
+/// The process's peak memory over its tests (each test's is measured
+/// while its context existed).
+fn most_memory(tests: &[TestFacts]) -> Option<u64> {
+    tests
+        .iter()
+        .filter_map(|t| t.peak_rss_bytes)
+        .max()
+        .or_else(peak_rss_bytes)
 }
 
 /// A recipe's invocations so far, each with the round it ran in.
@@ -423,7 +534,9 @@ fn precise_enough(timings: &Timings, precision: f64) -> bool {
             .iter()
             .map(|(_, t)| t.seconds.get(test).cloned().unwrap_or_default())
             .collect();
-        wire::stats::relative_half_width(&groups, 0.95).is_some_and(|p| p <= precision)
+        // A test whose context llama.cpp refused has no times to refine.
+        groups.iter().all(Vec::is_empty)
+            || wire::stats::relative_half_width(&groups, 0.95).is_some_and(|p| p <= precision)
     })
 }
 
@@ -566,48 +679,91 @@ fn reference(job: &ModelJob, threads: usize) -> Result<(Vec<i32>, Option<Referen
     Ok((tokens, Some(base)))
 }
 
-/// Everything but speed of `recipe`, loaded as `model` for timing:
-/// llama.cpp's facts and, against `base`, quality (in a context of
-/// exactly `ctx`, like the reference), the greedy continuation and the
-/// multiple-choice accuracy.
+/// Everything but speed of `recipe`, in each of the job's contexts (in
+/// order): llama.cpp's facts and, against `base`, quality (in a context of
+/// exactly `ctx`, like the reference, with the context's KV cache and
+/// attention, so a KV type that breaks the output shows it beside its
+/// speed), the greedy continuation and the multiple-choice accuracy.
+/// Contexts that differ only in batch sizes share one judgement; one
+/// llama.cpp cannot run for this model has facts only (its rows say why).
 fn judge(
     job: &ModelJob,
     recipe: &RecipeFile,
-    model: &mut LoadedModel,
     (tokens, base): (&[i32], Option<&Reference>),
     threads: usize,
-) -> Result<RecipeJudgement> {
-    let facts = model.facts();
-    let mut judged = RecipeJudgement {
-        facts: ModelFacts {
+) -> Result<Vec<RecipeJudgement>> {
+    let contexts = job.contexts();
+    let path = Path::new(&recipe.path);
+    let facts = {
+        let model = LoadedModel::load(path, timing_ctx(job), threads)?;
+        let facts = model.facts();
+        ModelFacts {
             description: facts.description,
             size_bytes: facts.size_bytes,
             n_params: facts.n_params,
-        },
+        }
+    };
+    let facts_only = RecipeJudgement {
+        facts,
         quality: None,
         generated_text: None,
         mc_accuracy: None,
     };
-    let Some(base) = base else {
-        return Ok(judged);
-    };
-    let mut eval_model = LoadedModel::load_with(
-        Path::new(&recipe.path),
-        job.ctx,
-        eval_sequences(job.ctx),
-        threads,
-    )?;
-    judged.quality = Some(compare(
-        base,
-        &score_positions(&mut eval_model, tokens, job.ctx)?,
-    ));
-    drop(eval_model);
-    judged.generated_text = Some(greedy(model, &job.prompt, job.generate_tokens)?);
-    judged.mc_accuracy = match &job.multiple_choice {
-        Some(path) => Some(multiple_choice_accuracy(model, Path::new(path))?),
+    let mut judged: Vec<RecipeJudgement> = Vec::new();
+    for (i, settings) in contexts.iter().enumerate() {
+        let same = contexts[..i]
+            .iter()
+            .position(|earlier| earlier.same_quality_as(settings));
+        let judgement = match (same, base) {
+            (Some(earlier), _) => judged[earlier].clone(),
+            (None, None) => facts_only.clone(),
+            (None, Some(base)) => {
+                match judge_in(job, path, settings, (tokens, base), threads) {
+                    Err(ModelError::ContextRefused(_)) => facts_only.clone(),
+                    other => {
+                        let (quality, generated_text, mc_accuracy) = other?;
+                        RecipeJudgement {
+                            quality: Some(quality),
+                            generated_text: Some(generated_text),
+                            mc_accuracy,
+                            ..facts_only.clone()
+                        }
+                    }
+                }
+            }
+        };
+        judged.push(judgement);
+    }
+    Ok(judged)
+}
+
+/// Quality, greedy continuation and multiple-choice accuracy of the file
+/// at `path` with `settings`' KV cache and attention.
+fn judge_in(
+    job: &ModelJob,
+    path: &Path,
+    settings: &ContextSettings,
+    (tokens, base): (&[i32], &Reference),
+    threads: usize,
+) -> std::result::Result<(Quality, String, Option<f64>), ModelError> {
+    let evaluation = ContextShape::evaluation(job.ctx, eval_sequences(job.ctx), settings);
+    let mut model = LoadedModel::load_shaped(path, &evaluation, threads)?;
+    let scored = score_positions(&mut model, tokens, job.ctx).map_err(as_model_error)?;
+    let quality = compare(base, &scored);
+    model.recontext(&ContextShape::timing(timing_ctx(job), settings))?;
+    let text = greedy(&mut model, &job.prompt, job.generate_tokens).map_err(as_model_error)?;
+    let mc = match &job.multiple_choice {
+        Some(mc) => {
+            Some(multiple_choice_accuracy(&mut model, Path::new(mc)).map_err(as_model_error)?)
+        }
         None => None,
     };
-    Ok(judged)
+    Ok((quality, text, mc))
+}
+
+/// An evaluation's error, kept apart from a refused context.
+fn as_model_error(e: anyhow::Error) -> ModelError {
+    ModelError::Llama(format!("{e:#}"))
 }
 
 /// The child that judges one build of an A/B job (`quantbench-agent
@@ -625,9 +781,7 @@ pub fn judge_build(job: &ModelJob, build: &str, cores: usize) -> Result<()> {
         if recipe.unmade.is_some() {
             continue;
         }
-        let judged = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), threads)
-            .map_err(anyhow::Error::from)
-            .and_then(|mut model| judge(job, recipe, &mut model, (&tokens, base.as_ref()), threads))
+        let judged = judge(job, recipe, (&tokens, base.as_ref()), threads)
             .map_err(|e| format!("{e:#}"));
         let line = JudgedLine {
             recipe: index,
@@ -674,20 +828,37 @@ fn recipe_rows(
     probe: &BoardProbe,
     build: Option<&JobBuild>,
     recipe: &RecipeFile,
-    judged: &RecipeJudgement,
+    judged: &[RecipeJudgement],
     timings: &Timings,
 ) -> RecipeRows {
     let timed = !timings.is_empty();
-    let facts = &judged.facts;
     let load_ms =
         Summary::of(&timings.iter().map(|(_, t)| t.load_ms).collect::<Vec<_>>()).map(|s| s.mean);
-    let peak_rss = timings.iter().filter_map(|(_, t)| t.peak_rss_bytes).max();
+    // A job from before per-test facts: the process's peak for every test.
+    let process_peak = timings.iter().filter_map(|(_, t)| t.peak_rss_bytes).max();
+    let contexts = job.contexts();
     let mut out = Vec::new();
-    for (test_index, (threads, prompt, n)) in tests(job, probe.cores).into_iter().enumerate() {
+    for (test_index, test) in job.tests(probe.cores).into_iter().enumerate() {
+        let Some(judged) = judged.get(test.context).or(judged.first()) else {
+            continue;
+        };
+        let facts = &judged.facts;
+        let settings = &contexts[test.context];
+        let (threads, n) = (test.threads, test.tokens());
         let seconds: Vec<Vec<f64>> = timings
             .iter()
             .map(|(_, t)| t.seconds.get(test_index).cloned().unwrap_or_default())
             .collect();
+        let test_facts: Vec<&TestFacts> = timings
+            .iter()
+            .filter_map(|(_, t)| t.tests.get(test_index))
+            .collect();
+        let refused = test_facts.iter().find_map(|f| f.refused.clone());
+        let peak_rss = test_facts
+            .iter()
+            .filter_map(|f| f.peak_rss_bytes)
+            .max()
+            .or(process_peak);
         let all: Vec<f64> = seconds.iter().flatten().copied().collect();
         let ns: Vec<f64> = all.iter().map(|s| s * 1e9).collect();
         let ts: Vec<f64> = all.iter().map(|s| n as f64 / s).collect();
@@ -706,9 +877,21 @@ fn recipe_rows(
                 .scheme_bits_per_weight
                 .unwrap_or(facts.size_bytes as f64 * 8.0 / facts.n_params.max(1) as f64),
             n_threads: threads,
-            n_prompt: if prompt { n } else { 0 },
-            n_gen: if prompt { 0 } else { n },
-            test: format!("{}{n}", if prompt { "pp" } else { "tg" }),
+            n_prompt: test.n_prompt,
+            n_gen: test.n_gen,
+            test: test.name(),
+            n_depth: test.depth,
+            type_k: settings.kv_type.k.clone(),
+            type_v: settings.kv_type.v.clone(),
+            flash_attn: settings.flash_attn.name().into(),
+            flash_attn_used: match test_facts.iter().find_map(|f| f.flash_attn_used) {
+                Some(true) => "on".into(),
+                Some(false) => "off".into(),
+                None => String::new(),
+            },
+            n_batch: settings.n_batch,
+            n_ubatch: settings.n_ubatch,
+            kv_bytes: test_facts.iter().filter_map(|f| f.kv_bytes).max(),
             avg_ns: summary_ns.map(|s| s.mean),
             stddev_ns: summary_ns.map(|s| s.stddev),
             avg_ts: ts.map(|s| s.mean),
@@ -721,6 +904,11 @@ fn recipe_rows(
             kld_mean: quality.map(|q| q.kld_mean),
             kld_p99: quality.map(|q| q.kld_p99),
             top1_agreement: quality.map(|q| q.top1_agreement),
+            ppl_stderr: quality.map(|q| q.ppl_stderr),
+            kld_stderr: quality.map(|q| q.kld_stderr),
+            kld_p90: quality.map(|q| q.kld_p90),
+            kld_max: quality.map(|q| q.kld_max),
+            top1_stderr: quality.map(|q| q.top1_stderr),
             mc_accuracy: judged.mc_accuracy,
             repetition_score: judged.generated_text.as_deref().map(repetition_score),
             generated_text: judged.generated_text.clone().unwrap_or_default(),
@@ -735,6 +923,15 @@ fn recipe_rows(
                 (false, _) => recipe.note.clone(),
             },
             ..base_row(job, probe, build, recipe, "")
+        };
+        // A context llama.cpp cannot run for this model: its rows say why.
+        let row = match refused {
+            Some(why) => ModelRow {
+                status: CellStatus::Unsupported,
+                note: why,
+                ..row
+            },
+            None => row,
         };
         let ns_by_invocation = timings
             .iter()
@@ -760,16 +957,17 @@ fn measure_recipe(
     let load_started = Instant::now();
     let mut model = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), threads)?;
     let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
-    let judged = judge(job, recipe, &mut model, reference, threads)?;
+    let judged = judge(job, recipe, reference, threads)?;
     let mut timings: Timings = Vec::new();
     if timed(recipe) {
-        let seconds = time_tests(job, probe.cores, &mut model)?;
+        let (seconds, tests) = time_tests(job, probe.cores, &mut model)?;
         timings.push((
             0,
             ModelTiming {
                 load_ms,
-                peak_rss_bytes: peak_rss_bytes(),
+                peak_rss_bytes: most_memory(&tests),
                 seconds,
+                tests,
             },
         ));
         drop(model);
@@ -788,7 +986,7 @@ fn measure_recipe(
 struct JudgedBuild<'a> {
     build: &'a ModelJobBuild,
     exe: std::path::PathBuf,
-    judged: Vec<Option<Result<RecipeJudgement, String>>>,
+    judged: Vec<Option<Result<Vec<RecipeJudgement>, String>>>,
 }
 
 /// Judges every build of an A/B job, each in a child of its own binary
@@ -811,7 +1009,7 @@ fn judge_builds<'a>(
             cores.to_string(),
         ];
         let (status, text) = run_child(job, &exe, "model-quality", &args)?;
-        let mut judged: Vec<Option<Result<RecipeJudgement, String>>> =
+        let mut judged: Vec<Option<Result<Vec<RecipeJudgement>, String>>> =
             vec![None; build.recipes.len()];
         for line in text.lines() {
             if let Ok(line) = serde_json::from_str::<JudgedLine>(line) {
@@ -847,7 +1045,7 @@ fn measure_ab<'a>(
     probe: &BoardProbe,
     builds: &'a [JudgedBuild<'a>],
 ) -> Vec<(&'a JudgedBuild<'a>, Measured)> {
-    let mut sides: Vec<Result<(&RecipeJudgement, Timings), Measured>> = builds
+    let mut sides: Vec<Result<(&[RecipeJudgement], Timings), Measured>> = builds
         .iter()
         .map(|b| {
             let recipe = &b.build.recipes[index];
@@ -855,7 +1053,7 @@ fn measure_ab<'a>(
                 return Err(Measured::Unsupported(reason.clone()));
             }
             match &b.judged[index] {
-                Some(Ok(judged)) => Ok((judged, Vec::new())),
+                Some(Ok(judged)) => Ok((judged.as_slice(), Vec::new())),
                 Some(Err(reason)) => Err(Measured::Failed(reason.clone())),
                 None => Err(Measured::Failed(format!(
                     "build `{}`: its judging process said nothing of this recipe",

@@ -113,8 +113,31 @@ pub enum ChildLine {
 pub struct ModelTiming {
     pub load_ms: f64,
     pub peak_rss_bytes: Option<u64>,
-    /// `[threads][pp, tg]` flattened, in the order of the job's tests.
+    /// Each repetition's seconds, by test in the order of
+    /// `ModelJob::tests`.
     pub seconds: Vec<Vec<f64>>,
+    /// What each test ran with, in the same order.
+    #[serde(default)]
+    pub tests: Vec<TestFacts>,
+}
+
+/// What one timed test ran with, as llama.cpp reported it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TestFacts {
+    /// Peak resident memory while its context existed (weights, KV
+    /// cache, compute buffers), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Bytes the KV cache held at the end of a repetition (its depth
+    /// plus the test's tokens).
+    pub kv_bytes: Option<u64>,
+    /// Whether the context ran flash attention (`None`: llama.cpp did
+    /// not say what `auto` resolved to).
+    pub flash_attn_used: Option<bool>,
+    /// Set when llama.cpp cannot run the test's context for this model
+    /// (a quantized KV cache whose blocks split its attention heads):
+    /// why; the test has no times and its row is `unsupported`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// What llama.cpp says of a loaded recipe file.
@@ -132,6 +155,18 @@ pub struct Quality {
     pub kld_mean: f64,
     pub kld_p99: f64,
     pub top1_agreement: f64,
+    /// Standard errors and percentiles as `llama-perplexity
+    /// --kl-divergence` reports them (0 in lines from older agents).
+    #[serde(default)]
+    pub ppl_stderr: f64,
+    #[serde(default)]
+    pub kld_stderr: f64,
+    #[serde(default)]
+    pub kld_p90: f64,
+    #[serde(default)]
+    pub kld_max: f64,
+    #[serde(default)]
+    pub top1_stderr: f64,
 }
 
 /// Everything but speed of one recipe: llama.cpp's facts of the file and,
@@ -146,9 +181,10 @@ pub struct RecipeJudgement {
 }
 
 /// What a `model-quality` child says on stdout, one JSON object a line:
-/// per recipe of its build, its judgement or why there is none.
+/// per recipe of its build, its judgement in each of the job's contexts
+/// (`ModelJob::contexts`, in order) or why there is none.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JudgedLine {
     pub recipe: usize,
-    pub judged: Result<RecipeJudgement, String>,
+    pub judged: Result<Vec<RecipeJudgement>, String>,
 }

@@ -163,6 +163,9 @@ pub struct Header {
     pub keys: BTreeMap<String, KeyType>,
     pub tensors: Vec<TensorInfo>,
     pub data_offset: u64,
+    /// The context the model was trained for (`<arch>.context_length`),
+    /// when the file says.
+    pub context_length: Option<u64>,
 }
 
 /// Why a file is not a GGUF file GGML can safely read: where, and what.
@@ -228,6 +231,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
     })?;
     let mut keys = BTreeMap::new();
     let mut alignment = 32u64;
+    let mut context_length = None;
     for _ in 0..n_kv {
         let key = r.string("key", MAX_STRING)?;
         let ty = r.value_type("value type")?;
@@ -248,6 +252,11 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
             KeyType::ArrayOf(element)
         } else {
             let value = r.value(ty)?;
+            if key.ends_with(".context_length")
+                && matches!(ty, ValueType::U32 | ValueType::U64 | ValueType::I32 | ValueType::I64)
+            {
+                context_length = Some(value);
+            }
             if key == "general.alignment" {
                 if ty != ValueType::U32 {
                     return Err(r.fail(
@@ -372,6 +381,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
         keys,
         tensors,
         data_offset,
+        context_length,
     })
 }
 
@@ -533,6 +543,7 @@ mod tests {
             header.keys.get("general.architecture"),
             Some(KeyType::Scalar(ValueType::String))
         ));
+        assert_eq!(header.context_length, Some(2048));
     }
 
     #[test]

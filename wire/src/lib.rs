@@ -1,6 +1,7 @@
 //! What crosses the wire between quantbench's host and its on-board agent,
 //! and nothing else: the job specs the host sends (`kernel_job`,
-//! `model_job`), what one agent process says to another (`child`), the
+//! `model_job`, with the settings a model test runs under in
+//! `model_settings`), what one agent process says to another (`child`), the
 //! rows the agent returns and their CSV schema (`rows`,
 //! written and read by `files`), the progress events it streams
 //! (`progress`), the board description (`probe`), the agent's build
@@ -20,6 +21,7 @@ pub mod ggml_type;
 pub mod gguf;
 pub mod kernel_job;
 pub mod model_job;
+pub mod model_settings;
 pub mod probe;
 pub mod progress;
 pub mod rows;

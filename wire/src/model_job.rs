@@ -3,6 +3,7 @@
 //! how to time it.
 
 use crate::kernel_job::ThreadCount;
+use crate::model_settings::ContextSettings;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use thiserror::Error;
@@ -109,6 +110,19 @@ pub struct ModelJob {
     pub generate_tokens: usize,
     pub n_prompt: usize,
     pub n_gen: usize,
+    /// Tokens the KV cache holds before each test (llama-bench's `-d`);
+    /// empty: 0 only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depths: Vec<usize>,
+    /// Prompt-then-generation tests (llama-bench's `-pg`): the prompt as a
+    /// batch, then the tokens one at a time, timed together (time to an
+    /// answer of that length).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pg: Vec<[usize; 2]>,
+    /// The contexts every test runs in (the matrix's KV-cache types x
+    /// flash attention x batches); empty: llama.cpp's defaults only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contexts: Vec<ContextSettings>,
     pub repetitions: u32,
     /// Separate processes each recipe's speed is measured in (the first is
     /// the agent's own, which also measures quality; the rest are fresh
@@ -155,7 +169,76 @@ pub struct ModelJobBuild {
     pub recipes: Vec<RecipeFile>,
 }
 
+/// One timed test of a model job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelTest {
+    /// Index into `ModelJob::contexts()`.
+    pub context: usize,
+    pub depth: usize,
+    pub threads: usize,
+    /// Tokens decoded as a prompt (in batches), then generated one at a
+    /// time: pp is (n, 0), tg (0, n), pg both.
+    pub n_prompt: usize,
+    pub n_gen: usize,
+}
+
+impl ModelTest {
+    /// `pp512`, `tg128+d4096`, `pp512+tg128`.
+    pub fn name(&self) -> String {
+        crate::model_settings::test_name(self.n_prompt, self.n_gen, self.depth)
+    }
+
+    /// Tokens the test decodes.
+    pub fn tokens(&self) -> usize {
+        self.n_prompt + self.n_gen
+    }
+}
+
 impl ModelJob {
+    /// The contexts the tests run in: the job's, or llama.cpp's defaults.
+    pub fn contexts(&self) -> Vec<ContextSettings> {
+        if self.contexts.is_empty() {
+            vec![ContextSettings::default()]
+        } else {
+            self.contexts.clone()
+        }
+    }
+
+    /// The depths the tests run at: the job's, or 0.
+    pub fn depths(&self) -> Vec<usize> {
+        if self.depths.is_empty() {
+            vec![0]
+        } else {
+            self.depths.clone()
+        }
+    }
+
+    /// Every timed test on a board of `cores` cores, in the order the
+    /// agent runs them and a `ModelTiming` lists their times: by context,
+    /// then depth (the KV cache filled once for all that run on it), then
+    /// thread count, pp, tg, then each prompt-then-generation pair.
+    pub fn tests(&self, cores: usize) -> Vec<ModelTest> {
+        let mut tests = Vec::new();
+        for context in 0..self.contexts().len() {
+            for depth in self.depths() {
+                for threads in &self.threads {
+                    let threads = threads.resolve(cores);
+                    let pp_tg = [(self.n_prompt, 0), (0, self.n_gen)];
+                    for (n_prompt, n_gen) in pp_tg.into_iter().chain(self.pg.iter().map(|p| (p[0], p[1]))) {
+                        tests.push(ModelTest {
+                            context,
+                            depth,
+                            threads,
+                            n_prompt,
+                            n_gen,
+                        });
+                    }
+                }
+            }
+        }
+        tests
+    }
+
     /// The recipe files `build` measures (`None`: the job's own); `None`
     /// for a build the job does not name.
     pub fn recipes_of(&self, build: Option<&str>) -> Option<&[RecipeFile]> {

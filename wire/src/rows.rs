@@ -384,8 +384,35 @@ pub struct ModelRow {
     pub n_prompt: usize,
     /// llama-bench: generated tokens of this test (0 for pp).
     pub n_gen: usize,
-    /// `pp<N>` or `tg<N>`.
+    /// `pp<N>` or `tg<N>`, `+d<depth>` on a KV cache that already held
+    /// tokens (`tg128+d4096`).
     pub test: String,
+    /// llama-bench: tokens in the KV cache before the test.
+    #[serde(default)]
+    pub n_depth: usize,
+    /// llama-bench: KV-cache types (empty in rows from before they were
+    /// recorded: f16).
+    #[serde(default)]
+    pub type_k: String,
+    #[serde(default)]
+    pub type_v: String,
+    /// llama-bench: flash attention as the matrix set it (`auto`, `on`,
+    /// `off`; empty in older rows: auto) ...
+    #[serde(default)]
+    pub flash_attn: String,
+    /// ... and whether the context ran it (`on`, `off`; empty when
+    /// llama.cpp did not say what `auto` resolved to).
+    #[serde(default)]
+    pub flash_attn_used: String,
+    /// llama-bench: batch and micro-batch (0 in older rows: 2048 and 512).
+    #[serde(default)]
+    pub n_batch: usize,
+    #[serde(default)]
+    pub n_ubatch: usize,
+    /// Bytes the KV cache held at the end of a repetition (depth plus the
+    /// test's tokens; `peak_rss_bytes` counts what llama.cpp allocated).
+    #[serde(default)]
+    pub kv_bytes: Option<u64>,
     /// llama-bench: mean time of one repetition, ns.
     pub avg_ns: Option<f64>,
     pub stddev_ns: Option<f64>,
@@ -393,7 +420,8 @@ pub struct ModelRow {
     pub avg_ts: Option<f64>,
     pub stddev_ts: Option<f64>,
     pub load_ms: Option<f64>,
-    /// Peak resident memory of the agent during this recipe (VmHWM), bytes.
+    /// Peak resident memory of the agent while this test's context
+    /// existed (VmHWM: weights, KV cache, compute buffers), bytes.
     pub peak_rss_bytes: Option<u64>,
     /// Processes the speed was measured in (each loads the recipe afresh
     /// and runs every repetition); `avg_ns` is over all their repetitions,
@@ -413,6 +441,19 @@ pub struct ModelRow {
     pub kld_p99: Option<f64>,
     /// Share of positions where the top token equals the base model's.
     pub top1_agreement: Option<f64>,
+    /// Standard errors of `ppl`, `kld_mean` and `top1_agreement` and the
+    /// KL divergence's 90th percentile and maximum, as `llama-perplexity
+    /// --kl-divergence` reports them.
+    #[serde(default)]
+    pub ppl_stderr: Option<f64>,
+    #[serde(default)]
+    pub kld_stderr: Option<f64>,
+    #[serde(default)]
+    pub kld_p90: Option<f64>,
+    #[serde(default)]
+    pub kld_max: Option<f64>,
+    #[serde(default)]
+    pub top1_stderr: Option<f64>,
     /// Multiple-choice accuracy (share of tasks whose most likely ending,
     /// by mean token log-likelihood, is the labelled one); empty without tasks.
     pub mc_accuracy: Option<f64>,
@@ -448,7 +489,43 @@ impl ModelRow {
             board: self.board.clone(),
             kind: "model".into(),
             cell_id: self.cell_id(),
-            settings: String::new(),
+            settings: self.context_settings().key(),
+        }
+    }
+
+    /// The context the row's test ran in, older rows' empty columns read
+    /// as llama.cpp's defaults.
+    pub fn context_settings(&self) -> crate::model_settings::ContextSettings {
+        use crate::model_settings::{
+            ContextSettings, FlashAttn, KvCacheType, DEFAULT_N_BATCH, DEFAULT_N_UBATCH,
+        };
+        let kv = |t: &str| {
+            if t.is_empty() {
+                "f16".to_string()
+            } else {
+                t.to_string()
+            }
+        };
+        ContextSettings {
+            kv_type: KvCacheType {
+                k: kv(&self.type_k),
+                v: kv(&self.type_v),
+            },
+            flash_attn: match self.flash_attn.as_str() {
+                "on" => FlashAttn::On,
+                "off" => FlashAttn::Off,
+                _ => FlashAttn::Auto,
+            },
+            n_batch: if self.n_batch == 0 {
+                DEFAULT_N_BATCH
+            } else {
+                self.n_batch
+            },
+            n_ubatch: if self.n_ubatch == 0 {
+                DEFAULT_N_UBATCH
+            } else {
+                self.n_ubatch
+            },
         }
     }
 
@@ -481,6 +558,14 @@ impl ModelRow {
             n_prompt: 0,
             n_gen: 0,
             test: String::new(),
+            n_depth: 0,
+            type_k: String::new(),
+            type_v: String::new(),
+            flash_attn: String::new(),
+            flash_attn_used: String::new(),
+            n_batch: 0,
+            n_ubatch: 0,
+            kv_bytes: None,
             avg_ns: None,
             stddev_ns: None,
             avg_ts: None,
@@ -493,6 +578,11 @@ impl ModelRow {
             kld_mean: None,
             kld_p99: None,
             top1_agreement: None,
+            ppl_stderr: None,
+            kld_stderr: None,
+            kld_p90: None,
+            kld_max: None,
+            top1_stderr: None,
             mc_accuracy: None,
             generated_text: String::new(),
             repetition_score: None,
@@ -696,5 +786,67 @@ mod tests {
                 "models.csv column `{column}` undocumented"
             );
         }
+    }
+
+    #[test]
+    fn model_rows_from_before_the_settings_columns_keep_their_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MODEL_ROWS_FILE);
+        let job: ModelJob = serde_json::from_str(
+            r#"{"run_id":"r","board":"b","emulated":false,"git_commit":"c","model_name":"m",
+            "base":{"recipe":"original","path":"p","fallbacks":[],"file_bytes":1},
+            "recipes":[],"threads":["all"],"text":"t","ctx":128,"prompt":"p",
+            "generate_tokens":1,"n_prompt":1,"n_gen":1,"repetitions":1}"#,
+        )
+        .unwrap();
+        let mut row = ModelRow::failed(
+            &job,
+            &job.base,
+            &crate::probe::AgentIdentity {
+                agent_build: "h".into(),
+                llama_cpp: "vendored".into(),
+            },
+            "n",
+        );
+        row.test = "tg8".into();
+        row.n_threads = 2;
+        CsvAppender::open(&path).unwrap().append(&row).unwrap();
+        // The same row as an older quantbench wrote it: no settings columns.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(',').collect()).collect();
+        let dropped = [
+            "n_depth",
+            "type_k",
+            "type_v",
+            "flash_attn",
+            "flash_attn_used",
+            "n_batch",
+            "n_ubatch",
+            "kv_bytes",
+            "ppl_stderr",
+            "kld_stderr",
+            "kld_p90",
+            "kld_max",
+            "top1_stderr",
+        ];
+        let keep: Vec<usize> = (0..lines[0].len())
+            .filter(|&i| !dropped.contains(&lines[0][i]))
+            .collect();
+        assert_eq!(keep.len(), lines[0].len() - dropped.len());
+        let old: String = lines
+            .iter()
+            .map(|l| keep.iter().map(|&i| l[i]).collect::<Vec<_>>().join(",") + "\n")
+            .collect();
+        std::fs::write(&path, old).unwrap();
+        let back: Vec<ModelRow> = read_csv(&path).unwrap();
+        assert_eq!(back[0].key(), row.key());
+        assert_eq!(back[0].key().settings, "");
+        assert_eq!(back[0].cell_id(), "m/original/tg8/t2");
+        // A row under other settings is another cell.
+        row.type_k = "q8_0".into();
+        row.type_v = "q8_0".into();
+        row.flash_attn = "on".into();
+        assert_eq!(row.key().cell_id, back[0].key().cell_id);
+        assert_ne!(row.key(), back[0].key());
     }
 }

@@ -303,8 +303,8 @@ struct Side {
     thermal_noisy: bool,
     settled: bool,
     disturbed: bool,
-    /// (name, value, higher is better)
-    quality: Vec<(&'static str, Option<f64>, bool)>,
+    /// (name, value, higher is better, standard error when known)
+    quality: Vec<(&'static str, Option<f64>, bool, Option<f64>)>,
 }
 
 impl Side {
@@ -367,7 +367,7 @@ fn sides(run: &RunData, adjust_rounds: bool) -> (BTreeMap<CellKey, Side>, Vec<St
                 thermal_noisy: r.thermal_noisy,
                 settled: r.settled,
                 disturbed: r.disturbed,
-                quality: vec![("nmse", r.nmse, false)],
+                quality: vec![("nmse", r.nmse, false, None)],
             },
         );
     }
@@ -388,10 +388,10 @@ fn sides(run: &RunData, adjust_rounds: bool) -> (BTreeMap<CellKey, Side>, Vec<St
                 settled: true,
                 disturbed: false,
                 quality: vec![
-                    ("ppl", r.ppl, false),
-                    ("kld_mean", r.kld_mean, false),
-                    ("top1_agreement", r.top1_agreement, true),
-                    ("mc_accuracy", r.mc_accuracy, true),
+                    ("ppl", r.ppl, false, r.ppl_stderr),
+                    ("kld_mean", r.kld_mean, false, r.kld_stderr),
+                    ("top1_agreement", r.top1_agreement, true, r.top1_stderr),
+                    ("mc_accuracy", r.mc_accuracy, true, None),
                 ],
             },
         );
@@ -798,15 +798,27 @@ fn least_rise(figure: &str) -> f64 {
 
 fn judge_quality(c: &mut CellComparison, b: &Side, n: &Side, s: &CompareSettings) {
     let mut quality_regressed = false;
-    for ((name, before, higher_better), (_, after, _)) in b.quality.iter().zip(&n.quality) {
+    for ((name, before, higher_better, before_se), (_, after, _, after_se)) in
+        b.quality.iter().zip(&n.quality)
+    {
         let (Some(before), Some(after)) = (before, after) else {
             continue;
         };
-        let worse = if *higher_better {
-            before - after > s.quality_tolerance
-        } else {
-            *after > before * (1.0 + s.quality_tolerance) && after - before > least_rise(name)
+        // With llama-perplexity's error bars, a change within twice the
+        // combined standard error is not a regression (the two runs scored
+        // the same text, so this errs towards calling it noise).
+        let beyond_error = match (before_se, after_se) {
+            (Some(b_se), Some(a_se)) if b_se + a_se > 0.0 => {
+                (after - before).abs() > 2.0 * (b_se * b_se + a_se * a_se).sqrt()
+            }
+            _ => true,
         };
+        let worse = beyond_error
+            && if *higher_better {
+                before - after > s.quality_tolerance
+            } else {
+                *after > before * (1.0 + s.quality_tolerance) && after - before > least_rise(name)
+            };
         // Rounding-level differences (another accumulation order) are not shown.
         if worse || (after - before).abs() > 1e-6 * before.abs().max(1e-30) {
             c.quality.push(format!(
@@ -1195,7 +1207,7 @@ mod tests {
             thermal_noisy: false,
             settled: true,
             disturbed: false,
-            quality: vec![("nmse", Some(1e-3), false)],
+            quality: vec![("nmse", Some(1e-3), false, None)],
         }
     }
 
@@ -1412,7 +1424,7 @@ mod tests {
     fn a_kld_rise_at_rounding_level_is_not_a_quality_regression() {
         let times = || vec![(0..10).map(|i| 1000.0 + i as f64).collect()];
         let with_kld = |kld: f64| Side {
-            quality: vec![("kld_mean", Some(kld), false)],
+            quality: vec![("kld_mean", Some(kld), false, None)],
             ..side(times())
         };
         let verdict = |before: f64, after: f64| {
@@ -1430,6 +1442,40 @@ mod tests {
         assert_ne!(verdict(2.6641e-6, 2.7275e-6), Verdict::QualityRegressed);
         // A quantized recipe's KLD half as large again.
         assert_eq!(verdict(1e-3, 1.5e-3), Verdict::QualityRegressed);
+    }
+
+    #[test]
+    fn a_quality_change_within_its_error_bars_is_not_a_regression() {
+        let times = || vec![(0..10).map(|i| 1000.0 + i as f64).collect()];
+        let with = |ppl: f64, se: Option<f64>| Side {
+            quality: vec![("ppl", Some(ppl), false, se)],
+            ..side(times())
+        };
+        let verdict = |b: Side, n: Side| {
+            let pairs = [Pair {
+                key: key(0),
+                floor_key: key(0),
+                base: &b,
+                new: &n,
+                notes: Vec::new(),
+            }];
+            judge(&pairs, &CompareSettings::default()).0[0].verdict
+        };
+        // PPL 4.00 +- 0.10 -> 4.20 +- 0.10: 5% worse, within 2 combined errors.
+        assert_ne!(
+            verdict(with(4.0, Some(0.1)), with(4.2, Some(0.1))),
+            Verdict::QualityRegressed
+        );
+        // The same change measured to +- 0.01 is a regression, as is one
+        // without error bars (rows from before they were recorded).
+        assert_eq!(
+            verdict(with(4.0, Some(0.01)), with(4.2, Some(0.01))),
+            Verdict::QualityRegressed
+        );
+        assert_eq!(
+            verdict(with(4.0, None), with(4.2, None)),
+            Verdict::QualityRegressed
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use wire::rows::{CellKey, CellStatus};
 
 pub const HISTORY_FILE: &str = "history.sqlite";
 /// Bumped when the tables change; an index of another version is rebuilt.
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 
 #[derive(Debug, Error)]
 pub enum HistoryError {
@@ -376,7 +376,7 @@ impl History {
     pub fn trend(&self, key: &CellKey) -> Result<Vec<TrendPoint>, HistoryError> {
         let sql = if key.kind == "model" {
             "SELECT c.run_id, r.started_at, r.git_commit, c.avg_ns FROM model_cells c JOIN runs r ON r.run_id = c.run_id
-             WHERE c.board = ?1 AND c.cell_id = ?2 AND ?3 = '' AND c.status = 'ok' AND c.avg_ns IS NOT NULL
+             WHERE c.board = ?1 AND c.cell_id = ?2 AND c.settings = ?3 AND c.status = 'ok' AND c.avg_ns IS NOT NULL
              ORDER BY r.started_at, r.run_id"
         } else {
             "SELECT c.run_id, r.started_at, r.git_commit, c.median_ns FROM kernel_cells c JOIN runs r ON r.run_id = c.run_id
@@ -480,7 +480,7 @@ impl History {
         let mut model = self
             .conn
             .prepare(
-                "SELECT cell_id, avg_ns FROM model_cells
+                "SELECT cell_id, settings, avg_ns FROM model_cells
                  WHERE run_id = ?1 AND board = ?2 AND status = 'ok' AND emulated = 0 AND avg_ns > 0",
             )
             .map_err(self.sqlite_err())?;
@@ -503,12 +503,12 @@ impl History {
             }
             let rows = model
                 .query_map(params![run_id, board], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get(1)?))
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
                 })
                 .map_err(self.sqlite_err())?;
             for row in rows {
-                let (cell, time) = row.map_err(self.sqlite_err())?;
-                out.push((run_id.clone(), key("model", cell, String::new()), time));
+                let (cell, settings, time) = row.map_err(self.sqlite_err())?;
+                out.push((run_id.clone(), key("model", cell, settings), time));
             }
         }
         Ok(out)
@@ -547,7 +547,7 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
             model_filename TEXT, recipe TEXT, test TEXT, n_threads INTEGER, status TEXT,
             avg_ns REAL, avg_ts REAL, stddev_ts REAL, ppl REAL, kld_mean REAL,
             top1_agreement REAL, mc_accuracy REAL, peak_rss_bytes INTEGER, finished_at TEXT,
-            agent_build TEXT);
+            agent_build TEXT, settings TEXT);
          CREATE TABLE board_states(run_id TEXT, board TEXT, agent_build TEXT, cpu_model TEXT,
             kernel TEXT, governor TEXT, cpu_max_freq_mhz REAL);
          CREATE INDEX board_states_board ON board_states(board, agent_build);
@@ -662,7 +662,7 @@ fn ingest(
         ])?;
     }
     let mut md = conn.prepare(
-        "INSERT INTO model_cells VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+        "INSERT INTO model_cells VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
     )?;
     let placeholders: Vec<String> = (1..=LLAMA_BENCH_FIELDS.len() + 1)
         .map(|i| format!("?{i}"))
@@ -691,7 +691,8 @@ fn ingest(
             r.mc_accuracy,
             r.peak_rss_bytes.map(|b| b as i64),
             r.finished_at,
-            r.agent_build
+            r.agent_build,
+            r.key().settings
         ])?;
         if r.status != CellStatus::Ok {
             continue;
@@ -704,6 +705,7 @@ fn ingest(
         // llama-bench's key columns: the board and recipe go where the
         // script tells results apart (CPU and file), the rest are the
         // settings our timing context uses.
+        let settings = r.context_settings();
         lb.execute(params![
             m.git_commit,
             0,
@@ -718,19 +720,25 @@ fn ingest(
             r.model_type,
             r.model_size as i64,
             r.model_n_params as i64,
-            0,
-            0,
+            settings.n_batch as i64,
+            settings.n_ubatch as i64,
             r.n_threads as i64,
             "0x0",
             0,
             50,
-            "f16",
-            "f16",
+            settings.kv_type.k,
+            settings.kv_type.v,
             0,
             "layer",
             0,
             0,
-            0,
+            // llama-bench's integer: what ran (1 on, 0 off), -1 when
+            // llama.cpp did not say what `auto` resolved to.
+            match r.flash_attn_used.as_str() {
+                "on" => 1,
+                "off" => 0,
+                _ => -1,
+            },
             "0.00",
             "none",
             "mmap",
@@ -738,7 +746,7 @@ fn ingest(
             0,
             r.n_prompt as i64,
             r.n_gen as i64,
-            0,
+            r.n_depth as i64,
             r.finished_at,
             r.avg_ns.map(|v| v as i64),
             r.stddev_ns.map(|v| v as i64),

@@ -53,6 +53,19 @@ struct LlamaBenchRecord {
     n_prompt: usize,
     n_gen: usize,
     #[serde(default)]
+    n_depth: usize,
+    #[serde(default)]
+    n_batch: usize,
+    #[serde(default)]
+    n_ubatch: usize,
+    #[serde(default)]
+    type_k: String,
+    #[serde(default)]
+    type_v: String,
+    /// `true`/`false` in older llama-bench, -1 (auto), 0, 1 in newer.
+    #[serde(default)]
+    flash_attn: Option<serde_json::Value>,
+    #[serde(default)]
     test_time: String,
     avg_ns: f64,
     stddev_ns: f64,
@@ -60,6 +73,19 @@ struct LlamaBenchRecord {
     stddev_ts: f64,
     #[serde(default)]
     samples_ns: Vec<f64>,
+}
+
+/// llama-bench's flash attention as a model row's setting.
+fn flash_attn_setting(value: Option<&serde_json::Value>) -> &'static str {
+    match value {
+        Some(serde_json::Value::Bool(true)) => "on",
+        Some(serde_json::Value::Bool(false)) => "off",
+        Some(v) if v.as_i64() == Some(1) => "on",
+        Some(v) if v.as_i64() == Some(0) => "off",
+        Some(serde_json::Value::String(s)) if s == "on" || s == "enabled" => "on",
+        Some(serde_json::Value::String(s)) if s == "off" || s == "disabled" => "off",
+        _ => "auto",
+    }
 }
 
 /// What an import made.
@@ -122,8 +148,6 @@ pub fn import_llama_bench(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let prompt = r.n_prompt > 0;
-        let n = if prompt { r.n_prompt } else { r.n_gen };
         let row = ModelRow {
             run_id: run_id.clone(),
             board: board.to_string(),
@@ -147,7 +171,15 @@ pub fn import_llama_bench(
             n_threads: r.n_threads,
             n_prompt: r.n_prompt,
             n_gen: r.n_gen,
-            test: format!("{}{n}", if prompt { "pp" } else { "tg" }),
+            test: wire::model_settings::test_name(r.n_prompt, r.n_gen, r.n_depth),
+            n_depth: r.n_depth,
+            type_k: r.type_k.to_ascii_lowercase(),
+            type_v: r.type_v.to_ascii_lowercase(),
+            flash_attn: flash_attn_setting(r.flash_attn.as_ref()).into(),
+            flash_attn_used: String::new(),
+            n_batch: r.n_batch,
+            n_ubatch: r.n_ubatch,
+            kv_bytes: None,
             avg_ns: Some(r.avg_ns),
             stddev_ns: Some(r.stddev_ns),
             avg_ts: Some(r.avg_ts),
@@ -161,6 +193,11 @@ pub fn import_llama_bench(
             kld_mean: None,
             kld_p99: None,
             top1_agreement: None,
+            ppl_stderr: None,
+            kld_stderr: None,
+            kld_p90: None,
+            kld_max: None,
+            top1_stderr: None,
             mc_accuracy: None,
             generated_text: String::new(),
             repetition_score: None,
@@ -234,6 +271,8 @@ mod tests {
                 r#"{"build_commit":"abc1234","cpu_info":"AMD","model_filename":"/m/q8_0.gguf","model_type":"llama ?B Q8_0","model_size":100,"model_n_params":80,"n_threads":2,"n_prompt":64,"n_gen":0,"test_time":"2026-11-25T10:00:00Z","avg_ns":2000,"stddev_ns":10,"avg_ts":32000,"stddev_ts":100,"samples_ns":[1990,2010]}"#,
                 "\n",
                 r#"{"build_commit":"abc1234","cpu_info":"AMD","model_filename":"/m/q8_0.gguf","model_type":"llama ?B Q8_0","model_size":100,"model_n_params":80,"n_threads":2,"n_prompt":0,"n_gen":16,"test_time":"2026-11-25T10:00:01Z","avg_ns":1000,"stddev_ns":10,"avg_ts":16000,"stddev_ts":100,"samples_ns":[990,1010]}"#,
+                "\n",
+                r#"{"build_commit":"abc1234","cpu_info":"AMD","model_filename":"/m/q8_0.gguf","model_type":"llama ?B Q8_0","model_size":100,"model_n_params":80,"n_batch":2048,"n_ubatch":512,"type_k":"q8_0","type_v":"q8_0","flash_attn":true,"n_threads":2,"n_prompt":0,"n_gen":16,"n_depth":512,"test_time":"2026-11-25T10:00:02Z","avg_ns":1500,"stddev_ns":10,"avg_ts":10000,"stddev_ts":100,"samples_ns":[1490,1510]}"#,
                 "\n"
             ),
         )
@@ -241,13 +280,20 @@ mod tests {
         let results = dir.path().join("results");
         let imported =
             import_llama_bench(&file, &results, "local", Some("stories260K.gguf")).unwrap();
-        assert_eq!(imported.rows, 2);
+        assert_eq!(imported.rows, 3);
         let rows: Vec<ModelRow> =
             wire::files::read_csv(&imported.run_dir.join(MODEL_ROWS_FILE)).unwrap();
         assert_eq!(rows[1].cell_id(), "stories260K.gguf/q8_0/tg16/t2");
+        assert_eq!(rows[1].key().settings, "", "llama-bench's defaults");
+        // Depth, KV-cache types and flash attention, as llama-bench ran them.
+        assert_eq!(rows[2].cell_id(), "stories260K.gguf/q8_0/tg16+d512/t2");
+        assert_eq!(
+            rows[2].key().settings,
+            "ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512"
+        );
         let samples: Vec<SampleRow> =
             wire::files::read_csv(&imported.run_dir.join(SAMPLES_FILE)).unwrap();
-        assert_eq!(samples.len(), 4);
+        assert_eq!(samples.len(), 6);
         crate::results::run_dir::RunData::load(&imported.run_dir).unwrap();
 
         // A commit that climbs folders stays one folder under results;

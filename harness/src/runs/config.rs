@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use wire::ggml_type::Distribution;
 use wire::kernel_job::{LoadMode, ThreadCount};
+use wire::model_settings::{ContextSettings, FlashAttn, KvCacheType};
 use wire::weight_format::WeightFormat;
 
 #[derive(Debug, Error)]
@@ -208,6 +209,31 @@ pub struct ModelMatrixSpec {
     pub n_prompt: usize,
     #[serde(default = "default_n_gen")]
     pub n_gen: usize,
+    /// Tokens already in the KV cache when each test starts (llama-bench's
+    /// `-d`): the cache is filled once per context and depth, and every
+    /// repetition of pp and tg runs on top of it. Default `[0]`.
+    #[serde(default = "default_depths")]
+    pub n_depth: Vec<usize>,
+    /// Prompt-then-generation tests (llama-bench's `-pg`), `[[512, 128]]`:
+    /// the prompt as a batch then the tokens one at a time, timed together
+    /// (`pp512+tg128`: the time to an answer). Default none.
+    #[serde(default)]
+    pub pg: Vec<[usize; 2]>,
+    /// KV-cache types (llama-bench's `-ctk`/`-ctv`): `"q8_0"` for K and V,
+    /// `"q8_0/f16"` for K `q8_0` and V `f16`. Quality is measured with
+    /// each, beside its speed. Default `["f16"]`.
+    #[serde(default = "default_kv_types")]
+    pub kv_type: Vec<KvCacheType>,
+    /// Flash attention (llama-bench's `-fa`): `"auto"` (llama.cpp decides;
+    /// rows record what it decided), `"on"`, `"off"`. Default `["auto"]`.
+    #[serde(default = "default_flash_attn")]
+    pub flash_attn: Vec<FlashAttn>,
+    /// Batch and micro-batch (llama-bench's `-b`/`-ub`). Default `[2048]`
+    /// and `[512]`.
+    #[serde(default = "default_n_batch")]
+    pub n_batch: Vec<usize>,
+    #[serde(default = "default_n_ubatch")]
+    pub n_ubatch: Vec<usize>,
     #[serde(default = "default_reps")]
     pub repetitions: u32,
     /// Separate processes each recipe's speed is measured in (each loads
@@ -281,6 +307,21 @@ fn default_n_gen() -> usize {
 }
 fn default_reps() -> u32 {
     3
+}
+fn default_depths() -> Vec<usize> {
+    vec![0]
+}
+fn default_kv_types() -> Vec<KvCacheType> {
+    vec![KvCacheType::default()]
+}
+fn default_flash_attn() -> Vec<FlashAttn> {
+    vec![FlashAttn::Auto]
+}
+fn default_n_batch() -> Vec<usize> {
+    vec![wire::model_settings::DEFAULT_N_BATCH]
+}
+fn default_n_ubatch() -> Vec<usize> {
+    vec![wire::model_settings::DEFAULT_N_UBATCH]
 }
 
 impl BenchConfig {
@@ -521,9 +562,57 @@ impl NamedMatrix<'_> {
 }
 
 impl ModelMatrixSpec {
+    /// Every context the matrix's tests run in: its KV-cache types x flash
+    /// attention x batches x micro-batches, in that order.
+    pub fn contexts(&self) -> Vec<ContextSettings> {
+        let mut out = Vec::new();
+        for kv_type in &self.kv_type {
+            for &flash_attn in &self.flash_attn {
+                for &n_batch in &self.n_batch {
+                    for &n_ubatch in &self.n_ubatch {
+                        out.push(ContextSettings {
+                            kv_type: kv_type.clone(),
+                            flash_attn,
+                            n_batch,
+                            n_ubatch,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The most tokens a test's KV cache holds: its depth and its tokens.
+    pub fn most_context(&self) -> usize {
+        let longest = self
+            .pg
+            .iter()
+            .map(|[p, g]| p + g)
+            .chain([self.n_prompt, self.n_gen])
+            .max()
+            .unwrap_or(0);
+        self.n_depth.iter().copied().max().unwrap_or(0) + longest
+    }
+
+    /// The names of the tests of one thread count and context, in the
+    /// agent's order (`ModelJob::tests`).
+    pub fn test_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for &depth in &self.n_depth {
+            let pp_tg = [(self.n_prompt, 0), (0, self.n_gen)];
+            for (p, g) in pp_tg.into_iter().chain(self.pg.iter().map(|[p, g]| (*p, *g))) {
+                names.push(wire::model_settings::test_name(p, g, depth));
+            }
+        }
+        names
+    }
+
     /// The job's deadline for `recipes` recipes on this board.
     pub fn deadline(&self, recipes: usize, invocations: u32) -> std::time::Duration {
-        let units = (recipes * self.threads.len().max(1)) as u64;
+        let settings =
+            self.contexts().len().max(1) * self.n_depth.len().max(1) * (1 + self.pg.len());
+        let units = (recipes * self.threads.len().max(1) * settings) as u64;
         // Each further invocation loads the recipe and runs its tests again.
         let more = 300 * units * u64::from(invocations.saturating_sub(1));
         let invocations = invocations.max(self.max_invocations.unwrap_or(0));
@@ -559,6 +648,54 @@ impl ModelMatrixSpec {
         }
         if self.ctx < 8 || self.repetitions == 0 {
             return Err("`ctx` must be at least 8 and `repetitions` at least 1".into());
+        }
+        self.validate_settings()
+    }
+
+    /// The llama-bench axes: each list non-empty, batches that llama.cpp
+    /// can run, and no quantized V cache without flash attention (llama.cpp
+    /// refuses that context).
+    fn validate_settings(&self) -> Result<(), String> {
+        for (key, empty) in [
+            ("n_depth", self.n_depth.is_empty()),
+            ("kv_type", self.kv_type.is_empty()),
+            ("flash_attn", self.flash_attn.is_empty()),
+            ("n_batch", self.n_batch.is_empty()),
+            ("n_ubatch", self.n_ubatch.is_empty()),
+        ] {
+            if empty {
+                return Err(format!(
+                    "`{key}` is empty: list at least one value, or leave it out for llama-bench's default"
+                ));
+            }
+        }
+        if let Some([p, g]) = self.pg.iter().find(|[p, g]| *p == 0 || *g == 0) {
+            return Err(format!(
+                "pg [{p}, {g}]: a prompt-then-generation test needs both a prompt and tokens to generate (a pp or tg test alone is `n_prompt`/`n_gen`)"
+            ));
+        }
+        if let Some(b) = self.n_batch.iter().find(|&&b| b == 0) {
+            return Err(format!("n_batch {b}: a batch holds at least one token"));
+        }
+        for &ub in &self.n_ubatch {
+            if ub == 0 || self.n_batch.iter().any(|&b| ub > b) {
+                return Err(format!(
+                    "n_ubatch {ub}: a micro-batch must hold at least one token and no more than the batch ({}); llama.cpp would shrink it to the batch",
+                    self.n_batch
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        if self.flash_attn.contains(&FlashAttn::Off) {
+            if let Some(kv) = self.kv_type.iter().find(|kv| kv.v_is_quantized()) {
+                return Err(format!(
+                    "kv_type `{kv}` quantizes the V cache, which llama.cpp runs only with flash attention, and flash_attn lists `off`: drop `off`, or keep V in f16 (`{}/f16`)",
+                    kv.k
+                ));
+            }
         }
         Ok(())
     }
@@ -691,6 +828,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("q9_9") && e.contains("matrix `mq`"), "{e}");
+    }
+
+    #[test]
+    fn model_settings_multiply_into_contexts_and_bad_ones_are_one_line() {
+        let matrix = |extra: &str| {
+            parse(&format!(
+                "[model_matrices.mq]\nmodels=['m.gguf']\nrecipes=['q4_0']\ntext='t.txt'\n{extra}"
+            ))
+        };
+        let c = matrix(
+            "kv_type=['f16','q8_0','q4_0/f16']\nflash_attn=['on','auto']\nn_depth=[0,512]\npg=[[32,8]]\n",
+        )
+        .unwrap();
+        let NamedMatrix::Model(_, spec) = &c.matrix_list("mq").unwrap()[0] else {
+            panic!("not a model matrix");
+        };
+        let contexts = spec.contexts();
+        assert_eq!(contexts.len(), 6);
+        assert_eq!(contexts[0].key(), "ctk=f16/ctv=f16/fa=on/b=2048/ub=512");
+        assert_eq!(contexts[1].key(), "", "f16 with auto is llama.cpp's default");
+        assert_eq!(contexts[4].kv_type.to_string(), "q4_0/f16");
+        assert_eq!(spec.most_context(), 512 + 64);
+        assert_eq!(
+            spec.test_names(),
+            ["pp64", "tg16", "pp32+tg8", "pp64+d512", "tg16+d512", "pp32+tg8+d512"]
+        );
+        // Values serde refuses say where (line); combinations the matrix
+        // refuses say which matrix.
+        for (extra, says) in [
+            ("kv_type=['q4_k']\n", "`q4_k` is not a KV-cache type"),
+            ("kv_type=['q8_0']\nflash_attn=['off']\n", "matrix `mq`: kv_type `q8_0` quantizes the V cache, which llama.cpp runs only with flash attention"),
+            ("flash_attn=['maybe']\n", "`maybe`"),
+            ("n_ubatch=[4096]\n", "matrix `mq`: n_ubatch 4096"),
+            ("n_depth=[]\n", "matrix `mq`: `n_depth` is empty"),
+            ("pg=[[64,0]]\n", "matrix `mq`: pg [64, 0]"),
+        ] {
+            let e = matrix(extra).unwrap_err().to_string();
+            assert!(e.contains(says), "{extra}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        // A quantized K with an f16 V runs without flash attention.
+        matrix("kv_type=['q8_0/f16']\nflash_attn=['off']\n").unwrap();
     }
 
     #[test]

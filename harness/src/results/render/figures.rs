@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use wire::rows::{CellStatus, KernelRow, ModelRow};
+use wire::model_settings::ContextSettings;
 
 /// Rows of each board, boards in name order.
 pub fn by_board<T>(rows: &[T], board: impl Fn(&T) -> &str) -> BTreeMap<String, Vec<&T>> {
@@ -182,26 +183,50 @@ pub fn type_figures(rows: &[&KernelRow]) -> Vec<TypeFigures> {
         .collect()
 }
 
-/// Model rows as tables and plots show them: in an A/B run each build's
-/// recipe is a recipe of its own, `<recipe>@<build>`, so the two builds'
-/// figures stand side by side instead of one hiding the other.
+/// What tells a model row's variant apart in tables and plots: its
+/// context's settings where they are not llama.cpp's defaults, its depth,
+/// and in an A/B run its build: ` kv=q8_0 fa=on d512@new`; empty for a
+/// default row of a one-build run.
+pub fn variant_label(r: &ModelRow) -> String {
+    let (s, default) = (r.context_settings(), ContextSettings::default());
+    let mut label = String::new();
+    if s.kv_type != default.kv_type {
+        label.push_str(&format!(" kv={}", s.kv_type));
+    }
+    if s.flash_attn != default.flash_attn {
+        label.push_str(&format!(" fa={}", s.flash_attn.name()));
+    }
+    if (s.n_batch, s.n_ubatch) != (default.n_batch, default.n_ubatch) {
+        label.push_str(&format!(" b={}/{}", s.n_batch, s.n_ubatch));
+    }
+    if r.n_depth > 0 {
+        label.push_str(&format!(" d{}", r.n_depth));
+    }
+    if !r.build.is_empty() {
+        label.push('@');
+        label.push_str(&r.build);
+    }
+    label
+}
+
+/// Model rows as tables and plots show them: each variant of a recipe (a
+/// KV-cache type, attention, batch, depth, an A/B run's build) is a recipe
+/// of its own, `<recipe><variant_label>`, so variants stand side by side
+/// instead of one hiding the other.
 pub fn shown_model_rows(rows: &[ModelRow]) -> Vec<ModelRow> {
     rows.iter()
-        .map(|r| match r.build.as_str() {
-            "" => r.clone(),
-            build => ModelRow {
-                recipe: format!("{}@{build}", r.recipe),
-                ..r.clone()
-            },
+        .map(|r| ModelRow {
+            recipe: format!("{}{}", r.recipe, variant_label(r)),
+            ..r.clone()
         })
         .collect()
 }
 
-/// The f32 recipe a recipe's speedup is taken against: the same build's
-/// in an A/B run.
+/// The f32 recipe a recipe's speedup is taken against: the same variant's
+/// (settings, depth and build; see `variant_label`).
 pub fn f32_beside(recipe: &str) -> String {
-    match recipe.rsplit_once('@') {
-        Some((_, build)) => format!("f32@{build}"),
+    match recipe.find([' ', '@']) {
+        Some(at) => format!("f32{}", &recipe[at..]),
         None => "f32".to_string(),
     }
 }
@@ -232,7 +257,10 @@ impl<'a> ModelFigures<'a> {
             .iter()
             .copied()
             .filter(|r| {
-                r.status == CellStatus::Ok && r.n_gen > 0 && r.n_threads == self.max_threads
+                r.status == CellStatus::Ok
+                    && r.n_gen > 0
+                    && r.n_prompt == 0
+                    && r.n_threads == self.max_threads
             })
             .collect()
     }
@@ -246,7 +274,11 @@ impl<'a> ModelFigures<'a> {
                     && r.recipe == recipe
                     && r.status == CellStatus::Ok
                     && r.n_threads == self.max_threads
-                    && if prompt { r.n_prompt > 0 } else { r.n_gen > 0 }
+                    && if prompt {
+                        r.n_prompt > 0 && r.n_gen == 0
+                    } else {
+                        r.n_gen > 0 && r.n_prompt == 0
+                    }
             })
             .and_then(|r| r.avg_ts)
     }

@@ -317,8 +317,8 @@ pub fn model_table(rows: &[ModelRow]) -> String {
                 fmt_opt(pp, |v| format!("{v:.0}")),
                 fmt_opt(tg, |v| format!("{v:.0}")),
                 fmt_opt(speedup, |v| format!("{v:.2}x")),
-                fmt_opt(r.ppl, |v| format!("{v:.4}")),
-                fmt_opt(r.kld_mean, |v| format!("{v:.6}")),
+                fmt_opt(r.ppl, |v| with_error(format!("{v:.4}"), r.ppl_stderr, 4)),
+                fmt_opt(r.kld_mean, |v| with_error(format!("{v:.6}"), r.kld_stderr, 6)),
                 fmt_opt(r.top1_agreement, |v| format!("{:.2}%", v * 100.0)),
                 fmt_opt(r.mc_accuracy, |v| format!("{:.0}%", v * 100.0)),
                 fmt_opt(r.repetition_score, |v| format!("{v:.2}")),
@@ -332,6 +332,14 @@ pub fn model_table(rows: &[ModelRow]) -> String {
         }
     }
     out
+}
+
+/// `value ± error` where the error is known (llama-perplexity's style).
+fn with_error(value: String, error: Option<f64>, digits: usize) -> String {
+    match error {
+        Some(e) => format!("{value} ± {e:.digits$}"),
+        None => value,
+    }
 }
 
 fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {

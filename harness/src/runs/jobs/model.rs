@@ -272,18 +272,15 @@ type BuildRecipes = (
 
 impl ModelMatrix {
     /// Checks that `cell` is one of the matrix's model tests
-    /// (`<model file>/<recipe>/<pp|tg><N>/t<threads>`, any thread count
-    /// for `"all"`); otherwise says which there are.
+    /// (`<model file>/<recipe>/<test>/t<threads>`, `<test>` as
+    /// `ModelMatrixSpec::test_names` names it: `pp64`, `tg16+d512`; any
+    /// thread count for `"all"`); otherwise says which there are.
     pub fn check_test(&self, cell: &str) -> Result<(), String> {
         let mut known = Vec::new();
         for source in &self.models {
             let model = source.name();
             for recipe in &self.spec.recipes {
-                let tests = [
-                    format!("pp{}", self.spec.n_prompt),
-                    format!("tg{}", self.spec.n_gen),
-                ];
-                for test in tests {
+                for test in self.spec.test_names() {
                     for threads in &self.spec.threads {
                         let id = format!("{model}/{recipe}/{test}/t");
                         let matched = match threads {
@@ -310,6 +307,31 @@ impl ModelMatrix {
             self.name,
             known.into_iter().take(12).collect::<Vec<_>>().join(", ")
         ))
+    }
+
+    /// A depth and test longer than the context the model was trained for
+    /// is a mistake in the matrix (llama.cpp would run past what the model
+    /// knows): one line, before anything is quantized or measured.
+    fn check_context_length(&self, model: &Path, name: &str) -> Result<(), JobError> {
+        let header = wire::gguf::check_file(model).map_err(|message| ConfigError::Invalid {
+            path: PathBuf::from(&self.name),
+            matrix: self.name.clone(),
+            message,
+        })?;
+        let needed = self.spec.most_context() as u64;
+        match header.context_length {
+            Some(trained) if needed > trained => Err(ConfigError::Invalid {
+                path: PathBuf::from(&self.name),
+                matrix: self.name.clone(),
+                message: format!(
+                    "n_depth {} plus a test of {} tokens needs a context of {needed}, but {name} was trained for {trained}: lower `n_depth`, `n_prompt` or `n_gen`",
+                    self.spec.n_depth.iter().max().unwrap_or(&0),
+                    self.spec.n_prompt.max(self.spec.n_gen),
+                ),
+            }
+            .into()),
+            _ => Ok(()),
+        }
     }
 
     /// How long a job may run: each build of an A/B job measures every
@@ -496,6 +518,7 @@ impl JobKind for ModelMatrix {
                     (made.path, wanted.file_name(), Some(wanted.spec.n_layer))
                 }
             };
+            self.check_context_length(&model, &name)?;
             let target = ModelToQuantize {
                 path: &model,
                 name: &name,
@@ -548,6 +571,9 @@ impl JobKind for ModelMatrix {
                 generate_tokens: self.spec.generate_tokens,
                 n_prompt: self.spec.n_prompt,
                 n_gen: self.spec.n_gen,
+                depths: self.spec.n_depth.clone(),
+                pg: self.spec.pg.clone(),
+                contexts: self.spec.contexts(),
                 repetitions: self.spec.repetitions,
                 invocations: self
                     .spec

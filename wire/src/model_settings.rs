@@ -1,0 +1,213 @@
+//! The settings a model test runs under besides its thread count, as
+//! llama-bench names them: the KV-cache types (`-ctk`/`-ctv`), flash
+//! attention (`-fa`), the batch and micro-batch (`-b`/`-ub`) and the depth
+//! the KV cache already holds (`-d`). A model matrix multiplies its tests
+//! by them, the agent creates each context with them, and a row records
+//! them (they are part of its identity: rows under other settings are
+//! never judged against each other).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// GGML types llama.cpp can hold a KV cache in on the CPU (llama-bench's
+/// `-ctk`/`-ctv` choices).
+pub const KV_CACHE_TYPES: [&str; 9] = [
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1",
+];
+
+/// llama-bench's default batch and micro-batch.
+pub const DEFAULT_N_BATCH: usize = 2048;
+pub const DEFAULT_N_UBATCH: usize = 512;
+
+/// The K and V cache types: `q8_0` for both, `q8_0/f16` for a `q8_0` K
+/// cache and an `f16` V cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KvCacheType {
+    pub k: String,
+    pub v: String,
+}
+
+impl Default for KvCacheType {
+    fn default() -> Self {
+        KvCacheType {
+            k: "f16".into(),
+            v: "f16".into(),
+        }
+    }
+}
+
+impl KvCacheType {
+    /// `q8_0` or `q8_0/f16`; a type llama.cpp cannot hold a cache in is
+    /// refused naming the ones it can.
+    pub fn parse(text: &str) -> Result<KvCacheType, String> {
+        let (k, v) = text.split_once('/').unwrap_or((text, text));
+        let known = |t: &str| {
+            let t = t.trim().to_ascii_lowercase();
+            if KV_CACHE_TYPES.contains(&t.as_str()) {
+                Ok(t)
+            } else {
+                Err(format!(
+                    "kv_type `{text}`: `{t}` is not a KV-cache type llama.cpp has (one of {}; `<k>/<v>` for different K and V types)",
+                    KV_CACHE_TYPES.join(", ")
+                ))
+            }
+        };
+        Ok(KvCacheType {
+            k: known(k)?,
+            v: known(v)?,
+        })
+    }
+
+    /// A quantized V cache: llama.cpp runs it only with flash attention.
+    pub fn v_is_quantized(&self) -> bool {
+        !matches!(self.v.as_str(), "f32" | "f16" | "bf16")
+    }
+}
+
+impl fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.k == self.v {
+            write!(f, "{}", self.k)
+        } else {
+            write!(f, "{}/{}", self.k, self.v)
+        }
+    }
+}
+
+impl TryFrom<String> for KvCacheType {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        KvCacheType::parse(&text)
+    }
+}
+
+impl From<KvCacheType> for String {
+    fn from(kv: KvCacheType) -> String {
+        kv.to_string()
+    }
+}
+
+/// Flash attention: `auto` lets llama.cpp decide (the row records what it
+/// decided), `on`, `off`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttn {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashAttn::Auto => "auto",
+            FlashAttn::On => "on",
+            FlashAttn::Off => "off",
+        }
+    }
+}
+
+/// What one context of a model test is created with: one combination of a
+/// model matrix's `kv_type`, `flash_attn`, `n_batch` and `n_ubatch`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ContextSettings {
+    pub kv_type: KvCacheType,
+    pub flash_attn: FlashAttn,
+    pub n_batch: usize,
+    pub n_ubatch: usize,
+}
+
+impl Default for ContextSettings {
+    fn default() -> Self {
+        ContextSettings {
+            kv_type: KvCacheType::default(),
+            flash_attn: FlashAttn::Auto,
+            n_batch: DEFAULT_N_BATCH,
+            n_ubatch: DEFAULT_N_UBATCH,
+        }
+    }
+}
+
+impl ContextSettings {
+    /// The settings' part of a row's identity, llama-bench's names:
+    /// `ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512`; empty at the defaults, so
+    /// rows from before these settings existed stay comparable.
+    pub fn key(&self) -> String {
+        if *self == ContextSettings::default() {
+            return String::new();
+        }
+        format!(
+            "ctk={}/ctv={}/fa={}/b={}/ub={}",
+            self.kv_type.k,
+            self.kv_type.v,
+            self.flash_attn.name(),
+            self.n_batch,
+            self.n_ubatch
+        )
+    }
+
+    /// Whether quality depends on these settings beyond the defaults'
+    /// (the batch sizes change only speed).
+    pub fn same_quality_as(&self, other: &ContextSettings) -> bool {
+        self.kv_type == other.kv_type && self.flash_attn == other.flash_attn
+    }
+}
+
+/// A test's name, as llama-bench writes it without the spaces: `pp512`,
+/// `tg128`, a prompt then generation `pp512+tg128`, and on a KV cache that
+/// already holds tokens `tg128+d4096`.
+pub fn test_name(n_prompt: usize, n_gen: usize, depth: usize) -> String {
+    let test = match (n_prompt, n_gen) {
+        (p, 0) => format!("pp{p}"),
+        (0, g) => format!("tg{g}"),
+        (p, g) => format!("pp{p}+tg{g}"),
+    };
+    if depth == 0 {
+        test
+    } else {
+        format!("{test}+d{depth}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_types_parse_one_for_both_or_k_and_v_and_name_what_is_known() {
+        let both = KvCacheType::parse("Q8_0").unwrap();
+        assert_eq!((both.k.as_str(), both.v.as_str()), ("q8_0", "q8_0"));
+        assert_eq!(both.to_string(), "q8_0");
+        let split = KvCacheType::parse("q8_0/f16").unwrap();
+        assert_eq!(split.to_string(), "q8_0/f16");
+        assert!(!split.v_is_quantized());
+        assert!(KvCacheType::parse("q4_0").unwrap().v_is_quantized());
+        let e = KvCacheType::parse("q4_k").unwrap_err();
+        assert!(e.contains("`q4_k` is not a KV-cache type") && e.contains("q8_0"), "{e}");
+        let json: KvCacheType = serde_json::from_str("\"f16/q4_0\"").unwrap();
+        assert_eq!(json.v, "q4_0");
+        assert!(serde_json::from_str::<KvCacheType>("\"int3\"").is_err());
+    }
+
+    #[test]
+    fn default_settings_have_no_key_and_others_name_every_setting() {
+        assert_eq!(ContextSettings::default().key(), "");
+        let q8 = ContextSettings {
+            kv_type: KvCacheType::parse("q8_0").unwrap(),
+            flash_attn: FlashAttn::On,
+            ..ContextSettings::default()
+        };
+        assert_eq!(q8.key(), "ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512");
+        let small_batch = ContextSettings {
+            n_ubatch: 128,
+            ..ContextSettings::default()
+        };
+        assert!(small_batch.same_quality_as(&ContextSettings::default()));
+        assert!(!q8.same_quality_as(&ContextSettings::default()));
+        assert_eq!(test_name(512, 0, 0), "pp512");
+        assert_eq!(test_name(0, 128, 4096), "tg128+d4096");
+        assert_eq!(test_name(512, 128, 0), "pp512+tg128");
+    }
+}
