@@ -325,7 +325,8 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
     // 8 values wide, so q8_0's blocks of 32 cannot hold them: those rows
     // are unsupported, saying why, and the others are measured.
     let dir = tempfile::tempdir().unwrap();
-    let settings = "n_depth = [0, 64]\nkv_type = [\"f16\", \"bf16\", \"q8_0\"]\nflash_attn = [\"on\"]\n";
+    let settings =
+        "n_depth = [0, 64]\nkv_type = [\"f16\", \"bf16\", \"q8_0\"]\nflash_attn = [\"on\"]\n";
     std::fs::write(
         dir.path().join("bench.toml"),
         config(&[fixture("stories260K.gguf")], "\"q8_0\"")
@@ -338,7 +339,11 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
     assert!(out.status.success(), "{all}");
     let run = only_run_dir(dir.path());
     let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
-    assert_eq!(rows.len(), 3 * 2 * 2, "kv types x depths x pp, tg: {rows:?}");
+    assert_eq!(
+        rows.len(),
+        3 * 2 * 2,
+        "kv types x depths x pp, tg: {rows:?}"
+    );
     let row = |kv: &str, test: &str| {
         rows.iter()
             .find(|r| r.type_k == kv && r.test == test)
@@ -352,10 +357,16 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
             assert_eq!(r.flash_attn_used, "on", "{r:?}");
             assert!(r.avg_ts.unwrap() > 0.0 && r.ppl.is_some(), "{r:?}");
             assert_eq!(r.n_depth, if test.contains("+d") { 64 } else { 0 });
-            assert_eq!(r.key().settings, format!("ctk={kv}/ctv={kv}/fa=on/b=2048/ub=512"));
+            assert_eq!(
+                r.key().settings,
+                format!("ctk={kv}/ctv={kv}/fa=on/b=2048/ub=512")
+            );
         }
         // The cache holds the depth and the test's tokens.
-        let (shallow, deep) = (row(kv, "tg8").kv_bytes.unwrap(), row(kv, "tg8+d64").kv_bytes.unwrap());
+        let (shallow, deep) = (
+            row(kv, "tg8").kv_bytes.unwrap(),
+            row(kv, "tg8+d64").kv_bytes.unwrap(),
+        );
         assert!(deep > shallow && shallow > 0, "{kv}: {shallow} -> {deep}");
     }
     // Quality measured in each cache type: bf16 keys and values round
@@ -397,8 +408,15 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
         r.kv_bytes.unwrap()
     };
     for test in ["tg8", "tg8+d256"] {
-        let (f16, q8, q4) = (kv_bytes("f16", test), kv_bytes("q8_0", test), kv_bytes("q4_0", test));
-        assert!(f16 > q8 && q8 > q4, "{test}: f16 {f16}, q8_0 {q8}, q4_0 {q4}");
+        let (f16, q8, q4) = (
+            kv_bytes("f16", test),
+            kv_bytes("q8_0", test),
+            kv_bytes("q4_0", test),
+        );
+        assert!(
+            f16 > q8 && q8 > q4,
+            "{test}: f16 {f16}, q8_0 {q8}, q4_0 {q4}"
+        );
     }
     assert!(kv_bytes("q4_0", "tg8+d256") > kv_bytes("q4_0", "tg8"));
 
@@ -416,6 +434,10 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("bench.toml"),
+        "the error names the file to fix: {stderr}"
+    );
 }
 
 #[test]

@@ -593,7 +593,7 @@ impl LoadedModel {
         for (which, name, ty) in [("K", &s.kv_type.k, type_k), ("V", &s.kv_type.v, type_v)] {
             // SAFETY: a type GGML named.
             let block = unsafe { sys::ggml_blck_size(ty) }.max(1) as usize;
-            if head % block != 0 {
+            if !head.is_multiple_of(block) {
                 return Err(ModelError::ContextRefused(format!(
                     "a {which} cache of {name} stores blocks of {block} values, which do not divide this model's attention heads of {head} values: llama.cpp cannot run it (use f16, bf16 or f32 for this model)"
                 )));

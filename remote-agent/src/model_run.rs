@@ -374,7 +374,7 @@ fn time_test(
 ) -> Result<(Vec<f64>, u64)> {
     let tokens = random_tokens(model, test.tokens(), test.tokens() as u64);
     let (prompt, generated) = tokens.split_at(test.n_prompt);
-    let mut run = |model: &mut LoadedModel| -> Result<f64> {
+    let run = |model: &mut LoadedModel| -> Result<f64> {
         model.forget_from(test.depth);
         let started = Instant::now();
         decode_prompt(model, prompt, test.depth, n_batch)?;
@@ -385,13 +385,19 @@ fn time_test(
         Ok(started.elapsed().as_secs_f64())
     };
     run(model)?; // warm-up, as llama-bench does
-    let seconds = (0..reps).map(|_| run(model)).collect::<Result<Vec<f64>>>()?;
+    let seconds = (0..reps)
+        .map(|_| run(model))
+        .collect::<Result<Vec<f64>>>()?;
     Ok((seconds, model.kv_bytes()))
 }
 
 /// The most threads any test uses: what a recipe is loaded with.
 fn max_threads(job: &ModelJob, cores: usize) -> usize {
-    job.tests(cores).iter().map(|t| t.threads).max().unwrap_or(1)
+    job.tests(cores)
+        .iter()
+        .map(|t| t.threads)
+        .max()
+        .unwrap_or(1)
 }
 
 /// Times every test on `model`: for each context and depth, a context of
@@ -417,7 +423,13 @@ fn time_tests(
         let group = &tests[first..end];
         first = end;
         let settings = &contexts[context];
-        let n_ctx = depth + group.iter().map(ModelTest::tokens).max().unwrap_or(1).max(1);
+        let n_ctx = depth
+            + group
+                .iter()
+                .map(ModelTest::tokens)
+                .max()
+                .unwrap_or(1)
+                .max(1);
         match model.recontext(&ContextShape::timing(n_ctx, settings)) {
             Err(ModelError::ContextRefused(why)) => {
                 for _ in group {
@@ -717,20 +729,18 @@ fn judge(
         let judgement = match (same, base) {
             (Some(earlier), _) => judged[earlier].clone(),
             (None, None) => facts_only.clone(),
-            (None, Some(base)) => {
-                match judge_in(job, path, settings, (tokens, base), threads) {
-                    Err(ModelError::ContextRefused(_)) => facts_only.clone(),
-                    other => {
-                        let (quality, generated_text, mc_accuracy) = other?;
-                        RecipeJudgement {
-                            quality: Some(quality),
-                            generated_text: Some(generated_text),
-                            mc_accuracy,
-                            ..facts_only.clone()
-                        }
+            (None, Some(base)) => match judge_in(job, path, settings, (tokens, base), threads) {
+                Err(ModelError::ContextRefused(_)) => facts_only.clone(),
+                other => {
+                    let (quality, generated_text, mc_accuracy) = other?;
+                    RecipeJudgement {
+                        quality: Some(quality),
+                        generated_text: Some(generated_text),
+                        mc_accuracy,
+                        ..facts_only.clone()
                     }
                 }
-            }
+            },
         };
         judged.push(judgement);
     }
@@ -781,8 +791,8 @@ pub fn judge_build(job: &ModelJob, build: &str, cores: usize) -> Result<()> {
         if recipe.unmade.is_some() {
             continue;
         }
-        let judged = judge(job, recipe, (&tokens, base.as_ref()), threads)
-            .map_err(|e| format!("{e:#}"));
+        let judged =
+            judge(job, recipe, (&tokens, base.as_ref()), threads).map_err(|e| format!("{e:#}"));
         let line = JudgedLine {
             recipe: index,
             judged,

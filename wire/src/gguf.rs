@@ -253,7 +253,10 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
         } else {
             let value = r.value(ty)?;
             if key.ends_with(".context_length")
-                && matches!(ty, ValueType::U32 | ValueType::U64 | ValueType::I32 | ValueType::I64)
+                && matches!(
+                    ty,
+                    ValueType::U32 | ValueType::U64 | ValueType::I32 | ValueType::I64
+                )
             {
                 context_length = Some(value);
             }

@@ -224,7 +224,10 @@ impl ModelJob {
                 for threads in &self.threads {
                     let threads = threads.resolve(cores);
                     let pp_tg = [(self.n_prompt, 0), (0, self.n_gen)];
-                    for (n_prompt, n_gen) in pp_tg.into_iter().chain(self.pg.iter().map(|p| (p[0], p[1]))) {
+                    for (n_prompt, n_gen) in pp_tg
+                        .into_iter()
+                        .chain(self.pg.iter().map(|p| (p[0], p[1])))
+                    {
                         tests.push(ModelTest {
                             context,
                             depth,

@@ -185,7 +185,10 @@ mod tests {
         assert!(!split.v_is_quantized());
         assert!(KvCacheType::parse("q4_0").unwrap().v_is_quantized());
         let e = KvCacheType::parse("q4_k").unwrap_err();
-        assert!(e.contains("`q4_k` is not a KV-cache type") && e.contains("q8_0"), "{e}");
+        assert!(
+            e.contains("`q4_k` is not a KV-cache type") && e.contains("q8_0"),
+            "{e}"
+        );
         let json: KvCacheType = serde_json::from_str("\"f16/q4_0\"").unwrap();
         assert_eq!(json.v, "q4_0");
         assert!(serde_json::from_str::<KvCacheType>("\"int3\"").is_err());

@@ -601,7 +601,10 @@ impl ModelMatrixSpec {
         let mut names = Vec::new();
         for &depth in &self.n_depth {
             let pp_tg = [(self.n_prompt, 0), (0, self.n_gen)];
-            for (p, g) in pp_tg.into_iter().chain(self.pg.iter().map(|[p, g]| (*p, *g))) {
+            for (p, g) in pp_tg
+                .into_iter()
+                .chain(self.pg.iter().map(|[p, g]| (*p, *g)))
+            {
                 names.push(wire::model_settings::test_name(p, g, depth));
             }
         }
@@ -847,12 +850,23 @@ mod tests {
         let contexts = spec.contexts();
         assert_eq!(contexts.len(), 6);
         assert_eq!(contexts[0].key(), "ctk=f16/ctv=f16/fa=on/b=2048/ub=512");
-        assert_eq!(contexts[1].key(), "", "f16 with auto is llama.cpp's default");
+        assert_eq!(
+            contexts[1].key(),
+            "",
+            "f16 with auto is llama.cpp's default"
+        );
         assert_eq!(contexts[4].kv_type.to_string(), "q4_0/f16");
         assert_eq!(spec.most_context(), 512 + 64);
         assert_eq!(
             spec.test_names(),
-            ["pp64", "tg16", "pp32+tg8", "pp64+d512", "tg16+d512", "pp32+tg8+d512"]
+            [
+                "pp64",
+                "tg16",
+                "pp32+tg8",
+                "pp64+d512",
+                "tg16+d512",
+                "pp32+tg8+d512"
+            ]
         );
         // Values serde refuses say where (line); combinations the matrix
         // refuses say which matrix.

@@ -4,8 +4,8 @@
 //! the measured bandwidth, and the model matrix's tokens per second.
 
 use std::collections::{BTreeMap, BTreeSet};
-use wire::rows::{CellStatus, KernelRow, ModelRow};
 use wire::model_settings::ContextSettings;
+use wire::rows::{CellStatus, KernelRow, ModelRow};
 
 /// Rows of each board, boards in name order.
 pub fn by_board<T>(rows: &[T], board: impl Fn(&T) -> &str) -> BTreeMap<String, Vec<&T>> {

@@ -119,6 +119,8 @@ pub const DEFAULT_MODEL_INVOCATIONS: u32 = 3;
 
 pub struct ModelMatrix {
     name: String,
+    /// The config file the matrix came from (named in its errors).
+    config_path: PathBuf,
     spec: ModelMatrixSpec,
     models: Vec<ModelSource>,
     text: PathBuf,
@@ -242,15 +244,24 @@ impl ModelMatrix {
         if let Some(mc) = &multiple_choice {
             read_choice_tasks(mc).map_err(|e| invalid(e.to_string()))?;
         }
-        Ok(ModelMatrix {
+        let matrix = ModelMatrix {
             name: name.to_string(),
+            config_path: config.source.clone(),
             spec: spec.clone(),
             models,
             text,
             calibration,
             multiple_choice,
             prepared: Vec::new(),
-        })
+        };
+        // A synthetic model's file is made later; its trained context is
+        // checked then.
+        for source in &matrix.models {
+            if let ModelSource::File(path) = source {
+                matrix.check_context_length(path, &source.name())?;
+            }
+        }
+        Ok(matrix)
     }
 }
 
@@ -314,14 +325,14 @@ impl ModelMatrix {
     /// knows): one line, before anything is quantized or measured.
     fn check_context_length(&self, model: &Path, name: &str) -> Result<(), JobError> {
         let header = wire::gguf::check_file(model).map_err(|message| ConfigError::Invalid {
-            path: PathBuf::from(&self.name),
+            path: self.config_path.clone(),
             matrix: self.name.clone(),
             message,
         })?;
         let needed = self.spec.most_context() as u64;
         match header.context_length {
             Some(trained) if needed > trained => Err(ConfigError::Invalid {
-                path: PathBuf::from(&self.name),
+                path: self.config_path.clone(),
                 matrix: self.name.clone(),
                 message: format!(
                     "n_depth {} plus a test of {} tokens needs a context of {needed}, but {name} was trained for {trained}: lower `n_depth`, `n_prompt` or `n_gen`",
