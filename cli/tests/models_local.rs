@@ -391,7 +391,7 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
         dir.path().join("bench.toml"),
         config(&["synthetic:distilgpt2:1".to_string()], "\"q8_0\"")
             .replace("multiple_choice", "# multiple_choice")
-            + "n_depth = [0, 256]\nkv_type = [\"f16\", \"q8_0\", \"q4_0\"]\nflash_attn = [\"on\"]\n",
+            + "n_depth = [0, 256]\nkv_type = [\"f16\", \"q8_0\", \"q4_0\"]\nflash_attn = [\"on\"]\npg = [[32, 8]]\n",
     )
     .unwrap();
     let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
@@ -419,6 +419,16 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
         );
     }
     assert!(kv_bytes("q4_0", "tg8+d256") > kv_bytes("q4_0", "tg8"));
+    // A prompt then generation (llama-bench's `-pg`), at each depth.
+    for test in ["pp32+tg8", "pp32+tg8+d256"] {
+        let r = rows
+            .iter()
+            .find(|r| r.type_k == "f16" && r.test == test)
+            .unwrap_or_else(|| panic!("{test}: {rows:?}"));
+        assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+        assert_eq!((r.n_prompt, r.n_gen), (32, 8), "{r:?}");
+        assert!(r.avg_ts.unwrap() > 0.0, "{r:?}");
+    }
 
     // A depth past the context the model was trained for: one line.
     std::fs::write(
@@ -438,6 +448,104 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
         stderr.contains("bench.toml"),
         "the error names the file to fix: {stderr}"
     );
+}
+
+#[test]
+fn quantize_options_and_an_external_importance_matrix_reach_llama_cpp() {
+    // llama-quantize's per-tensor types and an output type, and stock
+    // llama-imatrix's file beside our own importance matrix.
+    let dir = tempfile::tempdir().unwrap();
+    let recipes = "\"q8_0\", \"q8_0[attn_v=q4_0,output=f16]\", \"q4_0\", \"q4_0+imatrix\", \"q4_0+imatrix=stories260k-calib.imatrix\"";
+    let body = config(&[fixture("stories260K.gguf")], recipes)
+        .replace("multiple_choice", "# multiple_choice")
+        .replace("repetitions = 2", "repetitions = 1")
+        + &format!(
+            "calibration = {:?}\nimatrix = {:?}\n",
+            fixture("stories-calib.txt"),
+            fixture("stories260K-calib.imatrix.gguf")
+        );
+    std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    let all = common::text(&out);
+    assert!(out.status.success(), "{all}");
+    let run = only_run_dir(dir.path());
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    let row = |recipe: &str| {
+        rows.iter()
+            .find(|r| r.recipe == recipe && r.test == "tg8")
+            .unwrap_or_else(|| panic!("{recipe}: {rows:?}"))
+    };
+    for r in rows.iter() {
+        assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+    }
+    // The overridden file: every attn_v q4_0, the output f16, the other
+    // matrices q8_0 (those whose rows hold whole blocks of 32: the
+    // fixture's ffn_down rows are 172 wide, which llama.cpp keeps in f16).
+    let cache = harness::builds::build::workspace_root()
+        .join("target/quantbench-models")
+        .join(
+            wire::build_id::content_hash(std::path::Path::new(&fixture("stories260K.gguf")))
+                .unwrap(),
+        );
+    let made: Vec<std::path::PathBuf> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("q8_0_attn_v=q4_0_output=f16_-") && name.ends_with(".gguf")
+        })
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let header = wire::gguf::check_file(&made[0]).unwrap();
+    let (f16, q4_0, q8_0) = (1, 2, 8);
+    let mut seen = 0;
+    for t in header.tensors.iter().filter(|t| t.dims.len() == 2) {
+        let expected = if t.dims[0] % 32 != 0 {
+            f16
+        } else if t.name.contains("attn_v") {
+            q4_0
+        } else if t.name == "output.weight" {
+            f16
+        } else {
+            q8_0
+        };
+        assert_eq!(t.type_id, expected, "{}", t.name);
+        seen += 1;
+    }
+    assert!(seen > 10, "{seen} matrices");
+    assert!(
+        row("q8_0[attn_v=q4_0,output=f16]").file_bytes != row("q8_0").file_bytes,
+        "{rows:?}"
+    );
+    // Each importance matrix reached the quantizer: the files' quality moves.
+    let kld = |recipe: &str| row(recipe).kld_mean.unwrap();
+    assert_ne!(kld("q4_0"), kld("q4_0+imatrix"));
+    assert_ne!(kld("q4_0"), kld("q4_0+imatrix=stories260k-calib.imatrix"));
+    assert!(
+        row("q4_0+imatrix=stories260k-calib.imatrix")
+            .note
+            .contains("stories260K-calib.imatrix.gguf"),
+        "{rows:?}"
+    );
+
+    // Refused in one line before anything runs: a type llama.cpp will not
+    // make without an importance matrix, a ternary type on a model not
+    // trained for it, and a recipe naming an importance file the matrix
+    // does not have.
+    for (recipe, expected) in [
+        ("iq2_xxs", "only with an importance matrix"),
+        ("tq1_0", "-1, 0 or +1"),
+        ("q4_0+imatrix=other", "names the importance file `other`"),
+    ] {
+        let body = config(&[fixture("stories260K.gguf")], &format!("{recipe:?}"));
+        std::fs::write(dir.path().join("bench.toml"), body).unwrap();
+        let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].contains(expected), "{recipe}: {stderr}");
+    }
 }
 
 #[test]

@@ -54,6 +54,7 @@ pub fn make_model(
             )],
             threads,
             importance: &[],
+            pure: false,
         },
     )?;
     apply_to_model(output, ty, sensitivities)

@@ -151,28 +151,57 @@ pub struct QuantizeRequest<'a> {
     /// see `calibration`): llama.cpp's quantizer then minimises the
     /// importance-weighted error. Empty: uncalibrated.
     pub importance: &'a [(String, Vec<f32>)],
+    /// llama-quantize's `--pure`: every matrix the file type's base type,
+    /// none of llama.cpp's per-tensor mixes.
+    pub pure: bool,
 }
 
-/// llama.cpp's file types by `llama-quantize` name.
+/// llama.cpp's file types by `llama-quantize` name. The numbers are
+/// llama.h's `llama_ftype` values, which never change meaning (removed
+/// types keep their numbers), so every llama.cpp under test compiles this
+/// table; one that does not know a type refuses it when quantizing.
 pub fn ftype_from_name(name: &str) -> Option<sys::llama_ftype> {
     Some(match name.to_ascii_uppercase().as_str() {
-        "F32" => sys::LLAMA_FTYPE_ALL_F32,
-        "F16" => sys::LLAMA_FTYPE_MOSTLY_F16,
-        "BF16" => sys::LLAMA_FTYPE_MOSTLY_BF16,
-        "Q8_0" => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
-        "Q6_K" => sys::LLAMA_FTYPE_MOSTLY_Q6_K,
-        "Q5_0" => sys::LLAMA_FTYPE_MOSTLY_Q5_0,
-        "Q5_1" => sys::LLAMA_FTYPE_MOSTLY_Q5_1,
-        "Q5_K_M" => sys::LLAMA_FTYPE_MOSTLY_Q5_K_M,
-        "Q4_0" => sys::LLAMA_FTYPE_MOSTLY_Q4_0,
-        "Q4_1" => sys::LLAMA_FTYPE_MOSTLY_Q4_1,
-        "Q4_K_M" => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
-        "Q4_K_S" => sys::LLAMA_FTYPE_MOSTLY_Q4_K_S,
-        "IQ4_NL" => sys::LLAMA_FTYPE_MOSTLY_IQ4_NL,
-        "Q3_K_M" => sys::LLAMA_FTYPE_MOSTLY_Q3_K_M,
-        "Q2_K" => sys::LLAMA_FTYPE_MOSTLY_Q2_K,
+        "F32" => 0,
+        "F16" => 1,
+        "Q4_0" => 2,
+        "Q4_1" => 3,
+        "Q8_0" => 7,
+        "Q5_0" => 8,
+        "Q5_1" => 9,
+        "Q2_K" => 10,
+        "Q3_K_S" => 11,
+        "Q3_K_M" => 12,
+        "Q3_K_L" => 13,
+        "Q4_K_S" => 14,
+        "Q4_K_M" => 15,
+        "Q5_K_S" => 16,
+        "Q5_K_M" => 17,
+        "Q6_K" => 18,
+        "IQ2_XXS" => 19,
+        "IQ2_XS" => 20,
+        "Q2_K_S" => 21,
+        "IQ3_XS" => 22,
+        "IQ3_XXS" => 23,
+        "IQ1_S" => 24,
+        "IQ4_NL" => 25,
+        "IQ3_S" => 26,
+        "IQ3_M" => 27,
+        "IQ2_S" => 28,
+        "IQ2_M" => 29,
+        "IQ4_XS" => 30,
+        "IQ1_M" => 31,
+        "BF16" => 32,
+        "TQ1_0" => 36,
+        "TQ2_0" => 37,
         _ => return None,
-    })
+    } as sys::llama_ftype)
+}
+
+/// Whether `name` is a tensor type of the linked GGML (`q8_0`, `iq2_xs`;
+/// not a file-type mix such as `q4_k_m`).
+pub fn is_ggml_type(name: &str) -> bool {
+    ggml_type_from_name(name).is_some()
 }
 
 fn ggml_type_from_name(name: &str) -> Option<sys::ggml_type> {
@@ -215,6 +244,7 @@ pub fn quantize_model(
         let mut params = sys::llama_model_quantize_default_params();
         params.ftype = ftype;
         params.nthread = request.threads as i32;
+        params.pure_ = request.pure;
         overrides.attach(&mut params);
         importance.attach(&mut params);
         sys::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)
@@ -909,5 +939,56 @@ impl Drop for LoadedModel {
                 sys::ggml_threadpool_free(self.threadpool);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file-type table is written in llama.h's numbers (so older
+    /// llama.cpp trees compile it): they must be the linked llama.h's.
+    #[test]
+    fn file_type_numbers_are_llama_h_s() {
+        for (name, expected) in [
+            ("F32", sys::LLAMA_FTYPE_ALL_F32),
+            ("F16", sys::LLAMA_FTYPE_MOSTLY_F16),
+            ("BF16", sys::LLAMA_FTYPE_MOSTLY_BF16),
+            ("Q4_0", sys::LLAMA_FTYPE_MOSTLY_Q4_0),
+            ("Q4_1", sys::LLAMA_FTYPE_MOSTLY_Q4_1),
+            ("Q8_0", sys::LLAMA_FTYPE_MOSTLY_Q8_0),
+            ("Q5_0", sys::LLAMA_FTYPE_MOSTLY_Q5_0),
+            ("Q5_1", sys::LLAMA_FTYPE_MOSTLY_Q5_1),
+            ("Q2_K", sys::LLAMA_FTYPE_MOSTLY_Q2_K),
+            ("Q2_K_S", sys::LLAMA_FTYPE_MOSTLY_Q2_K_S),
+            ("Q3_K_S", sys::LLAMA_FTYPE_MOSTLY_Q3_K_S),
+            ("Q3_K_M", sys::LLAMA_FTYPE_MOSTLY_Q3_K_M),
+            ("Q3_K_L", sys::LLAMA_FTYPE_MOSTLY_Q3_K_L),
+            ("Q4_K_S", sys::LLAMA_FTYPE_MOSTLY_Q4_K_S),
+            ("Q4_K_M", sys::LLAMA_FTYPE_MOSTLY_Q4_K_M),
+            ("Q5_K_S", sys::LLAMA_FTYPE_MOSTLY_Q5_K_S),
+            ("Q5_K_M", sys::LLAMA_FTYPE_MOSTLY_Q5_K_M),
+            ("Q6_K", sys::LLAMA_FTYPE_MOSTLY_Q6_K),
+            ("IQ1_S", sys::LLAMA_FTYPE_MOSTLY_IQ1_S),
+            ("IQ1_M", sys::LLAMA_FTYPE_MOSTLY_IQ1_M),
+            ("IQ2_XXS", sys::LLAMA_FTYPE_MOSTLY_IQ2_XXS),
+            ("IQ2_XS", sys::LLAMA_FTYPE_MOSTLY_IQ2_XS),
+            ("IQ2_S", sys::LLAMA_FTYPE_MOSTLY_IQ2_S),
+            ("IQ2_M", sys::LLAMA_FTYPE_MOSTLY_IQ2_M),
+            ("IQ3_XXS", sys::LLAMA_FTYPE_MOSTLY_IQ3_XXS),
+            ("IQ3_XS", sys::LLAMA_FTYPE_MOSTLY_IQ3_XS),
+            ("IQ3_S", sys::LLAMA_FTYPE_MOSTLY_IQ3_S),
+            ("IQ3_M", sys::LLAMA_FTYPE_MOSTLY_IQ3_M),
+            ("IQ4_NL", sys::LLAMA_FTYPE_MOSTLY_IQ4_NL),
+            ("IQ4_XS", sys::LLAMA_FTYPE_MOSTLY_IQ4_XS),
+            ("TQ1_0", sys::LLAMA_FTYPE_MOSTLY_TQ1_0),
+            ("TQ2_0", sys::LLAMA_FTYPE_MOSTLY_TQ2_0),
+        ] {
+            assert_eq!(ftype_from_name(name), Some(expected), "{name}");
+            assert_eq!(ftype_from_name(&name.to_lowercase()), Some(expected));
+        }
+        assert_eq!(ftype_from_name("Q4_K"), None, "an alias, not a name we use");
+        assert!(is_ggml_type("iq2_xs") && is_ggml_type("Q8_0"));
+        assert!(!is_ggml_type("q4_k_m") && !is_ggml_type("iq2_m"));
     }
 }

@@ -97,6 +97,13 @@ enum Command {
         /// calibrate the quantizer with.
         #[arg(long)]
         imatrix: Option<PathBuf>,
+        /// llama-quantize's `--tensor-type PATTERN=TYPE` (repeatable): a
+        /// regex searched in tensor names, first match wins.
+        #[arg(long = "tensor-type")]
+        tensor_types: Vec<String>,
+        /// llama-quantize's `--pure`: no per-tensor mixes.
+        #[arg(long)]
+        pure: bool,
     },
     /// GPTQ: quantizes `input` to `ftype` (q4_0 or q8_0) with llama.cpp,
     /// then replaces each matrix's blocks with GPTQ's, the Hessian from the
@@ -243,16 +250,30 @@ fn main() -> Result<()> {
             other_type,
             threads,
             imatrix,
+            tensor_types,
+            pure,
         } => {
             let threads = if threads == 0 { num_cores() } else { threads };
+            let tensor_types = tensor_types
+                .iter()
+                .map(|t| {
+                    t.split_once('=')
+                        .map(|(p, ty)| (p.to_string(), ty.to_string()))
+                        .with_context(|| format!("--tensor-type {t}: not PATTERN=TYPE"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let fallbacks = model_run::quantize(
                 &input,
                 &output,
-                &ftype,
-                &layer_types,
-                other_type.as_deref(),
-                threads,
-                imatrix.as_deref(),
+                &model_run::QuantizeOrder {
+                    ftype: &ftype,
+                    layer_types: &layer_types,
+                    other_type: other_type.as_deref(),
+                    tensor_types: &tensor_types,
+                    pure,
+                    threads,
+                    imatrix: imatrix.as_deref(),
+                },
             )?;
             let file_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
             println!(
@@ -286,11 +307,11 @@ fn main() -> Result<()> {
             let fallbacks = model_run::quantize(
                 &input,
                 &output,
-                &ftype.to_ascii_uppercase(),
-                &[],
-                None,
-                threads,
-                None,
+                &model_run::QuantizeOrder {
+                    ftype: &ftype.to_ascii_uppercase(),
+                    threads,
+                    ..Default::default()
+                },
             )?;
             let grams = calibration
                 .entries

@@ -41,21 +41,42 @@ pub fn imatrix_importance(imatrix: Option<&Path>) -> Result<Vec<(String, Vec<f32
     })
 }
 
-pub fn quantize(
-    input: &Path,
-    output: &Path,
-    ftype: &str,
-    layer_types: &[String],
-    other_type: Option<&str>,
-    threads: usize,
-    imatrix: Option<&Path>,
-) -> Result<Vec<String>> {
+/// What `quantize` makes, beside its files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuantizeOrder<'a> {
+    /// llama.cpp file type by llama-quantize's name (`Q4_K_M`, `IQ2_XS`).
+    pub ftype: &'a str,
+    /// One GGML type per transformer block (adaptive recipes).
+    pub layer_types: &'a [String],
+    /// The token embedding and output matrices' type (with `layer_types`).
+    pub other_type: Option<&'a str>,
+    /// llama-quantize's `--tensor-type`: regex -> GGML type, first match
+    /// wins, before the per-layer types.
+    pub tensor_types: &'a [(String, String)],
+    /// llama-quantize's `--pure`.
+    pub pure: bool,
+    pub threads: usize,
+    pub imatrix: Option<&'a Path>,
+}
+
+pub fn quantize(input: &Path, output: &Path, order: &QuantizeOrder) -> Result<Vec<String>> {
+    let QuantizeOrder {
+        ftype,
+        layer_types,
+        other_type,
+        tensor_types,
+        pure,
+        threads,
+        imatrix,
+    } = *order;
     let importance = imatrix_importance(imatrix)?;
-    let mut overrides: Vec<(String, String)> = layer_types
-        .iter()
-        .enumerate()
-        .map(|(i, ty)| (format!("^blk\\.{i}\\."), ty.clone()))
-        .collect();
+    let mut overrides: Vec<(String, String)> = tensor_types.to_vec();
+    overrides.extend(
+        layer_types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| (format!("^blk\\.{i}\\."), ty.clone())),
+    );
     if let Some(other) = other_type {
         overrides.push(("^token_embd\\.".into(), other.to_string()));
         overrides.push(("^output\\.".into(), other.to_string()));
@@ -68,10 +89,16 @@ pub fn quantize(
             overrides: &overrides,
             threads,
             importance: &importance,
+            pure,
         },
     )?;
     if layer_types.is_empty() {
         check_recipe_applied(output, ftype)?;
+    }
+    if !tensor_types.is_empty() {
+        // The user chose types per tensor: what is not the file type is
+        // their choice, not a fallback.
+        return Ok(Vec::new());
     }
     fallbacks(output, ftype, layer_types, other_type)
 }
@@ -84,23 +111,29 @@ fn check_recipe_applied(output: &Path, ftype: &str) -> Result<()> {
     if matches!(ftype.as_str(), "f32" | "f16" | "bf16") {
         return Ok(());
     }
-    // q4_k_m -> "q4_k" family "_k"; q8_0 -> "q8_0".
-    let family = if ftype.contains("_k") {
-        "_k".to_string()
-    } else {
-        ftype.clone()
+    // Types stored in super-blocks of 256 (K-quants, the IQ types but
+    // IQ4_NL, the ternary types) fall back to 32-wide ones on shorter rows:
+    // a mix such as q4_k_m or iq2_m counts as applied when any matrix is
+    // in a super-block type; q8_0 when any matrix is q8_0.
+    let super_block = |ty: &str| {
+        ty.contains("_k") || (ty.starts_with("iq") && ty != "iq4_nl") || ty.starts_with("tq")
     };
     let matrices: Vec<(String, String)> = gguf_tensor_types(output)?
         .into_iter()
         .filter(|(name, _)| name.ends_with(".weight") && !name.contains("norm"))
         .collect();
-    let applied = matrices
-        .iter()
-        .any(|(_, ty)| ty.to_ascii_lowercase().contains(&family));
+    let applied = matrices.iter().any(|(_, ty)| {
+        let ty = ty.to_ascii_lowercase();
+        if super_block(&ftype) {
+            super_block(&ty)
+        } else {
+            ty == ftype
+        }
+    });
     if !applied && !matrices.is_empty() {
         let _ = std::fs::remove_file(output);
         bail!(
-            "recipe `{ftype}` cannot be applied to this model: none of its {} matrices can be stored in it (every one fell back to another type; K-quants need rows that are a multiple of 256 elements)",
+            "recipe `{ftype}` cannot be applied to this model: none of its {} matrices can be stored in it (every one fell back to another type; K-quants, IQ and TQ types need rows that are a multiple of 256 elements)",
             matrices.len()
         );
     }
@@ -119,7 +152,9 @@ fn fallbacks(
     other_type: Option<&str>,
 ) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    if ftype.to_ascii_lowercase().contains("_k_") && layer_types.is_empty() {
+    // A file type that is a mix (q4_k_m, iq2_m, iq3_xs) names no single
+    // tensor type to judge against.
+    if layer_types.is_empty() && !kernels::model::is_ggml_type(ftype) {
         return Ok(out);
     }
     for (name, got) in gguf_tensor_types(output)? {
@@ -309,11 +344,13 @@ pub fn layer_importance(
         quantize(
             model_path,
             &path,
-            &low.to_ascii_uppercase(),
-            &layer_types,
-            Some("f32"),
-            threads,
-            None,
+            &QuantizeOrder {
+                ftype: &low.to_ascii_uppercase(),
+                layer_types: &layer_types,
+                other_type: Some("f32"),
+                threads,
+                ..Default::default()
+            },
         )?;
         let mut model = LoadedModel::load_with(&path, ctx, eval_sequences(ctx), threads)?;
         let candidate = score_positions(&mut model, &tokens, ctx)?;

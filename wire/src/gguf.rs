@@ -166,6 +166,8 @@ pub struct Header {
     /// The context the model was trained for (`<arch>.context_length`),
     /// when the file says.
     pub context_length: Option<u64>,
+    /// `general.architecture` (`llama`, `bitnet`, ...), when the file says.
+    pub architecture: Option<String>,
 }
 
 /// Why a file is not a GGUF file GGML can safely read: where, and what.
@@ -232,6 +234,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
     let mut keys = BTreeMap::new();
     let mut alignment = 32u64;
     let mut context_length = None;
+    let mut architecture = None;
     for _ in 0..n_kv {
         let key = r.string("key", MAX_STRING)?;
         let ty = r.value_type("value type")?;
@@ -250,6 +253,9 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
                 r.value(element)?;
             }
             KeyType::ArrayOf(element)
+        } else if key == "general.architecture" && ty == ValueType::String {
+            architecture = Some(r.string("architecture", MAX_STRING)?);
+            KeyType::Scalar(ty)
         } else {
             let value = r.value(ty)?;
             if key.ends_with(".context_length")
@@ -385,6 +391,7 @@ pub fn check(source: impl Read, len: u64) -> Result<Header, GgufError> {
         tensors,
         data_offset,
         context_length,
+        architecture,
     })
 }
 
@@ -547,6 +554,7 @@ mod tests {
             Some(KeyType::Scalar(ValueType::String))
         ));
         assert_eq!(header.context_length, Some(2048));
+        assert_eq!(header.architecture.as_deref(), Some("llama"));
     }
 
     #[test]

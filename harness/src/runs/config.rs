@@ -22,7 +22,7 @@
 //! ```
 
 use crate::runs::catalog::{CustomShape, ShapeCatalog};
-use crate::runs::recipes::{is_uniform_recipe, AdaptiveParams, Recipe, UNIFORM_RECIPES};
+use crate::runs::recipes::{AdaptiveParams, Recipe, GGML_TENSOR_TYPES};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -199,6 +199,11 @@ pub struct ModelMatrixSpec {
     /// what they were fitted to.
     #[serde(default)]
     pub calibration: Option<PathBuf>,
+    /// An importance-matrix file made elsewhere (stock `llama-imatrix`'s
+    /// GGUF, or ours), used by recipes `<type>+imatrix=<its file stem>`
+    /// beside our own `<type>+imatrix`.
+    #[serde(default)]
+    pub imatrix: Option<PathBuf>,
     #[serde(default = "default_ctx")]
     pub ctx: usize,
     #[serde(default = "default_prompt")]
@@ -633,10 +638,10 @@ impl ModelMatrixSpec {
         }
         let a = &self.adaptive;
         for ty in [&a.high, &a.mid, &a.low] {
-            if !is_uniform_recipe(ty) {
+            if !GGML_TENSOR_TYPES.contains(&ty.to_ascii_lowercase().as_str()) {
                 return Err(format!(
-                    "adaptive type `{ty}` is not one of {}",
-                    UNIFORM_RECIPES.join(", ")
+                    "adaptive type `{ty}` is not a GGML tensor type (one of {})",
+                    GGML_TENSOR_TYPES.join(", ")
                 ));
             }
         }

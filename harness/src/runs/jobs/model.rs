@@ -10,7 +10,8 @@ use super::{
 use crate::runs::config::{BenchConfig, ConfigError, ModelMatrixSpec};
 use crate::runs::recipes::cache::{QuantizeSpec, RecipeCache};
 use crate::runs::recipes::{
-    adaptive_assignment, check_model_file, CalibrationRecord, LayerImportance, Recipe, RecipeError,
+    adaptive_assignment, check_model_file, check_ternary, CalibrationRecord, ImatrixSource,
+    LayerImportance, Recipe, RecipeError,
 };
 use crate::runs::session::{BoardSlot, Session};
 use crate::runs::synthetic::{self, SyntheticModel};
@@ -126,6 +127,8 @@ pub struct ModelMatrix {
     text: PathBuf,
     /// What calibrated recipes learn from (`calibration`, default `text`).
     calibration: PathBuf,
+    /// The matrix's `imatrix` file, for `<type>+imatrix=<stem>` recipes.
+    imatrix_file: Option<PathBuf>,
     multiple_choice: Option<PathBuf>,
     /// Filled by `prepare`: per model, its recipe files and importance.
     prepared: Vec<PreparedModel>,
@@ -237,6 +240,43 @@ impl ModelMatrix {
             }
             None => text.clone(),
         };
+        let imatrix_file = spec.imatrix.as_ref().map(|p| config.relative_path(p));
+        if let Some(path) = &imatrix_file {
+            wire::gguf::check_file(path).map_err(|e| {
+                invalid(format!(
+                    "`imatrix` {e} (an importance matrix GGUF, as stock llama-imatrix writes)"
+                ))
+            })?;
+        }
+        for recipe in &spec.recipes {
+            let Ok(Recipe::Quantize(q)) = Recipe::parse(recipe) else {
+                continue;
+            };
+            if let Some(ImatrixSource::File(stem)) = &q.imatrix {
+                let named = imatrix_file
+                    .as_ref()
+                    .and_then(|p| p.file_stem())
+                    .map(|s| s.to_string_lossy().to_ascii_lowercase());
+                if named.as_deref() != Some(stem.as_str()) {
+                    return Err(invalid(format!(
+                        "recipe `{recipe}` names the importance file `{stem}`, but the matrix's `imatrix` is {}: set `imatrix = \"<path to {stem}.gguf>\"` in the matrix, or name its stem",
+                        imatrix_file.as_ref().map_or("not set".to_string(), |p| format!("`{}`", p.display()))
+                    ))
+                    .into());
+                }
+            }
+            for source in &models {
+                let architecture = match source {
+                    ModelSource::File(path) => wire::gguf::check_file(path)
+                        .ok()
+                        .and_then(|h| h.architecture),
+                    ModelSource::Synthetic(made) => {
+                        Some(format!("{:?}", made.spec.arch).to_ascii_lowercase())
+                    }
+                };
+                check_ternary(recipe, &source.name(), architecture.as_deref()).map_err(invalid)?;
+            }
+        }
         let multiple_choice = spec
             .multiple_choice
             .as_ref()
@@ -251,6 +291,7 @@ impl ModelMatrix {
             models,
             text,
             calibration,
+            imatrix_file,
             multiple_choice,
             prepared: Vec::new(),
         };
@@ -389,7 +430,7 @@ impl ModelMatrix {
                 continue;
             }
             let parsed = Recipe::parse(recipe).map_err(|message| ConfigError::Invalid {
-                path: PathBuf::from(&self.name),
+                path: self.config_path.clone(),
                 matrix: self.name.clone(),
                 message,
             })?;
@@ -412,22 +453,52 @@ impl ModelMatrix {
                     self.name
                 );
             }
-            if let Recipe::Imatrix(base) = &parsed {
-                let (imatrix, mut record) =
-                    cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
-                let mut file = cache.quantize(
+            if let Recipe::Quantize(q) = &parsed {
+                let (imatrix, record) = match &q.imatrix {
+                    Some(ImatrixSource::Calibrated) => {
+                        let (path, mut record) =
+                            cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
+                        record.model = name.clone();
+                        record.recipe = recipe.clone();
+                        (Some(path), Some(record))
+                    }
+                    Some(ImatrixSource::File(_)) => {
+                        // `new` checked the matrix names one.
+                        let file =
+                            self.imatrix_file
+                                .as_ref()
+                                .ok_or_else(|| ConfigError::Invalid {
+                                    path: self.config_path.clone(),
+                                    matrix: self.name.clone(),
+                                    message: format!(
+                                        "recipe `{recipe}` needs the matrix's `imatrix` file"
+                                    ),
+                                })?;
+                        (Some(cache.external_imatrix(file)?), None)
+                    }
+                    None => (None, None),
+                };
+                let overrides = q.options.overrides();
+                let made = cache.quantize(
                     agent,
                     model,
                     &QuantizeSpec {
-                        imatrix: Some(&imatrix),
-                        ..QuantizeSpec::uniform(recipe, base)
+                        imatrix: imatrix.as_deref(),
+                        tensor_types: &overrides,
+                        pure: q.options.pure,
+                        ..QuantizeSpec::uniform(recipe, &q.ftype)
                     },
-                )?;
-                record.model = name.clone();
-                record.recipe = recipe.clone();
-                file.note = record.note();
+                );
+                let mut file = made_or_refused(recipe, &build.source, made)?;
+                if let Some(record) = record {
+                    file.note = record.note();
+                    calibrations.push(record);
+                } else if let (Some(ImatrixSource::File(_)), Some(path)) =
+                    (&q.imatrix, &self.imatrix_file)
+                {
+                    file.note = format!("importance matrix from {}", path.display());
+                }
                 recipes.push(file);
-                calibrations.push(record);
             } else if let Recipe::Codebook(format) = &parsed {
                 let (imatrix, mut record) =
                     cache.imatrix(agent, model, &self.calibration, spec.ctx)?;
@@ -478,9 +549,6 @@ impl ModelMatrix {
                     scores,
                     assignment,
                 });
-            } else {
-                let made = cache.quantize(agent, model, &QuantizeSpec::uniform(recipe, recipe));
-                recipes.push(made_or_refused(recipe, &build.source, made)?);
             }
         }
         Ok((recipes, importance, calibrations))
@@ -833,8 +901,16 @@ fn switched_off(
         {
             Some("per-tensor quantize overrides (llama_model_tensor_override)")
         }
-        Recipe::Imatrix(_) if build.identity.lacks(Capability::ImatrixData) => {
+        Recipe::Quantize(q)
+            if q.imatrix.is_some() && build.identity.lacks(Capability::ImatrixData) =>
+        {
             Some("importance data in the quantize parameters (llama_model_imatrix_data)")
+        }
+        Recipe::Quantize(q)
+            if !q.options.tensor_types.is_empty()
+                && build.identity.lacks(Capability::TensorOverrides) =>
+        {
+            Some("per-tensor quantize overrides (llama_model_tensor_override)")
         }
         _ => None,
     }

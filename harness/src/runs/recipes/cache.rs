@@ -145,6 +145,10 @@ pub struct QuantizeSpec<'a> {
     pub layer_types: &'a [String],
     pub other_type: Option<&'a str>,
     pub imatrix: Option<&'a Path>,
+    /// llama-quantize's `--tensor-type`s: regex -> GGML type, first match wins.
+    pub tensor_types: &'a [(String, String)],
+    /// llama-quantize's `--pure`.
+    pub pure: bool,
 }
 
 impl<'a> QuantizeSpec<'a> {
@@ -156,8 +160,32 @@ impl<'a> QuantizeSpec<'a> {
             layer_types: &[],
             other_type: None,
             imatrix: None,
+            tensor_types: &[],
+            pure: false,
         }
     }
+}
+
+/// A recipe name as a file name: kept when it is plain, else made safe
+/// and told apart by a hash of the whole name (options may hold regexes).
+fn file_key(recipe: &str) -> String {
+    let safe: String = recipe
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._+-=".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if safe == recipe {
+        return safe;
+    }
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(recipe.as_bytes());
+    let short: String = hash.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{safe}-{short}")
 }
 
 /// Where recipe caches live, under the workspace.
@@ -223,21 +251,26 @@ impl RecipeCache {
             layer_types,
             other_type,
             imatrix,
+            tensor_types,
+            pure,
         } = *spec;
+        // The recipe's name says its options (`q4_k_m[ffn_down=q6_k]`).
+        let recipe_key = file_key(recipe);
         let key = if let Some(imatrix) = imatrix {
-            // The importance matrix's name carries its text and context.
+            // The importance matrix's name carries its text and context
+            // (or, for a file made elsewhere, its content hash).
             format!(
-                "{recipe}-{}",
+                "{recipe_key}-{}",
                 imatrix
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default()
             )
         } else if layer_types.is_empty() {
-            recipe.to_string()
+            recipe_key
         } else {
             format!(
-                "{recipe}-{}-{}",
+                "{recipe_key}-{}-{}",
                 layer_types.join("_"),
                 other_type.unwrap_or("")
             )
@@ -267,6 +300,13 @@ impl RecipeCache {
             if let Some(imatrix) = imatrix {
                 args.push("--imatrix".into());
                 args.push(imatrix.display().to_string());
+            }
+            for (pattern, ty) in tensor_types {
+                args.push("--tensor-type".into());
+                args.push(format!("{pattern}={ty}"));
+            }
+            if pure {
+                args.push("--pure".into());
             }
             args
         })?;
@@ -450,6 +490,23 @@ impl RecipeCache {
             unmade: None,
         };
         Ok((file, record))
+    }
+
+    /// An importance matrix made elsewhere (the matrix's `imatrix` file),
+    /// copied into the cache under its content hash, so a recipe made with
+    /// it is made again when the file changes.
+    pub fn external_imatrix(&self, file: &Path) -> Result<PathBuf, RecipeError> {
+        let hash = wire::build_id::content_hash(file).map_err(io_err(file))?;
+        let path = self.dir.join(format!("imatrix-file-{hash}.gguf"));
+        if !path.is_file() {
+            let temp = self
+                .dir
+                .join(format!("imatrix-file-{hash}.{}", unique_suffix()));
+            std::fs::copy(file, &temp).map_err(io_err(file))?;
+            sync_file(&temp)?;
+            std::fs::rename(&temp, &path).map_err(io_err(&path))?;
+        }
+        Ok(path)
     }
 
     /// A codebook recipe (`sq4`, ...) with `imatrix`'s sensitivities, made
