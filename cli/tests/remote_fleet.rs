@@ -814,7 +814,7 @@ fn model_matrix_runs_on_an_emulated_board() {
     let fixtures = workspace_root().join("fixtures");
     let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
     config.push_str(&format!(
-        "\n[model_matrices.mq]\nmodels = [{:?}]\nrecipes = [\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"]\ntext = {:?}\ngenerate_tokens = 12\nn_prompt = 16\nn_gen = 4\nrepetitions = 1\n",
+        "\n[model_matrices.mq]\nmodels = [{:?}]\nrecipes = [\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"]\ntext = {:?}\ngenerate_tokens = 12\nn_prompt = 16\nn_gen = 4\nrepetitions = 1\nn_depth = [0, 32]\nflash_attn = [\"on\"]\n",
         fixtures.join("stories260K.gguf").display().to_string(),
         fixtures.join("stories-eval.txt").display().to_string()
     ));
@@ -841,6 +841,27 @@ fn model_matrix_runs_on_an_emulated_board() {
             .unwrap()
     };
     assert!(kld("q8_0") < kld("q4_0"));
+    // The depth and attention settings crossed the wire and came back in
+    // the rows: tests on a KV cache already holding 32 tokens.
+    for test in ["tg4", "tg4+d32"] {
+        let r = rows
+            .iter()
+            .find(|r| r.recipe == "q4_0" && r.test == test)
+            .unwrap_or_else(|| panic!("{test}: {rows:?}"));
+        assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+        assert_eq!(r.n_depth, if test == "tg4" { 0 } else { 32 });
+        assert_eq!(
+            (r.flash_attn.as_str(), r.flash_attn_used.as_str()),
+            ("on", "on")
+        );
+    }
+    let kv = |test: &str| {
+        rows.iter()
+            .find(|r| r.recipe == "q4_0" && r.test == test)
+            .and_then(|r| r.kv_bytes)
+            .unwrap()
+    };
+    assert!(kv("tg4+d32") > kv("tg4"));
     // Models are content-addressed on the board: a second run uploads none.
     let again = tempfile::tempdir().unwrap();
     std::fs::copy(
