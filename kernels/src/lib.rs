@@ -24,6 +24,7 @@ pub fn llama_source() -> &'static str {
 }
 
 pub mod amx;
+pub mod awq;
 pub mod calibration;
 pub mod codebook;
 pub mod codebook_model;

@@ -105,6 +105,23 @@ enum Command {
         #[arg(long)]
         pure: bool,
     },
+    /// AWQ: activation-aware scales searched on the model's activations on
+    /// `text`, folded into an F32 copy of `input`, which llama.cpp then
+    /// quantizes to `ftype` (see `kernels::awq`).
+    Awq {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        ftype: String,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// GPTQ: quantizes `input` to `ftype` (q4_0 or q8_0) with llama.cpp,
     /// then replaces each matrix's blocks with GPTQ's, the Hessian from the
     /// model's activations on `text`.
@@ -342,6 +359,93 @@ fn main() -> Result<()> {
                     "mean_error_rtn": mean(|r| r.error_rtn),
                     "mean_error_gptq": mean(|r| r.error_gptq),
                     "calibration_seconds": calibrated_s,
+                    "seconds": started.elapsed().as_secs_f64(),
+                })
+            );
+        }
+        Command::Awq {
+            input,
+            output,
+            ftype,
+            text,
+            ctx,
+            threads,
+        } => {
+            let threads = if threads == 0 { num_cores() } else { threads };
+            let ty = kernels::awq::search_type(&ftype)?;
+            let body = std::fs::read_to_string(&text)
+                .with_context(|| format!("reading the calibration text {}", text.display()))?;
+            let started = std::time::Instant::now();
+            let calibration = kernels::calibration::calibrate(
+                &input,
+                &body,
+                &text.display().to_string(),
+                ctx,
+                threads,
+                true,
+            )?;
+            // The scales are folded into an F32 copy beside the output,
+            // which llama.cpp then quantizes.
+            let folded = output.with_extension("awq-f32.gguf");
+            let made = (|| -> Result<_> {
+                model_run::quantize(
+                    &input,
+                    &folded,
+                    &model_run::QuantizeOrder {
+                        ftype: "F32",
+                        threads,
+                        ..Default::default()
+                    },
+                )?;
+                let groups = kernels::awq::apply_to_model(
+                    &folded,
+                    &calibration,
+                    ty,
+                    kernels::awq::AwqOptions {
+                        threads,
+                        ..Default::default()
+                    },
+                )?;
+                let fallbacks = model_run::quantize(
+                    &folded,
+                    &output,
+                    &model_run::QuantizeOrder {
+                        ftype: &ftype.to_ascii_uppercase(),
+                        threads,
+                        ..Default::default()
+                    },
+                )?;
+                Ok((groups, fallbacks))
+            })();
+            let _ = std::fs::remove_file(&folded);
+            let (groups, fallbacks) = made?;
+            let matrices: Vec<kernels::gptq::MatrixError> = groups
+                .iter()
+                .map(|g| kernels::gptq::MatrixError {
+                    name: g.matrices.join("+"),
+                    rows: g.matrices.len(),
+                    cols: g.cols,
+                    error_rtn: g.error_plain,
+                    error_gptq: g.error_awq,
+                })
+                .collect();
+            let alphas: Vec<serde_json::Value> = groups
+                .iter()
+                .map(|g| serde_json::json!({ "folded_into": g.folded_into, "alpha": g.alpha }))
+                .collect();
+            let mean = |f: fn(&kernels::awq::AwqGroup) -> f64| {
+                groups.iter().map(f).sum::<f64>() / groups.len().max(1) as f64
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "fallbacks": fallbacks,
+                    "file_bytes": std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0),
+                    "chunks": calibration.chunk_count,
+                    "matrices": matrices,
+                    "alphas": alphas,
+                    "mean_error_rtn": mean(|g| g.error_plain),
+                    "mean_error_gptq": mean(|g| g.error_awq),
                     "seconds": started.elapsed().as_secs_f64(),
                 })
             );

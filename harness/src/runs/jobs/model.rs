@@ -508,9 +508,14 @@ impl ModelMatrix {
                 file.note = codebook_note(&report, &record);
                 recipes.push(file);
                 calibrations.push(record);
-            } else if let Recipe::Gptq(base) = &parsed {
+            } else if let Recipe::Gptq(base) | Recipe::Awq(base) = &parsed {
+                let method = if matches!(parsed, Recipe::Gptq(_)) {
+                    "gptq"
+                } else {
+                    "awq"
+                };
                 let (mut file, mut record) =
-                    cache.gptq(agent, model, base, &self.calibration, spec.ctx)?;
+                    cache.calibrated(agent, model, method, base, &self.calibration, spec.ctx)?;
                 record.model = name.clone();
                 file.note = record.note();
                 recipes.push(file);

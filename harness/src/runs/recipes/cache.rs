@@ -407,6 +407,7 @@ impl RecipeCache {
                 matrices: Vec::new(),
                 mean_error_rtn: None,
                 mean_error_gptq: None,
+                alphas: Vec::new(),
                 seconds: out["seconds"].as_f64().unwrap_or(0.0),
             };
             write_whole(&meta_path, &json_text(&record)?)?;
@@ -414,19 +415,22 @@ impl RecipeCache {
         Ok((path, read_record(&meta_path)?))
     }
 
-    /// `gptq-<base>`: GPTQ onto `base`'s grid with the Hessian from `text`
-    /// at context `ctx`, made once per (base, text, ctx, agent); the
-    /// per-matrix errors are kept beside it.
-    pub fn gptq(
+    /// `<method>-<base>`, `method` `gptq` (GPTQ onto `base`'s grid with
+    /// the Hessian from `text`) or `awq` (AWQ's scales searched on `text`'s
+    /// activations, folded in, then llama.cpp's `base`), at context `ctx`,
+    /// made once per (base, text, ctx, agent); the per-matrix errors (and
+    /// AWQ's alphas) are kept beside it.
+    pub fn calibrated(
         &self,
         agent: &AgentBuild,
         model: &Path,
+        method: &str,
         base: &str,
         text: &Path,
         ctx: usize,
     ) -> Result<(RecipeFile, CalibrationRecord), RecipeError> {
         let text_hash = wire::build_id::content_hash(text).map_err(io_err(text))?;
-        let recipe = format!("gptq-{base}");
+        let recipe = format!("{method}-{base}");
         // Our own code computes it: a new agent makes it again.
         let key = format!("{recipe}-{ctx}-{text_hash}-{}", agent.hash);
         let path = self.dir.join(format!("{key}.gguf"));
@@ -434,7 +438,7 @@ impl RecipeCache {
         let record_path = self.dir.join(format!("{key}.calibration.json"));
         let made = self.make_once(agent, &path, &[&meta_path, &record_path], |temp| {
             vec![
-                "gptq".into(),
+                method.into(),
                 "--input".into(),
                 model.display().to_string(),
                 "--output".into(),
@@ -451,13 +455,13 @@ impl RecipeCache {
         })?;
         if let Some(out) = made {
             let parse = |source| RecipeError::AgentOutput {
-                subcommand: "gptq".into(),
+                subcommand: method.into(),
                 source,
             };
             let record = CalibrationRecord {
                 model: String::new(),
                 recipe: recipe.clone(),
-                method: "gptq".into(),
+                method: method.into(),
                 text: text.display().to_string(),
                 ctx,
                 chunks: out["chunks"].as_u64().unwrap_or(0) as usize,
@@ -465,6 +469,10 @@ impl RecipeCache {
                 matrices: serde_json::from_value(out["matrices"].clone()).map_err(parse)?,
                 mean_error_rtn: out["mean_error_rtn"].as_f64(),
                 mean_error_gptq: out["mean_error_gptq"].as_f64(),
+                alphas: match out.get("alphas") {
+                    Some(alphas) => serde_json::from_value(alphas.clone()).map_err(parse)?,
+                    None => Vec::new(),
+                },
                 seconds: out["seconds"].as_f64().unwrap_or(0.0),
             };
             write_whole(
@@ -476,7 +484,7 @@ impl RecipeCache {
         let meta_text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
         let meta: QuantizeOutput =
             serde_json::from_str(&meta_text).map_err(|source| RecipeError::AgentOutput {
-                subcommand: "gptq".into(),
+                subcommand: method.into(),
                 source,
             })?;
         let record = read_record(&record_path)?;

@@ -118,6 +118,13 @@ pub fn is_uniform_recipe(name: &str) -> bool {
     UNIFORM_RECIPES.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
 
+/// The file types AWQ's search rounds onto (`awq-<type>`): those whose
+/// main tensor type GGML can quantize without an importance matrix.
+pub const AWQ_TYPES: &[&str] = &[
+    "q8_0", "q6_k", "q5_0", "q5_1", "q5_k_m", "q5_k_s", "q4_0", "q4_1", "q4_k_m", "q4_k_s",
+    "iq4_nl", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+];
+
 /// The block formats GPTQ is implemented for (`gptq-<type>`).
 pub const GPTQ_TYPES: &[&str] = &["q4_0", "q8_0"];
 
@@ -208,6 +215,10 @@ pub enum Recipe {
     Adaptive,
     /// `gptq-<type>`: GPTQ's error-compensating rounding onto the type's grid.
     Gptq(String),
+    /// `awq-<type>`: AWQ's activation-aware scales, searched on the
+    /// calibration text and folded into the model, then llama.cpp's
+    /// quantizer.
+    Awq(String),
     /// `sq4`, `sq3`, `sq4+s0.45`: per-row codebooks (see
     /// `kernels::codebook`) with the calibration text's importance matrix
     /// as sensitivities, evaluated on the decoded weights.
@@ -228,6 +239,15 @@ impl Recipe {
         if let Some(recipe) = QuantizeRecipe::parse(name)? {
             return Ok(Recipe::Quantize(recipe));
         }
+        if let Some(base) = lower.strip_prefix("awq-") {
+            if AWQ_TYPES.contains(&base) {
+                return Ok(Recipe::Awq(base.to_string()));
+            }
+            return Err(format!(
+                "recipe `{name}`: AWQ is implemented for {}",
+                AWQ_TYPES.join(", ")
+            ));
+        }
         if let Some(base) = lower.strip_prefix("gptq-") {
             if GPTQ_TYPES.contains(&base) {
                 return Ok(Recipe::Gptq(base.to_string()));
@@ -238,7 +258,7 @@ impl Recipe {
             ));
         }
         Err(format!(
-            "unknown recipe `{name}` (known: adaptive, {}, <type>+imatrix for a quantized type, <type>[ffn_down=q6_k,output=q8_0,pure], gptq-q4_0, gptq-q8_0, sq4, sq3, sq4+s0.45)",
+            "unknown recipe `{name}` (known: adaptive, {}, <type>+imatrix for a quantized type, <type>[ffn_down=q6_k,output=q8_0,pure], gptq-q4_0, gptq-q8_0, awq-<type>, sq4, sq3, sq4+s0.45)",
             UNIFORM_RECIPES.join(", ")
         ))
     }
@@ -247,7 +267,7 @@ impl Recipe {
     pub fn is_calibrated(&self) -> bool {
         match self {
             Recipe::Quantize(q) => q.imatrix == Some(ImatrixSource::Calibrated),
-            Recipe::Gptq(_) | Recipe::Codebook(_) => true,
+            Recipe::Gptq(_) | Recipe::Awq(_) | Recipe::Codebook(_) => true,
             Recipe::Adaptive => false,
         }
     }
@@ -369,7 +389,28 @@ pub struct CalibrationRecord {
     pub mean_error_rtn: Option<f64>,
     #[serde(default)]
     pub mean_error_gptq: Option<f64>,
+    /// AWQ only: per group of matrices sharing an input, the alpha chosen
+    /// (0: plain rounding was best) and what its scales were folded into.
+    #[serde(default)]
+    pub alphas: Vec<AwqAlpha>,
     pub seconds: f64,
+}
+
+/// One AWQ group's chosen alpha.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AwqAlpha {
+    pub folded_into: String,
+    pub alpha: f64,
+}
+
+/// `0.15-0.6 (median 0.35)` for a note.
+fn alpha_range(alphas: &[AwqAlpha]) -> String {
+    let mut sorted: Vec<f64> = alphas.iter().map(|a| a.alpha).collect();
+    sorted.sort_by(f64::total_cmp);
+    match (sorted.first(), sorted.last()) {
+        (Some(lo), Some(hi)) => format!("{lo}-{hi} (median {})", sorted[sorted.len() / 2]),
+        _ => "none".into(),
+    }
 }
 
 /// Layers per precision for `adaptive`: of `n_layers`, the top
@@ -442,6 +483,13 @@ impl CalibrationRecord {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| self.text.clone());
         match (self.method.as_str(), self.mean_error_rtn, self.mean_error_gptq) {
+            ("awq", Some(rtn), Some(awq)) => format!(
+                "AWQ calibrated on {text} (ctx {}, {} chunks): scales over {} groups, alpha {}; mean relative output error {awq:.3e} vs {rtn:.3e} rounding to nearest",
+                self.ctx,
+                self.chunks,
+                self.alphas.len(),
+                alpha_range(&self.alphas),
+            ),
             ("gptq", Some(rtn), Some(gptq)) => format!(
                 "GPTQ calibrated on {text} (ctx {}, {} chunks, damp {}): mean relative output error {gptq:.3e} vs {rtn:.3e} rounding to nearest, over {} matrices",
                 self.ctx,
