@@ -451,6 +451,77 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
 }
 
 #[test]
+fn cpu_masks_polling_and_priority_are_axes_and_a_priority_the_board_refuses_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = config(&[fixture("stories260K.gguf")], "\"q8_0\"")
+        .replace("multiple_choice", "# multiple_choice")
+        .replace("repetitions = 2", "repetitions = 1")
+        + "threads = [1]\ninvocations = 1\ncpu_mask = [\"0x0\", \"0x1\"]\npoll = [0, 50]\npriority = [\"normal\", \"high\"]\n";
+    std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    if root {
+        let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+        assert!(out.status.success(), "{}", common::text(&out));
+        let run = only_run_dir(dir.path());
+        let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+        assert_eq!(
+            rows.len(),
+            2 * 2 * 2 * 2,
+            "masks x polls x priorities x pp, tg"
+        );
+        for r in &rows {
+            assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+            assert!(r.avg_ts.unwrap() > 0.0 && r.ppl.is_some(), "{r:?}");
+        }
+        let r = rows
+            .iter()
+            .find(|r| r.cpu_mask == "0x1" && r.poll == Some(0) && r.priority == "high")
+            .unwrap_or_else(|| panic!("{rows:?}"));
+        assert_eq!(
+            r.key().settings,
+            "ctk=f16/ctv=f16/fa=auto/b=2048/ub=512/C=0x1/strict=0/poll=0/prio=high"
+        );
+        let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
+        assert!(summary.contains("q8_0 C=0x1 poll=0 prio=high"), "{summary}");
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+    // The same matrix where raising a priority is not allowed (root
+    // without CAP_SYS_NICE; any other user is without it already): the
+    // high-priority tests are unsupported, saying why, the others measured.
+    let mut command = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--bounding-set=-sys_nice", "--inh-caps=-sys_nice", "--"])
+            .arg(env!("CARGO_BIN_EXE_quantbench"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_quantbench"))
+    };
+    let out = command
+        .current_dir(dir.path())
+        .args(["bench", "--target", "local", "--matrix", "m"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let run = only_run_dir(dir.path());
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    assert_eq!(rows.len(), 16, "{rows:?}");
+    for r in &rows {
+        if r.priority == "high" {
+            assert_eq!(r.status, CellStatus::Unsupported, "{r:?}");
+            assert!(
+                r.note
+                    .contains("priority high (nice -10) needs CAP_SYS_NICE"),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+            assert!(r.avg_ts.unwrap() > 0.0, "{r:?}");
+        }
+    }
+}
+
+#[test]
 fn quantize_options_and_an_external_importance_matrix_reach_llama_cpp() {
     // llama-quantize's per-tensor types and an output type, and stock
     // llama-imatrix's file beside our own importance matrix.

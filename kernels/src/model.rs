@@ -8,7 +8,7 @@ use std::path::Path;
 use std::ptr;
 use std::sync::{Mutex, Once};
 use thiserror::Error;
-pub use wire::model_settings::{ContextSettings, FlashAttn};
+pub use wire::model_settings::{ContextSettings, CpuSettings, FlashAttn, Priority};
 
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -196,6 +196,28 @@ pub fn ftype_from_name(name: &str) -> Option<sys::llama_ftype> {
         "TQ2_0" => 37,
         _ => return None,
     } as sys::llama_ftype)
+}
+
+/// Sets this process's scheduling priority as llama.cpp's
+/// `set_process_priority` does on Linux (`setpriority` to the priority's
+/// nice value). Raising it needs CAP_SYS_NICE: refused in one line saying
+/// so, and the process keeps the priority it had.
+pub fn set_process_priority(priority: Priority) -> Result<(), String> {
+    let nice = priority.nice();
+    // SAFETY: plain syscalls on this process.
+    let (status, current) = unsafe {
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        (libc::setpriority(libc::PRIO_PROCESS, 0, nice), current)
+    };
+    if status == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    Err(format!(
+        "priority {} (nice {nice}) needs CAP_SYS_NICE on this board, which the agent lacks (setpriority: {error}; the process is at nice {current}): run the agent as root or give it the capability (`setcap cap_sys_nice+ep` on quantbench-agent), or leave `priority` at normal",
+        priority.name()
+    ))
 }
 
 /// Whether `name` is a tensor type of the linked GGML (`q8_0`, `iq2_xs`;
@@ -432,6 +454,8 @@ pub struct LoadedModel {
     /// llama-bench, which attaches a pool, does not pay.
     threadpool: *mut sys::ggml_threadpool,
     threadpool_threads: usize,
+    /// The CPU settings the pool was made with.
+    threadpool_cpu: CpuSettings,
     threads: usize,
     n_ctx: usize,
     n_vocab: usize,
@@ -590,6 +614,7 @@ impl LoadedModel {
                 vocab,
                 threadpool: std::ptr::null_mut(),
                 threadpool_threads: 0,
+                threadpool_cpu: CpuSettings::default(),
                 threads: threads.max(1),
                 n_ctx: shape.n_ctx,
                 n_vocab: sys::llama_vocab_n_tokens(vocab) as usize,
@@ -675,7 +700,7 @@ impl LoadedModel {
             };
         }
         if self.threadpool.is_null() {
-            self.attach_threadpool(self.threads)
+            self.attach_threadpool(self.threads, &CpuSettings::default())
         } else {
             // SAFETY: both are valid; the pool outlives the context.
             unsafe { sys::llama_attach_threadpool(self.ctx, self.threadpool, self.threadpool) };
@@ -808,24 +833,50 @@ impl LoadedModel {
 
     /// Uses `threads` threads from now on (a larger pool when needed).
     pub fn set_threads(&mut self, threads: usize) -> Result<(), ModelError> {
-        if threads > self.threadpool_threads {
-            self.attach_threadpool(threads)?;
+        self.set_threads_on(threads, &CpuSettings::default())
+    }
+
+    /// `set_threads` with GGML's threads placed and scheduled as `cpu`
+    /// says (llama-bench's `-C`, `--cpu-strict`, `--poll`, `--prio`): a
+    /// pool of exactly `threads` workers made with those parameters, as
+    /// llama-bench makes one per test. The default settings keep one pool
+    /// of the most threads asked so far.
+    pub fn set_threads_on(&mut self, threads: usize, cpu: &CpuSettings) -> Result<(), ModelError> {
+        let threads = threads.max(1);
+        let remake = if *cpu == CpuSettings::default() {
+            self.threadpool_cpu != *cpu || threads > self.threadpool_threads
+        } else {
+            self.threadpool_cpu != *cpu || threads != self.threadpool_threads
+        };
+        if remake {
+            self.attach_threadpool(threads, cpu)?;
         }
-        self.threads = threads.max(1);
+        self.threads = threads;
         // SAFETY: ctx is valid.
         unsafe { sys::llama_set_n_threads(self.ctx, threads as i32, threads as i32) };
         Ok(())
     }
 
     /// Replaces the context's worker pool with one of `threads` workers
-    /// (llama-bench's default parameters: poll 50, no CPU mask).
-    fn attach_threadpool(&mut self, threads: usize) -> Result<(), ModelError> {
+    /// made with `cpu`'s parameters (the defaults are llama-bench's: poll
+    /// 50, no CPU mask).
+    fn attach_threadpool(&mut self, threads: usize, cpu: &CpuSettings) -> Result<(), ModelError> {
         let threads = threads.max(1);
+        let mask = CpuSettings::mask_cpus(&cpu.cpu_mask).map_err(ModelError::Llama)?;
         // SAFETY: ctx is valid; the old pool is detached before it is
         // freed, and the new one outlives its attachment (freed in Drop
-        // after the context).
+        // after the context); mask CPUs are below GGML_MAX_N_THREADS
+        // (checked by `mask_cpus`).
         unsafe {
             let mut params = sys::ggml_threadpool_params_default(threads as i32);
+            for &c in &mask {
+                if let Some(slot) = params.cpumask.get_mut(c) {
+                    *slot = true;
+                }
+            }
+            params.strict_cpu = cpu.cpu_strict;
+            params.poll = cpu.poll;
+            params.prio = cpu.priority.ggml_level() as sys::ggml_sched_priority;
             let pool = sys::ggml_threadpool_new(&mut params);
             if pool.is_null() {
                 return Err(ModelError::Llama(
@@ -838,6 +889,7 @@ impl LoadedModel {
             }
             self.threadpool = pool;
             self.threadpool_threads = threads;
+            self.threadpool_cpu = cpu.clone();
         }
         Ok(())
     }

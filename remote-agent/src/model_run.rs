@@ -467,7 +467,12 @@ fn time_tests(
                 .max()
                 .unwrap_or(1)
                 .max(1);
-        match model.recontext(&ContextShape::timing(n_ctx, settings)) {
+        // The group's scheduling priority first: one the board's user may
+        // not set refuses the group's tests (the others still run).
+        let made = kernels::model::set_process_priority(settings.cpu.priority)
+            .map_err(ModelError::ContextRefused)
+            .and_then(|()| model.recontext(&ContextShape::timing(n_ctx, settings)));
+        match made {
             Err(ModelError::ContextRefused(why)) => {
                 for _ in group {
                     seconds.push(Vec::new());
@@ -485,13 +490,16 @@ fn time_tests(
         // the model usable).
         peak_rss_reset();
         if depth > 0 {
-            model.set_threads(group.iter().map(|t| t.threads).max().unwrap_or(1))?;
+            model.set_threads_on(
+                group.iter().map(|t| t.threads).max().unwrap_or(1),
+                &settings.cpu,
+            )?;
             let fill = random_tokens(model, depth, depth as u64 + 1);
             decode_prompt(model, &fill, 0, settings.n_batch)?;
         }
         let group_facts = facts.len();
         for test in group {
-            model.set_threads(test.threads)?;
+            model.set_threads_on(test.threads, &settings.cpu)?;
             let (s, kv_bytes) = time_test(model, test, settings.n_batch, job.repetitions)?;
             seconds.push(s);
             facts.push(TestFacts {
@@ -506,6 +514,9 @@ fn time_tests(
             f.peak_rss_bytes = peak;
         }
     }
+    // Back to normal for what follows (lowering a raised priority needs
+    // no privilege).
+    let _ = kernels::model::set_process_priority(wire::model_settings::Priority::Normal);
     Ok((seconds, facts))
 }
 
@@ -938,6 +949,10 @@ fn recipe_rows(
             },
             n_batch: settings.n_batch,
             n_ubatch: settings.n_ubatch,
+            cpu_mask: settings.cpu.cpu_mask.clone(),
+            cpu_strict: settings.cpu.cpu_strict,
+            poll: Some(settings.cpu.poll),
+            priority: settings.cpu.priority.name().into(),
             kv_bytes: test_facts.iter().filter_map(|f| f.kv_bytes).max(),
             avg_ns: summary_ns.map(|s| s.mean),
             stddev_ns: summary_ns.map(|s| s.stddev),

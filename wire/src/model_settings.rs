@@ -1,7 +1,8 @@
 //! The settings a model test runs under besides its thread count, as
 //! llama-bench names them: the KV-cache types (`-ctk`/`-ctv`), flash
-//! attention (`-fa`), the batch and micro-batch (`-b`/`-ub`) and the depth
-//! the KV cache already holds (`-d`). A model matrix multiplies its tests
+//! attention (`-fa`), the batch and micro-batch (`-b`/`-ub`), where and how
+//! GGML's threads run (`-C`, `--cpu-strict`, `--poll`, `--prio`) and the
+//! depth the KV cache already holds (`-d`). A model matrix multiplies its tests
 //! by them, the agent creates each context with them, and a row records
 //! them (they are part of its identity: rows under other settings are
 //! never judged against each other).
@@ -109,14 +110,149 @@ impl FlashAttn {
     }
 }
 
+/// llama-bench's `--prio`: the scheduling priority of the process and of
+/// GGML's worker threads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    Medium,
+    High,
+    Realtime,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 5] = [
+        Priority::Low,
+        Priority::Normal,
+        Priority::Medium,
+        Priority::High,
+        Priority::Realtime,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::Medium => "medium",
+            Priority::High => "high",
+            Priority::Realtime => "realtime",
+        }
+    }
+
+    /// The process's nice value, as llama.cpp's `set_process_priority`
+    /// sets it on Linux.
+    pub fn nice(self) -> i32 {
+        match self {
+            Priority::Low => 5,
+            Priority::Normal => 0,
+            Priority::Medium => -5,
+            Priority::High => -10,
+            Priority::Realtime => -20,
+        }
+    }
+
+    /// GGML's `ggml_sched_priority` (llama-bench's `--prio` number).
+    pub fn ggml_level(self) -> i32 {
+        match self {
+            Priority::Low => -1,
+            Priority::Normal => 0,
+            Priority::Medium => 1,
+            Priority::High => 2,
+            Priority::Realtime => 3,
+        }
+    }
+}
+
+/// Where and how GGML's worker threads run: llama-bench's `-C` (a hex CPU
+/// mask; `0x0` leaves placement to the OS), `--cpu-strict` (one thread per
+/// CPU of the mask), `--poll` (0-100: how long an idle worker spins before
+/// sleeping) and `--prio`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CpuSettings {
+    pub cpu_mask: String,
+    pub cpu_strict: bool,
+    pub poll: u32,
+    pub priority: Priority,
+}
+
+/// GGML's most CPUs in a mask (`GGML_MAX_N_THREADS`).
+pub const MAX_MASK_CPUS: usize = 512;
+
+impl Default for CpuSettings {
+    fn default() -> Self {
+        CpuSettings {
+            cpu_mask: "0x0".into(),
+            cpu_strict: false,
+            poll: 50,
+            priority: Priority::Normal,
+        }
+    }
+}
+
+impl CpuSettings {
+    /// The CPUs of a hex mask (`0x0f`, `f0`), lowest bit CPU 0; empty for
+    /// `0x0`. A mask that is not hex, or names a CPU past GGML's 512, is
+    /// refused.
+    pub fn mask_cpus(mask: &str) -> Result<Vec<usize>, String> {
+        let digits = mask
+            .strip_prefix("0x")
+            .or_else(|| mask.strip_prefix("0X"))
+            .unwrap_or(mask);
+        if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "cpu_mask `{mask}` is not a hex CPU mask (`0x0f` is CPUs 0-3, as llama-bench's -C)"
+            ));
+        }
+        let mut cpus = Vec::new();
+        for (position, c) in digits.chars().rev().enumerate() {
+            let nibble = c.to_digit(16).unwrap_or(0) as usize;
+            for bit in 0..4 {
+                if nibble & (1 << bit) != 0 {
+                    let cpu = position * 4 + bit;
+                    if cpu >= MAX_MASK_CPUS {
+                        return Err(format!(
+                            "cpu_mask `{mask}` names CPU {cpu}; GGML takes CPUs 0-{}",
+                            MAX_MASK_CPUS - 1
+                        ));
+                    }
+                    cpus.push(cpu);
+                }
+            }
+        }
+        cpus.sort_unstable();
+        Ok(cpus)
+    }
+
+    /// `C=0x3/strict=1/poll=0/prio=high`: the part of a row's identity;
+    /// empty at llama-bench's defaults.
+    pub fn key(&self) -> String {
+        if *self == CpuSettings::default() {
+            return String::new();
+        }
+        format!(
+            "C={}/strict={}/poll={}/prio={}",
+            self.cpu_mask,
+            u8::from(self.cpu_strict),
+            self.poll,
+            self.priority.name()
+        )
+    }
+}
+
 /// What one context of a model test is created with: one combination of a
-/// model matrix's `kv_type`, `flash_attn`, `n_batch` and `n_ubatch`.
+/// model matrix's `kv_type`, `flash_attn`, `n_batch`, `n_ubatch` and CPU
+/// settings.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ContextSettings {
     pub kv_type: KvCacheType,
     pub flash_attn: FlashAttn,
     pub n_batch: usize,
     pub n_ubatch: usize,
+    #[serde(default)]
+    pub cpu: CpuSettings,
 }
 
 impl Default for ContextSettings {
@@ -126,6 +262,7 @@ impl Default for ContextSettings {
             flash_attn: FlashAttn::Auto,
             n_batch: DEFAULT_N_BATCH,
             n_ubatch: DEFAULT_N_UBATCH,
+            cpu: CpuSettings::default(),
         }
     }
 }
@@ -138,18 +275,22 @@ impl ContextSettings {
         if *self == ContextSettings::default() {
             return String::new();
         }
-        format!(
+        let base = format!(
             "ctk={}/ctv={}/fa={}/b={}/ub={}",
             self.kv_type.k,
             self.kv_type.v,
             self.flash_attn.name(),
             self.n_batch,
             self.n_ubatch
-        )
+        );
+        match self.cpu.key() {
+            cpu if cpu.is_empty() => base,
+            cpu => format!("{base}/{cpu}"),
+        }
     }
 
     /// Whether quality depends on these settings beyond the defaults'
-    /// (the batch sizes change only speed).
+    /// (the batch sizes and CPU settings change only speed).
     pub fn same_quality_as(&self, other: &ContextSettings) -> bool {
         self.kv_type == other.kv_type && self.flash_attn == other.flash_attn
     }
@@ -174,6 +315,29 @@ pub fn test_name(n_prompt: usize, n_gen: usize, depth: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_masks_parse_as_llama_bench_s_and_settings_key_only_when_set() {
+        assert_eq!(CpuSettings::mask_cpus("0x0").unwrap(), Vec::<usize>::new());
+        assert_eq!(CpuSettings::mask_cpus("0x0f").unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(CpuSettings::mask_cpus("A0").unwrap(), vec![5, 7]);
+        assert!(CpuSettings::mask_cpus("0xg")
+            .unwrap_err()
+            .contains("not a hex CPU mask"));
+        let wide = format!("0x1{}", "0".repeat(128));
+        assert!(CpuSettings::mask_cpus(&wide)
+            .unwrap_err()
+            .contains("CPU 512"));
+        let mut settings = ContextSettings::default();
+        assert_eq!(settings.key(), "");
+        settings.cpu.poll = 0;
+        settings.cpu.priority = Priority::High;
+        assert_eq!(
+            settings.key(),
+            "ctk=f16/ctv=f16/fa=auto/b=2048/ub=512/C=0x0/strict=0/poll=0/prio=high"
+        );
+        assert!(settings.same_quality_as(&ContextSettings::default()));
+    }
 
     #[test]
     fn kv_types_parse_one_for_both_or_k_and_v_and_name_what_is_known() {

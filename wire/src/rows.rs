@@ -409,6 +409,19 @@ pub struct ModelRow {
     pub n_batch: usize,
     #[serde(default)]
     pub n_ubatch: usize,
+    /// llama-bench: GGML's threads' CPU mask (`0x0`: the OS places them;
+    /// empty in older rows: 0x0), one thread per CPU of it, how long idle
+    /// threads spin (0-100; 0 in older rows: 50) ...
+    #[serde(default)]
+    pub cpu_mask: String,
+    #[serde(default)]
+    pub cpu_strict: bool,
+    #[serde(default)]
+    pub poll: Option<u32>,
+    /// ... and the scheduling priority (`low` .. `realtime`; empty in older
+    /// rows: normal).
+    #[serde(default)]
+    pub priority: String,
     /// Bytes the KV cache held at the end of a repetition (depth plus the
     /// test's tokens; `peak_rss_bytes` counts what llama.cpp allocated).
     #[serde(default)]
@@ -497,7 +510,8 @@ impl ModelRow {
     /// as llama.cpp's defaults.
     pub fn context_settings(&self) -> crate::model_settings::ContextSettings {
         use crate::model_settings::{
-            ContextSettings, FlashAttn, KvCacheType, DEFAULT_N_BATCH, DEFAULT_N_UBATCH,
+            ContextSettings, CpuSettings, FlashAttn, KvCacheType, Priority, DEFAULT_N_BATCH,
+            DEFAULT_N_UBATCH,
         };
         let kv = |t: &str| {
             if t.is_empty() {
@@ -525,6 +539,19 @@ impl ModelRow {
                 DEFAULT_N_UBATCH
             } else {
                 self.n_ubatch
+            },
+            cpu: CpuSettings {
+                cpu_mask: if self.cpu_mask.is_empty() {
+                    CpuSettings::default().cpu_mask
+                } else {
+                    self.cpu_mask.clone()
+                },
+                cpu_strict: self.cpu_strict,
+                poll: self.poll.unwrap_or(CpuSettings::default().poll),
+                priority: Priority::ALL
+                    .into_iter()
+                    .find(|p| p.name() == self.priority)
+                    .unwrap_or_default(),
             },
         }
     }
@@ -565,6 +592,10 @@ impl ModelRow {
             flash_attn_used: String::new(),
             n_batch: 0,
             n_ubatch: 0,
+            cpu_mask: String::new(),
+            cpu_strict: false,
+            poll: None,
+            priority: String::new(),
             kv_bytes: None,
             avg_ns: None,
             stddev_ns: None,
@@ -822,6 +853,10 @@ mod tests {
             "flash_attn_used",
             "n_batch",
             "n_ubatch",
+            "cpu_mask",
+            "cpu_strict",
+            "poll",
+            "priority",
             "kv_bytes",
             "ppl_stderr",
             "kld_stderr",

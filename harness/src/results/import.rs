@@ -66,6 +66,12 @@ struct LlamaBenchRecord {
     #[serde(default)]
     flash_attn: Option<serde_json::Value>,
     #[serde(default)]
+    cpu_mask: String,
+    #[serde(default)]
+    cpu_strict: Option<serde_json::Value>,
+    #[serde(default)]
+    poll: Option<u32>,
+    #[serde(default)]
     test_time: String,
     avg_ns: f64,
     stddev_ns: f64,
@@ -179,6 +185,12 @@ pub fn import_llama_bench(
             flash_attn_used: String::new(),
             n_batch: r.n_batch,
             n_ubatch: r.n_ubatch,
+            cpu_mask: r.cpu_mask.clone(),
+            // A bool in llama-bench's JSON, 0/1 in its SQL.
+            cpu_strict: matches!(&r.cpu_strict, Some(v) if v.as_bool() == Some(true) || v.as_i64() == Some(1)),
+            poll: r.poll,
+            // llama-bench does not write its --prio.
+            priority: String::new(),
             kv_bytes: None,
             avg_ns: Some(r.avg_ns),
             stddev_ns: Some(r.stddev_ns),

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use wire::ggml_type::Distribution;
 use wire::kernel_job::{LoadMode, ThreadCount};
-use wire::model_settings::{ContextSettings, FlashAttn, KvCacheType};
+use wire::model_settings::{ContextSettings, CpuSettings, FlashAttn, KvCacheType, Priority};
 use wire::weight_format::WeightFormat;
 
 #[derive(Debug, Error)]
@@ -239,6 +239,21 @@ pub struct ModelMatrixSpec {
     pub n_batch: Vec<usize>,
     #[serde(default = "default_n_ubatch")]
     pub n_ubatch: Vec<usize>,
+    /// llama-bench's `-C`: hex masks of the CPUs GGML's threads may run on
+    /// (default `["0x0"]`: the OS places them).
+    #[serde(default = "default_cpu_mask")]
+    pub cpu_mask: Vec<String>,
+    /// llama-bench's `--cpu-strict`: one thread per CPU of the mask.
+    #[serde(default = "default_cpu_strict")]
+    pub cpu_strict: Vec<bool>,
+    /// llama-bench's `--poll` (0-100): how long an idle worker spins before
+    /// it sleeps (default `[50]`).
+    #[serde(default = "default_poll")]
+    pub poll: Vec<u32>,
+    /// llama-bench's `--prio`: `low`, `normal` (default), `medium`, `high`,
+    /// `realtime`. Above normal needs CAP_SYS_NICE on the board.
+    #[serde(default = "default_priority")]
+    pub priority: Vec<Priority>,
     #[serde(default = "default_reps")]
     pub repetitions: u32,
     /// Separate processes each recipe's speed is measured in (each loads
@@ -325,6 +340,22 @@ fn default_flash_attn() -> Vec<FlashAttn> {
 fn default_n_batch() -> Vec<usize> {
     vec![wire::model_settings::DEFAULT_N_BATCH]
 }
+fn default_cpu_mask() -> Vec<String> {
+    vec![CpuSettings::default().cpu_mask]
+}
+
+fn default_cpu_strict() -> Vec<bool> {
+    vec![false]
+}
+
+fn default_poll() -> Vec<u32> {
+    vec![CpuSettings::default().poll]
+}
+
+fn default_priority() -> Vec<Priority> {
+    vec![Priority::Normal]
+}
+
 fn default_n_ubatch() -> Vec<usize> {
     vec![wire::model_settings::DEFAULT_N_UBATCH]
 }
@@ -568,18 +599,41 @@ impl NamedMatrix<'_> {
 
 impl ModelMatrixSpec {
     /// Every context the matrix's tests run in: its KV-cache types x flash
-    /// attention x batches x micro-batches, in that order.
+    /// attention x batches x micro-batches x CPU settings, in that order.
     pub fn contexts(&self) -> Vec<ContextSettings> {
         let mut out = Vec::new();
         for kv_type in &self.kv_type {
             for &flash_attn in &self.flash_attn {
                 for &n_batch in &self.n_batch {
                     for &n_ubatch in &self.n_ubatch {
-                        out.push(ContextSettings {
-                            kv_type: kv_type.clone(),
-                            flash_attn,
-                            n_batch,
-                            n_ubatch,
+                        for cpu in self.cpu_settings() {
+                            out.push(ContextSettings {
+                                kv_type: kv_type.clone(),
+                                flash_attn,
+                                n_batch,
+                                n_ubatch,
+                                cpu,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every combination of the CPU axes: masks x strict x poll x priority.
+    fn cpu_settings(&self) -> Vec<CpuSettings> {
+        let mut out = Vec::new();
+        for cpu_mask in &self.cpu_mask {
+            for &cpu_strict in &self.cpu_strict {
+                for &poll in &self.poll {
+                    for &priority in &self.priority {
+                        out.push(CpuSettings {
+                            cpu_mask: cpu_mask.clone(),
+                            cpu_strict,
+                            poll,
+                            priority,
                         });
                     }
                 }
@@ -670,6 +724,10 @@ impl ModelMatrixSpec {
             ("flash_attn", self.flash_attn.is_empty()),
             ("n_batch", self.n_batch.is_empty()),
             ("n_ubatch", self.n_ubatch.is_empty()),
+            ("cpu_mask", self.cpu_mask.is_empty()),
+            ("cpu_strict", self.cpu_strict.is_empty()),
+            ("poll", self.poll.is_empty()),
+            ("priority", self.priority.is_empty()),
         ] {
             if empty {
                 return Err(format!(
@@ -681,6 +739,23 @@ impl ModelMatrixSpec {
             return Err(format!(
                 "pg [{p}, {g}]: a prompt-then-generation test needs both a prompt and tokens to generate (a pp or tg test alone is `n_prompt`/`n_gen`)"
             ));
+        }
+        for mask in &self.cpu_mask {
+            CpuSettings::mask_cpus(mask)?;
+        }
+        if let Some(poll) = self.poll.iter().find(|&&p| p > 100) {
+            return Err(format!(
+                "poll {poll}: llama.cpp's polling level is 0 (sleep at once) to 100 (spin longest)"
+            ));
+        }
+        if self.cpu_strict.contains(&true)
+            && self.cpu_mask.iter().any(|m| {
+                m.trim_start_matches("0x")
+                    .trim_start_matches('0')
+                    .is_empty()
+            })
+        {
+            return Err("cpu_strict = true pins one thread per CPU of a mask: give `cpu_mask` (e.g. [\"0x0f\"]) with it".into());
         }
         if let Some(b) = self.n_batch.iter().find(|&&b| b == 0) {
             return Err(format!("n_batch {b}: a batch holds at least one token"));

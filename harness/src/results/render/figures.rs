@@ -199,6 +199,19 @@ pub fn variant_label(r: &ModelRow) -> String {
     if (s.n_batch, s.n_ubatch) != (default.n_batch, default.n_ubatch) {
         label.push_str(&format!(" b={}/{}", s.n_batch, s.n_ubatch));
     }
+    let (cpu, default_cpu) = (&s.cpu, &default.cpu);
+    if cpu.cpu_mask != default_cpu.cpu_mask {
+        label.push_str(&format!(" C={}", cpu.cpu_mask));
+    }
+    if cpu.cpu_strict {
+        label.push_str(" strict");
+    }
+    if cpu.poll != default_cpu.poll {
+        label.push_str(&format!(" poll={}", cpu.poll));
+    }
+    if cpu.priority != default_cpu.priority {
+        label.push_str(&format!(" prio={}", cpu.priority.name()));
+    }
     if r.n_depth > 0 {
         label.push_str(&format!(" d{}", r.n_depth));
     }
