@@ -153,6 +153,14 @@ fn calibrated_recipes_keep_their_type_and_gptq_and_awq_lower_the_kl_divergence()
     let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
     assert!(summary.contains("| gptq-q4_0 |"), "{summary}");
     assert!(summary.contains("| awq-q4_0 |"), "{summary}");
+    // The chooser: which recipes no other beats on speed and closeness
+    // (f32, the reference, always is one), in the summary and plotted.
+    let choice = summary
+        .lines()
+        .find(|l| l.starts_with("**Which recipe** (stories260K.gguf)"))
+        .unwrap_or_else(|| panic!("{summary}"));
+    assert!(choice.contains("f32 ("), "{choice}");
+    assert!(run.join("plots/model_recipe_chooser.svg").exists());
 }
 
 #[test]

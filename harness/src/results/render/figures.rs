@@ -1,7 +1,8 @@
 //! Figures derived from rows, computed here once and used by both the
 //! summary tables and the plots: the decode rows (batch 1, most threads),
 //! speedups against F32, geometric means, thread scaling, error by type,
-//! the measured bandwidth, and the model matrix's tokens per second.
+//! the measured bandwidth, the model matrix's tokens per second and which
+//! recipes are worth shipping (no other is both faster and closer).
 
 use std::collections::{BTreeMap, BTreeSet};
 use wire::model_settings::ContextSettings;
@@ -278,6 +279,49 @@ impl<'a> ModelFigures<'a> {
             .collect()
     }
 
+    /// The recipe chooser: per model (and A/B build), the generation rows
+    /// at the default settings and depth 0 that no other recipe of that
+    /// model beats on both tokens per second and mean KL divergence (at
+    /// least as good on both, better on one): the Pareto front, fastest
+    /// first. Each comes with whether it is on the front; rows without a
+    /// KL divergence (synthetic models) are left out.
+    pub fn recipe_choices(&self) -> Vec<(&'a ModelRow, bool)> {
+        let candidates: Vec<&ModelRow> = self
+            .tg_rows()
+            .into_iter()
+            .filter(|r| {
+                r.n_depth == 0
+                    && r.context_settings() == ContextSettings::default()
+                    && r.kld_mean.is_some()
+                    && r.avg_ts.is_some()
+            })
+            .collect();
+        let figures = |r: &ModelRow| (r.avg_ts.unwrap_or(0.0), r.kld_mean.unwrap_or(f64::MAX));
+        let mut out: Vec<(&ModelRow, bool)> = candidates
+            .iter()
+            .map(|&r| {
+                let (speed, kld) = figures(r);
+                let beaten = candidates.iter().any(|&o| {
+                    let (o_speed, o_kld) = figures(o);
+                    o.model_filename == r.model_filename
+                        && o.build == r.build
+                        && !std::ptr::eq(o, r)
+                        && o_speed >= speed
+                        && o_kld <= kld
+                        && (o_speed > speed || o_kld < kld)
+                });
+                (r, !beaten)
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.0.model_filename, &a.0.build)
+                .cmp(&(&b.0.model_filename, &b.0.build))
+                .then(b.1.cmp(&a.1))
+                .then(figures(b.0).0.total_cmp(&figures(a.0).0))
+        });
+        out
+    }
+
     /// Tokens per second of (model, recipe) for `pp` or `tg`.
     pub fn tokens_per_second(&self, model: &str, recipe: &str, prompt: bool) -> Option<f64> {
         self.rows
@@ -375,6 +419,60 @@ mod tests {
         assert_eq!(figures[1].ty, "Q4_0");
         assert_eq!(figures[1].speedup_vs_f32, Some(4.0));
         assert_eq!(figures[1].ok, 2);
+    }
+
+    /// A measured tg row of `recipe` at `ts` tokens per second and `kld`.
+    fn tg_row(recipe: &str, ts: f64, kld: f64) -> ModelRow {
+        let job: wire::model_job::ModelJob = serde_json::from_str(
+            r#"{"run_id":"r","board":"b","emulated":false,"git_commit":"c","model_name":"m",
+            "base":{"recipe":"original","path":"p","fallbacks":[],"file_bytes":1},
+            "recipes":[],"threads":["all"],"text":"t","ctx":128,"prompt":"p",
+            "generate_tokens":1,"n_prompt":1,"n_gen":1,"repetitions":1}"#,
+        )
+        .unwrap();
+        let mut row = ModelRow::failed(&job, &job.base, &wire::probe::AgentIdentity::default(), "");
+        row.status = CellStatus::Ok;
+        row.model_filename = "m.gguf".into();
+        row.recipe = recipe.into();
+        row.test = "tg8".into();
+        (row.n_gen, row.n_prompt, row.n_threads) = (8, 0, 2);
+        (row.avg_ts, row.kld_mean) = (Some(ts), Some(kld));
+        row
+    }
+
+    #[test]
+    fn the_recipe_chooser_keeps_what_no_other_recipe_beats_on_speed_and_closeness() {
+        let mut deep = tg_row("q4_0", 900.0, 0.001);
+        deep.n_depth = 512;
+        let rows = [
+            tg_row("f32", 100.0, 0.0),
+            tg_row("q8_0", 300.0, 0.001),
+            tg_row("q4_0", 500.0, 0.08),
+            tg_row("awq-q4_0", 480.0, 0.06),
+            // Slower than q4_0 and farther from the model: beaten.
+            tg_row("q4_1", 450.0, 0.09),
+            // As fast as q8_0 but farther: beaten.
+            tg_row("q6_k", 300.0, 0.004),
+            // Another workload (depth 512): not a candidate.
+            deep,
+        ];
+        let refs: Vec<&ModelRow> = rows.iter().collect();
+        let choices = ModelFigures::new(&refs).recipe_choices();
+        let named: Vec<(&str, bool)> = choices
+            .iter()
+            .map(|(r, front)| (r.recipe.as_str(), *front))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("q4_0", true),
+                ("awq-q4_0", true),
+                ("q8_0", true),
+                ("f32", true),
+                ("q4_1", false),
+                ("q6_k", false),
+            ]
+        );
     }
 
     #[test]

@@ -330,6 +330,48 @@ pub fn model_table(rows: &[ModelRow]) -> String {
                 text.replace('|', "/").replace('\n', " "),
             );
         }
+        out.push_str(&recipe_choice_line(&figures));
+    }
+    out
+}
+
+/// Which recipes are worth shipping on the board, per model: the ones no
+/// other beats on both generation speed and KL divergence, fastest first.
+fn recipe_choice_line(figures: &ModelFigures) -> String {
+    let mut out = String::new();
+    let choices = figures.recipe_choices();
+    let mut models: Vec<(&str, &str)> = choices
+        .iter()
+        .map(|(r, _)| (r.model_filename.as_str(), r.build.as_str()))
+        .collect();
+    models.dedup();
+    for (model, build) in models {
+        let of_model: Vec<_> = choices
+            .iter()
+            .filter(|(r, _)| r.model_filename == model && r.build == build)
+            .collect();
+        if of_model.len() < 2 {
+            continue;
+        }
+        let front: Vec<String> = of_model
+            .iter()
+            .filter(|(_, front)| *front)
+            .map(|(r, _)| {
+                format!(
+                    "{} ({:.0} t/s, KLD {:.4})",
+                    r.recipe,
+                    r.avg_ts.unwrap_or(0.0),
+                    r.kld_mean.unwrap_or(0.0)
+                )
+            })
+            .collect();
+        let beaten = of_model.len() - front.len();
+        let _ = writeln!(
+            out,
+            "\n**Which recipe** ({model}{}): worth shipping on this board, as no other recipe is both faster in generation and closer to the unquantized model: {}; the other {beaten} are each slower and farther than one of these (speeds as measured, noise included: see the table; `model_recipe_chooser` plots them).",
+            if build.is_empty() { String::new() } else { format!(" @{build}") },
+            front.join(", ")
+        );
     }
     out
 }

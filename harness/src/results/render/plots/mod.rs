@@ -6,6 +6,7 @@ mod bandwidth;
 mod layer_importance;
 mod model_depth;
 mod model_kld_vs_bits;
+mod model_recipe_chooser;
 mod model_speedup_vs_f32;
 mod model_time_per_token;
 mod nmse_vs_bits;
@@ -29,6 +30,7 @@ pub fn all() -> Vec<Box<dyn PlotKind>> {
         Box::new(model_speedup_vs_f32::ModelSpeedupVsF32),
         Box::new(model_time_per_token::ModelTimePerToken),
         Box::new(model_kld_vs_bits::ModelKldVsBits),
+        Box::new(model_recipe_chooser::ModelRecipeChooser),
         Box::new(model_depth::ModelTgVsDepth),
         Box::new(model_depth::ModelKvVsDepth),
         Box::new(layer_importance::LayerImportancePlot),
