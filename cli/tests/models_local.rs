@@ -369,6 +369,14 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
         );
         assert!(deep > shallow && shallow > 0, "{kv}: {shallow} -> {deep}");
     }
+    // Each setting's repetitions are its own in samples.csv (what compare
+    // judges): 2 repetitions x 3 invocations, never another setting's too.
+    let samples: Vec<wire::rows::SampleRow> = read_csv(&run.join("samples.csv")).unwrap();
+    for kv in ["f16", "bf16"] {
+        let r = row(kv, "tg8");
+        let own = samples.iter().filter(|s| s.cell_id == r.cell_id()).count();
+        assert_eq!(own, 6, "{}", r.cell_id());
+    }
     // Quality measured in each cache type: bf16 keys and values round
     // differently from f16, so the same file's figures move.
     assert_ne!(row("f16", "tg8").kld_mean, row("bf16", "tg8").kld_mean);

@@ -482,13 +482,24 @@ pub struct ModelRow {
 }
 
 impl ModelRow {
-    /// The row's cell: `<model>/<recipe>/<test>/t<threads>`, with
-    /// `@<build>` in an A/B run: the key its repetitions carry in
-    /// `samples.csv` and comparisons match on.
+    /// The row's cell: `<model>/<recipe>/<test>/t<threads>`, with its
+    /// context settings in brackets where they are not llama.cpp's
+    /// defaults (`[ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512]`) and `@<build>`
+    /// in an A/B run: the key its repetitions carry in `samples.csv` and
+    /// comparisons match on, so two settings' repetitions never mix.
     pub fn cell_id(&self) -> String {
+        let settings = self.context_settings().key();
         let id = format!(
-            "{}/{}/{}/t{}",
-            self.model_filename, self.recipe, self.test, self.n_threads
+            "{}/{}/{}/t{}{}",
+            self.model_filename,
+            self.recipe,
+            self.test,
+            self.n_threads,
+            if settings.is_empty() {
+                String::new()
+            } else {
+                format!("[{settings}]")
+            }
         );
         if self.build.is_empty() {
             id
@@ -877,11 +888,17 @@ mod tests {
         assert_eq!(back[0].key(), row.key());
         assert_eq!(back[0].key().settings, "");
         assert_eq!(back[0].cell_id(), "m/original/tg8/t2");
-        // A row under other settings is another cell.
+        // A row under other settings is another cell, and its repetitions
+        // in samples.csv carry another id (they were pooled with the
+        // default settings' before: an A/A compared f16 and bf16 caches'
+        // samples together).
         row.type_k = "q8_0".into();
         row.type_v = "q8_0".into();
         row.flash_attn = "on".into();
-        assert_eq!(row.key().cell_id, back[0].key().cell_id);
+        assert_eq!(
+            row.cell_id(),
+            "m/original/tg8/t2[ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512]"
+        );
         assert_ne!(row.key(), back[0].key());
     }
 }

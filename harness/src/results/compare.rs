@@ -50,6 +50,16 @@ pub enum CompareError {
 /// joins them: what `--across` may name.
 pub const CELL_SETTINGS: [&str; 3] = ["distribution", "load_mode", "repack"];
 
+/// A cell as a verdict line names it: its id and, unless the id already
+/// carries them (a model cell's `[settings]`), its settings.
+fn shown_cell(cell: &str, settings: &str) -> String {
+    if settings.is_empty() || cell.contains(&format!("[{settings}]")) {
+        cell.to_string()
+    } else {
+        format!("{cell} [{settings}]")
+    }
+}
+
 /// `key` with the settings at `positions` replaced by `*`, so cells that
 /// differ only there match.
 fn across_key(key: &CellKey, positions: &[usize]) -> CellKey {
@@ -922,11 +932,7 @@ impl Comparison {
                 v.map(|r| format!("{:+.1}%", (r - 1.0) * 100.0))
                     .unwrap_or_else(|| "–".into())
             };
-            let cell = if r.settings.is_empty() {
-                r.cell.clone()
-            } else {
-                format!("{} [{}]", r.cell, r.settings)
-            };
+            let cell = shown_cell(&r.cell, &r.settings);
             lines.push(format!(
                 "confirmed regression: {} {} {cell}: {} [{}, {}] since {} (first seen in {})",
                 r.board,
@@ -986,11 +992,7 @@ impl Comparison {
                     ));
                 }
                 detail.extend(c.notes.iter().cloned());
-                let cell = if c.settings.is_empty() {
-                    c.cell.clone()
-                } else {
-                    format!("{} [{}]", c.cell, c.settings)
-                };
+                let cell = shown_cell(&c.cell, &c.settings);
                 let verdict = match (c.persistence, self.is_confirmed(c)) {
                     (_, true) if c.verdict == Verdict::Regressed => "regressed (confirmed)".into(),
                     (Some(Persistence::Suspect), _) => "regressed (suspect)".into(),

@@ -298,7 +298,10 @@ mod tests {
         assert_eq!(rows[1].cell_id(), "stories260K.gguf/q8_0/tg16/t2");
         assert_eq!(rows[1].key().settings, "", "llama-bench's defaults");
         // Depth, KV-cache types and flash attention, as llama-bench ran them.
-        assert_eq!(rows[2].cell_id(), "stories260K.gguf/q8_0/tg16+d512/t2");
+        assert_eq!(
+            rows[2].cell_id(),
+            "stories260K.gguf/q8_0/tg16+d512/t2[ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512]"
+        );
         assert_eq!(
             rows[2].key().settings,
             "ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512"
