@@ -309,17 +309,8 @@ fn main() -> Result<()> {
         } => {
             let threads = if threads == 0 { num_cores() } else { threads };
             let format = kernels::gptq::GptqFormat::from_name(&ftype)?;
-            let body = std::fs::read_to_string(&text)
-                .with_context(|| format!("reading the calibration text {}", text.display()))?;
             let started = std::time::Instant::now();
-            let calibration = kernels::calibration::calibrate(
-                &input,
-                &body,
-                &text.display().to_string(),
-                ctx,
-                threads,
-                true,
-            )?;
+            let calibration = calibrate_on(&input, &text, ctx, threads, true)?;
             let calibrated_s = started.elapsed().as_secs_f64();
             let fallbacks = model_run::quantize(
                 &input,
@@ -373,17 +364,8 @@ fn main() -> Result<()> {
         } => {
             let threads = if threads == 0 { num_cores() } else { threads };
             let ty = kernels::awq::search_type(&ftype)?;
-            let body = std::fs::read_to_string(&text)
-                .with_context(|| format!("reading the calibration text {}", text.display()))?;
             let started = std::time::Instant::now();
-            let calibration = kernels::calibration::calibrate(
-                &input,
-                &body,
-                &text.display().to_string(),
-                ctx,
-                threads,
-                true,
-            )?;
+            let calibration = calibrate_on(&input, &text, ctx, threads, true)?;
             // The scales are folded into an F32 copy beside the output,
             // which llama.cpp then quantizes.
             let folded = output.with_extension("awq-f32.gguf");
@@ -479,12 +461,8 @@ fn main() -> Result<()> {
             out,
         } => {
             let threads = if threads == 0 { num_cores() } else { threads };
-            let body = std::fs::read_to_string(&text)
-                .with_context(|| format!("reading the calibration text {}", text.display()))?;
             let started = std::time::Instant::now();
-            let name = text.display().to_string();
-            let calibration =
-                kernels::calibration::calibrate(&model, &body, &name, ctx, threads, false)?;
+            let calibration = calibrate_on(&model, &text, ctx, threads, false)?;
             kernels::calibration::write_imatrix(&out, &calibration)?;
             println!(
                 "{}",
@@ -602,6 +580,27 @@ fn num_cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// The model's activations on a calibration text (and X^T X per matrix
+/// when `gram`): what the importance matrix, GPTQ and AWQ learn from.
+fn calibrate_on(
+    model: &std::path::Path,
+    text: &std::path::Path,
+    ctx: usize,
+    threads: usize,
+    gram: bool,
+) -> Result<kernels::calibration::Calibration> {
+    let body = std::fs::read_to_string(text)
+        .with_context(|| format!("reading the calibration text {}", text.display()))?;
+    Ok(kernels::calibration::calibrate(
+        model,
+        &body,
+        &text.display().to_string(),
+        ctx,
+        threads,
+        gram,
+    )?)
 }
 
 #[cfg(test)]
