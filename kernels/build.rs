@@ -11,13 +11,15 @@ fn main() {
     println!("cargo::rerun-if-env-changed=QUANTBENCH_LLAMA_ID");
     println!("cargo::rustc-check-cfg=cfg(llama_lacks_tensor_overrides)");
     println!("cargo::rustc-check-cfg=cfg(llama_lacks_imatrix_data)");
+    println!("cargo::rustc-check-cfg=cfg(llama_lacks_load_mode_enum)");
     let lacks = std::env::var("QUANTBENCH_LLAMA_LACKS").unwrap_or_default();
     for capability in lacks.split(',').map(str::trim).filter(|c| !c.is_empty()) {
         match capability {
             "tensor-overrides" => println!("cargo::rustc-cfg=llama_lacks_tensor_overrides"),
             "imatrix-data" => println!("cargo::rustc-cfg=llama_lacks_imatrix_data"),
+            "load-mode-enum" => println!("cargo::rustc-cfg=llama_lacks_load_mode_enum"),
             other => panic!(
-                "QUANTBENCH_LLAMA_LACKS names `{other}`; known: tensor-overrides, imatrix-data"
+                "QUANTBENCH_LLAMA_LACKS names `{other}`; known: tensor-overrides, imatrix-data, load-mode-enum"
             ),
         }
     }

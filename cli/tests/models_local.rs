@@ -529,6 +529,160 @@ fn cpu_masks_polling_and_priority_are_axes_and_a_priority_the_board_refuses_is_s
     }
 }
 
+/// `quantbench <args>` in `dir` inside a private mount namespace where
+/// `/proc/meminfo` says the board has `mem_total_kib` and
+/// `/sys/devices/system/cpu` describes CPU 1 as the fast core of two (an
+/// Arm kernel's `cpu_capacity`), under `wrap` (e.g. `setpriv ...`).
+fn on_a_small_big_little_board(
+    dir: &std::path::Path,
+    mem_total_kib: u64,
+    wrap: &[&str],
+    args: &[&str],
+) -> std::process::Output {
+    let meminfo = dir.join("meminfo");
+    std::fs::write(
+        &meminfo,
+        format!("MemTotal: {mem_total_kib} kB\nMemFree: {mem_total_kib} kB\nMemAvailable: {mem_total_kib} kB\n"),
+    )
+    .unwrap();
+    let cpus = dir.join("cpu");
+    for (cpu, capacity) in [(0, "512"), (1, "1024")] {
+        std::fs::create_dir_all(cpus.join(format!("cpu{cpu}"))).unwrap();
+        std::fs::write(cpus.join(format!("cpu{cpu}/cpu_capacity")), capacity).unwrap();
+    }
+    std::process::Command::new("unshare")
+        .current_dir(dir)
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /proc/meminfo && mount --bind \"$1\" /sys/devices/system/cpu && shift && exec \"$@\"",
+        ])
+        .arg(&meminfo)
+        .arg(&cpus)
+        .args(wrap)
+        .arg(env!("CARGO_BIN_EXE_quantbench"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn load_modes_cold_loads_big_cores_and_memory_fit_are_measured_or_refused_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = config(&[fixture("stories260K.gguf")], "\"f32\"")
+        .replace("multiple_choice", "# multiple_choice")
+        .replace("repetitions = 2", "repetitions = 1")
+        + "threads = [\"big\"]\ninvocations = 1\nload_mode = [\"mmap\", \"no-mmap\", \"mlock\"]\nn_depth = [0, 400]\nkv_type = [\"f32\"]\n";
+    std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
+    // A board of 1.5 MB whose CPU 1 is its big core: the F32 weights (1.2
+    // MB) fit with an empty KV cache, not with 440 tokens of f32 K and V
+    // (5 layers x 2 x 32 values x 4 bytes a token: 0.56 MB). Without
+    // CAP_IPC_LOCK and with a memlock limit of 0, mlock cannot be given.
+    let out = on_a_small_big_little_board(
+        dir.path(),
+        1465,
+        &[
+            "setpriv",
+            "--bounding-set=-ipc_lock",
+            "--inh-caps=-ipc_lock",
+            "--",
+            "prlimit",
+            "--memlock=0:0",
+        ],
+        &["bench", "--target", "local", "--matrix", "m"],
+    );
+    assert!(out.status.success(), "{}", common::text(&out));
+    let run = only_run_dir(dir.path());
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    assert_eq!(
+        rows.len(),
+        3 * 2 * 2,
+        "load modes x depths x pp, tg: {rows:?}"
+    );
+    for r in &rows {
+        // "big": one thread, on CPU 1 only.
+        assert_eq!((r.n_threads, r.cpu_mask.as_str()), (1, "0x2"), "{r:?}");
+        let expect = match (r.load_mode.as_str(), r.n_depth) {
+            ("mlock", _) => Err("mlock needs"),
+            (_, 400) => Err("does not fit"),
+            _ => Ok(()),
+        };
+        match expect {
+            Ok(()) => {
+                assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+                assert!(r.avg_ts.unwrap() > 0.0 && r.ppl.is_some(), "{r:?}");
+                // Cold (the file's pages dropped first) and warm loads.
+                assert!(
+                    r.load_cold_ms.unwrap() > 0.0 && r.load_ms.unwrap() > 0.0,
+                    "{r:?}"
+                );
+            }
+            Err(why) => {
+                assert_eq!(r.status, CellStatus::Unsupported, "{r:?}");
+                assert!(r.note.contains(why), "{r:?}");
+            }
+        }
+    }
+    let deep = rows
+        .iter()
+        .find(|r| r.load_mode == "no-mmap" && r.n_depth == 400)
+        .unwrap();
+    assert!(
+        deep.note.contains("the board has 1.5 MB") && deep.note.contains("in f32"),
+        "{deep:?}"
+    );
+    let mlock = rows.iter().find(|r| r.load_mode == "mlock").unwrap();
+    assert!(mlock.note.contains("CAP_IPC_LOCK"), "{mlock:?}");
+    // Each load mode is its own cell.
+    assert!(
+        deep.cell_id().ends_with("[ctk=f32/ctv=f32/fa=auto/b=2048/ub=512/C=0x2/strict=0/poll=50/prio=normal/load=no-mmap]"),
+        "{}",
+        deep.cell_id()
+    );
+    std::fs::remove_dir_all(&run).unwrap();
+
+    // As root with the board's real memory, mlock locks.
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+        let only_mlock = body
+            .replace(
+                "load_mode = [\"mmap\", \"no-mmap\", \"mlock\"]",
+                "load_mode = [\"mlock\"]",
+            )
+            .replace("n_depth = [0, 400]", "n_depth = [0]");
+        std::fs::write(dir.path().join("bench.toml"), only_mlock).unwrap();
+        let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+        assert!(out.status.success(), "{}", common::text(&out));
+        let run = only_run_dir(dir.path());
+        let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(
+            rows.iter()
+                .all(|r| r.status == CellStatus::Ok && r.load_mode == "mlock"),
+            "{rows:?}"
+        );
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+
+    // A CPU mask naming a core the board lacks: one line, nothing run.
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        body.replace(
+            "threads = [\"big\"]",
+            "threads = [1]\ncpu_mask = [\"0x100\"]",
+        ),
+    )
+    .unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    let all = common::text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("cpu_mask 0x100 names CPU 8, which board local lacks"),
+        "{all}"
+    );
+}
+
 #[test]
 fn quantize_options_and_an_external_importance_matrix_reach_llama_cpp() {
     // llama-quantize's per-tensor types and an output type, and stock

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::ptr;
 use std::sync::{Mutex, Once};
 use thiserror::Error;
-pub use wire::model_settings::{ContextSettings, CpuSettings, FlashAttn, Priority};
+pub use wire::model_settings::{ContextSettings, CpuSettings, FlashAttn, ModelLoad, Priority};
 
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -217,6 +217,71 @@ pub fn set_process_priority(priority: Priority) -> Result<(), String> {
     Err(format!(
         "priority {} (nice {nice}) needs CAP_SYS_NICE on this board, which the agent lacks (setpriority: {error}; the process is at nice {current}): run the agent as root or give it the capability (`setcap cap_sys_nice+ep` on quantbench-agent), or leave `priority` at normal",
         priority.name()
+    ))
+}
+
+/// llama.cpp's load parameters for `load`.
+#[cfg(not(llama_lacks_load_mode_enum))]
+fn set_load_mode(params: &mut sys::llama_model_params, load: ModelLoad) {
+    params.load_mode = match load {
+        ModelLoad::Mmap => sys::LLAMA_LOAD_MODE_MMAP,
+        ModelLoad::NoMmap => sys::LLAMA_LOAD_MODE_NONE,
+        ModelLoad::Mlock => sys::LLAMA_LOAD_MODE_MMAP_MLOCK,
+    };
+}
+
+/// llama.cpp's load parameters for `load`, on a llama.cpp that sets them
+/// as flags.
+#[cfg(llama_lacks_load_mode_enum)]
+fn set_load_mode(params: &mut sys::llama_model_params, load: ModelLoad) {
+    params.use_mmap = load != ModelLoad::NoMmap;
+    params.use_mlock = load == ModelLoad::Mlock;
+}
+
+/// Why `bytes` of weights cannot be locked in memory by this process
+/// (`None`: they can): llama.cpp only warns when `mlock` fails and goes on
+/// unlocked, which would make an `mlock` row an `mmap` row in disguise.
+/// Locking needs CAP_IPC_LOCK or a memlock limit of at least the file.
+pub fn mlock_refusal(bytes: u64) -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_ipc_lock = 1u64 << 14;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & cap_ipc_lock != 0 {
+        return None;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return Some(format!(
+            "mlock: the memlock limit could not be read ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if limit.rlim_cur == libc::RLIM_INFINITY || limit.rlim_cur >= bytes {
+        return None;
+    }
+    // The soft limit may be raised up to the hard one without privilege.
+    if limit.rlim_max == libc::RLIM_INFINITY || limit.rlim_max >= bytes {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0 {
+            return None;
+        }
+    }
+    Some(format!(
+        "mlock needs {:.1} MB locked but this board lets the agent lock {:.1} MB (memlock limit) and it lacks CAP_IPC_LOCK: raise the limit (`ulimit -l unlimited`, or `memlock` in /etc/security/limits.conf) or run the agent as root, or leave `load_mode` at mmap",
+        bytes as f64 / 1e6,
+        limit.rlim_max as f64 / 1e6
     ))
 }
 
@@ -559,8 +624,19 @@ impl LoadedModel {
         shape: &ContextShape,
         threads: usize,
     ) -> Result<LoadedModel, ModelError> {
+        Self::load_as(path, shape, threads, ModelLoad::Mmap)
+    }
+
+    /// `load_shaped`, the weights loaded as `load` says (mapped, read
+    /// into the process's memory, or mapped and locked).
+    pub fn load_as(
+        path: &Path,
+        shape: &ContextShape,
+        threads: usize,
+        load: ModelLoad,
+    ) -> Result<LoadedModel, ModelError> {
         // SAFETY: no evaluation callback.
-        unsafe { Self::load_observed_shaped(path, shape, threads, None, ptr::null_mut()) }
+        unsafe { Self::load_observed_shaped(path, shape, threads, load, None, ptr::null_mut()) }
     }
 
     /// `load_with`, with GGML's evaluation callback set on the context: it
@@ -579,7 +655,9 @@ impl LoadedModel {
     ) -> Result<LoadedModel, ModelError> {
         let shape = ContextShape::evaluation(n_ctx, n_seq, &ContextSettings::default());
         // SAFETY: the caller's guarantee.
-        unsafe { Self::load_observed_shaped(path, &shape, threads, observer, user_data) }
+        unsafe {
+            Self::load_observed_shaped(path, &shape, threads, ModelLoad::Mmap, observer, user_data)
+        }
     }
 
     /// `load_observed` with a context of `shape`.
@@ -590,6 +668,7 @@ impl LoadedModel {
         path: &Path,
         shape: &ContextShape,
         threads: usize,
+        load: ModelLoad,
         observer: sys::ggml_backend_sched_eval_callback,
         user_data: *mut std::os::raw::c_void,
     ) -> Result<LoadedModel, ModelError> {
@@ -603,6 +682,7 @@ impl LoadedModel {
         unsafe {
             let mut mparams = sys::llama_model_default_params();
             mparams.n_gpu_layers = 0;
+            set_load_mode(&mut mparams, load);
             let model = sys::llama_model_load_from_file(c.as_ptr(), mparams);
             if model.is_null() {
                 return Err(load_err());
@@ -724,6 +804,26 @@ impl LoadedModel {
     /// not say what `auto` resolved to).
     pub fn flash_attn_used(&self) -> Option<bool> {
         self.flash_attn_used
+    }
+
+    /// Bytes a KV cache of `n_ctx` cells in `kv_type` takes for this
+    /// model, before it is made: every layer's K and V rows at llama.cpp's
+    /// sizes (a model with sliding-window layers needs less).
+    pub fn kv_bytes_needed(
+        &self,
+        n_ctx: usize,
+        kv_type: &wire::model_settings::KvCacheType,
+    ) -> u64 {
+        // SAFETY: the model is loaded; types come from GGML's own names.
+        unsafe {
+            let layers = sys::llama_model_n_layer(self.model).max(0) as u64;
+            let row = (sys::llama_model_n_head_kv(self.model).max(0) as usize) * self.head_size();
+            let bytes = |name: &str| {
+                ggml_type_from_name(name)
+                    .map_or(row as u64 * 2, |t| sys::ggml_row_size(t, row as i64) as u64)
+            };
+            n_ctx as u64 * layers * (bytes(&kv_type.k) + bytes(&kv_type.v))
+        }
     }
 
     /// Bytes the KV cache holds for sequence 0 now (llama.cpp's size of

@@ -333,11 +333,84 @@ fn parse_smaps_entry(smaps: &str, address: usize) -> Option<PageState> {
     })
 }
 
+/// Drops `path`'s pages from the page cache, as a reboot would (written
+/// pages are flushed first: only clean pages can be dropped), and says
+/// whether none stayed resident, so a following load reads the file from
+/// storage: a cold load. Needs no privilege (`posix_fadvise`).
+pub fn drop_file_pages(path: &Path) -> std::io::Result<bool> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len() as usize;
+    file.sync_all()?;
+    // SAFETY: a valid descriptor; advice only.
+    let status = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if status != 0 {
+        return Err(std::io::Error::from_raw_os_error(status));
+    }
+    if len == 0 {
+        return Ok(true);
+    }
+    // Read back which pages stayed (another process may be mapping them).
+    // SAFETY: a fresh read-only shared mapping of the whole file, unmapped
+    // below; mincore writes one byte per page into a vector of that size.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        if map == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let page = libc::sysconf(libc::_SC_PAGESIZE).max(1) as usize;
+        let mut resident = vec![0u8; len.div_ceil(page)];
+        let status = libc::mincore(map, len, resident.as_mut_ptr());
+        let error = std::io::Error::last_os_error();
+        libc::munmap(map, len);
+        if status != 0 {
+            return Err(error);
+        }
+        Ok(resident.iter().all(|r| r & 1 == 0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quantize;
     use crate::weights::llm_like_weights;
+
+    #[test]
+    fn a_written_file_s_pages_are_dropped_for_a_cold_read() {
+        // On a disk-backed folder (tmpfs pages are the file and stay).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("weights.bin");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let _ = std::fs::read(&path).unwrap();
+        assert!(drop_file_pages(&path).unwrap());
+        // Mapped and locked by someone: the pages stay, and it says so.
+        let file = File::open(&path).unwrap();
+        // SAFETY: a read-only mapping of the file, unmapped below.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                1 << 20,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED);
+            let locked = libc::mlock(map, 1 << 20) == 0;
+            if locked {
+                assert!(!drop_file_pages(&path).unwrap());
+            }
+            libc::munmap(map, 1 << 20);
+        }
+        assert!(drop_file_pages(&path.with_extension("missing")).is_err());
+    }
 
     const SMAPS: &str = "\
 55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use kernels::model::{
     gguf_tensor_types, quantize_model, BatchEntry, ContextSettings, ContextShape, LoadedModel,
-    ModelError, QuantizeRequest,
+    ModelError, ModelLoad, QuantizeRequest,
 };
 use std::io::Write;
 use std::path::Path;
@@ -428,27 +428,134 @@ fn time_test(
     Ok((seconds, model.kv_bytes()))
 }
 
+/// The job's tests on this board (`"big"` from its CPU topology).
+fn tests_on(job: &ModelJob, cores: usize) -> Vec<ModelTest> {
+    job.tests(cores, &crate::sysinfo::fastest_cores())
+}
+
 /// The most threads any test uses: what a recipe is loaded with.
 fn max_threads(job: &ModelJob, cores: usize) -> usize {
-    job.tests(cores)
+    tests_on(job, cores)
         .iter()
         .map(|t| t.threads)
         .max()
         .unwrap_or(1)
 }
 
-/// Times every test on `model`: for each context and depth, a context of
-/// those settings on the loaded weights with room for the depth and the
-/// tests (llama-bench's `n_depth + n_prompt + n_gen`), its KV cache filled
-/// to the depth once, then each test on top. A context llama.cpp cannot run
-/// for this model times nothing; its tests' facts say why.
+/// The memory a test may plan for and what sets it: the board's own
+/// (`MemTotal`), the agent's cgroup's limit (`memory.max`) or the board's
+/// `max_memory_mb`, whichever is least.
+fn memory_budget(job: &ModelJob) -> Option<(u64, &'static str)> {
+    [
+        (crate::sysinfo::total_memory_bytes(), "the board has"),
+        (
+            crate::sysinfo::cgroup_memory_limit(),
+            "the agent's cgroup allows (memory.max)",
+        ),
+        (job.memory_limit_bytes, "the board's max_memory_mb allows"),
+    ]
+    .into_iter()
+    .filter_map(|(bytes, what)| Some((bytes?, what)))
+    .min_by_key(|(bytes, _)| *bytes)
+}
+
+/// Why a test whose weights take `weight_bytes` and whose KV cache takes
+/// `kv_bytes` at its depth must not run on a board with `budget` (`None`:
+/// it fits). Running it would get the agent killed and the recipes after
+/// it lost.
+fn memory_refusal(
+    weight_bytes: u64,
+    kv_bytes: u64,
+    (test_tokens, settings): (usize, &ContextSettings),
+    budget: Option<(u64, &str)>,
+) -> Option<String> {
+    let (budget, what) = budget?;
+    let need = weight_bytes + kv_bytes;
+    let mb = |b: u64| b as f64 / 1e6;
+    (need > budget).then(|| {
+        format!(
+            "does not fit: the weights ({:.1} MB) and a KV cache of {test_tokens} tokens in {} ({:.1} MB) need {:.1} MB, but {what} {:.1} MB; use a smaller depth, a smaller KV type or a smaller recipe on this board",
+            mb(weight_bytes),
+            settings.kv_type,
+            mb(kv_bytes),
+            mb(need),
+            mb(budget)
+        )
+    })
+}
+
+/// Times every test of `recipe`: for each load mode the recipe is loaded
+/// twice, first with none of its file in the page cache (the cold load),
+/// then again (the warm load), and its tests timed on the second (see
+/// `time_loaded`). A load mode the board cannot give (`mlock` past its
+/// memlock limit) times nothing; its tests' facts say why.
 fn time_tests(
     job: &ModelJob,
     cores: usize,
+    recipe: &RecipeFile,
+) -> Result<(Vec<Vec<f64>>, Vec<TestFacts>, f64)> {
+    let tests = tests_on(job, cores);
+    let threads = max_threads(job, cores);
+    let path = Path::new(&recipe.path);
+    let shape = ContextShape::evaluation(timing_ctx(job), 1, &ContextSettings::default());
+    let (mut seconds, mut facts) = (Vec::new(), Vec::new());
+    let mut first_load_ms = None;
+    let mut first = 0;
+    while first < tests.len() {
+        let load = tests[first].load;
+        let end = tests[first..]
+            .iter()
+            .position(|t| t.load != load)
+            .map_or(tests.len(), |p| first + p);
+        let block = &tests[first..end];
+        first = end;
+        let refused = (load == ModelLoad::Mlock)
+            .then(|| kernels::model::mlock_refusal(recipe.file_bytes))
+            .flatten();
+        if let Some(why) = refused {
+            for _ in block {
+                seconds.push(Vec::new());
+                facts.push(TestFacts {
+                    refused: Some(why.clone()),
+                    ..TestFacts::default()
+                });
+            }
+            continue;
+        }
+        peak_rss_reset();
+        let dropped = kernels::placement::drop_file_pages(path).unwrap_or(false);
+        let started = Instant::now();
+        drop(LoadedModel::load_as(path, &shape, threads, load)?);
+        let load_cold_ms = dropped.then(|| started.elapsed().as_secs_f64() * 1e3);
+        let started = Instant::now();
+        let mut model = LoadedModel::load_as(path, &shape, threads, load)?;
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
+        first_load_ms.get_or_insert(load_ms);
+        let (block_seconds, block_facts) = time_loaded(job, block, &mut model, recipe)?;
+        seconds.extend(block_seconds);
+        facts.extend(block_facts.into_iter().map(|f| TestFacts {
+            load_ms: Some(load_ms),
+            load_cold_ms,
+            ..f
+        }));
+    }
+    Ok((seconds, facts, first_load_ms.unwrap_or(0.0)))
+}
+
+/// Times `tests` (of one load mode) on `model`: for each context and
+/// depth, a context of those settings on the loaded weights with room for
+/// the depth and the tests (llama-bench's `n_depth + n_prompt + n_gen`),
+/// its KV cache filled to the depth once, then each test on top. A context
+/// llama.cpp cannot run for this model, or that would not fit the board's
+/// memory, times nothing; its tests' facts say why.
+fn time_loaded(
+    job: &ModelJob,
+    tests: &[ModelTest],
     model: &mut LoadedModel,
+    recipe: &RecipeFile,
 ) -> Result<(Vec<Vec<f64>>, Vec<TestFacts>)> {
     let contexts = job.contexts();
-    let tests = job.tests(cores);
+    let budget = memory_budget(job);
     let (mut seconds, mut facts) = (Vec::new(), Vec::new());
     let mut first = 0;
     while first < tests.len() {
@@ -467,11 +574,22 @@ fn time_tests(
                 .max()
                 .unwrap_or(1)
                 .max(1);
+        // Checked before the context is made: a KV cache past the board's
+        // memory would get the agent killed.
+        let too_big = memory_refusal(
+            recipe.file_bytes,
+            model.kv_bytes_needed(n_ctx, &settings.kv_type),
+            (n_ctx, settings),
+            budget,
+        );
         // The group's scheduling priority first: one the board's user may
         // not set refuses the group's tests (the others still run).
-        let made = kernels::model::set_process_priority(settings.cpu.priority)
-            .map_err(ModelError::ContextRefused)
-            .and_then(|()| model.recontext(&ContextShape::timing(n_ctx, settings)));
+        let made = match too_big {
+            Some(why) => Err(ModelError::ContextRefused(why)),
+            None => kernels::model::set_process_priority(settings.cpu.priority)
+                .map_err(ModelError::ContextRefused)
+                .and_then(|()| model.recontext(&ContextShape::timing(n_ctx, settings))),
+        };
         match made {
             Err(ModelError::ContextRefused(why)) => {
                 for _ in group {
@@ -490,23 +608,20 @@ fn time_tests(
         // the model usable).
         peak_rss_reset();
         if depth > 0 {
-            model.set_threads_on(
-                group.iter().map(|t| t.threads).max().unwrap_or(1),
-                &settings.cpu,
-            )?;
+            let widest = group.iter().max_by_key(|t| t.threads).unwrap_or(&group[0]);
+            model.set_threads_on(widest.threads, &widest.cpu(settings))?;
             let fill = random_tokens(model, depth, depth as u64 + 1);
             decode_prompt(model, &fill, 0, settings.n_batch)?;
         }
         let group_facts = facts.len();
         for test in group {
-            model.set_threads_on(test.threads, &settings.cpu)?;
+            model.set_threads_on(test.threads, &test.cpu(settings))?;
             let (s, kv_bytes) = time_test(model, test, settings.n_batch, job.repetitions)?;
             seconds.push(s);
             facts.push(TestFacts {
-                peak_rss_bytes: None,
                 kv_bytes: Some(kv_bytes),
                 flash_attn_used: model.flash_attn_used(),
-                refused: None,
+                ..TestFacts::default()
             });
         }
         let peak = peak_rss_bytes();
@@ -554,15 +669,7 @@ pub fn time_invocation(
     cores: usize,
 ) -> Result<()> {
     let recipe = recipe_of(job, build, index)?;
-    peak_rss_reset();
-    let started = Instant::now();
-    let mut model = LoadedModel::load(
-        Path::new(&recipe.path),
-        timing_ctx(job),
-        max_threads(job, cores),
-    )?;
-    let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    let (seconds, tests) = time_tests(job, cores, &mut model)?;
+    let (seconds, tests, load_ms) = time_tests(job, cores, recipe)?;
     let timing = ModelTiming {
         load_ms,
         peak_rss_bytes: most_memory(&tests),
@@ -890,13 +997,11 @@ fn recipe_rows(
     timings: &Timings,
 ) -> RecipeRows {
     let timed = !timings.is_empty();
-    let load_ms =
-        Summary::of(&timings.iter().map(|(_, t)| t.load_ms).collect::<Vec<_>>()).map(|s| s.mean);
     // A job from before per-test facts: the process's peak for every test.
     let process_peak = timings.iter().filter_map(|(_, t)| t.peak_rss_bytes).max();
     let contexts = job.contexts();
     let mut out = Vec::new();
-    for (test_index, test) in job.tests(probe.cores).into_iter().enumerate() {
+    for (test_index, test) in tests_on(job, probe.cores).into_iter().enumerate() {
         let Some(judged) = judged.get(test.context).or(judged.first()) else {
             continue;
         };
@@ -912,6 +1017,17 @@ fn recipe_rows(
             .filter_map(|(_, t)| t.tests.get(test_index))
             .collect();
         let refused = test_facts.iter().find_map(|f| f.refused.clone());
+        // Each invocation's loads (older agents: the one load per process).
+        let mean_of = |values: Vec<f64>| Summary::of(&values).map(|s| s.mean);
+        let load_ms = mean_of(
+            timings
+                .iter()
+                .zip(&test_facts)
+                .map(|((_, t), f)| f.load_ms.unwrap_or(t.load_ms))
+                .collect(),
+        );
+        let load_cold_ms = mean_of(test_facts.iter().filter_map(|f| f.load_cold_ms).collect());
+        let cpu = test.cpu(settings);
         let peak_rss = test_facts
             .iter()
             .filter_map(|f| f.peak_rss_bytes)
@@ -949,10 +1065,12 @@ fn recipe_rows(
             },
             n_batch: settings.n_batch,
             n_ubatch: settings.n_ubatch,
-            cpu_mask: settings.cpu.cpu_mask.clone(),
-            cpu_strict: settings.cpu.cpu_strict,
-            poll: Some(settings.cpu.poll),
-            priority: settings.cpu.priority.name().into(),
+            cpu_mask: cpu.cpu_mask.clone(),
+            cpu_strict: cpu.cpu_strict,
+            poll: Some(cpu.poll),
+            priority: cpu.priority.name().into(),
+            load_mode: test.load.name().into(),
+            load_cold_ms: load_cold_ms.filter(|_| timed),
             kv_bytes: test_facts.iter().filter_map(|f| f.kv_bytes).max(),
             avg_ns: summary_ns.map(|s| s.mean),
             stddev_ns: summary_ns.map(|s| s.stddev),
@@ -1015,14 +1133,10 @@ fn measure_recipe(
     threads: usize,
 ) -> Result<RecipeRows> {
     let recipe = &job.recipes[index];
-    peak_rss_reset();
-    let load_started = Instant::now();
-    let mut model = LoadedModel::load(Path::new(&recipe.path), timing_ctx(job), threads)?;
-    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
     let judged = judge(job, recipe, reference, threads)?;
     let mut timings: Timings = Vec::new();
     if timed(recipe) {
-        let (seconds, tests) = time_tests(job, probe.cores, &mut model)?;
+        let (seconds, tests, load_ms) = time_tests(job, probe.cores, recipe)?;
         timings.push((
             0,
             ModelTiming {
@@ -1032,7 +1146,6 @@ fn measure_recipe(
                 tests,
             },
         ));
-        drop(model);
         let own = std::env::current_exe().context("finding the agent's own binary")?;
         while wants_more(job, &timings) {
             let timing = invoke_child(job, &own, job_path, None, (index, probe.cores))?;
@@ -1170,6 +1283,30 @@ fn measure_ab<'a>(
         .collect()
 }
 
+/// Refuses a job whose CPU masks name a CPU the agent cannot run on,
+/// before anything is measured (GGML would place a thread there and fail,
+/// or silently run elsewhere).
+fn check_cpu_masks(job: &ModelJob) -> Result<()> {
+    let allowed = crate::sysinfo::allowed_cpus();
+    for settings in job.contexts() {
+        let mask = &settings.cpu.cpu_mask;
+        let cpus =
+            wire::model_settings::CpuSettings::mask_cpus(mask).map_err(anyhow::Error::msg)?;
+        if let Some(cpu) = cpus.iter().find(|c| !allowed.contains(c)) {
+            bail!(
+                "cpu_mask {mask} names CPU {cpu}, which board {} lacks (the agent may run on CPUs {}): give masks of those CPUs in bench.toml",
+                job.board,
+                allowed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs a model job: every recipe's quality, speed and memory, rows
 /// appended to `models.csv` (repetitions to `samples.csv` first) recipe by
 /// recipe. Returns how many recipes failed.
@@ -1180,6 +1317,7 @@ pub fn run_model_job(
     out_dir: &Path,
 ) -> Result<usize> {
     let started = Instant::now();
+    check_cpu_masks(job)?;
     let mut rows = CsvAppender::<ModelRow>::open(&out_dir.join(MODEL_ROWS_FILE))?;
     // Every repetition is kept, as llama-bench's JSON keeps `samples_ns`, so
     // model cells can be compared between runs like kernel cells.

@@ -21,6 +21,7 @@ pub fn probe(with_bandwidth: bool) -> BoardProbe {
             .map(str::to_string)
             .collect(),
         cores,
+        big_cores: fastest_cores(),
         memory_bytes: meminfo_kib("MemTotal").unwrap_or(0) * 1024,
         // SAFETY: sysconf has no preconditions.
         page_size: unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64,
@@ -311,6 +312,85 @@ pub fn free_disk_bytes(path: &std::path::Path) -> Option<u64> {
     }
 }
 
+/// The CPUs this process may run on (`Cpus_allowed_list`; every online
+/// CPU when the kernel does not say).
+pub fn allowed_cpus() -> Vec<usize> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim)
+        .map(str::to_string)
+        .or_else(|| read_trimmed("/sys/devices/system/cpu/online"));
+    let cpus = list.as_deref().map(parse_cpu_list).unwrap_or_default();
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (0..n).collect()
+    } else {
+        cpus
+    }
+}
+
+/// A kernel CPU list (`0-3,6`).
+fn parse_cpu_list(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(first), Ok(last)) = (first.parse::<usize>(), last.parse::<usize>()) {
+            cpus.extend(first..=last);
+        }
+    }
+    cpus
+}
+
+/// The fastest of the CPUs this process may run on: see `fastest_in`.
+pub fn fastest_cores() -> Vec<usize> {
+    fastest_in(Path::new("/sys/devices/system/cpu"), &allowed_cpus())
+}
+
+/// The CPUs of `allowed` with the highest `cpu_capacity` (Arm's
+/// scheduler's relative speed, 1024 for the biggest core), else the
+/// highest `cpufreq/cpuinfo_max_freq`, read under `sys_cpu`
+/// (`/sys/devices/system/cpu`); all of `allowed` when neither says.
+fn fastest_in(sys_cpu: &Path, allowed: &[usize]) -> Vec<usize> {
+    let read = |cpu: usize, file: &str| -> Option<u64> {
+        fs::read_to_string(sys_cpu.join(format!("cpu{cpu}")).join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    for file in ["cpu_capacity", "cpufreq/cpuinfo_max_freq"] {
+        let speeds: Vec<(usize, u64)> = allowed
+            .iter()
+            .filter_map(|&cpu| Some((cpu, read(cpu, file)?)))
+            .collect();
+        if speeds.len() == allowed.len() && !speeds.is_empty() {
+            let top = speeds.iter().map(|(_, s)| *s).max().unwrap_or(0);
+            return speeds
+                .into_iter()
+                .filter(|(_, s)| *s == top)
+                .map(|(cpu, _)| cpu)
+                .collect();
+        }
+    }
+    allowed.to_vec()
+}
+
+/// The board's memory (`MemTotal`), bytes.
+pub fn total_memory_bytes() -> Option<u64> {
+    meminfo_kib("MemTotal").map(|kib| kib * 1024)
+}
+
+/// The memory limit of the cgroup the agent runs in (cgroup v2
+/// `memory.max`; `None` when it has none or the kernel does not say).
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let groups = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = groups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let limit = fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", path.trim())).ok()?;
+    limit.trim().parse().ok()
+}
+
 /// Memory the kernel says a new allocation can get without swapping
 /// (`MemAvailable`), in bytes.
 pub fn available_memory_bytes() -> Option<u64> {
@@ -347,6 +427,39 @@ fn read_number(path: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fastest_cores_come_from_capacity_then_max_frequency() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |cpu: usize, file: &str, value: &str| {
+            let path = dir.path().join(format!("cpu{cpu}")).join(file);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, value).unwrap();
+        };
+        // An RK3588 as its kernel describes it: four A55s, four A76s.
+        for cpu in 0..8 {
+            write(
+                cpu,
+                "cpu_capacity",
+                if cpu < 4 { "414\n" } else { "1024\n" },
+            );
+            let khz = if cpu < 4 { "1800000" } else { "2352000" };
+            write(cpu, "cpufreq/cpuinfo_max_freq", khz);
+        }
+        let all: Vec<usize> = (0..8).collect();
+        assert_eq!(fastest_in(dir.path(), &all), vec![4, 5, 6, 7]);
+        // Restricted to CPUs 2-5 (a cgroup's cpuset), the big ones of those.
+        assert_eq!(fastest_in(dir.path(), &[2, 3, 4, 5]), vec![4, 5]);
+        // No capacities (x86, older kernels): the highest maximum clock.
+        for cpu in 0..8 {
+            fs::remove_file(dir.path().join(format!("cpu{cpu}/cpu_capacity"))).unwrap();
+        }
+        assert_eq!(fastest_in(dir.path(), &all), vec![4, 5, 6, 7]);
+        // Nothing to tell them apart (a Pi 5 under qemu-user): all alike.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(fastest_in(empty.path(), &[0, 1, 2, 3]), vec![0, 1, 2, 3]);
+        assert_eq!(parse_cpu_list("0-3,6, 8-9"), vec![0, 1, 2, 3, 6, 8, 9]);
+    }
 
     #[test]
     fn cpu_counters_parse_and_a_busy_neighbour_shows() {

@@ -138,6 +138,14 @@ pub struct TestFacts {
     /// why; the test has no times and its row is `unsupported`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// The load of the recipe the test ran on, from the page cache
+    /// (right after the cold one), ms ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<f64>,
+    /// ... and with none of the file in the page cache (`None` where its
+    /// pages could not be dropped), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_cold_ms: Option<f64>,
 }
 
 /// What llama.cpp says of a loaded recipe file.

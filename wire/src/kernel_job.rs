@@ -15,37 +15,61 @@ pub struct Shape {
     pub cols: usize,
 }
 
-/// Worker threads for a cell: a number, or every core of the board.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(untagged)]
+/// Worker threads for a cell: a number, every core of the board (`"all"`),
+/// or (model matrices) its fastest cores only (`"big"`: on a big.LITTLE
+/// board such as an RK3588 the big cores, on a Pi 5 all four).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ThreadCount {
     Fixed(usize),
-    #[serde(with = "all_literal")]
     All,
+    Big,
 }
 
-mod all_literal {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("all")
+impl Serialize for ThreadCount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ThreadCount::Fixed(n) => s.serialize_u64(*n as u64),
+            ThreadCount::All => s.serialize_str("all"),
+            ThreadCount::Big => s.serialize_str("big"),
+        }
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
-        let text = String::deserialize(d)?;
-        if text == "all" {
-            Ok(())
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "threads must be a number or \"all\", not \"{text}\""
-            )))
+}
+
+impl<'de> Deserialize<'de> for ThreadCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Spec {
+            Number(usize),
+            Text(String),
+        }
+        match Spec::deserialize(d)? {
+            Spec::Number(n) => Ok(ThreadCount::Fixed(n)),
+            Spec::Text(t) if t == "all" => Ok(ThreadCount::All),
+            Spec::Text(t) if t == "big" => Ok(ThreadCount::Big),
+            Spec::Text(t) => Err(serde::de::Error::custom(format!(
+                "threads must be a number, \"all\" or \"big\" (the board's fastest cores), not \"{t}\""
+            ))),
         }
     }
 }
 
 impl ThreadCount {
+    /// Threads on a board of `cores` CPUs (`"big"`: as many as it has
+    /// cores of its fastest kind; kernel cells, which have no topology,
+    /// take every core).
     pub fn resolve(self, cores: usize) -> usize {
+        self.resolve_on(cores, &[])
+    }
+
+    /// Threads on a board of `cores` CPUs whose fastest are `big` (empty:
+    /// unknown, all alike).
+    pub fn resolve_on(self, cores: usize, big: &[usize]) -> usize {
         match self {
             ThreadCount::Fixed(n) => n,
             ThreadCount::All => cores.max(1),
+            ThreadCount::Big if big.is_empty() => cores.max(1),
+            ThreadCount::Big => big.len(),
         }
     }
 }
@@ -55,6 +79,7 @@ impl fmt::Display for ThreadCount {
         match self {
             ThreadCount::Fixed(n) => write!(f, "{n}"),
             ThreadCount::All => f.write_str("all"),
+            ThreadCount::Big => f.write_str("big"),
         }
     }
 }
@@ -350,9 +375,20 @@ mod tests {
     }
 
     #[test]
-    fn thread_counts_read_numbers_and_all_only() {
-        let parsed: Vec<ThreadCount> = serde_json::from_str("[2, \"all\"]").unwrap();
-        assert_eq!(parsed, vec![ThreadCount::Fixed(2), ThreadCount::All]);
-        assert!(serde_json::from_str::<ThreadCount>("\"many\"").is_err());
+    fn thread_counts_read_numbers_all_and_big() {
+        let parsed: Vec<ThreadCount> = serde_json::from_str("[2, \"all\", \"big\"]").unwrap();
+        assert_eq!(
+            parsed,
+            vec![ThreadCount::Fixed(2), ThreadCount::All, ThreadCount::Big]
+        );
+        assert_eq!(
+            serde_json::to_string(&parsed).unwrap(),
+            "[2,\"all\",\"big\"]"
+        );
+        let e = serde_json::from_str::<ThreadCount>("\"many\"").unwrap_err();
+        assert!(e.to_string().contains("\"big\""), "{e}");
+        // An RK3588: four small cores, then four big ones.
+        assert_eq!(ThreadCount::Big.resolve_on(8, &[4, 5, 6, 7]), 4);
+        assert_eq!(ThreadCount::Big.resolve_on(4, &[]), 4);
     }
 }

@@ -119,6 +119,15 @@ pub struct ModelJob {
     /// answer of that length).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pg: Vec<[usize; 2]>,
+    /// How each recipe is loaded, one pass of every test per mode
+    /// (`load_mode`); empty: mmap only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_modes: Vec<crate::model_settings::ModelLoad>,
+    /// Memory the agent may plan a test for on this board (its
+    /// `max_memory_mb`); the agent also never plans beyond the board's
+    /// own memory or its cgroup's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
     /// The contexts every test runs in (the matrix's KV-cache types x
     /// flash attention x batches); empty: llama.cpp's defaults only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -172,8 +181,14 @@ pub struct ModelJobBuild {
 /// One timed test of a model job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelTest {
+    /// How the recipe was loaded for it.
+    pub load: crate::model_settings::ModelLoad,
     /// Index into `ModelJob::contexts()`.
     pub context: usize,
+    /// The CPUs its threads are placed on when the context's own mask
+    /// leaves it to the OS and the test asked for the board's fastest
+    /// cores (`threads = "big"` on a board with slower ones too).
+    pub big_cores_mask: Option<String>,
     pub depth: usize,
     pub threads: usize,
     /// Tokens decoded as a prompt (in batches), then generated one at a
@@ -191,6 +206,16 @@ impl ModelTest {
     /// Tokens the test decodes.
     pub fn tokens(&self) -> usize {
         self.n_prompt + self.n_gen
+    }
+
+    /// Where its threads run: the context's CPU settings, on the big
+    /// cores when it asked for them.
+    pub fn cpu(&self, context: &ContextSettings) -> crate::model_settings::CpuSettings {
+        let mut cpu = context.cpu.clone();
+        if let Some(mask) = &self.big_cores_mask {
+            cpu.cpu_mask = mask.clone();
+        }
+        cpu
     }
 }
 
@@ -213,28 +238,55 @@ impl ModelJob {
         }
     }
 
-    /// Every timed test on a board of `cores` cores, in the order the
-    /// agent runs them and a `ModelTiming` lists their times: by context,
-    /// then depth (the KV cache filled once for all that run on it), then
-    /// thread count, pp, tg, then each prompt-then-generation pair.
-    pub fn tests(&self, cores: usize) -> Vec<ModelTest> {
-        let mut tests = Vec::new();
-        for context in 0..self.contexts().len() {
-            for depth in self.depths() {
-                for threads in &self.threads {
-                    let threads = threads.resolve(cores);
-                    let pp_tg = [(self.n_prompt, 0), (0, self.n_gen)];
-                    for (n_prompt, n_gen) in pp_tg
-                        .into_iter()
-                        .chain(self.pg.iter().map(|p| (p[0], p[1])))
-                    {
-                        tests.push(ModelTest {
-                            context,
-                            depth,
-                            threads,
-                            n_prompt,
-                            n_gen,
-                        });
+    /// How each recipe is loaded: the job's modes, or mmap.
+    pub fn load_modes(&self) -> Vec<crate::model_settings::ModelLoad> {
+        if self.load_modes.is_empty() {
+            vec![crate::model_settings::ModelLoad::Mmap]
+        } else {
+            self.load_modes.clone()
+        }
+    }
+
+    /// Every timed test on a board of `cores` cores whose fastest are
+    /// `big_cores` (empty: all alike), in the order the agent runs them and
+    /// a `ModelTiming` lists their times: by load mode (the recipe loaded
+    /// once for all its tests), context, then depth (the KV cache filled
+    /// once for all that run on it), then thread count, pp, tg, then each
+    /// prompt-then-generation pair. A thread spec that comes to a test
+    /// already listed (`"big"` on a board whose cores are all alike, beside
+    /// `"all"`) is listed once.
+    pub fn tests(&self, cores: usize, big_cores: &[usize]) -> Vec<ModelTest> {
+        let contexts = self.contexts();
+        let big_is_fewer = !big_cores.is_empty() && big_cores.len() < cores;
+        let mut tests: Vec<ModelTest> = Vec::new();
+        for load in self.load_modes() {
+            for (context, settings) in contexts.iter().enumerate() {
+                for depth in self.depths() {
+                    for &spec in &self.threads {
+                        let threads = spec.resolve_on(cores, big_cores);
+                        let big_cores_mask = (spec == ThreadCount::Big
+                            && big_is_fewer
+                            && settings.cpu.cpu_mask
+                                == crate::model_settings::CpuSettings::default().cpu_mask)
+                            .then(|| crate::model_settings::CpuSettings::mask_of(big_cores));
+                        let pp_tg = [(self.n_prompt, 0), (0, self.n_gen)];
+                        for (n_prompt, n_gen) in pp_tg
+                            .into_iter()
+                            .chain(self.pg.iter().map(|p| (p[0], p[1])))
+                        {
+                            let test = ModelTest {
+                                load,
+                                context,
+                                big_cores_mask: big_cores_mask.clone(),
+                                depth,
+                                threads,
+                                n_prompt,
+                                n_gen,
+                            };
+                            if !tests.contains(&test) {
+                                tests.push(test);
+                            }
+                        }
                     }
                 }
             }
@@ -335,6 +387,58 @@ pub fn repetition_score(text: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model_settings::ModelLoad;
+
+    fn job(threads: &str, load_modes: &str) -> ModelJob {
+        serde_json::from_value(serde_json::json!({
+            "run_id": "r", "board": "b", "emulated": false, "git_commit": "c",
+            "model_name": "m",
+            "base": {"recipe": "original", "path": "m.gguf", "fallbacks": [], "file_bytes": 1},
+            "recipes": [], "threads": serde_json::from_str::<serde_json::Value>(threads).unwrap(),
+            "text": "t", "ctx": 8, "prompt": "p", "generate_tokens": 1,
+            "n_prompt": 4, "n_gen": 2, "repetitions": 1,
+            "load_modes": serde_json::from_str::<serde_json::Value>(load_modes).unwrap(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn big_threads_run_on_the_fastest_cores_and_load_modes_are_the_outer_pass() {
+        // An RK3588: "big" is four threads placed on CPUs 4-7.
+        let rk = job("[\"big\", \"all\"]", "[]").tests(8, &[4, 5, 6, 7]);
+        assert_eq!(rk.len(), 4);
+        assert_eq!(
+            (rk[0].threads, rk[0].big_cores_mask.as_deref()),
+            (4, Some("0xf0"))
+        );
+        assert_eq!((rk[2].threads, rk[2].big_cores_mask.as_deref()), (8, None));
+        let context = ContextSettings::default();
+        assert_eq!(rk[0].cpu(&context).cpu_mask, "0xf0");
+        // A mask given in the matrix wins over the big cores'.
+        let mut masked = job("[\"big\"]", "[]");
+        let mut pinned = ContextSettings::default();
+        pinned.cpu.cpu_mask = "0x3".into();
+        masked.contexts = vec![pinned];
+        assert!(masked.tests(8, &[4, 5, 6, 7])[0].big_cores_mask.is_none());
+        // A Pi 5: all cores alike, "big" is "all", listed once.
+        let pi = job("[\"big\", \"all\"]", "[]").tests(4, &[0, 1, 2, 3]);
+        assert_eq!(pi.len(), 2);
+        assert!(pi
+            .iter()
+            .all(|t| t.threads == 4 && t.big_cores_mask.is_none()));
+        // Load modes: every test once per mode, the mode outermost.
+        let loads = job("[1]", "[\"no-mmap\", \"mlock\"]").tests(4, &[]);
+        let modes: Vec<ModelLoad> = loads.iter().map(|t| t.load).collect();
+        assert_eq!(
+            modes,
+            [
+                ModelLoad::NoMmap,
+                ModelLoad::NoMmap,
+                ModelLoad::Mlock,
+                ModelLoad::Mlock
+            ]
+        );
+    }
 
     #[test]
     fn repetition_score_flags_degenerate_text() {

@@ -110,6 +110,54 @@ impl FlashAttn {
     }
 }
 
+/// How a recipe's weights are loaded (llama-bench's `-mmp`, and
+/// llama.cpp's `--mlock`): mapped from the file (`mmap`, the default: the
+/// page cache holds them and the kernel may drop them under pressure),
+/// read into memory the process owns (`no-mmap`), or mapped and locked in
+/// memory (`mlock`: never paged out; needs a memlock limit of at least the
+/// file, or CAP_IPC_LOCK).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelLoad {
+    #[default]
+    Mmap,
+    NoMmap,
+    Mlock,
+}
+
+impl ModelLoad {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelLoad::Mmap => "mmap",
+            ModelLoad::NoMmap => "no-mmap",
+            ModelLoad::Mlock => "mlock",
+        }
+    }
+
+    /// The load mode of a row's `load_mode` column (empty in older rows:
+    /// mmap).
+    pub fn from_name(name: &str) -> Option<ModelLoad> {
+        match name {
+            "" | "mmap" => Some(ModelLoad::Mmap),
+            "no-mmap" => Some(ModelLoad::NoMmap),
+            "mlock" => Some(ModelLoad::Mlock),
+            _ => None,
+        }
+    }
+}
+
+/// A model row's settings as part of its identity: its context's
+/// (`ContextSettings::key`) and, when not mmap, its load mode
+/// (`.../load=no-mmap`); empty at llama-bench's defaults.
+pub fn settings_key(context: &ContextSettings, load: ModelLoad) -> String {
+    let context = context.key();
+    match load {
+        ModelLoad::Mmap => context,
+        load if context.is_empty() => format!("load={}", load.name()),
+        load => format!("{context}/load={}", load.name()),
+    }
+}
+
 /// llama-bench's `--prio`: the scheduling priority of the process and of
 /// GGML's worker threads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -226,6 +274,23 @@ impl CpuSettings {
         Ok(cpus)
     }
 
+    /// The hex mask of `cpus` (`[4, 5, 6, 7]` is `0xf0`), as `-C` takes it.
+    pub fn mask_of(cpus: &[usize]) -> String {
+        let Some(&top) = cpus.iter().max() else {
+            return "0x0".into();
+        };
+        let mut nibbles = vec![0u32; top / 4 + 1];
+        for &cpu in cpus {
+            nibbles[cpu / 4] |= 1 << (cpu % 4);
+        }
+        let digits: String = nibbles
+            .iter()
+            .rev()
+            .map(|n| char::from_digit(*n, 16).unwrap_or('0'))
+            .collect();
+        format!("0x{digits}")
+    }
+
     /// `C=0x3/strict=1/poll=0/prio=high`: the part of a row's identity;
     /// empty at llama-bench's defaults.
     pub fn key(&self) -> String {
@@ -337,6 +402,33 @@ mod tests {
             "ctk=f16/ctv=f16/fa=auto/b=2048/ub=512/C=0x0/strict=0/poll=0/prio=high"
         );
         assert!(settings.same_quality_as(&ContextSettings::default()));
+    }
+
+    #[test]
+    fn masks_of_cpu_lists_round_trip_and_load_modes_join_the_key() {
+        assert_eq!(CpuSettings::mask_of(&[4, 5, 6, 7]), "0xf0");
+        assert_eq!(CpuSettings::mask_of(&[0, 9]), "0x201");
+        assert_eq!(CpuSettings::mask_of(&[]), "0x0");
+        let cpus = [1, 4, 5, 6, 7, 63];
+        assert_eq!(
+            CpuSettings::mask_cpus(&CpuSettings::mask_of(&cpus)).unwrap(),
+            cpus
+        );
+        let default = ContextSettings::default();
+        assert_eq!(settings_key(&default, ModelLoad::Mmap), "");
+        assert_eq!(settings_key(&default, ModelLoad::NoMmap), "load=no-mmap");
+        let q8 = ContextSettings {
+            kv_type: KvCacheType::parse("q8_0").unwrap(),
+            ..ContextSettings::default()
+        };
+        assert_eq!(
+            settings_key(&q8, ModelLoad::Mlock),
+            "ctk=q8_0/ctv=q8_0/fa=auto/b=2048/ub=512/load=mlock"
+        );
+        for load in [ModelLoad::Mmap, ModelLoad::NoMmap, ModelLoad::Mlock] {
+            assert_eq!(ModelLoad::from_name(load.name()), Some(load));
+        }
+        assert_eq!(ModelLoad::from_name(""), Some(ModelLoad::Mmap));
     }
 
     #[test]

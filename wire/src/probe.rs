@@ -13,6 +13,12 @@ pub struct BoardProbe {
     /// Features GGML was compiled with and detected at run time.
     pub ggml_features: Vec<String>,
     pub cores: usize,
+    /// The fastest CPUs the agent may run on (by `cpu_capacity`, else the
+    /// highest `cpuinfo_max_freq`): what `threads = "big"` uses. All of
+    /// them on a board whose cores are alike (a Pi 5), the big cores on a
+    /// big.LITTLE one (an RK3588's 4-7). Empty in older probes.
+    #[serde(default)]
+    pub big_cores: Vec<usize>,
     pub memory_bytes: u64,
     pub page_size: u64,
     pub os: String,

@@ -422,6 +422,16 @@ pub struct ModelRow {
     /// rows: normal).
     #[serde(default)]
     pub priority: String,
+    /// How the recipe was loaded: `mmap` (empty in older rows), `no-mmap`,
+    /// `mlock` ...
+    #[serde(default)]
+    pub load_mode: String,
+    /// ... and the load's time with none of the file in the page cache
+    /// (as after a reboot; `load_ms` is the load right after it, from the
+    /// page cache), mean over invocations; empty where the file's pages
+    /// could not be dropped.
+    #[serde(default)]
+    pub load_cold_ms: Option<f64>,
     /// Bytes the KV cache held at the end of a repetition (depth plus the
     /// test's tokens; `peak_rss_bytes` counts what llama.cpp allocated).
     #[serde(default)]
@@ -488,7 +498,7 @@ impl ModelRow {
     /// in an A/B run: the key its repetitions carry in `samples.csv` and
     /// comparisons match on, so two settings' repetitions never mix.
     pub fn cell_id(&self) -> String {
-        let settings = self.context_settings().key();
+        let settings = self.settings_key();
         let id = format!(
             "{}/{}/{}/t{}{}",
             self.model_filename,
@@ -513,8 +523,19 @@ impl ModelRow {
             board: self.board.clone(),
             kind: "model".into(),
             cell_id: self.cell_id(),
-            settings: self.context_settings().key(),
+            settings: self.settings_key(),
         }
+    }
+
+    /// The row's settings as part of its identity
+    /// (`model_settings::settings_key`).
+    pub fn settings_key(&self) -> String {
+        crate::model_settings::settings_key(&self.context_settings(), self.load())
+    }
+
+    /// How the recipe was loaded (older rows and unknown names: mmap).
+    pub fn load(&self) -> crate::model_settings::ModelLoad {
+        crate::model_settings::ModelLoad::from_name(&self.load_mode).unwrap_or_default()
     }
 
     /// The context the row's test ran in, older rows' empty columns read
@@ -607,6 +628,8 @@ impl ModelRow {
             cpu_strict: false,
             poll: None,
             priority: String::new(),
+            load_mode: String::new(),
+            load_cold_ms: None,
             kv_bytes: None,
             avg_ns: None,
             stddev_ns: None,
@@ -868,6 +891,8 @@ mod tests {
             "cpu_strict",
             "poll",
             "priority",
+            "load_mode",
+            "load_cold_ms",
             "kv_bytes",
             "ppl_stderr",
             "kld_stderr",

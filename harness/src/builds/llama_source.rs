@@ -115,15 +115,24 @@ pub enum Capability {
     /// `llama_model_imatrix_data`: importance data given to the quantizer
     /// (the `+imatrix` recipes).
     ImatrixData,
+    /// `llama_load_mode`: the load mode as one enum (newer llama.cpp);
+    /// without it the same modes are `use_mmap`/`use_mlock` flags, so
+    /// nothing is switched off.
+    LoadModeEnum,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 2] = [Capability::TensorOverrides, Capability::ImatrixData];
+    pub const ALL: [Capability; 3] = [
+        Capability::TensorOverrides,
+        Capability::ImatrixData,
+        Capability::LoadModeEnum,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Capability::TensorOverrides => "tensor-overrides",
             Capability::ImatrixData => "imatrix-data",
+            Capability::LoadModeEnum => "load-mode-enum",
         }
     }
 
@@ -132,6 +141,7 @@ impl Capability {
         match self {
             Capability::TensorOverrides => "llama_model_tensor_override",
             Capability::ImatrixData => "llama_model_imatrix_data",
+            Capability::LoadModeEnum => "llama_load_mode",
         }
     }
 }
@@ -1053,7 +1063,7 @@ mod tests {
         std::fs::write(tree.join("ggml/include/ggml.h"), &all).unwrap();
         std::fs::write(
             tree.join("include/llama.h"),
-            "struct llama_model_imatrix_data;",
+            "struct llama_model_imatrix_data;\nenum llama_load_mode {};",
         )
         .unwrap();
         assert_eq!(check_headers(tree), Ok(vec![Capability::TensorOverrides]));

@@ -741,7 +741,11 @@ fn ingest(
             },
             "0.00",
             "none",
-            "mmap",
+            if r.load_mode.is_empty() {
+                "mmap"
+            } else {
+                r.load_mode.as_str()
+            },
             0,
             0,
             r.n_prompt as i64,

@@ -40,6 +40,9 @@ pub enum ImportError {
 struct LlamaBenchRecord {
     #[serde(default)]
     build_commit: String,
+    /// `-mmp`: false for a `--no-mmap` load (older files lack it: mmap).
+    #[serde(default)]
+    use_mmap: Option<bool>,
     #[serde(default)]
     cpu_info: String,
     model_filename: String,
@@ -191,6 +194,12 @@ pub fn import_llama_bench(
             poll: r.poll,
             // llama-bench does not write its --prio.
             priority: String::new(),
+            load_mode: if r.use_mmap == Some(false) {
+                "no-mmap".into()
+            } else {
+                String::new()
+            },
+            load_cold_ms: None,
             kv_bytes: None,
             avg_ns: Some(r.avg_ns),
             stddev_ns: Some(r.stddev_ns),

@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use wire::ggml_type::Distribution;
 use wire::kernel_job::{LoadMode, ThreadCount};
-use wire::model_settings::{ContextSettings, CpuSettings, FlashAttn, KvCacheType, Priority};
+use wire::model_settings::{
+    ContextSettings, CpuSettings, FlashAttn, KvCacheType, ModelLoad, Priority,
+};
 use wire::weight_format::WeightFormat;
 
 #[derive(Debug, Error)]
@@ -254,6 +256,12 @@ pub struct ModelMatrixSpec {
     /// `realtime`. Above normal needs CAP_SYS_NICE on the board.
     #[serde(default = "default_priority")]
     pub priority: Vec<Priority>,
+    /// How each recipe is loaded, each a pass of every test (llama-bench's
+    /// `-mmp`, llama.cpp's `--mlock`): `mmap` (default), `no-mmap`,
+    /// `mlock`. Each load is timed twice: cold (the file dropped from the
+    /// page cache first) and warm.
+    #[serde(default = "default_load_mode")]
+    pub load_mode: Vec<ModelLoad>,
     #[serde(default = "default_reps")]
     pub repetitions: u32,
     /// Separate processes each recipe's speed is measured in (each loads
@@ -350,6 +358,10 @@ fn default_cpu_strict() -> Vec<bool> {
 
 fn default_poll() -> Vec<u32> {
     vec![CpuSettings::default().poll]
+}
+
+fn default_load_mode() -> Vec<ModelLoad> {
+    vec![ModelLoad::Mmap]
 }
 
 fn default_priority() -> Vec<Priority> {
@@ -544,6 +556,11 @@ impl BenchConfig {
             if spec.threads.contains(&ThreadCount::Fixed(0)) {
                 return Err(invalid("`threads` must be at least 1 or \"all\"".into()));
             }
+            if spec.threads.contains(&ThreadCount::Big) {
+                return Err(invalid(
+                    "`threads = \"big\"` (the board's fastest cores) is for model matrices; a kernel matrix takes numbers or \"all\"".into(),
+                ));
+            }
             if spec.min_reps == 0 {
                 return Err(invalid("`min_reps` must be at least 1".into()));
             }
@@ -642,6 +659,23 @@ impl ModelMatrixSpec {
         out
     }
 
+    /// How each recipe is loaded (`load_mode`).
+    pub fn load_modes(&self) -> Vec<ModelLoad> {
+        self.load_mode.clone()
+    }
+
+    /// The settings parts of the matrix's cell ids
+    /// (`model_settings::settings_key`), one per load mode and context.
+    pub fn settings_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for load in self.load_modes() {
+            for context in self.contexts() {
+                keys.push(wire::model_settings::settings_key(&context, load));
+            }
+        }
+        keys
+    }
+
     /// The most tokens a test's KV cache holds: its depth and its tokens.
     pub fn most_context(&self) -> usize {
         let longest = self
@@ -672,8 +706,10 @@ impl ModelMatrixSpec {
 
     /// The job's deadline for `recipes` recipes on this board.
     pub fn deadline(&self, recipes: usize, invocations: u32) -> std::time::Duration {
-        let settings =
-            self.contexts().len().max(1) * self.n_depth.len().max(1) * (1 + self.pg.len());
+        let settings = self.load_mode.len().max(1)
+            * self.contexts().len().max(1)
+            * self.n_depth.len().max(1)
+            * (1 + self.pg.len());
         let units = (recipes * self.threads.len().max(1) * settings) as u64;
         // Each further invocation loads the recipe and runs its tests again.
         let more = 300 * units * u64::from(invocations.saturating_sub(1));
@@ -728,6 +764,7 @@ impl ModelMatrixSpec {
             ("cpu_strict", self.cpu_strict.is_empty()),
             ("poll", self.poll.is_empty()),
             ("priority", self.priority.is_empty()),
+            ("load_mode", self.load_mode.is_empty()),
         ] {
             if empty {
                 return Err(format!(

@@ -259,6 +259,17 @@ pub fn deadline_reason(deadline: std::time::Duration) -> String {
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    // The agent's own error (`Error: ...` and its causes) rather than the
+    // backtrace printed after it when RUST_BACKTRACE is set.
+    if let Some(error) = lines.iter().rposition(|l| l.starts_with("Error: ")) {
+        let said: Vec<&str> = lines[error..]
+            .iter()
+            .take_while(|l| !l.trim_start().starts_with("Stack backtrace"))
+            .take(4)
+            .copied()
+            .collect();
+        return said.join(" / ");
+    }
     let tail = &lines[lines.len().saturating_sub(3)..];
     if tail.is_empty() {
         "(empty)".to_string()

@@ -329,13 +329,15 @@ pub fn lacks_note(source: &PreparedSource) -> String {
         .identity
         .lacks
         .iter()
-        .map(|c| match c {
+        .filter_map(|c| match c {
             Capability::TensorOverrides => {
-                "adaptive and per-layer recipes (no per-tensor overrides)"
+                Some("adaptive and per-layer recipes (no per-tensor overrides)")
             }
             Capability::ImatrixData => {
-                "+imatrix recipes (no importance data in quantize parameters)"
+                Some("+imatrix recipes (no importance data in quantize parameters)")
             }
+            // Older llama.cpp sets the same load modes through flags.
+            Capability::LoadModeEnum => None,
         })
         .collect();
     if off.is_empty() {

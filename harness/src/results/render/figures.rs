@@ -213,6 +213,9 @@ pub fn variant_label(r: &ModelRow) -> String {
     if cpu.priority != default_cpu.priority {
         label.push_str(&format!(" prio={}", cpu.priority.name()));
     }
+    if r.load() != wire::model_settings::ModelLoad::Mmap {
+        label.push_str(&format!(" load={}", r.load().name()));
+    }
     if r.n_depth > 0 {
         label.push_str(&format!(" d{}", r.n_depth));
     }
@@ -291,7 +294,7 @@ impl<'a> ModelFigures<'a> {
             .into_iter()
             .filter(|r| {
                 r.n_depth == 0
-                    && r.context_settings() == ContextSettings::default()
+                    && r.settings_key().is_empty()
                     && r.kld_mean.is_some()
                     && r.avg_ts.is_some()
             })

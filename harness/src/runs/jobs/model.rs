@@ -328,6 +328,27 @@ impl ModelMatrix {
     /// `ModelMatrixSpec::test_names` names it: `pp64`, `tg16+d512`; any
     /// thread count for `"all"`); otherwise says which there are.
     pub fn check_test(&self, cell: &str) -> Result<(), String> {
+        // A row under other settings than llama.cpp's defaults carries
+        // them in brackets (`.../t2[ctk=q8_0/...]`): one of the matrix's.
+        let (cell, settings) = match cell.split_once('[') {
+            Some((test, rest)) => (test, rest.strip_suffix(']').unwrap_or(rest)),
+            None => (cell, ""),
+        };
+        let keys = self.spec.settings_keys();
+        if !keys.iter().any(|k| k == settings) {
+            return Err(format!(
+                "model matrix `{}` has no settings `[{settings}]` (its settings: {})",
+                self.name,
+                keys.iter()
+                    .map(|k| if k.is_empty() {
+                        "(defaults: no brackets)".to_string()
+                    } else {
+                        format!("[{k}]")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let mut known = Vec::new();
         for source in &self.models {
             let model = source.name();
@@ -340,7 +361,8 @@ impl ModelMatrix {
                                 known.push(format!("{id}{n}"));
                                 cell == format!("{id}{n}")
                             }
-                            wire::kernel_job::ThreadCount::All => {
+                            wire::kernel_job::ThreadCount::All
+                            | wire::kernel_job::ThreadCount::Big => {
                                 known.push(format!("{id}<cores>"));
                                 cell.strip_prefix(&id).is_some_and(|n| {
                                     !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
@@ -658,6 +680,11 @@ impl JobKind for ModelMatrix {
                 depths: self.spec.n_depth.clone(),
                 pg: self.spec.pg.clone(),
                 contexts: self.spec.contexts(),
+                load_modes: self.spec.load_modes(),
+                memory_limit_bytes: match &board.board {
+                    crate::fleet::boards::ResolvedBoard::Remote(remote) => remote.max_memory_bytes,
+                    crate::fleet::boards::ResolvedBoard::Local => None,
+                },
                 repetitions: self.spec.repetitions,
                 invocations: self
                     .spec
