@@ -684,6 +684,51 @@ fn load_modes_cold_loads_big_cores_and_memory_fit_are_measured_or_refused_saying
 }
 
 #[test]
+fn winogrande_and_mmlu_task_files_score_as_llama_perplexity_does_with_an_interval() {
+    // Stock llama-perplexity on the F32 fixture (`--winogrande -f
+    // fixtures/stories-winogrande.csv`, `--multiple-choice -f
+    // fixtures/stories-mmlu.bin`, -c 128) scores 3 of the 6 WinoGrande
+    // tasks (50%) and 4 of 4 multiple-choice tasks (100 +/- 0).
+    let dir = tempfile::tempdir().unwrap();
+    for (file, accuracy, tasks) in [
+        ("stories-winogrande.csv", 0.5, 6.0),
+        ("stories-mmlu.bin", 1.0, 4.0),
+    ] {
+        let body = config(&[fixture("stories260K.gguf")], "\"f32\"")
+            .replace(&fixture("stories-choice.jsonl"), &fixture(file))
+            .replace("repetitions = 2", "repetitions = 1")
+            + "threads = [1]\ninvocations = 1\n";
+        std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
+        let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+        assert!(out.status.success(), "{}", common::text(&out));
+        let run = only_run_dir(dir.path());
+        let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+        let f32 = &rows[0];
+        assert_eq!(f32.mc_accuracy, Some(accuracy), "{file}: {f32:?}");
+        let stderr = (accuracy * (1.0 - accuracy) / (tasks - 1.0)).sqrt();
+        assert!((f32.mc_stderr.unwrap() - stderr).abs() < 1e-9, "{f32:?}");
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+    // A WinoGrande answer that is neither option: one line, nothing run.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "0,Lily saw _ run.,Tom,the dog,1\n1,Tom saw _ run.,Lily,the cat,3\n",
+    )
+    .unwrap();
+    let body = config(&[fixture("stories260K.gguf")], "\"f32\"")
+        .replace(&fixture("stories-choice.jsonl"), &bad.display().to_string());
+    std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
+    let out = xtask(dir.path(), &["bench", "--target", "local", "--matrix", "m"]);
+    let all = common::text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("bad.csv: line 2: answer `3` is not 1 or 2"),
+        "{all}"
+    );
+}
+
+#[test]
 fn quantize_options_and_an_external_importance_matrix_reach_llama_cpp() {
     // llama-quantize's per-tensor types and an output type, and stock
     // llama-imatrix's file beside our own importance matrix.

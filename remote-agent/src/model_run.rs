@@ -787,17 +787,20 @@ fn greedy(model: &mut LoadedModel, prompt: &str, n: usize) -> Result<String> {
 /// Accuracy on HellaSwag-layout tasks, scored as llama.cpp's perplexity
 /// tool scores HellaSwag: each ending's mean log-probability given the
 /// context; the most likely ending is the model's answer.
-fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64> {
-    let tasks = wire::model_job::read_choice_tasks(path)?;
+fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<(f64, Option<f64>)> {
+    let (_, tasks) = wire::choice_tasks::read_choice_tasks(path)?;
     let mut correct = 0usize;
     for task in &tasks {
-        let context = model.tokenize(&task.ctx, model.adds_bos());
-        let mut best = (f64::MIN, 0usize);
-        for (choice, ending) in task.endings.iter().enumerate() {
-            let full = model.tokenize(&format!("{} {}", task.ctx, ending.trim()), model.adds_bos());
+        let mut best = (f64::MIN, usize::MAX);
+        for (index, choice) in task.choices.iter().enumerate() {
+            let prefix = model.tokenize(&choice.prefix, model.adds_bos());
+            let full = model.tokenize(
+                &format!("{}{}", choice.prefix, choice.scored),
+                model.adds_bos(),
+            );
             // Tokenization may merge across the boundary; score whatever
             // follows the shared prefix.
-            let shared = context
+            let shared = prefix
                 .iter()
                 .zip(&full)
                 .take_while(|(a, b)| a == b)
@@ -806,24 +809,33 @@ fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<f64>
             if full.len() <= shared || full.len() > model.n_ctx() {
                 continue;
             }
+            let end = if !choice.score_last_token && full.len() - shared > 1 {
+                full.len() - 1
+            } else {
+                full.len()
+            };
             model.clear();
             let logits = model.decode(&full, 0, true)?;
             let n_vocab = model.n_vocab();
             let mut sum = 0.0;
-            for i in shared..full.len() {
+            for i in shared..end {
                 let row = log_softmax(&logits[(i - 1) * n_vocab..i * n_vocab]);
                 sum += row[full[i] as usize] as f64;
             }
-            let mean = sum / (full.len() - shared) as f64;
+            let mean = sum / (end - shared) as f64;
             if mean > best.0 {
-                best = (mean, choice);
+                best = (mean, index);
             }
         }
         if best.1 == task.label {
             correct += 1;
         }
     }
-    Ok(correct as f64 / tasks.len() as f64)
+    let accuracy = correct as f64 / tasks.len() as f64;
+    Ok((
+        accuracy,
+        wire::choice_tasks::accuracy_stderr(accuracy, tasks.len()),
+    ))
 }
 
 /// The text's tokens and the base model's reference at the scored
@@ -875,6 +887,7 @@ fn judge(
         quality: None,
         generated_text: None,
         mc_accuracy: None,
+        mc_stderr: None,
     };
     let mut judged: Vec<RecipeJudgement> = Vec::new();
     for (i, settings) in contexts.iter().enumerate() {
@@ -887,11 +900,12 @@ fn judge(
             (None, Some(base)) => match judge_in(job, path, settings, (tokens, base), threads) {
                 Err(ModelError::ContextRefused(_)) => facts_only.clone(),
                 other => {
-                    let (quality, generated_text, mc_accuracy) = other?;
+                    let (quality, generated_text, mc) = other?;
                     RecipeJudgement {
                         quality: Some(quality),
                         generated_text: Some(generated_text),
-                        mc_accuracy,
+                        mc_accuracy: mc.map(|(accuracy, _)| accuracy),
+                        mc_stderr: mc.and_then(|(_, stderr)| stderr),
                         ..facts_only.clone()
                     }
                 }
@@ -910,7 +924,7 @@ fn judge_in(
     settings: &ContextSettings,
     (tokens, base): (&[i32], &Reference),
     threads: usize,
-) -> std::result::Result<(Quality, String, Option<f64>), ModelError> {
+) -> std::result::Result<(Quality, String, Option<(f64, Option<f64>)>), ModelError> {
     let evaluation = ContextShape::evaluation(job.ctx, eval_sequences(job.ctx), settings);
     let mut model = LoadedModel::load_shaped(path, &evaluation, threads)?;
     let scored = score_positions(&mut model, tokens, job.ctx).map_err(as_model_error)?;
@@ -1090,6 +1104,7 @@ fn recipe_rows(
             kld_max: quality.map(|q| q.kld_max),
             top1_stderr: quality.map(|q| q.top1_stderr),
             mc_accuracy: judged.mc_accuracy,
+            mc_stderr: judged.mc_stderr,
             repetition_score: judged.generated_text.as_deref().map(repetition_score),
             generated_text: judged.generated_text.clone().unwrap_or_default(),
             note: match (quality.is_none(), recipe.note.is_empty()) {

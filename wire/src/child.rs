@@ -186,6 +186,9 @@ pub struct RecipeJudgement {
     pub quality: Option<Quality>,
     pub generated_text: Option<String>,
     pub mc_accuracy: Option<f64>,
+    /// Its standard error, as llama-perplexity prints it.
+    #[serde(default)]
+    pub mc_stderr: Option<f64>,
 }
 
 /// What a `model-quality` child says on stdout, one JSON object a line:

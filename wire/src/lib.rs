@@ -1,7 +1,8 @@
 //! What crosses the wire between quantbench's host and its on-board agent,
 //! and nothing else: the job specs the host sends (`kernel_job`,
 //! `model_job`, with the settings a model test runs under in
-//! `model_settings`), what one agent process says to another (`child`), the
+//! `model_settings` and the multiple-choice task files it names in
+//! `choice_tasks`), what one agent process says to another (`child`), the
 //! rows the agent returns and their CSV schema (`rows`,
 //! written and read by `files`), the progress events it streams
 //! (`progress`), the board description (`probe`), the agent's build
@@ -14,6 +15,7 @@
 
 pub mod build_id;
 pub mod child;
+pub mod choice_tasks;
 pub mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

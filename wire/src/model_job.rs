@@ -5,8 +5,6 @@
 use crate::kernel_job::ThreadCount;
 use crate::model_settings::ContextSettings;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
-use thiserror::Error;
 
 /// One recipe's file, ready for the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,62 +314,6 @@ fn one_invocation() -> u32 {
     1
 }
 
-/// A multiple-choice file that cannot be used, with the file and line.
-#[derive(Debug, Error)]
-#[error("{0}")]
-pub struct ChoiceTaskError(String);
-
-/// One multiple-choice task in the HellaSwag layout.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChoiceTask {
-    pub ctx: String,
-    pub endings: Vec<String>,
-    #[serde(deserialize_with = "label_number")]
-    pub label: usize,
-}
-
-fn label_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Label {
-        Number(usize),
-        Text(String),
-    }
-    match Label::deserialize(d)? {
-        Label::Number(n) => Ok(n),
-        Label::Text(t) => t.trim().parse().map_err(serde::de::Error::custom),
-    }
-}
-
-/// Reads HellaSwag-layout JSONL; errors name the line.
-pub fn read_choice_tasks(path: &Path) -> Result<Vec<ChoiceTask>, ChoiceTaskError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ChoiceTaskError(format!("{}: {e}", path.display())))?;
-    let mut tasks = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let task: ChoiceTask = serde_json::from_str(line)
-            .map_err(|e| ChoiceTaskError(format!("{} line {}: not a HellaSwag task ({e}); expected {{\"ctx\": ..., \"endings\": [...], \"label\": n}}", path.display(), i + 1)))?;
-        if task.label >= task.endings.len() {
-            return Err(ChoiceTaskError(format!(
-                "{} line {}: label {} but only {} endings",
-                path.display(),
-                i + 1,
-                task.label,
-                task.endings.len()
-            )));
-        }
-        tasks.push(task);
-    }
-    if tasks.is_empty() {
-        return Err(ChoiceTaskError(format!("{}: no tasks", path.display())));
-    }
-    Ok(tasks)
-}
-
 /// Share of word trigrams that repeat an earlier one: 0 for varied text,
 /// close to 1 for "in in in in ...".
 pub fn repetition_score(text: &str) -> f64 {
@@ -444,31 +386,5 @@ mod tests {
     fn repetition_score_flags_degenerate_text() {
         assert_eq!(repetition_score("once upon a time there was a girl"), 0.0);
         assert!(repetition_score("in in in in in in in in in in") > 0.8);
-    }
-
-    #[test]
-    fn choice_tasks_accept_string_labels_and_name_bad_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mc.jsonl");
-        std::fs::write(
-            &path,
-            "{\"ctx\":\"a\",\"endings\":[\"b\",\"c\"],\"label\":\"1\"}\n\n",
-        )
-        .unwrap();
-        assert_eq!(read_choice_tasks(&path).unwrap()[0].label, 1);
-        std::fs::write(
-            &path,
-            "{\"ctx\":\"a\",\"endings\":[\"b\"],\"label\":0}\n{\"ctx\":1}\n",
-        )
-        .unwrap();
-        assert!(read_choice_tasks(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("line 2"));
-        std::fs::write(&path, "{\"ctx\":\"a\",\"endings\":[\"b\"],\"label\":3}\n").unwrap();
-        assert!(read_choice_tasks(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("label 3"));
     }
 }

@@ -480,6 +480,10 @@ pub struct ModelRow {
     /// Multiple-choice accuracy (share of tasks whose most likely ending,
     /// by mean token log-likelihood, is the labelled one); empty without tasks.
     pub mc_accuracy: Option<f64>,
+    /// Its standard error over the tasks, `sqrt(p(1-p)/(n-1))` as
+    /// llama-perplexity prints it.
+    #[serde(default)]
+    pub mc_stderr: Option<f64>,
     /// Greedy continuation of the prompt, verbatim.
     pub generated_text: String,
     /// Share of repeated word 3-grams in the continuation (0 = none).
@@ -649,6 +653,7 @@ impl ModelRow {
             kld_max: None,
             top1_stderr: None,
             mc_accuracy: None,
+            mc_stderr: None,
             generated_text: String::new(),
             repetition_score: None,
             synthetic: job.synthetic,
@@ -899,6 +904,7 @@ mod tests {
             "kld_p90",
             "kld_max",
             "top1_stderr",
+            "mc_stderr",
         ];
         let keep: Vec<usize> = (0..lines[0].len())
             .filter(|&i| !dropped.contains(&lines[0][i]))

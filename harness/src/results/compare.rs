@@ -401,7 +401,7 @@ fn sides(run: &RunData, adjust_rounds: bool) -> (BTreeMap<CellKey, Side>, Vec<St
                     ("ppl", r.ppl, false, r.ppl_stderr),
                     ("kld_mean", r.kld_mean, false, r.kld_stderr),
                     ("top1_agreement", r.top1_agreement, true, r.top1_stderr),
-                    ("mc_accuracy", r.mc_accuracy, true, None),
+                    ("mc_accuracy", r.mc_accuracy, true, r.mc_stderr),
                 ],
             },
         );

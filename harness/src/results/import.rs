@@ -220,6 +220,7 @@ pub fn import_llama_bench(
             kld_max: None,
             top1_stderr: None,
             mc_accuracy: None,
+            mc_stderr: None,
             generated_text: String::new(),
             repetition_score: None,
             synthetic: false,

@@ -320,7 +320,13 @@ pub fn model_table(rows: &[ModelRow]) -> String {
                 fmt_opt(r.ppl, |v| with_error(format!("{v:.4}"), r.ppl_stderr, 4)),
                 fmt_opt(r.kld_mean, |v| with_error(format!("{v:.6}"), r.kld_stderr, 6)),
                 fmt_opt(r.top1_agreement, |v| format!("{:.2}%", v * 100.0)),
-                fmt_opt(r.mc_accuracy, |v| format!("{:.0}%", v * 100.0)),
+                fmt_opt(r.mc_accuracy, |v| {
+                    with_error(
+                        format!("{:.0}%", v * 100.0),
+                        r.mc_stderr.map(|e| e * 100.0),
+                        0,
+                    )
+                }),
                 fmt_opt(r.repetition_score, |v| format!("{v:.2}")),
                 if r.fallbacks.is_empty() {
                     0

@@ -17,8 +17,9 @@ use crate::runs::session::{BoardSlot, Session};
 use crate::runs::synthetic::{self, SyntheticModel};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use wire::choice_tasks::read_choice_tasks;
 use wire::files::{write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE, SAMPLES_FILE};
-use wire::model_job::{read_choice_tasks, ModelJob, ModelJobBuild, RecipeFile};
+use wire::model_job::{ModelJob, ModelJobBuild, RecipeFile};
 use wire::rows::{CellStatus, ModelRow, SampleRow};
 
 pub const IMPORTANCE_FILE: &str = "importance.json";
