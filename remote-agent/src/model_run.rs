@@ -784,10 +784,15 @@ fn greedy(model: &mut LoadedModel, prompt: &str, n: usize) -> Result<String> {
     Ok(text)
 }
 
-/// Accuracy on HellaSwag-layout tasks, scored as llama.cpp's perplexity
-/// tool scores HellaSwag: each ending's mean log-probability given the
-/// context; the most likely ending is the model's answer.
-fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<(f64, Option<f64>)> {
+/// Multiple-choice accuracy and its standard error (`None` below two
+/// tasks).
+type ChoiceScore = (f64, Option<f64>);
+
+/// Accuracy on a task file (`wire::choice_tasks`), scored as
+/// llama-perplexity scores its tasks: each choice's mean log-probability
+/// of its scored tokens after its prefix; the most likely choice is the
+/// model's answer.
+fn multiple_choice_accuracy(model: &mut LoadedModel, path: &Path) -> Result<ChoiceScore> {
     let (_, tasks) = wire::choice_tasks::read_choice_tasks(path)?;
     let mut correct = 0usize;
     for task in &tasks {
@@ -924,7 +929,7 @@ fn judge_in(
     settings: &ContextSettings,
     (tokens, base): (&[i32], &Reference),
     threads: usize,
-) -> std::result::Result<(Quality, String, Option<(f64, Option<f64>)>), ModelError> {
+) -> std::result::Result<(Quality, String, Option<ChoiceScore>), ModelError> {
     let evaluation = ContextShape::evaluation(job.ctx, eval_sequences(job.ctx), settings);
     let mut model = LoadedModel::load_shaped(path, &evaluation, threads)?;
     let scored = score_positions(&mut model, tokens, job.ctx).map_err(as_model_error)?;
