@@ -357,6 +357,14 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
             assert_eq!(r.flash_attn_used, "on", "{r:?}");
             assert!(r.avg_ts.unwrap() > 0.0 && r.ppl.is_some(), "{r:?}");
             assert_eq!(r.n_depth, if test.contains("+d") { 64 } else { 0 });
+            // Time to first token: a pp test's whole prompt, one token of
+            // a tg test.
+            let (ttft, whole) = (r.ttft_ms.unwrap(), r.avg_ns.unwrap() / 1e6);
+            if test.starts_with("pp") {
+                assert!(ttft > 0.5 * whole && ttft < 2.0 * whole, "{r:?}");
+            } else {
+                assert!(ttft > 0.0 && ttft < 0.6 * whole, "{r:?}");
+            }
             assert_eq!(
                 r.key().settings,
                 format!("ctk={kv}/ctv={kv}/fa=on/b=2048/ub=512")
@@ -389,7 +397,11 @@ fn kv_cache_types_depths_and_flash_attention_are_axes_with_quality_beside_speed(
     }
     let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
     assert!(summary.contains("q8_0 kv=bf16 fa=on d64"), "{summary}");
-    for plot in ["model_tg_vs_depth", "model_kv_vs_depth"] {
+    for plot in [
+        "model_tg_vs_depth",
+        "model_kv_vs_depth",
+        "model_ttft_vs_depth",
+    ] {
         assert!(run.join(format!("plots/{plot}.svg")).exists(), "{plot}");
     }
 

@@ -408,24 +408,43 @@ fn time_test(
     test: &ModelTest,
     n_batch: usize,
     reps: u32,
-) -> Result<(Vec<f64>, u64)> {
+) -> Result<TestTimes> {
     let tokens = random_tokens(model, test.tokens(), test.tokens() as u64);
     let (prompt, generated) = tokens.split_at(test.n_prompt);
-    let run = |model: &mut LoadedModel| -> Result<f64> {
+    // Seconds of the repetition, and to its first new token's logits (the
+    // prompt's last, or the first generated one's): time to first token.
+    let run = |model: &mut LoadedModel| -> Result<(f64, f64)> {
         model.forget_from(test.depth);
         let started = Instant::now();
         decode_prompt(model, prompt, test.depth, n_batch)?;
+        let mut first_token = (!prompt.is_empty()).then(|| started.elapsed().as_secs_f64());
         let first = test.depth + prompt.len();
         for (i, &t) in generated.iter().enumerate() {
             model.decode(&[t], first + i, false)?;
+            first_token.get_or_insert_with(|| started.elapsed().as_secs_f64());
         }
-        Ok(started.elapsed().as_secs_f64())
+        let total = started.elapsed().as_secs_f64();
+        Ok((total, first_token.unwrap_or(total)))
     };
     run(model)?; // warm-up, as llama-bench does
-    let seconds = (0..reps)
+    let times = (0..reps)
         .map(|_| run(model))
-        .collect::<Result<Vec<f64>>>()?;
-    Ok((seconds, model.kv_bytes()))
+        .collect::<Result<Vec<(f64, f64)>>>()?;
+    Ok(TestTimes {
+        seconds: times.iter().map(|t| t.0).collect(),
+        first_token_ms: Summary::of(&times.iter().map(|t| t.1 * 1e3).collect::<Vec<_>>())
+            .map(|s| s.mean),
+        kv_bytes: model.kv_bytes(),
+    })
+}
+
+/// What one test's repetitions took.
+struct TestTimes {
+    seconds: Vec<f64>,
+    /// Mean time to the first new token's logits.
+    first_token_ms: Option<f64>,
+    /// The KV cache's bytes at the end of a repetition.
+    kv_bytes: u64,
 }
 
 /// The job's tests on this board (`"big"` from its CPU topology).
@@ -616,10 +635,11 @@ fn time_loaded(
         let group_facts = facts.len();
         for test in group {
             model.set_threads_on(test.threads, &test.cpu(settings))?;
-            let (s, kv_bytes) = time_test(model, test, settings.n_batch, job.repetitions)?;
-            seconds.push(s);
+            let times = time_test(model, test, settings.n_batch, job.repetitions)?;
+            seconds.push(times.seconds);
             facts.push(TestFacts {
-                kv_bytes: Some(kv_bytes),
+                kv_bytes: Some(times.kv_bytes),
+                ttft_ms: times.first_token_ms,
                 flash_attn_used: model.flash_attn_used(),
                 ..TestFacts::default()
             });
@@ -1046,6 +1066,7 @@ fn recipe_rows(
                 .collect(),
         );
         let load_cold_ms = mean_of(test_facts.iter().filter_map(|f| f.load_cold_ms).collect());
+        let ttft_ms = mean_of(test_facts.iter().filter_map(|f| f.ttft_ms).collect());
         let cpu = test.cpu(settings);
         let peak_rss = test_facts
             .iter()
@@ -1090,6 +1111,7 @@ fn recipe_rows(
             priority: cpu.priority.name().into(),
             load_mode: test.load.name().into(),
             load_cold_ms: load_cold_ms.filter(|_| timed),
+            ttft_ms,
             kv_bytes: test_facts.iter().filter_map(|f| f.kv_bytes).max(),
             avg_ns: summary_ns.map(|s| s.mean),
             stddev_ns: summary_ns.map(|s| s.stddev),

@@ -146,6 +146,10 @@ pub struct TestFacts {
     /// pages could not be dropped), ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_cold_ms: Option<f64>,
+    /// Mean time from a repetition's start to its first new token's
+    /// logits (time to first token), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
 }
 
 /// What llama.cpp says of a loaded recipe file.

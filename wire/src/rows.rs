@@ -432,6 +432,11 @@ pub struct ModelRow {
     /// could not be dropped.
     #[serde(default)]
     pub load_cold_ms: Option<f64>,
+    /// Time to first token: from a repetition's start (its KV cache at the
+    /// depth) to the first new token's logits (the prompt decoded, or one
+    /// token for tg), mean over repetitions and invocations, ms.
+    #[serde(default)]
+    pub ttft_ms: Option<f64>,
     /// Bytes the KV cache held at the end of a repetition (depth plus the
     /// test's tokens; `peak_rss_bytes` counts what llama.cpp allocated).
     #[serde(default)]
@@ -634,6 +639,7 @@ impl ModelRow {
             priority: String::new(),
             load_mode: String::new(),
             load_cold_ms: None,
+            ttft_ms: None,
             kv_bytes: None,
             avg_ns: None,
             stddev_ns: None,
@@ -898,6 +904,7 @@ mod tests {
             "priority",
             "load_mode",
             "load_cold_ms",
+            "ttft_ms",
             "kv_bytes",
             "ppl_stderr",
             "kld_stderr",

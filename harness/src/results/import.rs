@@ -200,6 +200,7 @@ pub fn import_llama_bench(
                 String::new()
             },
             load_cold_ms: None,
+            ttft_ms: None,
             kv_bytes: None,
             avg_ns: Some(r.avg_ns),
             stddev_ns: Some(r.stddev_ns),

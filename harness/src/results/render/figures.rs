@@ -270,15 +270,20 @@ impl<'a> ModelFigures<'a> {
 
     /// The measured generation (tg) rows at the most threads.
     pub fn tg_rows(&self) -> Vec<&'a ModelRow> {
+        self.rows_at_most_threads(|r| r.n_gen > 0 && r.n_prompt == 0)
+    }
+
+    /// The measured prompt-processing rows (`pp<N>`, any depth) at the
+    /// most threads.
+    pub fn pp_rows(&self) -> Vec<&'a ModelRow> {
+        self.rows_at_most_threads(|r| r.n_prompt > 0 && r.n_gen == 0)
+    }
+
+    fn rows_at_most_threads(&self, test: impl Fn(&ModelRow) -> bool) -> Vec<&'a ModelRow> {
         self.rows
             .iter()
             .copied()
-            .filter(|r| {
-                r.status == CellStatus::Ok
-                    && r.n_gen > 0
-                    && r.n_prompt == 0
-                    && r.n_threads == self.max_threads
-            })
+            .filter(|r| r.status == CellStatus::Ok && r.n_threads == self.max_threads && test(r))
             .collect()
     }
 

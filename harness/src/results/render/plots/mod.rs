@@ -33,6 +33,7 @@ pub fn all() -> Vec<Box<dyn PlotKind>> {
         Box::new(model_recipe_chooser::ModelRecipeChooser),
         Box::new(model_depth::ModelTgVsDepth),
         Box::new(model_depth::ModelKvVsDepth),
+        Box::new(model_depth::ModelTtftVsDepth),
         Box::new(layer_importance::LayerImportancePlot),
     ]
 }

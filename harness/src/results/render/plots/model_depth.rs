@@ -1,8 +1,9 @@
 //! What a conversation's length does (a model matrix with `n_depth`):
-//! generation speed against the tokens already in the KV cache, and the KV
-//! cache's size against them, one line per model, recipe and cache setting
-//! (KV-cache type, attention, batches, build), at the most threads. Drawn
-//! only when a run measured two depths or more.
+//! generation speed against the tokens already in the KV cache, the KV
+//! cache's size, and the time to the first token of a prompt against them,
+//! one line per model, recipe and cache setting (KV-cache type, attention,
+//! batches, build), at the most threads. Drawn only when a run measured
+//! two depths or more.
 
 use super::model_figure;
 use crate::results::render::chart::{Chart, Figure};
@@ -13,6 +14,23 @@ use wire::rows::ModelRow;
 
 pub struct ModelTgVsDepth;
 pub struct ModelKvVsDepth;
+pub struct ModelTtftVsDepth;
+
+impl PlotKind for ModelTtftVsDepth {
+    fn name(&self) -> &'static str {
+        "model_ttft_vs_depth"
+    }
+
+    fn figures(&self, run: &RunData) -> Vec<Figure> {
+        depth_figure(
+            run,
+            self.name(),
+            "Time to first token of a prompt against context depth (the pp test's prompt on top of the KV cache)",
+            "time to first token, ms",
+            (Tests::Prompt, |r| r.ttft_ms),
+        )
+    }
+}
 
 impl PlotKind for ModelTgVsDepth {
     fn name(&self) -> &'static str {
@@ -25,7 +43,7 @@ impl PlotKind for ModelTgVsDepth {
             self.name(),
             "Generation speed against context depth (tokens already in the KV cache)",
             "generated tokens/s",
-            |r| r.avg_ts,
+            (Tests::Generation, |r| r.avg_ts),
         )
     }
 }
@@ -41,18 +59,25 @@ impl PlotKind for ModelKvVsDepth {
             self.name(),
             "KV-cache size against context depth (depth plus the generated tokens)",
             "KV cache MB",
-            |r| r.kv_bytes.map(|b| b as f64 / 1e6),
+            (Tests::Generation, |r| r.kv_bytes.map(|b| b as f64 / 1e6)),
         )
     }
 }
 
-/// One line per series through the generation rows' `value` at each depth.
+/// Which rows a depth figure draws.
+#[derive(Clone, Copy)]
+enum Tests {
+    Generation,
+    Prompt,
+}
+
+/// One line per series through `rows`' `value` at each depth.
 fn depth_figure(
     run: &RunData,
     file_stem: &str,
     title: &str,
     y_label: &str,
-    value: impl Fn(&ModelRow) -> Option<f64>,
+    (tests, value): (Tests, fn(&ModelRow) -> Option<f64>),
 ) -> Vec<Figure> {
     let depths: BTreeSet<usize> = run.model_rows.iter().map(|r| r.n_depth).collect();
     if depths.len() < 2 {
@@ -64,7 +89,11 @@ fn depth_figure(
         |_| title.to_string(),
         |figures: &ModelFigures| {
             let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-            for r in figures.tg_rows() {
+            let rows = match tests {
+                Tests::Generation => figures.tg_rows(),
+                Tests::Prompt => figures.pp_rows(),
+            };
+            for r in rows {
                 if let Some(v) = value(r) {
                     series
                         .entry(format!("{} {}", r.model_filename, without_depth(r)))
@@ -73,7 +102,7 @@ fn depth_figure(
                 }
             }
             if series.is_empty() {
-                return Chart::Note("no generation rows with this figure".into());
+                return Chart::Note("no rows with this figure".into());
             }
             for points in series.values_mut() {
                 points.sort_by(|a, b| a.0.total_cmp(&b.0));
