@@ -153,7 +153,8 @@ fn calibrated_recipes_keep_their_type_and_gptq_and_awq_lower_the_kl_divergence()
     let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
     assert!(summary.contains("| gptq-q4_0 |"), "{summary}");
     assert!(summary.contains("| awq-q4_0 |"), "{summary}");
-    // The chooser: which recipes no other beats on speed and closeness
+    // The chooser: which recipes no other beats on speed, closeness and
+    // memory
     // (f32, the reference, always is one), in the summary and plotted.
     let choice = summary
         .lines()

@@ -289,9 +289,9 @@ impl<'a> ModelFigures<'a> {
 
     /// The recipe chooser: per model (and A/B build), the generation rows
     /// at the default settings and depth 0 that no other recipe of that
-    /// model beats on both tokens per second and mean KL divergence (at
-    /// least as good on both, better on one): the Pareto front, fastest
-    /// first. Each comes with whether it is on the front; rows without a
+    /// model beats on tokens per second, mean KL divergence and memory
+    /// together (at least as good on all three, better on one): the Pareto
+    /// front, fastest first. Each comes with whether it is on the front; rows without a
     /// KL divergence (synthetic models) are left out.
     pub fn recipe_choices(&self) -> Vec<(&'a ModelRow, bool)> {
         let candidates: Vec<&ModelRow> = self
@@ -304,19 +304,28 @@ impl<'a> ModelFigures<'a> {
                     && r.avg_ts.is_some()
             })
             .collect();
-        let figures = |r: &ModelRow| (r.avg_ts.unwrap_or(0.0), r.kld_mean.unwrap_or(f64::MAX));
+        // Speed, closeness and the memory the board must have (the
+        // process's peak, else the weights).
+        let figures = |r: &ModelRow| {
+            (
+                r.avg_ts.unwrap_or(0.0),
+                r.kld_mean.unwrap_or(f64::MAX),
+                r.peak_rss_bytes.unwrap_or(r.model_size),
+            )
+        };
         let mut out: Vec<(&ModelRow, bool)> = candidates
             .iter()
             .map(|&r| {
-                let (speed, kld) = figures(r);
+                let (speed, kld, memory) = figures(r);
                 let beaten = candidates.iter().any(|&o| {
-                    let (o_speed, o_kld) = figures(o);
+                    let (o_speed, o_kld, o_memory) = figures(o);
                     o.model_filename == r.model_filename
                         && o.build == r.build
                         && !std::ptr::eq(o, r)
                         && o_speed >= speed
                         && o_kld <= kld
-                        && (o_speed > speed || o_kld < kld)
+                        && o_memory <= memory
+                        && (o_speed > speed || o_kld < kld || o_memory < memory)
                 });
                 (r, !beaten)
             })
@@ -449,18 +458,26 @@ mod tests {
     }
 
     #[test]
-    fn the_recipe_chooser_keeps_what_no_other_recipe_beats_on_speed_and_closeness() {
+    fn the_recipe_chooser_keeps_what_no_other_recipe_beats_on_speed_closeness_and_memory() {
         let mut deep = tg_row("q4_0", 900.0, 0.001);
         deep.n_depth = 512;
+        let sized = |recipe, ts, kld, mb: u64| ModelRow {
+            peak_rss_bytes: Some(mb * 1_000_000),
+            ..tg_row(recipe, ts, kld)
+        };
         let rows = [
-            tg_row("f32", 100.0, 0.0),
-            tg_row("q8_0", 300.0, 0.001),
-            tg_row("q4_0", 500.0, 0.08),
-            tg_row("awq-q4_0", 480.0, 0.06),
-            // Slower than q4_0 and farther from the model: beaten.
-            tg_row("q4_1", 450.0, 0.09),
-            // As fast as q8_0 but farther: beaten.
-            tg_row("q6_k", 300.0, 0.004),
+            sized("f32", 100.0, 0.0, 4000),
+            sized("q8_0", 300.0, 0.001, 1100),
+            sized("q4_0", 500.0, 0.08, 600),
+            sized("awq-q4_0", 480.0, 0.06, 600),
+            // Slower than q4_0, farther from the model, larger: beaten.
+            sized("q4_1", 450.0, 0.09, 650),
+            // As fast as q8_0 and larger but farther: beaten.
+            sized("q5_k", 300.0, 0.004, 1200),
+            // As fast as q8_0 and farther, but smaller: a choice.
+            sized("q6_k", 300.0, 0.004, 850),
+            // The slowest and farthest but the smallest: a choice.
+            sized("q2_k", 200.0, 0.3, 400),
             // Another workload (depth 512): not a candidate.
             deep,
         ];
@@ -476,9 +493,11 @@ mod tests {
                 ("q4_0", true),
                 ("awq-q4_0", true),
                 ("q8_0", true),
+                ("q6_k", true),
+                ("q2_k", true),
                 ("f32", true),
                 ("q4_1", false),
-                ("q6_k", false),
+                ("q5_k", false),
             ]
         );
     }

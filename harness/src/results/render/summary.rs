@@ -342,7 +342,8 @@ pub fn model_table(rows: &[ModelRow]) -> String {
 }
 
 /// Which recipes are worth shipping on the board, per model: the ones no
-/// other beats on both generation speed and KL divergence, fastest first.
+/// other beats on generation speed, KL divergence and memory together,
+/// fastest first.
 fn recipe_choice_line(figures: &ModelFigures) -> String {
     let mut out = String::new();
     let choices = figures.recipe_choices();
@@ -364,17 +365,18 @@ fn recipe_choice_line(figures: &ModelFigures) -> String {
             .filter(|(_, front)| *front)
             .map(|(r, _)| {
                 format!(
-                    "{} ({:.0} t/s, KLD {:.4})",
+                    "{} ({:.0} t/s, KLD {:.4}, {:.0} MB)",
                     r.recipe,
                     r.avg_ts.unwrap_or(0.0),
-                    r.kld_mean.unwrap_or(0.0)
+                    r.kld_mean.unwrap_or(0.0),
+                    r.peak_rss_bytes.unwrap_or(r.model_size) as f64 / 1e6
                 )
             })
             .collect();
         let beaten = of_model.len() - front.len();
         let _ = writeln!(
             out,
-            "\n**Which recipe** ({model}{}): worth shipping on this board, as no other recipe is both faster in generation and closer to the unquantized model: {}; the other {beaten} are each slower and farther than one of these (speeds as measured, noise included: see the table; `model_recipe_chooser` plots them).",
+            "\n**Which recipe** ({model}{}): worth shipping on this board, as no other recipe is faster in generation, closer to the unquantized model and smaller in memory all at once: {}; the other {beaten} are each slower, farther and larger than one of these (speeds as measured, noise included: see the table; `model_recipe_chooser` plots them).",
             if build.is_empty() { String::new() } else { format!(" @{build}") },
             front.join(", ")
         );

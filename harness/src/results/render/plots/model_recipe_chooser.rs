@@ -1,6 +1,7 @@
 //! The recipe chooser: generation speed against KL divergence from the
-//! unquantized model, the recipes no other beats on both (the Pareto front)
-//! told apart from those that are slower and worse than one of them. The
+//! unquantized model, each point labelled with its memory, the recipes no
+//! other beats on all three (the Pareto front) told apart from those that
+//! are slower, worse and larger than one of them. The
 //! answer to "which quantization should I ship on this board" for a given
 //! tolerance of quality loss: the fastest front recipe within it.
 
@@ -20,7 +21,7 @@ impl PlotKind for ModelRecipeChooser {
             run,
             self.name(),
             |_| {
-                "Which recipe: generation speed against KL divergence (front: no other recipe is both faster and closer)".to_string()
+                "Which recipe: generation speed against KL divergence, memory in the labels (front: no other recipe is faster, closer and smaller)".to_string()
             },
             |figures| {
                 let points: Vec<LabelledPoint> = figures
@@ -29,17 +30,18 @@ impl PlotKind for ModelRecipeChooser {
                     .filter_map(|(r, front)| {
                         Some(LabelledPoint {
                             label: format!(
-                                "{}{} {}: {:.0} t/s, KLD {:.4}",
+                                "{}{} {}: {:.0} t/s, KLD {:.4}, {:.0} MB",
                                 if front { "* " } else { "" },
                                 r.model_filename,
                                 r.recipe,
                                 r.avg_ts?,
-                                r.kld_mean?
+                                r.kld_mean?,
+                                r.peak_rss_bytes.unwrap_or(r.model_size) as f64 / 1e6
                             ),
                             colour_key: if front {
                                 "front (worth shipping)".into()
                             } else {
-                                "beaten (another recipe is faster and closer)".into()
+                                "beaten (another recipe is faster, closer and smaller)".into()
                             },
                             x: r.avg_ts?,
                             // An unquantized recipe's KLD is 0: it has no
