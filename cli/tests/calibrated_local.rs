@@ -154,8 +154,8 @@ fn calibrated_recipes_keep_their_type_and_gptq_and_awq_lower_the_kl_divergence()
     assert!(summary.contains("| gptq-q4_0 |"), "{summary}");
     assert!(summary.contains("| awq-q4_0 |"), "{summary}");
     // The chooser: which recipes no other beats on speed, closeness and
-    // memory
-    // (f32, the reference, always is one), in the summary and plotted.
+    // memory (f32, the reference, always is one), in the summary and
+    // plotted.
     let choice = summary
         .lines()
         .find(|l| l.starts_with("**Which recipe** (stories260K.gguf)"))
