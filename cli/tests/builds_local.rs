@@ -271,9 +271,11 @@ fn a_build_from_another_llama_cpp_runs_both_matrices_and_names_itself_everywhere
     let build = &manifest["versions"]["agent_builds"][0];
     assert_eq!(build["build"], "crate:0.1.140");
     assert_eq!(build["llama_cpp"]["crate_version"], "0.1.140");
+    // 0.1.140 sets load modes through use_mmap/use_mlock flags: the agent
+    // compiles against them (nothing is switched off for it).
     assert_eq!(
         build["llama_cpp"]["lacks"],
-        serde_json::json!(["tensor-overrides", "imatrix-data"])
+        serde_json::json!(["tensor-overrides", "imatrix-data", "load-mode-enum"])
     );
     let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
     assert!(
