@@ -52,6 +52,16 @@ fn model_quick_gives_rows_quality_text_and_plots() {
             assert!(r.generated_text.len() > 10, "generated text kept: {r:?}");
         }
     }
+    // The unquantized model's reference was computed once by the host and
+    // read by the agent (a board never evaluates the base model), and the
+    // figures are stock llama.cpp's all the same.
+    let job_dir = run.join("boards/local/jobs/m-stories260K_gguf");
+    let log = std::fs::read_to_string(job_dir.join("agent.log")).unwrap();
+    assert!(log.contains("reference: the host's, "), "{log}");
+    let job: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(job_dir.join("job.json")).unwrap()).unwrap();
+    let reference = job["reference"].as_str().unwrap();
+    assert!(reference.contains("reference-128-"), "{reference}");
     // Stock llama.cpp's figures for this model and text (fixtures/README.md).
     let f32 = by("f32", "tg8");
     assert!(

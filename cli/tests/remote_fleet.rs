@@ -821,8 +821,21 @@ fn model_matrix_runs_on_an_emulated_board() {
     std::fs::write(dir.path().join("bench.toml"), config).unwrap();
     let out = bench(dir.path(), "sim1", "mq");
     assert!(out.status.success(), "{}", text(&out));
-    let rows: Vec<wire::rows::ModelRow> =
-        read_csv(&only_run_dir(dir.path()).join("models.csv")).unwrap();
+    // The reference was computed on the host and shipped to the board,
+    // whose agent judged the recipes against it.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("sim1: uploaded ") && l.contains("reference-")),
+        "{}",
+        text(&out)
+    );
+    let run = only_run_dir(dir.path());
+    let log = std::fs::read_to_string(run.join("boards/sim1/jobs/mq-stories260K_gguf/agent.log"))
+        .unwrap();
+    assert!(log.contains("reference: the host's, "), "{log}");
+    let rows: Vec<wire::rows::ModelRow> = read_csv(&run.join("models.csv")).unwrap();
     for recipe in ["f32", "q8_0", "q4_0", "adaptive"] {
         let r = rows
             .iter()

@@ -175,6 +175,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Evaluates the unquantized model on a text as llama-perplexity does
+    /// and writes its reference (the tokens, and at every scored position
+    /// the next-token log-probabilities): what a model job's `reference`
+    /// names, so boards need not evaluate the base model themselves.
+    Reference {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        ctx: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure each layer's importance: the mean KL divergence from the
     /// unquantized model when only that layer is quantized to `low`.
     Importance {
@@ -470,6 +486,28 @@ fn main() -> Result<()> {
                     "entries": calibration.entries.len(),
                     "chunks": calibration.chunk_count,
                     "chunk_size": calibration.chunk_size,
+                    "seconds": started.elapsed().as_secs_f64(),
+                })
+            );
+        }
+        Command::Reference {
+            model,
+            text,
+            ctx,
+            threads,
+            out,
+        } => {
+            let threads = if threads == 0 { num_cores() } else { threads };
+            let started = std::time::Instant::now();
+            let file = model_run::compute_reference(&model, &text, ctx, threads)?;
+            file.write(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "tokens": file.tokens.len(),
+                    "positions": file.targets.len(),
+                    "n_vocab": file.n_vocab,
                     "seconds": started.elapsed().as_secs_f64(),
                 })
             );

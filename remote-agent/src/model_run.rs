@@ -870,17 +870,55 @@ fn reference(job: &ModelJob, threads: usize) -> Result<(Vec<i32>, Option<Referen
     if job.synthetic {
         return Ok((Vec::new(), None));
     }
+    // Computed on the host and shipped: the base model is not here.
+    let file = match &job.reference {
+        Some(path) => {
+            let file = wire::reference::ReferenceFile::read(Path::new(path))?;
+            eprintln!(
+                "reference: the host's, {path} ({} scored positions)",
+                file.targets.len()
+            );
+            file
+        }
+        None => {
+            eprintln!("reference: computed here from {}", job.base.path);
+            compute_reference(
+                Path::new(&job.base.path),
+                Path::new(&job.text),
+                job.ctx,
+                threads,
+            )?
+        }
+    };
+    let reference = Reference {
+        log_probs: (0..file.targets.len())
+            .map(|i| file.row(i).to_vec())
+            .collect(),
+        targets: file.targets,
+    };
+    Ok((file.tokens, Some(reference)))
+}
+
+/// The base model at `model`'s reference on `text` with chunks of `ctx`
+/// tokens (`score_positions`), as a `quantbench-agent reference` file
+/// holds it.
+pub fn compute_reference(
+    model: &Path,
+    text: &Path,
+    ctx: usize,
+    threads: usize,
+) -> Result<wire::reference::ReferenceFile> {
     let text =
-        std::fs::read_to_string(&job.text).with_context(|| format!("reading {}", job.text))?;
-    let mut base_model = LoadedModel::load_with(
-        Path::new(&job.base.path),
-        job.ctx,
-        eval_sequences(job.ctx),
-        threads,
-    )?;
+        std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let mut base_model = LoadedModel::load_with(model, ctx, eval_sequences(ctx), threads)?;
     let tokens = base_model.tokenize(&text, base_model.adds_bos());
-    let base = score_positions(&mut base_model, &tokens, job.ctx)?;
-    Ok((tokens, Some(base)))
+    let base = score_positions(&mut base_model, &tokens, ctx)?;
+    Ok(wire::reference::ReferenceFile {
+        n_vocab: base_model.n_vocab(),
+        tokens,
+        targets: base.targets,
+        log_probs: base.log_probs.concat(),
+    })
 }
 
 /// Everything but speed of `recipe`, in each of the job's contexts (in
@@ -952,6 +990,13 @@ fn judge_in(
 ) -> std::result::Result<(Quality, String, Option<ChoiceScore>), ModelError> {
     let evaluation = ContextShape::evaluation(job.ctx, eval_sequences(job.ctx), settings);
     let mut model = LoadedModel::load_shaped(path, &evaluation, threads)?;
+    let reference_vocab = base.log_probs.first().map_or(0, Vec::len);
+    if reference_vocab != model.n_vocab() {
+        return Err(ModelError::Llama(format!(
+            "the reference has a vocabulary of {reference_vocab} tokens but this recipe's model has {}: the reference is of another model",
+            model.n_vocab()
+        )));
+    }
     let scored = score_positions(&mut model, tokens, job.ctx).map_err(as_model_error)?;
     let quality = compare(base, &scored);
     model.recontext(&ContextShape::timing(timing_ctx(job), settings))?;

@@ -7,7 +7,8 @@
 //! written and read by `files`), the progress events it streams
 //! (`progress`), the board description (`probe`), the agent's build
 //! identity (`build_id`), the GGUF header check run before GGML reads a
-//! file (`gguf`), GGML's type table (`ggml_type`) and the formats a
+//! file (`gguf`), the unquantized model's reference on the evaluation
+//! text the host computes for boards (`reference`), GGML's type table (`ggml_type`) and the formats a
 //! kernel cell measures (`weight_format`), the statistics
 //! both sides compute from raw samples (`stats`) and the synthetic models'
 //! architectures and tensor plans both sides size and write (`synthetic`). It links no GGML, no SSH,
@@ -26,6 +27,7 @@ pub mod model_job;
 pub mod model_settings;
 pub mod probe;
 pub mod progress;
+pub mod reference;
 pub mod rows;
 pub mod stats;
 pub mod synthetic;

@@ -146,6 +146,12 @@ pub struct ModelJob {
     /// a recipe's adaptive invocations.
     #[serde(default = "default_precision")]
     pub precision: f64,
+    /// The unquantized model's reference on `text` (`wire::reference`),
+    /// computed on the host: the agent reads it instead of evaluating
+    /// `base` (which is then not on the board at all). `None`: the agent
+    /// computes it (A/B jobs, where each build judges with its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     /// Multiple-choice JSONL on the machine that runs the agent.
     #[serde(default)]
     pub multiple_choice: Option<String>,

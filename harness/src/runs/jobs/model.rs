@@ -29,11 +29,19 @@ pub const CALIBRATION_FILE: &str = "calibration.json";
 /// The host files a model job names, by where the job names them: the
 /// base model, the text, each recipe's file and the multiple-choice tasks.
 fn uploads_of(job: &ModelJob) -> Vec<Upload> {
-    let mut uploads = vec![
-        Upload {
+    // With the host's reference the board never opens the base model.
+    let base = match &job.reference {
+        Some(reference) => Upload {
+            pointer: "/reference".into(),
+            local: PathBuf::from(reference),
+        },
+        None => Upload {
             pointer: "/base/path".into(),
             local: PathBuf::from(&job.base.path),
         },
+    };
+    let mut uploads = vec![
+        base,
         Upload {
             pointer: "/text".into(),
             local: PathBuf::from(&job.text),
@@ -171,6 +179,9 @@ struct PreparedModel {
     versus_recipes: Vec<Vec<RecipeFile>>,
     importance: Option<LayerImportance>,
     calibrations: Vec<CalibrationRecord>,
+    /// The unquantized model's reference on the text, computed here for
+    /// one-build jobs (`None` for a synthetic model).
+    reference: Option<PathBuf>,
 }
 
 impl ModelMatrix {
@@ -637,7 +648,17 @@ impl JobKind for ModelMatrix {
             }
             // What the base build measured and learnt is the run's record.
             let (recipes, importance, calibrations) = by_build.remove(0);
+            // The reference is computed here once, so a board measures only
+            // its recipes and never needs the unquantized model.
+            let reference = match synthetic_layers {
+                Some(_) => None,
+                None => Some(
+                    RecipeCache::open(&session.workspace, &model, &session.base().source)?
+                        .reference(agent, &model, &self.text, self.spec.ctx)?,
+                ),
+            };
             self.prepared.push(PreparedModel {
+                reference,
                 file_bytes: check_model_file(&model)?,
                 path: model,
                 name,
@@ -682,6 +703,7 @@ impl JobKind for ModelMatrix {
                 pg: self.spec.pg.clone(),
                 contexts: self.spec.contexts(),
                 load_modes: self.spec.load_modes(),
+                reference: None,
                 memory_limit_bytes: match &board.board {
                     crate::fleet::boards::ResolvedBoard::Remote(remote) => remote.max_memory_bytes,
                     crate::fleet::boards::ResolvedBoard::Local => None,
@@ -729,12 +751,22 @@ impl JobKind for ModelMatrix {
                     recipes: recipes.clone(),
                 })
                 .collect();
+            // An A/B job's builds each judge with their own llama.cpp.
+            if job.builds.is_empty() {
+                job.reference = model.reference.as_ref().map(|p| p.display().to_string());
+            }
             let uploads = uploads_of(&job);
-            // The agent loads the base alone, then each recipe twice (a
-            // timing context and an evaluation context) with mmap sharing
-            // the weights; count both copies to stay on the safe side, plus 20%.
+            // The agent loads the base alone (unless the reference comes
+            // from here), then each recipe twice (a timing context and an
+            // evaluation context) with mmap sharing the weights; count both
+            // copies to stay on the safe side, plus 20%.
             let largest = all_recipes(&job).map(|r| r.file_bytes).max().unwrap_or(0);
-            let needed = ((2 * largest).max(job.base.file_bytes) as f64 * 1.2) as u64;
+            let base = if job.reference.is_some() {
+                0
+            } else {
+                job.base.file_bytes
+            };
+            let needed = ((2 * largest).max(base) as f64 * 1.2) as u64;
             jobs.push(PlannedJob {
                 kind_index: 0,
                 name: format!("{}-{}", self.name, job_name_part(&model.name)),

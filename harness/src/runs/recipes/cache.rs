@@ -366,6 +366,38 @@ impl RecipeCache {
         Ok(Some(out))
     }
 
+    /// The unquantized model's reference on `text` at context `ctx`
+    /// (`wire::reference`: what boards judge recipes against), made once
+    /// per (text, ctx, agent) by the host's agent.
+    pub fn reference(
+        &self,
+        agent: &AgentBuild,
+        model: &Path,
+        text: &Path,
+        ctx: usize,
+    ) -> Result<PathBuf, RecipeError> {
+        let text_hash = wire::build_id::content_hash(text).map_err(io_err(text))?;
+        let path = self
+            .dir
+            .join(format!("reference-{ctx}-{text_hash}-{}.bin", agent.hash));
+        self.make_once(agent, &path, &[], |temp| {
+            vec![
+                "reference".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--text".into(),
+                text.display().to_string(),
+                "--ctx".into(),
+                ctx.to_string(),
+                "--threads".into(),
+                self.threads.to_string(),
+                "--out".into(),
+                temp.display().to_string(),
+            ]
+        })?;
+        Ok(path)
+    }
+
     /// The model's importance matrix on `text` at context `ctx` (the GGUF
     /// `llama-quantize --imatrix` reads), made once per (text, ctx, agent).
     pub fn imatrix(
