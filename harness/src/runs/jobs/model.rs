@@ -980,3 +980,47 @@ fn switched_off(
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bisect_cell_carries_its_settings_in_brackets_and_must_be_one_of_the_matrix() {
+        let root = crate::builds::build::workspace_root();
+        let text = format!(
+            "[model_matrices.m]\nmodels = [{:?}]\nrecipes = [\"q8_0\"]\ntext = {:?}\nctx = 128\nprompt = \"Once\"\ngenerate_tokens = 4\nn_prompt = 32\nn_gen = 8\nthreads = [2, \"big\"]\nkv_type = [\"f16\", \"q8_0\"]\nflash_attn = [\"on\"]\nload_mode = [\"mmap\", \"no-mmap\"]\n",
+            root.join("fixtures/stories260K.gguf"),
+            root.join("fixtures/stories-eval.txt")
+        );
+        let config = BenchConfig::parse(&text, &root.join("bench.toml")).unwrap();
+        let matrix = ModelMatrix::new(&config, "m", &config.model_matrices["m"]).unwrap();
+        let cell = "stories260K.gguf/q8_0/tg8/t2";
+        matrix
+            .check_test(&format!("{cell}[ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512]"))
+            .unwrap();
+        matrix
+            .check_test(&format!(
+                "{cell}[ctk=f16/ctv=f16/fa=on/b=2048/ub=512/load=no-mmap]"
+            ))
+            .unwrap();
+        // "big" is a thread count the board decides.
+        matrix
+            .check_test("stories260K.gguf/q8_0/pp32/t4[ctk=f16/ctv=f16/fa=on/b=2048/ub=512]")
+            .unwrap();
+        // This matrix runs no test at llama.cpp's defaults (flash attention
+        // is on), nor with a bf16 cache: each is refused naming the ones it has.
+        for wrong in ["", "[ctk=bf16/ctv=bf16/fa=on/b=2048/ub=512]"] {
+            let e = matrix.check_test(&format!("{cell}{wrong}")).unwrap_err();
+            assert!(
+                e.contains("has no settings")
+                    && e.contains("[ctk=q8_0/ctv=q8_0/fa=on/b=2048/ub=512/load=no-mmap]"),
+                "{e}"
+            );
+        }
+        let e = matrix
+            .check_test("stories260K.gguf/q4_0/tg8/t2[ctk=f16/ctv=f16/fa=on/b=2048/ub=512]")
+            .unwrap_err();
+        assert!(e.contains("has no test"), "{e}");
+    }
+}
