@@ -2,7 +2,8 @@
 //! into a run directory as model rows, so `compare` can put quantbench's
 //! numbers beside stock llama.cpp's on the same GGUF files. A llama-bench
 //! row's file name gives the recipe (quantbench's cache names recipe files
-//! `<recipe>.gguf`); `--model` gives the model name our rows use.
+//! `<recipe>.gguf`); `--model` gives the model name our rows use. Several
+//! llama-bench runs' outputs in one file are invocations of each cell.
 
 use crate::runs::manifest::{BoardOutcome, HostInfo, MatrixRecord, RunManifest, Versions};
 use crate::runs::session::unique_run_id;
@@ -151,6 +152,11 @@ pub fn import_llama_bench(
     std::fs::create_dir_all(&run_dir).map_err(io)?;
     let mut rows = CsvAppender::<ModelRow>::open(&run_dir.join(MODEL_ROWS_FILE))?;
     let mut samples = CsvAppender::<SampleRow>::open(&run_dir.join(SAMPLES_FILE))?;
+    // A test that appears again is another llama-bench process's (the
+    // outputs of several runs put one after another): each is an
+    // invocation of one cell, so `compare` sees the spread between
+    // processes as it does in our runs.
+    let mut cells: Vec<(ModelRow, Vec<Vec<f64>>)> = Vec::new();
     for r in &records {
         let path = Path::new(&r.model_filename);
         let recipe = path
@@ -208,7 +214,7 @@ pub fn import_llama_bench(
             stddev_ts: Some(r.stddev_ts),
             load_ms: None,
             peak_rss_bytes: None,
-            // llama-bench measures in one process.
+            // One llama-bench process; more where the test appears again.
             invocations: 1,
             precision: None,
             ppl: None,
@@ -227,18 +233,44 @@ pub fn import_llama_bench(
             synthetic: false,
             finished_at: r.test_time.clone(),
         };
-        for (repetition, &ns) in r.samples_ns.iter().enumerate() {
-            samples.append_unsynced(&SampleRow {
-                run_id: run_id.clone(),
-                board: board.to_string(),
-                cell_id: row.cell_id(),
-                repetition: repetition as u32,
-                invocation: 0,
-                round: 0,
-                ns: ns as u64,
-            })?;
+        let ns: Vec<f64> = r.samples_ns.clone();
+        match cells.iter_mut().find(|(c, _)| c.cell_id() == row.cell_id()) {
+            Some((_, invocations)) => invocations.push(ns),
+            None => cells.push((row, vec![ns])),
+        }
+    }
+    let written = cells.len();
+    for (mut row, invocations) in cells {
+        for (invocation, ns) in invocations.iter().enumerate() {
+            for (repetition, &ns) in ns.iter().enumerate() {
+                samples.append_unsynced(&SampleRow {
+                    run_id: run_id.clone(),
+                    board: board.to_string(),
+                    cell_id: row.cell_id(),
+                    repetition: repetition as u32,
+                    invocation: invocation as u32,
+                    round: invocation as u32,
+                    ns: ns as u64,
+                })?;
+            }
         }
         samples.sync()?;
+        if invocations.len() > 1 {
+            // The row's figures over every process's repetitions.
+            let all: Vec<f64> = invocations.iter().flatten().copied().collect();
+            let tokens = (row.n_prompt + row.n_gen) as f64;
+            let ts: Vec<f64> = all.iter().map(|ns| tokens * 1e9 / ns).collect();
+            let (ns, ts) = (
+                wire::stats::Summary::of(&all),
+                wire::stats::Summary::of(&ts),
+            );
+            row.avg_ns = ns.map(|s| s.mean);
+            row.stddev_ns = ns.map(|s| s.stddev);
+            row.avg_ts = ts.map(|s| s.mean);
+            row.stddev_ts = ts.map(|s| s.stddev);
+            row.invocations = invocations.len() as u32;
+            row.precision = wire::stats::relative_half_width(&invocations, 0.95);
+        }
         rows.append(&row)?;
     }
     let now = wire::utc_now_rfc3339();
@@ -276,7 +308,7 @@ pub fn import_llama_bench(
     )?;
     Ok(Imported {
         run_dir,
-        rows: records.len(),
+        rows: written,
     })
 }
 
@@ -321,6 +353,25 @@ mod tests {
             wire::files::read_csv(&imported.run_dir.join(SAMPLES_FILE)).unwrap();
         assert_eq!(samples.len(), 6);
         crate::results::run_dir::RunData::load(&imported.run_dir).unwrap();
+
+        // Two llama-bench runs one after another: each cell once, with two
+        // invocations, its figures over both.
+        let once = std::fs::read_to_string(&file).unwrap();
+        let twice = dir.path().join("lb2.jsonl");
+        std::fs::write(&twice, once.replace("[990,1010]", "[1090,1110]") + &once).unwrap();
+        let imported =
+            import_llama_bench(&twice, &results, "local", Some("stories260K.gguf")).unwrap();
+        assert_eq!(imported.rows, 3);
+        let rows: Vec<ModelRow> =
+            wire::files::read_csv(&imported.run_dir.join(MODEL_ROWS_FILE)).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1].invocations, 2);
+        assert_eq!(rows[1].avg_ns, Some(1050.0));
+        assert!(rows[1].precision.is_some());
+        let samples: Vec<SampleRow> =
+            wire::files::read_csv(&imported.run_dir.join(SAMPLES_FILE)).unwrap();
+        assert_eq!(samples.len(), 12);
+        assert!(samples.iter().any(|s| s.invocation == 1));
 
         // A commit that climbs folders stays one folder under results;
         // a board name with markup is refused.
