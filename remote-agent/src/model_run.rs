@@ -514,31 +514,19 @@ fn time_tests(
     recipe: &RecipeFile,
 ) -> Result<(Vec<Vec<f64>>, Vec<TestFacts>, f64)> {
     let tests = tests_on(job, cores);
-    let threads = max_threads(job, cores);
+    // What the recipe is loaded with: the most threads any test uses.
+    let threads = tests.iter().map(|t| t.threads).max().unwrap_or(1);
     let path = Path::new(&recipe.path);
     let shape = ContextShape::evaluation(timing_ctx(job), 1, &ContextSettings::default());
     let (mut seconds, mut facts) = (Vec::new(), Vec::new());
     let mut first_load_ms = None;
-    let mut first = 0;
-    while first < tests.len() {
-        let load = tests[first].load;
-        let end = tests[first..]
-            .iter()
-            .position(|t| t.load != load)
-            .map_or(tests.len(), |p| first + p);
-        let block = &tests[first..end];
-        first = end;
+    for block in tests.chunk_by(|a, b| a.load == b.load) {
+        let load = block[0].load;
         let refused = (load == ModelLoad::Mlock)
             .then(|| kernels::model::mlock_refusal(recipe.file_bytes))
             .flatten();
         if let Some(why) = refused {
-            for _ in block {
-                seconds.push(Vec::new());
-                facts.push(TestFacts {
-                    refused: Some(why.clone()),
-                    ..TestFacts::default()
-                });
-            }
+            refuse(block, &why, (&mut seconds, &mut facts));
             continue;
         }
         peak_rss_reset();
@@ -561,6 +549,21 @@ fn time_tests(
     Ok((seconds, facts, first_load_ms.unwrap_or(0.0)))
 }
 
+/// `tests` time nothing: each has no times and facts saying `why`.
+fn refuse(
+    tests: &[ModelTest],
+    why: &str,
+    (seconds, facts): (&mut Vec<Vec<f64>>, &mut Vec<TestFacts>),
+) {
+    for _ in tests {
+        seconds.push(Vec::new());
+        facts.push(TestFacts {
+            refused: Some(why.to_string()),
+            ..TestFacts::default()
+        });
+    }
+}
+
 /// Times `tests` (of one load mode) on `model`: for each context and
 /// depth, a context of those settings on the loaded weights with room for
 /// the depth and the tests (llama-bench's `n_depth + n_prompt + n_gen`),
@@ -576,15 +579,8 @@ fn time_loaded(
     let contexts = job.contexts();
     let budget = memory_budget(job);
     let (mut seconds, mut facts) = (Vec::new(), Vec::new());
-    let mut first = 0;
-    while first < tests.len() {
-        let (context, depth) = (tests[first].context, tests[first].depth);
-        let end = tests[first..]
-            .iter()
-            .position(|t| t.context != context || t.depth != depth)
-            .map_or(tests.len(), |p| first + p);
-        let group = &tests[first..end];
-        first = end;
+    for group in tests.chunk_by(|a, b| (a.context, a.depth) == (b.context, b.depth)) {
+        let (context, depth) = (group[0].context, group[0].depth);
         let settings = &contexts[context];
         let n_ctx = depth
             + group
@@ -611,13 +607,7 @@ fn time_loaded(
         };
         match made {
             Err(ModelError::ContextRefused(why)) => {
-                for _ in group {
-                    seconds.push(Vec::new());
-                    facts.push(TestFacts {
-                        refused: Some(why.clone()),
-                        ..TestFacts::default()
-                    });
-                }
+                refuse(group, &why, (&mut seconds, &mut facts));
                 continue;
             }
             other => other?,

@@ -366,6 +366,30 @@ impl RecipeCache {
         Ok(Some(out))
     }
 
+    /// The agent's arguments for `subcommand` (`reference`, `imatrix`) of
+    /// `model` over `text` in chunks of `ctx`, written to `out`.
+    fn model_text_args(
+        &self,
+        subcommand: &str,
+        model: &Path,
+        (text, ctx): (&Path, usize),
+        out: &Path,
+    ) -> Vec<String> {
+        vec![
+            subcommand.into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--text".into(),
+            text.display().to_string(),
+            "--ctx".into(),
+            ctx.to_string(),
+            "--threads".into(),
+            self.threads.to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ]
+    }
+
     /// The unquantized model's reference on `text` at context `ctx`
     /// (`wire::reference`: what boards judge recipes against), made once
     /// per (text, ctx, agent) by the host's agent.
@@ -381,19 +405,7 @@ impl RecipeCache {
             .dir
             .join(format!("reference-{ctx}-{text_hash}-{}.bin", agent.hash));
         self.make_once(agent, &path, &[], |temp| {
-            vec![
-                "reference".into(),
-                "--model".into(),
-                model.display().to_string(),
-                "--text".into(),
-                text.display().to_string(),
-                "--ctx".into(),
-                ctx.to_string(),
-                "--threads".into(),
-                self.threads.to_string(),
-                "--out".into(),
-                temp.display().to_string(),
-            ]
+            self.model_text_args("reference", model, (text, ctx), temp)
         })?;
         Ok(path)
     }
@@ -413,19 +425,7 @@ impl RecipeCache {
         let path = self.dir.join(format!("{stem}.gguf"));
         let meta_path = self.dir.join(format!("{stem}.json"));
         let made = self.make_once(agent, &path, &[&meta_path], |temp| {
-            vec![
-                "imatrix".into(),
-                "--model".into(),
-                model.display().to_string(),
-                "--text".into(),
-                text.display().to_string(),
-                "--ctx".into(),
-                ctx.to_string(),
-                "--threads".into(),
-                self.threads.to_string(),
-                "--out".into(),
-                temp.display().to_string(),
-            ]
+            self.model_text_args("imatrix", model, (text, ctx), temp)
         })?;
         if let Some(out) = made {
             let record = CalibrationRecord {
