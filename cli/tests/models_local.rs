@@ -989,3 +989,157 @@ fn a_cached_recipe_cut_short_is_made_again_not_used() {
     assert_eq!(std::fs::metadata(&cached).unwrap().len(), whole);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// The RAPL stand-in's schedule: 2 W until the agent has measured the
+/// idle power (its log says so), 7 W after; a counter that wraps at 3 J
+/// (every 0.43 s at 7 W, several times a test).
+const IDLE_W: f64 = 2.0;
+const BUSY_W: f64 = 7.0;
+const RAPL_RANGE_UJ: u64 = 3_000_000;
+
+/// Advances `energy_uj` under `zone` by the schedule every 2 ms until
+/// `stop`; the level switches when `log` first says "power from".
+fn rapl_stand_in(
+    zone: std::path::PathBuf,
+    log_dir: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut microjoules = 0.0f64;
+        let mut busy = false;
+        let mut last = std::time::Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let now = std::time::Instant::now();
+            let watts = if busy { BUSY_W } else { IDLE_W };
+            microjoules += watts * 1e6 * (now - last).as_secs_f64();
+            last = now;
+            let counter = (microjoules as u64) % RAPL_RANGE_UJ;
+            let part = zone.join("energy_uj.part");
+            std::fs::write(&part, format!("{counter}\n")).unwrap();
+            std::fs::rename(&part, zone.join("energy_uj")).unwrap();
+            if !busy {
+                busy = glob_logs(&log_dir).iter().any(|log| {
+                    std::fs::read_to_string(log).is_ok_and(|t| t.contains("power from"))
+                });
+            }
+        }
+    })
+}
+
+/// Every agent.log under `dir`.
+fn glob_logs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "agent.log") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_sustained_decode_is_drawn(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    // A RAPL tree where sysfs has none: `/sys/class` replaced in a private
+    // mount namespace (no hwmon, no thermal zones, one package zone).
+    let class = dir.path().join("class");
+    let zone = class.join("powercap/intel-rapl:0");
+    std::fs::create_dir_all(zone.join("intel-rapl:0:0")).unwrap();
+    std::fs::write(zone.join("name"), "package-0\n").unwrap();
+    std::fs::write(
+        zone.join("max_energy_range_uj"),
+        format!("{RAPL_RANGE_UJ}\n"),
+    )
+    .unwrap();
+    std::fs::write(zone.join("energy_uj"), "0\n").unwrap();
+    let body = config(&[fixture("stories260K.gguf")], "\"q8_0\"")
+        .replace("multiple_choice", "# multiple_choice")
+        .replace("repetitions = 2", "repetitions = 3")
+        + "threads = [1]\ninvocations = 2\nidle_seconds = 1.0\nsustain_seconds = 60\nsustain_interval_seconds = 5\n";
+    std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stand_in = rapl_stand_in(zone.clone(), dir.path().join("results"), stop.clone());
+    let out = std::process::Command::new("unshare")
+        .current_dir(dir.path())
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /sys/class && exec \"$@\"",
+        ])
+        .arg(&class)
+        .arg(env!("CARGO_BIN_EXE_quantbench"))
+        .args(["bench", "--target", "local", "--matrix", "m"])
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stand_in.join().unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let run = only_run_dir(dir.path());
+    let rows: Vec<ModelRow> = read_csv(&run.join("models.csv")).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+        assert_eq!(r.power_source, "rapl:package-0", "{r:?}");
+        // The counter read across its wraps integrates the schedule: the
+        // idle window at 2 W, the tests at 7 W (the level switches within
+        // 2 ms of the agent's log line, long before the first test).
+        let idle = r.idle_power_w.unwrap();
+        let power = r.power_w.unwrap();
+        assert!((idle - IDLE_W).abs() < 0.05 * IDLE_W, "idle {idle}: {r:?}");
+        assert!(
+            (power - BUSY_W).abs() < 0.03 * BUSY_W,
+            "power {power}: {r:?}"
+        );
+        // Joules per token: the schedule's integral over the windows over
+        // the tokens decoded in them; above idle, 5 of every 7 joules.
+        let per_token = r.j_per_token.unwrap();
+        let above = r.j_per_token_above_idle.unwrap();
+        assert!(
+            (above / per_token - (BUSY_W - IDLE_W) / BUSY_W).abs() < 0.03,
+            "{per_token} {above}: {r:?}"
+        );
+        assert!((r.tokens_per_j.unwrap() * per_token - 1.0).abs() < 1e-9);
+        // At 7 W, a token costs 7 W over the speed it was decoded at (the
+        // window also holds untimed repetitions: within a third).
+        let expected = BUSY_W / r.avg_ts.unwrap();
+        assert!(
+            (per_token / expected - 1.0).abs() < 0.33,
+            "{per_token} J/token, expected about {expected}: {r:?}"
+        );
+        // Two invocations, each at least 5 readings; an interval.
+        assert!(r.power_samples >= 10 && !r.power_few_samples, "{r:?}");
+        assert!(r.j_per_token_stderr.is_some(), "{r:?}");
+        assert!(r.wall_j_per_token.is_none(), "RAPL gives no wall figure");
+    }
+    let probe: wire::probe::BoardProbe =
+        wire::files::read_json(&run.join("boards/local/probe.json")).unwrap();
+    let power = probe.power.unwrap();
+    assert_eq!(power.source.as_deref(), Some("rapl:package-0"));
+    assert!(power.idle.unwrap().samples >= 5, "{power:?}");
+    let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("power from rapl:package-0, idle 2.0"),
+        "{summary}"
+    );
+    // 60 s of decoding without pause, a row every 5 s with its power.
+    let sustained: Vec<wire::rows::SustainRow> = read_csv(&run.join("sustained.csv")).unwrap();
+    assert!((11..=13).contains(&sustained.len()), "{sustained:?}");
+    assert!(sustained.last().unwrap().elapsed_s >= 59.0);
+    for s in &sustained {
+        assert!(s.tokens > 0 && s.tokens_per_s > 0.0, "{s:?}");
+        let watts = s.power_w.unwrap();
+        assert!((watts - BUSY_W).abs() < 0.05 * BUSY_W, "{s:?}");
+    }
+    for plot in ["model_sustained", "model_energy_vs_kld"] {
+        assert!(run.join(format!("plots/{plot}.png")).exists(), "{plot}");
+    }
+}

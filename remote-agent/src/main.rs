@@ -8,6 +8,7 @@ mod kernel_run;
 mod measure;
 mod model_run;
 mod multiply;
+mod power;
 mod rounds;
 mod slowdown;
 mod sysinfo;
@@ -572,13 +573,15 @@ fn main() -> Result<()> {
             let job: wire::model_job::ModelJob =
                 read_json(&job_path).context("reading the model job")?;
             std::fs::create_dir_all(&out_dir)?;
-            let probe = sysinfo::probe(false);
             // A kernel job in the same folder may have left a probe with the
-            // measured bandwidth: keep that one.
+            // measured bandwidth: keep that one, with the power added.
             let probe_path = out_dir.join(PROBE_FILE);
-            if !probe_path.exists() {
-                write_json(&probe_path, &probe)?;
-            }
+            let mut probe = read_json::<wire::probe::BoardProbe>(&probe_path)
+                .unwrap_or_else(|_| sysinfo::probe(false));
+            let power = model_run::power_report(&job);
+            eprintln!("{}", power.describe());
+            probe.power = Some(power);
+            write_json(&probe_path, &probe)?;
             let failed = model_run::run_model_job(&job, &job_path, &probe, &out_dir)?;
             if failed > 0 {
                 anyhow::bail!(

@@ -575,7 +575,7 @@ fn output_nmse(weights: &[f32], x: &[f32], y: &[f32], m: usize, k: usize, n: usi
 /// Waits until the SoC is below the cool-down temperature (bounded);
 /// returns the seconds waited. A board without a temperature is not waited
 /// for.
-fn cool_down(cooldown: Cooldown) -> f64 {
+pub fn cool_down(cooldown: Cooldown) -> f64 {
     let started = std::time::Instant::now();
     let limit = std::time::Duration::from_secs(cooldown.max_seconds);
     while started.elapsed() < limit {
@@ -796,6 +796,7 @@ mod tests {
             freq_mhz: Some(1500.0),
             governor: Some("ondemand".into()),
             throttle: Some(ThrottleState::PiFirmware(bits)),
+            fan: None,
         };
         for emulated in [false, true] {
             let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! Whole-model work: quantizing with a recipe, measuring layer importance,
 //! and running a model job (speed, memory, quality, generated text).
 
+use crate::power::Meter;
 use anyhow::{bail, Context, Result};
 use kernels::model::{
     gguf_tensor_types, quantize_model, BatchEntry, ContextSettings, ContextShape, LoadedModel,
@@ -10,13 +11,14 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 use wire::child::{JudgedLine, ModelFacts, ModelTiming, Quality, RecipeJudgement, TestFacts};
-use wire::files::{CsvAppender, MODEL_ROWS_FILE, SAMPLES_FILE};
+use wire::files::{CsvAppender, MODEL_ROWS_FILE, SAMPLES_FILE, SUSTAINED_FILE};
 use wire::kernel_job::JobBuild;
 use wire::model_job::{repetition_score, ModelJob, ModelJobBuild, ModelTest, RecipeFile};
+use wire::power::{EnergyMeasure, PowerReport};
 use wire::probe::BoardProbe;
 use wire::progress::ProgressEvent;
 use wire::rows::CellStatus;
-use wire::rows::{ModelRow, SampleRow};
+use wire::rows::{ModelRow, SampleRow, SustainRow};
 use wire::stats::Summary;
 
 /// Quantizes `input` to `output`: a uniform llama.cpp file type, or with
@@ -403,11 +405,17 @@ fn decode_prompt(
 /// cache forgets what the last one added, so every repetition starts at the
 /// depth. Returns seconds per repetition and the KV cache's bytes at the
 /// end of one.
+///
+/// With a power source, a sampling thread runs beside the timed
+/// repetitions; where they end before it has `MIN_POWER_SAMPLES`
+/// readings, the test is repeated (untimed) until it has, for at most
+/// `power::MAX_EXTENSION`, so the energy is over enough of the work.
 fn time_test(
     model: &mut LoadedModel,
     test: &ModelTest,
     n_batch: usize,
     reps: u32,
+    meter: Option<&Meter>,
 ) -> Result<TestTimes> {
     let tokens = random_tokens(model, test.tokens(), test.tokens() as u64);
     let (prompt, generated) = tokens.split_at(test.n_prompt);
@@ -427,10 +435,21 @@ fn time_test(
         Ok((total, first_token.unwrap_or(total)))
     };
     run(model)?; // warm-up, as llama-bench does
+    let sampling = meter.map(Meter::start);
     let times = (0..reps)
         .map(|_| run(model))
         .collect::<Result<Vec<(f64, f64)>>>()?;
+    let mut energy = None;
+    if let Some(sampling) = sampling {
+        let (extension, mut repetitions) = (Instant::now(), reps as usize);
+        while !sampling.enough(extension) {
+            run(model)?;
+            repetitions += 1;
+        }
+        energy = Some(sampling.finish((repetitions * test.tokens()) as f64));
+    }
     Ok(TestTimes {
+        energy,
         seconds: times.iter().map(|t| t.0).collect(),
         first_token_ms: Summary::of(&times.iter().map(|t| t.1 * 1e3).collect::<Vec<_>>())
             .map(|s| s.mean),
@@ -441,6 +460,8 @@ fn time_test(
 /// What one test's repetitions took.
 struct TestTimes {
     seconds: Vec<f64>,
+    /// What the repetitions cost, where the board has a power source.
+    energy: Option<EnergyMeasure>,
     /// Mean time to the first new token's logits.
     first_token_ms: Option<f64>,
     /// The KV cache's bytes at the end of a repetition.
@@ -625,12 +646,20 @@ fn time_loaded(
         let group_facts = facts.len();
         for test in group {
             model.set_threads_on(test.threads, &test.cpu(settings))?;
-            let times = time_test(model, test, settings.n_batch, job.repetitions)?;
+            // Heat is the board's: an emulator's host says nothing of it.
+            let real = !job.emulated;
+            let cooldown_seconds = job.cooldown.filter(|_| real).map(crate::measure::cool_down);
+            let before = real.then(crate::sysinfo::thermal_reading);
+            let times = time_test(model, test, settings.n_batch, job.repetitions, meter(job))?;
+            let thermal = before.map(|b| (b, crate::sysinfo::thermal_reading()));
             seconds.push(times.seconds);
             facts.push(TestFacts {
                 kv_bytes: Some(times.kv_bytes),
                 ttft_ms: times.first_token_ms,
                 flash_attn_used: model.flash_attn_used(),
+                thermal,
+                cooldown_seconds,
+                energy: times.energy,
                 ..TestFacts::default()
             });
         }
@@ -643,6 +672,97 @@ fn time_loaded(
     // no privilege).
     let _ = kernels::model::set_process_priority(wire::model_settings::Priority::Normal);
     Ok((seconds, facts))
+}
+
+/// Tokens of a sustained decode's KV cache before it starts again from
+/// empty, as a run of short answers would.
+const SUSTAIN_CTX: usize = 512;
+
+/// Decodes one token at a time without pause for `job.sustain_seconds`
+/// on the job's first context and the most threads of its tests,
+/// recording every `sustain_interval_seconds` the tokens per second, the
+/// clock, the temperature, throttling and the power: whether a recipe
+/// keeps its speed on this board in its case. Each interval's row reaches
+/// the disk as it ends.
+fn sustain(
+    job: &ModelJob,
+    probe: &BoardProbe,
+    recipe: &RecipeFile,
+    out: &mut CsvAppender<SustainRow>,
+) -> Result<()> {
+    let threads = max_threads(job, probe.cores);
+    let settings = job.contexts().swap_remove(0);
+    let shape = ContextShape::timing(SUSTAIN_CTX, &settings);
+    let mut model =
+        LoadedModel::load_as(Path::new(&recipe.path), &shape, threads, ModelLoad::Mmap)?;
+    let tokens = random_tokens(&model, SUSTAIN_CTX, 99);
+    let real = !job.emulated;
+    let interval = std::time::Duration::from_secs_f64(job.sustain_interval_seconds.max(0.5));
+    let started = Instant::now();
+    let over = |started: Instant| started.elapsed().as_secs_f64() >= job.sustain_seconds;
+    let mut pos = 0;
+    while !over(started) {
+        let begun = Instant::now();
+        let before = real.then(crate::sysinfo::thermal_reading);
+        let sampling = meter(job).map(Meter::start);
+        let mut decoded = 0u64;
+        while begun.elapsed() < interval && !over(started) {
+            if pos == SUSTAIN_CTX {
+                model.forget_from(0);
+                pos = 0;
+            }
+            model.decode(&[tokens[pos]], pos, false)?;
+            pos += 1;
+            decoded += 1;
+        }
+        let seconds = begun.elapsed().as_secs_f64();
+        let energy = sampling.map(|s| s.finish(decoded as f64));
+        let after = real.then(crate::sysinfo::thermal_reading);
+        out.append(&SustainRow {
+            run_id: job.run_id.clone(),
+            board: job.board.clone(),
+            emulated: job.emulated,
+            model_filename: job.model_name.clone(),
+            recipe: recipe.recipe.clone(),
+            build: String::new(),
+            n_threads: threads,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            tokens: decoded,
+            tokens_per_s: decoded as f64 / seconds,
+            freq_mhz: after.as_ref().and_then(|a| a.freq_mhz),
+            temp_c: after.as_ref().and_then(|a| a.temperature_c),
+            throttled: before
+                .as_ref()
+                .zip(after.as_ref())
+                .and_then(|(b, a)| wire::probe::throttled_between(b, a)),
+            power_w: energy
+                .as_ref()
+                .filter(|e| e.seconds > 0.0)
+                .map(|e| e.joules / e.seconds),
+            power_source: energy.map(|e| e.source).unwrap_or_default(),
+            finished_at: wire::utc_now_rfc3339(),
+        })?;
+    }
+    Ok(())
+}
+
+/// The board's power source, found once per process (`None`: none).
+fn meter(job: &ModelJob) -> Option<&'static Meter> {
+    static METER: std::sync::OnceLock<Option<Meter>> = std::sync::OnceLock::new();
+    METER.get_or_init(|| Meter::find(&job.power).0).as_ref()
+}
+
+/// What the board's power sources are, and its idle power before the job
+/// (`power.idle_seconds` of sampling while the agent does nothing).
+pub fn power_report(job: &ModelJob) -> PowerReport {
+    let (found, mut report) = Meter::find(&job.power);
+    if let (Some(found), Some(meter)) = (found, meter(job)) {
+        debug_assert_eq!(found.name(), meter.name());
+        if job.power.idle_seconds > 0.0 {
+            report.idle = meter.idle(job.power.idle_seconds);
+        }
+    }
+    report
 }
 
 /// The context a recipe is loaded in for greedy text and multiple choice.
@@ -1182,7 +1302,7 @@ fn recipe_rows(
             ..base_row(job, probe, build, recipe, "")
         };
         // A context llama.cpp cannot run for this model: its rows say why.
-        let row = match refused {
+        let mut row = match refused {
             Some(why) => ModelRow {
                 status: CellStatus::Unsupported,
                 note: why,
@@ -1190,6 +1310,10 @@ fn recipe_rows(
             },
             None => row,
         };
+        row.set_heat_and_energy(
+            &test_facts,
+            probe.power.as_ref().and_then(|p| p.idle.as_ref()),
+        );
         let ns_by_invocation = timings
             .iter()
             .zip(&seconds)
@@ -1399,6 +1523,9 @@ pub fn run_model_job(
     // Every repetition is kept, as llama-bench's JSON keeps `samples_ns`, so
     // model cells can be compared between runs like kernel cells.
     let mut samples = CsvAppender::<SampleRow>::open(&out_dir.join(SAMPLES_FILE))?;
+    let mut sustained = (job.sustain_seconds > 0.0)
+        .then(|| CsvAppender::<SustainRow>::open(&out_dir.join(SUSTAINED_FILE)))
+        .transpose()?;
     let threads = max_threads(job, probe.cores);
     // One build: the reference in this process. A/B: each build judges
     // its own recipes in a child of its own before any is timed.
@@ -1487,6 +1614,18 @@ pub fn run_model_job(
                     rows.append(&base_row(job, probe, build, recipe, &reason))?;
                     status = CellStatus::Failed;
                 }
+            }
+        }
+        // The sustained decode of a measured recipe (one-build jobs: an
+        // A/B job compares builds, not how long a board keeps its speed).
+        if let Some(out) = sustained.as_mut().filter(|_| {
+            job.builds.is_empty()
+                && status != CellStatus::Failed
+                && recipe.unmade.is_none()
+                && timed(recipe)
+        }) {
+            if let Err(e) = sustain(job, probe, recipe, out) {
+                eprintln!("the sustained decode of {cell_id} failed: {e:#}");
             }
         }
         match status {

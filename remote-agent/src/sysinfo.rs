@@ -33,6 +33,7 @@ pub fn probe(with_bandwidth: bool) -> BoardProbe {
             .map(|khz| khz / 1000.0),
         temperature_c: thermal.temperature_c,
         read_bandwidth_gbps: with_bandwidth.then(|| crate::bandwidth::read_bandwidth_gbps(cores)),
+        power: None,
         agent: wire::probe::AgentIdentity {
             agent_build: agent_build(),
             llama_cpp: kernels::llama_source().to_string(),
@@ -47,7 +48,39 @@ pub fn thermal_reading() -> ThermalReading {
             .map(|khz| khz / 1000.0),
         governor: read_trimmed("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
         throttle: throttle_state(),
+        fan: fan_state(Path::new("/sys/class")),
     }
+}
+
+/// The fan under `class` (`/sys/class`): a hwmon device's `fan1_input`
+/// in rpm, else a `pwm-fan` cooling device's level (a Pi 5's active
+/// cooler is both).
+fn fan_state(class: &Path) -> Option<String> {
+    let dirs = |sub: &str| -> Vec<std::path::PathBuf> {
+        let mut dirs: Vec<_> = fs::read_dir(class.join(sub))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        dirs.sort();
+        dirs
+    };
+    let read = |path: std::path::PathBuf| -> Option<String> {
+        Some(fs::read_to_string(path).ok()?.trim().to_string())
+    };
+    dirs("hwmon")
+        .into_iter()
+        .find_map(|d| read(d.join("fan1_input")))
+        .map(|rpm| format!("{rpm} rpm"))
+        .or_else(|| {
+            dirs("thermal").into_iter().find_map(|d| {
+                let kind = read(d.join("type"))?;
+                kind.contains("fan").then_some(())?;
+                Some(format!(
+                    "level {}/{}",
+                    read(d.join("cur_state"))?,
+                    read(d.join("max_state"))?
+                ))
+            })
+        })
 }
 
 /// The firmware's throttling bits on a Raspberry Pi (its sysfs file, or
@@ -498,6 +531,25 @@ mod tests {
             "{}",
             after.others_since(&before)
         );
+    }
+
+    #[test]
+    fn the_fan_is_read_as_rpm_else_as_its_cooling_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |path: &str, value: &str| {
+            let path = dir.path().join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, value).unwrap();
+        };
+        assert_eq!(fan_state(dir.path()), None);
+        // A Pi 5's active cooler as its kernel shows it.
+        write("thermal/cooling_device0/type", "pwm-fan\n");
+        write("thermal/cooling_device0/cur_state", "2\n");
+        write("thermal/cooling_device0/max_state", "4\n");
+        write("thermal/thermal_zone0/type", "cpu-thermal\n");
+        assert_eq!(fan_state(dir.path()).as_deref(), Some("level 2/4"));
+        write("hwmon/hwmon2/fan1_input", "3100\n");
+        assert_eq!(fan_state(dir.path()).as_deref(), Some("3100 rpm"));
     }
 
     #[test]

@@ -150,6 +150,15 @@ pub struct TestFacts {
     /// logits (time to first token), ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttft_ms: Option<f64>,
+    /// Heat before and after the test's repetitions (real boards only) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thermal: Option<(crate::probe::ThermalReading, crate::probe::ThermalReading)>,
+    /// ... the seconds waited before it for the board to cool ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_seconds: Option<f64>,
+    /// ... and what its repetitions cost, where the board has a power source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<crate::power::EnergyMeasure>,
 }
 
 /// What llama.cpp says of a loaded recipe file.

@@ -14,6 +14,8 @@ pub const SAMPLES_FILE: &str = "samples.csv";
 pub const INVOCATIONS_FILE: &str = "invocations.csv";
 pub const PROBE_FILE: &str = "probe.json";
 pub const MODEL_ROWS_FILE: &str = "models.csv";
+/// A model job's sustained decodes (`rows::SustainRow`).
+pub const SUSTAINED_FILE: &str = "sustained.csv";
 pub const MANIFEST_FILE: &str = "run.json";
 
 #[derive(Debug, Error)]

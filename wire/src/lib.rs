@@ -5,7 +5,7 @@
 //! `choice_tasks`), what one agent process says to another (`child`), the
 //! rows the agent returns and their CSV schema (`rows`,
 //! written and read by `files`), the progress events it streams
-//! (`progress`), the board description (`probe`), the agent's build
+//! (`progress`), the board description (`probe`), the board's power sources' readings and the energy figures derived from them (`power`), the agent's build
 //! identity (`build_id`), the GGUF header check run before GGML reads a
 //! file (`gguf`), the unquantized model's reference on the evaluation
 //! text the host computes for boards (`reference`), GGML's type table (`ggml_type`) and the formats a
@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod kernel_job;
 pub mod model_job;
 pub mod model_settings;
+pub mod power;
 pub mod probe;
 pub mod progress;
 pub mod reference;

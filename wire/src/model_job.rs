@@ -170,6 +170,24 @@ pub struct ModelJob {
     /// running agent, measuring `recipes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub builds: Vec<ModelJobBuild>,
+    /// Where the board's power is read (its boards.toml settings) and how
+    /// long its idle power is measured.
+    #[serde(default)]
+    pub power: crate::power::PowerSettings,
+    /// Wait before each test until the board has cooled (real boards only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown: Option<crate::kernel_job::Cooldown>,
+    /// Seconds each recipe decodes without pause after its tests, its
+    /// speed, clock, temperature and power recorded every
+    /// `sustain_interval_seconds` (`sustained.csv`); 0: not.
+    #[serde(default)]
+    pub sustain_seconds: f64,
+    #[serde(default = "default_sustain_interval")]
+    pub sustain_interval_seconds: f64,
+}
+
+fn default_sustain_interval() -> f64 {
+    5.0
 }
 
 /// A build an A/B model job measures: its agent, and the files its own

@@ -30,6 +30,11 @@ pub struct BoardProbe {
     /// Read bandwidth with all cores, best of several sweeps over a buffer
     /// far larger than the caches (GB/s, 1e9 bytes). Absent from a quick probe.
     pub read_bandwidth_gbps: Option<f64>,
+    /// The board's power source as a model job's agent found it, with the
+    /// sources it looked for and the idle power it measured; absent from
+    /// kernel jobs' and older probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<crate::power::PowerReport>,
     /// SHA-256 prefix of the agent binary and the llama.cpp it contains.
     #[serde(flatten)]
     pub agent: AgentIdentity,
@@ -55,6 +60,10 @@ pub struct ThermalReading {
     pub governor: Option<String>,
     #[serde(default)]
     pub throttle: Option<ThrottleState>,
+    /// The fan: `3100 rpm` (hwmon `fan1_input`) or `level 2/4` (a
+    /// `pwm-fan` cooling device, as on a Pi 5's active cooler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan: Option<String>,
 }
 
 /// What the board says about throttling.
@@ -85,6 +94,59 @@ pub fn throttled_between(before: &ThermalReading, after: &ThermalReading) -> Opt
         }
         (ThrottleState::ThrottleEvents(b), ThrottleState::ThrottleEvents(a)) => Some(a > b),
         _ => None,
+    }
+}
+
+/// Whether the board's supply was too low between two readings (a Pi's
+/// firmware bit 0 now, or bit 16 newly set); `None` when it does not say.
+pub fn under_voltage_between(before: &ThermalReading, after: &ThermalReading) -> Option<bool> {
+    match (before.throttle?, after.throttle?) {
+        (ThrottleState::PiFirmware(b), ThrottleState::PiFirmware(a)) => {
+            Some((b | a) & 0x1 != 0 || (a & !b) & 0x1_0000 != 0)
+        }
+        _ => None,
+    }
+}
+
+/// The heat columns of a row measured in several windows (a model test's
+/// invocations), each with its readings before and after: temperatures and
+/// clocks from the first window's start to the last one's end, flags if
+/// any window raised them. Computed here for every model row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeatFigures {
+    pub temp_before_c: Option<f64>,
+    pub temp_after_c: Option<f64>,
+    pub freq_before_mhz: Option<f64>,
+    pub freq_after_mhz: Option<f64>,
+    pub governor: String,
+    pub fan: String,
+    pub throttled: Option<bool>,
+    pub under_voltage: Option<bool>,
+    pub thermal_noisy: bool,
+}
+
+impl HeatFigures {
+    pub fn over(windows: &[(&ThermalReading, &ThermalReading)]) -> HeatFigures {
+        let (Some((first, _)), Some((_, last))) = (windows.first(), windows.last()) else {
+            return HeatFigures::default();
+        };
+        let any = |f: fn(&ThermalReading, &ThermalReading) -> Option<bool>| {
+            windows
+                .iter()
+                .filter_map(|(b, a)| f(b, a))
+                .reduce(|x, y| x || y)
+        };
+        HeatFigures {
+            temp_before_c: first.temperature_c,
+            temp_after_c: last.temperature_c,
+            freq_before_mhz: first.freq_mhz,
+            freq_after_mhz: last.freq_mhz,
+            governor: first.governor.clone().unwrap_or_default(),
+            fan: last.fan.clone().unwrap_or_default(),
+            throttled: any(throttled_between),
+            under_voltage: any(under_voltage_between),
+            thermal_noisy: windows.iter().any(|(b, a)| thermally_noisy(b, a)),
+        }
     }
 }
 
@@ -155,6 +217,28 @@ mod tests {
         assert_eq!(throttled_between(&pi(0), &pi(0x40000)), Some(true));
         assert!(!thermally_noisy(&pi(0), &pi(0)));
         assert!(thermally_noisy(&pi(0), &pi(0x4)));
+        // Under-voltage now, or newly since boot; old news is not this cell's.
+        assert_eq!(under_voltage_between(&pi(0), &pi(0x1)), Some(true));
+        assert_eq!(
+            under_voltage_between(&pi(0x10000), &pi(0x10000)),
+            Some(false)
+        );
+        assert_eq!(under_voltage_between(&pi(0), &pi(0x10000)), Some(true));
+        // Two invocations of a model test: the second throttled.
+        let hot = |t: f64, bits| ThermalReading {
+            temperature_c: Some(t),
+            ..pi(bits)
+        };
+        let (a, b, c, d) = (hot(50.0, 0), hot(70.0, 0), hot(71.0, 0), hot(82.0, 0x8));
+        let heat = HeatFigures::over(&[(&a, &b), (&c, &d)]);
+        assert_eq!(
+            (heat.temp_before_c, heat.temp_after_c),
+            (Some(50.0), Some(82.0))
+        );
+        assert_eq!(heat.throttled, Some(true));
+        assert_eq!(heat.under_voltage, Some(false));
+        assert!(heat.thermal_noisy);
+        assert_eq!(HeatFigures::over(&[]), HeatFigures::default());
     }
 
     #[test]

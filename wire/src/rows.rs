@@ -7,14 +7,16 @@ use crate::model_job::{ModelJob, RecipeFile};
 use serde::{Deserialize, Serialize};
 
 /// How a cell ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CellStatus {
     /// Measured.
     Ok,
     /// The type cannot store this shape (reason in `note`).
     Unsupported,
-    /// The agent failed or died on this cell (reason in `note`).
+    /// The agent failed or died on this cell (reason in `note`); what a
+    /// row is until something was measured.
+    #[default]
     Failed,
 }
 
@@ -172,7 +174,7 @@ macro_rules! stamped {
         }
     )*};
 }
-stamped!(KernelRow, ModelRow, SampleRow, InvocationRow);
+stamped!(KernelRow, ModelRow, SampleRow, InvocationRow, SustainRow);
 
 /// What identifies a measured cell across runs: what is measured (the
 /// cell id: shape, type, batch, threads; a model row's model, recipe,
@@ -348,7 +350,7 @@ pub struct InvocationRow {
 
 /// One row of `models.csv`: a model x recipe x threads x test (pp or tg).
 /// Columns named like llama-bench's mean what llama-bench's mean.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelRow {
     pub run_id: String,
     pub board: String,
@@ -497,6 +499,105 @@ pub struct ModelRow {
     /// sizes): the quality columns are empty.
     #[serde(default)]
     pub synthetic: bool,
+    /// Seconds waited before the test for the board to cool below the
+    /// matrix's `cooldown_below_c`, most over invocations; empty without one.
+    #[serde(default)]
+    pub cooldown_seconds: Option<f64>,
+    /// Heat from the first invocation's start of the test to the last
+    /// one's end (empty on emulated boards and where the board does not
+    /// say): SoC temperature and CPU 0's clock ...
+    #[serde(default)]
+    pub temp_before_c: Option<f64>,
+    #[serde(default)]
+    pub temp_after_c: Option<f64>,
+    #[serde(default)]
+    pub freq_before_mhz: Option<f64>,
+    #[serde(default)]
+    pub freq_after_mhz: Option<f64>,
+    /// ... the cpufreq governor, the fan at the end (`3100 rpm`,
+    /// `level 2/4`) ...
+    #[serde(default)]
+    pub governor: String,
+    #[serde(default)]
+    pub fan: String,
+    /// ... throttled and under-voltage by the board's own flags in any
+    /// invocation ...
+    #[serde(default)]
+    pub throttled: Option<bool>,
+    #[serde(default)]
+    pub under_voltage: Option<bool>,
+    /// ... and the kernel cells' rule (`probe::thermally_noisy`): throttled
+    /// or off the `performance` governor; `compare` calls it noisy.
+    #[serde(default)]
+    pub thermal_noisy: bool,
+    /// The power source the energy columns come from (`pi5-pmic`,
+    /// `rapl:package-0`, `hwmon:<device>`, `command`); empty where the
+    /// board has none (the summary says which were looked for and why
+    /// each was unusable). On emulated boards the source is a stand-in.
+    #[serde(default)]
+    pub power_source: String,
+    /// Readings the energy figures rest on, over every invocation ...
+    #[serde(default)]
+    pub power_samples: u32,
+    /// ... fewer than 5 in some invocation, even after the test was
+    /// repeated for up to 10 s more to gather them.
+    #[serde(default)]
+    pub power_few_samples: bool,
+    /// Mean power while the test ran (W; a Pi 5's PMIC: the rails' sum) ...
+    #[serde(default)]
+    pub power_w: Option<f64>,
+    /// ... at the wall, where the source estimates it (a Pi 5: `1.1451 x
+    /// rails + 0.5879`) ...
+    #[serde(default)]
+    pub wall_power_w: Option<f64>,
+    /// ... and the board's idle power measured before the job.
+    #[serde(default)]
+    pub idle_power_w: Option<f64>,
+    /// Joules per token of this test (pp and tg rows apart), its standard
+    /// error over invocations (empty below two) ...
+    #[serde(default)]
+    pub j_per_token: Option<f64>,
+    #[serde(default)]
+    pub j_per_token_stderr: Option<f64>,
+    /// ... at the wall ...
+    #[serde(default)]
+    pub wall_j_per_token: Option<f64>,
+    /// ... above the idle power (what decoding itself cost) ...
+    #[serde(default)]
+    pub j_per_token_above_idle: Option<f64>,
+    /// ... and tokens per joule (`1 / j_per_token`).
+    #[serde(default)]
+    pub tokens_per_j: Option<f64>,
+    pub finished_at: String,
+}
+
+/// One row of `sustained.csv`: a recipe decoding without pause (the model
+/// matrix's `sustain_seconds`), one row per interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SustainRow {
+    pub run_id: String,
+    pub board: String,
+    pub emulated: bool,
+    pub model_filename: String,
+    pub recipe: String,
+    /// The build in an A/B run; empty otherwise.
+    pub build: String,
+    pub n_threads: usize,
+    /// Seconds from the start of the sustained decode to the end of this
+    /// interval.
+    pub elapsed_s: f64,
+    /// Tokens generated in the interval, one at a time, and their rate.
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    /// CPU 0's clock and the SoC's temperature at the interval's end
+    /// (empty on emulated boards and where the board does not say).
+    pub freq_mhz: Option<f64>,
+    pub temp_c: Option<f64>,
+    /// Throttled during the interval by the board's own flags.
+    pub throttled: Option<bool>,
+    /// Mean power over the interval and its source; empty without one.
+    pub power_w: Option<f64>,
+    pub power_source: String,
     pub finished_at: String,
 }
 
@@ -663,8 +764,79 @@ impl ModelRow {
             generated_text: String::new(),
             repetition_score: None,
             synthetic: job.synthetic,
+            cooldown_seconds: None,
+            temp_before_c: None,
+            temp_after_c: None,
+            freq_before_mhz: None,
+            freq_after_mhz: None,
+            governor: String::new(),
+            fan: String::new(),
+            throttled: None,
+            under_voltage: None,
+            thermal_noisy: false,
+            power_source: String::new(),
+            power_samples: 0,
+            power_few_samples: false,
+            power_w: None,
+            wall_power_w: None,
+            idle_power_w: None,
+            j_per_token: None,
+            j_per_token_stderr: None,
+            wall_j_per_token: None,
+            j_per_token_above_idle: None,
+            tokens_per_j: None,
             finished_at: crate::utc_now_rfc3339(),
         }
+    }
+
+    /// Sets the heat and energy columns from each invocation's facts of
+    /// the test (`work`: tokens decoded in its energy window) and the
+    /// board's idle power.
+    pub fn set_heat_and_energy(
+        &mut self,
+        facts: &[&crate::child::TestFacts],
+        idle: Option<&crate::power::IdlePower>,
+    ) {
+        let windows: Vec<_> = facts
+            .iter()
+            .filter_map(|f| f.thermal.as_ref().map(|(b, a)| (b, a)))
+            .collect();
+        let heat = crate::probe::HeatFigures::over(&windows);
+        self.temp_before_c = heat.temp_before_c;
+        self.temp_after_c = heat.temp_after_c;
+        self.freq_before_mhz = heat.freq_before_mhz;
+        self.freq_after_mhz = heat.freq_after_mhz;
+        self.governor = heat.governor;
+        self.fan = heat.fan;
+        self.throttled = heat.throttled;
+        self.under_voltage = heat.under_voltage;
+        self.thermal_noisy = heat.thermal_noisy;
+        self.cooldown_seconds = facts
+            .iter()
+            .filter_map(|f| f.cooldown_seconds)
+            .reduce(f64::max);
+        let energy: Vec<crate::power::EnergyMeasure> =
+            facts.iter().filter_map(|f| f.energy.clone()).collect();
+        let figures = crate::power::EnergyFigures::of(&energy, idle);
+        self.power_source = figures.source.clone();
+        self.power_samples = figures.samples;
+        self.power_few_samples = figures.few_samples;
+        self.power_w = figures.watts;
+        self.wall_power_w = figures.wall_watts;
+        self.idle_power_w = figures.idle_watts;
+        self.j_per_token = figures.joules_per_work;
+        self.wall_j_per_token = figures.wall_joules_per_work;
+        self.j_per_token_above_idle = figures.joules_per_work_above_idle;
+        self.tokens_per_j = figures.work_per_joule();
+        let per_invocation: Vec<f64> = energy
+            .iter()
+            .filter(|w| w.work > 0.0)
+            .map(|w| w.joules / w.work)
+            .collect();
+        self.j_per_token_stderr = (per_invocation.len() >= 2)
+            .then(|| crate::stats::Summary::of(&per_invocation))
+            .flatten()
+            .map(|s| s.stddev / (per_invocation.len() as f64).sqrt());
     }
 }
 

@@ -86,6 +86,18 @@ pub struct BoardConfig {
     /// for the run, reached at the place's NetworkService.
     #[serde(default)]
     pub labgrid: Option<LabgridSettings>,
+    /// Where the board's power is read (model jobs' energy columns):
+    /// `vcgencmd = "/usr/bin/vcgencmd"` (a Raspberry Pi's firmware tool;
+    /// its `pmic_read_adc` gives a Pi 5's rails; default: looked for at
+    /// /usr/bin and /opt/vc/bin), `power_command = "..."` (run by `sh -c`
+    /// on the board, prints watts: an external meter; used first) and
+    /// `power_interval_ms` (between samples, default 100).
+    #[serde(default)]
+    pub vcgencmd: Option<String>,
+    #[serde(default)]
+    pub power_command: Option<String>,
+    #[serde(default)]
+    pub power_interval_ms: Option<u64>,
 }
 
 /// A board's `labgrid = {...}`, and `[labgrid]` (defaults, no `place`).
@@ -195,6 +207,8 @@ pub struct RemoteBoard {
     pub max_memory_bytes: Option<u64>,
     pub keep_runs: usize,
     pub retry_seconds: u64,
+    /// Where its power is read (`power_settings` of the model job).
+    pub power: wire::power::PowerSettings,
     /// Set for a labgrid place: `host`, `user` and `port` are filled in
     /// from the place's NetworkService once it is taken.
     pub farm: Option<FarmPlace>,
@@ -307,6 +321,9 @@ fn bare_config() -> BoardConfig {
         keep_runs: default_keep_runs(),
         retry_seconds: default_retry_seconds(),
         labgrid: None,
+        vcgencmd: None,
+        power_command: None,
+        power_interval_ms: None,
     }
 }
 
@@ -375,10 +392,44 @@ fn from_config(
         max_memory_bytes: config.max_memory_mb.map(|mb| mb * 1_000_000),
         keep_runs: config.keep_runs,
         retry_seconds: config.retry_seconds,
+        power: power_settings(config).map_err(|message| TargetError::Invalid {
+            target: name.into(),
+            message,
+        })?,
         farm,
     };
     validate(&board)?;
     Ok(board)
+}
+
+/// A board's power settings: `vcgencmd` an absolute path, `power_command`
+/// not blank, `power_interval_ms` from 10 ms to a minute.
+fn power_settings(config: &BoardConfig) -> Result<wire::power::PowerSettings, String> {
+    if let Some(path) = config.vcgencmd.as_deref().filter(|p| !p.starts_with('/')) {
+        return Err(format!(
+            "`vcgencmd = \"{path}\"` must be an absolute path on the board (e.g. /usr/bin/vcgencmd)"
+        ));
+    }
+    if config
+        .power_command
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        return Err("`power_command` is blank: give a command that prints the board's watts, or leave it out".into());
+    }
+    let defaults = wire::power::PowerSettings::default();
+    let interval_ms = config.power_interval_ms.unwrap_or(defaults.interval_ms);
+    if !(10..=60_000).contains(&interval_ms) {
+        return Err(format!(
+            "`power_interval_ms = {interval_ms}` must be from 10 to 60000"
+        ));
+    }
+    Ok(wire::power::PowerSettings {
+        vcgencmd: config.vcgencmd.clone(),
+        power_command: config.power_command.clone(),
+        interval_ms,
+        ..defaults
+    })
 }
 
 /// `[user@]host[:port]` or an ssh config alias, with no board config: the
@@ -429,6 +480,7 @@ fn from_destination(item: &str, ssh: &SshConfig) -> Result<RemoteBoard, TargetEr
         max_memory_bytes: None,
         keep_runs: default_keep_runs(),
         retry_seconds: default_retry_seconds(),
+        power: wire::power::PowerSettings::default(),
         farm: None,
     };
     validate(&board)?;
@@ -666,6 +718,29 @@ Host *
         );
         let b = resolve_targets("pi4.lan", &BoardsFile::default(), &ssh).unwrap();
         assert_eq!(remote(&b[0]).profile, BoardProfile::Pi4);
+    }
+
+    #[test]
+    fn power_settings_reach_the_board_and_bad_ones_are_refused_saying_what_to_give() {
+        let board = |extra: &str| {
+            let file: BoardsFile =
+                toml::from_str(&format!("[boards.a]\nhost='10.0.0.1'\n{extra}\n")).unwrap();
+            resolve_targets("a", &file, &SshConfig::default())
+        };
+        let b = board("vcgencmd = '/opt/bin/vcgencmd'\npower_command = 'meter --watts'\npower_interval_ms = 250").unwrap();
+        let power = &remote(&b[0]).power;
+        assert_eq!(power.vcgencmd.as_deref(), Some("/opt/bin/vcgencmd"));
+        assert_eq!(power.power_command.as_deref(), Some("meter --watts"));
+        assert_eq!(power.interval_ms, 250);
+        assert_eq!(remote(&board("").unwrap()[0]).power, Default::default());
+        for (extra, says) in [
+            ("vcgencmd = 'vcgencmd'", "must be an absolute path"),
+            ("power_command = '  '", "is blank"),
+            ("power_interval_ms = 5", "from 10 to 60000"),
+        ] {
+            let e = board(extra).unwrap_err().to_string();
+            assert!(e.starts_with("target `a`: ") && e.contains(says), "{e}");
+        }
     }
 
     #[test]

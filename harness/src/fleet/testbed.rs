@@ -134,6 +134,9 @@ pub fn up(workspace: &Path, boards: usize) -> Result<PathBuf, TestbedError> {
                 keep_runs: 20,
                 retry_seconds: crate::fleet::boards::default_retry_seconds(),
                 labgrid: None,
+                vcgencmd: None,
+                power_command: None,
+                power_interval_ms: None,
             },
         );
     }

@@ -315,6 +315,9 @@ struct Side {
     disturbed: bool,
     /// (name, value, higher is better, standard error when known)
     quality: Vec<(&'static str, Option<f64>, bool, Option<f64>)>,
+    /// Joules per token and its standard error over invocations (model
+    /// rows of a board with a power source).
+    energy: Option<(f64, Option<f64>)>,
 }
 
 impl Side {
@@ -378,6 +381,7 @@ fn sides(run: &RunData, adjust_rounds: bool) -> (BTreeMap<CellKey, Side>, Vec<St
                 settled: r.settled,
                 disturbed: r.disturbed,
                 quality: vec![("nmse", r.nmse, false, None)],
+                energy: None,
             },
         );
     }
@@ -394,9 +398,10 @@ fn sides(run: &RunData, adjust_rounds: bool) -> (BTreeMap<CellKey, Side>, Vec<St
                     .unwrap_or_default(),
                 kernel_path: None,
                 agent_build: r.agent_build.clone(),
-                thermal_noisy: false,
+                thermal_noisy: r.thermal_noisy,
                 settled: true,
                 disturbed: false,
+                energy: r.j_per_token.map(|j| (j, r.j_per_token_stderr)),
                 quality: vec![
                     ("ppl", r.ppl, false, r.ppl_stderr),
                     ("kld_mean", r.kld_mean, false, r.kld_stderr),
@@ -635,6 +640,7 @@ fn judge(pairs: &[Pair], settings: &CompareSettings) -> (Vec<CellComparison>, us
             judged.push((cells.len(), pair_index, estimate.p_beyond(c.margin)));
         }
         judge_quality(&mut c, b, n, settings);
+        c.quality.extend(energy_change(b, n));
         cells.push(c);
     }
     let p_values: Vec<f64> = judged.iter().map(|j| j.2).collect();
@@ -792,6 +798,48 @@ fn decide(c: &CellComparison, discovered: bool) -> Verdict {
     } else {
         Verdict::Inconclusive
     }
+}
+
+/// The change of joules per token between two sides with its 95%
+/// interval (from each side's standard error over invocations, on the log
+/// scale as times are judged), and what it shows: more or less energy, or
+/// no change the spread can see. Shown beside the cell's verdict, which
+/// stays the timing's.
+fn energy_change(b: &Side, n: &Side) -> Option<String> {
+    let ((before, b_se), (after, a_se)) = (b.energy?, n.energy?);
+    if before <= 0.0 || after <= 0.0 {
+        return None;
+    }
+    let ratio = after / before;
+    let percent = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
+    let Some((b_se, a_se)) = b_se.zip(a_se) else {
+        return Some(format!(
+            "j_per_token {} -> {} ({}, no interval: fewer than two invocations)",
+            significant_digits(before),
+            significant_digits(after),
+            percent(ratio)
+        ));
+    };
+    let se = ((b_se / before).powi(2) + (a_se / after).powi(2)).sqrt();
+    let (low, high) = (
+        (ratio.ln() - 1.96 * se).exp(),
+        (ratio.ln() + 1.96 * se).exp(),
+    );
+    let reading = if low > 1.0 {
+        "more energy per token"
+    } else if high < 1.0 {
+        "less energy per token"
+    } else {
+        "no change the spread can see"
+    };
+    Some(format!(
+        "j_per_token {} -> {} ({} [{}, {}]: {reading})",
+        significant_digits(before),
+        significant_digits(after),
+        percent(ratio),
+        percent(low),
+        percent(high)
+    ))
 }
 
 /// The smallest rise of a lower-is-better quality figure that can be a
@@ -1210,7 +1258,31 @@ mod tests {
             settled: true,
             disturbed: false,
             quality: vec![("nmse", Some(1e-3), false, None)],
+            energy: None,
         }
+    }
+
+    #[test]
+    fn energy_per_token_changes_are_read_with_their_interval() {
+        let with = |joules: f64, se: Option<f64>| Side {
+            energy: Some((joules, se)),
+            ..side(vec![vec![1.0]])
+        };
+        // 0.20 -> 0.26 J/token, each known to 1%: more energy.
+        let more = energy_change(&with(0.20, Some(0.002)), &with(0.26, Some(0.0026))).unwrap();
+        assert!(
+            more.contains("+30.0%") && more.ends_with("more energy per token)"),
+            "{more}"
+        );
+        // The same change with 20% errors: nothing the spread can see.
+        let wide = energy_change(&with(0.20, Some(0.04)), &with(0.26, Some(0.052))).unwrap();
+        assert!(wide.ends_with("no change the spread can see)"), "{wide}");
+        let less = energy_change(&with(0.26, Some(0.001)), &with(0.20, Some(0.001))).unwrap();
+        assert!(less.ends_with("less energy per token)"), "{less}");
+        // One invocation a side: the change, said to have no interval.
+        let single = energy_change(&with(0.2, None), &with(0.3, None)).unwrap();
+        assert!(single.contains("no interval"), "{single}");
+        assert!(energy_change(&side(vec![]), &with(0.2, None)).is_none());
     }
 
     #[test]

@@ -232,6 +232,8 @@ pub fn import_llama_bench(
             repetition_score: None,
             synthetic: false,
             finished_at: r.test_time.clone(),
+            // llama-bench records neither heat nor power.
+            ..ModelRow::default()
         };
         let ns: Vec<f64> = r.samples_ns.clone();
         match cells.iter_mut().find(|(c, _)| c.cell_id() == row.cell_id()) {

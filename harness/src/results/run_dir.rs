@@ -99,6 +99,8 @@ pub struct RunData {
     pub kernel_rows: Vec<KernelRow>,
     pub model_rows: Vec<ModelRow>,
     pub samples: Vec<SampleRow>,
+    /// Sustained decodes (`sustained.csv`), where a model matrix asked.
+    pub sustained: Vec<wire::rows::SustainRow>,
     pub importance: Vec<LayerImportance>,
     /// Each board's probe, where the run kept one.
     pub probes: BTreeMap<String, BoardProbe>,
@@ -128,6 +130,7 @@ impl RunData {
             kernel_rows: read_if_present(&kernels)?,
             model_rows: read_if_present(&models)?,
             samples: read_if_present(&run_dir.join(SAMPLES_FILE))?,
+            sustained: read_if_present(&run_dir.join(wire::files::SUSTAINED_FILE))?,
             importance: {
                 let path = run_dir.join(IMPORTANCE_FILE);
                 if path.exists() {
@@ -216,6 +219,12 @@ impl RunData {
                         ..s.clone()
                     })
                 })
+                .collect(),
+            sustained: self
+                .sustained
+                .iter()
+                .filter(|r| r.build == build)
+                .cloned()
                 .collect(),
             importance: self.importance.clone(),
             probes: self.probes.clone(),

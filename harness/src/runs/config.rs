@@ -289,6 +289,32 @@ pub struct ModelMatrixSpec {
     /// per recipe and thread count).
     #[serde(default)]
     pub deadline_seconds: Option<u64>,
+    /// Before each test, wait until the board's SoC is below this
+    /// temperature (°C), for at most `cooldown_max_seconds` (real boards).
+    #[serde(default)]
+    pub cooldown_below_c: Option<f64>,
+    #[serde(default = "default_cooldown_max_seconds")]
+    pub cooldown_max_seconds: u64,
+    /// After its tests, each recipe decodes without pause for this long,
+    /// its tokens/s, clock, temperature and power recorded every
+    /// `sustain_interval_seconds` (`sustained.csv`, plot
+    /// `model_sustained`): does it keep its speed in this case? 0: not.
+    #[serde(default)]
+    pub sustain_seconds: f64,
+    #[serde(default = "default_sustain_interval")]
+    pub sustain_interval_seconds: f64,
+    /// Seconds the board's idle power is measured before the job, where
+    /// it has a power source (default 3; 0: none, no `..._above_idle`).
+    #[serde(default = "default_idle_seconds")]
+    pub idle_seconds: f64,
+}
+
+fn default_sustain_interval() -> f64 {
+    5.0
+}
+
+fn default_idle_seconds() -> f64 {
+    3.0
 }
 
 fn default_seed() -> u64 {
@@ -715,7 +741,19 @@ impl ModelMatrixSpec {
         let more = 300 * units * u64::from(invocations.saturating_sub(1));
         let invocations = invocations.max(self.max_invocations.unwrap_or(0));
         let more = more.max(300 * units * u64::from(invocations.saturating_sub(1)));
-        std::time::Duration::from_secs(self.deadline_seconds.unwrap_or(600 + 600 * units + more))
+        // Waits and measurements that do not scale with the board's speed:
+        // cool-downs and power windows per test and invocation, the
+        // sustained decodes, the idle power.
+        let cooldown = self
+            .cooldown_below_c
+            .map_or(0, |_| self.cooldown_max_seconds);
+        let waits = units * u64::from(invocations.max(1)) * (cooldown + 10)
+            + recipes as u64 * self.sustain_seconds.ceil() as u64
+            + self.idle_seconds.ceil() as u64;
+        std::time::Duration::from_secs(
+            self.deadline_seconds
+                .unwrap_or(600 + 600 * units + more + waits),
+        )
     }
 
     /// Checks names and fractions; paths are checked by `check_model_file`.
@@ -746,6 +784,22 @@ impl ModelMatrixSpec {
         }
         if self.ctx < 8 || self.repetitions == 0 {
             return Err("`ctx` must be at least 8 and `repetitions` at least 1".into());
+        }
+        let seconds = [
+            ("sustain_seconds", self.sustain_seconds, 0.0),
+            (
+                "sustain_interval_seconds",
+                self.sustain_interval_seconds,
+                0.5,
+            ),
+            ("idle_seconds", self.idle_seconds, 0.0),
+        ];
+        for (key, value, least) in seconds {
+            if !(value.is_finite() && value >= least && value <= 86_400.0) {
+                return Err(format!(
+                    "`{key}` must be a number of seconds from {least} to 86400 (it is {value})"
+                ));
+            }
         }
         self.validate_settings()
     }
@@ -994,6 +1048,9 @@ mod tests {
             ("n_ubatch=[4096]\n", "matrix `mq`: n_ubatch 4096"),
             ("n_depth=[]\n", "matrix `mq`: `n_depth` is empty"),
             ("pg=[[64,0]]\n", "matrix `mq`: pg [64, 0]"),
+            ("sustain_seconds=-5\n", "matrix `mq`: `sustain_seconds` must be a number of seconds from 0"),
+            ("sustain_interval_seconds=0.1\n", "`sustain_interval_seconds` must be a number of seconds from 0.5"),
+            ("idle_seconds=nan\n", "`idle_seconds`"),
         ] {
             let e = matrix(extra).unwrap_err().to_string();
             assert!(e.contains(says), "{extra}: {e}");

@@ -571,16 +571,20 @@ fn mark_done(job_dir: &Path) -> Result<(), ResultsError> {
 }
 
 /// Keeps `<board_dir>/probe.json` as the board's description: the job's,
-/// unless the board's already has a measured bandwidth and the job's not.
+/// unless the board's already has a measured bandwidth and the job's not;
+/// a model job's power report either way (kernel jobs make none).
 fn keep_board_probe(board_dir: &Path, job_dir: &Path) {
     let read = |dir: &Path| wire::files::read_json::<BoardProbe>(&dir.join(PROBE_FILE)).ok();
     let Some(job_probe) = read(job_dir) else {
         return;
     };
-    let keep_board = read(board_dir).is_some_and(|b| {
-        b.read_bandwidth_gbps.is_some() && job_probe.read_bandwidth_gbps.is_none()
-    });
-    if !keep_board {
-        let _ = write_json(&board_dir.join(PROBE_FILE), &job_probe);
+    let board_probe = read(board_dir);
+    let mut kept = match board_probe {
+        Some(b) if b.read_bandwidth_gbps.is_some() && job_probe.read_bandwidth_gbps.is_none() => b,
+        _ => job_probe.clone(),
+    };
+    if job_probe.power.is_some() {
+        kept.power = job_probe.power;
     }
+    let _ = write_json(&board_dir.join(PROBE_FILE), &kept);
 }

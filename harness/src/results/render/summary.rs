@@ -16,7 +16,9 @@ pub fn summary(run: &RunData) -> (String, String) {
         tables.push_str(&type_table(&run.kernel_rows));
     }
     if !run.model_rows.is_empty() {
-        tables.push_str(&model_table(&shown_model_rows(&run.model_rows)));
+        let shown = shown_model_rows(&run.model_rows);
+        tables.push_str(&model_table(&shown));
+        tables.push_str(&energy_table(&shown, &run.probes));
     }
     let mut full = format!(
         "# quantbench run {}\n\nmatrix `{}`, commit {}, llama.cpp {}, started {}\n{}{}{}",
@@ -337,6 +339,76 @@ pub fn model_table(rows: &[ModelRow]) -> String {
             );
         }
         out.push_str(&recipe_choice_line(&figures));
+    }
+    out
+}
+
+/// Per board, where its power came from (or which sources were looked for
+/// and why each was unusable), then each measured test's power, energy
+/// per token and heat: what a battery or a fanless case asks of a recipe.
+pub fn energy_table(
+    rows: &[ModelRow],
+    probes: &std::collections::BTreeMap<String, wire::probe::BoardProbe>,
+) -> String {
+    let mut out = String::new();
+    for (board, rows) in by_board(rows, |r| &r.board) {
+        let report = probes.get(&board).and_then(|p| p.power.as_ref());
+        let measured: Vec<&&ModelRow> = rows
+            .iter()
+            .filter(|r| {
+                r.status == CellStatus::Ok && (r.power_w.is_some() || r.temp_after_c.is_some())
+            })
+            .collect();
+        if report.is_none() && measured.is_empty() {
+            continue;
+        }
+        let emulated = rows.iter().any(|r| r.emulated);
+        let _ = writeln!(
+            out,
+            "\n### {board} energy and heat{}\n",
+            emulated_note(emulated)
+        );
+        if let Some(report) = report {
+            let _ = writeln!(out, "{}.\n", report.describe());
+        }
+        if measured.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "| model | recipe | test | threads | W | J/token | J/token above idle | tokens/J | J/token at the wall | samples | °C before → after | MHz after | throttled |");
+        let _ = writeln!(
+            out,
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
+        );
+        for r in measured {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} → {} | {} | {} |",
+                r.model_filename,
+                r.recipe,
+                r.test,
+                r.n_threads,
+                fmt_opt(r.power_w, |v| format!("{v:.2}")),
+                fmt_opt(r.j_per_token, |v| with_error(
+                    format!("{v:.4}"),
+                    r.j_per_token_stderr,
+                    4
+                )),
+                fmt_opt(r.j_per_token_above_idle, |v| format!("{v:.4}")),
+                fmt_opt(r.tokens_per_j, |v| format!("{v:.1}")),
+                fmt_opt(r.wall_j_per_token, |v| format!("{v:.4}")),
+                r.power_samples,
+                if r.power_few_samples { " (few)" } else { "" },
+                fmt_opt(r.temp_before_c, |v| format!("{v:.1}")),
+                fmt_opt(r.temp_after_c, |v| format!("{v:.1}")),
+                fmt_opt(r.freq_after_mhz, |v| format!("{v:.0}")),
+                match (r.throttled, r.thermal_noisy) {
+                    (Some(true), _) => "yes",
+                    (_, true) => "noisy",
+                    (Some(false), _) => "no",
+                    (None, _) => "–",
+                },
+            );
+        }
     }
     out
 }

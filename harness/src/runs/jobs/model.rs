@@ -18,9 +18,11 @@ use crate::runs::synthetic::{self, SyntheticModel};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use wire::choice_tasks::read_choice_tasks;
-use wire::files::{write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE, SAMPLES_FILE};
+use wire::files::{
+    write_json, CsvAppender, ResultsError, MODEL_ROWS_FILE, SAMPLES_FILE, SUSTAINED_FILE,
+};
 use wire::model_job::{ModelJob, ModelJobBuild, RecipeFile};
-use wire::rows::{CellStatus, ModelRow, SampleRow};
+use wire::rows::{CellStatus, ModelRow, SampleRow, SustainRow};
 
 pub const IMPORTANCE_FILE: &str = "importance.json";
 /// How each calibrated recipe of the run was made (`CalibrationRecord`s).
@@ -738,6 +740,23 @@ impl JobKind for ModelMatrix {
                     crate::fleet::boards::ResolvedBoard::Local => Vec::new(),
                 },
                 builds: Vec::new(),
+                power: wire::power::PowerSettings {
+                    idle_seconds: self.spec.idle_seconds,
+                    ..match &board.board {
+                        crate::fleet::boards::ResolvedBoard::Remote(remote) => remote.power.clone(),
+                        crate::fleet::boards::ResolvedBoard::Local => Default::default(),
+                    }
+                },
+                cooldown: self
+                    .spec
+                    .cooldown_below_c
+                    .filter(|_| !board.emulated)
+                    .map(|below_c| wire::kernel_job::Cooldown {
+                        below_c,
+                        max_seconds: self.spec.cooldown_max_seconds,
+                    }),
+                sustain_seconds: self.spec.sustain_seconds,
+                sustain_interval_seconds: self.spec.sustain_interval_seconds,
             };
             // An A/B session: each build measures its own files of every
             // recipe, its binary beside the board's own.
@@ -781,7 +800,7 @@ impl JobKind for ModelMatrix {
                 }),
                 // Rows only: the models are uploads, checked as they go.
                 disk_bytes: wire::kernel_job::ROWS_ALLOWANCE_BYTES,
-                outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE],
+                outputs: &[MODEL_ROWS_FILE, SAMPLES_FILE, SUSTAINED_FILE],
                 deadline: self.deadline(&job),
                 agents,
             });
@@ -890,6 +909,12 @@ impl JobKind for ModelMatrix {
             run_id,
             boards,
             SAMPLES_FILE,
+        )?);
+        rejected.extend(merge_rows::<SustainRow>(
+            run_dir,
+            run_id,
+            boards,
+            SUSTAINED_FILE,
         )?);
         Ok(rejected)
     }

@@ -5,6 +5,7 @@
 mod bandwidth;
 mod layer_importance;
 mod model_depth;
+mod model_energy;
 mod model_kld_vs_bits;
 mod model_recipe_chooser;
 mod model_speedup_vs_f32;
@@ -34,6 +35,8 @@ pub fn all() -> Vec<Box<dyn PlotKind>> {
         Box::new(model_depth::ModelTgVsDepth),
         Box::new(model_depth::ModelKvVsDepth),
         Box::new(model_depth::ModelTtftVsDepth),
+        Box::new(model_energy::ModelEnergyVsKld),
+        Box::new(model_energy::ModelSustained),
         Box::new(layer_importance::LayerImportancePlot),
     ]
 }
@@ -131,7 +134,7 @@ fn model_figure(
     }]
 }
 
-fn board_caption(board: &str, emulated: bool) -> String {
+pub(super) fn board_caption(board: &str, emulated: bool) -> String {
     if emulated {
         format!("{board} (emulated)")
     } else {
