@@ -58,6 +58,18 @@ fn model_quick_gives_rows_quality_text_and_plots() {
     let job_dir = run.join("boards/local/jobs/m-stories260K_gguf");
     let log = std::fs::read_to_string(job_dir.join("agent.log")).unwrap();
     assert!(log.contains("reference: the host's, "), "{log}");
+    // A machine with no power source (this VM: no hwmon, no RAPL): the
+    // energy columns are empty and the summary names every source looked
+    // for and why each was unusable.
+    if rows.iter().all(|r| r.power_source.is_empty()) {
+        assert!(rows.iter().all(|r| r.j_per_token.is_none()));
+        let summary = std::fs::read_to_string(run.join("summary.md")).unwrap();
+        assert!(
+            summary.contains("no power source, energy columns empty: command: the board names no power_command; vcgencmd: not found at /usr/bin/vcgencmd, /opt/vc/bin/vcgencmd; hwmon: ")
+                && summary.contains("; rapl: "),
+            "{summary}"
+        );
+    }
     let job: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(job_dir.join("job.json")).unwrap()).unwrap();
     let reference = job["reference"].as_str().unwrap();
@@ -1063,7 +1075,9 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
     let body = config(&[fixture("stories260K.gguf")], "\"q8_0\"")
         .replace("multiple_choice", "# multiple_choice")
         .replace("repetitions = 2", "repetitions = 3")
-        + "threads = [1]\ninvocations = 2\nidle_seconds = 1.0\nsustain_seconds = 60\nsustain_interval_seconds = 5\n";
+        + "threads = [1]\ninvocations = 2\nidle_seconds = 1.0\nsustain_seconds = 60\nsustain_interval_seconds = 5\n"
+        // A kernel cell after the model job: joules per GEMV at 7 W.
+        + "[matrices.k]\ntypes = [\"Q4_0\"]\nshapes = [\"gemma3-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\ninvocations = 3\nmin_time_ms = 50\n";
     std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stand_in = rapl_stand_in(zone.clone(), dir.path().join("results"), stop.clone());
@@ -1077,7 +1091,7 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
         ])
         .arg(&class)
         .arg(env!("CARGO_BIN_EXE_quantbench"))
-        .args(["bench", "--target", "local", "--matrix", "m"])
+        .args(["bench", "--target", "local", "--matrix", "m,k"])
         .output()
         .unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1120,6 +1134,28 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
         assert!(r.j_per_token_stderr.is_some(), "{r:?}");
         assert!(r.wall_j_per_token.is_none(), "RAPL gives no wall figure");
     }
+    // The kernel cell: each invocation's calls sampled, at 7 W; a GEMV's
+    // joules are the board's power over its time.
+    let cells: Vec<wire::rows::KernelRow> = read_csv(&run.join("kernels.csv")).unwrap();
+    assert_eq!(cells.len(), 1, "{cells:?}");
+    let cell = &cells[0];
+    assert_eq!(cell.power_source, "rapl:package-0", "{cell:?}");
+    assert!(
+        (cell.power_w.unwrap() - BUSY_W).abs() < 0.03 * BUSY_W,
+        "{cell:?}"
+    );
+    assert!(
+        cell.power_samples >= 15 && !cell.power_few_samples,
+        "{cell:?}"
+    );
+    let per_call = cell.j_per_call.unwrap();
+    let expected = BUSY_W * cell.median_ns.unwrap() * 1e-9;
+    assert!(
+        (per_call / expected - 1.0).abs() < 0.5,
+        "{per_call} vs {expected}: {cell:?}"
+    );
+    let flop = 2.0 * (cell.m * cell.k * cell.n) as f64;
+    assert!((cell.gflops_per_j.unwrap() - flop / 1e9 / per_call).abs() < 1e-9 * flop);
     let probe: wire::probe::BoardProbe =
         wire::files::read_json(&run.join("boards/local/probe.json")).unwrap();
     let power = probe.power.unwrap();

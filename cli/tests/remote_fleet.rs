@@ -810,17 +810,46 @@ fn ab_of_two_llama_cpp_sources_on_an_emulated_board_measures_each_with_its_own_a
 #[test]
 fn model_matrix_runs_on_an_emulated_board() {
     let _guard = testbed().lock().unwrap_or_else(|e| e.into_inner());
-    let dir = config_dir(&[]);
+    // sim1 as a Pi 5 whose `vcgencmd` is a stand-in (the PMIC's real
+    // output format, on a known schedule).
+    let stand_in = tempfile::tempdir().unwrap();
+    let vcgencmd = pmic_stand_in(stand_in.path());
+    let path = vcgencmd.display().to_string();
+    let dir = config_dir(&[("sim1", &move |b: &mut toml::value::Table| {
+        b.insert("vcgencmd".into(), path.clone().into());
+    })]);
     let fixtures = workspace_root().join("fixtures");
     let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
     config.push_str(&format!(
-        "\n[model_matrices.mq]\nmodels = [{:?}]\nrecipes = [\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"]\ntext = {:?}\ngenerate_tokens = 12\nn_prompt = 16\nn_gen = 4\nrepetitions = 1\nn_depth = [0, 32]\nflash_attn = [\"on\"]\n",
+        "\n[model_matrices.mq]\nmodels = [{:?}]\nrecipes = [\"f32\", \"q8_0\", \"q4_0\", \"adaptive\"]\ntext = {:?}\ngenerate_tokens = 12\nn_prompt = 16\nn_gen = 4\nrepetitions = 1\nn_depth = [0, 32]\nflash_attn = [\"on\"]\nidle_seconds = 1\n",
         fixtures.join("stories260K.gguf").display().to_string(),
         fixtures.join("stories-eval.txt").display().to_string()
     ));
     std::fs::write(dir.path().join("bench.toml"), config).unwrap();
     let out = bench(dir.path(), "sim1", "mq");
     assert!(out.status.success(), "{}", text(&out));
+    let rows: Vec<wire::rows::ModelRow> =
+        read_csv(&only_run_dir(dir.path()).join("models.csv")).unwrap();
+    // Energy from the stand-in's rails: idle at 2 W, tests at 6 W; the
+    // wall estimate is the published fit of the rails; a third of each
+    // token's energy is the idle board's. Emulated, like the times.
+    for r in rows.iter().filter(|r| r.status == CellStatus::Ok) {
+        assert_eq!(r.power_source, "pi5-pmic", "{r:?}");
+        assert!(r.emulated, "{r:?}");
+        let (idle, watts) = (r.idle_power_w.unwrap(), r.power_w.unwrap());
+        assert!((idle - PMIC_IDLE_W).abs() < 0.01, "idle {idle}: {r:?}");
+        assert!((watts - PMIC_BUSY_W).abs() < 0.01, "{watts}: {r:?}");
+        let wall = 1.1451 * PMIC_BUSY_W + 0.5879;
+        assert!((r.wall_power_w.unwrap() - wall).abs() < 0.01, "{r:?}");
+        let (per_token, above) = (r.j_per_token.unwrap(), r.j_per_token_above_idle.unwrap());
+        assert!(
+            (above / per_token - (PMIC_BUSY_W - PMIC_IDLE_W) / PMIC_BUSY_W).abs() < 0.01,
+            "{r:?}"
+        );
+        assert!(r.power_samples >= 5 && !r.power_few_samples, "{r:?}");
+        // An emulator's host says nothing of the board's heat.
+        assert!(r.temp_after_c.is_none() && r.throttled.is_none(), "{r:?}");
+    }
     // The reference was computed on the host and shipped to the board (an
     // earlier test on this board may have shipped it already), whose agent
     // judged the recipes against it.
@@ -890,6 +919,60 @@ fn model_matrix_runs_on_an_emulated_board() {
         "{}",
         text(&out)
     );
+}
+
+/// The stand-in's schedule: 2 W for the first seconds after its first call
+/// (the agent's idle window of 1 s), 6 W from then on.
+const PMIC_IDLE_W: f64 = 2.0;
+const PMIC_BUSY_W: f64 = 6.0;
+
+/// A `vcgencmd` that prints a Pi 5's `pmic_read_adc` (every rail, the
+/// firmware's layout) whose rails sum to the schedule's power: VDD_CORE
+/// at 0.8 V carries all of it but 0.5 W on 3V3_SYS.
+fn pmic_stand_in(dir: &Path) -> std::path::PathBuf {
+    let script = dir.join("vcgencmd");
+    let rails = [
+        ("3V7_WL_SW", 0, 8, "3.70000000"),
+        ("3V3_SYS", 1, 9, "3.30000000"),
+        ("1V8_SYS", 2, 10, "1.80000000"),
+        ("DDR_VDD2", 3, 11, "1.10000000"),
+        ("DDR_VDDQ", 4, 12, "0.60000000"),
+        ("1V1_SYS", 5, 13, "1.10000000"),
+        ("0V8_SW", 6, 14, "0.80000000"),
+        ("VDD_CORE", 7, 15, "0.80000000"),
+        ("3V3_DAC", 17, 20, "3.30000000"),
+        ("3V3_ADC", 18, 21, "3.30000000"),
+        ("0V8_AON", 16, 19, "0.80000000"),
+        ("HDMI", 22, 23, "5.10000000"),
+    ];
+    let mut awk = String::new();
+    for (name, a, _, _) in rails {
+        let amps = match name {
+            "3V3_SYS" => "sys_a",
+            "VDD_CORE" => "core_a",
+            _ => "0",
+        };
+        awk.push_str(&format!(
+            "printf \"%16s current({a})=%.8fA\\n\", \"{name}_A\", {amps};\n"
+        ));
+    }
+    for (name, _, v, volts) in rails {
+        awk.push_str(&format!(
+            "printf \"%16s volt({v})={volts}V\\n\", \"{name}_V\";\n"
+        ));
+    }
+    awk.push_str("printf \"%16s volt(24)=5.10000000V\\n%16s volt(25)=0.00000000V\\n\", \"EXT5V_V\", \"BATT_V\";\n");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = pmic_read_adc ] || {{ echo 'error=1 error_msg=\"Command not registered\"'; exit 0; }}\nstate={state}\nnow=$(date +%s.%N)\n[ -s \"$state\" ] || echo \"$now\" > \"$state\"\nawk -v now=\"$now\" -v start=\"$(cat \"$state\")\" 'BEGIN {{\nwatts = (now - start < 3) ? {PMIC_IDLE_W} : {PMIC_BUSY_W};\nsys_a = 0.5 / 3.3; core_a = (watts - 0.5) / 0.8;\n{awk}}}'\n",
+            state = dir.join("first-call").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
 }
 
 #[test]

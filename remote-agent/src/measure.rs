@@ -199,7 +199,8 @@ pub fn measure_invocation(
 ) -> Result<InvocationResult, KernelError> {
     let cooldown_seconds = job.cooldown.map(cool_down);
     let before = crate::sysinfo::thermal_reading();
-    let timing = time_invocation(multiply, &job.timing, !job.emulated)?;
+    let meter = crate::power::board_meter(&job.power);
+    let timing = time_invocation(multiply, &job.timing, !job.emulated, meter)?;
     let after = crate::sysinfo::thermal_reading();
     Ok(InvocationResult {
         timing,
@@ -238,10 +239,15 @@ const STEADY_TOLERANCE: f64 = 0.02;
 /// median of the window before. A cell still getting faster at
 /// `max_warmup_ms` is timed anyway and recorded as not settled; a cell too
 /// slow for two windows within it is warmed by count and time only.
+///
+/// With a power source, a sampling thread runs beside the timed calls;
+/// where they end before it has enough readings, untimed calls go on
+/// until it has (see `power::Sampling::enough`).
 fn time_invocation(
     matmul: &mut dyn Multiply,
     policy: &TimingPolicy,
     measure_others: bool,
+    meter: Option<&crate::power::Meter>,
 ) -> Result<InvocationTiming, KernelError> {
     let cpu_before = measure_others.then(crate::sysinfo::CpuTimes::now).flatten();
     let warm = Instant::now();
@@ -273,6 +279,7 @@ fn time_invocation(
     let min_time = Duration::from_millis(policy.min_time_ms);
     let max_time = Duration::from_millis(policy.max_time_ms);
     let start = Instant::now();
+    let sampling = meter.map(crate::power::Meter::start);
     let mut samples = Vec::new();
     loop {
         let t = Instant::now();
@@ -284,6 +291,15 @@ fn time_invocation(
         if enough || elapsed >= max_time {
             break;
         }
+    }
+    let mut energy = None;
+    if let Some(sampling) = sampling {
+        let (extension, mut calls) = (Instant::now(), samples.len());
+        while !sampling.enough(extension) {
+            matmul.compute()?;
+            calls += 1;
+        }
+        energy = Some(sampling.finish(calls as f64));
     }
     // A level that drops clearly inside the timed repetitions (a pool that
     // kept waking up after the warm-up looked flat) is warm-up too: the
@@ -303,6 +319,7 @@ fn time_invocation(
         warmup_ms,
         settled,
         other_cpu_cores,
+        energy,
     })
 }
 
@@ -455,6 +472,7 @@ impl<'a> JobOutput<'a> {
         self.samples.sync()?;
         let times: Vec<f64> = result.timing.samples_ns.iter().map(|&n| n as f64).collect();
         let real = !self.job.emulated;
+        let energy = result.timing.energy.as_ref();
         let record = InvocationRow {
             run_id: self.job.run_id.clone(),
             board: self.job.board.clone(),
@@ -490,6 +508,11 @@ impl<'a> JobOutput<'a> {
             thermal_noisy: real && wire::probe::thermally_noisy(&result.before, &result.after),
             finished_at: wire::utc_now_rfc3339(),
             pid: result.pid,
+            power_source: energy.map(|e| e.source.clone()).unwrap_or_default(),
+            energy_j: energy.map(|e| e.joules),
+            energy_seconds: energy.map(|e| e.seconds),
+            power_samples: energy.map_or(0, |e| e.samples),
+            energy_calls: energy.map(|e| e.work),
         };
         self.invocations
             .append(&record)
@@ -700,6 +723,17 @@ fn build_row(
         row.weight_gbps = Some(gbps);
         row.bandwidth_share = probe.read_bandwidth_gbps.map(|bw| gbps / bw);
     }
+    let windows: Vec<_> = invocations.iter().filter_map(|(r, _)| r.energy()).collect();
+    let energy = wire::power::EnergyFigures::of(&windows, None);
+    row.power_source = energy.source;
+    row.power_samples = energy.samples;
+    row.power_few_samples = energy.few_samples;
+    row.power_w = energy.watts;
+    row.j_per_call = energy.joules_per_work;
+    row.gflops_per_j = energy
+        .joules_per_work
+        .filter(|j| *j > 0.0)
+        .map(|j| 2.0 * (m * k * n) as f64 / 1e9 / j);
     row
 }
 
@@ -724,6 +758,7 @@ mod tests {
             repack: false,
             load_mode: LoadMode::Mmap,
             distribution: Distribution::LlmLike,
+            power: Default::default(),
             memory_limit_bytes: None,
             timing: TimingPolicy {
                 warmup: 0,
@@ -772,6 +807,7 @@ mod tests {
                 warmup_ms: 2.0,
                 settled: true,
                 other_cpu_cores: Some(0.01),
+                energy: None,
             },
             kernel_path: "CPU".into(),
             weight_placement: "mmap/4k".into(),
@@ -829,16 +865,21 @@ mod tests {
         let (job, probe) = (job(false), probe());
         let cell = &job.cells[0];
         let cool = ThermalReading::default();
+        // Each invocation's calls cost energy: 3 J over 1000 calls, then
+        // 5 J over 1000 (the second with too few readings).
+        let window = |joules: f64, samples: u32| wire::power::EnergyMeasure {
+            source: "rapl:package-0".into(),
+            joules,
+            wall_joules: None,
+            seconds: 1.0,
+            samples,
+            work: 1000.0,
+        };
         {
             let mut out = JobOutput::open(&job, &probe, dir.path()).unwrap();
-            out.record_invocation(
-                cell,
-                0,
-                0,
-                3,
-                &result(vec![100, 100, 100], cool.clone(), cool.clone()),
-            )
-            .unwrap();
+            let mut first = result(vec![100, 100, 100], cool.clone(), cool.clone());
+            first.timing.energy = Some(window(3.0, 10));
+            out.record_invocation(cell, 0, 0, 3, &first).unwrap();
         }
         // A new agent (a resumed job) knows the cell has one invocation.
         let mut out = JobOutput::open(&job, &probe, dir.path()).unwrap();
@@ -846,6 +887,7 @@ mod tests {
         let mut busy = result(vec![400, 400], cool.clone(), cool);
         busy.timing.other_cpu_cores = Some(0.9);
         busy.timing.settled = false;
+        busy.timing.energy = Some(window(5.0, 2));
         out.record_invocation(cell, 1, 1, 0, &busy).unwrap();
         out.finish_cell(0, cell, 1, Ok(PREP)).unwrap();
         let rows: Vec<KernelRow> =
@@ -856,6 +898,13 @@ mod tests {
         assert!((row.median_ns.unwrap() - 200.0).abs() < 1e-9, "{row:?}");
         assert!(row.disturbed && !row.settled);
         assert!((row.invocation_spread.unwrap() - (4f64.ln() / 2f64.sqrt())).abs() < 1e-9);
+        // Energy over both invocations, the first read back from disk.
+        assert_eq!(row.power_source, "rapl:package-0");
+        assert_eq!((row.power_samples, row.power_few_samples), (12, true));
+        assert!((row.j_per_call.unwrap() - 0.004).abs() < 1e-12, "{row:?}");
+        assert!((row.power_w.unwrap() - 4.0).abs() < 1e-12);
+        let flop = 2.0 * (row.m * row.k * row.n) as f64;
+        assert!((row.gflops_per_j.unwrap() - flop / 1e9 / 0.004).abs() < 1e-9);
         let samples: Vec<SampleRow> =
             wire::files::read_csv(&dir.path().join(SAMPLES_FILE)).unwrap();
         assert_eq!(samples.iter().filter(|s| s.invocation == 1).count(), 2);
@@ -905,7 +954,7 @@ mod tests {
         let mut delays = vec![Duration::from_micros(900); 60];
         delays.push(Duration::from_micros(100));
         let mut cold = Scripted { delays, calls: 0 };
-        let t = time_invocation(&mut cold, &policy, false).unwrap();
+        let t = time_invocation(&mut cold, &policy, false, None).unwrap();
         assert!(t.settled);
         assert!(t.warmup_reps >= 50, "{}", t.warmup_reps);
         // The slow calls are all warm-up: the first timed ones are fast (one
@@ -926,7 +975,7 @@ mod tests {
             max_warmup_ms: 60,
             ..policy
         };
-        let t = time_invocation(&mut falling, &policy, false).unwrap();
+        let t = time_invocation(&mut falling, &policy, false, None).unwrap();
         assert!(!t.settled, "{} warm-up calls", t.warmup_reps);
     }
 

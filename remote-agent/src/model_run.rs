@@ -748,8 +748,7 @@ fn sustain(
 
 /// The board's power source, found once per process (`None`: none).
 fn meter(job: &ModelJob) -> Option<&'static Meter> {
-    static METER: std::sync::OnceLock<Option<Meter>> = std::sync::OnceLock::new();
-    METER.get_or_init(|| Meter::find(&job.power).0).as_ref()
+    crate::power::board_meter(&job.power)
 }
 
 /// What the board's power sources are, and its idle power before the job

@@ -192,6 +192,13 @@ impl Meter {
     }
 }
 
+/// The board's power source for this process, found on first use from the
+/// job's settings (`None`: none).
+pub fn board_meter(settings: &PowerSettings) -> Option<&'static Meter> {
+    static METER: std::sync::OnceLock<Option<Meter>> = std::sync::OnceLock::new();
+    METER.get_or_init(|| Meter::find(settings).0).as_ref()
+}
+
 /// What the sampling thread gathered.
 #[derive(Default)]
 struct Tally {

@@ -61,6 +61,10 @@ pub struct InvocationTiming {
     pub warmup_ms: f64,
     pub settled: bool,
     pub other_cpu_cores: Option<f64>,
+    /// What the timed calls cost (`work`: calls), where the board has a
+    /// power source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<crate::power::EnergyMeasure>,
 }
 
 /// One invocation of a cell as measured (in this process or a child).

@@ -292,6 +292,10 @@ pub struct JobSpec {
     /// Wait before each cell until the board has cooled (real boards only).
     #[serde(default)]
     pub cooldown: Option<Cooldown>,
+    /// Where the board's power is read: each invocation's timed calls are
+    /// sampled for joules per GEMV.
+    #[serde(default)]
+    pub power: crate::power::PowerSettings,
     /// Seed of the order of cells in each round of invocations (recorded in
     /// `run.json`, so a run's order can be reproduced).
     #[serde(default)]

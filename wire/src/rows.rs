@@ -139,6 +139,24 @@ pub struct KernelRow {
     /// `disturbed`, not regressed.
     #[serde(default)]
     pub disturbed: bool,
+    /// Where the energy columns come from (as in `ModelRow`); empty where
+    /// the board has no power source ...
+    #[serde(default)]
+    pub power_source: String,
+    /// ... the readings they rest on, fewer than 5 in some invocation ...
+    #[serde(default)]
+    pub power_samples: u32,
+    #[serde(default)]
+    pub power_few_samples: bool,
+    /// ... the mean power while the cell's calls ran (W) ...
+    #[serde(default)]
+    pub power_w: Option<f64>,
+    /// ... joules per call (one GEMV at batch 1) ...
+    #[serde(default)]
+    pub j_per_call: Option<f64>,
+    /// ... and GFLOP per joule (`2*M*K*N / 1e9 / j_per_call`).
+    #[serde(default)]
+    pub gflops_per_j: Option<f64>,
     /// UTC time the cell finished, RFC 3339.
     pub finished_at: String,
 }
@@ -283,6 +301,12 @@ impl KernelRow {
             thermal_noisy: false,
             other_cpu_cores: None,
             disturbed: false,
+            power_source: String::new(),
+            power_samples: 0,
+            power_few_samples: false,
+            power_w: None,
+            j_per_call: None,
+            gflops_per_j: None,
             finished_at: crate::utc_now_rfc3339(),
         }
     }
@@ -346,6 +370,32 @@ pub struct InvocationRow {
     /// job each build's are its own binary's); 0 in older files.
     #[serde(default)]
     pub pid: u32,
+    /// What its timed calls cost, where the board has a power source: the
+    /// source, joules, seconds, readings and calls of the window.
+    #[serde(default)]
+    pub power_source: String,
+    #[serde(default)]
+    pub energy_j: Option<f64>,
+    #[serde(default)]
+    pub energy_seconds: Option<f64>,
+    #[serde(default)]
+    pub power_samples: u32,
+    #[serde(default)]
+    pub energy_calls: Option<f64>,
+}
+
+impl InvocationRow {
+    /// The invocation's energy window, where it has one.
+    pub fn energy(&self) -> Option<crate::power::EnergyMeasure> {
+        Some(crate::power::EnergyMeasure {
+            source: self.power_source.clone(),
+            joules: self.energy_j?,
+            wall_joules: None,
+            seconds: self.energy_seconds?,
+            samples: self.power_samples,
+            work: self.energy_calls?,
+        })
+    }
 }
 
 /// One row of `models.csv`: a model x recipe x threads x test (pp or tg).
@@ -892,6 +942,12 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         thermal_noisy: false,
         other_cpu_cores: Some(0.01),
         disturbed: false,
+        power_source: String::new(),
+        power_samples: 0,
+        power_few_samples: false,
+        power_w: None,
+        j_per_call: None,
+        gflops_per_j: None,
         finished_at: "2026-11-22T12:00:01Z".into(),
     }
 }
@@ -979,6 +1035,11 @@ mod tests {
             thermal_noisy: false,
             finished_at: "t".into(),
             pid: 4242,
+            power_source: "rapl:package-0".into(),
+            energy_j: Some(0.5),
+            energy_seconds: Some(0.25),
+            power_samples: 6,
+            energy_calls: Some(1000.0),
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(crate::files::INVOCATIONS_FILE);

@@ -118,6 +118,7 @@ fn build_site(results_root: &Path, site: &Path) -> Result<ReportSummary, ReportE
         KERNEL_ROWS_FILE,
         MODEL_ROWS_FILE,
         SAMPLES_FILE,
+        wire::files::SUSTAINED_FILE,
         MANIFEST_FILE,
         "summary.md",
     ] {

@@ -101,6 +101,7 @@ pub fn job_for_board(
         load_mode: spec.load_mode,
         distribution: spec.distribution,
         memory_limit_bytes: None,
+        power: Default::default(),
         // An emulated board's temperature is the host's: no cool-down.
         cooldown: spec.cooldown_below_c.filter(|_| !emulated).map(|below_c| {
             wire::kernel_job::Cooldown {

@@ -579,12 +579,11 @@ fn keep_board_probe(board_dir: &Path, job_dir: &Path) {
         return;
     };
     let board_probe = read(board_dir);
+    let board_power = board_probe.as_ref().and_then(|b| b.power.clone());
     let mut kept = match board_probe {
         Some(b) if b.read_bandwidth_gbps.is_some() && job_probe.read_bandwidth_gbps.is_none() => b,
         _ => job_probe.clone(),
     };
-    if job_probe.power.is_some() {
-        kept.power = job_probe.power;
-    }
+    kept.power = job_probe.power.or(board_power);
     let _ = write_json(&board_dir.join(PROBE_FILE), &kept);
 }

@@ -374,28 +374,28 @@ pub fn energy_table(
         if measured.is_empty() {
             continue;
         }
-        let _ = writeln!(out, "| model | recipe | test | threads | W | J/token | J/token above idle | tokens/J | J/token at the wall | samples | °C before → after | MHz after | throttled |");
+        let _ = writeln!(out, "| model | recipe | test | threads | t/s | W | J/token | J/token above idle | tokens/J | J/token at the wall | samples | °C before → after | MHz after | throttled |");
         let _ = writeln!(
             out,
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
         );
         for r in measured {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} → {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} → {} | {} | {} |",
                 r.model_filename,
                 r.recipe,
                 r.test,
                 r.n_threads,
+                fmt_opt(r.avg_ts, |v| format!("{v:.1}")),
                 fmt_opt(r.power_w, |v| format!("{v:.2}")),
-                fmt_opt(r.j_per_token, |v| with_error(
-                    format!("{v:.4}"),
-                    r.j_per_token_stderr,
-                    4
-                )),
-                fmt_opt(r.j_per_token_above_idle, |v| format!("{v:.4}")),
+                fmt_opt(r.j_per_token, |v| match r.j_per_token_stderr {
+                    Some(e) => format!("{} ± {}", joules(v), joules(e)),
+                    None => joules(v),
+                }),
+                fmt_opt(r.j_per_token_above_idle, joules),
                 fmt_opt(r.tokens_per_j, |v| format!("{v:.1}")),
-                fmt_opt(r.wall_j_per_token, |v| format!("{v:.4}")),
+                fmt_opt(r.wall_j_per_token, joules),
                 r.power_samples,
                 if r.power_few_samples { " (few)" } else { "" },
                 fmt_opt(r.temp_before_c, |v| format!("{v:.1}")),
@@ -454,6 +454,16 @@ fn recipe_choice_line(figures: &ModelFigures) -> String {
         );
     }
     out
+}
+
+/// Joules to three significant digits: a Pi's 0.213 J/token and a tiny
+/// model's 0.000712 alike.
+fn joules(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    format!("{v:.digits$}")
 }
 
 /// `value ± error` where the error is known (llama-perplexity's style).

@@ -66,6 +66,7 @@ impl JobKind for KernelMatrix {
         if let ResolvedBoard::Remote(remote) = &board.board {
             job.memory_limit_bytes = remote.max_memory_bytes;
             job.runner = remote.runner.clone();
+            job.power = remote.power.clone();
         }
         // With a budget, imprecise cells may get up to three times their
         // invocations (the budget bounds the time they take).
