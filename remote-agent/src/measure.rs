@@ -299,7 +299,7 @@ fn time_invocation(
             matmul.compute()?;
             calls += 1;
         }
-        energy = Some(sampling.finish(calls as f64));
+        energy = sampling.finish(calls as f64);
     }
     // A level that drops clearly inside the timed repetitions (a pool that
     // kept waking up after the warm-up looked flat) is warm-up too: the

@@ -446,7 +446,7 @@ fn time_test(
             run(model)?;
             repetitions += 1;
         }
-        energy = Some(sampling.finish((repetitions * test.tokens()) as f64));
+        energy = sampling.finish((repetitions * test.tokens()) as f64);
     }
     Ok(TestTimes {
         energy,
@@ -716,7 +716,7 @@ fn sustain(
             decoded += 1;
         }
         let seconds = begun.elapsed().as_secs_f64();
-        let energy = sampling.map(|s| s.finish(decoded as f64));
+        let energy = sampling.and_then(|s| s.finish(decoded as f64));
         let after = real.then(crate::sysinfo::thermal_reading);
         out.append(&SustainRow {
             run_id: job.run_id.clone(),

@@ -147,16 +147,23 @@ impl Meter {
     pub fn start(&self) -> Sampling {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(AtomicU32::new(0));
+        let failures = Arc::new(AtomicU32::new(0));
         let meter = self.clone();
-        let (stop_flag, count) = (stop.clone(), samples.clone());
+        let (stop_flag, count, failed) = (stop.clone(), samples.clone(), failures.clone());
         let started = Instant::now();
         let thread = std::thread::spawn(move || {
             let mut tally = Tally::default();
             loop {
                 let t = started.elapsed().as_secs_f64();
-                if let Ok(reading) = meter.read() {
-                    tally.add(&meter, t, reading);
-                    count.store(tally.samples, Ordering::Relaxed);
+                match meter.read() {
+                    Ok(reading) => {
+                        tally.add(&meter, t, reading);
+                        count.store(tally.samples, Ordering::Relaxed);
+                    }
+                    Err(why) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        warn_once(&meter.name, &why);
+                    }
                 }
                 if stop_flag.load(Ordering::Relaxed) {
                     return tally;
@@ -172,6 +179,7 @@ impl Meter {
         Sampling {
             stop,
             samples,
+            failures,
             started,
             thread,
             name: self.name.clone(),
@@ -182,8 +190,8 @@ impl Meter {
     pub fn idle(&self, seconds: f64) -> Option<IdlePower> {
         let sampling = self.start();
         std::thread::sleep(Duration::from_secs_f64(seconds.max(0.0)));
-        let window = sampling.finish(0.0);
-        (window.samples > 0 && window.seconds > 0.0).then(|| IdlePower {
+        let window = sampling.finish(0.0)?;
+        (window.seconds > 0.0).then(|| IdlePower {
             watts: window.joules / window.seconds,
             wall_watts: window.wall_joules.map(|j| j / window.seconds),
             samples: window.samples,
@@ -240,10 +248,24 @@ impl Tally {
     }
 }
 
+/// Says once per process that the power source stopped answering (a
+/// window without readings has no energy figure; the agent log says why).
+fn warn_once(source: &str, why: &str) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!("power source {source} failed a reading (such windows keep fewer readings, or none): {why}");
+    }
+}
+
+/// Failed readings in a window after which it stops being extended: a
+/// source that stopped answering must not add 10 s to every test.
+const GIVE_UP_FAILURES: u32 = 3;
+
 /// A sampling thread running beside some work.
 pub struct Sampling {
     stop: Arc<AtomicBool>,
     samples: Arc<AtomicU32>,
+    failures: Arc<AtomicU32>,
     started: Instant,
     thread: std::thread::JoinHandle<Tally>,
     name: String,
@@ -256,18 +278,26 @@ impl Sampling {
     }
 
     /// Whether the window has enough readings for a figure, or has been
-    /// extended as long as it may be.
+    /// extended as long as it may be, or its source stopped answering.
     pub fn enough(&self, work_started: Instant) -> bool {
-        self.samples() >= wire::power::MIN_POWER_SAMPLES || work_started.elapsed() >= MAX_EXTENSION
+        self.samples() >= wire::power::MIN_POWER_SAMPLES
+            || work_started.elapsed() >= MAX_EXTENSION
+            || self.failures.load(Ordering::Relaxed) >= GIVE_UP_FAILURES
     }
 
     /// Stops sampling (one last reading at the window's end) and returns
-    /// what the window cost, for `work` (tokens, calls) done in it.
-    pub fn finish(self, work: f64) -> EnergyMeasure {
+    /// what the window cost, for `work` (tokens, calls) done in it; `None`
+    /// when the source gave no reading (a counter: fewer than two), which
+    /// would read as no energy at all.
+    pub fn finish(self, work: f64) -> Option<EnergyMeasure> {
         let window = self.started.elapsed().as_secs_f64();
         self.stop.store(true, Ordering::Relaxed);
         let tally = self.thread.join().unwrap_or_default();
-        let n = tally.samples.max(1) as f64;
+        let counter_reads = tally.last.as_ref().map(|_| tally.samples);
+        if tally.samples == 0 || counter_reads.is_some_and(|n| n < 2) {
+            return None;
+        }
+        let n = tally.samples as f64;
         let (joules, wall_joules, seconds) = match tally.last {
             // A counter measured exactly from its first read to its last.
             Some(_) => {
@@ -281,14 +311,14 @@ impl Sampling {
                 window,
             ),
         };
-        EnergyMeasure {
+        Some(EnergyMeasure {
             source: self.name,
             joules,
             wall_joules,
             seconds,
             samples: tally.samples,
             work,
-        }
+        })
     }
 }
 
@@ -458,7 +488,7 @@ mod tests {
         // 0.3 J later, past the wrap at 1 J.
         std::fs::write(zone.join("energy_uj"), "200000\n").unwrap();
         std::thread::sleep(Duration::from_millis(30));
-        let window = sampling.finish(3.0);
+        let window = sampling.finish(3.0).unwrap();
         assert!((window.joules - 0.3).abs() < 1e-9, "{window:?}");
         assert!(window.samples >= 3);
         assert_eq!(
@@ -505,5 +535,47 @@ mod tests {
             report.checked[1].unusable.starts_with("not found at"),
             "{report:?}"
         );
+    }
+
+    #[test]
+    fn a_meter_that_stops_answering_ends_its_windows_early_and_gives_no_figure_from_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // A meter that answers twice (the search and one sample), then fails.
+        let calls = dir.path().join("calls");
+        let script = dir.path().join("meter");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho x >> {calls}\n[ $(wc -l < {calls}) -le 2 ] || exit 1\necho 3.0\n",
+                calls = calls.display()
+            ),
+        )
+        .unwrap();
+        let settings = PowerSettings {
+            power_command: Some(format!("sh {}", script.display())),
+            interval_ms: 10,
+            ..PowerSettings::default()
+        };
+        let meter = Meter::find(&settings).0.unwrap();
+        let sampling = meter.start();
+        let work = Instant::now();
+        while !sampling.enough(work) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Given up after a few failures, long before the 10 s extension.
+        assert!(
+            work.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            work.elapsed()
+        );
+        let window = sampling.finish(10.0).unwrap();
+        assert_eq!(
+            (window.samples, window.joules > 0.0),
+            (1, true),
+            "{window:?}"
+        );
+        // Nothing but failures: no figure, rather than zero joules.
+        assert!(meter.start().finish(10.0).is_none());
+        assert!(meter.idle(0.05).is_none());
     }
 }
