@@ -315,9 +315,9 @@ struct Side {
     disturbed: bool,
     /// (name, value, higher is better, standard error when known)
     quality: Vec<(&'static str, Option<f64>, bool, Option<f64>)>,
-    /// Joules per token and its standard error over invocations (model
-    /// rows of a board with a power source).
-    energy: Option<(f64, Option<f64>)>,
+    /// Joules per token, its standard error over invocations and their
+    /// number (model rows of a board with a power source).
+    energy: Option<(f64, Option<f64>, u32)>,
 }
 
 impl Side {
@@ -401,7 +401,9 @@ fn sides(run: &RunData, adjust_rounds: bool) -> (BTreeMap<CellKey, Side>, Vec<St
                 thermal_noisy: r.thermal_noisy,
                 settled: true,
                 disturbed: false,
-                energy: r.j_per_token.map(|j| (j, r.j_per_token_stderr)),
+                energy: r
+                    .j_per_token
+                    .map(|j| (j, r.j_per_token_stderr, r.invocations)),
                 quality: vec![
                     ("ppl", r.ppl, false, r.ppl_stderr),
                     ("kld_mean", r.kld_mean, false, r.kld_stderr),
@@ -802,11 +804,12 @@ fn decide(c: &CellComparison, discovered: bool) -> Verdict {
 
 /// The change of joules per token between two sides with its 95%
 /// interval (from each side's standard error over invocations, on the log
-/// scale as times are judged), and what it shows: more or less energy, or
-/// no change the spread can see. Shown beside the cell's verdict, which
-/// stays the timing's.
+/// scale as times are judged, Student's t with Welch's degrees of freedom:
+/// three invocations a side know little), and what it shows: more or less
+/// energy, or no change the spread can see. Shown beside the cell's
+/// verdict, which stays the timing's.
 fn energy_change(b: &Side, n: &Side) -> Option<String> {
-    let ((before, b_se), (after, a_se)) = (b.energy?, n.energy?);
+    let ((before, b_se, b_n), (after, a_se, a_n)) = (b.energy?, n.energy?);
     if before <= 0.0 || after <= 0.0 {
         return None;
     }
@@ -820,11 +823,12 @@ fn energy_change(b: &Side, n: &Side) -> Option<String> {
             percent(ratio)
         ));
     };
-    let se = ((b_se / before).powi(2) + (a_se / after).powi(2)).sqrt();
-    let (low, high) = (
-        (ratio.ln() - 1.96 * se).exp(),
-        (ratio.ln() + 1.96 * se).exp(),
-    );
+    let (rb, ra) = ((b_se / before).powi(2), (a_se / after).powi(2));
+    let se = (rb + ra).sqrt();
+    let df = (rb + ra).powi(2)
+        / (rb * rb / f64::from(b_n.max(2) - 1) + ra * ra / f64::from(a_n.max(2) - 1)).max(1e-300);
+    let t = wire::stats::student_t_quantile(0.975, df.max(1.0));
+    let (low, high) = ((ratio.ln() - t * se).exp(), (ratio.ln() + t * se).exp());
     let reading = if low > 1.0 {
         "more energy per token"
     } else if high < 1.0 {
@@ -1118,12 +1122,49 @@ impl Comparison {
             let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
         }
         let _ = writeln!(out, "{}", self.verdict_line());
+        if let Some(energy) = self.energy_line() {
+            let _ = writeln!(out, "{energy}");
+        }
         let _ = writeln!(out, "{}", self.llama_cpp_line());
         let _ = writeln!(out, "{}", self.method_line());
         for line in self.confirmation_lines() {
             let _ = writeln!(out, "{line}");
         }
         out
+    }
+
+    /// How energy per token moved over the cells both sides measured it in
+    /// (`energy_change`), the cells beyond their interval named; `None`
+    /// where neither side had a power source.
+    pub fn energy_line(&self) -> Option<String> {
+        let notes: Vec<(&CellComparison, &String)> = self
+            .cells
+            .iter()
+            .flat_map(|c| c.quality.iter().map(move |q| (c, q)))
+            .filter(|(_, q)| q.starts_with("j_per_token "))
+            .collect();
+        if notes.is_empty() {
+            return None;
+        }
+        let named = |reading: &str| -> Vec<String> {
+            notes
+                .iter()
+                .filter(|(_, q)| q.ends_with(&format!("{reading})")))
+                .map(|(c, _)| shown_cell(&c.cell, &c.settings))
+                .collect()
+        };
+        let (more, less) = (
+            named("more energy per token"),
+            named("less energy per token"),
+        );
+        Some(format!(
+            "energy per token: {} cells more beyond their interval{}, {} less{}, {} without a change the spread can see or without an interval",
+            more.len(),
+            if more.is_empty() { String::new() } else { format!(" ({})", more.join(", ")) },
+            less.len(),
+            if less.is_empty() { String::new() } else { format!(" ({})", less.join(", ")) },
+            notes.len() - more.len() - less.len()
+        ))
     }
 
     /// Which llama.cpp each side measured, one line.
@@ -1147,6 +1188,9 @@ impl Comparison {
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
         let _ = writeln!(out, "\n{}", self.llama_cpp_line());
+        if let Some(energy) = self.energy_line() {
+            let _ = writeln!(out, "\n{energy}");
+        }
         let _ = writeln!(out, "\n{}", self.method_line());
         for line in self.confirmation_lines() {
             let _ = writeln!(out, "\n{line}");
@@ -1265,7 +1309,7 @@ mod tests {
     #[test]
     fn energy_per_token_changes_are_read_with_their_interval() {
         let with = |joules: f64, se: Option<f64>| Side {
-            energy: Some((joules, se)),
+            energy: Some((joules, se, 10)),
             ..side(vec![vec![1.0]])
         };
         // 0.20 -> 0.26 J/token, each known to 1%: more energy.
@@ -1282,6 +1326,17 @@ mod tests {
         // One invocation a side: the change, said to have no interval.
         let single = energy_change(&with(0.2, None), &with(0.3, None)).unwrap();
         assert!(single.contains("no interval"), "{single}");
+        // Three invocations a side: Student's t, not the normal's 1.96. A
+        // +12% change known to 3% a side is seen with ten invocations, not
+        // with three.
+        let few = |joules: f64, n: u32| Side {
+            energy: Some((joules, Some(joules * 0.03), n)),
+            ..side(vec![vec![1.0]])
+        };
+        let ten = energy_change(&few(0.20, 10), &few(0.224, 10)).unwrap();
+        assert!(ten.ends_with("more energy per token)"), "{ten}");
+        let three = energy_change(&few(0.20, 3), &few(0.224, 3)).unwrap();
+        assert!(three.ends_with("no change the spread can see)"), "{three}");
         assert!(energy_change(&side(vec![]), &with(0.2, None)).is_none());
     }
 
