@@ -199,7 +199,7 @@ pub fn measure_invocation(
 ) -> Result<InvocationResult, KernelError> {
     let cooldown_seconds = job.cooldown.map(cool_down);
     let before = crate::sysinfo::thermal_reading();
-    let meter = crate::power::board_meter(&job.power);
+    let meter = crate::power::board_meter(&job.power, job.emulated);
     let timing = time_invocation(multiply, &job.timing, !job.emulated, meter)?;
     let after = crate::sysinfo::thermal_reading();
     Ok(InvocationResult {

@@ -748,13 +748,13 @@ fn sustain(
 
 /// The board's power source, found once per process (`None`: none).
 fn meter(job: &ModelJob) -> Option<&'static Meter> {
-    crate::power::board_meter(&job.power)
+    crate::power::board_meter(&job.power, job.emulated)
 }
 
 /// What the board's power sources are, and its idle power before the job
 /// (`power.idle_seconds` of sampling while the agent does nothing).
 pub fn power_report(job: &ModelJob) -> PowerReport {
-    let (found, mut report) = Meter::find(&job.power);
+    let (found, mut report) = Meter::find(&job.power, job.emulated);
     if let (Some(found), Some(meter)) = (found, meter(job)) {
         debug_assert_eq!(found.name(), meter.name());
         if job.power.idle_seconds > 0.0 {

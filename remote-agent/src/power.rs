@@ -17,6 +17,9 @@ use wire::power::{
 const HWMON_DIR: &str = "/sys/class/hwmon";
 const POWERCAP_DIR: &str = "/sys/class/powercap";
 
+/// The most time between readings of a sysfs source (hwmon, RAPL).
+const SYSFS_INTERVAL: Duration = Duration::from_millis(20);
+
 /// The longest a measurement is extended past its timed region to gather
 /// `MIN_POWER_SAMPLES` readings; a slower source's figure is marked.
 pub const MAX_EXTENSION: Duration = Duration::from_secs(10);
@@ -50,8 +53,10 @@ pub struct Meter {
 impl Meter {
     /// The first usable source of: the board's meter command, `vcgencmd`
     /// with PMIC rails, a hwmon device reporting power, RAPL; with every
-    /// source looked for and why each other was not used.
-    pub fn find(settings: &PowerSettings) -> (Option<Meter>, PowerReport) {
+    /// source looked for and why each other was not used. On an `emulated`
+    /// board hwmon and RAPL are not looked at: under qemu-user the files
+    /// are the host's, not the board's.
+    pub fn find(settings: &PowerSettings, emulated: bool) -> (Option<Meter>, PowerReport) {
         let interval = Duration::from_millis(settings.interval_ms.max(1));
         let mut checked = Vec::new();
         let mut found = None;
@@ -66,11 +71,20 @@ impl Meter {
             let looked = match kind {
                 "command" => command_source(settings),
                 "vcgencmd" => pmic_source(settings),
+                _ if emulated => Err(format!(
+                    "an emulated board: this machine's {kind} would be the host's, not the board's"
+                )),
                 "hwmon" => hwmon_source(Path::new(HWMON_DIR)),
                 _ => rapl_source(Path::new(POWERCAP_DIR)),
             };
             match looked {
                 Ok((source, name)) => {
+                    // A sysfs file costs a read, not a process: sampled
+                    // often, so short windows need no extending.
+                    let interval = match source {
+                        Source::Hwmon(_) | Source::Rapl(_) => interval.min(SYSFS_INTERVAL),
+                        _ => interval,
+                    };
                     let meter = Meter {
                         source,
                         name,
@@ -202,9 +216,11 @@ impl Meter {
 
 /// The board's power source for this process, found on first use from the
 /// job's settings (`None`: none).
-pub fn board_meter(settings: &PowerSettings) -> Option<&'static Meter> {
+pub fn board_meter(settings: &PowerSettings, emulated: bool) -> Option<&'static Meter> {
     static METER: std::sync::OnceLock<Option<Meter>> = std::sync::OnceLock::new();
-    METER.get_or_init(|| Meter::find(settings).0).as_ref()
+    METER
+        .get_or_init(|| Meter::find(settings, emulated).0)
+        .as_ref()
 }
 
 /// What the sampling thread gathered.
@@ -513,7 +529,7 @@ mod tests {
             vcgencmd: Some(dir.path().join("no-vcgencmd").display().to_string()),
             ..PowerSettings::default()
         };
-        let (meter, report) = Meter::find(&settings);
+        let (meter, report) = Meter::find(&settings, false);
         let meter = meter.unwrap();
         assert_eq!(meter.name(), "command");
         assert_eq!(report.checked[0].unusable, "");
@@ -526,7 +542,7 @@ mod tests {
             power_command: Some("echo no meter here".into()),
             ..settings
         };
-        let (_, report) = Meter::find(&settings);
+        let (_, report) = Meter::find(&settings, false);
         assert_eq!(
             report.checked[0].unusable,
             "`echo no meter here` printed no watts: `no meter here`"
@@ -535,6 +551,16 @@ mod tests {
             report.checked[1].unusable.starts_with("not found at"),
             "{report:?}"
         );
+        // Under qemu-user the machine's sysfs is the host's: not looked at.
+        let (_, report) = Meter::find(&PowerSettings::default(), true);
+        for source in &report.checked[2..] {
+            assert!(
+                source
+                    .unusable
+                    .starts_with("an emulated board: this machine's"),
+                "{report:?}"
+            );
+        }
     }
 
     #[test]
@@ -556,7 +582,7 @@ mod tests {
             interval_ms: 10,
             ..PowerSettings::default()
         };
-        let meter = Meter::find(&settings).0.unwrap();
+        let meter = Meter::find(&settings, false).0.unwrap();
         let sampling = meter.start();
         let work = Instant::now();
         while !sampling.enough(work) {
