@@ -179,14 +179,19 @@ impl Meter {
                         warn_once(&meter.name, &why);
                     }
                 }
-                if stop_flag.load(Ordering::Relaxed) {
+                if stop_flag.load(Ordering::SeqCst) {
                     return tally;
                 }
-                // Sleep in short steps, so a stop is answered promptly
-                // with a last reading at the window's end.
+                // Parked until the next reading or a stop (`finish`
+                // unparks it for a last reading at the window's end): one
+                // wake-up a reading, not a poll beside the timed threads.
                 let next = Instant::now() + meter.interval;
-                while Instant::now() < next && !stop_flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(2).min(meter.interval));
+                while !stop_flag.load(Ordering::SeqCst) {
+                    let now = Instant::now();
+                    if now >= next {
+                        break;
+                    }
+                    std::thread::park_timeout(next - now);
                 }
             }
         });
@@ -307,7 +312,8 @@ impl Sampling {
     /// would read as no energy at all.
     pub fn finish(self, work: f64) -> Option<EnergyMeasure> {
         let window = self.started.elapsed().as_secs_f64();
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.thread().unpark();
         let tally = self.thread.join().unwrap_or_default();
         let counter_reads = tally.last.as_ref().map(|_| tally.samples);
         if tally.samples == 0 || counter_reads.is_some_and(|n| n < 2) {
