@@ -292,15 +292,10 @@ fn time_invocation(
             break;
         }
     }
-    let mut energy = None;
-    if let Some(sampling) = sampling {
-        let (extension, mut calls) = (Instant::now(), samples.len());
-        while !sampling.enough(extension) {
-            matmul.compute()?;
-            calls += 1;
-        }
-        energy = sampling.finish(calls as f64);
-    }
+    let energy = match sampling {
+        Some(s) => s.extend_and_finish(samples.len(), 1.0, || matmul.compute())?,
+        None => None,
+    };
     // A level that drops clearly inside the timed repetitions (a pool that
     // kept waking up after the warm-up looked flat) is warm-up too: the
     // repetitions before the drop are dropped.

@@ -439,15 +439,12 @@ fn time_test(
     let times = (0..reps)
         .map(|_| run(model))
         .collect::<Result<Vec<(f64, f64)>>>()?;
-    let mut energy = None;
-    if let Some(sampling) = sampling {
-        let (extension, mut repetitions) = (Instant::now(), reps as usize);
-        while !sampling.enough(extension) {
-            run(model)?;
-            repetitions += 1;
-        }
-        energy = sampling.finish((repetitions * test.tokens()) as f64);
-    }
+    let energy = match sampling {
+        Some(s) => s.extend_and_finish(reps as usize, test.tokens() as f64, || {
+            run(model).map(|_| ())
+        })?,
+        None => None,
+    };
     Ok(TestTimes {
         energy,
         seconds: times.iter().map(|t| t.0).collect(),
@@ -754,12 +751,10 @@ fn meter(job: &ModelJob) -> Option<&'static Meter> {
 /// What the board's power sources are, and its idle power before the job
 /// (`power.idle_seconds` of sampling while the agent does nothing).
 pub fn power_report(job: &ModelJob) -> PowerReport {
-    let (found, mut report) = Meter::find(&job.power, job.emulated);
-    if let (Some(found), Some(meter)) = (found, meter(job)) {
-        debug_assert_eq!(found.name(), meter.name());
-        if job.power.idle_seconds > 0.0 {
-            report.idle = meter.idle(job.power.idle_seconds);
-        }
+    let (meter, report) = crate::power::board_power(&job.power, job.emulated);
+    let mut report = report.clone();
+    if let Some(meter) = meter.as_ref().filter(|_| job.power.idle_seconds > 0.0) {
+        report.idle = meter.idle(job.power.idle_seconds);
     }
     report
 }

@@ -119,10 +119,6 @@ impl Meter {
         (found, report)
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     fn read(&self) -> Result<Reading, String> {
         match &self.source {
             Source::Command(command) => {
@@ -219,13 +215,19 @@ impl Meter {
     }
 }
 
-/// The board's power source for this process, found on first use from the
-/// job's settings (`None`: none).
+/// The board's power source for this process and what was looked for,
+/// found once, on first use, from the job's settings.
+pub fn board_power(
+    settings: &PowerSettings,
+    emulated: bool,
+) -> &'static (Option<Meter>, PowerReport) {
+    static FOUND: std::sync::OnceLock<(Option<Meter>, PowerReport)> = std::sync::OnceLock::new();
+    FOUND.get_or_init(|| Meter::find(settings, emulated))
+}
+
+/// The board's power source for this process (`None`: none).
 pub fn board_meter(settings: &PowerSettings, emulated: bool) -> Option<&'static Meter> {
-    static METER: std::sync::OnceLock<Option<Meter>> = std::sync::OnceLock::new();
-    METER
-        .get_or_init(|| Meter::find(settings, emulated).0)
-        .as_ref()
+    board_power(settings, emulated).0.as_ref()
 }
 
 /// What the sampling thread gathered.
@@ -304,6 +306,23 @@ impl Sampling {
         self.samples() >= wire::power::MIN_POWER_SAMPLES
             || work_started.elapsed() >= MAX_EXTENSION
             || self.failures.load(Ordering::Relaxed) >= GIVE_UP_FAILURES
+    }
+
+    /// Runs `more` (one more untimed unit of the work) until the window is
+    /// `enough`, then finishes it for the `done` units before and those,
+    /// each `per_unit` of work (tokens a repetition, or 1 a call).
+    pub fn extend_and_finish<E>(
+        self,
+        done: usize,
+        per_unit: f64,
+        mut more: impl FnMut() -> Result<(), E>,
+    ) -> Result<Option<EnergyMeasure>, E> {
+        let (extension, mut units) = (Instant::now(), done);
+        while !self.enough(extension) {
+            more()?;
+            units += 1;
+        }
+        Ok(self.finish(units as f64 * per_unit))
     }
 
     /// Stops sampling (one last reading at the window's end) and returns
@@ -537,7 +556,7 @@ mod tests {
         };
         let (meter, report) = Meter::find(&settings, false);
         let meter = meter.unwrap();
-        assert_eq!(meter.name(), "command");
+        assert_eq!(meter.name, "command");
         assert_eq!(report.checked[0].unusable, "");
         assert!(report.checked[1].unusable.starts_with("not looked at"));
         let idle = meter.idle(0.3).unwrap();
