@@ -1122,11 +1122,16 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
             "{per_token} {above}: {r:?}"
         );
         assert!((r.tokens_per_j.unwrap() * per_token - 1.0).abs() < 1e-9);
-        // At 7 W, a token costs 7 W over the speed it was decoded at (the
-        // window also holds untimed repetitions: within a third).
-        let expected = BUSY_W / r.avg_ts.unwrap();
+        // At 7 W, a token costs 7 W times its mean decode time. The window
+        // also holds what the timing leaves out (the cache reset before
+        // each repetition, untimed repetitions that extend it, on a busy
+        // 2-core runner as slow as they like), so only the order is
+        // checked: counting repetitions or calls instead of tokens would
+        // be 8x off here.
+        let tokens = (r.n_prompt + r.n_gen) as f64;
+        let expected = BUSY_W * r.avg_ns.unwrap() * 1e-9 / tokens;
         assert!(
-            (per_token / expected - 1.0).abs() < 0.33,
+            (0.6..2.5).contains(&(per_token / expected)),
             "{per_token} J/token, expected about {expected}: {r:?}"
         );
         // Two invocations, each at least 5 readings; an interval.
