@@ -23,6 +23,9 @@
 //! quantized kernels) with int8 tables of each row's centroids.
 
 use crate::pool::WorkerPool;
+use groups::{RowGroups, GROUP};
+
+mod groups;
 pub use wire::weight_format::{CodebookSpellingError, CodebookType, CODEBOOK_BLOCK};
 
 const BLOCK: usize = CODEBOOK_BLOCK;
@@ -77,6 +80,9 @@ pub struct CodebookMatrix {
     tables: Vec<u8>,
     /// Per row: the table's scale times the row scale.
     table_scales: Vec<f32>,
+    /// The kernels' interleaved copy of the codes, built at the first
+    /// multiplication (as GGML repacks its weights at load).
+    row_groups: std::sync::OnceLock<RowGroups>,
 }
 
 fn f16_round(v: f32) -> f32 {
@@ -530,6 +536,7 @@ impl CodebookMatrix {
             },
             tables: Vec::with_capacity(rows * 16),
             table_scales: Vec::with_capacity(rows),
+            row_groups: std::sync::OnceLock::new(),
         };
         for row in quantized {
             let amax = row.centroids.iter().fold(0f32, |m, c| m.max(c.abs()));
@@ -648,6 +655,7 @@ impl CodebookMatrix {
             },
             tables,
             table_scales,
+            row_groups: std::sync::OnceLock::new(),
         };
         let consistent = m.row_scales.len() == rows
             && m.table_scales.len() == rows
@@ -717,33 +725,59 @@ impl CodebookMatrix {
     /// over `pool`'s threads. The integer kernel when the CPU has one, else
     /// the scalar reference.
     pub fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], pool: &WorkerPool) {
+        self.gemm_reusing(x, tokens, y, pool, &mut QuantizedActivations::default())
+    }
+
+    /// [`CodebookMatrix::gemm`] with the int8 activations quantized into
+    /// `activations`, whose buffers a caller keeps from call to call (a
+    /// decode loop allocates nothing).
+    pub fn gemm_reusing(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        pool: &WorkerPool,
+        activations: &mut QuantizedActivations,
+    ) {
         assert_eq!(x.len(), tokens * self.cols);
         assert_eq!(y.len(), tokens * self.rows);
-        let integer = self
-            .integer_kernel()
-            .then(|| quantize_activations(x, self.cols));
-        let integer = integer.as_ref();
-        let chunk = ROWS_PER_TASK.min(self.rows.div_ceil(pool.threads()).max(1));
-        let tasks = self.rows.div_ceil(chunk);
         let out = SharedOutput(y.as_mut_ptr());
-        pool.run(tasks, &|task| {
-            let rows = task * chunk..((task + 1) * chunk).min(self.rows);
-            let mut scratch = [0f32; MAX_TOKENS_AT_ONCE];
-            for r in rows {
-                let mut t0 = 0;
-                while t0 < tokens {
-                    let n = (tokens - t0).min(MAX_TOKENS_AT_ONCE);
-                    let part = &mut scratch[..n];
-                    match integer {
-                        Some(q) => self.row_dot_int8(r, q, t0, part),
-                        None => self.row_dot_reference(r, x, t0, part),
-                    }
-                    self.add_sparse(r, x, t0, part);
-                    for (t, v) in part.iter().enumerate() {
+        if !self.integer_kernel() {
+            let chunk = ROWS_PER_TASK.min(self.rows.div_ceil(pool.threads()).max(1));
+            pool.run(self.rows.div_ceil(chunk), &|task| {
+                for r in task * chunk..((task + 1) * chunk).min(self.rows) {
+                    for t in 0..tokens {
+                        let mut v = [0f32];
+                        self.row_dot_reference(r, x, t, &mut v);
+                        self.add_sparse(r, x, t, &mut v);
                         // SAFETY: tasks own disjoint rows, so each (token,
                         // row) element is written by exactly one task, and
                         // `y` outlives `run`, which waits for every task.
-                        unsafe { out.write((t0 + t) * self.rows + r, *v) };
+                        unsafe { out.write(t * self.rows + r, v[0]) };
+                    }
+                }
+            });
+            return;
+        }
+        activations.quantize(x, self.cols);
+        let q = &*activations;
+        let groups = self.row_groups.get_or_init(|| RowGroups::of(self));
+        let per_task = (ROWS_PER_TASK / GROUP).min(groups.groups().div_ceil(pool.threads()).max(1));
+        pool.run(groups.groups().div_ceil(per_task), &|task| {
+            let mut part = [[0f32; GROUP]; MAX_TOKENS_AT_ONCE];
+            for g in task * per_task..((task + 1) * per_task).min(groups.groups()) {
+                let mut t0 = 0;
+                while t0 < tokens {
+                    let n = (tokens - t0).min(MAX_TOKENS_AT_ONCE);
+                    groups.dot(g, q, t0, &mut part[..n]);
+                    for (i, r) in (g * GROUP..(g * GROUP + GROUP).min(self.rows)).enumerate() {
+                        for (t, lanes) in part[..n].iter().enumerate() {
+                            let mut v = [lanes[i]];
+                            self.add_sparse(r, x, t0 + t, &mut v);
+                            // SAFETY: as above, tasks own disjoint groups
+                            // of rows.
+                            unsafe { out.write((t0 + t) * self.rows + r, v[0]) };
+                        }
                     }
                     t0 += n;
                 }
@@ -755,35 +789,15 @@ impl CodebookMatrix {
     /// aarch64. It rounds the activations to int8 per 32 and each row's
     /// centroids to int8.
     pub fn integer_kernel(&self) -> bool {
-        simd::available()
+        RowGroups::available()
     }
 
     /// How this matrix is multiplied here, for the `kernel_path` column.
     pub fn kernel_path(&self) -> &'static str {
         if self.integer_kernel() {
-            simd::path()
+            RowGroups::path()
         } else {
             "codebook-scalar+act:f32"
-        }
-    }
-
-    /// Tokens `t0..t0 + out.len()` against row `r` with the integer kernel.
-    fn row_dot_int8(&self, r: usize, q: &QuantizedActivations, t0: usize, out: &mut [f32]) {
-        let blocks = self.cols / BLOCK;
-        let table: &[u8; 16] = self.tables[r * 16..(r + 1) * 16]
-            .try_into()
-            .expect("16-entry table");
-        simd::row_dot(
-            table,
-            self.ty.bits,
-            &self.indices[r * self.row_bytes()..(r + 1) * self.row_bytes()],
-            &self.block_scales[r * blocks..(r + 1) * blocks],
-            q,
-            t0,
-            out,
-        );
-        for v in out.iter_mut() {
-            *v *= self.table_scales[r];
         }
     }
 
@@ -797,16 +811,24 @@ impl CodebookMatrix {
         }
     }
 
+    /// Adds row `r`'s exact corrections times tokens `t0..`, in f32.
     fn add_sparse(&self, r: usize, x: &[f32], t0: usize, out: &mut [f32]) {
-        let (a, b) = (
-            self.sparse.row_start[r] as usize,
-            self.sparse.row_start[r + 1] as usize,
+        let entries = self.sparse.row_start[r] as usize..self.sparse.row_start[r + 1] as usize;
+        if entries.is_empty() {
+            return;
+        }
+        let (columns, values) = (
+            &self.sparse.columns[entries.clone()],
+            &self.sparse.values[entries],
         );
         for (t, o) in out.iter_mut().enumerate() {
-            let xt = &x[(t0 + t) * self.cols..];
-            for e in a..b {
-                *o += self.sparse.values[e] * xt[self.sparse.columns[e] as usize];
-            }
+            let xt = &x[(t0 + t) * self.cols..(t0 + t + 1) * self.cols];
+            let sum: f32 = columns
+                .iter()
+                .zip(values)
+                .map(|(&c, &v)| v * xt[c as usize])
+                .sum();
+            *o += sum;
         }
     }
 }
@@ -835,7 +857,8 @@ impl SharedOutput {
 }
 
 /// Activations rounded to int8 per 32 values of each token, one f32 scale
-/// per 32.
+/// per 32; the buffers are reused by the next [`QuantizedActivations::quantize`].
+#[derive(Debug, Default)]
 pub struct QuantizedActivations {
     values: Vec<i8>,
     scales: Vec<f32>,
@@ -855,410 +878,29 @@ impl QuantizedActivations {
             &self.offset_sums[t * b..],
         )
     }
-}
 
-fn quantize_activations(x: &[f32], cols: usize) -> QuantizedActivations {
-    let mut values = Vec::with_capacity(x.len());
-    let mut scales = Vec::with_capacity(x.len() / BLOCK);
-    debug_assert!(cols.is_multiple_of(BLOCK));
-    for block in x.chunks_exact(BLOCK) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        scales.push(scale);
-        values.extend(block.iter().map(|v| (v * inverse).round() as i8));
-    }
-    // Each block's sum times its scale: what the table's offset adds to a
-    // block's products, taken out once per row (see `simd`).
-    let offset_sums = values
-        .chunks_exact(BLOCK)
-        .zip(&scales)
-        .map(|(block, scale)| block.iter().map(|&v| v as i32).sum::<i32>() as f32 * scale)
-        .collect();
-    QuantizedActivations {
-        values,
-        scales,
-        offset_sums,
-        blocks_per_token: cols / BLOCK,
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use super::{packed_block_bytes, QuantizedActivations, BLOCK, MAX_TOKENS_AT_ONCE};
-    use std::arch::x86_64::*;
-
-    pub fn path() -> &'static str {
-        "codebook-avx2-int8+act:int8x32"
-    }
-
-    pub fn available() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-
-    /// Tokens `t0..t0 + out.len()` against one row: per block the sum of
-    /// table[index] x activation in int32, times the block's scale and the
-    /// activations' scale. The caller multiplies by the row's scales.
-    pub fn row_dot(
-        table: &[u8; 16],
-        bits: u8,
-        packed: &[u8],
-        block_scales: &[u8],
-        q: &QuantizedActivations,
-        t0: usize,
-        out: &mut [f32],
-    ) {
-        assert!(available() && out.len() <= MAX_TOKENS_AT_ONCE);
-        assert_eq!(packed.len(), block_scales.len() * packed_block_bytes(bits));
-        assert!((t0 + out.len()) * q.blocks_per_token * BLOCK <= q.values.len());
-        assert_eq!(block_scales.len(), q.blocks_per_token);
-        // SAFETY: AVX2 and FMA are present (asserted), and the slices'
-        // lengths cover every load (asserted above).
-        // One instance per token count keeps the accumulators in
-        // registers (a runtime count left them in memory, each block's
-        // accumulate waiting on a store and a load).
-        unsafe {
-            match out.len() {
-                1 => row_dot_avx2::<1>(table, bits, packed, block_scales, q, t0, out),
-                2 => row_dot_avx2::<2>(table, bits, packed, block_scales, q, t0, out),
-                3 => row_dot_avx2::<3>(table, bits, packed, block_scales, q, t0, out),
-                _ => row_dot_avx2::<4>(table, bits, packed, block_scales, q, t0, out),
+    /// Rounds `x` (tokens of `cols` values) into the buffers, in place.
+    fn quantize(&mut self, x: &[f32], cols: usize) {
+        debug_assert!(cols.is_multiple_of(BLOCK));
+        self.values.clear();
+        self.scales.clear();
+        self.offset_sums.clear();
+        self.blocks_per_token = cols / BLOCK;
+        for block in x.chunks_exact(BLOCK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut rounded = [0i8; BLOCK];
+            for (r, v) in rounded.iter_mut().zip(block) {
+                *r = (v * inverse).round() as i8;
             }
+            self.values.extend_from_slice(&rounded);
+            self.scales.push(scale);
+            // What the tables' offset adds to the block's products, taken
+            // out once per row (see `groups`).
+            self.offset_sums
+                .push(rounded.iter().map(|&v| v as i32).sum::<i32>() as f32 * scale);
         }
-    }
-
-    /// The sum of the 8 lanes.
-    #[target_feature(enable = "avx2")]
-    unsafe fn sum_lanes(a: __m256) -> f32 {
-        let sum128 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let sum64 = _mm_add_ps(sum128, _mm_movehl_ps(sum128, sum128));
-        let sum32 = _mm_add_ss(sum64, _mm_shuffle_ps(sum64, sum64, 1));
-        _mm_cvtss_f32(sum32)
-    }
-
-    /// 32 four-bit indices, in order (see `pack_block`).
-    #[target_feature(enable = "avx2")]
-    unsafe fn unpack4(p: *const u8) -> __m256i {
-        let packed = _mm_loadu_si128(p as *const __m128i);
-        let nibble = _mm_set1_epi8(15);
-        let low = _mm_and_si128(packed, nibble);
-        let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-        _mm256_set_m128i(high, low)
-    }
-
-    /// 32 three-bit indices, in order: the low two bits by one shift per
-    /// quarter, the third by a byte spread and a bit test.
-    #[target_feature(enable = "avx2")]
-    unsafe fn unpack3(p: *const u8) -> __m256i {
-        let low_bits = (p as *const u64).read_unaligned();
-        let shifted = _mm256_srlv_epi64(
-            _mm256_set1_epi64x(low_bits as i64),
-            _mm256_setr_epi64x(0, 2, 4, 6),
-        );
-        let low = _mm256_and_si256(shifted, _mm256_set1_epi8(3));
-        let high_bits = (p.add(8) as *const u32).read_unaligned();
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(high_bits as i32),
-            _mm256_setr_epi8(
-                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
-                3, 3, 3, 3,
-            ),
-        );
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-        _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(4)))
-    }
-
-    /// Per block: the indices looked up in the row's table with one
-    /// `vpshufb`, multiplied with the int8 activations by
-    /// `vpmaddubsw`/`vpmaddwd` (GGML's Q4_0 kernel, with a table lookup in
-    /// place of "minus 8"), scaled in f32. The table's bytes are the
-    /// centroids plus 64, unsigned, so `vpmaddubsw` takes them as they are
-    /// (GGML takes absolute values and moves the signs to the activations,
-    /// two more instructions per block); the 64 x sum of each block's
-    /// activations this adds is taken out once per row.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_dot_avx2<const N: usize>(
-        table: &[u8; 16],
-        bits: u8,
-        packed: &[u8],
-        block_scales: &[u8],
-        q: &QuantizedActivations,
-        t0: usize,
-        out: &mut [f32],
-    ) {
-        let table128 = _mm_loadu_si128(table.as_ptr() as *const __m128i);
-        let table = _mm256_set_m128i(table128, table128);
-        let ones = _mm256_set1_epi16(1);
-        let step = packed_block_bytes(bits);
-        debug_assert_eq!(out.len(), N);
-        let (values, scales, offsets) = q.token(t0);
-        let (values, scales, offsets) = (values.as_ptr(), scales.as_ptr(), offsets.as_ptr());
-        let (value_stride, scale_stride) = (q.blocks_per_token * BLOCK, q.blocks_per_token);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut offset_acc = [_mm256_setzero_ps(); N];
-        let mut offset_tail = [0f32; N];
-        // The block's int32 sums for every token.
-        let block_sums = |b: usize| -> [__m256; N] {
-            let p = packed.as_ptr().add(b * step);
-            let indices = if bits == 4 { unpack4(p) } else { unpack3(p) };
-            let w = _mm256_shuffle_epi8(table, indices);
-            std::array::from_fn(|t| {
-                let xq =
-                    _mm256_loadu_si256(values.add(t * value_stride + b * BLOCK) as *const __m256i);
-                _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones))
-            })
-        };
-        // Eight blocks at a time, their scales (block scale times the
-        // activations' scale) made in one vector and broadcast from it.
-        let chunks = block_scales.len() / 8;
-        for c in 0..chunks {
-            let block = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                block_scales.as_ptr().add(c * 8) as *const __m128i,
-            )));
-            let combined: [__m256; N] = std::array::from_fn(|t| {
-                let at = t * scale_stride + c * 8;
-                offset_acc[t] =
-                    _mm256_fmadd_ps(block, _mm256_loadu_ps(offsets.add(at)), offset_acc[t]);
-                _mm256_mul_ps(block, _mm256_loadu_ps(scales.add(at)))
-            });
-            for j in 0..8 {
-                let sums = block_sums(c * 8 + j);
-                let lane = _mm256_set1_epi32(j as i32);
-                for t in 0..N {
-                    let scale = _mm256_permutevar8x32_ps(combined[t], lane);
-                    acc[t] = _mm256_fmadd_ps(sums[t], scale, acc[t]);
-                }
-            }
-        }
-        for (b, &block_scale) in block_scales.iter().enumerate().skip(chunks * 8) {
-            let sums = block_sums(b);
-            for t in 0..N {
-                let at = t * scale_stride + b;
-                let scale = *scales.add(at) * block_scale as f32;
-                acc[t] = _mm256_fmadd_ps(sums[t], _mm256_set1_ps(scale), acc[t]);
-                offset_tail[t] += *offsets.add(at) * block_scale as f32;
-            }
-        }
-        for t in 0..N {
-            let offset = sum_lanes(offset_acc[t]) + offset_tail[t];
-            out[t] = sum_lanes(acc[t]) - super::TABLE_OFFSET as f32 * offset;
-        }
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-mod simd {
-    use super::{packed_block_bytes, QuantizedActivations, BLOCK, MAX_TOKENS_AT_ONCE};
-    use std::arch::aarch64::*;
-
-    /// `sdot` (Armv8.2 dot product: a Pi 5's Cortex-A76, not a Pi 4's
-    /// A72) sums four int8 products per lane in one instruction.
-    fn dotprod() -> bool {
-        std::arch::is_aarch64_feature_detected!("dotprod")
-    }
-
-    pub fn path() -> &'static str {
-        if dotprod() {
-            "codebook-neon-sdot+act:int8x32"
-        } else {
-            "codebook-neon-int8+act:int8x32"
-        }
-    }
-
-    /// NEON is part of every aarch64 target Rust builds for.
-    pub fn available() -> bool {
-        true
-    }
-
-    /// Tokens `t0..t0 + out.len()` against one row: per block the sum of
-    /// table[index] x activation in int32, times the block's scale and the
-    /// activations' scale. The caller multiplies by the row's scales.
-    pub fn row_dot(
-        table: &[u8; 16],
-        bits: u8,
-        packed: &[u8],
-        block_scales: &[u8],
-        q: &QuantizedActivations,
-        t0: usize,
-        out: &mut [f32],
-    ) {
-        assert!(out.len() <= MAX_TOKENS_AT_ONCE);
-        assert_eq!(packed.len(), block_scales.len() * packed_block_bytes(bits));
-        assert!((t0 + out.len()) * q.blocks_per_token * BLOCK <= q.values.len());
-        assert_eq!(block_scales.len(), q.blocks_per_token);
-        let dot = dotprod();
-        // SAFETY: NEON is baseline on aarch64, `sdot` only where the CPU
-        // has it (checked above), and the slices' lengths cover every load
-        // (asserted above).
-        unsafe {
-            match (out.len(), dot) {
-                (1, true) => row_dot_sdot::<1>(table, bits, packed, block_scales, q, t0, out),
-                (2, true) => row_dot_sdot::<2>(table, bits, packed, block_scales, q, t0, out),
-                (3, true) => row_dot_sdot::<3>(table, bits, packed, block_scales, q, t0, out),
-                (_, true) => row_dot_sdot::<4>(table, bits, packed, block_scales, q, t0, out),
-                (1, false) => row_dot_neon::<1>(table, bits, packed, block_scales, q, t0, out),
-                (2, false) => row_dot_neon::<2>(table, bits, packed, block_scales, q, t0, out),
-                (3, false) => row_dot_neon::<3>(table, bits, packed, block_scales, q, t0, out),
-                (_, false) => row_dot_neon::<4>(table, bits, packed, block_scales, q, t0, out),
-            }
-        }
-    }
-
-    /// 32 indices in order, as two vectors of 16 (see `pack_block`).
-    #[inline(always)]
-    unsafe fn unpack(p: *const u8, bits: u8) -> (uint8x16_t, uint8x16_t) {
-        if bits == 4 {
-            let packed = vld1q_u8(p);
-            return (vandq_u8(packed, vdupq_n_u8(15)), vshrq_n_u8::<4>(packed));
-        }
-        let low = vld1_u8(p);
-        let three = vdupq_n_u8(3);
-        let q0 = vandq_u8(vcombine_u8(low, vshr_n_u8::<2>(low)), three);
-        let q1 = vandq_u8(vcombine_u8(vshr_n_u8::<4>(low), vshr_n_u8::<6>(low)), three);
-        let high_bits =
-            vreinterpretq_u8_u32(vdupq_n_u32((p.add(8) as *const u32).read_unaligned()));
-        const SPREAD: [[u8; 16]; 2] = [
-            [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
-            [2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3],
-        ];
-        const BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
-        let bit = vld1q_u8(BIT.as_ptr());
-        let four = vdupq_n_u8(4);
-        let h0 = vandq_u8(
-            vtstq_u8(vqtbl1q_u8(high_bits, vld1q_u8(SPREAD[0].as_ptr())), bit),
-            four,
-        );
-        let h1 = vandq_u8(
-            vtstq_u8(vqtbl1q_u8(high_bits, vld1q_u8(SPREAD[1].as_ptr())), bit),
-            four,
-        );
-        (vorrq_u8(q0, h0), vorrq_u8(q1, h1))
-    }
-
-    /// Widening multiply-accumulates: the 32 products of a block summed
-    /// into four int32 lanes.
-    #[inline(always)]
-    unsafe fn dot_widening(
-        w0: int8x16_t,
-        w1: int8x16_t,
-        x0: int8x16_t,
-        x1: int8x16_t,
-    ) -> int32x4_t {
-        let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)), w0, x0);
-        let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(w1), vget_low_s8(x1)), w1, x1);
-        vpadalq_s16(vpaddlq_s16(p0), p1)
-    }
-
-    /// The same with two `sdot`s (written as `asm!`: Rust's `vdotq_s32`
-    /// is not stable yet).
-    #[inline]
-    #[target_feature(enable = "neon,dotprod")]
-    unsafe fn dot_sdot(w0: int8x16_t, w1: int8x16_t, x0: int8x16_t, x1: int8x16_t) -> int32x4_t {
-        let mut acc = vdupq_n_s32(0);
-        std::arch::asm!(
-            "sdot {acc:v}.4s, {w0:v}.16b, {x0:v}.16b",
-            "sdot {acc:v}.4s, {w1:v}.16b, {x1:v}.16b",
-            acc = inout(vreg) acc,
-            w0 = in(vreg) w0,
-            x0 = in(vreg) x0,
-            w1 = in(vreg) w1,
-            x1 = in(vreg) x1,
-            options(pure, nomem, nostack, preserves_flags)
-        );
-        acc
-    }
-
-    /// Per block: the indices looked up in the row's table with `tbl`
-    /// (less the table's offset), multiplied with the int8 activations
-    /// into int32 by `dot`, scaled in f32.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn row_dot_with<const N: usize>(
-        table: &[u8; 16],
-        bits: u8,
-        packed: &[u8],
-        block_scales: &[u8],
-        q: &QuantizedActivations,
-        t0: usize,
-        out: &mut [f32],
-        dot: unsafe fn(int8x16_t, int8x16_t, int8x16_t, int8x16_t) -> int32x4_t,
-    ) {
-        let table = vld1q_u8(table.as_ptr());
-        let offset = vdupq_n_u8(super::TABLE_OFFSET as u8);
-        let step = packed_block_bytes(bits);
-        debug_assert_eq!(out.len(), N);
-        let (values, scales, _) = q.token(t0);
-        let (values, scales) = (values.as_ptr(), scales.as_ptr());
-        let (value_stride, scale_stride) = (q.blocks_per_token * BLOCK, q.blocks_per_token);
-        let mut acc = [vdupq_n_f32(0.0); N];
-        for (b, &block_scale) in block_scales.iter().enumerate() {
-            let (i0, i1) = unpack(packed.as_ptr().add(b * step), bits);
-            // The centroids without the table's offset: -63..=63.
-            let w0 = vreinterpretq_s8_u8(vsubq_u8(vqtbl1q_u8(table, i0), offset));
-            let w1 = vreinterpretq_s8_u8(vsubq_u8(vqtbl1q_u8(table, i1), offset));
-            let block_scale = block_scale as f32;
-            for (t, a) in acc.iter_mut().enumerate() {
-                let x = values.add(t * value_stride + b * BLOCK);
-                let sums = dot(w0, w1, vld1q_s8(x), vld1q_s8(x.add(16)));
-                let scale = *scales.add(t * scale_stride + b) * block_scale;
-                *a = vmlaq_n_f32(*a, vcvtq_f32_s32(sums), scale);
-            }
-        }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = vaddvq_f32(a);
-        }
-    }
-
-    #[target_feature(enable = "neon")]
-    unsafe fn row_dot_neon<const N: usize>(
-        table: &[u8; 16],
-        bits: u8,
-        packed: &[u8],
-        block_scales: &[u8],
-        q: &QuantizedActivations,
-        t0: usize,
-        out: &mut [f32],
-    ) {
-        row_dot_with::<N>(table, bits, packed, block_scales, q, t0, out, dot_widening)
-    }
-
-    #[target_feature(enable = "neon,dotprod")]
-    unsafe fn row_dot_sdot<const N: usize>(
-        table: &[u8; 16],
-        bits: u8,
-        packed: &[u8],
-        block_scales: &[u8],
-        q: &QuantizedActivations,
-        t0: usize,
-        out: &mut [f32],
-    ) {
-        row_dot_with::<N>(table, bits, packed, block_scales, q, t0, out, dot_sdot)
-    }
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-mod simd {
-    use super::QuantizedActivations;
-
-    pub fn path() -> &'static str {
-        "codebook-scalar+act:f32"
-    }
-
-    pub fn available() -> bool {
-        false
-    }
-
-    pub fn row_dot(
-        _: &[i8; 16],
-        _: u8,
-        _: &[u8],
-        _: &[u8],
-        _: &QuantizedActivations,
-        _: usize,
-        _: &mut [f32],
-    ) {
-        unreachable!("no integer kernel on this architecture")
     }
 }
 
@@ -1330,6 +972,8 @@ mod tests {
 
     #[test]
     fn kernels_match_the_f64_reference_of_the_decoded_matrix() {
+        // 37 rows: four groups of eight and a padded one; 5 tokens: a
+        // pass of four and one of one.
         let (rows, cols, tokens) = (37, 256, 5);
         let w = llm_like_weights(rows, cols, 3);
         let x = llm_like_activations(tokens, cols, 4);
@@ -1345,32 +989,53 @@ mod tests {
                 let nmse = output_nmse(&decoded, rows, cols, &x, tokens, &y);
                 let bound = if m.integer_kernel() { 1e-3 } else { 1e-10 };
                 assert!(nmse < bound, "{name} {threads} {}: {nmse}", m.kernel_path());
-            }
-            // The integer kernel against the scalar reference, row by row:
-            // every block decoded alike (a wrong index or scale in one
-            // block shows far above the rounding).
-            if m.integer_kernel() {
-                let q = quantize_activations(&x, cols);
+                // Every element against the scalar reference: every row
+                // of a group and every block decoded alike (a wrong
+                // index, lane or scale shows far above the rounding).
                 for r in 0..rows {
-                    let (mut fast, mut slow) = ([0f32; 4], [0f32; 4]);
-                    m.row_dot_int8(r, &q, 0, &mut fast);
-                    m.row_dot_reference(r, &x, 0, &mut slow);
-                    for t in 0..4 {
+                    for t in 0..tokens {
+                        let mut slow = [0f32];
+                        m.row_dot_reference(r, &x, t, &mut slow);
+                        m.add_sparse(r, &x, t, &mut slow);
                         let magnitude: f32 = m
                             .dense_row(r)
                             .iter()
                             .zip(&x[t * cols..(t + 1) * cols])
                             .map(|(a, b)| (a * b).abs())
                             .sum();
+                        let fast = y[t * rows + r];
                         assert!(
-                            (fast[t] - slow[t]).abs() <= 2e-2 * magnitude.max(1e-6),
-                            "{name} row {r} token {t}: {} vs {}",
-                            fast[t],
-                            slow[t]
+                            (fast - slow[0]).abs() <= 2e-2 * magnitude.max(1e-6),
+                            "{name} t{threads} row {r} token {t}: {fast} vs {}",
+                            slow[0]
                         );
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn reused_activation_buffers_give_what_fresh_ones_do() {
+        let (rows, cols) = (16, 128);
+        let m = CodebookMatrix::quantize(
+            ty("SQ4"),
+            &llm_like_weights(rows, cols, 6),
+            rows,
+            cols,
+            None,
+        )
+        .unwrap();
+        let pool = WorkerPool::new(2);
+        let mut kept = QuantizedActivations::default();
+        // A larger call first, then a smaller one: nothing of the first
+        // may leak into the second.
+        for (tokens, seed) in [(6, 1), (1, 2), (3, 3)] {
+            let x = llm_like_activations(tokens, cols, seed);
+            let (mut reused, mut fresh) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+            m.gemm_reusing(&x, tokens, &mut reused, &pool, &mut kept);
+            m.gemm(&x, tokens, &mut fresh, &pool);
+            assert_eq!(reused, fresh, "{tokens} tokens");
         }
     }
 

@@ -3,7 +3,7 @@
 //! (its types) or quantbench's own kernels do (codebooks), so the timing
 //! loop, the error and the row are the same for every format.
 
-use kernels::codebook::CodebookMatrix;
+use kernels::codebook::{CodebookMatrix, QuantizedActivations};
 use kernels::pool::WorkerPool;
 use kernels::{KernelError, MatMul, StagedMatrix};
 
@@ -65,6 +65,7 @@ impl PreparedWeights {
                 x: x.to_vec(),
                 tokens,
                 y: vec![0.0; tokens * matrix.rows],
+                activations: QuantizedActivations::default(),
             }),
         })
     }
@@ -93,12 +94,20 @@ struct CodebookMultiply<'a> {
     x: Vec<f32>,
     tokens: usize,
     y: Vec<f32>,
+    /// The int8 activations' buffers, kept from call to call as a decode
+    /// loop keeps them.
+    activations: QuantizedActivations,
 }
 
 impl Multiply for CodebookMultiply<'_> {
     fn compute(&mut self) -> Result<(), KernelError> {
-        self.matrix
-            .gemm(&self.x, self.tokens, &mut self.y, &self.pool);
+        self.matrix.gemm_reusing(
+            &self.x,
+            self.tokens,
+            &mut self.y,
+            &self.pool,
+            &mut self.activations,
+        );
         Ok(())
     }
     fn output(&self) -> Vec<f32> {
