@@ -659,7 +659,10 @@ fn codebook_formats_run_on_an_emulated_board_with_the_neon_kernel_beside_ggml_ty
             // has it, as a Pi 5 does), and its output is right: the f64
             // product with the unquantized weights is the reference, so a
             // wrong lookup or scale shows as a large error.
-            assert_eq!(r.kernel_path, "codebook-neon-sdot-8row+act:int8x32", "{r:?}");
+            assert_eq!(
+                r.kernel_path, "codebook-neon-sdot-8row+act:int8x32",
+                "{r:?}"
+            );
             assert!(r.weight_placement.starts_with("heap/"), "{r:?}");
             assert!(r.median_ns.unwrap() > 0.0 && r.weight_gbps.unwrap() > 0.0);
         }

@@ -769,14 +769,12 @@ impl CodebookMatrix {
                 let mut t0 = 0;
                 while t0 < tokens {
                     let n = (tokens - t0).min(MAX_TOKENS_AT_ONCE);
-                    groups.dot(g, q, t0, &mut part[..n]);
+                    groups.dot(g, q, x, t0, &mut part[..n]);
                     for (i, r) in (g * GROUP..(g * GROUP + GROUP).min(self.rows)).enumerate() {
                         for (t, lanes) in part[..n].iter().enumerate() {
-                            let mut v = [lanes[i]];
-                            self.add_sparse(r, x, t0 + t, &mut v);
                             // SAFETY: as above, tasks own disjoint groups
                             // of rows.
-                            unsafe { out.write((t0 + t) * self.rows + r, v[0]) };
+                            unsafe { out.write((t0 + t) * self.rows + r, lanes[i]) };
                         }
                     }
                     t0 += n;
@@ -811,7 +809,8 @@ impl CodebookMatrix {
         }
     }
 
-    /// Adds row `r`'s exact corrections times tokens `t0..`, in f32.
+    /// Adds row `r`'s exact corrections times tokens `t0..`, in f32 (the
+    /// scalar reference; the integer kernels add them per group).
     fn add_sparse(&self, r: usize, x: &[f32], t0: usize, out: &mut [f32]) {
         let entries = self.sparse.row_start[r] as usize..self.sparse.row_start[r + 1] as usize;
         if entries.is_empty() {

@@ -28,6 +28,20 @@ pub(super) struct RowGroups {
     tables: Vec<u8>,
     /// Per group: the eight rows' table scale times row scale.
     table_scales: Vec<f32>,
+    /// Per group, `corrections[correction_start[g]..correction_start[g +
+    /// 1]]` are its rows' exact corrections, by column so consecutive ones
+    /// mostly go to different rows (no add waits for the one before).
+    correction_start: Vec<u32>,
+    corrections: Vec<Correction>,
+}
+
+/// One exact correction: `value` times activation `column` is added to
+/// the group's row `row`.
+#[derive(Debug, Clone, Copy)]
+struct Correction {
+    column: u32,
+    row: u32,
+    value: f32,
 }
 
 impl RowGroups {
@@ -42,6 +56,8 @@ impl RowGroups {
             scales: Vec::with_capacity(groups * GROUP * blocks),
             tables: Vec::with_capacity(groups * GROUP * 16),
             table_scales: Vec::with_capacity(groups * GROUP),
+            correction_start: vec![0],
+            corrections: Vec::with_capacity(m.sparse.values.len()),
         };
         let row_bytes = blocks * step;
         for first in (0..m.rows).step_by(GROUP) {
@@ -60,6 +76,17 @@ impl RowGroups {
                         .push(real(i).map_or(0, |r| m.block_scales[r * blocks + b]));
                 }
             }
+            let first_correction = g.corrections.len();
+            for (i, r) in (0..GROUP).filter_map(|i| real(i).map(|r| (i, r))) {
+                let entries = m.sparse.row_start[r] as usize..m.sparse.row_start[r + 1] as usize;
+                g.corrections.extend(entries.map(|e| Correction {
+                    column: m.sparse.columns[e],
+                    row: i as u32,
+                    value: m.sparse.values[e],
+                }));
+            }
+            g.corrections[first_correction..].sort_by_key(|c| (c.column, c.row));
+            g.correction_start.push(g.corrections.len() as u32);
             for i in 0..GROUP {
                 match real(i) {
                     Some(r) => {
@@ -82,11 +109,14 @@ impl RowGroups {
     }
 
     /// `out[t][i]`: token `t0 + t` against row `8 g + i`, for
-    /// `out.len()` (at most `MAX_TOKENS_AT_ONCE`) tokens.
+    /// `out.len()` (at most `MAX_TOKENS_AT_ONCE`) tokens: the codes with
+    /// the int8 activations `q`, the exact corrections with the f32
+    /// activations `x` (tokens of `blocks x 32`).
     pub(super) fn dot(
         &self,
         g: usize,
         q: &QuantizedActivations,
+        x: &[f32],
         t0: usize,
         out: &mut [[f32; GROUP]],
     ) {
@@ -107,6 +137,18 @@ impl RowGroups {
         for o in out.iter_mut() {
             for (v, s) in o.iter_mut().zip(scales) {
                 *v *= s;
+            }
+        }
+        let corrections = &self.corrections
+            [self.correction_start[g] as usize..self.correction_start[g + 1] as usize];
+        if corrections.is_empty() {
+            return;
+        }
+        let cols = self.blocks * BLOCK;
+        for (t, o) in out.iter_mut().enumerate() {
+            let xt = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
+            for c in corrections {
+                o[c.row as usize % GROUP] += c.value * xt[c.column as usize];
             }
         }
     }
