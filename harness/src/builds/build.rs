@@ -441,6 +441,34 @@ pub enum Builder {
     Cross,
 }
 
+/// `cargo` set up to cross-compile for `profile` with Debian's gcc as the
+/// agent is built (compiler wrappers in `target_dir`, GGML's arch flags,
+/// Rust's target features); add the subcommand, `--target` and
+/// `--target-dir target_dir`. Other builds for the board (the kernels'
+/// tests under qemu) use it so they share the agent's compiled GGML.
+pub fn board_cargo(target_dir: &Path, profile: BoardProfile) -> Result<Command, BuildError> {
+    let env_triple = profile.target_triple().replace('-', "_");
+    let wrappers = write_compiler_wrappers(target_dir, profile)?;
+    let mut c = Command::new(cargo());
+    c.env(format!("CC_{env_triple}"), &wrappers.0)
+        .env(format!("CXX_{env_triple}"), &wrappers.1)
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc",
+        )
+        .env("QUANTBENCH_GGML_ARCH_FLAGS", profile.ggml_arch_flags())
+        .env(
+            format!("CARGO_TARGET_{}_RUSTFLAGS", env_triple.to_uppercase()),
+            format!("-C target-feature={}", profile.rust_target_features()),
+        );
+    Ok(c)
+}
+
+/// The default source's target directory for `profile`'s agent.
+pub fn board_target_dir(workspace: &Path, profile: BoardProfile) -> PathBuf {
+    workspace.join("target/boards").join(profile.name())
+}
+
 /// Cross-builds a fully static agent for `profile`. Each profile has its own
 /// target directory, so switching profiles never rebuilds GGML from scratch
 /// and a warm build costs only cargo's up-to-date check.
@@ -452,23 +480,12 @@ pub fn build_board_agent(
 ) -> Result<AgentBuild, BuildError> {
     let triple = profile.target_triple();
     let target_dir = match source.is_default() {
-        true => workspace.join("target/boards").join(profile.name()),
+        true => board_target_dir(workspace, profile),
         false => build_folder(workspace, source).join(profile.name()),
     };
     let env_triple = triple.replace('-', "_");
-    let rustflags = format!("-C target-feature={}", profile.rust_target_features());
     let mut command = match builder {
-        Builder::Cargo => {
-            let wrappers = write_compiler_wrappers(&target_dir, profile)?;
-            let mut c = Command::new(cargo());
-            c.env(format!("CC_{env_triple}"), &wrappers.0)
-                .env(format!("CXX_{env_triple}"), &wrappers.1)
-                .env(
-                    "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-                    "aarch64-linux-gnu-gcc",
-                );
-            c
-        }
+        Builder::Cargo => board_cargo(&target_dir, profile)?,
         Builder::Cross => {
             check_container_engine()?;
             let mut c = Command::new("cross");
@@ -484,7 +501,7 @@ pub fn build_board_agent(
         .env("QUANTBENCH_GGML_ARCH_FLAGS", profile.ggml_arch_flags())
         .env(
             format!("CARGO_TARGET_{}_RUSTFLAGS", env_triple.to_uppercase()),
-            rustflags,
+            format!("-C target-feature={}", profile.rust_target_features()),
         )
         .args([
             "build",

@@ -120,19 +120,9 @@ impl RowGroups {
         t0: usize,
         out: &mut [[f32; GROUP]],
     ) {
-        let step = packed_block_bytes(self.bits);
-        let view = GroupView {
-            bits: self.bits,
-            blocks: self.blocks,
-            packed: &self.packed[g * GROUP * self.blocks * step..][..GROUP * self.blocks * step],
-            scales: &self.scales[g * GROUP * self.blocks..][..GROUP * self.blocks],
-            tables: self.tables[g * GROUP * 16..][..GROUP * 16]
-                .try_into()
-                .expect("eight tables"),
-        };
         assert_eq!(q.blocks_per_token, self.blocks);
         assert!((t0 + out.len()) * self.blocks * BLOCK <= q.values.len());
-        simd::group_dot(&view, q, t0, out);
+        simd::group_dot(&self.view(g), q, t0, out);
         let scales = &self.table_scales[g * GROUP..(g + 1) * GROUP];
         for o in out.iter_mut() {
             for (v, s) in o.iter_mut().zip(scales) {
@@ -150,6 +140,20 @@ impl RowGroups {
             for c in corrections {
                 o[c.row as usize % GROUP] += c.value * xt[c.column as usize];
             }
+        }
+    }
+
+    /// Group `g`'s codes.
+    fn view(&self, g: usize) -> GroupView<'_> {
+        let step = packed_block_bytes(self.bits);
+        GroupView {
+            bits: self.bits,
+            blocks: self.blocks,
+            packed: &self.packed[g * GROUP * self.blocks * step..][..GROUP * self.blocks * step],
+            scales: &self.scales[g * GROUP * self.blocks..][..GROUP * self.blocks],
+            tables: self.tables[g * GROUP * 16..][..GROUP * 16]
+                .try_into()
+                .expect("eight tables"),
         }
     }
 
@@ -520,6 +524,31 @@ mod simd {
         }
     }
 
+    /// The widening path (a Pi 4's) whatever the CPU has, for the tests
+    /// to check it against `sdot`'s on a CPU with both.
+    #[cfg(test)]
+    pub fn group_dot_widening(
+        g: &GroupView,
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+    ) {
+        assert!(out.len() <= MAX_TOKENS_AT_ONCE);
+        assert_eq!(
+            g.packed.len(),
+            g.blocks * GROUP * packed_block_bytes(g.bits)
+        );
+        // SAFETY: NEON is baseline on aarch64; lengths as in `group_dot`.
+        unsafe {
+            match out.len() {
+                1 => group_dot_neon::<1>(g, q, t0, out),
+                2 => group_dot_neon::<2>(g, q, t0, out),
+                3 => group_dot_neon::<3>(g, q, t0, out),
+                _ => group_dot_neon::<4>(g, q, t0, out),
+            }
+        }
+    }
+
     #[target_feature(enable = "neon")]
     unsafe fn group_dot_neon<const N: usize>(
         g: &GroupView,
@@ -557,5 +586,66 @@ mod simd {
 
     pub fn group_dot(_: &GroupView, _: &QuantizedActivations, _: usize, _: &mut [[f32; GROUP]]) {
         unreachable!("no integer kernel on this architecture")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codebook::CodebookType;
+    use crate::weights::{llm_like_activations, llm_like_weights};
+
+    #[test]
+    fn a_short_last_group_is_padded_and_corrections_go_to_their_rows() {
+        let (rows, cols) = (11, 64);
+        let w = llm_like_weights(rows, cols, 8);
+        let ty = CodebookType::parse("SQ4+S5").unwrap();
+        let m = CodebookMatrix::quantize(ty, &w, rows, cols, None).unwrap();
+        let g = RowGroups::of(&m);
+        assert_eq!(g.groups(), 2);
+        // Padding rows: zero block scales and table scales, no codes.
+        assert!(g.table_scales[11..].iter().all(|&s| s == 0.0));
+        let second = &g.scales[GROUP * 2..];
+        for (lane, &row) in simd::LANE_ROWS.iter().enumerate() {
+            if row >= 3 {
+                assert!(second.iter().skip(lane).step_by(GROUP).all(|&s| s == 0));
+            }
+        }
+        // Every correction once, in its group, at its row within it.
+        assert_eq!(g.corrections.len(), m.sparse.values.len());
+        for (group, span) in g.correction_start.windows(2).enumerate() {
+            for c in &g.corrections[span[0] as usize..span[1] as usize] {
+                let r = group * GROUP + c.row as usize;
+                let entries = m.sparse.row_start[r] as usize..m.sparse.row_start[r + 1] as usize;
+                assert!(entries
+                    .into_iter()
+                    .any(|e| m.sparse.columns[e] == c.column && m.sparse.values[e] == c.value));
+            }
+        }
+    }
+
+    /// On aarch64 the widening kernel (a Pi 4's) gives exactly the sums
+    /// `sdot` gives (both in int32, then the same float steps), for both
+    /// index widths and every token count.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn the_widening_kernel_gives_what_sdot_gives() {
+        let (rows, cols) = (24, 256);
+        let w = llm_like_weights(rows, cols, 2);
+        let x = llm_like_activations(4, cols, 3);
+        let mut q = QuantizedActivations::default();
+        q.quantize(&x, cols);
+        for name in ["SQ4", "SQ3"] {
+            let ty = CodebookType::parse(name).unwrap();
+            let g = RowGroups::of(&CodebookMatrix::quantize(ty, &w, rows, cols, None).unwrap());
+            for group in 0..g.groups() {
+                for n in 1..=4 {
+                    let (mut fast, mut widening) = ([[0f32; GROUP]; 4], [[1f32; GROUP]; 4]);
+                    simd::group_dot(&g.view(group), &q, 0, &mut fast[..n]);
+                    simd::group_dot_widening(&g.view(group), &q, 0, &mut widening[..n]);
+                    assert_eq!(fast[..n], widening[..n], "{name} group {group} n{n}");
+                }
+            }
+        }
     }
 }
