@@ -593,7 +593,7 @@ mod simd {
 mod tests {
     use super::*;
     use crate::codebook::CodebookType;
-    use crate::weights::{llm_like_activations, llm_like_weights};
+    use crate::weights::llm_like_weights;
 
     #[test]
     fn a_short_last_group_is_padded_and_corrections_go_to_their_rows() {
@@ -630,6 +630,7 @@ mod tests {
     #[cfg(target_arch = "aarch64")]
     #[test]
     fn the_widening_kernel_gives_what_sdot_gives() {
+        use crate::weights::llm_like_activations;
         let (rows, cols) = (24, 256);
         let w = llm_like_weights(rows, cols, 2);
         let x = llm_like_activations(4, cols, 3);
