@@ -122,7 +122,7 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bench.toml"),
-        "[matrices.cb]\ntypes = [\"F32\", \"Q4_0\", \"SQ4\", \"SQ3+S1\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 4]\nthreads = [\"all\"]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\n",
+        "[matrices.cb]\ntypes = [\"F32\", \"Q4_0\", \"SQ4\", \"SQ3+S1\"]\nversus = [\"Q4_0\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 4]\nthreads = [\"all\"]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\n",
     )
     .unwrap();
     let out = xtask(
@@ -163,6 +163,64 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     assert!(of("SQ4").nmse < of("Q4_0").nmse);
     let summary = std::fs::read_to_string(run_dir.join("summary.md")).unwrap();
     assert!(summary.contains("| SQ3+S1 |"), "{summary}");
+    // `versus`: each other type against Q4_0 in the same cell, its ratio
+    // inside its interval and about the ratio of the rows' times (those
+    // are medians of all repetitions, the table's of invocation medians
+    // with round effects out).
+    assert!(summary.contains("### local against Q4_0"), "{summary}");
+    for ty in ["F32", "SQ4", "SQ3+S1"] {
+        for n in [1, 4] {
+            let line = summary
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("| llama3.2-1b.attn_kv | {n} | "))
+                        && l.contains(&format!(" | {ty} | "))
+                })
+                .unwrap_or_else(|| panic!("{ty} n{n} against Q4_0:\n{summary}"));
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let ratio: f64 = cells[8].parse().unwrap();
+            let (low, high) = cells[9]
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split_once(", ")
+                .map(|(l, h)| (l.parse::<f64>().unwrap(), h.parse::<f64>().unwrap()))
+                .unwrap();
+            assert!(low <= ratio && ratio <= high, "{line}");
+            let rows_ratio = rows
+                .iter()
+                .find(|r| r.ty == ty && r.n == n)
+                .unwrap()
+                .median_ns
+                .unwrap()
+                / rows
+                    .iter()
+                    .find(|r| r.ty == "Q4_0" && r.n == n)
+                    .unwrap()
+                    .median_ns
+                    .unwrap();
+            assert!(
+                (ratio / rows_ratio - 1.0).abs() < 0.25,
+                "{line} against rows' {rows_ratio}"
+            );
+            let reading = if high < 1.0 {
+                "faster"
+            } else if low > 1.0 {
+                "slower"
+            } else {
+                "no difference"
+            };
+            assert!(cells[10].starts_with(reading), "{line}");
+        }
+    }
+    // F32 moves 7x Q4_0's bytes: slower at batch 1 beyond any spread.
+    assert!(
+        summary
+            .lines()
+            .any(|l| l.starts_with("| llama3.2-1b.attn_kv | 1 | ")
+                && l.contains(" | F32 | ")
+                && l.ends_with("| slower |")),
+        "{summary}"
+    );
     let plot = std::fs::read_to_string(run_dir.join("plots/nmse_vs_bits.svg")).unwrap();
     assert!(plot.contains("SQ4") && plot.contains("SQ3+S1"));
 }

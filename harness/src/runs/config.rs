@@ -149,6 +149,12 @@ pub struct MatrixSpec {
     pub cooldown_below_c: Option<f64>,
     #[serde(default = "default_cooldown_max_seconds")]
     pub cooldown_max_seconds: u64,
+    /// Reference types (each one of `types`): the summary gives every
+    /// other type's time as a ratio to each, per shape, batch and thread
+    /// count, with its 95% interval over invocations (e.g. `["Q4_0",
+    /// "Q3_K"]` beside our own formats).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versus: Vec<WeightFormat>,
 }
 
 fn default_cooldown_max_seconds() -> u64 {
@@ -590,6 +596,11 @@ impl BenchConfig {
             if spec.min_reps == 0 {
                 return Err(invalid("`min_reps` must be at least 1".into()));
             }
+            if let Some(missing) = spec.versus.iter().find(|v| !spec.types.contains(v)) {
+                return Err(invalid(format!(
+                    "`versus` names {missing}, which is not one of the matrix's `types`: add it there or drop it from `versus`"
+                )));
+            }
             for pattern in &spec.shapes {
                 catalog
                     .resolve(pattern)
@@ -952,6 +963,21 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("q4_x") && msg.contains("Q4_K"), "{msg}");
         assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn a_versus_type_outside_the_matrix_types_is_refused_saying_so() {
+        let ok =
+            parse("[matrices.m]\ntypes=[\"Q4_0\", \"SQ4\"]\nshapes=[\"all\"]\nversus=[\"Q4_0\"]\n")
+                .unwrap();
+        assert_eq!(ok.matrices["m"].versus.len(), 1);
+        let e = parse("[matrices.m]\ntypes=[\"SQ4\"]\nshapes=[\"all\"]\nversus=[\"Q4_0\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`versus` names Q4_0") && e.contains("`types`"),
+            "{e}"
+        );
     }
 
     #[test]

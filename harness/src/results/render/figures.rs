@@ -133,6 +133,120 @@ pub fn measured_bandwidth(rows: &[&KernelRow]) -> Option<f64> {
         .find_map(|r| Some(r.weight_gbps? / r.bandwidth_share?))
 }
 
+/// The reference types kernel matrices of the run named in `versus`, in
+/// their order, each once.
+pub fn versus_types(manifest: &crate::runs::manifest::RunManifest) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for m in manifest.matrices.iter().filter(|m| m.kind == "kernel") {
+        for v in m.spec["versus"].as_array().into_iter().flatten() {
+            if let Some(v) = v.as_str().filter(|v| !out.iter().any(|o| o == v)) {
+                out.push(v.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// One type's time against a reference type's in the same run: the same
+/// board, shape, batch, threads and settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersusFigure {
+    pub board: String,
+    pub emulated: bool,
+    pub shape: String,
+    pub n: usize,
+    pub threads: usize,
+    pub ty: String,
+    pub reference: String,
+    pub bits_per_weight: f64,
+    pub nmse: Option<f64>,
+    pub time_ns: f64,
+    /// This type's time over the reference's, with its 95% interval.
+    pub change: wire::stats::ChangeEstimate,
+}
+
+/// Every measured cell against each reference type's cell of the same
+/// board, shape, batch, threads and settings. Both are measured in every
+/// invocation's round (shuffled together), so the run's round effects are
+/// taken out of both first (`RunData::round_adjusted_invocations`) and
+/// the ratio is `compare`'s: geometric means of invocation medians, the
+/// interval Welch's t on their logs widened to a hierarchical bootstrap.
+pub fn versus_figures(run: &crate::results::run_dir::RunData) -> Vec<VersusFigure> {
+    let references = versus_types(&run.manifest);
+    if references.is_empty() {
+        return Vec::new();
+    }
+    let (invocations, _) = run.round_adjusted_invocations();
+    let of = |r: &KernelRow| {
+        invocations
+            .get(&(r.board.clone(), r.cell_id.clone()))
+            .filter(|i| r.status == CellStatus::Ok && !i.is_empty())
+    };
+    let same_cell = |a: &KernelRow, b: &KernelRow| {
+        (
+            a.board.as_str(),
+            a.shape.as_str(),
+            a.n,
+            a.threads,
+            a.settings(),
+        ) == (
+            b.board.as_str(),
+            b.shape.as_str(),
+            b.n,
+            b.threads,
+            b.settings(),
+        )
+    };
+    let mut out = Vec::new();
+    for reference in &references {
+        for base in run.kernel_rows.iter().filter(|r| &r.ty == reference) {
+            let Some(base_invocations) = of(base) else {
+                continue;
+            };
+            for r in run
+                .kernel_rows
+                .iter()
+                .filter(|r| &r.ty != reference && same_cell(r, base))
+            {
+                let Some(change) = of(r).and_then(|i| {
+                    wire::stats::invocation_change(base_invocations, i, 0.95, 2000, 17)
+                }) else {
+                    continue;
+                };
+                let Some(time_ns) = wire::stats::geometric_mean(&wire::stats::invocation_medians(
+                    of(r).map(Vec::as_slice).unwrap_or_default(),
+                )) else {
+                    continue;
+                };
+                out.push(VersusFigure {
+                    board: r.board.clone(),
+                    emulated: r.emulated,
+                    shape: r.shape.clone(),
+                    n: r.n,
+                    threads: r.threads,
+                    ty: r.ty.clone(),
+                    reference: reference.clone(),
+                    bits_per_weight: r.bits_per_weight,
+                    nmse: r.nmse,
+                    time_ns,
+                    change,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        (&a.board, &a.reference, &a.shape, a.n, a.threads, &a.ty).cmp(&(
+            &b.board,
+            &b.reference,
+            &b.shape,
+            b.n,
+            b.threads,
+            &b.ty,
+        ))
+    });
+    out
+}
+
 /// One line of the kernel summary: a type's decode figures on one board.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TypeFigures {

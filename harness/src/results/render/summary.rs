@@ -2,7 +2,10 @@
 //! type and a line per model recipe, then every kernel cell. Figures come
 //! from `figures`, the same ones the plots draw.
 
-use super::figures::{by_board, f32_beside, shown_model_rows, type_figures, ModelFigures};
+use super::figures::{
+    by_board, f32_beside, shown_model_rows, type_figures, versus_figures, ModelFigures,
+    VersusFigure,
+};
 use super::RunData;
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -14,6 +17,7 @@ pub fn summary(run: &RunData) -> (String, String) {
     let mut tables = String::new();
     if !run.kernel_rows.is_empty() {
         tables.push_str(&type_table(&run.kernel_rows));
+        tables.push_str(&versus_table(&versus_figures(run)));
     }
     if !run.model_rows.is_empty() {
         let shown = shown_model_rows(&run.model_rows);
@@ -115,6 +119,57 @@ fn emulated_note(emulated: bool) -> &'static str {
     } else {
         ""
     }
+}
+
+/// Per board and reference type (a kernel matrix's `versus`): each other
+/// type's time as a ratio to the reference's in the same cell, with its 95%
+/// interval and what the interval says; empty without `versus`.
+pub fn versus_table(figures: &[VersusFigure]) -> String {
+    let mut out = String::new();
+    let mut heading = None;
+    for f in figures {
+        let this = (f.board.as_str(), f.reference.as_str());
+        if heading != Some(this) {
+            heading = Some(this);
+            let _ = write!(
+                out,
+                "\n### {} against {}{}\n\nEach type's time over {}'s in the same cell (geometric means of invocation medians, round effects taken out), with its 95% interval.\n\n| shape | batch | threads | type | bits | NMSE | time us | x {} | 95% interval | |\n|---|---:|---:|---|---:|---:|---:|---:|---|---|\n",
+                f.board,
+                f.reference,
+                emulated_note(f.emulated),
+                f.reference,
+                f.reference
+            );
+        }
+        let c = &f.change;
+        let reading = if c.high < 1.0 {
+            "faster"
+        } else if c.low > 1.0 {
+            "slower"
+        } else {
+            "no difference the spread can see"
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.2} | [{:.2}, {:.2}]{} | {} |",
+            f.shape,
+            f.n,
+            f.threads,
+            f.ty,
+            f.bits_per_weight,
+            fmt_opt(f.nmse, |v| format!("{v:.2e}")),
+            f.time_ns / 1e3,
+            c.ratio,
+            c.low,
+            c.high,
+            match c.method {
+                wire::stats::IntervalMethod::Invocations => "",
+                wire::stats::IntervalMethod::RepetitionsOnly => " (one invocation: too narrow)",
+            },
+            reading
+        );
+    }
+    out
 }
 
 /// Per board: one line per type with its decode (batch 1, most threads)
