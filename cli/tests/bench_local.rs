@@ -164,10 +164,16 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     let summary = std::fs::read_to_string(run_dir.join("summary.md")).unwrap();
     assert!(summary.contains("| SQ3+S1 |"), "{summary}");
     // `versus`: each other type against Q4_0 in the same cell, its ratio
-    // inside its interval and about the ratio of the rows' times (those
-    // are medians of all repetitions, the table's of invocation medians
-    // with round effects out).
+    // inside its interval and what the interval says. (Which is faster
+    // is the machine's business: the test checks the figures, not the
+    // timings.)
     assert!(summary.contains("### local against Q4_0"), "{summary}");
+    #[derive(serde::Deserialize)]
+    struct Invocation {
+        cell_id: String,
+        median_ns: f64,
+    }
+    let invocations: Vec<Invocation> = read_csv(&run_dir.join("invocations.csv")).unwrap();
     for ty in ["F32", "SQ4", "SQ3+S1"] {
         for n in [1, 4] {
             let line = summary
@@ -186,21 +192,29 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
                 .map(|(l, h)| (l.parse::<f64>().unwrap(), h.parse::<f64>().unwrap()))
                 .unwrap();
             assert!(low <= ratio && ratio <= high, "{line}");
-            let rows_ratio = rows
-                .iter()
-                .find(|r| r.ty == ty && r.n == n)
-                .unwrap()
-                .median_ns
-                .unwrap()
-                / rows
+            // The ratio of the geometric means of the two cells'
+            // invocation medians: the round effects taken out shift both
+            // cells alike (each is measured once in every round), so they
+            // leave the ratio as it is. Shown with two decimals.
+            let geomean = |cell: &str| {
+                let logs: Vec<f64> = invocations
                     .iter()
-                    .find(|r| r.ty == "Q4_0" && r.n == n)
+                    .filter(|i| i.cell_id == cell)
+                    .map(|i| i.median_ns.ln())
+                    .collect();
+                (logs.iter().sum::<f64>() / logs.len() as f64).exp()
+            };
+            let cell = |ty: &str| {
+                rows.iter()
+                    .find(|r| r.ty == ty && r.n == n)
                     .unwrap()
-                    .median_ns
-                    .unwrap();
+                    .cell_id
+                    .clone()
+            };
+            let expected = geomean(&cell(ty)) / geomean(&cell("Q4_0"));
             assert!(
-                (ratio / rows_ratio - 1.0).abs() < 0.25,
-                "{line} against rows' {rows_ratio}"
+                (ratio - expected).abs() <= 0.006,
+                "{line} against {expected}"
             );
             let reading = if high < 1.0 {
                 "faster"
@@ -212,15 +226,6 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
             assert!(cells[10].starts_with(reading), "{line}");
         }
     }
-    // F32 moves 7x Q4_0's bytes: slower at batch 1 beyond any spread.
-    assert!(
-        summary
-            .lines()
-            .any(|l| l.starts_with("| llama3.2-1b.attn_kv | 1 | ")
-                && l.contains(" | F32 | ")
-                && l.ends_with("| slower |")),
-        "{summary}"
-    );
     let plot = std::fs::read_to_string(run_dir.join("plots/nmse_vs_bits.svg")).unwrap();
     assert!(plot.contains("SQ4") && plot.contains("SQ3+S1"));
 }

@@ -1127,11 +1127,11 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
         // each repetition, untimed repetitions that extend it, on a busy
         // 2-core runner as slow as they like), so only the order is
         // checked: counting repetitions or calls instead of tokens would
-        // be 8x off here.
+        // be 8x (tg8) or 32x (pp32) off here.
         let tokens = (r.n_prompt + r.n_gen) as f64;
         let expected = BUSY_W * r.avg_ns.unwrap() * 1e-9 / tokens;
         assert!(
-            (0.6..2.5).contains(&(per_token / expected)),
+            (0.35..4.0).contains(&(per_token / expected)),
             "{per_token} J/token, expected about {expected}: {r:?}"
         );
         // Two invocations, each at least 5 readings; an interval.
