@@ -208,14 +208,13 @@ pub fn versus_figures(run: &crate::results::run_dir::RunData) -> Vec<VersusFigur
                 .iter()
                 .filter(|r| &r.ty != reference && same_cell(r, base))
             {
-                let Some(change) = of(r).and_then(|i| {
-                    wire::stats::invocation_change(base_invocations, i, 0.95, 2000, 17)
-                }) else {
+                let Some(invocations) = of(r) else {
                     continue;
                 };
-                let Some(time_ns) = wire::stats::geometric_mean(&wire::stats::invocation_medians(
-                    of(r).map(Vec::as_slice).unwrap_or_default(),
-                )) else {
+                let (Some(change), Some(time_ns)) = (
+                    wire::stats::invocation_change(base_invocations, invocations, 0.95, 2000, 17),
+                    wire::stats::geometric_mean(&wire::stats::invocation_medians(invocations)),
+                ) else {
                     continue;
                 };
                 out.push(VersusFigure {
