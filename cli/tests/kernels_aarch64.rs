@@ -1,6 +1,6 @@
-//! Our own kernels' unit tests (`kernels`' codebook tests: every element
-//! of the multi-row GEMV against the scalar reference, the widening path
-//! against `sdot`) cross-compiled for a Pi 5 as the agent is and run
+//! Our own kernels' unit tests (`kernels`' codebook and table-lookup
+//! tests: every element of the multi-row GEMVs against the scalar
+//! references, the widening path against `sdot`) cross-compiled for a Pi 5 as the agent is and run
 //! under `qemu-aarch64 -cpu cortex-a76`: the NEON code is otherwise only
 //! reached through an emulated board's kernel matrix, which checks an
 //! NMSE, not each row.
@@ -8,7 +8,7 @@
 use std::process::Command;
 
 #[test]
-fn codebook_kernel_tests_pass_on_an_emulated_cortex_a76() {
+fn codebook_and_table_lookup_kernel_tests_pass_on_an_emulated_cortex_a76() {
     use harness::builds::build::{board_cargo, board_target_dir, workspace_root, BoardProfile};
     let workspace = workspace_root();
     let profile = BoardProfile::Pi5;
@@ -38,7 +38,7 @@ fn codebook_kernel_tests_pass_on_an_emulated_cortex_a76() {
         .find_map(|m| m["executable"].as_str().map(String::from))
         .expect("the kernels test executable");
     let run = Command::new("qemu-aarch64")
-        .args(["-cpu", "cortex-a76", &executable, "codebook"])
+        .args(["-cpu", "cortex-a76", &executable, "codebook", "lut::"])
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&run.stdout);
@@ -51,6 +51,7 @@ fn codebook_kernel_tests_pass_on_an_emulated_cortex_a76() {
     for test in [
         "kernels_match_the_f64_reference_of_the_decoded_matrix ... ok",
         "the_widening_kernel_gives_what_sdot_gives ... ok",
+        "lut::tests::every_kernel_agrees_with_the_scalar_reference_and_the_f64_product ... ok",
     ] {
         assert!(report.contains(test), "{report}");
     }

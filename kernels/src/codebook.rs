@@ -85,7 +85,7 @@ pub struct CodebookMatrix {
     row_groups: std::sync::OnceLock<RowGroups>,
 }
 
-fn f16_round(v: f32) -> f32 {
+pub(crate) fn f16_round(v: f32) -> f32 {
     // SAFETY: pure conversions.
     unsafe { llama_cpp_sys_2::ggml_fp16_to_fp32(llama_cpp_sys_2::ggml_fp32_to_fp16(v)) }
 }
@@ -839,18 +839,18 @@ const TABLE_OFFSET: i32 = 64;
 
 /// Rows one task of a GEMM takes: small enough to balance the threads,
 /// large enough that handing out tasks costs nothing.
-const ROWS_PER_TASK: usize = 64;
+pub(crate) const ROWS_PER_TASK: usize = 64;
 /// Tokens that share one decoded block.
 const MAX_TOKENS_AT_ONCE: usize = 4;
 
-struct SharedOutput(*mut f32);
+pub(crate) struct SharedOutput(pub(crate) *mut f32);
 // SAFETY: see the write in `gemm`: tasks write disjoint elements.
 unsafe impl Sync for SharedOutput {}
 
 impl SharedOutput {
     /// # Safety
     /// `index` is in bounds and no other thread touches that element.
-    unsafe fn write(&self, index: usize, value: f32) {
+    pub(crate) unsafe fn write(&self, index: usize, value: f32) {
         *self.0.add(index) = value;
     }
 }

@@ -10,7 +10,8 @@
 //! from a mapped file as a model load reads them (`placement`). It also writes
 //! synthetic llama GGUF models of real dimensions (`synthetic`), and has
 //! quantbench's own non-uniform codebook formats with their kernels
-//! (`codebook`, on a persistent `pool`). It does not time
+//! (`codebook`, on a persistent `pool`) and its table-lookup bit-plane
+//! formats for 2 and 3 bits (`lut`). It does not time
 //! anything, choose matrices or write results: that is the agent's and the
 //! harness's job.
 
@@ -31,6 +32,7 @@ pub mod codebook_model;
 mod ffi;
 pub mod gguf_tensors;
 pub mod gptq;
+pub mod lut;
 pub mod matmul;
 pub mod model;
 pub mod placement;
@@ -59,6 +61,8 @@ pub enum KernelError {
     Ggml(String),
     #[error(transparent)]
     Codebook(#[from] codebook::CodebookError),
+    #[error(transparent)]
+    Lut(#[from] lut::LutError),
     #[error("could not place the weights in a file in {dir} ({reason}); the agent needs write access and free space there as large as the matrix")]
     Staging {
         dir: std::path::PathBuf,

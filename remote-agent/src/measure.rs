@@ -5,6 +5,7 @@
 use crate::multiply::{Multiply, PreparedWeights};
 use anyhow::{Context, Result};
 use kernels::codebook::CodebookMatrix;
+use kernels::lut::LutMatrix;
 use kernels::weights::{activation_second_moments, activations, weights, Distribution};
 use kernels::{quantize, KernelError, StagedMatrix};
 use std::collections::{HashMap, HashSet};
@@ -132,6 +133,14 @@ impl<'a> WeightCache<'a> {
                             matrix.write_file(path)?;
                         }
                         PreparedWeights::Codebook(Box::new(matrix))
+                    }
+                    WeightFormat::Lut(ty) => {
+                        let sensitivity = activation_second_moments(job.distribution, k, job.seed);
+                        let matrix = LutMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity))?;
+                        if let Some(path) = staged_file {
+                            matrix.write_file(path)?;
+                        }
+                        PreparedWeights::Lut(Box::new(matrix))
                     }
                 };
                 self.staged_for = Some(wanted);

@@ -1,9 +1,11 @@
 //! What a kernel cell times: one matrix multiplication with its weights in
 //! place and its activations set, behind one trait whether GGML runs it
-//! (its types) or quantbench's own kernels do (codebooks), so the timing
+//! (its types) or quantbench's own kernels do (codebooks, table lookups),
+//! so the timing
 //! loop, the error and the row are the same for every format.
 
 use kernels::codebook::{CodebookMatrix, QuantizedActivations};
+use kernels::lut::{ActivationTables, LutMatrix};
 use kernels::pool::WorkerPool;
 use kernels::{KernelError, MatMul, StagedMatrix};
 
@@ -26,6 +28,7 @@ pub trait Multiply {
 pub enum PreparedWeights {
     Ggml(StagedMatrix),
     Codebook(Box<CodebookMatrix>),
+    Lut(Box<LutMatrix>),
 }
 
 impl PreparedWeights {
@@ -33,6 +36,7 @@ impl PreparedWeights {
         match self {
             PreparedWeights::Ggml(staged) => staged.bytes(),
             PreparedWeights::Codebook(matrix) => matrix.storage_bytes(),
+            PreparedWeights::Lut(matrix) => matrix.storage_bytes(),
         }
     }
 
@@ -40,7 +44,7 @@ impl PreparedWeights {
     /// part of a codebook), else `None` (the format's own figure holds).
     pub fn measured_bits_per_weight(&self) -> Option<f64> {
         match self {
-            PreparedWeights::Ggml(_) => None,
+            PreparedWeights::Ggml(_) | PreparedWeights::Lut(_) => None,
             PreparedWeights::Codebook(matrix) => Some(matrix.bits_per_weight()),
         }
     }
@@ -59,14 +63,12 @@ impl PreparedWeights {
                 matmul.set_activations(x)?;
                 Box::new(GgmlMultiply(matmul))
             }
-            PreparedWeights::Codebook(matrix) => Box::new(CodebookMultiply {
-                matrix,
-                pool: WorkerPool::new(threads),
-                x: x.to_vec(),
-                tokens,
-                y: vec![0.0; tokens * matrix.rows],
-                activations: QuantizedActivations::default(),
-            }),
+            PreparedWeights::Codebook(matrix) => {
+                Box::new(OwnMultiply::new(matrix.as_ref(), x, tokens, threads))
+            }
+            PreparedWeights::Lut(matrix) => {
+                Box::new(OwnMultiply::new(matrix.as_ref(), x, tokens, threads))
+            }
         })
     }
 }
@@ -88,26 +90,75 @@ impl Multiply for GgmlMultiply {
     }
 }
 
-struct CodebookMultiply<'a> {
-    matrix: &'a CodebookMatrix,
+/// One of quantbench's own formats, as the timing loop calls it.
+trait OwnKernel: Sync {
+    /// What a call fills before the GEMM (int8 activations, tables),
+    /// kept from call to call as a decode loop keeps it.
+    type Buffers: Default;
+    fn rows(&self) -> usize;
+    fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], pool: &WorkerPool, buffers: &mut Self::Buffers);
+    fn kernel_path(&self) -> &'static str;
+    /// An address inside the quantized weights, for their page state.
+    fn weights_address(&self) -> usize;
+}
+
+impl OwnKernel for CodebookMatrix {
+    type Buffers = QuantizedActivations;
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], pool: &WorkerPool, buffers: &mut Self::Buffers) {
+        self.gemm_reusing(x, tokens, y, pool, buffers)
+    }
+    fn kernel_path(&self) -> &'static str {
+        CodebookMatrix::kernel_path(self)
+    }
+    fn weights_address(&self) -> usize {
+        self.indices.as_ptr() as usize
+    }
+}
+
+impl OwnKernel for LutMatrix {
+    type Buffers = ActivationTables;
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], pool: &WorkerPool, buffers: &mut Self::Buffers) {
+        self.gemm_reusing(x, tokens, y, pool, buffers)
+    }
+    fn kernel_path(&self) -> &'static str {
+        LutMatrix::kernel_path(self)
+    }
+    fn weights_address(&self) -> usize {
+        self.codes_address()
+    }
+}
+
+struct OwnMultiply<'a, M: OwnKernel> {
+    matrix: &'a M,
     pool: WorkerPool,
     x: Vec<f32>,
     tokens: usize,
     y: Vec<f32>,
-    /// The int8 activations' buffers, kept from call to call as a decode
-    /// loop keeps them.
-    activations: QuantizedActivations,
+    buffers: M::Buffers,
 }
 
-impl Multiply for CodebookMultiply<'_> {
+impl<'a, M: OwnKernel> OwnMultiply<'a, M> {
+    fn new(matrix: &'a M, x: &[f32], tokens: usize, threads: usize) -> Self {
+        OwnMultiply {
+            matrix,
+            pool: WorkerPool::new(threads),
+            x: x.to_vec(),
+            tokens,
+            y: vec![0.0; tokens * matrix.rows()],
+            buffers: M::Buffers::default(),
+        }
+    }
+}
+
+impl<M: OwnKernel> Multiply for OwnMultiply<'_, M> {
     fn compute(&mut self) -> Result<(), KernelError> {
-        self.matrix.gemm_reusing(
-            &self.x,
-            self.tokens,
-            &mut self.y,
-            &self.pool,
-            &mut self.activations,
-        );
+        self.matrix.gemm(&self.x, self.tokens, &mut self.y, &self.pool, &mut self.buffers);
         Ok(())
     }
     fn output(&self) -> Vec<f32> {
@@ -124,7 +175,7 @@ impl Multiply for CodebookMultiply<'_> {
     }
     fn weight_placement(&self) -> String {
         // Quantized in the agent's own memory: no file, no GGML buffer.
-        match kernels::PageState::of_address(self.matrix.indices.as_ptr() as usize) {
+        match kernels::PageState::of_address(self.matrix.weights_address()) {
             Some(pages) => format!("heap/{pages}"),
             None => "heap/?".to_string(),
         }

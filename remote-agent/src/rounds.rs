@@ -25,6 +25,7 @@ use crate::measure::{measure_invocation, prepare_cell, JobOutput, Refusal, Weigh
 use crate::multiply::PreparedWeights;
 use anyhow::{Context, Result};
 use kernels::codebook::CodebookMatrix;
+use kernels::lut::LutMatrix;
 use kernels::weights::activations;
 use kernels::StagedMatrix;
 
@@ -665,6 +666,9 @@ fn measure_staged(
         ),
         WeightFormat::Codebook(_) => PreparedWeights::Codebook(Box::new(
             CodebookMatrix::read_file(&path).map_err(|e| e.to_string())?,
+        )),
+        WeightFormat::Lut(_) => PreparedWeights::Lut(Box::new(
+            LutMatrix::read_file(&path).map_err(|e| e.to_string())?,
         )),
     };
     let x = activations(job.distribution, n, k, job.seed);

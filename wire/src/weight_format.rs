@@ -1,7 +1,8 @@
-//! What a kernel-matrix cell stores its weights in: one of GGML's types, or
+//! What a kernel-matrix cell stores its weights in: one of GGML's types,
 //! one of quantbench's own non-uniform codebook formats (`SQ4`, `SQ3`, with
-//! `+S<pct>` exact outliers; see `kernels::codebook`). Both spell
-//! themselves in the `types` list of a matrix and in the rows' `type`
+//! `+S<pct>` exact outliers; see `kernels::codebook`), or one of its
+//! table-lookup bit-plane formats (`LUT2`, `LUT3`; see `kernels::lut`). All
+//! spell themselves in the `types` list of a matrix and in the rows' `type`
 //! column, so plots, summaries and comparisons treat them alike.
 
 use crate::ggml_type::{GgmlType, UnknownType};
@@ -110,12 +111,64 @@ impl fmt::Display for CodebookType {
     }
 }
 
+/// Rows a table-lookup kernel multiplies at once; a matrix's rows are
+/// padded (with zero scales) to a multiple of it, and the padding is
+/// stored and counted.
+pub const LUT_ROW_GROUP: usize = 16;
+
+/// `LUT2`, `LUT3`: uniform 2- or 3-bit codes stored as bit planes for
+/// table-lookup kernels (T-MAC's formulation), an 8-bit scale and an 8-bit
+/// minimum per block of 32 and an f16 scale and minimum per row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LutType {
+    /// 2 or 3.
+    pub bits: u8,
+}
+
+impl LutType {
+    /// `LUT2` or `LUT3` (any case), else `None`.
+    pub fn parse(name: &str) -> Option<LutType> {
+        match name.trim().to_ascii_uppercase().as_str() {
+            "LUT2" => Some(LutType { bits: 2 }),
+            "LUT3" => Some(LutType { bits: 3 }),
+            _ => None,
+        }
+    }
+
+    /// Weights per block with its own scale and minimum: 32, so LUT2
+    /// stores 2.5 bits per weight (under Q2_K's 2.625) and LUT3 3.5 (over
+    /// Q3_K's 3.4375: 64-weight blocks gave 3.25 bits but 1.4x Q3_K's
+    /// error on LLM-like weights; 32 gives 0.9x).
+    pub fn block(self) -> usize {
+        32
+    }
+
+    /// Bytes of one row: the bit planes, a scale and a minimum byte per
+    /// block, and the row's f16 scale and minimum.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols * self.bits as usize / 8 + 2 * (cols / self.block()) + 4
+    }
+
+    /// Bytes of a `rows x cols` matrix, its rows padded to
+    /// [`LUT_ROW_GROUP`].
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
+        rows.next_multiple_of(LUT_ROW_GROUP) * self.row_bytes(cols)
+    }
+}
+
+impl fmt::Display for LutType {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "LUT{}", self.bits)
+    }
+}
+
 /// A weight format a kernel-matrix cell measures.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum WeightFormat {
     Ggml(GgmlType),
     Codebook(CodebookType),
+    Lut(LutType),
 }
 
 impl WeightFormat {
@@ -125,6 +178,7 @@ impl WeightFormat {
         match self {
             WeightFormat::Ggml(ty) => ty.row_bytes(cols) * rows,
             WeightFormat::Codebook(ty) => ty.matrix_bytes(rows, cols),
+            WeightFormat::Lut(ty) => ty.matrix_bytes(rows, cols),
         }
     }
 
@@ -133,7 +187,7 @@ impl WeightFormat {
     pub fn bits_per_weight(self, rows: usize, cols: usize) -> f64 {
         match self {
             WeightFormat::Ggml(ty) => ty.bits_per_weight(),
-            WeightFormat::Codebook(_) => {
+            WeightFormat::Codebook(_) | WeightFormat::Lut(_) => {
                 self.matrix_bytes(rows, cols) as f64 * 8.0 / (rows * cols).max(1) as f64
             }
         }
@@ -148,6 +202,13 @@ impl WeightFormat {
                     "{ty} stores {CODEBOOK_BLOCK}-weight blocks and K={cols} is not a multiple of {CODEBOOK_BLOCK}"
                 )
             }),
+            WeightFormat::Lut(ty) => (!cols.is_multiple_of(ty.block())).then(|| {
+                format!(
+                    "{ty} stores {}-weight blocks and K={cols} is not a multiple of {}",
+                    ty.block(),
+                    ty.block()
+                )
+            }),
         }
     }
 }
@@ -157,6 +218,7 @@ impl fmt::Display for WeightFormat {
         match self {
             WeightFormat::Ggml(ty) => ty.fmt(f),
             WeightFormat::Codebook(ty) => ty.fmt(f),
+            WeightFormat::Lut(ty) => ty.fmt(f),
         }
     }
 }
@@ -170,10 +232,12 @@ impl From<GgmlType> for WeightFormat {
 /// A `types` entry that is neither a GGML type nor a codebook spelling.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum UnknownFormat {
-    #[error("{0} or a codebook type (SQ4, SQ3, SQ4+S0.45)")]
+    #[error("{0}, a codebook type (SQ4, SQ3, SQ4+S0.45) or a table-lookup type (LUT2, LUT3)")]
     Ggml(UnknownType),
     #[error(transparent)]
     Codebook(CodebookSpellingError),
+    #[error("`{0}` is not a table-lookup type: LUT2 or LUT3")]
+    Lut(String),
 }
 
 impl FromStr for WeightFormat {
@@ -183,6 +247,11 @@ impl FromStr for WeightFormat {
             return CodebookType::parse(s)
                 .map(WeightFormat::Codebook)
                 .map_err(UnknownFormat::Codebook);
+        }
+        if s.trim().to_ascii_uppercase().starts_with("LUT") {
+            return LutType::parse(s)
+                .map(WeightFormat::Lut)
+                .ok_or_else(|| UnknownFormat::Lut(s.to_string()));
         }
         s.parse::<GgmlType>()
             .map(WeightFormat::Ggml)
@@ -209,7 +278,7 @@ mod tests {
 
     #[test]
     fn ggml_and_codebook_spellings_parse_and_round_trip() {
-        for name in ["Q4_0", "IQ4_NL", "SQ4", "SQ3", "SQ4+S0.45", "SQ3+S1"] {
+        for name in ["Q4_0", "IQ4_NL", "SQ4", "SQ3", "SQ4+S0.45", "SQ3+S1", "LUT2", "LUT3"] {
             let format: WeightFormat = name.parse().unwrap();
             assert_eq!(format.to_string(), name);
             let json = serde_json::to_string(&format).unwrap();
@@ -225,6 +294,20 @@ mod tests {
     }
 
     #[test]
+    fn lut_sizes_count_the_planes_the_block_figures_and_the_padded_rows() {
+        let lut2 = WeightFormat::Lut(LutType { bits: 2 });
+        let lut3 = WeightFormat::Lut(LutType { bits: 3 });
+        // 2048 columns: 512 bytes of planes, 64 blocks of 2 bytes, 4.
+        assert_eq!(lut2.matrix_bytes(16, 2048), 16 * (512 + 128 + 4));
+        assert!((lut2.bits_per_weight(2048, 2048) - 2.5156).abs() < 1e-3);
+        assert!((lut3.bits_per_weight(2048, 2048) - 3.5156).abs() < 1e-3);
+        // 17 rows take two groups of 16.
+        assert_eq!(lut2.matrix_bytes(17, 2048), 2 * lut2.matrix_bytes(16, 2048));
+        assert!(lut3.unsupported_reason(80).unwrap().contains("32-weight blocks"));
+        assert_eq!(lut3.unsupported_reason(96), None);
+    }
+
+    #[test]
     fn bad_spellings_name_the_value_and_what_is_allowed() {
         for (bad, says) in [
             ("SQ5", "SQ4 or SQ3"),
@@ -233,6 +316,8 @@ mod tests {
             ("SQ4+S0", "(0, 10]"),
             ("SQ4+S12", "(0, 10]"),
             ("Q4_X", "SQ4+S0.45"),
+            ("Q4_X", "LUT2, LUT3"),
+            ("LUT4", "LUT2 or LUT3"),
         ] {
             let message = bad.parse::<WeightFormat>().unwrap_err().to_string();
             assert!(message.contains(bad) && message.contains(says), "{message}");

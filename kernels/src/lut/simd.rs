@@ -1,0 +1,313 @@
+//! The table-lookup kernels: one group of 16 rows against one token's
+//! tables, in integer sums per block and an f32 epilogue per block (the
+//! block's scale bytes times the table scale, and the minimum bytes times
+//! the block's activation sum). The scalar reference does the same integer
+//! arithmetic, so every kernel agrees with it to f32 rounding.
+
+use super::{LutType, TokenTables, ROWS, SUBGROUP};
+
+/// One group of 16 rows: its codes, scale and minimum bytes.
+pub(crate) struct Group<'a> {
+    pub codes: &'a [u8],
+    pub scales: &'a [u8],
+    pub mins: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Kernel::Avx2;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return Kernel::Neon;
+        }
+        Kernel::Scalar
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "lut-scalar-16row+act:int8-table4",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "lut-avx2-16row+act:int8-table4",
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => "lut-neon-16row+act:int8-table4",
+        }
+    }
+
+    /// Per row of `group`, the sum over blocks of scale byte x table scale
+    /// x integer dot (`dots`) and of minimum byte x activation sum
+    /// (`offsets`); the row's f16 figures are applied by the caller.
+    pub fn group_dot(
+        self,
+        ty: LutType,
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
+        let blocks = token.scales.len();
+        let block_bytes = ROWS * ty.block() * ty.bits as usize / 8;
+        assert!(group.codes.len() >= blocks * block_bytes);
+        assert!(group.scales.len() >= blocks * ROWS && group.mins.len() >= blocks * ROWS);
+        assert!(token.tables.len() >= blocks * ty.block() / SUBGROUP * 16);
+        match self {
+            Kernel::Scalar => scalar(ty, group, token, dots, offsets),
+            // SAFETY: `detect` found the features; the lengths are
+            // checked above, and the kernels read within them.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe {
+                match ty.bits {
+                    2 => avx2::group_dot::<8, false>(group, token, dots, offsets),
+                    _ => avx2::group_dot::<8, true>(group, token, dots, offsets),
+                }
+            },
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => unsafe {
+                match ty.bits {
+                    2 => neon::group_dot::<8, false>(group, token, dots, offsets),
+                    _ => neon::group_dot::<8, true>(group, token, dots, offsets),
+                }
+            },
+        }
+    }
+}
+
+/// The reference: each row's integer sum per block from the planes, then
+/// the same epilogue as the vector kernels.
+fn scalar(
+    ty: LutType,
+    group: &Group,
+    token: &TokenTables,
+    dots: &mut [f32; ROWS],
+    offsets: &mut [f32; ROWS],
+) {
+    let subgroups = ty.block() / SUBGROUP;
+    let block_bytes = ROWS * ty.block() * ty.bits as usize / 8;
+    *dots = [0.0; ROWS];
+    *offsets = [0.0; ROWS];
+    for b in 0..token.scales.len() {
+        let codes = &group.codes[b * block_bytes..(b + 1) * block_bytes];
+        let tables = &token.tables[b * subgroups * 16..(b + 1) * subgroups * 16];
+        let table = |sub: usize, n: u8| tables[sub * 16 + n as usize] as i32;
+        for r in 0..ROWS {
+            let mut sum = 0i32;
+            for i in 0..subgroups / 2 {
+                for plane in 0..2 {
+                    let byte = codes[32 * i + 2 * r + plane];
+                    sum += (table(2 * i, byte & 15) + table(2 * i + 1, byte >> 4)) << plane;
+                }
+            }
+            if ty.bits == 3 {
+                let plane2 = &codes[16 * subgroups..];
+                for i in 0..subgroups / 4 {
+                    for e in 0..2 {
+                        let byte = plane2[32 * i + 2 * r + e];
+                        sum += (table(4 * i + e, byte & 15) + table(4 * i + 2 + e, byte >> 4)) << 2;
+                    }
+                }
+            }
+            let scale = group.scales[b * ROWS + r] as f32;
+            dots[r] += sum as f32 * scale * token.scales[b];
+            offsets[r] += group.mins[b * ROWS + r] as f32 * token.sums[b];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Group, TokenTables, ROWS};
+    use std::arch::x86_64::*;
+
+    /// `S` subgroups a block (8 for LUT2, 16 for LUT3), `PLANE2` for
+    /// LUT3's third plane.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `group` and `token` hold the blocks
+    /// `token.scales` counts (checked by the caller).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn group_dot<const S: usize, const PLANE2: bool>(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
+        let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
+        let low = _mm256_set1_epi8(0x0F);
+        // Unsigned multipliers of `vpmaddubsw`: plane 0 by 1, plane 1 by 2.
+        let planes01 = _mm256_set1_epi16(0x0201);
+        let ones = _mm256_set1_epi8(1);
+        // Indices with the top bit set read as zero: the third plane's
+        // odd bytes out of the even bytes' table, and the other way.
+        let odd_out = _mm256_set1_epi16(0x8000u16 as i16);
+        let even_out = _mm256_set1_epi16(0x0080);
+        let mut dot = [_mm256_setzero_ps(); 2];
+        let mut offset = [_mm256_setzero_ps(); 2];
+        let table = |t: *const i8, sub: usize| {
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(16 * sub) as *const __m128i))
+        };
+        for b in 0..token.scales.len() {
+            let codes = group.codes.as_ptr().add(b * block_bytes);
+            let t = token.tables.as_ptr().add(b * S * 16);
+            let mut sum = _mm256_setzero_si256();
+            for i in 0..S / 2 {
+                let x = _mm256_loadu_si256(codes.add(32 * i) as *const __m256i);
+                let lo = _mm256_and_si256(x, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+                let a = _mm256_shuffle_epi8(table(t, 2 * i), lo);
+                let c = _mm256_shuffle_epi8(table(t, 2 * i + 1), hi);
+                sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(planes01, a));
+                sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(planes01, c));
+            }
+            if PLANE2 {
+                let mut third = _mm256_setzero_si256();
+                for i in 0..S / 4 {
+                    let x = _mm256_loadu_si256(codes.add(16 * S + 32 * i) as *const __m256i);
+                    let lo = _mm256_and_si256(x, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+                    let pick = |n: __m256i, sub: usize| {
+                        _mm256_or_si256(
+                            _mm256_shuffle_epi8(table(t, sub), _mm256_or_si256(n, odd_out)),
+                            _mm256_shuffle_epi8(table(t, sub + 1), _mm256_or_si256(n, even_out)),
+                        )
+                    };
+                    third = _mm256_add_epi16(third, _mm256_maddubs_epi16(ones, pick(lo, 4 * i)));
+                    third =
+                        _mm256_add_epi16(third, _mm256_maddubs_epi16(ones, pick(hi, 4 * i + 2)));
+                }
+                sum = _mm256_add_epi16(sum, _mm256_slli_epi16(third, 2));
+            }
+            let halves = [
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum)),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum, 1)),
+            ];
+            let scales = _mm_loadu_si128(group.scales.as_ptr().add(b * ROWS) as *const __m128i);
+            let mins = _mm_loadu_si128(group.mins.as_ptr().add(b * ROWS) as *const __m128i);
+            let table_scale = _mm256_set1_ps(token.scales[b]);
+            let activation_sum = _mm256_set1_ps(token.sums[b]);
+            for h in 0..2 {
+                let bytes = |v: __m128i| {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(if h == 0 {
+                        v
+                    } else {
+                        _mm_srli_si128(v, 8)
+                    }))
+                };
+                let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(halves[h]), bytes(scales));
+                dot[h] = _mm256_fmadd_ps(scaled, table_scale, dot[h]);
+                offset[h] = _mm256_fmadd_ps(bytes(mins), activation_sum, offset[h]);
+            }
+        }
+        for h in 0..2 {
+            _mm256_storeu_ps(dots.as_mut_ptr().add(8 * h), dot[h]);
+            _mm256_storeu_ps(offsets.as_mut_ptr().add(8 * h), offset[h]);
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Group, TokenTables, ROWS};
+    use std::arch::aarch64::*;
+
+    /// As the AVX2 kernel: `tbl` looks 16 bytes up, `sadalp` adds byte
+    /// pairs (a row's two planes, or its two subgroups of the third plane)
+    /// into int16 lanes, and plane 1's second copy comes from its bytes
+    /// alone.
+    ///
+    /// # Safety
+    /// NEON is available; `group` and `token` hold the blocks
+    /// `token.scales` counts (checked by the caller).
+    #[target_feature(enable = "neon")]
+    pub unsafe fn group_dot<const S: usize, const PLANE2: bool>(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
+        let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
+        let low = vdupq_n_u8(0x0F);
+        let odd = vreinterpretq_s8_u16(vdupq_n_u16(0xFF00));
+        let odd_out = vreinterpretq_u8_u16(vdupq_n_u16(0x8000));
+        let even_out = vreinterpretq_u8_u16(vdupq_n_u16(0x0080));
+        let mut dot = [vdupq_n_f32(0.0); 4];
+        let mut offset = [vdupq_n_f32(0.0); 4];
+        for b in 0..token.scales.len() {
+            let codes = group.codes.as_ptr().add(b * block_bytes);
+            let t = token.tables.as_ptr().add(b * S * 16);
+            let table = |sub: usize| vld1q_s8(t.add(16 * sub));
+            let mut sum = [vdupq_n_s16(0); 2];
+            for i in 0..S / 2 {
+                let (t0, t1) = (table(2 * i), table(2 * i + 1));
+                for (h, lanes) in sum.iter_mut().enumerate() {
+                    let x = vld1q_u8(codes.add(32 * i + 16 * h));
+                    let a = vqtbl1q_s8(t0, vandq_u8(x, low));
+                    let c = vqtbl1q_s8(t1, vshrq_n_u8(x, 4));
+                    // Both planes once, then plane 1 again: 1 x p0 + 2 x p1.
+                    *lanes = vpadalq_s8(*lanes, a);
+                    *lanes = vpadalq_s8(*lanes, c);
+                    *lanes = vpadalq_s8(*lanes, vandq_s8(a, odd));
+                    *lanes = vpadalq_s8(*lanes, vandq_s8(c, odd));
+                }
+            }
+            if PLANE2 {
+                let mut third = [vdupq_n_s16(0); 2];
+                for i in 0..S / 4 {
+                    let pick = |n: uint8x16_t, sub: usize| {
+                        vorrq_s8(
+                            vqtbl1q_s8(table(sub), vorrq_u8(n, odd_out)),
+                            vqtbl1q_s8(table(sub + 1), vorrq_u8(n, even_out)),
+                        )
+                    };
+                    for (h, lanes) in third.iter_mut().enumerate() {
+                        let x = vld1q_u8(codes.add(16 * S + 32 * i + 16 * h));
+                        *lanes = vpadalq_s8(*lanes, pick(vandq_u8(x, low), 4 * i));
+                        *lanes = vpadalq_s8(*lanes, pick(vshrq_n_u8(x, 4), 4 * i + 2));
+                    }
+                }
+                for h in 0..2 {
+                    sum[h] = vaddq_s16(sum[h], vshlq_n_s16(third[h], 2));
+                }
+            }
+            let scales = vld1q_u8(group.scales.as_ptr().add(b * ROWS));
+            let mins = vld1q_u8(group.mins.as_ptr().add(b * ROWS));
+            let widen = |v: uint8x16_t| {
+                let (lo, hi) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
+                [
+                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))),
+                    vcvtq_f32_u32(vmovl_high_u16(lo)),
+                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))),
+                    vcvtq_f32_u32(vmovl_high_u16(hi)),
+                ]
+            };
+            let (scales, mins) = (widen(scales), widen(mins));
+            let sums = [
+                vcvtq_f32_s32(vmovl_s16(vget_low_s16(sum[0]))),
+                vcvtq_f32_s32(vmovl_high_s16(sum[0])),
+                vcvtq_f32_s32(vmovl_s16(vget_low_s16(sum[1]))),
+                vcvtq_f32_s32(vmovl_high_s16(sum[1])),
+            ];
+            let table_scale = vdupq_n_f32(token.scales[b]);
+            let activation_sum = vdupq_n_f32(token.sums[b]);
+            for q in 0..4 {
+                dot[q] = vfmaq_f32(dot[q], vmulq_f32(sums[q], scales[q]), table_scale);
+                offset[q] = vfmaq_f32(offset[q], mins[q], activation_sum);
+            }
+        }
+        for q in 0..4 {
+            vst1q_f32(dots.as_mut_ptr().add(4 * q), dot[q]);
+            vst1q_f32(offsets.as_mut_ptr().add(4 * q), offset[q]);
+        }
+    }
+}
