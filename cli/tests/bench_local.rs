@@ -122,7 +122,7 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bench.toml"),
-        "[matrices.cb]\ntypes = [\"F32\", \"Q4_0\", \"SQ4\", \"SQ3+S1\"]\nversus = [\"Q4_0\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 4]\nthreads = [\"all\"]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\n",
+        "[matrices.cb]\ntypes = [\"F32\", \"Q4_0\", \"SQ4\", \"SQ3+S1\", \"LUT2\", \"LUT3\"]\nversus = [\"Q4_0\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 4]\nthreads = [\"all\"]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\n",
     )
     .unwrap();
     let out = xtask(
@@ -136,16 +136,26 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     );
     let run_dir = common::only_run_dir(dir.path());
     let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
-    assert_eq!(rows.len(), 8);
-    for row in rows.iter().filter(|r| r.ty.starts_with("SQ")) {
+    assert_eq!(rows.len(), 12);
+    for row in rows
+        .iter()
+        .filter(|r| r.ty.starts_with("SQ") || r.ty.starts_with("LUT"))
+    {
         assert_eq!(row.status, CellStatus::Ok, "{row:?}");
         // Every column a GGML type has.
-        assert!(row.kernel_path.starts_with("codebook-"), "{row:?}");
+        let family = if row.ty.starts_with("SQ") {
+            "codebook-"
+        } else {
+            "lut-"
+        };
+        assert!(row.kernel_path.starts_with(family), "{row:?}");
         assert!(row.weight_placement.starts_with("heap/"), "{row:?}");
         assert!(row.repetitions >= 3 && row.median_ns.unwrap() > 0.0);
         assert!(row.gflops.unwrap() > 0.0 && row.weight_gbps.unwrap() > 0.0);
         assert!(row.bandwidth_share.unwrap() > 0.0);
-        assert!(row.nmse.unwrap() < 0.05, "{row:?}");
+        // The quantization's error (a wrong plane or table is 1 and more).
+        let bound = if row.ty == "LUT2" { 0.15 } else { 0.05 };
+        assert!(row.nmse.unwrap() < bound, "{row:?}");
     }
     let of = |ty: &str| rows.iter().find(|r| r.ty == ty && r.n == 4).unwrap();
     // Bits as stored: SQ4 with its block scales and codebooks, SQ3 with
@@ -161,6 +171,15 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
         of("SQ3+S1")
     );
     assert!(of("SQ4").nmse < of("Q4_0").nmse);
+    // The planes, a scale and a minimum byte per 32 and 4 bytes a row.
+    let lut_bits = |bits: f64| bits + 0.5 + 32.0 / 2048.0;
+    for (ty, bits) in [("LUT2", 2.0), ("LUT3", 3.0)] {
+        assert!(
+            (of(ty).bits_per_weight - lut_bits(bits)).abs() < 1e-9,
+            "{:?}",
+            of(ty)
+        );
+    }
     let summary = std::fs::read_to_string(run_dir.join("summary.md")).unwrap();
     assert!(summary.contains("| SQ3+S1 |"), "{summary}");
     // `versus`: each other type against Q4_0 in the same cell, its ratio
@@ -174,7 +193,7 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
         median_ns: f64,
     }
     let invocations: Vec<Invocation> = read_csv(&run_dir.join("invocations.csv")).unwrap();
-    for ty in ["F32", "SQ4", "SQ3+S1"] {
+    for ty in ["F32", "SQ4", "SQ3+S1", "LUT2", "LUT3"] {
         for n in [1, 4] {
             let line = summary
                 .lines()

@@ -637,14 +637,14 @@ fn codebook_formats_run_on_an_emulated_board_with_the_neon_kernel_beside_ggml_ty
     let mut config = std::fs::read_to_string(dir.path().join("bench.toml")).unwrap();
     // Three tokens: the kernel's multi-token path and a partial group.
     config.push_str(
-        "\n[matrices.codebooks]\ntypes = [\"Q4_0\", \"IQ4_NL\", \"Q3_K\", \"SQ4\", \"SQ4+S0.45\", \"SQ3\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 3]\nthreads = [2]\nwarmup = 1\nmin_reps = 2\nmin_time_ms = 1\nmax_time_ms = 200\n",
+        "\n[matrices.codebooks]\ntypes = [\"Q4_0\", \"IQ4_NL\", \"Q3_K\", \"SQ4\", \"SQ4+S0.45\", \"SQ3\", \"LUT2\", \"LUT3\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 3]\nthreads = [2]\nwarmup = 1\nmin_reps = 2\nmin_time_ms = 1\nmax_time_ms = 200\n",
     );
     std::fs::write(dir.path().join("bench.toml"), config).unwrap();
     let out = bench(dir.path(), "sim1", "codebooks");
     assert!(out.status.success(), "{}", text(&out));
     let run_dir = only_run_dir(dir.path());
     let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
-    assert_eq!(rows.len(), 12, "{rows:?}");
+    assert_eq!(rows.len(), 16, "{rows:?}");
     let row = |ty: &str, n: usize| {
         rows.iter()
             .find(|r| r.ty == ty && r.n == n)
@@ -681,6 +681,14 @@ fn codebook_formats_run_on_an_emulated_board_with_the_neon_kernel_beside_ggml_ty
             "n{n}: {all:?}"
         );
         assert!(nmse("SQ3") < 5e-2, "n{n}: {all:?}");
+        // The table-lookup kernels on NEON (`tbl`), three tokens through
+        // the same tables' buffers; a wrong plane or table is 1 and more.
+        for (ty, bound) in [("LUT2", 0.15), ("LUT3", 5e-2)] {
+            let r = row(ty, n);
+            assert_eq!(r.status, CellStatus::Ok, "{r:?}");
+            assert_eq!(r.kernel_path, "lut-neon-16row+act:int8-table4", "{r:?}");
+            assert!(nmse(ty) < bound, "n{n} {ty}: {all:?}");
+        }
         assert!(
             nmse("SQ4") < nmse("Q4_0") && nmse("SQ4") < nmse("IQ4_NL"),
             "n{n}: {all:?}"

@@ -417,7 +417,8 @@ impl LutMatrix {
                     for i in 0..ROWS {
                         let r = g * ROWS + i;
                         if r < self.rows {
-                            let value = self.row_scales[r] * dots[i] - self.row_mins[r] * offsets[i];
+                            let value =
+                                self.row_scales[r] * dots[i] - self.row_mins[r] * offsets[i];
                             // SAFETY: tasks own disjoint groups of rows, so
                             // each (token, row) element is written by one
                             // task, and `y` outlives `run`, which waits for
@@ -451,7 +452,8 @@ impl LutMatrix {
         }
         for v in [&self.row_scales, &self.row_mins] {
             out.extend_from_slice(&(v.len() as u64).to_le_bytes());
-            v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            v.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
         let staged = |e: std::io::Error| LutError::Staged {
             path: path.to_path_buf(),
@@ -673,7 +675,14 @@ mod tests {
             let pool = WorkerPool::new(1);
             let mut reference = vec![0f32; tokens * rows];
             let mut tables = ActivationTables::default();
-            m.gemm_with(&x, tokens, &mut reference, &pool, &mut tables, simd::Kernel::Scalar);
+            m.gemm_with(
+                &x,
+                tokens,
+                &mut reference,
+                &pool,
+                &mut tables,
+                simd::Kernel::Scalar,
+            );
             // Against the decoded matrix: only the int8 tables differ.
             let nmse = output_nmse(&decoded, rows, cols, &x, &reference);
             assert!(nmse < 2e-3, "{ty}: {nmse}");
@@ -698,8 +707,8 @@ mod tests {
     #[test]
     fn reused_tables_give_what_fresh_ones_do() {
         let (rows, cols) = (16, 128);
-        let m = LutMatrix::quantize(LUT3, &llm_like_weights(rows, cols, 6), rows, cols, None)
-            .unwrap();
+        let m =
+            LutMatrix::quantize(LUT3, &llm_like_weights(rows, cols, 6), rows, cols, None).unwrap();
         let pool = WorkerPool::new(2);
         let mut kept = ActivationTables::default();
         for (tokens, seed) in [(6, 1), (1, 2), (3, 3)] {
@@ -739,14 +748,21 @@ mod tests {
         let (rows, cols) = (64, 1024);
         let w = llm_like_weights(rows, cols, 11);
         let error = |decoded: &[f32]| -> f64 {
-            let err: f64 = decoded.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let err: f64 = decoded
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
             err / w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
         };
         for (ty, ggml) in [(LUT2, crate::GgmlType::Q2K), (LUT3, crate::GgmlType::Q3K)] {
             let ours = LutMatrix::quantize(ty, &w, rows, cols, None).unwrap();
             let theirs = crate::quantize(ggml, rows, cols, &w).unwrap().dequantize();
             let (a, b) = (error(&ours.dequantize()), error(&theirs));
-            eprintln!("{ty} NMSE {a:.4e} at {:.3} bits, {ggml} {b:.4e}", ours.bits_per_weight());
+            eprintln!(
+                "{ty} NMSE {a:.4e} at {:.3} bits, {ggml} {b:.4e}",
+                ours.bits_per_weight()
+            );
             assert!(ours.bits_per_weight() <= ggml.bits_per_weight() + 0.1);
             if ty == LUT2 {
                 assert!(ours.bits_per_weight() <= ggml.bits_per_weight());

@@ -136,7 +136,8 @@ impl<'a> WeightCache<'a> {
                     }
                     WeightFormat::Lut(ty) => {
                         let sensitivity = activation_second_moments(job.distribution, k, job.seed);
-                        let matrix = LutMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity))?;
+                        let matrix =
+                            LutMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity))?;
                         if let Some(path) = staged_file {
                             matrix.write_file(path)?;
                         }

@@ -96,7 +96,14 @@ trait OwnKernel: Sync {
     /// kept from call to call as a decode loop keeps it.
     type Buffers: Default;
     fn rows(&self) -> usize;
-    fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], pool: &WorkerPool, buffers: &mut Self::Buffers);
+    fn gemm(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        pool: &WorkerPool,
+        buffers: &mut Self::Buffers,
+    );
     fn kernel_path(&self) -> &'static str;
     /// An address inside the quantized weights, for their page state.
     fn weights_address(&self) -> usize;
@@ -107,7 +114,14 @@ impl OwnKernel for CodebookMatrix {
     fn rows(&self) -> usize {
         self.rows
     }
-    fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], pool: &WorkerPool, buffers: &mut Self::Buffers) {
+    fn gemm(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        pool: &WorkerPool,
+        buffers: &mut Self::Buffers,
+    ) {
         self.gemm_reusing(x, tokens, y, pool, buffers)
     }
     fn kernel_path(&self) -> &'static str {
@@ -123,7 +137,14 @@ impl OwnKernel for LutMatrix {
     fn rows(&self) -> usize {
         self.rows
     }
-    fn gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], pool: &WorkerPool, buffers: &mut Self::Buffers) {
+    fn gemm(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        pool: &WorkerPool,
+        buffers: &mut Self::Buffers,
+    ) {
         self.gemm_reusing(x, tokens, y, pool, buffers)
     }
     fn kernel_path(&self) -> &'static str {
@@ -158,7 +179,13 @@ impl<'a, M: OwnKernel> OwnMultiply<'a, M> {
 
 impl<M: OwnKernel> Multiply for OwnMultiply<'_, M> {
     fn compute(&mut self) -> Result<(), KernelError> {
-        self.matrix.gemm(&self.x, self.tokens, &mut self.y, &self.pool, &mut self.buffers);
+        self.matrix.gemm(
+            &self.x,
+            self.tokens,
+            &mut self.y,
+            &self.pool,
+            &mut self.buffers,
+        );
         Ok(())
     }
     fn output(&self) -> Vec<f32> {

@@ -278,7 +278,16 @@ mod tests {
 
     #[test]
     fn ggml_and_codebook_spellings_parse_and_round_trip() {
-        for name in ["Q4_0", "IQ4_NL", "SQ4", "SQ3", "SQ4+S0.45", "SQ3+S1", "LUT2", "LUT3"] {
+        for name in [
+            "Q4_0",
+            "IQ4_NL",
+            "SQ4",
+            "SQ3",
+            "SQ4+S0.45",
+            "SQ3+S1",
+            "LUT2",
+            "LUT3",
+        ] {
             let format: WeightFormat = name.parse().unwrap();
             assert_eq!(format.to_string(), name);
             let json = serde_json::to_string(&format).unwrap();
@@ -303,7 +312,10 @@ mod tests {
         assert!((lut3.bits_per_weight(2048, 2048) - 3.5156).abs() < 1e-3);
         // 17 rows take two groups of 16.
         assert_eq!(lut2.matrix_bytes(17, 2048), 2 * lut2.matrix_bytes(16, 2048));
-        assert!(lut3.unsupported_reason(80).unwrap().contains("32-weight blocks"));
+        assert!(lut3
+            .unsupported_reason(80)
+            .unwrap()
+            .contains("32-weight blocks"));
         assert_eq!(lut3.unsupported_reason(96), None);
     }
 
