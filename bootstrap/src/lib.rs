@@ -80,6 +80,9 @@ pub enum Need {
     Labgrid,
     /// A headless browser to check the HTML report renders (tests only).
     Browser,
+    /// `cycles`: llvm-19's objdump and machine-code analyzer (Debian 12's
+    /// default LLVM is 14).
+    CycleModel,
 }
 
 struct Requirement {
@@ -192,6 +195,12 @@ const REQUIREMENTS: &[Requirement] = &[
         present: python_venv_present,
         what: "python3 with venv",
         package: "python3-venv",
+    },
+    Requirement {
+        need: Need::CycleModel,
+        present: || on_path("llvm-mca-19") && on_path("llvm-objdump-19"),
+        what: "llvm-mca-19 and llvm-objdump-19",
+        package: "llvm-19",
     },
     Requirement {
         need: Need::Browser,

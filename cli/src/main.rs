@@ -7,13 +7,14 @@ use harness::runs::session::SessionOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const ALL_NEEDS: [bootstrap::Need; 6] = [
+const ALL_NEEDS: [bootstrap::Need; 7] = [
     bootstrap::Need::CliBuild,
     bootstrap::Need::HostBuild,
     bootstrap::Need::CrossBuild,
     bootstrap::Need::Testbed,
     bootstrap::Need::FaultInjection,
     bootstrap::Need::Labgrid,
+    bootstrap::Need::CycleModel,
 ];
 
 #[derive(Parser)]
@@ -196,6 +197,29 @@ enum Command {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Static cycle estimates of the kernels' hot loops from llvm-mca (a
+    /// model estimate, not a measurement): cycles per 32 weights for ours
+    /// (LUT2, LUT3) and GGML's Q4_0 loops, as the board's agent is built.
+    /// Needs Debian's llvm-19 (`apt-get install llvm-19`): older LLVMs have
+    /// no Cortex-A76 model of their own, which the command checks.
+    Cycles {
+        /// `pi5`: the cross-built Pi 5 agent under LLVM's Neoverse N1 model
+        /// (the server core built on the Cortex-A76; LLVM's `cortex-a76`
+        /// is its Cortex-A57 model, which the command shows beside it). `local`: the host agent under LLVM's model of this CPU,
+        /// to check the method against measured times (`--measured`).
+        #[arg(long, default_value = "pi5")]
+        board: String,
+        /// A run folder of a kernel matrix measured on `local` (1 thread,
+        /// batch 1; e.g. `--matrix lut` with `repack = false` for GGML's
+        /// plain Q4_0 loop): its cycles per 32 weights are printed beside
+        /// the estimates.
+        #[arg(long)]
+        measured: Option<PathBuf>,
+        /// The clock that turns measured nanoseconds into cycles (default:
+        /// /proc/cpuinfo's first `cpu MHz`).
+        #[arg(long)]
+        ghz: Option<f64>,
     },
     /// Write a synthetic GGUF model that stock llama.cpp loads: a seed study's
     /// architecture at its real sizes (dimensions, heads, vocabulary, layers)
@@ -632,6 +656,75 @@ fn run() -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Cycles {
+            board,
+            measured,
+            ghz,
+        } => {
+            use harness::builds::{build, cycles};
+            bootstrap::ensure(&[
+                bootstrap::Need::HostBuild,
+                bootstrap::Need::CrossBuild,
+                bootstrap::Need::CycleModel,
+            ])?;
+            let workspace = build::workspace_root();
+            let source = harness::builds::llama_source::vendored(&workspace)?;
+            let host_loops = if cfg!(target_arch = "aarch64") {
+                cycles::AARCH64_LOOPS
+            } else {
+                cycles::X86_LOOPS
+            };
+            let (agent, triple, loops, cpus) = match board.as_str() {
+                "pi5" => (
+                    build::build_board_agent(
+                        &workspace,
+                        build::BoardProfile::Pi5,
+                        build::Builder::Cargo,
+                        &source,
+                    )?,
+                    "aarch64",
+                    cycles::AARCH64_LOOPS,
+                    vec![cycles::A76_MODEL, "cortex-a76", "cortex-a57"],
+                ),
+                "local" => (
+                    build::build_host_agent(&workspace, &source)?,
+                    std::env::consts::ARCH,
+                    host_loops,
+                    vec!["native"],
+                ),
+                other => anyhow::bail!("--board {other}: `pi5` or `local`"),
+            };
+            let estimates = cycles::estimate(&agent.path, triple, loops, &cpus)?;
+            if board == "pi5" {
+                cycles::check_distinct_model(&estimates, cycles::A76_MODEL, "cortex-a57")?;
+                if cycles::check_distinct_model(&estimates, "cortex-a76", "cortex-a57").is_err() {
+                    println!("LLVM's -mcpu=cortex-a76 gives exactly its Cortex-A57 figures on every loop (it schedules the A76 with the A57's model), so the A76 figure is the {} column: the Neoverse N1, the server core built on the Cortex-A76's pipelines, whose model is LLVM's own.\n", cycles::A76_MODEL);
+                }
+            }
+            let rows = match &measured {
+                Some(dir) => Some(cycles::measured_rows(dir)?),
+                None => None,
+            };
+            let clock = match (&rows, ghz) {
+                (None, _) => 0.0,
+                (Some(_), Some(ghz)) => ghz,
+                (Some(_), None) => {
+                    cpu_ghz().context("no `cpu MHz` in /proc/cpuinfo: give the clock with --ghz")?
+                }
+            };
+            println!(
+                "llvm-mca model estimate ({}), not a measurement: every load hits L1; memory bandwidth, which bounds decode on a Pi 5, is not modelled (docs/measurement.md, \"Cycle estimates\").\n",
+                cycles::tool("llvm-mca")
+            );
+            print!(
+                "{}",
+                cycles::table(&estimates, loops, rows.as_deref().map(|r| (r, clock)))
+            );
+            if rows.is_some() {
+                println!("\nmeasured at {clock:.3} GHz: the whole GEMV's median (tables, epilogue, caches) over the weights; the estimate is the hot loop alone.");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::MakeModel {
             like,
@@ -1166,4 +1259,20 @@ fn parse_builder(name: &str) -> Result<harness::builds::build::Builder> {
         "cross" => Ok(harness::builds::build::Builder::Cross),
         other => anyhow::bail!("unknown builder `{other}` (known: cargo, cross)"),
     }
+}
+
+/// The first `cpu MHz` of /proc/cpuinfo, in GHz.
+fn cpu_ghz() -> Option<f64> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cpu MHz")?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|mhz| mhz / 1000.0)
 }

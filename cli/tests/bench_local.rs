@@ -813,3 +813,99 @@ precision = {precision:e}
         &["--budget `5 minutes`", "45m"],
     );
 }
+
+/// `cycles`: each kernel's hot loop is found in the agents as they are
+/// built (a renamed kernel, or a loop the compiler laid out otherwise than
+/// its source says, fails here), llvm-mca's figures are per 32 weights,
+/// and a local run's medians are set beside them as cycles at the given
+/// clock. (Which figure is larger is the machine's business: not checked.)
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn cycles_finds_every_kernel_loop_for_a_pi5_and_the_host_and_sets_measured_cycles_beside() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.toml"),
+        "[matrices.m]\ntypes = [\"Q4_0\", \"LUT2\", \"LUT3\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\nrepack = false\n",
+    )
+    .unwrap();
+    common::bench_local(dir.path(), "m");
+    let run_dir = common::only_run_dir(dir.path());
+    let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
+    let run = run_dir.to_string_lossy().to_string();
+    let out = xtask(
+        dir.path(),
+        &[
+            "cycles",
+            "--board",
+            "local",
+            "--measured",
+            &run,
+            "--ghz",
+            "2",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}{}", common::text(&out));
+    assert!(stdout.contains("model estimate"), "{stdout}");
+    let cells = |stdout: &str, kernel: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {kernel} |")))
+            .unwrap_or_else(|| panic!("{kernel}:\n{stdout}"))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    let number = |s: &str| s.parse::<f64>().unwrap_or_else(|_| panic!("{s}"));
+    for (kernel, ty, path) in [
+        ("LUT2 (ours, AVX2 vpshufb)", "LUT2", "lut-avx2"),
+        ("LUT3 (ours, AVX2 vpshufb)", "LUT3", "lut-avx2"),
+        ("Q4_0 (GGML vec_dot_q4_0_q8_0)", "Q4_0", "CPU_Mapped"),
+    ] {
+        let c = cells(&stdout, kernel);
+        let (weights, per_iteration, per_32) = (number(&c[2]), number(&c[3]), number(&c[4]));
+        assert!(per_iteration > 0.0, "{c:?}");
+        // Both printed rounded: cycles an iteration to 2 decimals, per 32
+        // weights to 3.
+        let rounding = 0.005 * 32.0 / weights + 0.0005;
+        assert!(
+            (per_32 - per_iteration * 32.0 / weights).abs() <= rounding * 1.01,
+            "{c:?}"
+        );
+        let row = rows
+            .iter()
+            .find(|r| r.ty == ty && r.kernel_path.starts_with(path))
+            .unwrap_or_else(|| panic!("{ty} {path}: {rows:?}"));
+        let expected = row.median_ns.unwrap() * 2.0 / ((row.m * row.k) as f64 / 32.0);
+        let measured = number(c[5].strip_prefix("llama3.2-1b.attn_kv: ").unwrap());
+        assert!(
+            (measured - expected).abs() < 1e-3 * expected.max(1.0),
+            "{c:?} vs {expected}"
+        );
+        assert!((number(&c[6]) - per_32 / measured).abs() < 0.006, "{c:?}");
+    }
+    let out = xtask(dir.path(), &["cycles", "--board", "pi5"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}{}", common::text(&out));
+    let mut a76_is_a57 = true;
+    for kernel in [
+        "LUT2 (ours, NEON tbl)",
+        "LUT3 (ours, NEON tbl)",
+        "Q4_0 (GGML vec_dot_q4_0_q8_0)",
+        "Q4_0 repacked 4x4 (GGML gemv_q4_0_4x4_q8_0)",
+    ] {
+        // Columns: the Neoverse N1's, LLVM's `cortex-a76`'s, the A57's.
+        let c = cells(&stdout, kernel);
+        let (n1, a76, a57) = (number(&c[4]), number(&c[6]), number(&c[8]));
+        assert!(n1 > 0.0 && a57 > 0.0, "{c:?}");
+        a76_is_a57 &= a76 == a57;
+    }
+    // The command refuses a model that is the A57's, and says when
+    // LLVM's `cortex-a76` is.
+    assert_eq!(
+        stdout.contains("gives exactly its Cortex-A57 figures"),
+        a76_is_a57,
+        "{stdout}"
+    );
+}

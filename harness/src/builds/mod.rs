@@ -9,6 +9,7 @@
 //! profile, content-addressed and reused by key.
 
 pub mod build;
+pub mod cycles;
 pub mod llama_source;
 pub mod quantbench_revision;
 pub mod source_tree;

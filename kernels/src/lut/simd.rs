@@ -69,15 +69,15 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe {
                 match ty.bits {
-                    2 => avx2::group_dot::<8, false>(group, token, dots, offsets),
-                    _ => avx2::group_dot::<8, true>(group, token, dots, offsets),
+                    2 => avx2::lut2(group, token, dots, offsets),
+                    _ => avx2::lut3(group, token, dots, offsets),
                 }
             },
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => unsafe {
                 match ty.bits {
-                    2 => neon::group_dot::<8, false>(group, token, dots, offsets),
-                    _ => neon::group_dot::<8, true>(group, token, dots, offsets),
+                    2 => neon::lut2(group, token, dots, offsets),
+                    _ => neon::lut3(group, token, dots, offsets),
                 }
             },
         }
@@ -130,14 +130,43 @@ mod avx2 {
     use super::{Group, TokenTables, ROWS};
     use std::arch::x86_64::*;
 
+    // One symbol per format, never inlined, so `harness::builds::cycles`
+    // finds each hot loop by name in the agent's binary.
+    /// # Safety
+    /// As [`group_dot`].
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn lut2(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
+        group_dot::<8, false>(group, token, dots, offsets)
+    }
+
+    /// # Safety
+    /// As [`group_dot`].
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn lut3(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
+        group_dot::<8, true>(group, token, dots, offsets)
+    }
+
     /// `S` subgroups a block (8 for LUT2, 16 for LUT3), `PLANE2` for
     /// LUT3's third plane.
     ///
     /// # Safety
     /// AVX2 and FMA are available; `group` and `token` hold the blocks
     /// `token.scales` counts (checked by the caller).
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn group_dot<const S: usize, const PLANE2: bool>(
+    unsafe fn group_dot<const S: usize, const PLANE2: bool>(
         group: &Group,
         token: &TokenTables,
         dots: &mut [f32; ROWS],
@@ -221,6 +250,34 @@ mod neon {
     use super::{Group, TokenTables, ROWS};
     use std::arch::aarch64::*;
 
+    // One symbol per format, never inlined, so `harness::builds::cycles`
+    // finds each hot loop by name in the agent's binary.
+    /// # Safety
+    /// As [`group_dot`].
+    #[inline(never)]
+    #[target_feature(enable = "neon")]
+    pub unsafe fn lut2(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
+        group_dot::<8, false>(group, token, dots, offsets)
+    }
+
+    /// # Safety
+    /// As [`group_dot`].
+    #[inline(never)]
+    #[target_feature(enable = "neon")]
+    pub unsafe fn lut3(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
+        group_dot::<8, true>(group, token, dots, offsets)
+    }
+
     /// As the AVX2 kernel: `tbl` looks 16 bytes up, `sadalp` adds byte
     /// pairs (a row's two planes, or its two subgroups of the third plane)
     /// into int16 lanes, and plane 1's second copy comes from its bytes
@@ -229,8 +286,9 @@ mod neon {
     /// # Safety
     /// NEON is available; `group` and `token` hold the blocks
     /// `token.scales` counts (checked by the caller).
+    #[inline]
     #[target_feature(enable = "neon")]
-    pub unsafe fn group_dot<const S: usize, const PLANE2: bool>(
+    unsafe fn group_dot<const S: usize, const PLANE2: bool>(
         group: &Group,
         token: &TokenTables,
         dots: &mut [f32; ROWS],
