@@ -890,8 +890,10 @@ fn cycles_finds_every_kernel_loop_for_a_pi5_and_the_host_and_sets_measured_cycle
     assert!(out.status.success(), "{stdout}{}", common::text(&out));
     let mut a76_is_a57 = true;
     for kernel in [
-        "LUT2 (ours, NEON tbl)",
-        "LUT3 (ours, NEON tbl)",
+        "LUT2 (ours, NEON tbl + sdot)",
+        "LUT3 (ours, NEON tbl + sdot)",
+        "LUT2 (ours, NEON tbl + sadalp)",
+        "LUT3 (ours, NEON tbl + sadalp)",
         "Q4_0 (GGML vec_dot_q4_0_q8_0)",
         "Q4_0 repacked 4x4 (GGML gemv_q4_0_4x4_q8_0)",
     ] {

@@ -681,12 +681,15 @@ fn codebook_formats_run_on_an_emulated_board_with_the_neon_kernel_beside_ggml_ty
             "n{n}: {all:?}"
         );
         assert!(nmse("SQ3") < 5e-2, "n{n}: {all:?}");
-        // The table-lookup kernels on NEON (`tbl`), three tokens through
+        // The table-lookup kernels on NEON (`tbl`, `sdot`), three tokens through
         // the same tables' buffers; a wrong plane or table is 1 and more.
         for (ty, bound) in [("LUT2", 0.15), ("LUT3", 5e-2)] {
             let r = row(ty, n);
             assert_eq!(r.status, CellStatus::Ok, "{r:?}");
-            assert_eq!(r.kernel_path, "lut-neon-16row+act:int8-table4", "{r:?}");
+            assert_eq!(
+                r.kernel_path, "lut-neon-sdot-16row+act:int8-table4",
+                "{r:?}"
+            );
             assert!(nmse(ty) < bound, "n{n} {ty}: {all:?}");
         }
         assert!(

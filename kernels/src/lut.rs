@@ -694,19 +694,29 @@ mod tests {
             // Against the decoded matrix: only the int8 tables differ.
             let nmse = output_nmse(&decoded, rows, cols, &x, &reference);
             assert!(nmse < 2e-3, "{ty}: {nmse}");
-            for threads in [1, 3] {
-                let pool = WorkerPool::new(threads);
-                let mut y = vec![0f32; tokens * rows];
-                m.gemm(&x, tokens, &mut y, &pool);
-                // The same integer sums: only the f32 epilogue's rounding
-                // (a wrong plane, lane or table shows at 1e-2 and above).
-                for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
-                    let magnitude = reference.iter().fold(0f32, |s, v| s.max(v.abs()));
-                    assert!(
-                        (a - b).abs() <= 1e-5 * magnitude,
-                        "{ty} {} threads {threads}, element {i}: {a} vs {b}",
-                        m.kernel_path()
-                    );
+            // Every kernel this CPU runs (on aarch64 with dotprod both
+            // NEON kernels), and `gemm`'s own choice.
+            for kernel in simd::Kernel::available() {
+                for threads in [1, 3] {
+                    let pool = WorkerPool::new(threads);
+                    let mut y = vec![0f32; tokens * rows];
+                    m.gemm_with(&x, tokens, &mut y, &pool, &mut tables, kernel);
+                    if kernel == simd::Kernel::detect() {
+                        let mut chosen = vec![0f32; tokens * rows];
+                        m.gemm(&x, tokens, &mut chosen, &pool);
+                        assert_eq!(chosen, y);
+                    }
+                    // The same integer sums: only the f32 epilogue's
+                    // rounding (a wrong plane, lane or table shows at 1e-2
+                    // and above).
+                    for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
+                        let magnitude = reference.iter().fold(0f32, |s, v| s.max(v.abs()));
+                        assert!(
+                            (a - b).abs() <= 1e-5 * magnitude,
+                            "{ty} {} threads {threads}, element {i}: {a} vs {b}",
+                            kernel.path()
+                        );
+                    }
                 }
             }
         }

@@ -67,20 +67,35 @@ pub struct KernelLoop {
 pub const AARCH64_LOOPS: &[KernelLoop] = &[
     KernelLoop {
         // One block of 32 columns for 16 rows: 8 tables, two `tbl` each
-        // (rows 0-7, 8-15).
-        kernel: "LUT2 (ours, NEON tbl)",
+        // (rows 0-7, 8-15), two `sdot` after each pair of `tbl`.
+        kernel: "LUT2 (ours, NEON tbl + sdot)",
+        symbol: "kernels::lut::simd::neon_sdot::lut2",
+        weights_per_iteration: 16 * 32,
+        signature: (&["sdot"], 16),
+        row: ("LUT2", "lut-neon-sdot"),
+    },
+    KernelLoop {
+        // As LUT2 plus the third plane: 8 more `sdot`.
+        kernel: "LUT3 (ours, NEON tbl + sdot)",
+        symbol: "kernels::lut::simd::neon_sdot::lut3",
+        weights_per_iteration: 16 * 32,
+        signature: (&["sdot"], 24),
+        row: ("LUT3", "lut-neon-sdot"),
+    },
+    KernelLoop {
+        // Without dotprod (a Pi 4): the same `tbl`, then `sadalp`.
+        kernel: "LUT2 (ours, NEON tbl + sadalp)",
         symbol: "kernels::lut::simd::neon::lut2",
         weights_per_iteration: 16 * 32,
         signature: (&["tbl"], 16),
-        row: ("LUT2", "lut-neon"),
+        row: ("LUT2", "lut-neon-16row"),
     },
     KernelLoop {
-        // As LUT2 plus the third plane: 16 more `tbl`.
-        kernel: "LUT3 (ours, NEON tbl)",
+        kernel: "LUT3 (ours, NEON tbl + sadalp)",
         symbol: "kernels::lut::simd::neon::lut3",
         weights_per_iteration: 16 * 32,
         signature: (&["tbl"], 32),
-        row: ("LUT3", "lut-neon"),
+        row: ("LUT3", "lut-neon-16row"),
     },
     KernelLoop {
         // `ggml-cpu/arch/arm/quants.c`: two blocks of 32 an iteration,

@@ -20,14 +20,34 @@ pub(crate) enum Kernel {
     Avx2,
     #[cfg(target_arch = "aarch64")]
     Neon,
+    /// NEON with `sdot` (Armv8.2 dotprod: a Pi 5, not a Pi 4).
+    #[cfg(target_arch = "aarch64")]
+    NeonSdot,
 }
 
 impl Kernel {
+    /// Every kernel this CPU runs, the reference first (for the tests).
+    #[cfg(test)]
+    pub fn available() -> Vec<Kernel> {
+        let mut all = vec![Kernel::Scalar];
+        #[cfg(target_arch = "aarch64")]
+        all.push(Kernel::Neon);
+        let fastest = Kernel::detect();
+        if !all.contains(&fastest) {
+            all.push(fastest);
+        }
+        all
+    }
+
     /// The fastest kernel this CPU runs.
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             return Kernel::Avx2;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Kernel::NeonSdot;
         }
         #[cfg(target_arch = "aarch64")]
         if std::arch::is_aarch64_feature_detected!("neon") {
@@ -43,12 +63,18 @@ impl Kernel {
             Kernel::Avx2 => "lut-avx2-16row+act:int8-table4",
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => "lut-neon-16row+act:int8-table4",
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonSdot => "lut-neon-sdot-16row+act:int8-table4",
         }
     }
 
     /// Per row of `group`, the sum over blocks of scale byte x table scale
     /// x integer dot (`dots`) and of minimum byte x activation sum
-    /// (`offsets`); the row's f16 figures are applied by the caller.
+    /// (`offsets`); the row's f16 figures are applied by the caller. The
+    /// offsets do not depend on the codes, so they are summed apart, in
+    /// plain code the compiler vectorizes: in the kernels their
+    /// accumulators and widening cost registers the hot loop needs (the
+    /// NEON loop spilled to the stack).
     pub fn group_dot(
         self,
         ty: LutType,
@@ -57,27 +83,40 @@ impl Kernel {
         dots: &mut [f32; ROWS],
         offsets: &mut [f32; ROWS],
     ) {
+        *offsets = [0.0; ROWS];
+        for (mins, &sum) in group.mins.chunks_exact(ROWS).zip(token.sums) {
+            for (o, &m) in offsets.iter_mut().zip(mins) {
+                *o += m as f32 * sum;
+            }
+        }
         let blocks = token.scales.len();
         let block_bytes = ROWS * ty.block() * ty.bits as usize / 8;
         assert!(group.codes.len() >= blocks * block_bytes);
         assert!(group.scales.len() >= blocks * ROWS && group.mins.len() >= blocks * ROWS);
         assert!(token.tables.len() >= blocks * ty.block() / SUBGROUP * 16);
         match self {
-            Kernel::Scalar => scalar(ty, group, token, dots, offsets),
+            Kernel::Scalar => scalar(ty, group, token, dots),
             // SAFETY: `detect` found the features; the lengths are
             // checked above, and the kernels read within them.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe {
                 match ty.bits {
-                    2 => avx2::lut2(group, token, dots, offsets),
-                    _ => avx2::lut3(group, token, dots, offsets),
+                    2 => avx2::lut2(group, token, dots),
+                    _ => avx2::lut3(group, token, dots),
                 }
             },
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => unsafe {
                 match ty.bits {
-                    2 => neon::lut2(group, token, dots, offsets),
-                    _ => neon::lut3(group, token, dots, offsets),
+                    2 => neon::lut2(group, token, dots),
+                    _ => neon::lut3(group, token, dots),
+                }
+            },
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonSdot => unsafe {
+                match ty.bits {
+                    2 => neon_sdot::lut2(group, token, dots),
+                    _ => neon_sdot::lut3(group, token, dots),
                 }
             },
         }
@@ -86,17 +125,10 @@ impl Kernel {
 
 /// The reference: each row's integer sum per block from the planes, then
 /// the same epilogue as the vector kernels.
-fn scalar(
-    ty: LutType,
-    group: &Group,
-    token: &TokenTables,
-    dots: &mut [f32; ROWS],
-    offsets: &mut [f32; ROWS],
-) {
+fn scalar(ty: LutType, group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
     let subgroups = ty.block() / SUBGROUP;
     let block_bytes = ROWS * ty.block() * ty.bits as usize / 8;
     *dots = [0.0; ROWS];
-    *offsets = [0.0; ROWS];
     for b in 0..token.scales.len() {
         let codes = &group.codes[b * block_bytes..(b + 1) * block_bytes];
         let tables = &token.tables[b * subgroups * 16..(b + 1) * subgroups * 16];
@@ -120,7 +152,6 @@ fn scalar(
             }
             let scale = group.scales[b * ROWS + r] as f32;
             dots[r] += sum as f32 * scale * token.scales[b];
-            offsets[r] += group.mins[b * ROWS + r] as f32 * token.sums[b];
         }
     }
 }
@@ -136,26 +167,16 @@ mod avx2 {
     /// As [`group_dot`].
     #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn lut2(
-        group: &Group,
-        token: &TokenTables,
-        dots: &mut [f32; ROWS],
-        offsets: &mut [f32; ROWS],
-    ) {
-        group_dot::<8, false>(group, token, dots, offsets)
+    pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        group_dot::<8, false>(group, token, dots)
     }
 
     /// # Safety
     /// As [`group_dot`].
     #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn lut3(
-        group: &Group,
-        token: &TokenTables,
-        dots: &mut [f32; ROWS],
-        offsets: &mut [f32; ROWS],
-    ) {
-        group_dot::<8, true>(group, token, dots, offsets)
+    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        group_dot::<8, true>(group, token, dots)
     }
 
     /// `S` subgroups a block (8 for LUT2, 16 for LUT3), `PLANE2` for
@@ -170,7 +191,6 @@ mod avx2 {
         group: &Group,
         token: &TokenTables,
         dots: &mut [f32; ROWS],
-        offsets: &mut [f32; ROWS],
     ) {
         let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
         let low = _mm256_set1_epi8(0x0F);
@@ -182,7 +202,6 @@ mod avx2 {
         let odd_out = _mm256_set1_epi16(0x8000u16 as i16);
         let even_out = _mm256_set1_epi16(0x0080);
         let mut dot = [_mm256_setzero_ps(); 2];
-        let mut offset = [_mm256_setzero_ps(); 2];
         let table = |t: *const i8, sub: usize| {
             _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(16 * sub) as *const __m128i))
         };
@@ -222,9 +241,7 @@ mod avx2 {
                 _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum, 1)),
             ];
             let scales = _mm_loadu_si128(group.scales.as_ptr().add(b * ROWS) as *const __m128i);
-            let mins = _mm_loadu_si128(group.mins.as_ptr().add(b * ROWS) as *const __m128i);
             let table_scale = _mm256_set1_ps(token.scales[b]);
-            let activation_sum = _mm256_set1_ps(token.sums[b]);
             for h in 0..2 {
                 let bytes = |v: __m128i| {
                     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(if h == 0 {
@@ -235,12 +252,10 @@ mod avx2 {
                 };
                 let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(halves[h]), bytes(scales));
                 dot[h] = _mm256_fmadd_ps(scaled, table_scale, dot[h]);
-                offset[h] = _mm256_fmadd_ps(bytes(mins), activation_sum, offset[h]);
             }
         }
-        for h in 0..2 {
-            _mm256_storeu_ps(dots.as_mut_ptr().add(8 * h), dot[h]);
-            _mm256_storeu_ps(offsets.as_mut_ptr().add(8 * h), offset[h]);
+        for (h, lanes) in dot.iter().enumerate() {
+            _mm256_storeu_ps(dots.as_mut_ptr().add(8 * h), *lanes);
         }
     }
 }
@@ -256,26 +271,16 @@ mod neon {
     /// As [`group_dot`].
     #[inline(never)]
     #[target_feature(enable = "neon")]
-    pub unsafe fn lut2(
-        group: &Group,
-        token: &TokenTables,
-        dots: &mut [f32; ROWS],
-        offsets: &mut [f32; ROWS],
-    ) {
-        group_dot::<8, false>(group, token, dots, offsets)
+    pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        group_dot::<8, false>(group, token, dots)
     }
 
     /// # Safety
     /// As [`group_dot`].
     #[inline(never)]
     #[target_feature(enable = "neon")]
-    pub unsafe fn lut3(
-        group: &Group,
-        token: &TokenTables,
-        dots: &mut [f32; ROWS],
-        offsets: &mut [f32; ROWS],
-    ) {
-        group_dot::<8, true>(group, token, dots, offsets)
+    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        group_dot::<8, true>(group, token, dots)
     }
 
     /// As the AVX2 kernel: `tbl` looks 16 bytes up, `sadalp` adds byte
@@ -292,7 +297,6 @@ mod neon {
         group: &Group,
         token: &TokenTables,
         dots: &mut [f32; ROWS],
-        offsets: &mut [f32; ROWS],
     ) {
         let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
         let low = vdupq_n_u8(0x0F);
@@ -300,7 +304,6 @@ mod neon {
         let odd_out = vreinterpretq_u8_u16(vdupq_n_u16(0x8000));
         let even_out = vreinterpretq_u8_u16(vdupq_n_u16(0x0080));
         let mut dot = [vdupq_n_f32(0.0); 4];
-        let mut offset = [vdupq_n_f32(0.0); 4];
         for b in 0..token.scales.len() {
             let codes = group.codes.as_ptr().add(b * block_bytes);
             let t = token.tables.as_ptr().add(b * S * 16);
@@ -339,7 +342,6 @@ mod neon {
                 }
             }
             let scales = vld1q_u8(group.scales.as_ptr().add(b * ROWS));
-            let mins = vld1q_u8(group.mins.as_ptr().add(b * ROWS));
             let widen = |v: uint8x16_t| {
                 let (lo, hi) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
                 [
@@ -349,7 +351,7 @@ mod neon {
                     vcvtq_f32_u32(vmovl_high_u16(hi)),
                 ]
             };
-            let (scales, mins) = (widen(scales), widen(mins));
+            let scales = widen(scales);
             let sums = [
                 vcvtq_f32_s32(vmovl_s16(vget_low_s16(sum[0]))),
                 vcvtq_f32_s32(vmovl_high_s16(sum[0])),
@@ -357,15 +359,128 @@ mod neon {
                 vcvtq_f32_s32(vmovl_high_s16(sum[1])),
             ];
             let table_scale = vdupq_n_f32(token.scales[b]);
-            let activation_sum = vdupq_n_f32(token.sums[b]);
             for q in 0..4 {
                 dot[q] = vfmaq_f32(dot[q], vmulq_f32(sums[q], scales[q]), table_scale);
-                offset[q] = vfmaq_f32(offset[q], mins[q], activation_sum);
             }
         }
-        for q in 0..4 {
-            vst1q_f32(dots.as_mut_ptr().add(4 * q), dot[q]);
-            vst1q_f32(offsets.as_mut_ptr().add(4 * q), offset[q]);
+        for (q, lanes) in dot.iter().enumerate() {
+            vst1q_f32(dots.as_mut_ptr().add(4 * q), *lanes);
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon_sdot {
+    use super::{Group, TokenTables, ROWS};
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// As [`group_dot`].
+    #[inline(never)]
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        group_dot::<8, false>(group, token, dots)
+    }
+
+    /// # Safety
+    /// As [`group_dot`].
+    #[inline(never)]
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        group_dot::<8, true>(group, token, dots)
+    }
+
+    /// `sdot` of `a` with `b` into `acc` (Rust's `vdotq_s32` is unstable).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut out = acc;
+        std::arch::asm!(
+            "sdot {out:v}.4s, {a:v}.16b, {b:v}.16b",
+            out = inout(vreg) out,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack)
+        );
+        out
+    }
+
+    /// The same layout as the other kernels, added otherwise: the two
+    /// subgroups' lookups of 8 rows (each row's plane 0 and plane 1 side
+    /// by side) are zipped so each 4 bytes are one row's (`g` p0, `g'`
+    /// p0, `g` p1, `g'` p1), and one `sdot` with bytes (1, 1, 2, 2) adds
+    /// them into the row's int32 lane: 8 instructions per 64 weights
+    /// where `sadalp` needs 11, and the sums need no widening.
+    ///
+    /// # Safety
+    /// NEON and dotprod are available; `group` and `token` hold the
+    /// blocks `token.scales` counts (checked by the caller).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn group_dot<const S: usize, const PLANE2: bool>(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+    ) {
+        let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
+        let low = vdupq_n_u8(0x0F);
+        let planes01 = vreinterpretq_s8_u32(vdupq_n_u32(0x0202_0101));
+        let fours = vdupq_n_s8(4);
+        let odd_out = vreinterpretq_u8_u16(vdupq_n_u16(0x8000));
+        let even_out = vreinterpretq_u8_u16(vdupq_n_u16(0x0080));
+        let mut dot = [vdupq_n_f32(0.0); 4];
+        for b in 0..token.scales.len() {
+            let codes = group.codes.as_ptr().add(b * block_bytes);
+            let t = token.tables.as_ptr().add(b * S * 16);
+            let table = |sub: usize| vld1q_s8(t.add(16 * sub));
+            // Rows 0-3, 4-7, 8-11, 12-15.
+            let mut sum = [vdupq_n_s32(0); 4];
+            for i in 0..S / 2 {
+                let (t0, t1) = (table(2 * i), table(2 * i + 1));
+                for h in 0..2 {
+                    let x = vld1q_u8(codes.add(32 * i + 16 * h));
+                    let a = vqtbl1q_s8(t0, vandq_u8(x, low));
+                    let c = vqtbl1q_s8(t1, vshrq_n_u8(x, 4));
+                    sum[2 * h] = sdot(sum[2 * h], vzip1q_s8(a, c), planes01);
+                    sum[2 * h + 1] = sdot(sum[2 * h + 1], vzip2q_s8(a, c), planes01);
+                }
+            }
+            if PLANE2 {
+                for i in 0..S / 4 {
+                    let pick = |n: uint8x16_t, sub: usize| {
+                        vorrq_s8(
+                            vqtbl1q_s8(table(sub), vorrq_u8(n, odd_out)),
+                            vqtbl1q_s8(table(sub + 1), vorrq_u8(n, even_out)),
+                        )
+                    };
+                    for h in 0..2 {
+                        let x = vld1q_u8(codes.add(16 * S + 32 * i + 16 * h));
+                        let lo = pick(vandq_u8(x, low), 4 * i);
+                        let hi = pick(vshrq_n_u8(x, 4), 4 * i + 2);
+                        sum[2 * h] = sdot(sum[2 * h], vzip1q_s8(lo, hi), fours);
+                        sum[2 * h + 1] = sdot(sum[2 * h + 1], vzip2q_s8(lo, hi), fours);
+                    }
+                }
+            }
+            let scales = vld1q_u8(group.scales.as_ptr().add(b * ROWS));
+            let widen = |v: uint8x16_t| {
+                let (lo, hi) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
+                [
+                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))),
+                    vcvtq_f32_u32(vmovl_high_u16(lo)),
+                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))),
+                    vcvtq_f32_u32(vmovl_high_u16(hi)),
+                ]
+            };
+            let scales = widen(scales);
+            let table_scale = vdupq_n_f32(token.scales[b]);
+            for q in 0..4 {
+                let sums = vcvtq_f32_s32(sum[q]);
+                dot[q] = vfmaq_f32(dot[q], vmulq_f32(sums, scales[q]), table_scale);
+            }
+        }
+        for (q, lanes) in dot.iter().enumerate() {
+            vst1q_f32(dots.as_mut_ptr().add(4 * q), *lanes);
         }
     }
 }
