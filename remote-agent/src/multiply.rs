@@ -1,8 +1,8 @@
 //! What a kernel cell times: one matrix multiplication with its weights in
 //! place and its activations set, behind one trait whether GGML runs it
 //! (its types) or quantbench's own kernels do (codebooks, table lookups),
-//! so the timing
-//! loop, the error and the row are the same for every format.
+//! so the timing loop, the error and the row are the same for every
+//! format.
 
 use kernels::codebook::{CodebookMatrix, QuantizedActivations};
 use kernels::lut::{ActivationTables, LutMatrix};

@@ -217,19 +217,34 @@ fn parse_instruction(line: &str) -> Option<Instruction> {
             .unwrap_or((operands, "")),
         false => (mnemonic, operands),
     };
-    let target = operands.split_once("0x").and_then(|(before, hex)| {
-        let digits: String = hex.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
-        let resolved = hex[digits.len()..].trim_start().starts_with('<');
-        (resolved && !before.contains('[') && !before.contains('('))
-            .then(|| u64::from_str_radix(&digits, 16).ok())
-            .flatten()
-    });
+    // Only branches have targets: `adrp`/`adr` and literal loads also name
+    // an address with its symbol, but go nowhere.
+    let branch = is_branch(mnemonic);
+    let target = operands
+        .split_once("0x")
+        .filter(|_| branch)
+        .and_then(|(before, hex)| {
+            let digits: String = hex.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+            let resolved = hex[digits.len()..].trim_start().starts_with('<');
+            (resolved && !before.contains('[') && !before.contains('('))
+                .then(|| u64::from_str_radix(&digits, 16).ok())
+                .flatten()
+        });
     Some(Instruction {
         address,
         mnemonic: mnemonic.to_string(),
         operands: operands.to_string(),
         target,
     })
+}
+
+/// Whether `mnemonic` can send control elsewhere (aarch64 or x86-64).
+fn is_branch(mnemonic: &str) -> bool {
+    matches!(
+        mnemonic,
+        "b" | "bl" | "br" | "cbz" | "cbnz" | "tbz" | "tbnz" | "jmp" | "call" | "loop"
+    ) || mnemonic.starts_with("b.")
+        || (mnemonic.starts_with('j') && mnemonic.len() <= 4)
 }
 
 /// The function's innermost loops, largest first: each from a backward
@@ -561,6 +576,7 @@ Disassembly of section .text:
   659440:      	cmp	w0, #0x0
   659458:      	b.le	0x6597f0 <ggml_vec_dot_q4_0_q8_0+0x3b0>
   659474:      	mov	w7, #0x0                // =0
+  659478:      	adrp	x15, 0x659440 <ggml_vec_dot_q4_0_q8_0>
   659480:      	ldur	q1, [x4, #0x2]
   659484:      	sdot	v1.4s, v19.16b, v24.16b
   659488:      	cbz	w3, 0x659490 <ggml_vec_dot_q4_0_q8_0+0x50>
@@ -580,13 +596,17 @@ Disassembly of section .text:
     fn functions_instructions_and_branch_targets_are_read_from_objdump() {
         let functions = parse_objdump(AARCH64_DUMP);
         let dot = &functions["ggml_vec_dot_q4_0_q8_0"];
-        assert_eq!(dot.len(), 12);
+        assert_eq!(dot.len(), 13);
         assert_eq!(
             dot[2].operands, "w7, #0x0",
             "the `// =0` comment is dropped"
         );
-        assert_eq!(dot[3].target, None, "a memory operand is no branch");
-        assert_eq!(dot[8].target, Some(0x659480));
+        // `adrp` names an address (here the function's start, which as a
+        // target would make a loop) but goes nowhere; nor does a memory
+        // operand.
+        assert_eq!(dot[3].target, None, "adrp is no branch");
+        assert_eq!(dot[4].target, None, "a memory operand is no branch");
+        assert_eq!(dot[9].target, Some(0x659480));
         // Rust's hash is dropped from the name.
         assert_eq!(functions["kernels::lut::simd::neon::lut2"].len(), 2);
         let x86 = parse_objdump(
