@@ -928,32 +928,10 @@ mod tests {
         let err = CodebookMatrix::read_file(&path).err().unwrap().to_string();
         assert!(err.contains("truncated"), "{err}");
     }
-    use crate::weights::{llm_like_activations, llm_like_weights};
+    use crate::weights::{llm_like_activations, llm_like_weights, output_nmse};
 
     fn ty(name: &str) -> CodebookType {
         CodebookType::parse(name).unwrap()
-    }
-
-    /// NMSE of y = W x against the f64 reference of the matrix `w`.
-    fn output_nmse(
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        x: &[f32],
-        tokens: usize,
-        y: &[f32],
-    ) -> f64 {
-        let (mut err, mut energy) = (0f64, 0f64);
-        for t in 0..tokens {
-            for r in 0..rows {
-                let exact: f64 = (0..cols)
-                    .map(|j| w[r * cols + j] as f64 * x[t * cols + j] as f64)
-                    .sum();
-                err += (y[t * rows + r] as f64 - exact).powi(2);
-                energy += exact * exact;
-            }
-        }
-        err / energy
     }
 
     #[test]

@@ -625,22 +625,6 @@ mod tests {
     const LUT2: LutType = LutType { bits: 2 };
     const LUT3: LutType = LutType { bits: 3 };
 
-    /// NMSE of `approx` against the f64 product of `w` and `x`.
-    fn output_nmse(w: &[f32], rows: usize, cols: usize, x: &[f32], approx: &[f32]) -> f64 {
-        let tokens = x.len() / cols;
-        let (mut err, mut energy) = (0f64, 0f64);
-        for t in 0..tokens {
-            for r in 0..rows {
-                let exact: f64 = (0..cols)
-                    .map(|j| w[r * cols + j] as f64 * x[t * cols + j] as f64)
-                    .sum();
-                err += (approx[t * rows + r] as f64 - exact).powi(2);
-                energy += exact * exact;
-            }
-        }
-        err / energy
-    }
-
     #[test]
     fn the_planes_read_back_every_code_and_the_file_round_trips() {
         let (rows, cols) = (19, 128);
@@ -692,7 +676,7 @@ mod tests {
                 simd::Kernel::Scalar,
             );
             // Against the decoded matrix: only the int8 tables differ.
-            let nmse = output_nmse(&decoded, rows, cols, &x, &reference);
+            let nmse = crate::weights::output_nmse(&decoded, rows, cols, &x, tokens, &reference);
             assert!(nmse < 2e-3, "{ty}: {nmse}");
             // Every kernel this CPU runs (on aarch64 with dotprod both
             // NEON kernels), and `gemm`'s own choice.

@@ -167,6 +167,30 @@ fn uniform(len: usize, seed: u64, stream: u64) -> Vec<f32> {
         .collect()
 }
 
+/// NMSE of `y = W x` (`tokens x rows`) against the f64 product of the
+/// `rows x cols` matrix `w` with `x`: the kernels' tests' measure.
+#[cfg(test)]
+pub fn output_nmse(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &[f32],
+) -> f64 {
+    let (mut err, mut energy) = (0f64, 0f64);
+    for t in 0..tokens {
+        for r in 0..rows {
+            let exact: f64 = (0..cols)
+                .map(|j| w[r * cols + j] as f64 * x[t * cols + j] as f64)
+                .sum();
+            err += (y[t * rows + r] as f64 - exact).powi(2);
+            energy += exact * exact;
+        }
+    }
+    err / energy
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

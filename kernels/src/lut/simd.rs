@@ -341,28 +341,57 @@ mod neon {
                     sum[h] = vaddq_s16(sum[h], vshlq_n_s16(third[h], 2));
                 }
             }
-            let scales = vld1q_u8(group.scales.as_ptr().add(b * ROWS));
-            let widen = |v: uint8x16_t| {
-                let (lo, hi) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
-                [
-                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))),
-                    vcvtq_f32_u32(vmovl_high_u16(lo)),
-                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))),
-                    vcvtq_f32_u32(vmovl_high_u16(hi)),
-                ]
-            };
-            let scales = widen(scales);
             let sums = [
                 vcvtq_f32_s32(vmovl_s16(vget_low_s16(sum[0]))),
                 vcvtq_f32_s32(vmovl_high_s16(sum[0])),
                 vcvtq_f32_s32(vmovl_s16(vget_low_s16(sum[1]))),
                 vcvtq_f32_s32(vmovl_high_s16(sum[1])),
             ];
-            let table_scale = vdupq_n_f32(token.scales[b]);
-            for q in 0..4 {
-                dot[q] = vfmaq_f32(dot[q], vmulq_f32(sums[q], scales[q]), table_scale);
-            }
+            add_block(
+                &mut dot,
+                sums,
+                group.scales.as_ptr().add(b * ROWS),
+                token.scales[b],
+            );
         }
+        store(&dot, dots);
+    }
+
+    /// One block's epilogue, for both NEON kernels: each row's integer sum
+    /// (as f32; rows 0-3, 4-7, 8-11, 12-15) times its scale byte (16 at
+    /// `scales`) and the block's table scale, added into `dot`.
+    ///
+    /// # Safety
+    /// NEON is available and `scales` has 16 bytes.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn add_block(
+        dot: &mut [float32x4_t; 4],
+        sums: [float32x4_t; 4],
+        scales: *const u8,
+        table_scale: f32,
+    ) {
+        let bytes = vld1q_u8(scales);
+        let (lo, hi) = (vmovl_u8(vget_low_u8(bytes)), vmovl_high_u8(bytes));
+        let scales = [
+            vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))),
+            vcvtq_f32_u32(vmovl_high_u16(lo)),
+            vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))),
+            vcvtq_f32_u32(vmovl_high_u16(hi)),
+        ];
+        let table_scale = vdupq_n_f32(table_scale);
+        for ((d, s), scale) in dot.iter_mut().zip(sums).zip(scales) {
+            *d = vfmaq_f32(*d, vmulq_f32(s, scale), table_scale);
+        }
+    }
+
+    /// The 16 rows' figures into `dots`.
+    ///
+    /// # Safety
+    /// NEON is available.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn store(dot: &[float32x4_t; 4], dots: &mut [f32; ROWS]) {
         for (q, lanes) in dot.iter().enumerate() {
             vst1q_f32(dots.as_mut_ptr().add(4 * q), *lanes);
         }
@@ -371,6 +400,7 @@ mod neon {
 
 #[cfg(target_arch = "aarch64")]
 mod neon_sdot {
+    use super::neon::{add_block, store};
     use super::{Group, TokenTables, ROWS};
     use std::arch::aarch64::*;
 
@@ -462,25 +492,14 @@ mod neon_sdot {
                     }
                 }
             }
-            let scales = vld1q_u8(group.scales.as_ptr().add(b * ROWS));
-            let widen = |v: uint8x16_t| {
-                let (lo, hi) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
-                [
-                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))),
-                    vcvtq_f32_u32(vmovl_high_u16(lo)),
-                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))),
-                    vcvtq_f32_u32(vmovl_high_u16(hi)),
-                ]
-            };
-            let scales = widen(scales);
-            let table_scale = vdupq_n_f32(token.scales[b]);
-            for q in 0..4 {
-                let sums = vcvtq_f32_s32(sum[q]);
-                dot[q] = vfmaq_f32(dot[q], vmulq_f32(sums, scales[q]), table_scale);
-            }
+            let sums = sum.map(|lanes| vcvtq_f32_s32(lanes));
+            add_block(
+                &mut dot,
+                sums,
+                group.scales.as_ptr().add(b * ROWS),
+                token.scales[b],
+            );
         }
-        for (q, lanes) in dot.iter().enumerate() {
-            vst1q_f32(dots.as_mut_ptr().add(4 * q), *lanes);
-        }
+        store(&dot, dots);
     }
 }
