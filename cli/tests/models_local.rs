@@ -1008,6 +1008,15 @@ fn a_cached_recipe_cut_short_is_made_again_not_used() {
 const IDLE_W: f64 = 2.0;
 const BUSY_W: f64 = 7.0;
 const RAPL_RANGE_UJ: u64 = 3_000_000;
+/// How far a window's power may stray from the schedule. The stand-in
+/// writes the counter every 2 ms when it is scheduled; on a busy 2-core
+/// runner it may lag tens of ms, and a reading that lags at a window's
+/// start but not at its end adds that lag's joules (CI once read 7.28 W,
+/// 4% over, from windows of a few hundred ms). What the checks are for
+/// is far outside this: a missed or doubled wrap of the 3 J counter is
+/// 3 J in one window (several times its energy at 7 W), and idle read
+/// for busy or the other way is 2 W against 7.
+const SCHEDULE_TOLERANCE: f64 = 0.15;
 
 /// Advances `energy_uj` under `zone` by the schedule every 2 ms until
 /// `stop`; the level switches when `log` first says "power from".
@@ -1077,7 +1086,7 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
         .replace("repetitions = 2", "repetitions = 3")
         + "threads = [1]\ninvocations = 2\nidle_seconds = 1.0\nsustain_seconds = 60\nsustain_interval_seconds = 5\n"
         // A kernel cell after the model job: joules per GEMV at 7 W.
-        + "[matrices.k]\ntypes = [\"Q4_0\"]\nshapes = [\"gemma3-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\ninvocations = 3\nmin_time_ms = 50\n";
+        + "[matrices.k]\ntypes = [\"Q4_0\"]\nshapes = [\"gemma3-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\ninvocations = 3\nmin_time_ms = 300\n";
     std::fs::write(dir.path().join("bench.toml"), &body).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stand_in = rapl_stand_in(zone.clone(), dir.path().join("results"), stop.clone());
@@ -1108,17 +1117,20 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
         // 2 ms of the agent's log line, long before the first test).
         let idle = r.idle_power_w.unwrap();
         let power = r.power_w.unwrap();
-        assert!((idle - IDLE_W).abs() < 0.05 * IDLE_W, "idle {idle}: {r:?}");
         assert!(
-            (power - BUSY_W).abs() < 0.03 * BUSY_W,
+            (idle - IDLE_W).abs() < SCHEDULE_TOLERANCE * IDLE_W,
+            "idle {idle}: {r:?}"
+        );
+        assert!(
+            (power - BUSY_W).abs() < SCHEDULE_TOLERANCE * BUSY_W,
             "power {power}: {r:?}"
         );
-        // Joules per token: the schedule's integral over the windows over
-        // the tokens decoded in them; above idle, 5 of every 7 joules.
+        // Joules per token above idle: the idle power's share taken out of
+        // every window, so exactly 1 - idle/power of the joules.
         let per_token = r.j_per_token.unwrap();
         let above = r.j_per_token_above_idle.unwrap();
         assert!(
-            (above / per_token - (BUSY_W - IDLE_W) / BUSY_W).abs() < 0.03,
+            (above / per_token - (1.0 - idle / power)).abs() < 1e-9,
             "{per_token} {above}: {r:?}"
         );
         assert!((r.tokens_per_j.unwrap() * per_token - 1.0).abs() < 1e-9);
@@ -1146,7 +1158,7 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
     let cell = &cells[0];
     assert_eq!(cell.power_source, "rapl:package-0", "{cell:?}");
     assert!(
-        (cell.power_w.unwrap() - BUSY_W).abs() < 0.03 * BUSY_W,
+        (cell.power_w.unwrap() - BUSY_W).abs() < SCHEDULE_TOLERANCE * BUSY_W,
         "{cell:?}"
     );
     assert!(
@@ -1155,8 +1167,11 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
     );
     let per_call = cell.j_per_call.unwrap();
     let expected = BUSY_W * cell.median_ns.unwrap() * 1e-9;
+    // The window's mean call against the median call: on a busy runner
+    // a few slow calls pull the mean up, so only the order is checked
+    // (joules per invocation instead of per call would be 100s of times).
     assert!(
-        (per_call / expected - 1.0).abs() < 0.5,
+        (0.35..4.0).contains(&(per_call / expected)),
         "{per_call} vs {expected}: {cell:?}"
     );
     let flop = 2.0 * (cell.m * cell.k * cell.n) as f64;
@@ -1178,7 +1193,10 @@ fn energy_per_token_and_idle_power_come_from_a_wrapping_rapl_counter_and_a_susta
     for s in &sustained {
         assert!(s.tokens > 0 && s.tokens_per_s > 0.0, "{s:?}");
         let watts = s.power_w.unwrap();
-        assert!((watts - BUSY_W).abs() < 0.05 * BUSY_W, "{s:?}");
+        assert!(
+            (watts - BUSY_W).abs() < SCHEDULE_TOLERANCE * BUSY_W,
+            "{s:?}"
+        );
     }
     for plot in ["model_sustained", "model_energy_vs_kld"] {
         assert!(run.join(format!("plots/{plot}.png")).exists(), "{plot}");
