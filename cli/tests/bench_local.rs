@@ -122,7 +122,7 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bench.toml"),
-        "[matrices.cb]\ntypes = [\"F32\", \"Q4_0\", \"SQ4\", \"SQ3+S1\", \"LUT2\", \"LUT3\"]\nversus = [\"Q4_0\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 4]\nthreads = [\"all\"]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\n",
+        "[matrices.cb]\ntypes = [\"F32\", \"Q4_0\", \"SQ4\", \"SQ3+S1\", \"LUT2\", \"LUT3\", \"IQ2_XXS+imatrix\"]\nversus = [\"Q4_0\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1, 4]\nthreads = [\"all\"]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\n",
     )
     .unwrap();
     let out = xtask(
@@ -136,7 +136,17 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     );
     let run_dir = common::only_run_dir(dir.path());
     let rows: Vec<KernelRow> = read_csv(&run_dir.join("kernels.csv")).unwrap();
-    assert_eq!(rows.len(), 12);
+    assert_eq!(rows.len(), 14);
+    // Every cell has its quantizer's time, made once per shape and type.
+    for row in &rows {
+        assert_eq!(row.status, CellStatus::Ok, "{row:?}");
+        let twin = rows
+            .iter()
+            .find(|r| r.ty == row.ty && r.n != row.n)
+            .unwrap();
+        assert!(row.quantize_ms.unwrap() > 0.0, "{row:?}");
+        assert_eq!(row.quantize_ms, twin.quantize_ms, "{row:?}");
+    }
     for row in rows
         .iter()
         .filter(|r| r.ty.starts_with("SQ") || r.ty.starts_with("LUT"))
@@ -171,6 +181,12 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
         of("SQ3+S1")
     );
     assert!(of("SQ4").nmse < of("Q4_0").nmse);
+    // GGML refuses to make IQ2_XXS without an importance matrix: this one
+    // was made with the activations' (GGML's own i-quant kernel times it).
+    let iq2 = of("IQ2_XXS+imatrix");
+    assert_eq!(iq2.bits_per_weight, 2.0625, "{iq2:?}");
+    assert!(iq2.kernel_path.ends_with("+act:q8_K"), "{iq2:?}");
+    assert!(iq2.nmse.unwrap() < 0.3, "{iq2:?}");
     // The planes, a scale and a minimum byte per 32 and 4 bytes a row.
     let lut_bits = |bits: f64| bits + 0.5 + 32.0 / 2048.0;
     for (ty, bits) in [("LUT2", 2.0), ("LUT3", 3.0)] {
@@ -193,7 +209,7 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
         median_ns: f64,
     }
     let invocations: Vec<Invocation> = read_csv(&run_dir.join("invocations.csv")).unwrap();
-    for ty in ["F32", "SQ4", "SQ3+S1", "LUT2", "LUT3"] {
+    for ty in ["F32", "SQ4", "SQ3+S1", "LUT2", "LUT3", "IQ2_XXS+imatrix"] {
         for n in [1, 4] {
             let line = summary
                 .lines()
@@ -203,8 +219,15 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
                 })
                 .unwrap_or_else(|| panic!("{ty} n{n} against Q4_0:\n{summary}"));
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            let ratio: f64 = cells[8].parse().unwrap();
-            let (low, high) = cells[9]
+            // The quantizer's time, as the row has it.
+            let quantize_ms: f64 = cells[7].parse().unwrap();
+            let row = rows.iter().find(|r| r.ty == ty && r.n == n).unwrap();
+            assert!(
+                (quantize_ms - row.quantize_ms.unwrap()).abs() <= 0.05,
+                "{line}"
+            );
+            let ratio: f64 = cells[9].parse().unwrap();
+            let (low, high) = cells[10]
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .split_once(", ")
@@ -242,7 +265,7 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
             } else {
                 "no difference"
             };
-            assert!(cells[10].starts_with(reading), "{line}");
+            assert!(cells[11].starts_with(reading), "{line}");
         }
     }
     let plot = std::fs::read_to_string(run_dir.join("plots/nmse_vs_bits.svg")).unwrap();

@@ -86,7 +86,23 @@ pub fn search_type(ftype: &str) -> Result<GgmlType, AwqError> {
         other => other,
     };
     match main.parse::<GgmlType>() {
-        Ok(ty) if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => Ok(ty),
+        // The 2- and 3-bit i-quants are not searched here (IQ2_XXS and
+        // IQ2_XS cannot even be rounded without an importance matrix).
+        Ok(ty)
+            if !matches!(
+                ty,
+                GgmlType::F32
+                    | GgmlType::F16
+                    | GgmlType::BF16
+                    | GgmlType::IQ3S
+                    | GgmlType::IQ3XXS
+                    | GgmlType::IQ2S
+                    | GgmlType::IQ2XS
+                    | GgmlType::IQ2XXS
+            ) =>
+        {
+            Ok(ty)
+        }
         _ => Err(AwqError::Format(ftype.to_string())),
     }
 }
@@ -183,7 +199,7 @@ fn rounding_error(
         for j in 0..cols {
             scaled[j] = (w[j] as f64 * s[j]) as f32;
         }
-        quantize_rows(ty, &scaled, &mut packed, 1, cols);
+        quantize_rows(ty, &scaled, &mut packed, 1, cols, None);
         dequantize_rows(ty, &packed, &mut rounded, 1, cols);
         for j in 0..cols {
             residual[j] = rounded[j] as f64 / s[j] - w[j] as f64;

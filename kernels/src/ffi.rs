@@ -22,6 +22,11 @@ pub(crate) fn raw_type(ty: GgmlType) -> RawType {
         GgmlType::IQ4NL => sys::GGML_TYPE_IQ4_NL,
         GgmlType::Q3K => sys::GGML_TYPE_Q3_K,
         GgmlType::Q2K => sys::GGML_TYPE_Q2_K,
+        GgmlType::IQ3S => sys::GGML_TYPE_IQ3_S,
+        GgmlType::IQ3XXS => sys::GGML_TYPE_IQ3_XXS,
+        GgmlType::IQ2S => sys::GGML_TYPE_IQ2_S,
+        GgmlType::IQ2XS => sys::GGML_TYPE_IQ2_XS,
+        GgmlType::IQ2XXS => sys::GGML_TYPE_IQ2_XXS,
     }
 }
 
@@ -46,14 +51,25 @@ pub(crate) fn row_bytes(ty: GgmlType, cols: usize) -> usize {
     unsafe { sys::ggml_row_size(raw_type(ty), cols as i64) }
 }
 
-/// Quantizes `rows` rows of `cols` f32 values from `src` into `dst`.
-/// Callers guarantee `src.len() == rows*cols`, `dst.len() == rows*row_bytes`
-/// and that `cols` is a multiple of the type's block size.
-pub(crate) fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], rows: usize, cols: usize) {
+/// Quantizes `rows` rows of `cols` f32 values from `src` into `dst`, each
+/// column's error weighed by `importance` when given.
+/// Callers guarantee `src.len() == rows*cols`, `dst.len() == rows*row_bytes`,
+/// `importance.len() == cols`, that `cols` is a multiple of the type's
+/// block size and an importance for the types that require one.
+pub(crate) fn quantize_rows(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+    rows: usize,
+    cols: usize,
+    importance: Option<&[f32]>,
+) {
     assert_eq!(src.len(), rows * cols);
     assert_eq!(dst.len(), rows * ty.row_bytes(cols));
-    // SAFETY: lengths checked above; none of our types requires an imatrix,
-    // so passing NULL is allowed (GGML asserts otherwise).
+    assert!(importance.is_none_or(|i| i.len() == cols));
+    assert!(importance.is_some() || !ty.requires_importance());
+    // SAFETY: lengths checked above (GGML reads `cols` importances, the
+    // same for every row); an importance is given where GGML asserts one.
     unsafe {
         sys::ggml_quantize_chunk(
             raw_type(ty),
@@ -62,7 +78,7 @@ pub(crate) fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], rows: usi
             0,
             rows as i64,
             cols as i64,
-            std::ptr::null(),
+            importance.map_or(std::ptr::null(), |i| i.as_ptr()),
         );
     }
 }

@@ -628,7 +628,7 @@ mod tests {
         ] {
             let (blocks, _) = quantize_row(&w[..256], None, format);
             let mut reference = vec![0u8; crate::ffi::row_bytes(ty, 256)];
-            crate::ffi::quantize_rows(ty, &w[..256], &mut reference, 1, 256);
+            crate::ffi::quantize_rows(ty, &w[..256], &mut reference, 1, 256, None);
             assert_eq!(blocks, reference, "{format:?}");
         }
     }

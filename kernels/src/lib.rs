@@ -116,11 +116,51 @@ impl QuantizedMatrix {
 /// Quantizes a row-major `rows x cols` f32 matrix with GGML's quantizer for
 /// `ty` (the same routine `llama-quantize` uses, without an importance
 /// matrix). Rows are split across all cores, as llama.cpp's quantizer does.
+/// The types GGML cannot make without an importance matrix (IQ2_XXS,
+/// IQ2_XS) are refused: use [`quantize_with_importance`].
 pub fn quantize(
     ty: GgmlType,
     rows: usize,
     cols: usize,
     values: &[f32],
+) -> Result<QuantizedMatrix, KernelError> {
+    if ty.requires_importance() {
+        return Err(KernelError::Unsupported {
+            ty,
+            rows,
+            cols,
+            reason: format!("GGML quantizes {ty} only with an importance matrix (spell it {ty}+imatrix in a kernel matrix)"),
+        });
+    }
+    quantize_weighted(ty, rows, cols, values, None)
+}
+
+/// [`quantize`] with an importance per input column (what `llama-imatrix`
+/// collects: the mean squared activation of each column), as
+/// `llama-quantize --imatrix` quantizes: the quantizer weighs each
+/// weight's error by its column's importance.
+pub fn quantize_with_importance(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    values: &[f32],
+    importance: &[f32],
+) -> Result<QuantizedMatrix, KernelError> {
+    if importance.len() != cols {
+        return Err(KernelError::WrongLength {
+            expected: cols,
+            got: importance.len(),
+        });
+    }
+    quantize_weighted(ty, rows, cols, values, Some(importance))
+}
+
+fn quantize_weighted(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    values: &[f32],
+    importance: Option<&[f32]>,
 ) -> Result<QuantizedMatrix, KernelError> {
     if values.len() != rows * cols {
         return Err(KernelError::WrongLength {
@@ -148,7 +188,7 @@ pub fn quantize(
             let first_row = chunk_index * rows_per_worker;
             let chunk_rows = dst.len() / row_bytes;
             let src = &values[first_row * cols..(first_row + chunk_rows) * cols];
-            scope.spawn(move || ffi::quantize_rows(ty, src, dst, chunk_rows, cols));
+            scope.spawn(move || ffi::quantize_rows(ty, src, dst, chunk_rows, cols, importance));
         }
     });
     Ok(QuantizedMatrix {
@@ -177,6 +217,54 @@ mod tests {
             .sum();
         let power: f64 = reference.iter().map(|&r| (r as f64).powi(2)).sum();
         err / power
+    }
+
+    /// Every type, those GGML makes only with an importance matrix with a
+    /// uniform one (which weighs every column alike, as none does).
+    fn quantize_any(ty: GgmlType, rows: usize, cols: usize, w: &[f32]) -> QuantizedMatrix {
+        if ty.requires_importance() {
+            quantize_with_importance(ty, rows, cols, w, &vec![1.0; cols]).unwrap()
+        } else {
+            quantize(ty, rows, cols, w).unwrap()
+        }
+    }
+
+    #[test]
+    fn types_that_need_an_importance_matrix_are_refused_without_one_in_a_sentence() {
+        let w = llm_like_weights(2, 256, 1);
+        for ty in [GgmlType::IQ2XXS, GgmlType::IQ2XS] {
+            let err = quantize(ty, 2, 256, &w).unwrap_err().to_string();
+            assert!(err.contains(&format!("{ty}+imatrix")), "{err}");
+        }
+        assert!(matches!(
+            quantize_with_importance(GgmlType::Q2K, 2, 256, &w, &[1.0; 255]),
+            Err(KernelError::WrongLength { .. })
+        ));
+    }
+
+    /// The importance reaches GGML's quantizer: with it, the error weighed
+    /// by it falls (the columns that matter are kept better), for a K-quant
+    /// and for the i-quants.
+    #[test]
+    fn an_importance_matrix_lowers_the_error_it_weighs() {
+        let (rows, cols) = (64, 1024);
+        let w = llm_like_weights(rows, cols, 3);
+        // A few columns a hundred times as important as the rest.
+        let importance: Vec<f32> = (0..cols)
+            .map(|c| if c % 37 == 0 { 100.0 } else { 1.0 })
+            .collect();
+        let weighted = |q: &QuantizedMatrix| {
+            let d = q.dequantize();
+            (0..rows * cols)
+                .map(|i| importance[i % cols] as f64 * (w[i] - d[i]) as f64 * (w[i] - d[i]) as f64)
+                .sum::<f64>()
+        };
+        for ty in [GgmlType::Q2K, GgmlType::IQ3S, GgmlType::IQ2S] {
+            let plain = weighted(&quantize(ty, rows, cols, &w).unwrap());
+            let with =
+                weighted(&quantize_with_importance(ty, rows, cols, &w, &importance).unwrap());
+            assert!(with < 0.9 * plain, "{ty}: {with:.3e} against {plain:.3e}");
+        }
     }
 
     #[test]
@@ -218,7 +306,7 @@ mod tests {
         let (rows, cols) = (256, 1024);
         let w = llm_like_weights(rows, cols, 42);
         for ty in GgmlType::ALL {
-            let q = quantize(ty, rows, cols, &w).unwrap();
+            let q = quantize_any(ty, rows, cols, &w);
             let e = nmse(&w, &q.dequantize());
             eprintln!("measured NMSE {ty}: {e:.3e}");
             assert!(
@@ -233,7 +321,7 @@ mod tests {
     fn more_bits_never_give_more_error_within_a_family() {
         let (rows, cols) = (128, 1024);
         let w = llm_like_weights(rows, cols, 7);
-        let err = |ty| nmse(&w, &quantize(ty, rows, cols, &w).unwrap().dequantize());
+        let err = |ty| nmse(&w, &quantize_any(ty, rows, cols, &w).dequantize());
         for family in FAMILIES_BY_BITS {
             for pair in family.windows(2) {
                 let (fewer, more) = (pair[0], pair[1]);
@@ -253,7 +341,7 @@ mod tests {
         let w = llm_like_weights(rows, cols, 5);
         let x = weights::llm_like_activations(tokens, cols, 5);
         for ty in GgmlType::ALL {
-            let q = quantize(ty, rows, cols, &w).unwrap();
+            let q = quantize_any(ty, rows, cols, &w);
             let deq = q.dequantize();
             let scratch = std::env::temp_dir();
             for (repack, mode) in [

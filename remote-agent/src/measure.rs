@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use kernels::codebook::CodebookMatrix;
 use kernels::lut::LutMatrix;
 use kernels::weights::{activation_second_moments, activations, weights, Distribution};
-use kernels::{quantize, KernelError, StagedMatrix};
+use kernels::{quantize, quantize_with_importance, KernelError, StagedMatrix};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,9 @@ pub struct WeightCache<'a> {
     /// per build, so the same type for another build is staged again.
     staged_for: Option<(WeightFormat, Option<PathBuf>)>,
     staged: Option<PreparedWeights>,
+    /// Wall time the quantizer took to make `staged` from the f32 weights
+    /// (on every core: each quantizer splits the rows across them), ms.
+    quantize_ms: f64,
 }
 
 impl<'a> WeightCache<'a> {
@@ -63,6 +66,7 @@ impl<'a> WeightCache<'a> {
             values: Vec::new(),
             staged_for: None,
             staged: None,
+            quantize_ms: 0.0,
         }
     }
 
@@ -87,7 +91,7 @@ impl<'a> WeightCache<'a> {
         cell: &Cell,
         job: &JobSpec,
         staged_file: Option<&Path>,
-    ) -> Result<(&[f32], &PreparedWeights), KernelError> {
+    ) -> Result<(&[f32], &PreparedWeights, f64), KernelError> {
         let key = (cell.shape.name.clone(), job.seed, job.distribution);
         let (m, k) = (cell.shape.rows, cell.shape.cols);
         if self.key.as_ref() != Some(&key) {
@@ -103,9 +107,16 @@ impl<'a> WeightCache<'a> {
             stale => {
                 drop(stale);
                 self.staged_for = None;
+                let sensitivity = || activation_second_moments(job.distribution, k, job.seed);
+                let started = std::time::Instant::now();
                 let prepared = match cell.ty {
-                    WeightFormat::Ggml(ty) => {
-                        let quantized = quantize(ty, m, k, &self.values)?;
+                    WeightFormat::Ggml { ty, importance } => {
+                        let quantized = if importance {
+                            quantize_with_importance(ty, m, k, &self.values, &sensitivity())?
+                        } else {
+                            quantize(ty, m, k, &self.values)?
+                        };
+                        self.quantize_ms = started.elapsed().as_secs_f64() * 1e3;
                         match staged_file {
                             Some(path) => {
                                 StagedMatrix::write_file(&quantized, path)?;
@@ -126,18 +137,18 @@ impl<'a> WeightCache<'a> {
                         }
                     }
                     WeightFormat::Codebook(ty) => {
-                        let sensitivity = activation_second_moments(job.distribution, k, job.seed);
                         let matrix =
-                            CodebookMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity))?;
+                            CodebookMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity()))?;
+                        self.quantize_ms = started.elapsed().as_secs_f64() * 1e3;
                         if let Some(path) = staged_file {
                             matrix.write_file(path)?;
                         }
                         PreparedWeights::Codebook(Box::new(matrix))
                     }
                     WeightFormat::Lut(ty) => {
-                        let sensitivity = activation_second_moments(job.distribution, k, job.seed);
                         let matrix =
-                            LutMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity))?;
+                            LutMatrix::quantize(ty, &self.values, m, k, Some(&sensitivity()))?;
+                        self.quantize_ms = started.elapsed().as_secs_f64() * 1e3;
                         if let Some(path) = staged_file {
                             matrix.write_file(path)?;
                         }
@@ -149,7 +160,7 @@ impl<'a> WeightCache<'a> {
             }
         };
         let staged = self.staged.insert(staged);
-        Ok((&self.values, staged))
+        Ok((&self.values, staged, self.quantize_ms))
     }
 }
 
@@ -184,7 +195,7 @@ pub fn prepare_cell<'c>(
         e => Refusal::Failed(e.to_string()),
     };
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
-    let (w, prepared) = cache.get(cell, job, staged_file).map_err(refusal)?;
+    let (w, prepared, quantize_ms) = cache.get(cell, job, staged_file).map_err(refusal)?;
     let x = activations(job.distribution, n, k, job.seed);
     let mut multiply = prepared
         .multiply(&x, n, threads, job.repack)
@@ -196,6 +207,7 @@ pub fn prepare_cell<'c>(
             nmse: error,
             weight_bytes: prepared.bytes() as u64,
             bits_per_weight: prepared.measured_bits_per_weight(),
+            quantize_ms: Some(quantize_ms),
         },
         multiply,
     })
@@ -658,6 +670,7 @@ fn build_row(
         row.bits_per_weight = bits;
     }
     row.nmse = Some(prep.nmse);
+    row.quantize_ms = prep.quantize_ms;
     let groups: Vec<Vec<f64>> = invocations
         .iter()
         .map(|(_, reps)| reps.iter().map(|&ns| ns as f64).collect())
@@ -827,6 +840,7 @@ mod tests {
         nmse: 1e-3,
         weight_bytes: 1000,
         bits_per_weight: None,
+        quantize_ms: Some(12.5),
     };
 
     #[test]

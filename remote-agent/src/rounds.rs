@@ -661,7 +661,7 @@ fn measure_staged(
     let path = staged_path(out_dir, cell);
     let (m, k, n) = (cell.shape.rows, cell.shape.cols, cell.batch_tokens);
     let weights = match cell.ty {
-        WeightFormat::Ggml(ty) => PreparedWeights::Ggml(
+        WeightFormat::Ggml { ty, .. } => PreparedWeights::Ggml(
             StagedMatrix::open(&path, ty, m, k, job.load_mode).map_err(|e| e.to_string())?,
         ),
         WeightFormat::Codebook(_) => PreparedWeights::Codebook(Box::new(

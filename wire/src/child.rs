@@ -50,6 +50,9 @@ pub struct CellPrep {
     pub weight_bytes: u64,
     /// The exact storage cost when it depends on the data.
     pub bits_per_weight: Option<f64>,
+    /// Wall time quantizing the weights took (every core), ms.
+    #[serde(default)]
+    pub quantize_ms: Option<f64>,
 }
 
 /// One invocation's timing of a cell: its repetitions, its warm-up and

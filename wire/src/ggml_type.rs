@@ -39,6 +39,11 @@ pub enum GgmlType {
     IQ4NL,
     Q3K,
     Q2K,
+    IQ3S,
+    IQ3XXS,
+    IQ2S,
+    IQ2XS,
+    IQ2XXS,
 }
 
 /// Families whose members differ only in bits per weight, fewest first: within
@@ -53,12 +58,20 @@ pub const FAMILIES_BY_BITS: &[&[GgmlType]] = &[
         GgmlType::Q5K,
         GgmlType::Q6K,
     ],
+    &[
+        GgmlType::IQ2XXS,
+        GgmlType::IQ2XS,
+        GgmlType::IQ2S,
+        GgmlType::IQ3XXS,
+        GgmlType::IQ3S,
+    ],
     &[GgmlType::BF16, GgmlType::F32],
     &[GgmlType::F16, GgmlType::F32],
 ];
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 14] = [
+    /// Every type, the i-quants last (colours in plots follow this order).
+    pub const ALL: [GgmlType; 19] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -73,6 +86,11 @@ impl GgmlType {
         GgmlType::IQ4NL,
         GgmlType::Q3K,
         GgmlType::Q2K,
+        GgmlType::IQ3S,
+        GgmlType::IQ3XXS,
+        GgmlType::IQ2S,
+        GgmlType::IQ2XS,
+        GgmlType::IQ2XXS,
     ];
 
     /// The canonical name, as `llama-quantize` prints it.
@@ -92,6 +110,11 @@ impl GgmlType {
             GgmlType::IQ4NL => "IQ4_NL",
             GgmlType::Q3K => "Q3_K",
             GgmlType::Q2K => "Q2_K",
+            GgmlType::IQ3S => "IQ3_S",
+            GgmlType::IQ3XXS => "IQ3_XXS",
+            GgmlType::IQ2S => "IQ2_S",
+            GgmlType::IQ2XS => "IQ2_XS",
+            GgmlType::IQ2XXS => "IQ2_XXS",
         }
     }
 
@@ -120,6 +143,11 @@ impl GgmlType {
             GgmlType::Q4K => (256, 144),
             GgmlType::Q3K => (256, 110),
             GgmlType::Q2K => (256, 84),
+            GgmlType::IQ3S => (256, 110),
+            GgmlType::IQ3XXS => (256, 98),
+            GgmlType::IQ2S => (256, 82),
+            GgmlType::IQ2XS => (256, 74),
+            GgmlType::IQ2XXS => (256, 66),
         }
     }
 
@@ -136,6 +164,12 @@ impl GgmlType {
                 "{self} stores {block}-element blocks and K={cols} is not a multiple of {block}"
             )
         })
+    }
+
+    /// GGML's quantizer cannot make this type without an importance matrix
+    /// (`ggml_quantize_requires_imatrix`: it asserts).
+    pub fn requires_importance(self) -> bool {
+        matches!(self, GgmlType::IQ2XXS | GgmlType::IQ2XS)
     }
 
     /// Storage cost per weight, scales included (e.g. 4.5 for Q4_0).
@@ -165,6 +199,14 @@ impl GgmlType {
             GgmlType::IQ4NL => 1.5e-2,
             GgmlType::Q3K => 5e-2,
             GgmlType::Q2K => 1.8e-1,
+            // Without an importance matrix (a uniform one for IQ2_XS and
+            // IQ2_XXS); measured 2026-12: 4.05e-2, 7.06e-2, 1.30e-1,
+            // 1.34e-1, 2.01e-1.
+            GgmlType::IQ3S => 6e-2,
+            GgmlType::IQ3XXS => 1.1e-1,
+            GgmlType::IQ2S => 2e-1,
+            GgmlType::IQ2XS => 2e-1,
+            GgmlType::IQ2XXS => 3e-1,
         }
     }
 }

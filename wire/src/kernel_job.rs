@@ -177,7 +177,7 @@ impl Cell {
         );
         let quantized = self.weight_bytes();
         let quantizer = match self.ty {
-            WeightFormat::Ggml(_) | WeightFormat::Lut(_) => 0,
+            WeightFormat::Ggml { .. } | WeightFormat::Lut(_) => 0,
             WeightFormat::Codebook(ty) if ty.outlier_percent.is_some() => 5 * m * k,
             WeightFormat::Codebook(_) => m * k,
         };

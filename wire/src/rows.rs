@@ -109,6 +109,12 @@ pub struct KernelRow {
     /// Output error against an f64 reference with the unquantized weights.
     pub nmse: Option<f64>,
     pub weight_bytes: u64,
+    /// Wall time quantizing the cell's f32 weights into its type took, ms,
+    /// on every core of the board (GGML's quantizer for its types, ours
+    /// for SQ and LUT; each splits the rows across the cores); the same
+    /// for every cell of one shape and type. Empty in rows from before it.
+    #[serde(default)]
+    pub quantize_ms: Option<f64>,
     pub temp_before_c: Option<f64>,
     pub temp_after_c: Option<f64>,
     pub freq_before_mhz: Option<f64>,
@@ -291,6 +297,7 @@ impl KernelRow {
             bandwidth_share: None,
             nmse: None,
             weight_bytes: 0,
+            quantize_ms: None,
             temp_before_c: None,
             temp_after_c: None,
             freq_before_mhz: None,
@@ -932,6 +939,7 @@ pub fn example_row(cell_id: &str) -> KernelRow {
         bandwidth_share: Some(0.8),
         nmse: Some(1.2e-3),
         weight_bytes: 2_359_296,
+        quantize_ms: Some(38.5),
         temp_before_c: None,
         temp_after_c: Some(51.5),
         freq_before_mhz: None,

@@ -1,5 +1,5 @@
-//! What a kernel-matrix cell stores its weights in: one of GGML's types,
-//! one of quantbench's own non-uniform codebook formats (`SQ4`, `SQ3`, with
+//! What a kernel-matrix cell stores its weights in: one of GGML's types
+//! (`+imatrix` when quantized with an importance matrix), one of quantbench's own non-uniform codebook formats (`SQ4`, `SQ3`, with
 //! `+S<pct>` exact outliers; see `kernels::codebook`), or one of its
 //! table-lookup bit-plane formats (`LUT2`, `LUT3`; see `kernels::lut`). All
 //! spell themselves in the `types` list of a matrix and in the rows' `type`
@@ -162,11 +162,22 @@ impl fmt::Display for LutType {
     }
 }
 
+/// How a GGML type is spelled with an importance matrix: `Q2_K+imatrix`,
+/// as the model matrix spells its recipes.
+pub const IMPORTANCE_SUFFIX: &str = "+imatrix";
+
 /// A weight format a kernel-matrix cell measures.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum WeightFormat {
-    Ggml(GgmlType),
+    /// A GGML type, quantized with GGML's own quantizer; with `importance`
+    /// (spelled `<TYPE>+imatrix`) weighed by the activations' per-column
+    /// mean squares, as `llama-quantize --imatrix` does, the sensitivities
+    /// the codebook and LUT quantizers always use.
+    Ggml {
+        ty: GgmlType,
+        importance: bool,
+    },
     Codebook(CodebookType),
     Lut(LutType),
 }
@@ -176,7 +187,7 @@ impl WeightFormat {
     /// the outlier count the percentage asks for).
     pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
         match self {
-            WeightFormat::Ggml(ty) => ty.row_bytes(cols) * rows,
+            WeightFormat::Ggml { ty, .. } => ty.row_bytes(cols) * rows,
             WeightFormat::Codebook(ty) => ty.matrix_bytes(rows, cols),
             WeightFormat::Lut(ty) => ty.matrix_bytes(rows, cols),
         }
@@ -186,7 +197,7 @@ impl WeightFormat {
     /// counted (scales, codebooks, the sparse part).
     pub fn bits_per_weight(self, rows: usize, cols: usize) -> f64 {
         match self {
-            WeightFormat::Ggml(ty) => ty.bits_per_weight(),
+            WeightFormat::Ggml { ty, .. } => ty.bits_per_weight(),
             WeightFormat::Codebook(_) | WeightFormat::Lut(_) => {
                 self.matrix_bytes(rows, cols) as f64 * 8.0 / (rows * cols).max(1) as f64
             }
@@ -196,7 +207,7 @@ impl WeightFormat {
     /// Why this format cannot store rows of `cols` elements, if it cannot.
     pub fn unsupported_reason(self, cols: usize) -> Option<String> {
         match self {
-            WeightFormat::Ggml(ty) => ty.unsupported_reason(cols),
+            WeightFormat::Ggml { ty, .. } => ty.unsupported_reason(cols),
             WeightFormat::Codebook(ty) => (!cols.is_multiple_of(CODEBOOK_BLOCK)).then(|| {
                 format!(
                     "{ty} stores {CODEBOOK_BLOCK}-weight blocks and K={cols} is not a multiple of {CODEBOOK_BLOCK}"
@@ -216,7 +227,13 @@ impl WeightFormat {
 impl fmt::Display for WeightFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WeightFormat::Ggml(ty) => ty.fmt(f),
+            WeightFormat::Ggml { ty, importance } => {
+                ty.fmt(f)?;
+                if *importance {
+                    f.write_str(IMPORTANCE_SUFFIX)?;
+                }
+                Ok(())
+            }
             WeightFormat::Codebook(ty) => ty.fmt(f),
             WeightFormat::Lut(ty) => ty.fmt(f),
         }
@@ -225,19 +242,24 @@ impl fmt::Display for WeightFormat {
 
 impl From<GgmlType> for WeightFormat {
     fn from(ty: GgmlType) -> Self {
-        WeightFormat::Ggml(ty)
+        WeightFormat::Ggml {
+            ty,
+            importance: false,
+        }
     }
 }
 
 /// A `types` entry that is neither a GGML type nor a codebook spelling.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum UnknownFormat {
-    #[error("{0}, a codebook type (SQ4, SQ3, SQ4+S0.45) or a table-lookup type (LUT2, LUT3)")]
+    #[error("{0} (any with +imatrix: quantized with an importance matrix), a codebook type (SQ4, SQ3, SQ4+S0.45) or a table-lookup type (LUT2, LUT3)")]
     Ggml(UnknownType),
     #[error(transparent)]
     Codebook(CodebookSpellingError),
     #[error("`{0}` is not a table-lookup type: LUT2 or LUT3")]
     Lut(String),
+    #[error("{0} cannot be quantized without an importance matrix (GGML asserts): spell it {0}+imatrix, quantized with the activations' per-column mean squares as llama-quantize --imatrix does")]
+    NeedsImportance(GgmlType),
 }
 
 impl FromStr for WeightFormat {
@@ -253,9 +275,17 @@ impl FromStr for WeightFormat {
                 .map(WeightFormat::Lut)
                 .ok_or_else(|| UnknownFormat::Lut(s.to_string()));
         }
-        s.parse::<GgmlType>()
-            .map(WeightFormat::Ggml)
-            .map_err(UnknownFormat::Ggml)
+        let trimmed = s.trim();
+        let lower = trimmed.to_ascii_lowercase();
+        let (name, importance) = match lower.strip_suffix(IMPORTANCE_SUFFIX) {
+            Some(base) => (&trimmed[..base.len()], true),
+            None => (trimmed, false),
+        };
+        let ty = name.parse::<GgmlType>().map_err(UnknownFormat::Ggml)?;
+        if ty.requires_importance() && !importance {
+            return Err(UnknownFormat::NeedsImportance(ty));
+        }
+        Ok(WeightFormat::Ggml { ty, importance })
     }
 }
 
@@ -287,12 +317,22 @@ mod tests {
             "SQ3+S1",
             "LUT2",
             "LUT3",
+            "Q2_K+imatrix",
+            "IQ2_XXS+imatrix",
+            "IQ3_S",
         ] {
             let format: WeightFormat = name.parse().unwrap();
             assert_eq!(format.to_string(), name);
             let json = serde_json::to_string(&format).unwrap();
             assert_eq!(serde_json::from_str::<WeightFormat>(&json).unwrap(), format);
         }
+        assert_eq!(
+            "iq2_xxs+IMATRIX".parse::<WeightFormat>().unwrap(),
+            WeightFormat::Ggml {
+                ty: GgmlType::IQ2XXS,
+                importance: true
+            }
+        );
         assert_eq!(
             "sq4+s0.45".parse::<WeightFormat>().unwrap(),
             WeightFormat::Codebook(CodebookType {
@@ -330,6 +370,8 @@ mod tests {
             ("Q4_X", "SQ4+S0.45"),
             ("Q4_X", "LUT2, LUT3"),
             ("LUT4", "LUT2 or LUT3"),
+            ("IQ2_XS", "IQ2_XS+imatrix"),
+            ("Q2_K+imatrx", "unknown GGML type"),
         ] {
             let message = bad.parse::<WeightFormat>().unwrap_err().to_string();
             assert!(message.contains(bad) && message.contains(says), "{message}");

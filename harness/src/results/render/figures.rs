@@ -160,6 +160,8 @@ pub struct VersusFigure {
     pub reference: String,
     pub bits_per_weight: f64,
     pub nmse: Option<f64>,
+    /// Wall time quantizing the weights took (every core), ms.
+    pub quantize_ms: Option<f64>,
     pub time_ns: f64,
     /// This type's time over the reference's, with its 95% interval.
     pub change: wire::stats::ChangeEstimate,
@@ -227,6 +229,7 @@ pub fn versus_figures(run: &crate::results::run_dir::RunData) -> Vec<VersusFigur
                     reference: reference.clone(),
                     bits_per_weight: r.bits_per_weight,
                     nmse: r.nmse,
+                    quantize_ms: r.quantize_ms,
                     time_ns,
                     change,
                 });

@@ -133,7 +133,7 @@ pub fn versus_table(figures: &[VersusFigure]) -> String {
             heading = Some(this);
             let _ = write!(
                 out,
-                "\n### {} against {}{}\n\nEach type's time over {}'s in the same cell (geometric means of invocation medians, round effects taken out), with its 95% interval.\n\n| shape | batch | threads | type | bits | NMSE | time us | x {} | 95% interval | |\n|---|---:|---:|---|---:|---:|---:|---:|---|---|\n",
+                "\n### {} against {}{}\n\nEach type's time over {}'s in the same cell (geometric means of invocation medians, round effects taken out), with its 95% interval; quantize ms: the quantizer's wall time on every core of the board.\n\n| shape | batch | threads | type | bits | NMSE | quantize ms | time us | x {} | 95% interval | |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|\n",
                 f.board,
                 f.reference,
                 emulated_note(f.emulated),
@@ -151,13 +151,14 @@ pub fn versus_table(figures: &[VersusFigure]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.2} | [{:.2}, {:.2}]{} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {:.1} | {:.2} | [{:.2}, {:.2}]{} | {} |",
             f.shape,
             f.n,
             f.threads,
             f.ty,
             f.bits_per_weight,
             fmt_opt(f.nmse, |v| format!("{v:.2e}")),
+            fmt_opt(f.quantize_ms, |v| format!("{v:.1}")),
             f.time_ns / 1e3,
             c.ratio,
             c.low,
