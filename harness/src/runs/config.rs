@@ -966,6 +966,22 @@ mod tests {
     }
 
     #[test]
+    fn an_i_quant_that_needs_an_importance_matrix_is_refused_naming_the_spelling_that_has_one() {
+        let e = parse("[matrices.m]\ntypes=[\"IQ2_XS\"]\nshapes=[\"all\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IQ2_XS+imatrix") && e.contains("line 2"), "{e}");
+        let ok = parse("[matrices.m]\ntypes=[\"iq2_xs+imatrix\", \"Q2_K+imatrix\", \"IQ3_S\"]\nshapes=[\"all\"]\nversus=[\"Q2_K+imatrix\"]\n")
+            .unwrap();
+        let types: Vec<String> = ok.matrices["m"]
+            .types
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(types, ["IQ2_XS+imatrix", "Q2_K+imatrix", "IQ3_S"]);
+    }
+
+    #[test]
     fn a_versus_type_outside_the_matrix_types_is_refused_saying_so() {
         let ok =
             parse("[matrices.m]\ntypes=[\"Q4_0\", \"SQ4\"]\nshapes=[\"all\"]\nversus=[\"Q4_0\"]\n")
