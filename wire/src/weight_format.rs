@@ -117,8 +117,9 @@ impl fmt::Display for CodebookType {
 pub const LUT_ROW_GROUP: usize = 16;
 
 /// `LUT2`, `LUT3`: uniform 2- or 3-bit codes stored as bit planes for
-/// table-lookup kernels (T-MAC's formulation), an 8-bit scale and an 8-bit
-/// minimum per block of 32 and an f16 scale and minimum per row.
+/// table-lookup kernels (T-MAC's formulation), a scale and a minimum per
+/// block of 32 (bytes for LUT2, 6 bits for LUT3) and an f16 scale and
+/// minimum per row.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LutType {
     /// 2 or 3.
@@ -135,24 +136,47 @@ impl LutType {
         }
     }
 
-    /// Weights per block with its own scale and minimum: 32, so LUT2
-    /// stores 2.5 bits per weight (under Q2_K's 2.625) and LUT3 3.5 (over
-    /// Q3_K's 3.4375: 64-weight blocks gave 3.25 bits but 1.4x Q3_K's
-    /// error on LLM-like weights; 32 gives 0.9x).
+    /// Weights per block with its own scale and minimum: 32 (64-weight
+    /// blocks stored LUT3 in 3.27 bits but with 1.4x Q3_K's error on
+    /// LLM-like weights).
     pub fn block(self) -> usize {
         32
     }
 
-    /// Bytes of one row: the bit planes, a scale and a minimum byte per
-    /// block, and the row's f16 scale and minimum.
-    pub fn row_bytes(self, cols: usize) -> usize {
-        cols * self.bits as usize / 8 + 2 * (cols / self.block()) + 4
+    /// Bits of a block's scale and of its minimum: 8 for LUT2 (2.52 bits
+    /// a weight, under Q2_K's 2.625; at 6 bits its error equals Q2_K's),
+    /// 6 for LUT3 (3.39 bits, under Q3_K's 3.4375, with 0.9x its error;
+    /// bytes gave 3.52 bits).
+    pub fn figure_bits(self) -> u32 {
+        if self.bits == 2 {
+            8
+        } else {
+            6
+        }
+    }
+
+    /// The largest figure: 255 or 63.
+    pub fn figure_levels(self) -> u32 {
+        (1 << self.figure_bits()) - 1
+    }
+
+    /// Bytes of one block's scales and minimums for a group of
+    /// [`LUT_ROW_GROUP`] rows: 32 as bytes, 24 at 6 bits.
+    pub fn group_figure_bytes(self) -> usize {
+        LUT_ROW_GROUP * 2 * self.figure_bits() as usize / 8
+    }
+
+    /// Bytes of one group of [`LUT_ROW_GROUP`] rows: the bit planes, the
+    /// blocks' scales and minimums, and each row's f16 scale and minimum.
+    pub fn group_bytes(self, cols: usize) -> usize {
+        LUT_ROW_GROUP * (cols * self.bits as usize / 8 + 4)
+            + cols / self.block() * self.group_figure_bytes()
     }
 
     /// Bytes of a `rows x cols` matrix, its rows padded to
     /// [`LUT_ROW_GROUP`].
     pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
-        rows.next_multiple_of(LUT_ROW_GROUP) * self.row_bytes(cols)
+        rows.div_ceil(LUT_ROW_GROUP) * self.group_bytes(cols)
     }
 }
 
@@ -348,8 +372,11 @@ mod tests {
         let lut3 = WeightFormat::Lut(LutType { bits: 3 });
         // 2048 columns: 512 bytes of planes, 64 blocks of 2 bytes, 4.
         assert_eq!(lut2.matrix_bytes(16, 2048), 16 * (512 + 128 + 4));
+        // LUT3: 768 bytes of planes, 64 blocks of 12 bits, 4.
+        assert_eq!(lut3.matrix_bytes(16, 2048), 16 * (768 + 96 + 4));
         assert!((lut2.bits_per_weight(2048, 2048) - 2.5156).abs() < 1e-3);
-        assert!((lut3.bits_per_weight(2048, 2048) - 3.5156).abs() < 1e-3);
+        assert!((lut3.bits_per_weight(2048, 2048) - 3.3906).abs() < 1e-3);
+        assert!(lut3.bits_per_weight(2048, 2048) < GgmlType::Q3K.bits_per_weight());
         // 17 rows take two groups of 16.
         assert_eq!(lut2.matrix_bytes(17, 2048), 2 * lut2.matrix_bytes(16, 2048));
         assert!(lut3
