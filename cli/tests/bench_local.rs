@@ -848,7 +848,7 @@ fn cycles_finds_every_kernel_loop_for_a_pi5_and_the_host_and_sets_measured_cycle
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bench.toml"),
-        "[matrices.m]\ntypes = [\"Q4_0\", \"LUT2\", \"LUT3\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\nrepack = false\n",
+        "[matrices.m]\ntypes = [\"Q4_0\", \"LUT2\", \"LUT3\", \"SQ4\", \"SQ3\"]\nshapes = [\"llama3.2-1b.attn_kv\"]\nbatches = [1]\nthreads = [1]\nwarmup = 1\nmin_reps = 3\nmin_time_ms = 5\nmax_time_ms = 200\nrepack = false\n",
     )
     .unwrap();
     common::bench_local(dir.path(), "m");
@@ -884,6 +884,8 @@ fn cycles_finds_every_kernel_loop_for_a_pi5_and_the_host_and_sets_measured_cycle
     for (kernel, ty, path) in [
         ("LUT2 (ours, AVX2 vpshufb)", "LUT2", "lut-avx2"),
         ("LUT3 (ours, AVX2 vpshufb)", "LUT3", "lut-avx2"),
+        ("SQ4 (ours, AVX2 vpshufb)", "SQ4", "codebook-avx2"),
+        ("SQ3 (ours, AVX2 vpshufb)", "SQ3", "codebook-avx2"),
         ("Q4_0 (GGML vec_dot_q4_0_q8_0)", "Q4_0", "CPU_Mapped"),
     ] {
         let c = cells(&stdout, kernel);
@@ -915,6 +917,8 @@ fn cycles_finds_every_kernel_loop_for_a_pi5_and_the_host_and_sets_measured_cycle
     for kernel in [
         "LUT2 (ours, NEON tbl + sdot)",
         "LUT3 (ours, NEON tbl + sdot)",
+        "SQ4 (ours, NEON tbl + sdot)",
+        "SQ3 (ours, NEON tbl + sdot)",
         "LUT2 (ours, NEON tbl + sadalp)",
         "LUT3 (ours, NEON tbl + sadalp)",
         "Q4_0 (GGML vec_dot_q4_0_q8_0)",

@@ -83,6 +83,24 @@ pub const AARCH64_LOOPS: &[KernelLoop] = &[
         row: ("LUT3", "lut-neon-sdot"),
     },
     KernelLoop {
+        // One block of 32 columns for 8 rows: each row's indices looked
+        // up in its codebook by two `tbl`, then two `sdot` with the
+        // activations loaded once for the eight.
+        kernel: "SQ4 (ours, NEON tbl + sdot)",
+        symbol: "kernels::codebook::groups::simd::sq4_sdot",
+        weights_per_iteration: 8 * 32,
+        signature: (&["sdot"], 16),
+        row: ("SQ4", "codebook-neon-sdot"),
+    },
+    KernelLoop {
+        // As SQ4, the 3-bit indices unpacked by shifts and a bit test.
+        kernel: "SQ3 (ours, NEON tbl + sdot)",
+        symbol: "kernels::codebook::groups::simd::sq3_sdot",
+        weights_per_iteration: 8 * 32,
+        signature: (&["sdot"], 16),
+        row: ("SQ3", "codebook-neon-sdot"),
+    },
+    KernelLoop {
         // Without dotprod (a Pi 4): the same `tbl`, then `sadalp`.
         kernel: "LUT2 (ours, NEON tbl + sadalp)",
         symbol: "kernels::lut::simd::neon::lut2",
@@ -135,6 +153,23 @@ pub const X86_LOOPS: &[KernelLoop] = &[
         weights_per_iteration: 16 * 32,
         signature: (&["vpshufb"], 16),
         row: ("LUT3", "lut-avx2"),
+    },
+    KernelLoop {
+        // One block of 32 columns for 8 rows: each pair of rows' indices
+        // looked up in their codebooks by two `vpshufb`.
+        kernel: "SQ4 (ours, AVX2 vpshufb)",
+        symbol: "kernels::codebook::groups::simd::sq4",
+        weights_per_iteration: 8 * 32,
+        signature: (&["vpshufb"], 8),
+        row: ("SQ4", "codebook-avx2"),
+    },
+    KernelLoop {
+        // As SQ4 plus one `vpshufb` a row spreading its third bits.
+        kernel: "SQ3 (ours, AVX2 vpshufb)",
+        symbol: "kernels::codebook::groups::simd::sq3",
+        weights_per_iteration: 8 * 32,
+        signature: (&["vpshufb"], 16),
+        row: ("SQ3", "codebook-avx2"),
     },
     KernelLoop {
         // `ggml-cpu/arch/x86/quants.c`: one block of 32 an iteration, one

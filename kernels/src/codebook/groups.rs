@@ -207,16 +207,44 @@ mod simd {
         // registers.
         unsafe {
             match (out.len(), g.bits) {
-                (1, 4) => group_dot_avx2::<1, 4>(g, q, t0, out),
+                (1, 4) => sq4(g, q, t0, out),
                 (2, 4) => group_dot_avx2::<2, 4>(g, q, t0, out),
                 (3, 4) => group_dot_avx2::<3, 4>(g, q, t0, out),
                 (_, 4) => group_dot_avx2::<4, 4>(g, q, t0, out),
-                (1, _) => group_dot_avx2::<1, 3>(g, q, t0, out),
+                (1, _) => sq3(g, q, t0, out),
                 (2, _) => group_dot_avx2::<2, 3>(g, q, t0, out),
                 (3, _) => group_dot_avx2::<3, 3>(g, q, t0, out),
                 (_, _) => group_dot_avx2::<4, 3>(g, q, t0, out),
             }
         }
+    }
+
+    // Batch 1 (decode) has one symbol per format, never inlined, so
+    // `harness::builds::cycles` finds each hot loop by name in the binary.
+    /// # Safety
+    /// As [`group_dot_avx2`].
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sq4(
+        g: &GroupView,
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+    ) {
+        group_dot_avx2::<1, 4>(g, q, t0, out)
+    }
+
+    /// # Safety
+    /// As [`group_dot_avx2`].
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sq3(
+        g: &GroupView,
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+    ) {
+        group_dot_avx2::<1, 3>(g, q, t0, out)
     }
 
     /// 32 three-bit indices of one row, in order: the low two bits by one
@@ -275,6 +303,10 @@ mod simd {
     /// tables' bytes are the centroids plus 64, unsigned, so `vpmaddubsw`
     /// takes them as they are; the 64 x sum of each block's activations
     /// this adds is taken out at the end, one multiply-add a block.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `g` and `q` as `RowGroups::dot` checks.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn group_dot_avx2<const N: usize, const BITS: u8>(
         g: &GroupView,
@@ -386,24 +418,73 @@ mod simd {
         // activations cover `t0 + out.len()` tokens and the view's slices
         // the group.
         unsafe {
-            match (out.len(), dot) {
-                (1, true) => group_dot_sdot::<1>(g, q, t0, out),
-                (2, true) => group_dot_sdot::<2>(g, q, t0, out),
-                (3, true) => group_dot_sdot::<3>(g, q, t0, out),
-                (_, true) => group_dot_sdot::<4>(g, q, t0, out),
-                (1, false) => group_dot_neon::<1>(g, q, t0, out),
-                (2, false) => group_dot_neon::<2>(g, q, t0, out),
-                (3, false) => group_dot_neon::<3>(g, q, t0, out),
-                (_, false) => group_dot_neon::<4>(g, q, t0, out),
+            match (g.bits, dot) {
+                (4, true) => by_tokens::<4>(g, q, t0, out, true),
+                (_, true) => by_tokens::<3>(g, q, t0, out, true),
+                (4, false) => by_tokens::<4>(g, q, t0, out, false),
+                (_, false) => by_tokens::<3>(g, q, t0, out, false),
             }
         }
+    }
+
+    /// One instance per token count and index width keeps the
+    /// accumulators in registers and the unpacking out of branches.
+    ///
+    /// # Safety
+    /// As [`group_dot_with`]; `sdot` only where the CPU has it.
+    unsafe fn by_tokens<const BITS: u8>(
+        g: &GroupView,
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+        sdot: bool,
+    ) {
+        match (out.len(), sdot) {
+            (1, true) if BITS == 4 => sq4_sdot(g, q, t0, out),
+            (1, true) => sq3_sdot(g, q, t0, out),
+            (2, true) => group_dot_sdot::<2, BITS>(g, q, t0, out),
+            (3, true) => group_dot_sdot::<3, BITS>(g, q, t0, out),
+            (_, true) => group_dot_sdot::<4, BITS>(g, q, t0, out),
+            (1, false) => group_dot_neon::<1, BITS>(g, q, t0, out),
+            (2, false) => group_dot_neon::<2, BITS>(g, q, t0, out),
+            (3, false) => group_dot_neon::<3, BITS>(g, q, t0, out),
+            (_, false) => group_dot_neon::<4, BITS>(g, q, t0, out),
+        }
+    }
+
+    // Batch 1 (decode) with `sdot` has one symbol per format, never
+    // inlined, so `harness::builds::cycles` finds each hot loop by name.
+    /// # Safety
+    /// As [`group_dot_with`]; the CPU has `sdot`.
+    #[inline(never)]
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn sq4_sdot(
+        g: &GroupView,
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+    ) {
+        group_dot_with::<1, 4>(g, q, t0, out, dot_sdot)
+    }
+
+    /// # Safety
+    /// As [`group_dot_with`]; the CPU has `sdot`.
+    #[inline(never)]
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn sq3_sdot(
+        g: &GroupView,
+        q: &QuantizedActivations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+    ) {
+        group_dot_with::<1, 3>(g, q, t0, out, dot_sdot)
     }
 
     /// 32 indices of one row in order, as two vectors of 16 (see
     /// `pack_block`).
     #[inline(always)]
-    unsafe fn unpack(p: *const u8, bits: u8) -> (uint8x16_t, uint8x16_t) {
-        if bits == 4 {
+    unsafe fn unpack<const BITS: u8>(p: *const u8) -> (uint8x16_t, uint8x16_t) {
+        if BITS == 4 {
             let packed = vld1q_u8(p);
             return (vandq_u8(packed, vdupq_n_u8(15)), vshrq_n_u8::<4>(packed));
         }
@@ -471,7 +552,7 @@ mod simd {
     /// into two vectors of four rows, converted and scaled by the rows'
     /// block scales times the activations' scale at once.
     #[inline(always)]
-    unsafe fn group_dot_with<const N: usize>(
+    unsafe fn group_dot_with<const N: usize, const BITS: u8>(
         g: &GroupView,
         q: &QuantizedActivations,
         t0: usize,
@@ -483,17 +564,29 @@ mod simd {
         let tables: [int8x16_t; GROUP] = std::array::from_fn(|i| {
             vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(g.tables.as_ptr().add(i * 16)), offset))
         });
-        let row_step = packed_block_bytes(g.bits);
+        let row_step = packed_block_bytes(BITS);
         let (values, scales, _) = q.token(t0);
         let (values, scales) = (values.as_ptr(), scales.as_ptr());
         let (value_stride, scale_stride) = (q.blocks_per_token * BLOCK, q.blocks_per_token);
         let mut acc = [[vdupq_n_f32(0.0); 2]; N];
         for b in 0..g.blocks {
             let block = g.packed.as_ptr().add(b * GROUP * row_step);
-            let looked_up: [(int8x16_t, int8x16_t); GROUP] = std::array::from_fn(|i| {
-                let (i0, i1) = unpack(block.add(i * row_step), g.bits);
+            let lookup = |i: usize| {
+                let (i0, i1) = unpack::<BITS>(block.add(i * row_step));
                 (vqtbl1q_s8(tables[i], i0), vqtbl1q_s8(tables[i], i1))
-            });
+            };
+            // Written out: `array::from_fn` left the 3-bit rows in a loop
+            // of their own (and the block's sums behind a stack round trip).
+            let looked_up: [(int8x16_t, int8x16_t); GROUP] = [
+                lookup(0),
+                lookup(1),
+                lookup(2),
+                lookup(3),
+                lookup(4),
+                lookup(5),
+                lookup(6),
+                lookup(7),
+            ];
             let block_scales = vmovl_u8(vld1_u8(g.scales.as_ptr().add(b * GROUP)));
             let block_scales = [
                 vcvtq_f32_u32(vmovl_u16(vget_low_u16(block_scales))),
@@ -540,33 +633,37 @@ mod simd {
         );
         // SAFETY: NEON is baseline on aarch64; lengths as in `group_dot`.
         unsafe {
-            match out.len() {
-                1 => group_dot_neon::<1>(g, q, t0, out),
-                2 => group_dot_neon::<2>(g, q, t0, out),
-                3 => group_dot_neon::<3>(g, q, t0, out),
-                _ => group_dot_neon::<4>(g, q, t0, out),
+            match (out.len(), g.bits) {
+                (1, 4) => group_dot_neon::<1, 4>(g, q, t0, out),
+                (2, 4) => group_dot_neon::<2, 4>(g, q, t0, out),
+                (3, 4) => group_dot_neon::<3, 4>(g, q, t0, out),
+                (_, 4) => group_dot_neon::<4, 4>(g, q, t0, out),
+                (1, _) => group_dot_neon::<1, 3>(g, q, t0, out),
+                (2, _) => group_dot_neon::<2, 3>(g, q, t0, out),
+                (3, _) => group_dot_neon::<3, 3>(g, q, t0, out),
+                (_, _) => group_dot_neon::<4, 3>(g, q, t0, out),
             }
         }
     }
 
     #[target_feature(enable = "neon")]
-    unsafe fn group_dot_neon<const N: usize>(
+    unsafe fn group_dot_neon<const N: usize, const BITS: u8>(
         g: &GroupView,
         q: &QuantizedActivations,
         t0: usize,
         out: &mut [[f32; GROUP]],
     ) {
-        group_dot_with::<N>(g, q, t0, out, dot_widening)
+        group_dot_with::<N, BITS>(g, q, t0, out, dot_widening)
     }
 
     #[target_feature(enable = "neon,dotprod")]
-    unsafe fn group_dot_sdot<const N: usize>(
+    unsafe fn group_dot_sdot<const N: usize, const BITS: u8>(
         g: &GroupView,
         q: &QuantizedActivations,
         t0: usize,
         out: &mut [[f32; GROUP]],
     ) {
-        group_dot_with::<N>(g, q, t0, out, dot_sdot)
+        group_dot_with::<N, BITS>(g, q, t0, out, dot_sdot)
     }
 }
 
