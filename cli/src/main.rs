@@ -200,7 +200,7 @@ enum Command {
     },
     /// Static cycle estimates of the kernels' hot loops from llvm-mca (a
     /// model estimate, not a measurement): cycles per 32 weights for ours
-    /// (LUT2, LUT3) and GGML's Q4_0 loops, as the board's agent is built.
+    /// (LUT2, LUT3, SQ4, SQ3) and GGML's Q4_0 loops, as the board's agent is built.
     /// Needs Debian's llvm-19 (`apt-get install llvm-19`): older LLVMs have
     /// no Cortex-A76 model of their own, which the command checks.
     Cycles {
