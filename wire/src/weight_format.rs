@@ -1,5 +1,6 @@
 //! What a kernel-matrix cell stores its weights in: one of GGML's types
-//! (`+imatrix` when quantized with an importance matrix), one of quantbench's own non-uniform codebook formats (`SQ4`, `SQ3`, with
+//! (`+imatrix` when quantized with an importance matrix), one of
+//! quantbench's own non-uniform codebook formats (`SQ4`, `SQ3`, with
 //! `+S<pct>` exact outliers; see `kernels::codebook`), or one of its
 //! table-lookup bit-plane formats (`LUT2`, `LUT3`; see `kernels::lut`). All
 //! spell themselves in the `types` list of a matrix and in the rows' `type`
