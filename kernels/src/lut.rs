@@ -24,9 +24,10 @@
 //! into one int16 lane; then for LUT3 the third plane, 32 bytes per four
 //! subgroups (byte `2r + e`: subgroup `4i + e` low, `4i + 2 + e` high),
 //! looked up with two tables whose other bytes the shuffle zeroes. The
-//! blocks' figures are stored per group and block apart from the codes
-//! (`pack_figures`) and unpacked to bytes a group at a time, in cache,
-//! before the kernels read them.
+//! blocks' figures are stored per group apart from the codes: byte
+//! figures as the kernels read them (every block's 16 scales, then every
+//! block's 16 minimums), 6-bit ones packed per block (`pack_figures`) and
+//! unpacked to bytes a group at a time, in cache, before the kernels run.
 
 use crate::codebook::{f16_round, SharedOutput, ROWS_PER_TASK};
 use crate::pool::WorkerPool;
@@ -64,8 +65,8 @@ pub struct LutMatrix {
     pub cols: usize,
     /// Per group of 16 rows and block: [`LutType`]'s plane bytes.
     codes: Vec<u8>,
-    /// Per group of 16 rows and block, the rows' scale and minimum
-    /// figures as `pack_figures` stores them.
+    /// Per group of 16 rows, the rows' scale and minimum figures of every
+    /// block: as bytes (scales, then minimums) or 6-bit (`pack_figures`).
     block_figures: Vec<u8>,
     /// One f16 value per row (padding rows included).
     row_scales: Vec<f32>,
@@ -219,18 +220,13 @@ fn quantize_row(ty: LutType, row: &[f32], importance: &[f32]) -> QuantizedRow {
 /// Low nibbles of 16 bytes.
 const NIBBLES: u128 = 0x0F0F_0F0F_0F0F_0F0F_0F0F_0F0F_0F0F_0F0F;
 
-/// One block's figures of a group's 16 rows as stored: as bytes, the 16
-/// scales then the 16 minimums; at 6 bits, 24 bytes: byte `r` the low 4
-/// bits of row `r`'s scale (low nibble) and minimum (high nibble), then 4
-/// bytes of the scales' top 2 bits and 4 of the minimums' (byte `i`: rows
-/// `i`, `i + 4`, `i + 8`, `i + 12` at bits 0, 2, 4, 6), which
-/// `unpack_figures` spreads with word-wide shifts.
-fn pack_figures(ty: LutType, scales: &[u8; ROWS], mins: &[u8; ROWS], out: &mut Vec<u8>) {
-    if ty.figure_bits() == 8 {
-        out.extend_from_slice(scales);
-        out.extend_from_slice(mins);
-        return;
-    }
+/// One block's 6-bit figures of a group's 16 rows, 24 bytes: byte `r`
+/// the low 4 bits of row `r`'s scale (low nibble) and minimum (high
+/// nibble), then 4 bytes of the scales' top 2 bits and 4 of the minimums'
+/// (byte `i`: rows `i`, `i + 4`, `i + 8`, `i + 12` at bits 0, 2, 4, 6),
+/// which `unpack_figures` spreads with word-wide shifts.
+fn pack_figures(scales: &[u8], mins: &[u8], out: &mut Vec<u8>) {
+    debug_assert_eq!((scales.len(), mins.len()), (ROWS, ROWS));
     out.extend((0..ROWS).map(|r| (scales[r] & 15) | (mins[r] & 15) << 4));
     for figures in [scales, mins] {
         out.extend(
@@ -239,13 +235,8 @@ fn pack_figures(ty: LutType, scales: &[u8; ROWS], mins: &[u8; ROWS], out: &mut V
     }
 }
 
-/// The bytes `pack_figures` stored `packed` from.
-fn unpack_figures(ty: LutType, packed: &[u8], scales: &mut [u8], mins: &mut [u8]) {
-    if ty.figure_bits() == 8 {
-        scales.copy_from_slice(&packed[..ROWS]);
-        mins.copy_from_slice(&packed[ROWS..2 * ROWS]);
-        return;
-    }
+/// The 16 scales and minimums `pack_figures` stored `packed` from.
+fn unpack_figures(packed: &[u8], scales: &mut [u8], mins: &mut [u8]) {
     let word = |at: usize| {
         u32::from_le_bytes([packed[at], packed[at + 1], packed[at + 2], packed[at + 3]])
     };
@@ -263,6 +254,10 @@ fn unpack_figures(ty: LutType, packed: &[u8], scales: &mut [u8], mins: &mut [u8]
     scales.copy_from_slice(&s.to_le_bytes());
     mins.copy_from_slice(&m.to_le_bytes());
 }
+
+/// Where 6-bit figures are unpacked for the kernels (one per task, kept
+/// across its groups).
+type FigureScratch = (Vec<u8>, Vec<u8>);
 
 /// Plane `plane` of the 4 codes of subgroup `sub` of a block of `codes`,
 /// as a 4-bit table index (bit `j` from weight `4 sub + j`).
@@ -365,9 +360,21 @@ impl LutMatrix {
                         }
                     }
                 }
-                let scales = std::array::from_fn(|r| row(g * ROWS + r).block_scales[b]);
-                let mins = std::array::from_fn(|r| row(g * ROWS + r).block_mins[b]);
-                pack_figures(ty, &scales, &mins, &mut m.block_figures);
+            }
+            // Block by block, 16 rows each.
+            let figures = |of: fn(&QuantizedRow) -> &Vec<u8>| -> Vec<u8> {
+                (0..blocks)
+                    .flat_map(|b| (0..ROWS).map(move |r| of(row(g * ROWS + r))[b]))
+                    .collect()
+            };
+            let (scales, mins) = (figures(|q| &q.block_scales), figures(|q| &q.block_mins));
+            if ty.figure_bits() == 8 {
+                m.block_figures.extend_from_slice(&scales);
+                m.block_figures.extend_from_slice(&mins);
+            } else {
+                for (s, n) in scales.chunks_exact(ROWS).zip(mins.chunks_exact(ROWS)) {
+                    pack_figures(s, n, &mut m.block_figures);
+                }
             }
         }
         m
@@ -404,32 +411,45 @@ impl LutMatrix {
     }
 
     /// Group `g`'s scale and minimum figures as bytes, 16 a block (the
-    /// kernels' `Group::scales` and `mins`), into `scales` and `mins`.
-    fn unpack_group(&self, g: usize, scales: &mut Vec<u8>, mins: &mut Vec<u8>) {
-        let (blocks, bytes) = (self.blocks(), self.ty.group_figure_bytes());
-        scales.resize(blocks * ROWS, 0);
-        mins.resize(blocks * ROWS, 0);
-        let packed = &self.block_figures[g * blocks * bytes..(g + 1) * blocks * bytes];
+    /// kernels' `Group::scales` and `mins`): byte figures where they are
+    /// stored, 6-bit ones unpacked into `scratch`.
+    fn group_figures<'a>(
+        &'a self,
+        g: usize,
+        scratch: &'a mut FigureScratch,
+    ) -> (&'a [u8], &'a [u8]) {
+        let figures = self.blocks() * ROWS;
+        let bytes = self.blocks() * self.ty.group_figure_bytes();
+        let packed = &self.block_figures[g * bytes..(g + 1) * bytes];
+        if self.ty.figure_bits() == 8 {
+            return packed.split_at(figures);
+        }
+        let (scales, mins) = scratch;
+        scales.resize(figures, 0);
+        mins.resize(figures, 0);
         for ((p, s), m) in packed
-            .chunks_exact(bytes)
+            .chunks_exact(self.ty.group_figure_bytes())
             .zip(scales.chunks_exact_mut(ROWS))
             .zip(mins.chunks_exact_mut(ROWS))
         {
-            unpack_figures(self.ty, p, s, m);
+            unpack_figures(p, s, m);
         }
+        (scales, mins)
     }
 
     /// The matrix the codes stand for.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        let (mut scales, mut mins) = (Vec::new(), Vec::new());
-        for r in 0..self.rows {
-            self.unpack_group(r / ROWS, &mut scales, &mut mins);
-            for j in 0..self.cols {
-                let i = j / self.ty.block() * ROWS + r % ROWS;
-                let scale = self.row_scales[r] * scales[i] as f32;
-                let minimum = self.row_mins[r] * mins[i] as f32;
-                out.push(scale * self.code_at(r, j) as f32 - minimum);
+        let mut scratch = FigureScratch::default();
+        for g in 0..self.groups() {
+            let (scales, mins) = self.group_figures(g, &mut scratch);
+            for r in g * ROWS..((g + 1) * ROWS).min(self.rows) {
+                for j in 0..self.cols {
+                    let i = j / self.ty.block() * ROWS + r % ROWS;
+                    let scale = self.row_scales[r] * scales[i] as f32;
+                    let minimum = self.row_mins[r] * mins[i] as f32;
+                    out.push(scale * self.code_at(r, j) as f32 - minimum);
+                }
             }
         }
         out
@@ -487,14 +507,14 @@ impl LutMatrix {
         let blocks = self.blocks();
         let code_bytes = blocks * group_block_bytes(self.ty);
         pool.run(groups.div_ceil(per_task), &|task| {
-            let (mut scales, mut mins) = (Vec::new(), Vec::new());
+            let mut scratch = FigureScratch::default();
             for g in task * per_task..((task + 1) * per_task).min(groups) {
-                // The figures unpacked once per group, for every token.
-                self.unpack_group(g, &mut scales, &mut mins);
+                // 6-bit figures unpacked once per group, for every token.
+                let (scales, mins) = self.group_figures(g, &mut scratch);
                 let group = simd::Group {
                     codes: &self.codes[g * code_bytes..(g + 1) * code_bytes],
-                    scales: &scales,
-                    mins: &mins,
+                    scales,
+                    mins,
                 };
                 for t in 0..tokens {
                     let (mut dots, mut offsets) = ([0f32; ROWS], [0f32; ROWS]);
@@ -726,9 +746,9 @@ mod tests {
             let top = (1u8 << ty.bits) - 1;
             assert!(quantized.iter().any(|q| q.codes.contains(&top)));
             // Every block's figures unpack to the rows' own.
-            let (mut scales, mut mins) = (Vec::new(), Vec::new());
+            let mut scratch = FigureScratch::default();
             for (r, row) in quantized.iter().enumerate() {
-                m.unpack_group(r / ROWS, &mut scales, &mut mins);
+                let (scales, mins) = m.group_figures(r / ROWS, &mut scratch);
                 for b in 0..cols / ty.block() {
                     let i = b * ROWS + r % ROWS;
                     assert_eq!(
@@ -758,10 +778,10 @@ mod tests {
             let scales: [u8; ROWS] = std::array::from_fn(|r| (r as u8 * 5 + shift) % 64);
             let mins: [u8; ROWS] = std::array::from_fn(|r| (r as u8 * 11 + 3 * shift) % 64);
             let mut packed = Vec::new();
-            pack_figures(LUT3, &scales, &mins, &mut packed);
+            pack_figures(&scales, &mins, &mut packed);
             assert_eq!(packed.len(), LUT3.group_figure_bytes());
             let (mut s, mut m) = ([0u8; ROWS], [0u8; ROWS]);
-            unpack_figures(LUT3, &packed, &mut s, &mut m);
+            unpack_figures(&packed, &mut s, &mut m);
             assert_eq!((s, m), (scales, mins), "shift {shift}");
         }
     }
