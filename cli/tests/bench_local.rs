@@ -187,11 +187,12 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     assert_eq!(iq2.bits_per_weight, 2.0625, "{iq2:?}");
     assert!(iq2.kernel_path.ends_with("+act:q8_K"), "{iq2:?}");
     assert!(iq2.nmse.unwrap() < 0.3, "{iq2:?}");
-    // The planes, a scale and a minimum per 32 (bytes for LUT2, 6 bits
-    // for LUT3) and 4 bytes a row: under Q2_K's 2.625 and Q3_K's 3.4375.
-    for (ty, bits) in [("LUT2", 2.0 + 0.5), ("LUT3", 3.0 + 0.375)] {
+    // The planes and the figures: LUT2 Q2_K's 2.625 (4-bit figures per
+    // 16, 4 bytes per 256), LUT3 6-bit figures per 32 and 4 bytes a row,
+    // under Q3_K's 3.4375.
+    for (ty, bits) in [("LUT2", 2.625), ("LUT3", 3.375 + 32.0 / 2048.0)] {
         assert!(
-            (of(ty).bits_per_weight - (bits + 32.0 / 2048.0)).abs() < 1e-9,
+            (of(ty).bits_per_weight - bits).abs() < 1e-9,
             "{:?}",
             of(ty)
         );

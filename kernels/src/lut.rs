@@ -1,37 +1,46 @@
 //! Table-lookup formats for 2- and 3-bit weights (`LUT2`, `LUT3`), after
 //! T-MAC (Wei et al., "T-MAC: CPU Renaissance via Table Lookup for Low-Bit
 //! LLM Deployment on Edge", 2024). A weight is a uniform code `q` in
-//! `0..2^bits` with an affine scale and minimum per block of 32 weights:
-//! `w = D_r * s_rb * q - M_r * m_rb`, `s_rb` and `m_rb` figures of 8 bits
-//! (LUT2) or 6 (LUT3), `D_r` and `M_r` f16 per row. The quantizer picks each
-//! block's scale and minimum by weighted least squares over the input
-//! channels' sensitivities (the codebooks' weights).
+//! `0..2^bits` with an affine scale and minimum per block:
+//! `w = D * s_b * q - M * m_b`, where `s_b` and `m_b` are the block's
+//! figures and `D`, `M` f16 values per span of the row. LUT2 has Q2_K's
+//! granularity and bits (blocks of 16 with 4-bit figures, an f16 pair per
+//! 256 weights: 2.625 bits); LUT3 blocks of 32 with 6-bit figures under
+//! the row's f16 pair (3.39 bits, under Q3_K's 3.4375). The quantizer
+//! picks each block's scale and minimum by weighted least squares over
+//! the input channels' sensitivities (the codebooks' weights).
 //!
 //! The kernels never decode a weight. The codes are stored as bit planes,
 //! and per group of 4 activations the call builds once a 16-entry table of
 //! their partial sums (`T[n] = sum of a_j for the bits j set in n`, int8
-//! with one scale per block of activations). A row's dot product with
+//! with one scale per block of 32 activations). A row's dot product with
 //! those 4 activations is then `T[plane0] + 2 T[plane1] (+ 4 T[plane2])`,
 //! each a 4-bit index: one byte shuffle (`vpshufb`, NEON `tbl`) looks up
 //! 32 of them at once, so the work per weight is a fraction of an
-//! instruction and does not grow with batch-1's single token.
+//! instruction and does not grow with batch-1's single token. LUT2's
+//! 16-weight scales multiply the integer sums (`vpmaddwd`, or `sdot`
+//! multipliers), so its float epilogue stays one per 32 columns.
 //!
 //! Layout (the stored form is the kernels' form; no repack): rows in
-//! groups of 16 (padded with zero rows), per group and block first the
-//! plane pairs, 32 bytes per two subgroups (byte `2r + p` holds plane `p`
-//! of row `r`, subgroup `2i` in the low nibble and `2i + 1` in the high
-//! one), so `vpmaddubsw` with bytes `(1, 2)` adds the two planes of a row
-//! into one int16 lane; then for LUT3 the third plane, 32 bytes per four
-//! subgroups (byte `2r + e`: subgroup `4i + e` low, `4i + 2 + e` high),
-//! looked up with two tables whose other bytes the shuffle zeroes. The
-//! blocks' figures are stored per group apart from the codes: byte
-//! figures as the kernels read them (every block's 16 scales, then every
-//! block's 16 minimums), 6-bit ones packed per block (`pack_figures`) and
-//! unpacked to bytes a group at a time, in cache, before the kernels run.
+//! groups of 16 (padded with zero rows), per group and block of 32 codes
+//! first the plane pairs, 32 bytes per two subgroups (byte `2r + p` holds
+//! plane `p` of row `r`, subgroup `2i` in the low nibble and `2i + 1` in
+//! the high one), so `vpmaddubsw` with bytes `(1, 2)` adds the two planes
+//! of a row into one int16 lane; then for LUT3 the third plane, 32 bytes
+//! per four subgroups (byte `2r + e`: subgroup `4i + e` low, `4i + 2 + e`
+//! high), looked up with two tables whose other bytes the shuffle zeroes.
+//! The blocks' figures are stored per group apart from the codes. LUT2's
+//! as the kernels read them: per block of 32 codes 32 bytes, byte
+//! `2k + h` the scale (low nibble) and minimum (high) of the 16-weight
+//! half `h` of the row in slot `k` ([`LUT2_SLOT_ROWS`]: the order in which
+//! AVX2's `vpunpck`/`vpmaddwd` leave the rows). LUT3's 6-bit figures are
+//! packed per block (`pack_figures`) and unpacked to bytes a group at a
+//! time, in cache, before the kernels run. Then per group and span the 16
+//! rows' f16 scales and minimums, in slot order.
 
 use crate::codebook::{f16_round, SharedOutput, ROWS_PER_TASK};
 use crate::pool::WorkerPool;
-pub use wire::weight_format::{LutType, LUT_ROW_GROUP};
+pub use wire::weight_format::{LutType, LUT_CODE_BLOCK, LUT_ROW_GROUP};
 
 mod simd;
 
@@ -39,15 +48,36 @@ mod simd;
 const ROWS: usize = LUT_ROW_GROUP;
 /// Activations per table.
 const SUBGROUP: usize = 4;
+/// Columns of a block of codes, of tables and of their int8 scale.
+const CODE_BLOCK: usize = LUT_CODE_BLOCK;
+/// Activations per exact sum (for the minimums' term): LUT2's block.
+const SUM_BLOCK: usize = 16;
+/// Code blocks per LUT2 span of 256.
+const LUT2_BLOCKS_PER_SPAN: usize = 8;
+
+/// The row in each of LUT2's 16 slots: AVX2 interleaves two int16 sums
+/// of 16 rows (`vpunpcklwd` within 128-bit lanes) into rows 0-3 and 8-11,
+/// then 4-7 and 12-15. Its own inverse.
+pub(crate) const LUT2_SLOT_ROWS: [usize; ROWS] =
+    [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
+
+/// The row in each slot of `ty`'s figures.
+fn slot_rows(ty: LutType) -> [usize; ROWS] {
+    if ty.bits == 2 {
+        LUT2_SLOT_ROWS
+    } else {
+        std::array::from_fn(|k| k)
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum LutError {
-    #[error("{rows} x {cols}: {ty} rows need a multiple of {block} columns")]
+    #[error("{rows} x {cols}: {ty} rows need a multiple of {multiple} columns")]
     Shape {
         ty: String,
         rows: usize,
         cols: usize,
-        block: usize,
+        multiple: usize,
     },
     #[error("staged table-lookup matrix {path}: {reason}")]
     Staged {
@@ -63,19 +93,40 @@ pub struct LutMatrix {
     pub ty: LutType,
     pub rows: usize,
     pub cols: usize,
-    /// Per group of 16 rows and block: [`LutType`]'s plane bytes.
+    /// Per group of 16 rows and block of 32 columns: the plane bytes.
     codes: Vec<u8>,
     /// Per group of 16 rows, the rows' scale and minimum figures of every
-    /// block: as bytes (scales, then minimums) or 6-bit (`pack_figures`).
+    /// block (see the module comment).
     block_figures: Vec<u8>,
-    /// One f16 value per row (padding rows included).
-    row_scales: Vec<f32>,
-    row_mins: Vec<f32>,
+    /// Per group and span: the 16 rows' f16 scales, then their f16
+    /// minimums, in slot order.
+    span_figures: Vec<u16>,
 }
 
 /// Bytes of one group's block of codes.
 fn group_block_bytes(ty: LutType) -> usize {
-    ROWS * ty.block() * ty.bits as usize / 8
+    ROWS * CODE_BLOCK * ty.bits as usize / 8
+}
+
+/// `v` as f16 bits (round to nearest even).
+fn to_f16(v: f32) -> u16 {
+    // SAFETY: a pure conversion.
+    unsafe { llama_cpp_sys_2::ggml_fp32_to_fp16(v) }
+}
+
+/// The f16 `bits` as f32, exactly (in Rust: the scalar paths call it per
+/// figure, an FFI call each would cost).
+pub(crate) fn from_f16(bits: u16) -> f32 {
+    let sign = if bits & 0x8000 != 0 { -1f32 } else { 1f32 };
+    let exponent = (bits >> 10) & 0x1F;
+    let mantissa = (bits & 0x3FF) as u32;
+    match exponent {
+        0 => sign * mantissa as f32 * f32::from_bits(0x3380_0000), // 2^-24
+        31 => f32::from_bits(((bits as u32 & 0x8000) << 16) | 0x7F80_0000 | mantissa << 13),
+        _ => f32::from_bits(
+            ((bits as u32 & 0x8000) << 16) | (exponent as u32 + 112) << 23 | mantissa << 13,
+        ),
+    }
 }
 
 /// Best `(scale, minimum)` for `w ~ scale * q - minimum`, `q` in
@@ -153,11 +204,11 @@ fn block_error(x: &[f32], importance: &[f32], scale: f32, minimum: f32, top: f32
         .sum()
 }
 
-/// One row quantized: its f16 scale and minimum, per block a scale and a
-/// minimum figure (0..=255 or 0..=63), and one code a weight.
+/// One row quantized: per span its f16 scale and minimum, per block a
+/// scale and a minimum figure (0..=15 or 0..=63), and one code a weight.
 struct QuantizedRow {
-    scale: f32,
-    minimum: f32,
+    span_scales: Vec<f32>,
+    span_mins: Vec<f32>,
     block_scales: Vec<u8>,
     block_mins: Vec<u8>,
     codes: Vec<u8>,
@@ -165,17 +216,8 @@ struct QuantizedRow {
 
 fn quantize_row(ty: LutType, row: &[f32], importance: &[f32]) -> QuantizedRow {
     let top = ((1u32 << ty.bits) - 1) as f32;
-    let fits: Vec<(f32, f32)> = row
-        .chunks_exact(ty.block())
-        .zip(importance.chunks_exact(ty.block()))
-        .map(|(x, w)| fit_block(x, w, top))
-        .collect();
-    // The row's f16 figures over the figures' steps (255 for bytes, 63
-    // at 6 bits); the f16 rounding may take a step off the top, so the
-    // figures clamp.
+    let (block, span) = (ty.block(), ty.span(row.len()));
     let levels = ty.figure_levels() as i32;
-    let scale = f16_round(fits.iter().fold(0f32, |m, f| m.max(f.0)) / levels as f32);
-    let minimum = f16_round(fits.iter().fold(0f32, |m, f| m.max(f.1)) / levels as f32);
     let figure = |v: f32, unit: f32| {
         if unit > 0.0 {
             (v / unit).round().clamp(0.0, levels as f32) as i32
@@ -184,35 +226,48 @@ fn quantize_row(ty: LutType, row: &[f32], importance: &[f32]) -> QuantizedRow {
         }
     };
     let mut out = QuantizedRow {
-        scale,
-        minimum,
-        block_scales: Vec::with_capacity(fits.len()),
-        block_mins: Vec::with_capacity(fits.len()),
+        span_scales: Vec::with_capacity(row.len() / span),
+        span_mins: Vec::with_capacity(row.len() / span),
+        block_scales: Vec::with_capacity(row.len() / block),
+        block_mins: Vec::with_capacity(row.len() / block),
         codes: Vec::with_capacity(row.len()),
     };
-    for ((x, w), &(s, m)) in row
-        .chunks_exact(ty.block())
-        .zip(importance.chunks_exact(ty.block()))
-        .zip(&fits)
-    {
-        // The rounded figures and their neighbours: the best pair for the
-        // block's codes (each rounded alone is not, and 6-bit steps are
-        // coarse).
-        let (s0, m0) = (figure(s, scale), figure(m, minimum));
-        let mut best = (s0, m0, f64::MAX);
-        for sb in (s0 - 1).max(0)..=(s0 + 1).min(levels) {
-            for mb in (m0 - 1).max(0)..=(m0 + 1).min(levels) {
-                let err = block_error(x, w, scale * sb as f32, minimum * mb as f32, top);
-                if err < best.2 {
-                    best = (sb, mb, err);
+    for (xs, ws) in row.chunks_exact(span).zip(importance.chunks_exact(span)) {
+        let fits: Vec<(f32, f32)> = xs
+            .chunks_exact(block)
+            .zip(ws.chunks_exact(block))
+            .map(|(x, w)| fit_block(x, w, top))
+            .collect();
+        // The span's f16 figures over the figures' steps (15 or 63); the
+        // f16 rounding may take a step off the top, so the figures clamp.
+        let scale = f16_round(fits.iter().fold(0f32, |m, f| m.max(f.0)) / levels as f32);
+        let minimum = f16_round(fits.iter().fold(0f32, |m, f| m.max(f.1)) / levels as f32);
+        out.span_scales.push(scale);
+        out.span_mins.push(minimum);
+        for ((x, w), &(s, m)) in xs
+            .chunks_exact(block)
+            .zip(ws.chunks_exact(block))
+            .zip(&fits)
+        {
+            // The rounded figures and their neighbours: the best pair for
+            // the block's codes (each rounded alone is not, and 4- and
+            // 6-bit steps are coarse).
+            let (s0, m0) = (figure(s, scale), figure(m, minimum));
+            let mut best = (s0, m0, f64::MAX);
+            for sb in (s0 - 1).max(0)..=(s0 + 1).min(levels) {
+                for mb in (m0 - 1).max(0)..=(m0 + 1).min(levels) {
+                    let err = block_error(x, w, scale * sb as f32, minimum * mb as f32, top);
+                    if err < best.2 {
+                        best = (sb, mb, err);
+                    }
                 }
             }
+            let (sb, mb) = (best.0 as u8, best.1 as u8);
+            out.block_scales.push(sb);
+            out.block_mins.push(mb);
+            let (s, m) = (scale * sb as f32, minimum * mb as f32);
+            out.codes.extend(x.iter().map(|&v| code(v, s, m, top)));
         }
-        let (sb, mb) = (best.0 as u8, best.1 as u8);
-        out.block_scales.push(sb);
-        out.block_mins.push(mb);
-        let (s, m) = (scale * sb as f32, minimum * mb as f32);
-        out.codes.extend(x.iter().map(|&v| code(v, s, m, top)));
     }
     out
 }
@@ -255,8 +310,8 @@ fn unpack_figures(packed: &[u8], scales: &mut [u8], mins: &mut [u8]) {
     mins.copy_from_slice(&m.to_le_bytes());
 }
 
-/// Where 6-bit figures are unpacked for the kernels (one per task, kept
-/// across its groups).
+/// Where LUT3's 6-bit figures are unpacked for the kernels (one per task,
+/// kept across its groups).
 type FigureScratch = (Vec<u8>, Vec<u8>);
 
 /// Plane `plane` of the 4 codes of subgroup `sub` of a block of `codes`,
@@ -279,12 +334,12 @@ impl LutMatrix {
         cols: usize,
         sensitivity: Option<&[f32]>,
     ) -> Result<LutMatrix, LutError> {
-        if !cols.is_multiple_of(ty.block()) || cols == 0 || w.len() != rows * cols {
+        if !cols.is_multiple_of(ty.columns_multiple()) || cols == 0 || w.len() != rows * cols {
             return Err(LutError::Shape {
                 ty: ty.to_string(),
                 rows,
                 cols,
-                block: ty.block(),
+                multiple: ty.columns_multiple(),
             });
         }
         let uniform = vec![1f32; cols];
@@ -315,29 +370,31 @@ impl LutMatrix {
 
     /// Interleaves quantized rows into the kernels' layout.
     fn pack(ty: LutType, rows: usize, cols: usize, quantized: &[QuantizedRow]) -> LutMatrix {
-        let (block, blocks) = (ty.block(), cols / ty.block());
-        let subgroups = block / SUBGROUP;
+        let code_blocks = cols / CODE_BLOCK;
+        let (blocks, spans) = (cols / ty.block(), cols / ty.span(cols));
+        let subgroups = CODE_BLOCK / SUBGROUP;
         let groups = rows.div_ceil(ROWS);
         let padding = QuantizedRow {
-            scale: 0.0,
-            minimum: 0.0,
+            span_scales: vec![0.0; spans],
+            span_mins: vec![0.0; spans],
             block_scales: vec![0; blocks],
             block_mins: vec![0; blocks],
             codes: vec![0; cols],
         };
         let row = |r: usize| quantized.get(r).unwrap_or(&padding);
+        let slots = slot_rows(ty);
         let mut m = LutMatrix {
             ty,
             rows,
             cols,
-            codes: Vec::with_capacity(groups * blocks * group_block_bytes(ty)),
+            codes: Vec::with_capacity(groups * code_blocks * group_block_bytes(ty)),
             block_figures: Vec::with_capacity(groups * blocks * ty.group_figure_bytes()),
-            row_scales: (0..groups * ROWS).map(|r| row(r).scale).collect(),
-            row_mins: (0..groups * ROWS).map(|r| row(r).minimum).collect(),
+            span_figures: Vec::with_capacity(groups * spans * 2 * ROWS),
         };
         for g in 0..groups {
-            for b in 0..blocks {
-                let codes = |r: usize| &row(g * ROWS + r).codes[b * block..(b + 1) * block];
+            let row = |r: usize| row(g * ROWS + r);
+            for b in 0..code_blocks {
+                let codes = |r: usize| &row(r).codes[b * CODE_BLOCK..(b + 1) * CODE_BLOCK];
                 for i in 0..subgroups / 2 {
                     for r in 0..ROWS {
                         for plane in 0..2 {
@@ -361,20 +418,29 @@ impl LutMatrix {
                     }
                 }
             }
-            // Block by block, 16 rows each.
-            let figures = |of: fn(&QuantizedRow) -> &Vec<u8>| -> Vec<u8> {
-                (0..blocks)
-                    .flat_map(|b| (0..ROWS).map(move |r| of(row(g * ROWS + r))[b]))
-                    .collect()
-            };
-            let (scales, mins) = (figures(|q| &q.block_scales), figures(|q| &q.block_mins));
-            if ty.figure_bits() == 8 {
-                m.block_figures.extend_from_slice(&scales);
-                m.block_figures.extend_from_slice(&mins);
-            } else {
-                for (s, n) in scales.chunks_exact(ROWS).zip(mins.chunks_exact(ROWS)) {
-                    pack_figures(s, n, &mut m.block_figures);
+            if ty.bits == 2 {
+                // Per block of codes, slot by slot, the two halves' nibbles.
+                for b in 0..code_blocks {
+                    for &r in &slots {
+                        for h in 0..2 {
+                            let q = row(r);
+                            m.block_figures
+                                .push(q.block_scales[2 * b + h] | q.block_mins[2 * b + h] << 4);
+                        }
+                    }
                 }
+            } else {
+                for b in 0..blocks {
+                    let scales: Vec<u8> = (0..ROWS).map(|r| row(r).block_scales[b]).collect();
+                    let mins: Vec<u8> = (0..ROWS).map(|r| row(r).block_mins[b]).collect();
+                    pack_figures(&scales, &mins, &mut m.block_figures);
+                }
+            }
+            for sp in 0..spans {
+                m.span_figures
+                    .extend(slots.iter().map(|&r| to_f16(row(r).span_scales[sp])));
+                m.span_figures
+                    .extend(slots.iter().map(|&r| to_f16(row(r).span_mins[sp])));
             }
         }
         m
@@ -384,16 +450,21 @@ impl LutMatrix {
         self.rows.div_ceil(ROWS)
     }
 
-    fn blocks(&self) -> usize {
-        self.cols / self.ty.block()
+    /// Blocks of 32 codes in a row.
+    fn code_blocks(&self) -> usize {
+        self.cols / CODE_BLOCK
+    }
+
+    fn spans(&self) -> usize {
+        self.cols / self.ty.span(self.cols)
     }
 
     /// Code of weight `(r, j)`, read back from the planes.
     fn code_at(&self, r: usize, j: usize) -> u8 {
-        let (block, subgroups) = (self.ty.block(), self.ty.block() / SUBGROUP);
-        let (b, within) = (j / block, j % block);
+        let subgroups = CODE_BLOCK / SUBGROUP;
+        let (b, within) = (j / CODE_BLOCK, j % CODE_BLOCK);
         let (sub, bit) = (within / SUBGROUP, within % SUBGROUP);
-        let base = ((r / ROWS) * self.blocks() + b) * group_block_bytes(self.ty);
+        let base = ((r / ROWS) * self.code_blocks() + b) * group_block_bytes(self.ty);
         let row = r % ROWS;
         let mut q = 0u8;
         for plane in 0..2 {
@@ -410,20 +481,21 @@ impl LutMatrix {
         q
     }
 
-    /// Group `g`'s scale and minimum figures as bytes, 16 a block (the
-    /// kernels' `Group::scales` and `mins`): byte figures where they are
-    /// stored, 6-bit ones unpacked into `scratch`.
+    /// Group `g`'s figures as its kernels read them (`Group::scales` and
+    /// `mins`): LUT2's bytes where they are stored (both halves of each
+    /// byte, so the same slice twice), LUT3's 6-bit ones unpacked into
+    /// `scratch`, 16 a block.
     fn group_figures<'a>(
         &'a self,
         g: usize,
         scratch: &'a mut FigureScratch,
     ) -> (&'a [u8], &'a [u8]) {
-        let figures = self.blocks() * ROWS;
-        let bytes = self.blocks() * self.ty.group_figure_bytes();
+        let bytes = self.cols / self.ty.block() * self.ty.group_figure_bytes();
         let packed = &self.block_figures[g * bytes..(g + 1) * bytes];
-        if self.ty.figure_bits() == 8 {
-            return packed.split_at(figures);
+        if self.ty.bits == 2 {
+            return (packed, packed);
         }
+        let figures = self.code_blocks() * ROWS;
         let (scales, mins) = scratch;
         scales.resize(figures, 0);
         mins.resize(figures, 0);
@@ -437,17 +509,41 @@ impl LutMatrix {
         (scales, mins)
     }
 
+    /// Group `g`'s f16 span figures (per span 16 scales, 16 minimums).
+    fn group_spans(&self, g: usize) -> &[u16] {
+        let per_group = self.spans() * 2 * ROWS;
+        &self.span_figures[g * per_group..(g + 1) * per_group]
+    }
+
+    /// The scale and minimum figures of row `r`'s block `block` (of
+    /// `ty.block()` weights) out of its group's `group_figures`.
+    fn block_figure(&self, figures: (&[u8], &[u8]), r: usize, block: usize) -> (u8, u8) {
+        if self.ty.bits == 2 {
+            let slot = LUT2_SLOT_ROWS[r % ROWS];
+            let byte = figures.0[block / 2 * 2 * ROWS + 2 * slot + block % 2];
+            (byte & 15, byte >> 4)
+        } else {
+            let i = block * ROWS + r % ROWS;
+            (figures.0[i], figures.1[i])
+        }
+    }
+
     /// The matrix the codes stand for.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         let mut scratch = FigureScratch::default();
+        let (block, span) = (self.ty.block(), self.ty.span(self.cols));
+        let slots = slot_rows(self.ty);
         for g in 0..self.groups() {
-            let (scales, mins) = self.group_figures(g, &mut scratch);
+            let spans = self.group_spans(g);
+            let figures = self.group_figures(g, &mut scratch);
             for r in g * ROWS..((g + 1) * ROWS).min(self.rows) {
+                let slot = slots[r % ROWS];
                 for j in 0..self.cols {
-                    let i = j / self.ty.block() * ROWS + r % ROWS;
-                    let scale = self.row_scales[r] * scales[i] as f32;
-                    let minimum = self.row_mins[r] * mins[i] as f32;
+                    let d = &spans[j / span * 2 * ROWS..];
+                    let (s, m) = self.block_figure(figures, r, j / block);
+                    let scale = from_f16(d[slot]) * s as f32;
+                    let minimum = from_f16(d[ROWS + slot]) * m as f32;
                     out.push(scale * self.code_at(r, j) as f32 - minimum);
                 }
             }
@@ -499,22 +595,23 @@ impl LutMatrix {
     ) {
         assert_eq!(x.len(), tokens * self.cols);
         assert_eq!(y.len(), tokens * self.rows);
-        tables.build(x, self.cols, self.ty.block());
+        tables.build(x, self.cols);
         let tables = &*tables;
         let out = SharedOutput(y.as_mut_ptr());
         let groups = self.groups();
         let per_task = (ROWS_PER_TASK / ROWS).min(groups.div_ceil(pool.threads()).max(1));
-        let blocks = self.blocks();
-        let code_bytes = blocks * group_block_bytes(self.ty);
+        let code_bytes = self.code_blocks() * group_block_bytes(self.ty);
         pool.run(groups.div_ceil(per_task), &|task| {
             let mut scratch = FigureScratch::default();
             for g in task * per_task..((task + 1) * per_task).min(groups) {
-                // 6-bit figures unpacked once per group, for every token.
+                // LUT3's 6-bit figures unpacked once per group, for every
+                // token.
                 let (scales, mins) = self.group_figures(g, &mut scratch);
                 let group = simd::Group {
                     codes: &self.codes[g * code_bytes..(g + 1) * code_bytes],
                     scales,
                     mins,
+                    spans: self.group_spans(g),
                 };
                 for t in 0..tokens {
                     let (mut dots, mut offsets) = ([0f32; ROWS], [0f32; ROWS]);
@@ -522,13 +619,11 @@ impl LutMatrix {
                     for i in 0..ROWS {
                         let r = g * ROWS + i;
                         if r < self.rows {
-                            let value =
-                                self.row_scales[r] * dots[i] - self.row_mins[r] * offsets[i];
                             // SAFETY: tasks own disjoint groups of rows, so
                             // each (token, row) element is written by one
                             // task, and `y` outlives `run`, which waits for
                             // every task.
-                            unsafe { out.write(t * self.rows + r, value) };
+                            unsafe { out.write(t * self.rows + r, dots[i] - offsets[i]) };
                         }
                     }
                 }
@@ -555,11 +650,10 @@ impl LutMatrix {
             out.extend_from_slice(&(v.len() as u64).to_le_bytes());
             out.extend_from_slice(v);
         }
-        for v in [&self.row_scales, &self.row_mins] {
-            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
-            v.iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-        }
+        out.extend_from_slice(&(self.span_figures.len() as u64).to_le_bytes());
+        self.span_figures
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         let staged = |e: std::io::Error| LutError::Staged {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -587,10 +681,9 @@ impl LutMatrix {
         let cols = r.word().ok_or_else(truncated)?;
         let codes = r.bytes().ok_or_else(truncated)?;
         let block_figures = r.bytes().ok_or_else(truncated)?;
-        let row_scales = r.floats().ok_or_else(truncated)?;
-        let row_mins = r.floats().ok_or_else(truncated)?;
+        let span_figures = r.halves().ok_or_else(truncated)?;
         let ty = LutType { bits };
-        if !(bits == 2 || bits == 3) || !cols.is_multiple_of(ty.block()) || cols == 0 {
+        if !(bits == 2 || bits == 3) || !cols.is_multiple_of(ty.columns_multiple()) || cols == 0 {
             return Err(bad("not a LUT2 or LUT3 matrix"));
         }
         let m = LutMatrix {
@@ -599,14 +692,11 @@ impl LutMatrix {
             cols,
             codes,
             block_figures,
-            row_scales,
-            row_mins,
+            span_figures,
         };
-        let padded = m.groups() * ROWS;
-        let consistent = m.codes.len() == m.groups() * m.blocks() * group_block_bytes(ty)
-            && m.block_figures.len() == m.groups() * m.blocks() * ty.group_figure_bytes()
-            && m.row_scales.len() == padded
-            && m.row_mins.len() == padded;
+        let consistent = m.codes.len() == m.groups() * m.code_blocks() * group_block_bytes(ty)
+            && m.block_figures.len() == m.groups() * cols / ty.block() * ty.group_figure_bytes()
+            && m.span_figures.len() == m.groups() * m.spans() * 2 * ROWS;
         if !consistent {
             return Err(bad("inconsistent sizes"));
         }
@@ -633,29 +723,29 @@ impl Reader<'_> {
         let n = self.word()?;
         self.take(n).map(<[u8]>::to_vec)
     }
-    fn floats(&mut self) -> Option<Vec<f32>> {
+    fn halves(&mut self) -> Option<Vec<u16>> {
         let n = self.word()?;
-        let raw = self.take(n.checked_mul(4)?)?;
+        let raw = self.take(n.checked_mul(2)?)?;
         Some(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            raw.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
                 .collect(),
         )
     }
 }
 
-const STAGED_MAGIC: &[u8; 8] = b"QBLUT002";
+const STAGED_MAGIC: &[u8; 8] = b"QBLUT003";
 
-/// Per token and block of activations, the int8 tables of each subgroup's
-/// 16 partial sums with the block's scale, and the block's exact sum (for
-/// the minimum's term); the buffers are reused by the next build.
+/// Per token and block of 32 activations, the int8 tables of each
+/// subgroup's 16 partial sums with the block's scale, and per 16
+/// activations their exact sum (for the minimums' term); the buffers are
+/// reused by the next build.
 #[derive(Debug, Default)]
 pub struct ActivationTables {
     tables: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<f32>,
-    blocks_per_token: usize,
-    block: usize,
+    cols: usize,
 }
 
 /// `v` rounded to the nearest integer (ties to even), for `|v| < 2^22`:
@@ -668,21 +758,22 @@ fn nearest(v: f32) -> i32 {
 
 /// One token's tables, as the kernels read them.
 pub(crate) struct TokenTables<'a> {
-    /// Per block, `block / 4` tables of 16 entries.
+    /// Per block of 32, 8 tables of 16 entries.
     pub tables: &'a [i8],
+    /// Per block of 32.
     pub scales: &'a [f32],
+    /// Per 16 activations.
     pub sums: &'a [f32],
 }
 
 impl ActivationTables {
-    fn build(&mut self, x: &[f32], cols: usize, block: usize) {
+    fn build(&mut self, x: &[f32], cols: usize) {
         self.tables.clear();
         self.scales.clear();
         self.sums.clear();
-        self.blocks_per_token = cols / block;
-        self.block = block;
-        let mut entries = vec![0f32; block / SUBGROUP * 16];
-        for values in x.chunks_exact(block) {
+        self.cols = cols;
+        let mut entries = [0f32; CODE_BLOCK / SUBGROUP * 16];
+        for values in x.chunks_exact(CODE_BLOCK) {
             let mut largest = 0f32;
             for (sub, table) in values
                 .chunks_exact(SUBGROUP)
@@ -704,17 +795,22 @@ impl ActivationTables {
                     .map(|v| nearest(v * inverse).clamp(-127, 127) as i8),
             );
             self.scales.push(scale);
-            self.sums.push(values.iter().sum());
+            self.sums.extend(
+                values
+                    .chunks_exact(SUM_BLOCK)
+                    .map(|v| v.iter().sum::<f32>()),
+            );
         }
     }
 
     pub(crate) fn token(&self, t: usize) -> TokenTables<'_> {
-        let b = self.blocks_per_token;
-        let per_block = self.block / SUBGROUP * 16;
+        let blocks = self.cols / CODE_BLOCK;
+        let per_block = CODE_BLOCK / SUBGROUP * 16;
+        let sums = self.cols / SUM_BLOCK;
         TokenTables {
-            tables: &self.tables[t * b * per_block..(t + 1) * b * per_block],
-            scales: &self.scales[t * b..(t + 1) * b],
-            sums: &self.sums[t * b..(t + 1) * b],
+            tables: &self.tables[t * blocks * per_block..(t + 1) * blocks * per_block],
+            scales: &self.scales[t * blocks..(t + 1) * blocks],
+            sums: &self.sums[t * sums..(t + 1) * sums],
         }
     }
 }
@@ -729,7 +825,8 @@ mod tests {
 
     #[test]
     fn the_planes_read_back_every_code_and_the_file_round_trips() {
-        let (rows, cols) = (19, 128);
+        // 19 rows: a group and a padded one; LUT2 two spans of 256.
+        let (rows, cols) = (19, 512);
         let w = llm_like_weights(rows, cols, 2);
         for ty in [LUT2, LUT3] {
             let importance = vec![1f32; cols];
@@ -745,19 +842,34 @@ mod tests {
             // Every code value occurs (a plane dropped would lose some).
             let top = (1u8 << ty.bits) - 1;
             assert!(quantized.iter().any(|q| q.codes.contains(&top)));
-            // Every block's figures unpack to the rows' own.
+            // Every block's figures and every span's f16 pair read back
+            // as the rows' own, in their slots.
             let mut scratch = FigureScratch::default();
+            let slots = slot_rows(ty);
             for (r, row) in quantized.iter().enumerate() {
-                let (scales, mins) = m.group_figures(r / ROWS, &mut scratch);
+                let figures = m.group_figures(r / ROWS, &mut scratch);
                 for b in 0..cols / ty.block() {
-                    let i = b * ROWS + r % ROWS;
                     assert_eq!(
-                        (scales[i], mins[i]),
+                        m.block_figure(figures, r, b),
                         (row.block_scales[b], row.block_mins[b]),
                         "{ty} row {r} block {b}"
                     );
                 }
+                let spans = m.group_spans(r / ROWS);
+                let slot = slots.iter().position(|&s| s == r % ROWS).unwrap();
+                assert_eq!(spans.len(), cols / ty.span(cols) * 2 * ROWS);
+                for (sp, pair) in spans.chunks_exact(2 * ROWS).enumerate() {
+                    assert_eq!(from_f16(pair[slot]), row.span_scales[sp], "{ty} row {r}");
+                    assert_eq!(
+                        from_f16(pair[ROWS + slot]),
+                        row.span_mins[sp],
+                        "{ty} row {r}"
+                    );
+                }
             }
+            // Figures use their whole range.
+            let levels = ty.figure_levels() as u8;
+            assert!(quantized.iter().any(|q| q.block_scales.contains(&levels)));
             assert_eq!(m, LutMatrix::quantize(ty, &w, rows, cols, None).unwrap());
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("m.bin");
@@ -768,6 +880,19 @@ mod tests {
             let err = LutMatrix::read_file(&path).unwrap_err().to_string();
             assert!(err.contains("truncated"), "{err}");
         }
+    }
+
+    /// Every f16 but the NaNs reads as GGML reads it.
+    #[test]
+    fn f16_figures_read_exactly() {
+        for bits in 0..=u16::MAX {
+            // SAFETY: a pure conversion.
+            let ggml = unsafe { llama_cpp_sys_2::ggml_fp16_to_fp32(bits) };
+            if !ggml.is_nan() {
+                assert_eq!(from_f16(bits).to_bits(), ggml.to_bits(), "{bits:#06x}");
+            }
+        }
+        assert_eq!(to_f16(1.0), 0x3C00);
     }
 
     /// Every 6-bit scale and minimum, in every row position, survives
@@ -788,8 +913,9 @@ mod tests {
 
     #[test]
     fn every_kernel_agrees_with_the_scalar_reference_and_the_f64_product() {
-        // 37 rows: two groups of 16 and a padded one; 3 tokens.
-        let (rows, cols, tokens) = (37, 256, 3);
+        // 37 rows: two groups of 16 and a padded one; 3 tokens; LUT2
+        // two spans.
+        let (rows, cols, tokens) = (37, 512, 3);
         let w = llm_like_weights(rows, cols, 3);
         let x = llm_like_activations(tokens, cols, 4);
         for ty in [LUT2, LUT3] {
@@ -845,7 +971,7 @@ mod tests {
         );
         let x = llm_like_activations(1, 64, 7);
         let mut tables = ActivationTables::default();
-        tables.build(&x, 64, 32);
+        tables.build(&x, 64);
         let token = tables.token(0);
         for b in 0..2 {
             let scale = token.scales[b];
@@ -863,44 +989,51 @@ mod tests {
             }
             // The block's scale spends the whole int8 range.
             assert_eq!(largest, 127);
-            let sum: f32 = x[32 * b..32 * (b + 1)].iter().sum();
-            assert!((token.sums[b] - sum).abs() < 1e-5);
+            for half in 0..2 {
+                let at = 32 * b + 16 * half;
+                let sum: f32 = x[at..at + 16].iter().sum();
+                assert!((token.sums[2 * b + half] - sum).abs() < 1e-5);
+            }
         }
     }
 
     #[test]
     fn reused_tables_give_what_fresh_ones_do() {
-        let (rows, cols) = (16, 128);
-        let m =
-            LutMatrix::quantize(LUT3, &llm_like_weights(rows, cols, 6), rows, cols, None).unwrap();
-        let pool = WorkerPool::new(2);
-        let mut kept = ActivationTables::default();
-        for (tokens, seed) in [(6, 1), (1, 2), (3, 3)] {
-            let x = llm_like_activations(tokens, cols, seed);
-            let (mut reused, mut fresh) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
-            m.gemm_reusing(&x, tokens, &mut reused, &pool, &mut kept);
-            m.gemm(&x, tokens, &mut fresh, &pool);
-            assert_eq!(reused, fresh, "{tokens} tokens");
+        let (rows, cols) = (16, 256);
+        let w = llm_like_weights(rows, cols, 6);
+        for ty in [LUT2, LUT3] {
+            let m = LutMatrix::quantize(ty, &w, rows, cols, None).unwrap();
+            let pool = WorkerPool::new(2);
+            let mut kept = ActivationTables::default();
+            for (tokens, seed) in [(6, 1), (1, 2), (3, 3)] {
+                let x = llm_like_activations(tokens, cols, seed);
+                let (mut reused, mut fresh) =
+                    (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+                m.gemm_reusing(&x, tokens, &mut reused, &pool, &mut kept);
+                m.gemm(&x, tokens, &mut fresh, &pool);
+                assert_eq!(reused, fresh, "{ty} {tokens} tokens");
+            }
         }
     }
 
     #[test]
     fn sizes_are_the_formats_and_bad_shapes_are_refused() {
-        let (rows, cols) = (20, 128);
+        let (rows, cols) = (20, 256);
         let w = llm_like_weights(rows, cols, 1);
         for ty in [LUT2, LUT3] {
             let m = LutMatrix::quantize(ty, &w, rows, cols, None).unwrap();
             let format = wire::weight_format::WeightFormat::Lut(ty);
             assert_eq!(m.storage_bytes(), format.matrix_bytes(rows, cols));
-            // Held: the planes, the figures (two bytes a block for LUT2,
-            // 12 bits for LUT3) and 4 bytes a row, for
-            // 32 rows (20 padded to two groups of 16).
-            let held =
-                m.codes.len() + m.block_figures.len() + 2 * (m.row_scales.len() + m.row_mins.len());
+            // Held: the planes, the figures (a byte a block of 16 for
+            // LUT2, 12 bits a block of 32 for LUT3) and 4 bytes a row and
+            // span, for 32 rows (20 padded to two groups of 16).
+            let held = m.codes.len() + m.block_figures.len() + 2 * m.span_figures.len();
             assert_eq!(held, m.storage_bytes());
         }
         let err = LutMatrix::quantize(LUT3, &w[..20 * 80], 20, 80, None).unwrap_err();
         assert!(err.to_string().contains("multiple of 32"), "{err}");
+        let err = LutMatrix::quantize(LUT2, &w[..10 * 160], 10, 160, None).unwrap_err();
+        assert!(err.to_string().contains("multiple of 256"), "{err}");
     }
 
     /// The goal's quality half: no worse than GGML's type of the same
@@ -929,5 +1062,43 @@ mod tests {
             assert!(ours.bits_per_weight() <= ggml.bits_per_weight());
             assert!(a <= b, "{ty} {a:.4e} vs {ggml} {b:.4e}");
         }
+    }
+
+    /// The goal's quality half against GGML given the same importance
+    /// matrix: LUT2's error weighed by the importance (what the output
+    /// error follows) no more than `Q2_K+imatrix`'s at the same bits.
+    /// With 32-weight blocks (the format before) it was 1.3x.
+    #[test]
+    fn lut2_err_no_more_than_q2_k_given_the_same_importance() {
+        let (rows, cols) = (64, 1024);
+        let w = llm_like_weights(rows, cols, 12);
+        let importance = crate::weights::activation_second_moments(
+            crate::weights::Distribution::LlmLike,
+            cols,
+            13,
+        );
+        let weighed = |decoded: &[f32]| -> f64 {
+            let err: f64 = decoded
+                .iter()
+                .zip(&w)
+                .enumerate()
+                .map(|(i, (a, b))| importance[i % cols] as f64 * ((a - b) as f64).powi(2))
+                .sum();
+            let norm: f64 = w
+                .iter()
+                .enumerate()
+                .map(|(i, v)| importance[i % cols] as f64 * (*v as f64).powi(2))
+                .sum();
+            err / norm
+        };
+        let ours = LutMatrix::quantize(LUT2, &w, rows, cols, Some(&importance)).unwrap();
+        let theirs =
+            crate::quantize_with_importance(crate::GgmlType::Q2K, rows, cols, &w, &importance)
+                .unwrap()
+                .dequantize();
+        let (a, b) = (weighed(&ours.dequantize()), weighed(&theirs));
+        eprintln!("LUT2 weighed NMSE {a:.4e}, Q2_K+imatrix {b:.4e}");
+        assert!(ours.bits_per_weight() <= crate::GgmlType::Q2K.bits_per_weight());
+        assert!(a <= b, "LUT2 {a:.4e} vs Q2_K+imatrix {b:.4e}");
     }
 }

@@ -118,14 +118,19 @@ impl fmt::Display for CodebookType {
 pub const LUT_ROW_GROUP: usize = 16;
 
 /// `LUT2`, `LUT3`: uniform 2- or 3-bit codes stored as bit planes for
-/// table-lookup kernels (T-MAC's formulation), a scale and a minimum per
-/// block of 32 (bytes for LUT2, 6 bits for LUT3) and an f16 scale and
-/// minimum per row.
+/// table-lookup kernels (T-MAC's formulation), each block's scale and
+/// minimum figures under f16 scale and minimum: LUT2 as Q2_K (blocks of
+/// 16, 4-bit figures, an f16 pair per 256 weights), LUT3 blocks of 32
+/// with 6-bit figures under an f16 pair per row.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LutType {
     /// 2 or 3.
     pub bits: u8,
 }
+
+/// Columns of one block of codes in the kernels' layout (one block of
+/// activation tables, one int8 scale).
+pub const LUT_CODE_BLOCK: usize = 32;
 
 impl LutType {
     /// `LUT2` or `LUT3` (any case), else `None`.
@@ -137,40 +142,65 @@ impl LutType {
         }
     }
 
-    /// Weights per block with its own scale and minimum: 32 (64-weight
-    /// blocks stored LUT3 in 3.27 bits but with 1.4x Q3_K's error on
-    /// LLM-like weights).
+    /// Weights per block with its own scale and minimum figures: 16 for
+    /// LUT2 (with 32 its output error was 1.3x Q2_K's given the same
+    /// importance matrix), 32 for LUT3 (64-weight blocks stored it in
+    /// 3.27 bits but with 1.4x Q3_K's error on LLM-like weights).
     pub fn block(self) -> usize {
-        32
+        if self.bits == 2 {
+            16
+        } else {
+            32
+        }
     }
 
-    /// Bits of a block's scale and of its minimum: 8 for LUT2 (2.52 bits
-    /// a weight, under Q2_K's 2.625; at 6 bits its error equals Q2_K's),
-    /// 6 for LUT3 (3.39 bits, under Q3_K's 3.4375, with 0.9x its error;
-    /// bytes gave 3.52 bits).
+    /// Bits of a block's scale and of its minimum: 4 for LUT2 (Q2_K's
+    /// 2.625 bits a weight with its f16 pair per 256), 6 for LUT3 (3.39
+    /// bits, under Q3_K's 3.4375; bytes gave 3.52).
     pub fn figure_bits(self) -> u32 {
         if self.bits == 2 {
-            8
+            4
         } else {
             6
         }
     }
 
-    /// The largest figure: 255 or 63.
+    /// The largest figure: 15 or 63.
     pub fn figure_levels(self) -> u32 {
         (1 << self.figure_bits()) - 1
     }
 
+    /// Weights of a row under one f16 scale and minimum: 256 for LUT2,
+    /// the whole row (`cols`) for LUT3.
+    pub fn span(self, cols: usize) -> usize {
+        if self.bits == 2 {
+            256
+        } else {
+            cols
+        }
+    }
+
+    /// What a row's length must be a multiple of: the span for LUT2 (as
+    /// Q2_K's 256), a block of codes (32) for LUT3.
+    pub fn columns_multiple(self) -> usize {
+        if self.bits == 2 {
+            256
+        } else {
+            LUT_CODE_BLOCK
+        }
+    }
+
     /// Bytes of one block's scales and minimums for a group of
-    /// [`LUT_ROW_GROUP`] rows: 32 as bytes, 24 at 6 bits.
+    /// [`LUT_ROW_GROUP`] rows: 16 at 4 bits, 24 at 6.
     pub fn group_figure_bytes(self) -> usize {
         LUT_ROW_GROUP * 2 * self.figure_bits() as usize / 8
     }
 
     /// Bytes of one group of [`LUT_ROW_GROUP`] rows: the bit planes, the
-    /// blocks' scales and minimums, and each row's f16 scale and minimum.
+    /// blocks' scales and minimums, and per span each row's f16 scale and
+    /// minimum.
     pub fn group_bytes(self, cols: usize) -> usize {
-        LUT_ROW_GROUP * (cols * self.bits as usize / 8 + 4)
+        LUT_ROW_GROUP * (cols * self.bits as usize / 8 + 4 * cols / self.span(cols))
             + cols / self.block() * self.group_figure_bytes()
     }
 
@@ -238,12 +268,10 @@ impl WeightFormat {
                     "{ty} stores {CODEBOOK_BLOCK}-weight blocks and K={cols} is not a multiple of {CODEBOOK_BLOCK}"
                 )
             }),
-            WeightFormat::Lut(ty) => (!cols.is_multiple_of(ty.block())).then(|| {
-                format!(
-                    "{ty} stores {}-weight blocks and K={cols} is not a multiple of {}",
-                    ty.block(),
-                    ty.block()
-                )
+            WeightFormat::Lut(ty) => (!cols.is_multiple_of(ty.columns_multiple())).then(|| {
+                let n = ty.columns_multiple();
+                let what = if ty.bits == 2 { "super-blocks" } else { "blocks" };
+                format!("{ty} stores {n}-weight {what} and K={cols} is not a multiple of {n}")
             }),
         }
     }
@@ -371,11 +399,16 @@ mod tests {
     fn lut_sizes_count_the_planes_the_block_figures_and_the_padded_rows() {
         let lut2 = WeightFormat::Lut(LutType { bits: 2 });
         let lut3 = WeightFormat::Lut(LutType { bits: 3 });
-        // 2048 columns: 512 bytes of planes, 64 blocks of 2 bytes, 4.
-        assert_eq!(lut2.matrix_bytes(16, 2048), 16 * (512 + 128 + 4));
+        // 2048 columns: 512 bytes of planes, 128 blocks of a byte, 8
+        // spans of 4 bytes.
+        assert_eq!(lut2.matrix_bytes(16, 2048), 16 * (512 + 128 + 32));
         // LUT3: 768 bytes of planes, 64 blocks of 12 bits, 4.
         assert_eq!(lut3.matrix_bytes(16, 2048), 16 * (768 + 96 + 4));
-        assert!((lut2.bits_per_weight(2048, 2048) - 2.5156).abs() < 1e-3);
+        assert_eq!(lut2.bits_per_weight(2048, 2048), 2.625);
+        assert_eq!(
+            lut2.bits_per_weight(2048, 2048),
+            GgmlType::Q2K.bits_per_weight()
+        );
         assert!((lut3.bits_per_weight(2048, 2048) - 3.3906).abs() < 1e-3);
         assert!(lut3.bits_per_weight(2048, 2048) < GgmlType::Q3K.bits_per_weight());
         // 17 rows take two groups of 16.
@@ -385,6 +418,11 @@ mod tests {
             .unwrap()
             .contains("32-weight blocks"));
         assert_eq!(lut3.unsupported_reason(96), None);
+        assert!(lut2
+            .unsupported_reason(2048 + 32)
+            .unwrap()
+            .contains("256-weight super-blocks"));
+        assert_eq!(lut2.unsupported_reason(2048 + 256), None);
     }
 
     #[test]

@@ -1,16 +1,25 @@
 //! The table-lookup kernels: one group of 16 rows against one token's
-//! tables, in integer sums per block and an f32 epilogue per block (the
-//! block's scale bytes times the table scale, and the minimum bytes times
-//! the block's activation sum). The scalar reference does the same integer
-//! arithmetic, so every kernel agrees with it to f32 rounding.
+//! tables, in integer sums per block of 32 columns and an f32 epilogue per
+//! block (times the table's scale; LUT3 also times its scale bytes, LUT2
+//! multiplied its 16-weight scales into the integer sums), LUT2's folded
+//! into its rows' f16 scales per span of 256. The scalar reference does
+//! the same integer arithmetic, so every kernel agrees with it to f32
+//! rounding.
 
-use super::{LutType, TokenTables, ROWS, SUBGROUP};
+use super::{from_f16, slot_rows, LutType, TokenTables, CODE_BLOCK, LUT2_BLOCKS_PER_SPAN};
+use super::{LUT2_SLOT_ROWS, ROWS, SUBGROUP};
 
-/// One group of 16 rows: its codes, scale and minimum bytes.
+/// One group of 16 rows: its codes, figures and span figures.
 pub(crate) struct Group<'a> {
     pub codes: &'a [u8],
+    /// LUT2: per block of 32 codes, byte `2k + h` the scale (low nibble)
+    /// and minimum (high) of slot `k`'s half `h`. LUT3: every block's 16
+    /// scale bytes.
     pub scales: &'a [u8],
+    /// LUT2: `scales` again. LUT3: every block's 16 minimum bytes.
     pub mins: &'a [u8],
+    /// Per span: the 16 rows' f16 scales, then minimums, in slot order.
+    pub spans: &'a [u16],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,7 +51,10 @@ impl Kernel {
     /// The fastest kernel this CPU runs.
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Kernel::Avx2;
         }
         #[cfg(target_arch = "aarch64")]
@@ -68,13 +80,12 @@ impl Kernel {
         }
     }
 
-    /// Per row of `group`, the sum over blocks of scale byte x table scale
-    /// x integer dot (`dots`) and of minimum byte x activation sum
-    /// (`offsets`); the row's f16 figures are applied by the caller. The
-    /// offsets do not depend on the codes, so they are summed apart, in
-    /// plain code the compiler vectorizes: in the kernels their
-    /// accumulators and widening cost registers the hot loop needs (the
-    /// NEON loop spilled to the stack).
+    /// Per row of `group` (row order), its dot product with the token
+    /// but for the minimums' term (`dots`), and that term (`offsets`):
+    /// the row's value is `dots - offsets`. The offsets do not depend on
+    /// the codes, so they are summed apart, in plain code the compiler
+    /// vectorizes: in the kernels their accumulators and widening cost
+    /// registers the hot loop needs (the NEON loop spilled to the stack).
     pub fn group_dot(
         self,
         ty: LutType,
@@ -83,19 +94,26 @@ impl Kernel {
         dots: &mut [f32; ROWS],
         offsets: &mut [f32; ROWS],
     ) {
-        *offsets = [0.0; ROWS];
-        for (mins, &sum) in group.mins.chunks_exact(ROWS).zip(token.sums) {
-            for (o, &m) in offsets.iter_mut().zip(mins) {
-                *o += m as f32 * sum;
-            }
-        }
         let blocks = token.scales.len();
-        let block_bytes = ROWS * ty.block() * ty.bits as usize / 8;
+        let block_bytes = ROWS * CODE_BLOCK * ty.bits as usize / 8;
+        let spans = if ty.bits == 2 {
+            blocks / LUT2_BLOCKS_PER_SPAN
+        } else {
+            1
+        };
+        assert!(ty.bits == 3 || blocks.is_multiple_of(LUT2_BLOCKS_PER_SPAN));
         assert!(group.codes.len() >= blocks * block_bytes);
-        assert!(group.scales.len() >= blocks * ROWS && group.mins.len() >= blocks * ROWS);
-        assert!(token.tables.len() >= blocks * ty.block() / SUBGROUP * 16);
+        assert!(group.scales.len() >= blocks * ROWS * (4 - ty.bits as usize));
+        assert!(group.mins.len() >= blocks * ROWS);
+        assert!(group.spans.len() >= spans * 2 * ROWS);
+        assert!(token.tables.len() >= blocks * CODE_BLOCK / SUBGROUP * 16);
+        assert!(token.sums.len() >= 2 * blocks);
+        minimums(ty, group, token, offsets);
         match self {
-            Kernel::Scalar => scalar(ty, group, token, dots),
+            Kernel::Scalar => match ty.bits {
+                2 => scalar_lut2(group, token, dots),
+                _ => scalar_lut3(group, token, dots),
+            },
             // SAFETY: `detect` found the features; the lengths are
             // checked above, and the kernels read within them.
             #[cfg(target_arch = "x86_64")]
@@ -120,34 +138,114 @@ impl Kernel {
                 }
             },
         }
+        if ty.bits == 3 {
+            // One span, the row: its f16 scale (slots are rows).
+            for (d, &scale) in dots.iter_mut().zip(group.spans) {
+                *d *= from_f16(scale);
+            }
+        }
     }
 }
 
-/// The reference: each row's integer sum per block from the planes, then
-/// the same epilogue as the vector kernels.
-fn scalar(ty: LutType, group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
-    let subgroups = ty.block() / SUBGROUP;
-    let block_bytes = ROWS * ty.block() * ty.bits as usize / 8;
+/// Per row, the sum over spans of its f16 minimum times the sum over the
+/// span's blocks of their minimum figure times the block's activations'
+/// sum.
+fn minimums(ty: LutType, group: &Group, token: &TokenTables, offsets: &mut [f32; ROWS]) {
+    *offsets = [0.0; ROWS];
+    let slots = slot_rows(ty);
+    let blocks = token.scales.len();
+    let per_span = if ty.bits == 2 {
+        LUT2_BLOCKS_PER_SPAN
+    } else {
+        blocks
+    };
+    for (sp, figures) in group.spans.chunks_exact(2 * ROWS).enumerate() {
+        let mut slot_sums = [0f32; ROWS];
+        for b in sp * per_span..(sp + 1) * per_span {
+            let (lower, upper) = (token.sums[2 * b], token.sums[2 * b + 1]);
+            if ty.bits == 2 {
+                let bytes = &group.mins[b * 2 * ROWS..(b + 1) * 2 * ROWS];
+                for (s, pair) in slot_sums.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *s += (pair[0] >> 4) as f32 * lower + (pair[1] >> 4) as f32 * upper;
+                }
+            } else {
+                let mins = &group.mins[b * ROWS..(b + 1) * ROWS];
+                for (s, &m) in slot_sums.iter_mut().zip(mins) {
+                    *s += m as f32 * (lower + upper);
+                }
+            }
+        }
+        for (k, s) in slot_sums.iter().enumerate() {
+            offsets[slots[k]] += from_f16(figures[ROWS + k]) * s;
+        }
+    }
+}
+
+/// Row `r`'s integer sum of plane pairs `i` (two subgroups each) of a
+/// block of `codes` against its `tables`.
+fn plane_pairs(codes: &[u8], tables: &[i8], r: usize, pairs: std::ops::Range<usize>) -> i32 {
+    let table = |sub: usize, n: u8| tables[sub * 16 + n as usize] as i32;
+    let mut sum = 0;
+    for i in pairs {
+        for plane in 0..2 {
+            let byte = codes[32 * i + 2 * r + plane];
+            sum += (table(2 * i, byte & 15) + table(2 * i + 1, byte >> 4)) << plane;
+        }
+    }
+    sum
+}
+
+/// LUT2's reference: per block each slot's two 16-weight halves' integer
+/// sums times their scale nibbles, times the table scale; per span of 256
+/// times the rows' f16 scales.
+fn scalar_lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+    let block_bytes = ROWS * CODE_BLOCK * 2 / 8;
+    let subgroups = CODE_BLOCK / SUBGROUP;
+    let (mut total, mut span) = ([0f32; ROWS], [0f32; ROWS]);
+    for b in 0..token.scales.len() {
+        let codes = &group.codes[b * block_bytes..(b + 1) * block_bytes];
+        let tables = &token.tables[b * subgroups * 16..(b + 1) * subgroups * 16];
+        let figures = &group.scales[b * 2 * ROWS..(b + 1) * 2 * ROWS];
+        for (k, &r) in LUT2_SLOT_ROWS.iter().enumerate() {
+            let sum: i32 = (0..2)
+                .map(|h| {
+                    plane_pairs(codes, tables, r, 2 * h..2 * h + 2)
+                        * (figures[2 * k + h] & 15) as i32
+                })
+                .sum();
+            span[k] += sum as f32 * token.scales[b];
+        }
+        if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
+            let scales = &group.spans[b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS..];
+            for k in 0..ROWS {
+                total[k] += from_f16(scales[k]) * span[k];
+            }
+            span = [0.0; ROWS];
+        }
+    }
+    for (k, &r) in LUT2_SLOT_ROWS.iter().enumerate() {
+        dots[r] = total[k];
+    }
+}
+
+/// LUT3's reference: each row's integer sum per block from the planes,
+/// then the same epilogue as the vector kernels (the row's f16 scale is
+/// the caller's).
+fn scalar_lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+    let subgroups = CODE_BLOCK / SUBGROUP;
+    let block_bytes = ROWS * CODE_BLOCK * 3 / 8;
     *dots = [0.0; ROWS];
     for b in 0..token.scales.len() {
         let codes = &group.codes[b * block_bytes..(b + 1) * block_bytes];
         let tables = &token.tables[b * subgroups * 16..(b + 1) * subgroups * 16];
         let table = |sub: usize, n: u8| tables[sub * 16 + n as usize] as i32;
         for r in 0..ROWS {
-            let mut sum = 0i32;
-            for i in 0..subgroups / 2 {
-                for plane in 0..2 {
-                    let byte = codes[32 * i + 2 * r + plane];
-                    sum += (table(2 * i, byte & 15) + table(2 * i + 1, byte >> 4)) << plane;
-                }
-            }
-            if ty.bits == 3 {
-                let plane2 = &codes[16 * subgroups..];
-                for i in 0..subgroups / 4 {
-                    for e in 0..2 {
-                        let byte = plane2[32 * i + 2 * r + e];
-                        sum += (table(4 * i + e, byte & 15) + table(4 * i + 2 + e, byte >> 4)) << 2;
-                    }
+            let mut sum = plane_pairs(codes, tables, r, 0..subgroups / 2);
+            let plane2 = &codes[16 * subgroups..];
+            for i in 0..subgroups / 4 {
+                for e in 0..2 {
+                    let byte = plane2[32 * i + 2 * r + e];
+                    sum += (table(4 * i + e, byte & 15) + table(4 * i + 2 + e, byte >> 4)) << 2;
                 }
             }
             let scale = group.scales[b * ROWS + r] as f32;
@@ -158,7 +256,7 @@ fn scalar(ty: LutType, group: &Group, token: &TokenTables, dots: &mut [f32; ROWS
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Group, TokenTables, ROWS};
+    use super::{Group, TokenTables, LUT2_BLOCKS_PER_SPAN, LUT2_SLOT_ROWS, ROWS};
     use std::arch::x86_64::*;
 
     // One symbol per format, never inlined, so `harness::builds::cycles`
@@ -167,8 +265,65 @@ mod avx2 {
     /// As [`group_dot`].
     #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
-        group_dot::<8, false>(group, token, dots)
+        let low = _mm256_set1_epi8(0x0F);
+        let low_half = _mm_set1_epi8(0x0F);
+        // Unsigned multipliers of `vpmaddubsw`: plane 0 by 1, plane 1 by 2.
+        let planes01 = _mm256_set1_epi16(0x0201);
+        let table = |t: *const i8, sub: usize| {
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(16 * sub) as *const __m128i))
+        };
+        // Slots 0-7, 8-15 (rows 0-3 and 8-11, 4-7 and 12-15).
+        let (mut total, mut span) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
+        for b in 0..token.scales.len() {
+            let codes = group.codes.as_ptr().add(b * 128);
+            let t = token.tables.as_ptr().add(b * 8 * 16);
+            // Each 16-weight half's int16 sums, rows 0-7 | 8-15.
+            let mut halves = [_mm256_setzero_si256(); 2];
+            for i in 0..4 {
+                let x = _mm256_loadu_si256(codes.add(32 * i) as *const __m256i);
+                let lo = _mm256_and_si256(x, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+                let a = _mm256_shuffle_epi8(table(t, 2 * i), lo);
+                let c = _mm256_shuffle_epi8(table(t, 2 * i + 1), hi);
+                let sum = &mut halves[i / 2];
+                *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(planes01, a));
+                *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(planes01, c));
+            }
+            // Each row's two halves side by side, times their scale
+            // nibbles (stored in this order) and added: int32 per slot.
+            let figures = group.scales.as_ptr().add(b * 2 * ROWS) as *const __m128i;
+            let scales = |at: usize| {
+                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_loadu_si128(figures.add(at)), low_half))
+            };
+            let sums = [
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(halves[0], halves[1]), scales(0)),
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(halves[0], halves[1]), scales(1)),
+            ];
+            let table_scale = _mm256_set1_ps(token.scales[b]);
+            for h in 0..2 {
+                span[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[h]), table_scale, span[h]);
+            }
+            if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
+                let scales = group
+                    .spans
+                    .as_ptr()
+                    .add(b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS);
+                for h in 0..2 {
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(8 * h) as *const __m128i));
+                    total[h] = _mm256_fmadd_ps(d, span[h], total[h]);
+                    span[h] = _mm256_setzero_ps();
+                }
+            }
+        }
+        let mut slots = [0f32; ROWS];
+        for (h, lanes) in total.iter().enumerate() {
+            _mm256_storeu_ps(slots.as_mut_ptr().add(8 * h), *lanes);
+        }
+        for (k, &r) in LUT2_SLOT_ROWS.iter().enumerate() {
+            dots[r] = slots[k];
+        }
     }
 
     /// # Safety
@@ -262,7 +417,7 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::{Group, TokenTables, ROWS};
+    use super::{Group, TokenTables, LUT2_BLOCKS_PER_SPAN, LUT2_SLOT_ROWS, ROWS};
     use std::arch::aarch64::*;
 
     // One symbol per format, never inlined, so `harness::builds::cycles`
@@ -272,7 +427,58 @@ mod neon {
     #[inline(never)]
     #[target_feature(enable = "neon")]
     pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
-        group_dot::<8, false>(group, token, dots)
+        let low = vdupq_n_u8(0x0F);
+        let odd = vreinterpretq_s8_u16(vdupq_n_u16(0xFF00));
+        let index = [
+            vld1q_u8(ROW_FIGURES[0].as_ptr()),
+            vld1q_u8(ROW_FIGURES[1].as_ptr()),
+        ];
+        let (mut total, mut span) = ([vdupq_n_f32(0.0); 4], [vdupq_n_f32(0.0); 4]);
+        for b in 0..token.scales.len() {
+            let codes = group.codes.as_ptr().add(b * 128);
+            let t = token.tables.as_ptr().add(b * 8 * 16);
+            let table = |sub: usize| vld1q_s8(t.add(16 * sub));
+            let figures = group.scales.as_ptr().add(b * 2 * ROWS);
+            let figures = uint8x16x2_t(
+                vandq_u8(vld1q_u8(figures), low),
+                vandq_u8(vld1q_u8(figures.add(16)), low),
+            );
+            // Rows 0-3, 4-7, 8-11, 12-15.
+            let mut sums = [vdupq_n_s32(0); 4];
+            for (h, index) in index.iter().enumerate() {
+                // The half's int16 sums, rows 0-7 and 8-15.
+                let mut half = [vdupq_n_s16(0); 2];
+                for i in 2 * h..2 * h + 2 {
+                    let (t0, t1) = (table(2 * i), table(2 * i + 1));
+                    for (k, lanes) in half.iter_mut().enumerate() {
+                        let x = vld1q_u8(codes.add(32 * i + 16 * k));
+                        let a = vqtbl1q_s8(t0, vandq_u8(x, low));
+                        let c = vqtbl1q_s8(t1, vshrq_n_u8(x, 4));
+                        *lanes = vpadalq_s8(*lanes, a);
+                        *lanes = vpadalq_s8(*lanes, c);
+                        *lanes = vpadalq_s8(*lanes, vandq_s8(a, odd));
+                        *lanes = vpadalq_s8(*lanes, vandq_s8(c, odd));
+                    }
+                }
+                // Each row's scale nibble, rows in order, widened.
+                let scales = vqtbl2q_u8(figures, *index);
+                let lo = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(scales)));
+                let hi = vreinterpretq_s16_u16(vmovl_high_u8(scales));
+                sums[0] = vmlal_s16(sums[0], vget_low_s16(half[0]), vget_low_s16(lo));
+                sums[1] = vmlal_high_s16(sums[1], half[0], lo);
+                sums[2] = vmlal_s16(sums[2], vget_low_s16(half[1]), vget_low_s16(hi));
+                sums[3] = vmlal_high_s16(sums[3], half[1], hi);
+            }
+            fold_block(&mut span, sums, token.scales[b]);
+            if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
+                let scales = group
+                    .spans
+                    .as_ptr()
+                    .add(b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS);
+                fold_span(&mut total, &mut span, scales);
+            }
+        }
+        store(&total, dots);
     }
 
     /// # Safety
@@ -385,6 +591,69 @@ mod neon {
         }
     }
 
+    /// Where row `r`'s scale nibble of half `h` is among a block's 32
+    /// LUT2 figure bytes (`2 slot + h`), rows in order.
+    const fn row_figures(h: usize) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut r = 0;
+        while r < 16 {
+            out[r] = (2 * LUT2_SLOT_ROWS[r] + h) as u8;
+            r += 1;
+        }
+        out
+    }
+
+    const ROW_FIGURES: [[u8; 16]; 2] = [row_figures(0), row_figures(1)];
+
+    /// The slots of rows 0-3, 4-7, 8-11, 12-15 start at these.
+    pub(super) const QUAD_SLOTS: [usize; 4] = [0, 8, 4, 12];
+
+    /// One LUT2 block's integer sums (rows 0-3, 4-7, 8-11, 12-15) times
+    /// its table scale, into the span's sums.
+    ///
+    /// # Safety
+    /// NEON is available.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn fold_block(
+        span: &mut [float32x4_t; 4],
+        sums: [int32x4_t; 4],
+        table_scale: f32,
+    ) {
+        let table_scale = vdupq_n_f32(table_scale);
+        for (s, sum) in span.iter_mut().zip(sums) {
+            *s = vfmaq_f32(*s, vcvtq_f32_s32(sum), table_scale);
+        }
+    }
+
+    /// A LUT2 span's sums times its rows' f16 scales (32 at `scales`,
+    /// slot order), into `total`; the span's sums start again.
+    ///
+    /// # Safety
+    /// NEON is available and `scales` has 16 values.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn fold_span(
+        total: &mut [float32x4_t; 4],
+        span: &mut [float32x4_t; 4],
+        scales: *const u16,
+    ) {
+        for q in 0..4 {
+            let half = vld1_u16(scales.add(QUAD_SLOTS[q]));
+            let d: float32x4_t;
+            // `fcvtl` (f16 to f32, base Armv8): Rust's f16 vectors are
+            // unstable.
+            std::arch::asm!(
+                "fcvtl {d:v}.4s, {h:v}.4h",
+                d = out(vreg) d,
+                h = in(vreg) half,
+                options(pure, nomem, nostack)
+            );
+            total[q] = vfmaq_f32(total[q], d, span[q]);
+            span[q] = vdupq_n_f32(0.0);
+        }
+    }
+
     /// The 16 rows' figures into `dots`.
     ///
     /// # Safety
@@ -400,8 +669,8 @@ mod neon {
 
 #[cfg(target_arch = "aarch64")]
 mod neon_sdot {
-    use super::neon::{add_block, store};
-    use super::{Group, TokenTables, ROWS};
+    use super::neon::{add_block, fold_block, fold_span, store};
+    use super::{Group, TokenTables, LUT2_BLOCKS_PER_SPAN, LUT2_SLOT_ROWS, ROWS};
     use std::arch::aarch64::*;
 
     /// # Safety
@@ -409,8 +678,82 @@ mod neon_sdot {
     #[inline(never)]
     #[target_feature(enable = "neon,dotprod")]
     pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
-        group_dot::<8, false>(group, token, dots)
+        let low = vdupq_n_u8(0x0F);
+        // Shifts of the multipliers' bytes: (s, s, 2s, 2s) a row.
+        let doubling = vreinterpretq_s8_u32(vdupq_n_u32(0x0101_0000));
+        let index = |h: usize, q: usize| vld1q_u8(QUAD_FIGURES[h][q].as_ptr());
+        let (mut total, mut span) = ([vdupq_n_f32(0.0); 4], [vdupq_n_f32(0.0); 4]);
+        for b in 0..token.scales.len() {
+            let codes = group.codes.as_ptr().add(b * 128);
+            let t = token.tables.as_ptr().add(b * 8 * 16);
+            let table = |sub: usize| vld1q_s8(t.add(16 * sub));
+            let figures = group.scales.as_ptr().add(b * 2 * ROWS);
+            let figures = uint8x16x2_t(
+                vandq_u8(vld1q_u8(figures), low),
+                vandq_u8(vld1q_u8(figures.add(16)), low),
+            );
+            // Rows 0-3, 4-7, 8-11, 12-15.
+            let mut sum = [vdupq_n_s32(0); 4];
+            for h in 0..2 {
+                // The half's `sdot` multipliers for rows 0-3, 4-7, 8-11,
+                // 12-15 (written out: `array::from_fn` left a loop).
+                let multiplier = |q: usize| {
+                    vshlq_s8(
+                        vreinterpretq_s8_u8(vqtbl2q_u8(figures, index(h, q))),
+                        doubling,
+                    )
+                };
+                let m = [multiplier(0), multiplier(1), multiplier(2), multiplier(3)];
+                for i in 2 * h..2 * h + 2 {
+                    let (t0, t1) = (table(2 * i), table(2 * i + 1));
+                    for k in 0..2 {
+                        let x = vld1q_u8(codes.add(32 * i + 16 * k));
+                        let a = vqtbl1q_s8(t0, vandq_u8(x, low));
+                        let c = vqtbl1q_s8(t1, vshrq_n_u8(x, 4));
+                        sum[2 * k] = sdot(sum[2 * k], vzip1q_s8(a, c), m[2 * k]);
+                        sum[2 * k + 1] = sdot(sum[2 * k + 1], vzip2q_s8(a, c), m[2 * k + 1]);
+                    }
+                }
+            }
+            fold_block(&mut span, sum, token.scales[b]);
+            if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
+                let scales = group
+                    .spans
+                    .as_ptr()
+                    .add(b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS);
+                fold_span(&mut total, &mut span, scales);
+            }
+        }
+        store(&total, dots);
     }
+
+    /// Where each byte of half `h`'s multipliers for rows `4q..4q + 4`
+    /// comes from among a block's 32 LUT2 figure bytes (`2 slot + h`,
+    /// four bytes a row).
+    const fn quad_figures(h: usize, q: usize) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            out[i] = (2 * LUT2_SLOT_ROWS[4 * q + i / 4] + h) as u8;
+            i += 1;
+        }
+        out
+    }
+
+    const QUAD_FIGURES: [[[u8; 16]; 4]; 2] = [
+        [
+            quad_figures(0, 0),
+            quad_figures(0, 1),
+            quad_figures(0, 2),
+            quad_figures(0, 3),
+        ],
+        [
+            quad_figures(1, 0),
+            quad_figures(1, 1),
+            quad_figures(1, 2),
+            quad_figures(1, 3),
+        ],
+    ];
 
     /// # Safety
     /// As [`group_dot`].
