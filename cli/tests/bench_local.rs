@@ -191,11 +191,7 @@ fn codebook_types_are_measured_beside_ggml_types_into_rows_summary_and_plots() {
     // 16, 4 bytes per 256), LUT3 6-bit figures per 32 and 4 bytes a row,
     // under Q3_K's 3.4375.
     for (ty, bits) in [("LUT2", 2.625), ("LUT3", 3.375 + 32.0 / 2048.0)] {
-        assert!(
-            (of(ty).bits_per_weight - bits).abs() < 1e-9,
-            "{:?}",
-            of(ty)
-        );
+        assert!((of(ty).bits_per_weight - bits).abs() < 1e-9, "{:?}", of(ty));
     }
     let summary = std::fs::read_to_string(run_dir.join("summary.md")).unwrap();
     assert!(summary.contains("| SQ3+S1 |"), "{summary}");

@@ -738,13 +738,15 @@ const STAGED_MAGIC: &[u8; 8] = b"QBLUT003";
 
 /// Per token and block of 32 activations, the int8 tables of each
 /// subgroup's 16 partial sums with the block's scale, and per 16
-/// activations their exact sum (for the minimums' term); the buffers are
+/// activations their sum (for the minimums' term): exact (LUT3's float
+/// term) and in the tables' units (LUT2's integer one); the buffers are
 /// reused by the next build.
 #[derive(Debug, Default)]
 pub struct ActivationTables {
     tables: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<f32>,
+    table_sums: Vec<i16>,
     cols: usize,
 }
 
@@ -764,6 +766,10 @@ pub(crate) struct TokenTables<'a> {
     pub scales: &'a [f32],
     /// Per 16 activations.
     pub sums: &'a [f32],
+    /// Per 16 activations, the sum of their 4 tables' last entries (all
+    /// 4 activations): the sum in the tables' units, as the kernels see
+    /// the activations.
+    pub table_sums: &'a [i16],
 }
 
 impl ActivationTables {
@@ -771,6 +777,7 @@ impl ActivationTables {
         self.tables.clear();
         self.scales.clear();
         self.sums.clear();
+        self.table_sums.clear();
         self.cols = cols;
         let mut entries = [0f32; CODE_BLOCK / SUBGROUP * 16];
         for values in x.chunks_exact(CODE_BLOCK) {
@@ -789,10 +796,17 @@ impl ActivationTables {
             }
             let scale = largest / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let first = self.tables.len();
             self.tables.extend(
                 entries
                     .iter()
                     .map(|v| nearest(v * inverse).clamp(-127, 127) as i8),
+            );
+            let tables = &self.tables[first..];
+            self.table_sums.extend(
+                tables
+                    .chunks_exact(16 * SUM_BLOCK / SUBGROUP)
+                    .map(|half| half.chunks_exact(16).map(|t| t[15] as i16).sum::<i16>()),
             );
             self.scales.push(scale);
             self.sums.extend(
@@ -811,6 +825,7 @@ impl ActivationTables {
             tables: &self.tables[t * blocks * per_block..(t + 1) * blocks * per_block],
             scales: &self.scales[t * blocks..(t + 1) * blocks],
             sums: &self.sums[t * sums..(t + 1) * sums],
+            table_sums: &self.table_sums[t * sums..(t + 1) * sums],
         }
     }
 }
@@ -993,6 +1008,12 @@ mod tests {
                 let at = 32 * b + 16 * half;
                 let sum: f32 = x[at..at + 16].iter().sum();
                 assert!((token.sums[2 * b + half] - sum).abs() < 1e-5);
+                // In the tables' units: each subgroup's all-set entry.
+                let entries: i16 = (0..4)
+                    .map(|sub| token.tables[(b * 8 + 4 * half + sub) * 16 + 15] as i16)
+                    .sum();
+                assert_eq!(token.table_sums[2 * b + half], entries);
+                assert!((entries as f32 * scale - sum).abs() <= 2.0 * scale * 1.0001);
             }
         }
     }

@@ -68,7 +68,8 @@ pub const AARCH64_LOOPS: &[KernelLoop] = &[
     KernelLoop {
         // One block of 32 columns for 16 rows: 8 tables, two `tbl` each
         // (rows 0-7, 8-15), two `sdot` after each pair of `tbl` (their
-        // multipliers the 16-weight scales, gathered by 8 more `tbl`).
+        // multipliers the 16-weight scales, gathered by 8 more `tbl`; 2
+        // more gather the minimums).
         kernel: "LUT2 (ours, NEON tbl + sdot)",
         symbol: "kernels::lut::simd::neon_sdot::lut2",
         weights_per_iteration: 16 * 32,
@@ -103,11 +104,12 @@ pub const AARCH64_LOOPS: &[KernelLoop] = &[
     },
     KernelLoop {
         // Without dotprod (a Pi 4): the same `tbl`, then `sadalp`, and
-        // two `tbl` gathering the 16-weight scales for `smlal`.
+        // four `tbl` gathering the 16-weight scales and minimums for
+        // `smlal`.
         kernel: "LUT2 (ours, NEON tbl + sadalp)",
         symbol: "kernels::lut::simd::neon::lut2",
         weights_per_iteration: 16 * 32,
-        signature: (&["tbl"], 18),
+        signature: (&["tbl"], 20),
         row: ("LUT2", "lut-neon-16row"),
     },
     KernelLoop {

@@ -6,7 +6,7 @@
 //! the same integer arithmetic, so every kernel agrees with it to f32
 //! rounding.
 
-use super::{from_f16, slot_rows, LutType, TokenTables, CODE_BLOCK, LUT2_BLOCKS_PER_SPAN};
+use super::{from_f16, LutType, TokenTables, CODE_BLOCK, LUT2_BLOCKS_PER_SPAN};
 use super::{LUT2_SLOT_ROWS, ROWS, SUBGROUP};
 
 /// One group of 16 rows: its codes, figures and span figures.
@@ -82,10 +82,12 @@ impl Kernel {
 
     /// Per row of `group` (row order), its dot product with the token
     /// but for the minimums' term (`dots`), and that term (`offsets`):
-    /// the row's value is `dots - offsets`. The offsets do not depend on
-    /// the codes, so they are summed apart, in plain code the compiler
-    /// vectorizes: in the kernels their accumulators and widening cost
-    /// registers the hot loop needs (the NEON loop spilled to the stack).
+    /// the row's value is `dots - offsets`. LUT2's kernels sum the term
+    /// in integers beside the dot (per block a multiply-add of the
+    /// minimum nibbles with the tables' activation sums); LUT3's is summed
+    /// apart, in plain code the compiler vectorizes: in its kernels the
+    /// accumulators and widening cost registers the hot loop needs (the
+    /// NEON loop spilled to the stack).
     pub fn group_dot(
         self,
         ty: LutType,
@@ -107,11 +109,13 @@ impl Kernel {
         assert!(group.mins.len() >= blocks * ROWS);
         assert!(group.spans.len() >= spans * 2 * ROWS);
         assert!(token.tables.len() >= blocks * CODE_BLOCK / SUBGROUP * 16);
-        assert!(token.sums.len() >= 2 * blocks);
-        minimums(ty, group, token, offsets);
+        assert!(token.sums.len() >= 2 * blocks && token.table_sums.len() >= 2 * blocks);
+        if ty.bits == 3 {
+            lut3_minimums(group, token, offsets);
+        }
         match self {
             Kernel::Scalar => match ty.bits {
-                2 => scalar_lut2(group, token, dots),
+                2 => scalar_lut2(group, token, dots, offsets),
                 _ => scalar_lut3(group, token, dots),
             },
             // SAFETY: `detect` found the features; the lengths are
@@ -119,21 +123,21 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe {
                 match ty.bits {
-                    2 => avx2::lut2(group, token, dots),
+                    2 => avx2::lut2(group, token, dots, offsets),
                     _ => avx2::lut3(group, token, dots),
                 }
             },
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => unsafe {
                 match ty.bits {
-                    2 => neon::lut2(group, token, dots),
+                    2 => neon::lut2(group, token, dots, offsets),
                     _ => neon::lut3(group, token, dots),
                 }
             },
             #[cfg(target_arch = "aarch64")]
             Kernel::NeonSdot => unsafe {
                 match ty.bits {
-                    2 => neon_sdot::lut2(group, token, dots),
+                    2 => neon_sdot::lut2(group, token, dots, offsets),
                     _ => neon_sdot::lut3(group, token, dots),
                 }
             },
@@ -147,37 +151,19 @@ impl Kernel {
     }
 }
 
-/// Per row, the sum over spans of its f16 minimum times the sum over the
-/// span's blocks of their minimum figure times the block's activations'
-/// sum.
-fn minimums(ty: LutType, group: &Group, token: &TokenTables, offsets: &mut [f32; ROWS]) {
+/// LUT3's minimums' term: per row its f16 minimum times the sum over
+/// blocks of their minimum figure times the block's activations' sum.
+fn lut3_minimums(group: &Group, token: &TokenTables, offsets: &mut [f32; ROWS]) {
     *offsets = [0.0; ROWS];
-    let slots = slot_rows(ty);
-    let blocks = token.scales.len();
-    let per_span = if ty.bits == 2 {
-        LUT2_BLOCKS_PER_SPAN
-    } else {
-        blocks
-    };
-    for (sp, figures) in group.spans.chunks_exact(2 * ROWS).enumerate() {
-        let mut slot_sums = [0f32; ROWS];
-        for b in sp * per_span..(sp + 1) * per_span {
-            let (lower, upper) = (token.sums[2 * b], token.sums[2 * b + 1]);
-            if ty.bits == 2 {
-                let bytes = &group.mins[b * 2 * ROWS..(b + 1) * 2 * ROWS];
-                for (s, pair) in slot_sums.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *s += (pair[0] >> 4) as f32 * lower + (pair[1] >> 4) as f32 * upper;
-                }
-            } else {
-                let mins = &group.mins[b * ROWS..(b + 1) * ROWS];
-                for (s, &m) in slot_sums.iter_mut().zip(mins) {
-                    *s += m as f32 * (lower + upper);
-                }
-            }
+    for (b, mins) in group.mins.chunks_exact(ROWS).enumerate() {
+        let sum = token.sums[2 * b] + token.sums[2 * b + 1];
+        for (o, &m) in offsets.iter_mut().zip(mins) {
+            *o += m as f32 * sum;
         }
-        for (k, s) in slot_sums.iter().enumerate() {
-            offsets[slots[k]] += from_f16(figures[ROWS + k]) * s;
-        }
+    }
+    // One span, the row (slots are rows).
+    for (o, &minimum) in offsets.iter_mut().zip(&group.spans[ROWS..2 * ROWS]) {
+        *o *= from_f16(minimum);
     }
 }
 
@@ -196,35 +182,46 @@ fn plane_pairs(codes: &[u8], tables: &[i8], r: usize, pairs: std::ops::Range<usi
 }
 
 /// LUT2's reference: per block each slot's two 16-weight halves' integer
-/// sums times their scale nibbles, times the table scale; per span of 256
-/// times the rows' f16 scales.
-fn scalar_lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+/// sums times their scale nibbles, and the halves' activation sums (in
+/// table units) times their minimum nibbles, each times the table scale;
+/// per span of 256 times the rows' f16 scales and minimums.
+fn scalar_lut2(
+    group: &Group,
+    token: &TokenTables,
+    dots: &mut [f32; ROWS],
+    offsets: &mut [f32; ROWS],
+) {
     let block_bytes = ROWS * CODE_BLOCK * 2 / 8;
     let subgroups = CODE_BLOCK / SUBGROUP;
-    let (mut total, mut span) = ([0f32; ROWS], [0f32; ROWS]);
+    let (mut total, mut span) = ([[0f32; ROWS]; 2], [[0f32; ROWS]; 2]);
     for b in 0..token.scales.len() {
         let codes = &group.codes[b * block_bytes..(b + 1) * block_bytes];
         let tables = &token.tables[b * subgroups * 16..(b + 1) * subgroups * 16];
         let figures = &group.scales[b * 2 * ROWS..(b + 1) * 2 * ROWS];
+        let activations = &token.table_sums[2 * b..2 * b + 2];
         for (k, &r) in LUT2_SLOT_ROWS.iter().enumerate() {
-            let sum: i32 = (0..2)
-                .map(|h| {
-                    plane_pairs(codes, tables, r, 2 * h..2 * h + 2)
-                        * (figures[2 * k + h] & 15) as i32
-                })
-                .sum();
-            span[k] += sum as f32 * token.scales[b];
+            let (mut dot, mut minimum) = (0i32, 0i32);
+            for h in 0..2 {
+                let figure = figures[2 * k + h];
+                dot += plane_pairs(codes, tables, r, 2 * h..2 * h + 2) * (figure & 15) as i32;
+                minimum += activations[h] as i32 * (figure >> 4) as i32;
+            }
+            span[0][k] += dot as f32 * token.scales[b];
+            span[1][k] += minimum as f32 * token.scales[b];
         }
         if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
-            let scales = &group.spans[b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS..];
-            for k in 0..ROWS {
-                total[k] += from_f16(scales[k]) * span[k];
+            let figures = &group.spans[b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS..];
+            for (term, (total, span)) in total.iter_mut().zip(&mut span).enumerate() {
+                for k in 0..ROWS {
+                    total[k] += from_f16(figures[term * ROWS + k]) * span[k];
+                }
+                *span = [0.0; ROWS];
             }
-            span = [0.0; ROWS];
         }
     }
     for (k, &r) in LUT2_SLOT_ROWS.iter().enumerate() {
-        dots[r] = total[k];
+        dots[r] = total[0][k];
+        offsets[r] = total[1][k];
     }
 }
 
@@ -266,7 +263,12 @@ mod avx2 {
     #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+    pub unsafe fn lut2(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
         let low = _mm256_set1_epi8(0x0F);
         let low_half = _mm_set1_epi8(0x0F);
         // Unsigned multipliers of `vpmaddubsw`: plane 0 by 1, plane 1 by 2.
@@ -274,8 +276,11 @@ mod avx2 {
         let table = |t: *const i8, sub: usize| {
             _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(16 * sub) as *const __m128i))
         };
-        // Slots 0-7, 8-15 (rows 0-3 and 8-11, 4-7 and 12-15).
-        let (mut total, mut span) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
+        // Slots 0-7, 8-15 (rows 0-3 and 8-11, 4-7 and 12-15): the dot
+        // product's and the minimums' sums, the span's and the total.
+        let zero = _mm256_setzero_ps();
+        let (mut total, mut span) = ([zero; 2], [zero; 2]);
+        let (mut total_min, mut span_min) = ([zero; 2], [zero; 2]);
         for b in 0..token.scales.len() {
             let codes = group.codes.as_ptr().add(b * 128);
             let t = token.tables.as_ptr().add(b * 8 * 16);
@@ -292,37 +297,51 @@ mod avx2 {
                 *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(planes01, c));
             }
             // Each row's two halves side by side, times their scale
-            // nibbles (stored in this order) and added: int32 per slot.
+            // nibbles (stored in this order) and added: int32 per slot;
+            // the minimum nibbles times the halves' activation sums.
             let figures = group.scales.as_ptr().add(b * 2 * ROWS) as *const __m128i;
-            let scales = |at: usize| {
-                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_loadu_si128(figures.add(at)), low_half))
-            };
+            let raw = [_mm_loadu_si128(figures), _mm_loadu_si128(figures.add(1))];
+            let scales = |v: __m128i| _mm256_cvtepu8_epi16(_mm_and_si128(v, low_half));
+            let mins =
+                |v: __m128i| _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low_half));
+            let activations = token.table_sums.as_ptr().add(2 * b);
+            let activations = _mm256_set1_epi32(
+                (*activations as u16 as i32) | ((*activations.add(1) as i32) << 16),
+            );
             let sums = [
-                _mm256_madd_epi16(_mm256_unpacklo_epi16(halves[0], halves[1]), scales(0)),
-                _mm256_madd_epi16(_mm256_unpackhi_epi16(halves[0], halves[1]), scales(1)),
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(halves[0], halves[1]), scales(raw[0])),
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(halves[0], halves[1]), scales(raw[1])),
             ];
             let table_scale = _mm256_set1_ps(token.scales[b]);
             for h in 0..2 {
+                let minimums = _mm256_madd_epi16(mins(raw[h]), activations);
                 span[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[h]), table_scale, span[h]);
+                span_min[h] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(minimums), table_scale, span_min[h]);
             }
             if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
-                let scales = group
+                let figures = group
                     .spans
                     .as_ptr()
                     .add(b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS);
+                let f16 =
+                    |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(figures.add(at) as *const __m128i));
                 for h in 0..2 {
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(8 * h) as *const __m128i));
-                    total[h] = _mm256_fmadd_ps(d, span[h], total[h]);
-                    span[h] = _mm256_setzero_ps();
+                    total[h] = _mm256_fmadd_ps(f16(8 * h), span[h], total[h]);
+                    total_min[h] = _mm256_fmadd_ps(f16(ROWS + 8 * h), span_min[h], total_min[h]);
+                    span[h] = zero;
+                    span_min[h] = zero;
                 }
             }
         }
-        let mut slots = [0f32; ROWS];
-        for (h, lanes) in total.iter().enumerate() {
-            _mm256_storeu_ps(slots.as_mut_ptr().add(8 * h), *lanes);
+        let (mut slots, mut slots_min) = ([0f32; ROWS], [0f32; ROWS]);
+        for h in 0..2 {
+            _mm256_storeu_ps(slots.as_mut_ptr().add(8 * h), total[h]);
+            _mm256_storeu_ps(slots_min.as_mut_ptr().add(8 * h), total_min[h]);
         }
         for (k, &r) in LUT2_SLOT_ROWS.iter().enumerate() {
             dots[r] = slots[k];
+            offsets[r] = slots_min[k];
         }
     }
 
@@ -426,14 +445,19 @@ mod neon {
     /// As [`group_dot`].
     #[inline(never)]
     #[target_feature(enable = "neon")]
-    pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+    pub unsafe fn lut2(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
         let low = vdupq_n_u8(0x0F);
         let odd = vreinterpretq_s8_u16(vdupq_n_u16(0xFF00));
         let index = [
             vld1q_u8(ROW_FIGURES[0].as_ptr()),
             vld1q_u8(ROW_FIGURES[1].as_ptr()),
         ];
-        let (mut total, mut span) = ([vdupq_n_f32(0.0); 4], [vdupq_n_f32(0.0); 4]);
+        let mut lut2 = Lut2Sums::new();
         for b in 0..token.scales.len() {
             let codes = group.codes.as_ptr().add(b * 128);
             let t = token.tables.as_ptr().add(b * 8 * 16);
@@ -469,16 +493,9 @@ mod neon {
                 sums[2] = vmlal_s16(sums[2], vget_low_s16(half[1]), vget_low_s16(hi));
                 sums[3] = vmlal_high_s16(sums[3], half[1], hi);
             }
-            fold_block(&mut span, sums, token.scales[b]);
-            if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
-                let scales = group
-                    .spans
-                    .as_ptr()
-                    .add(b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS);
-                fold_span(&mut total, &mut span, scales);
-            }
+            lut2.add_block(group, token, b, sums);
         }
-        store(&total, dots);
+        lut2.store(dots, offsets);
     }
 
     /// # Safety
@@ -606,52 +623,115 @@ mod neon {
     const ROW_FIGURES: [[u8; 16]; 2] = [row_figures(0), row_figures(1)];
 
     /// The slots of rows 0-3, 4-7, 8-11, 12-15 start at these.
-    pub(super) const QUAD_SLOTS: [usize; 4] = [0, 8, 4, 12];
+    const QUAD_SLOTS: [usize; 4] = [0, 8, 4, 12];
 
-    /// One LUT2 block's integer sums (rows 0-3, 4-7, 8-11, 12-15) times
-    /// its table scale, into the span's sums.
-    ///
-    /// # Safety
-    /// NEON is available.
-    #[inline]
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn fold_block(
-        span: &mut [float32x4_t; 4],
-        sums: [int32x4_t; 4],
-        table_scale: f32,
-    ) {
-        let table_scale = vdupq_n_f32(table_scale);
-        for (s, sum) in span.iter_mut().zip(sums) {
-            *s = vfmaq_f32(*s, vcvtq_f32_s32(sum), table_scale);
+    /// Both NEON LUT2 kernels' epilogue: per block the minimums' integer
+    /// sums, and both terms times the table scale; per span times the
+    /// rows' f16 scales and minimums. Rows 0-3, 4-7, 8-11, 12-15.
+    pub(super) struct Lut2Sums {
+        span: [float32x4_t; 4],
+        total: [float32x4_t; 4],
+        span_min: [float32x4_t; 4],
+        total_min: [float32x4_t; 4],
+    }
+
+    impl Lut2Sums {
+        /// # Safety
+        /// NEON is available.
+        #[inline]
+        #[target_feature(enable = "neon")]
+        pub(super) unsafe fn new() -> Lut2Sums {
+            let zero = [vdupq_n_f32(0.0); 4];
+            Lut2Sums {
+                span: zero,
+                total: zero,
+                span_min: zero,
+                total_min: zero,
+            }
+        }
+
+        /// Block `b`'s dot products (`dots`, integer) and minimums.
+        ///
+        /// # Safety
+        /// NEON is available; `group` and `token` hold block `b` and its
+        /// span (checked by `group_dot`).
+        #[inline]
+        #[target_feature(enable = "neon")]
+        pub(super) unsafe fn add_block(
+            &mut self,
+            group: &Group,
+            token: &TokenTables,
+            b: usize,
+            dots: [int32x4_t; 4],
+        ) {
+            // Each row's minimum nibble of each half, rows in order, times
+            // the half's activation sum in table units.
+            let raw = group.scales.as_ptr().add(b * 2 * ROWS);
+            let high = uint8x16x2_t(
+                vshrq_n_u8(vld1q_u8(raw), 4),
+                vshrq_n_u8(vld1q_u8(raw.add(16)), 4),
+            );
+            let mut minimums = [vdupq_n_s32(0); 4];
+            for (h, index) in ROW_FIGURES.iter().enumerate() {
+                let m = vqtbl2q_u8(high, vld1q_u8(index.as_ptr()));
+                let lo = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(m)));
+                let hi = vreinterpretq_s16_u16(vmovl_high_u8(m));
+                let a = token.table_sums[2 * b + h];
+                minimums[0] = vmlal_n_s16(minimums[0], vget_low_s16(lo), a);
+                minimums[1] = vmlal_high_n_s16(minimums[1], lo, a);
+                minimums[2] = vmlal_n_s16(minimums[2], vget_low_s16(hi), a);
+                minimums[3] = vmlal_high_n_s16(minimums[3], hi, a);
+            }
+            let table_scale = vdupq_n_f32(token.scales[b]);
+            for q in 0..4 {
+                self.span[q] = vfmaq_f32(self.span[q], vcvtq_f32_s32(dots[q]), table_scale);
+                self.span_min[q] =
+                    vfmaq_f32(self.span_min[q], vcvtq_f32_s32(minimums[q]), table_scale);
+            }
+            if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
+                let figures = group
+                    .spans
+                    .as_ptr()
+                    .add(b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS);
+                for (q, &slot) in QUAD_SLOTS.iter().enumerate() {
+                    let d = f16x4(figures.add(slot));
+                    let dmin = f16x4(figures.add(ROWS + slot));
+                    self.total[q] = vfmaq_f32(self.total[q], d, self.span[q]);
+                    self.total_min[q] = vfmaq_f32(self.total_min[q], dmin, self.span_min[q]);
+                    self.span[q] = vdupq_n_f32(0.0);
+                    self.span_min[q] = vdupq_n_f32(0.0);
+                }
+            }
+        }
+
+        /// # Safety
+        /// NEON is available.
+        #[inline]
+        #[target_feature(enable = "neon")]
+        pub(super) unsafe fn store(&self, dots: &mut [f32; ROWS], offsets: &mut [f32; ROWS]) {
+            store(&self.total, dots);
+            store(&self.total_min, offsets);
         }
     }
 
-    /// A LUT2 span's sums times its rows' f16 scales (32 at `scales`,
-    /// slot order), into `total`; the span's sums start again.
+    /// 4 f16 at `at` as f32.
     ///
     /// # Safety
-    /// NEON is available and `scales` has 16 values.
+    /// NEON is available and `at` has 4 values.
     #[inline]
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn fold_span(
-        total: &mut [float32x4_t; 4],
-        span: &mut [float32x4_t; 4],
-        scales: *const u16,
-    ) {
-        for q in 0..4 {
-            let half = vld1_u16(scales.add(QUAD_SLOTS[q]));
-            let d: float32x4_t;
-            // `fcvtl` (f16 to f32, base Armv8): Rust's f16 vectors are
-            // unstable.
-            std::arch::asm!(
-                "fcvtl {d:v}.4s, {h:v}.4h",
-                d = out(vreg) d,
-                h = in(vreg) half,
-                options(pure, nomem, nostack)
-            );
-            total[q] = vfmaq_f32(total[q], d, span[q]);
-            span[q] = vdupq_n_f32(0.0);
-        }
+    unsafe fn f16x4(at: *const u16) -> float32x4_t {
+        let half = vld1_u16(at);
+        let out: float32x4_t;
+        // `fcvtl` (f16 to f32, base Armv8): Rust's f16 vectors are
+        // unstable.
+        std::arch::asm!(
+            "fcvtl {out:v}.4s, {half:v}.4h",
+            out = out(vreg) out,
+            half = in(vreg) half,
+            options(pure, nomem, nostack)
+        );
+        out
     }
 
     /// The 16 rows' figures into `dots`.
@@ -669,20 +749,25 @@ mod neon {
 
 #[cfg(target_arch = "aarch64")]
 mod neon_sdot {
-    use super::neon::{add_block, fold_block, fold_span, store};
-    use super::{Group, TokenTables, LUT2_BLOCKS_PER_SPAN, LUT2_SLOT_ROWS, ROWS};
+    use super::neon::{add_block, store, Lut2Sums};
+    use super::{Group, TokenTables, LUT2_SLOT_ROWS, ROWS};
     use std::arch::aarch64::*;
 
     /// # Safety
     /// As [`group_dot`].
     #[inline(never)]
     #[target_feature(enable = "neon,dotprod")]
-    pub unsafe fn lut2(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+    pub unsafe fn lut2(
+        group: &Group,
+        token: &TokenTables,
+        dots: &mut [f32; ROWS],
+        offsets: &mut [f32; ROWS],
+    ) {
         let low = vdupq_n_u8(0x0F);
         // Shifts of the multipliers' bytes: (s, s, 2s, 2s) a row.
         let doubling = vreinterpretq_s8_u32(vdupq_n_u32(0x0101_0000));
         let index = |h: usize, q: usize| vld1q_u8(QUAD_FIGURES[h][q].as_ptr());
-        let (mut total, mut span) = ([vdupq_n_f32(0.0); 4], [vdupq_n_f32(0.0); 4]);
+        let mut lut2 = Lut2Sums::new();
         for b in 0..token.scales.len() {
             let codes = group.codes.as_ptr().add(b * 128);
             let t = token.tables.as_ptr().add(b * 8 * 16);
@@ -715,16 +800,9 @@ mod neon_sdot {
                     }
                 }
             }
-            fold_block(&mut span, sum, token.scales[b]);
-            if b % LUT2_BLOCKS_PER_SPAN == LUT2_BLOCKS_PER_SPAN - 1 {
-                let scales = group
-                    .spans
-                    .as_ptr()
-                    .add(b / LUT2_BLOCKS_PER_SPAN * 2 * ROWS);
-                fold_span(&mut total, &mut span, scales);
-            }
+            lut2.add_block(group, token, b, sum);
         }
-        store(&total, dots);
+        lut2.store(dots, offsets);
     }
 
     /// Where each byte of half `h`'s multipliers for rows `4q..4q + 4`
