@@ -204,6 +204,47 @@ fn block_error(x: &[f32], importance: &[f32], scale: f32, minimum: f32, top: f32
         .sum()
 }
 
+/// The unit `u` for figures `round(v / u)` in `0..=levels` of `values`
+/// with the least `sum weights (v - u figure)^2`: the largest value over
+/// `levels` is not it where one block's value is far above the rest (the
+/// others then get few steps). Tries units down to half of that, each
+/// refined by least squares for its figures (as GGML's `make_qp_quants`).
+fn figure_unit(values: &[f32], weights: &[f64], levels: i32) -> f32 {
+    let max = values.iter().fold(0f32, |m, &v| m.max(v));
+    if max <= 0.0 {
+        return 0.0;
+    }
+    let figures = |unit: f32| {
+        values
+            .iter()
+            .map(move |&v| (v / unit).round().clamp(0.0, levels as f32) as f64)
+    };
+    let error = |unit: f32| -> f64 {
+        figures(unit)
+            .zip(values)
+            .zip(weights)
+            .map(|((l, &v), &w)| w * (v as f64 - unit as f64 * l).powi(2))
+            .sum()
+    };
+    let mut best = (max / levels as f32, error(max / levels as f32));
+    for step in 1..=25 {
+        let start = max / levels as f32 * (1.0 - 0.02 * step as f32);
+        // Least squares for the figures this unit gives.
+        let (mut vl, mut ll) = (0f64, 0f64);
+        for ((l, &v), &w) in figures(start).zip(values).zip(weights) {
+            vl += w * v as f64 * l;
+            ll += w * l * l;
+        }
+        for unit in [start, if ll > 0.0 { (vl / ll) as f32 } else { start }] {
+            let err = error(unit);
+            if unit > 0.0 && err < best.1 {
+                best = (unit, err);
+            }
+        }
+    }
+    best.0
+}
+
 /// One row quantized: per span its f16 scale and minimum, per block a
 /// scale and a minimum figure (0..=15 or 0..=63), and one code a weight.
 struct QuantizedRow {
@@ -238,10 +279,29 @@ fn quantize_row(ty: LutType, row: &[f32], importance: &[f32]) -> QuantizedRow {
             .zip(ws.chunks_exact(block))
             .map(|(x, w)| fit_block(x, w, top))
             .collect();
-        // The span's f16 figures over the figures' steps (15 or 63); the
-        // f16 rounding may take a step off the top, so the figures clamp.
-        let scale = f16_round(fits.iter().fold(0f32, |m, f| m.max(f.0)) / levels as f32);
-        let minimum = f16_round(fits.iter().fold(0f32, |m, f| m.max(f.1)) / levels as f32);
+        // The span's f16 units of the figures: each chosen for the least
+        // error its rounding adds to the weights (a scale's error counts
+        // by the block's weighted squared codes, a minimum's by its
+        // weights); the f16 rounding may take a step off the top, so the
+        // figures clamp.
+        let (mut scale_weights, mut min_weights) = (Vec::new(), Vec::new());
+        for ((x, w), &(s, m)) in xs
+            .chunks_exact(block)
+            .zip(ws.chunks_exact(block))
+            .zip(&fits)
+        {
+            let (mut codes2, mut sum) = (0f64, 0f64);
+            for (&v, &wi) in x.iter().zip(w) {
+                codes2 += wi as f64 * (code(v, s, m, top) as f64).powi(2);
+                sum += wi as f64;
+            }
+            scale_weights.push(codes2);
+            min_weights.push(sum);
+        }
+        let scales: Vec<f32> = fits.iter().map(|f| f.0).collect();
+        let mins: Vec<f32> = fits.iter().map(|f| f.1).collect();
+        let scale = f16_round(figure_unit(&scales, &scale_weights, levels));
+        let minimum = f16_round(figure_unit(&mins, &min_weights, levels));
         out.span_scales.push(scale);
         out.span_mins.push(minimum);
         for ((x, w), &(s, m)) in xs
