@@ -154,16 +154,28 @@ impl Kernel {
 /// LUT3's minimums' term: per row its f16 minimum times the sum over
 /// blocks of their minimum figure times the block's activations' sum.
 fn lut3_minimums(group: &Group, token: &TokenTables, offsets: &mut [f32; ROWS]) {
-    *offsets = [0.0; ROWS];
-    for (b, mins) in group.mins.chunks_exact(ROWS).enumerate() {
-        let sum = token.sums[2 * b] + token.sums[2 * b + 1];
-        for (o, &m) in offsets.iter_mut().zip(mins) {
-            *o += m as f32 * sum;
+    // Summed in a local with iterators: indexing (a bounds check a
+    // block) made the compiler store `offsets` every block and not
+    // vectorize, which took as long as the kernel.
+    let mut sums = [0f32; ROWS];
+    for (mins, halves) in group
+        .mins
+        .chunks_exact(ROWS)
+        .zip(token.sums.chunks_exact(2))
+        .take(token.scales.len())
+    {
+        let sum = halves[0] + halves[1];
+        for (s, &m) in sums.iter_mut().zip(mins) {
+            *s += m as f32 * sum;
         }
     }
     // One span, the row (slots are rows).
-    for (o, &minimum) in offsets.iter_mut().zip(&group.spans[ROWS..2 * ROWS]) {
-        *o *= from_f16(minimum);
+    for ((o, s), &minimum) in offsets
+        .iter_mut()
+        .zip(sums)
+        .zip(&group.spans[ROWS..2 * ROWS])
+    {
+        *o = s * from_f16(minimum);
     }
 }
 
