@@ -105,7 +105,10 @@ impl Kernel {
         };
         assert!(ty.bits == 3 || blocks.is_multiple_of(LUT2_BLOCKS_PER_SPAN));
         assert!(group.codes.len() >= blocks * block_bytes);
-        assert!(group.scales.len() >= blocks * ROWS * (4 - ty.bits as usize));
+        // LUT2: a byte per 16 weights and row (both figures); LUT3: a
+        // scale byte per 32 (the minimums apart).
+        let figure_bytes = if ty.bits == 2 { 2 * ROWS } else { ROWS };
+        assert!(group.scales.len() >= blocks * figure_bytes);
         assert!(group.mins.len() >= blocks * ROWS);
         assert!(group.spans.len() >= spans * 2 * ROWS);
         assert!(token.tables.len() >= blocks * CODE_BLOCK / SUBGROUP * 16);
