@@ -274,9 +274,9 @@ mod avx2 {
     // One symbol per format, never inlined, so `harness::builds::cycles`
     // finds each hot loop by name in the agent's binary.
     /// # Safety
-    /// As [`group_dot`].
+    /// The target features are available; `group` and `token` hold the
+    /// blocks `token.scales` counts (`Kernel::group_dot` checks).
     #[inline(never)]
-    #[target_feature(enable = "avx2,fma")]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn lut2(
         group: &Group,
@@ -360,28 +360,17 @@ mod avx2 {
         }
     }
 
-    /// # Safety
-    /// As [`group_dot`].
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
-        group_dot::<8, true>(group, token, dots)
-    }
-
-    /// `S` subgroups a block (8 for LUT2, 16 for LUT3), `PLANE2` for
-    /// LUT3's third plane.
+    /// LUT3: the two planes as LUT2's were read, and the third plane.
     ///
     /// # Safety
     /// AVX2 and FMA are available; `group` and `token` hold the blocks
     /// `token.scales` counts (checked by the caller).
-    #[inline]
+    #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn group_dot<const S: usize, const PLANE2: bool>(
-        group: &Group,
-        token: &TokenTables,
-        dots: &mut [f32; ROWS],
-    ) {
-        let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
+    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        // Subgroups of 4 a block of 32; two planes' bytes, then the third's.
+        const S: usize = 8;
+        let block_bytes = 16 * S + 8 * S;
         let low = _mm256_set1_epi8(0x0F);
         // Unsigned multipliers of `vpmaddubsw`: plane 0 by 1, plane 1 by 2.
         let planes01 = _mm256_set1_epi16(0x0201);
@@ -407,7 +396,8 @@ mod avx2 {
                 sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(planes01, a));
                 sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(planes01, c));
             }
-            if PLANE2 {
+            {
+                // The third plane.
                 let mut third = _mm256_setzero_si256();
                 for i in 0..S / 4 {
                     let x = _mm256_loadu_si256(codes.add(16 * S + 32 * i) as *const __m256i);
@@ -457,7 +447,8 @@ mod neon {
     // One symbol per format, never inlined, so `harness::builds::cycles`
     // finds each hot loop by name in the agent's binary.
     /// # Safety
-    /// As [`group_dot`].
+    /// The target features are available; `group` and `token` hold the
+    /// blocks `token.scales` counts (`Kernel::group_dot` checks).
     #[inline(never)]
     #[target_feature(enable = "neon")]
     pub unsafe fn lut2(
@@ -477,11 +468,7 @@ mod neon {
             let codes = group.codes.as_ptr().add(b * 128);
             let t = token.tables.as_ptr().add(b * 8 * 16);
             let table = |sub: usize| vld1q_s8(t.add(16 * sub));
-            let figures = group.scales.as_ptr().add(b * 2 * ROWS);
-            let figures = uint8x16x2_t(
-                vandq_u8(vld1q_u8(figures), low),
-                vandq_u8(vld1q_u8(figures.add(16)), low),
-            );
+            let figures = lut2_nibbles(group, b, false);
             // Rows 0-3, 4-7, 8-11, 12-15.
             let mut sums = [vdupq_n_s32(0); 4];
             for (h, index) in index.iter().enumerate() {
@@ -513,14 +500,6 @@ mod neon {
         lut2.store(dots, offsets);
     }
 
-    /// # Safety
-    /// As [`group_dot`].
-    #[inline(never)]
-    #[target_feature(enable = "neon")]
-    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
-        group_dot::<8, true>(group, token, dots)
-    }
-
     /// As the AVX2 kernel: `tbl` looks 16 bytes up, `sadalp` adds byte
     /// pairs (a row's two planes, or its two subgroups of the third plane)
     /// into int16 lanes, and plane 1's second copy comes from its bytes
@@ -529,14 +508,12 @@ mod neon {
     /// # Safety
     /// NEON is available; `group` and `token` hold the blocks
     /// `token.scales` counts (checked by the caller).
-    #[inline]
+    #[inline(never)]
     #[target_feature(enable = "neon")]
-    unsafe fn group_dot<const S: usize, const PLANE2: bool>(
-        group: &Group,
-        token: &TokenTables,
-        dots: &mut [f32; ROWS],
-    ) {
-        let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
+    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        // Subgroups of 4 a block of 32; two planes' bytes, then the third's.
+        const S: usize = 8;
+        let block_bytes = 16 * S + 8 * S;
         let low = vdupq_n_u8(0x0F);
         let odd = vreinterpretq_s8_u16(vdupq_n_u16(0xFF00));
         let odd_out = vreinterpretq_u8_u16(vdupq_n_u16(0x8000));
@@ -560,7 +537,8 @@ mod neon {
                     *lanes = vpadalq_s8(*lanes, vandq_s8(c, odd));
                 }
             }
-            if PLANE2 {
+            {
+                // The third plane.
                 let mut third = [vdupq_n_s16(0); 2];
                 for i in 0..S / 4 {
                     let pick = |n: uint8x16_t, sub: usize| {
@@ -681,11 +659,7 @@ mod neon {
         ) {
             // Each row's minimum nibble of each half, rows in order, times
             // the half's activation sum in table units.
-            let raw = group.scales.as_ptr().add(b * 2 * ROWS);
-            let high = uint8x16x2_t(
-                vshrq_n_u8(vld1q_u8(raw), 4),
-                vshrq_n_u8(vld1q_u8(raw.add(16)), 4),
-            );
+            let high = lut2_nibbles(group, b, true);
             let mut minimums = [vdupq_n_s32(0); 4];
             for (h, index) in ROW_FIGURES.iter().enumerate() {
                 let m = vqtbl2q_u8(high, vld1q_u8(index.as_ptr()));
@@ -729,6 +703,25 @@ mod neon {
         }
     }
 
+    /// Block `b`'s 32 LUT2 figure bytes' scale nibbles (low), or their
+    /// minimum nibbles (`high`), as bytes: a `tbl` table.
+    ///
+    /// # Safety
+    /// NEON is available and `group` holds block `b`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn lut2_nibbles(group: &Group, b: usize, high: bool) -> uint8x16x2_t {
+        let raw = group.scales.as_ptr().add(b * 2 * ROWS);
+        let nibbles = |v: uint8x16_t| {
+            if high {
+                vshrq_n_u8(v, 4)
+            } else {
+                vandq_u8(v, vdupq_n_u8(0x0F))
+            }
+        };
+        uint8x16x2_t(nibbles(vld1q_u8(raw)), nibbles(vld1q_u8(raw.add(16))))
+    }
+
     /// 4 f16 at `at` as f32.
     ///
     /// # Safety
@@ -764,12 +757,13 @@ mod neon {
 
 #[cfg(target_arch = "aarch64")]
 mod neon_sdot {
-    use super::neon::{add_block, store, Lut2Sums};
+    use super::neon::{add_block, lut2_nibbles, store, Lut2Sums};
     use super::{Group, TokenTables, LUT2_SLOT_ROWS, ROWS};
     use std::arch::aarch64::*;
 
     /// # Safety
-    /// As [`group_dot`].
+    /// The target features are available; `group` and `token` hold the
+    /// blocks `token.scales` counts (`Kernel::group_dot` checks).
     #[inline(never)]
     #[target_feature(enable = "neon,dotprod")]
     pub unsafe fn lut2(
@@ -787,11 +781,7 @@ mod neon_sdot {
             let codes = group.codes.as_ptr().add(b * 128);
             let t = token.tables.as_ptr().add(b * 8 * 16);
             let table = |sub: usize| vld1q_s8(t.add(16 * sub));
-            let figures = group.scales.as_ptr().add(b * 2 * ROWS);
-            let figures = uint8x16x2_t(
-                vandq_u8(vld1q_u8(figures), low),
-                vandq_u8(vld1q_u8(figures.add(16)), low),
-            );
+            let figures = lut2_nibbles(group, b, false);
             // Rows 0-3, 4-7, 8-11, 12-15.
             let mut sum = [vdupq_n_s32(0); 4];
             for h in 0..2 {
@@ -848,14 +838,6 @@ mod neon_sdot {
         ],
     ];
 
-    /// # Safety
-    /// As [`group_dot`].
-    #[inline(never)]
-    #[target_feature(enable = "neon,dotprod")]
-    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
-        group_dot::<8, true>(group, token, dots)
-    }
-
     /// `sdot` of `a` with `b` into `acc` (Rust's `vdotq_s32` is unstable).
     #[inline]
     #[target_feature(enable = "neon,dotprod")]
@@ -881,14 +863,12 @@ mod neon_sdot {
     /// # Safety
     /// NEON and dotprod are available; `group` and `token` hold the
     /// blocks `token.scales` counts (checked by the caller).
-    #[inline]
+    #[inline(never)]
     #[target_feature(enable = "neon,dotprod")]
-    unsafe fn group_dot<const S: usize, const PLANE2: bool>(
-        group: &Group,
-        token: &TokenTables,
-        dots: &mut [f32; ROWS],
-    ) {
-        let block_bytes = 16 * S + if PLANE2 { 8 * S } else { 0 };
+    pub unsafe fn lut3(group: &Group, token: &TokenTables, dots: &mut [f32; ROWS]) {
+        // Subgroups of 4 a block of 32; two planes' bytes, then the third's.
+        const S: usize = 8;
+        let block_bytes = 16 * S + 8 * S;
         let low = vdupq_n_u8(0x0F);
         let planes01 = vreinterpretq_s8_u32(vdupq_n_u32(0x0202_0101));
         let fours = vdupq_n_s8(4);
@@ -911,7 +891,8 @@ mod neon_sdot {
                     sum[2 * h + 1] = sdot(sum[2 * h + 1], vzip2q_s8(a, c), planes01);
                 }
             }
-            if PLANE2 {
+            {
+                // The third plane.
                 for i in 0..S / 4 {
                     let pick = |n: uint8x16_t, sub: usize| {
                         vorrq_s8(
