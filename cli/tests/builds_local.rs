@@ -767,8 +767,8 @@ fn ab_flags_nothing_against_itself_and_exactly_the_kernel_a_patch_slows() {
 const Q8_0_CELL: &str = "llama3.2-1b.attn_kv/Q8_0/n1/t1";
 
 /// A git repository of the vendored llama.cpp with twelve commits: 0-4
-/// fast, 5-7 with the Q8_0 dot product about 50% slower, 8 fast again,
-/// 9 about five times as slow, 10 fast, 11 about 50% slower. Each commit also
+/// fast, 5-7 with every call of the Q8_0 dot product done five times, 8
+/// fast again, 9 twenty times, 10 fast, 11 five times. Each commit also
 /// changes a note, so every tree differs.
 struct SlowingRepo {
     dir: std::path::PathBuf,
@@ -819,28 +819,40 @@ impl SlowingRepo {
         assert!(patched.success());
         let slow =
             std::fs::read_to_string(scratch.join("ggml/src/ggml-cpu/arch/x86/quants.c")).unwrap();
-        // Every call done five times: far enough from `slow` (+50%) that
-        // a host's bursts of neighbour load (25% between processes) cannot
-        // make the midpoint of 8..11 look like its slow end.
-        let slower = slow.replace("% 2 == 0", "% 1 == 0").replacen(
-            "quantbench_slowed_q8_0_q8_0(n, &again,",
-            "for (int r = 0; r < 4; r++) quantbench_slowed_q8_0_q8_0(n, &again,",
-            1,
-        );
-        assert_eq!(slower.matches("for (int r = 0; r < 4; r++)").count(), 1);
+        // Every call done `times` times. The bisected ranges use these,
+        // not the patch's +50%: on some CI hosts a build whose code did
+        // not change reads 25% slower from process to process (one CI
+        // run: a fast midpoint at +25% [-23%, +104%] against the good end
+        // in each of three sessions, and the +50% end inconclusive against
+        // it), so a bisect test over a +50% step can fail on noise alone.
+        // Against a 5x step such a midpoint is clearly good, and a 20x
+        // midpoint clearly slower than a 5x end.
+        let repeated = |times: u32| {
+            let text = slow.replace("% 2 == 0", "% 1 == 0").replacen(
+                "quantbench_slowed_q8_0_q8_0(n, &again,",
+                &format!(
+                    "for (int r = 0; r < {}; r++) quantbench_slowed_q8_0_q8_0(n, &again,",
+                    times - 1
+                ),
+                1,
+            );
+            assert_eq!(text.matches("for (int r = 0; r < ").count(), 1);
+            text
+        };
+        let (five_times, twenty_times) = (repeated(5), repeated(20));
         let plan: [(&str, &str); 12] = [
             (&fast, "start from llama-cpp-sys-2's llama.cpp"),
             (&fast, "a note"),
             (&fast, "another note"),
             (&fast, "a third note"),
             (&fast, "a fourth note"),
-            (&slow, "slow the Q8_0 dot product"),
-            (&slow, "a note after it"),
-            (&slow, "another note after it"),
+            (&five_times, "slow the Q8_0 dot product"),
+            (&five_times, "a note after it"),
+            (&five_times, "another note after it"),
             (&fast, "fast again"),
-            (&slower, "much slower"),
+            (&twenty_times, "much slower"),
             (&fast, "fast once more"),
-            (&slow, "slow again"),
+            (&five_times, "slow again"),
         ];
         let mut commits = Vec::new();
         for (i, (content, subject)) in plan.into_iter().enumerate() {

@@ -23,6 +23,7 @@ use crate::runs::session::SessionOptions;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use thiserror::Error;
+use wire::kernel_job::split_build;
 
 #[derive(Debug, Error)]
 pub enum BisectError {
@@ -107,11 +108,22 @@ pub struct Judged {
     pub change: String,
 }
 
+/// One session of a step: its run directory, and whether its
+/// invocations were pooled into the step's evidence (not when the cell
+/// was disturbed, throttled or unsettled in it).
+#[derive(Debug, Clone)]
+pub struct StepSession {
+    pub run_dir: PathBuf,
+    pub pooled: bool,
+}
+
 /// One measured step: the commit, how it compared, what was decided.
 #[derive(Debug, Clone)]
 pub struct Step {
     pub commit: Commit,
-    pub run_dir: PathBuf,
+    /// Its sessions, in order (more than one when it was measured
+    /// again).
+    pub sessions: Vec<StepSession>,
     pub versus_good: Judged,
     /// The bad end against this commit (absent for the first step, which
     /// measures the bad end itself against the good one).
@@ -189,7 +201,18 @@ impl Report {
                     s.versus_good.verdict.name(),
                     s.versus_good.change,
                     s.decision,
-                    s.run_dir.display()
+                    s.sessions
+                        .iter()
+                        .map(|session| if session.pooled {
+                            session.run_dir.display().to_string()
+                        } else {
+                            format!(
+                                "{}, not pooled: the cell was disturbed or unsettled",
+                                session.run_dir.display()
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" + ")
                 )
             })
             .collect()
@@ -393,16 +416,49 @@ pub fn bisect(options: &BisectOptions) -> Result<Report, BisectError> {
 }
 
 /// Measures `good`, `mid` (when given) and `bad` in one session, again
-/// while the step is undecided, up to `attempts` sessions.
+/// while the step is undecided, up to `attempts` sessions. The sessions
+/// are judged together: each one adds its invocations to the step's
+/// evidence (`RunData::pool`), so a step measured three times is judged
+/// on three times the invocations, not on its last session alone. A
+/// session in which the cell was disturbed, throttled or unsettled is not
+/// pooled (its rows stay in its run directory, and the step says so).
 fn measure_until_decided(
     options: &BisectOptions,
     good: &Commit,
     mid: Option<&Commit>,
     bad: &Commit,
 ) -> Result<(Step, Decision), BisectError> {
+    let names = StepBuilds::of(good, mid, bad);
+    let mut evidence: Option<RunData> = None;
+    let mut sessions: Vec<StepSession> = Vec::new();
     let mut attempt = 1;
     loop {
-        let mut step = measure(options, good, mid, bad)?;
+        let run = measure(options, &names, good, mid, bad)?;
+        let clean = !flagged(&run, &options.cell);
+        let run_dir = run.dir.clone();
+        // Clean sessions pool; a flagged one is judged only while there
+        // is nothing clean to judge (and is replaced by the first clean
+        // one).
+        let pooled = match evidence.as_mut() {
+            Some(earlier) if clean && !flagged(earlier, &options.cell) => {
+                earlier.pool(&run);
+                true
+            }
+            Some(_) if !clean => false,
+            _ => {
+                for s in &mut sessions {
+                    s.pooled = false;
+                }
+                evidence = Some(run);
+                clean
+            }
+        };
+        sessions.push(StepSession { run_dir, pooled });
+        let judged_on = evidence
+            .as_ref()
+            .ok_or_else(|| BisectError::Input("no session of the step was kept".into()))?;
+        let mut step = judge_step(&options.cell, &names, judged_on, mid, bad)?;
+        step.sessions = sessions.clone();
         let decision = decide(
             step.versus_good.verdict,
             step.bad_versus_it.as_ref().map(|j| j.verdict),
@@ -413,7 +469,7 @@ fn measure_until_decided(
         }
         attempt += 1;
         eprintln!(
-            "bisect: {} is undecided (against good {} {}); measuring again ({attempt}/{})",
+            "bisect: {} is undecided (against good {} {}); measuring again ({attempt}/{}), judged with the invocations so far",
             step.commit.short(),
             step.versus_good.verdict.name(),
             step.versus_good.change,
@@ -422,45 +478,82 @@ fn measure_until_decided(
     }
 }
 
+/// A session's cell rows that say its timings are not to be trusted.
+fn flagged(run: &RunData, cell: &str) -> bool {
+    run.kernel_rows.iter().any(|r| {
+        split_build(&r.cell_id).0 == cell && (r.disturbed || r.thermal_noisy || !r.settled)
+    }) || run
+        .model_rows
+        .iter()
+        .any(|r| r.thermal_noisy && split_build(&r.cell_id()).0 == cell)
+}
+
 fn build_name(role: &str, commit: &Commit) -> String {
     format!("{role}-{}", commit.short())
 }
 
+/// The build names of one step's session.
+struct StepBuilds {
+    good: String,
+    mid: Option<String>,
+    bad: String,
+}
+
+impl StepBuilds {
+    fn of(good: &Commit, mid: Option<&Commit>, bad: &Commit) -> StepBuilds {
+        StepBuilds {
+            good: build_name("good", good),
+            mid: mid.map(|m| build_name("mid", m)),
+            bad: build_name("bad", bad),
+        }
+    }
+}
+
+/// One A/B session of the step's builds on the target; its run.
 fn measure(
     options: &BisectOptions,
+    names: &StepBuilds,
     good: &Commit,
     mid: Option<&Commit>,
     bad: &Commit,
-) -> Result<Step, BisectError> {
+) -> Result<RunData, BisectError> {
     let spec = |c: &Commit| options.over.build(&c.hash);
-    let good_name = build_name("good", good);
-    let bad_name = build_name("bad", bad);
     let mut session = options.session.clone();
-    session.build = good_name.clone();
+    session.build = names.good.clone();
     session.defined_builds = [
-        (good_name.clone(), spec(good)),
-        (bad_name.clone(), spec(bad)),
+        (names.good.clone(), spec(good)),
+        (names.bad.clone(), spec(bad)),
     ]
     .into_iter()
     .collect();
     session.versus = Vec::new();
-    let mid_name = mid.map(|m| build_name("mid", m));
-    if let (Some(name), Some(m)) = (&mid_name, mid) {
+    if let (Some(name), Some(m)) = (&names.mid, mid) {
         session.defined_builds.insert(name.clone(), spec(m));
         session.versus.push(name.clone());
     }
-    session.versus.push(bad_name.clone());
+    session.versus.push(names.bad.clone());
     session.only_cells = vec![options.cell.clone()];
     let report = run_bench(&session)?;
-    let run = RunData::load(&report.run_dir)?;
+    Ok(RunData::load(&report.run_dir)?)
+}
+
+/// The step's verdicts from its evidence (one session's run, or several
+/// pooled).
+fn judge_step(
+    cell: &str,
+    names: &StepBuilds,
+    run: &RunData,
+    mid: Option<&Commit>,
+    bad: &Commit,
+) -> Result<Step, BisectError> {
     let judge = |base: &str, new: &str| -> Result<Judged, BisectError> {
         let comparison = compare(
             &run.build_side(base)?,
             &run.build_side(new)?,
             &CompareSettings::default(),
         )?;
-        let cell = comparison.cells.iter().find(|c| c.cell == options.cell);
-        Ok(match cell {
+        let judged = comparison.cells.iter().find(|c| c.cell == cell);
+        Ok(match judged {
             Some(c) => Judged {
                 verdict: c.verdict,
                 change: match (c.ratio, c.ci_low, c.ci_high) {
@@ -479,17 +572,17 @@ fn measure(
             },
         })
     };
-    let (commit, versus_good, bad_versus_it) = match &mid_name {
-        Some(name) => (
-            mid.cloned().unwrap_or_else(|| bad.clone()),
-            judge(&good_name, name)?,
-            Some(judge(name, &bad_name)?),
+    let (commit, versus_good, bad_versus_it) = match (&names.mid, mid) {
+        (Some(name), Some(m)) => (
+            m.clone(),
+            judge(&names.good, name)?,
+            Some(judge(name, &names.bad)?),
         ),
-        None => (bad.clone(), judge(&good_name, &bad_name)?, None),
+        _ => (bad.clone(), judge(&names.good, &names.bad)?, None),
     };
     Ok(Step {
         commit,
-        run_dir: report.run_dir,
+        sessions: Vec::new(),
         versus_good,
         bad_versus_it,
         decision: String::new(),
@@ -500,6 +593,137 @@ fn measure(
 mod tests {
     use super::*;
     use Verdict::*;
+
+    const CELL: &str = "llama3.2-1b.attn_kv/Q8_0/n1/t1";
+
+    fn commit(name: &str) -> Commit {
+        Commit {
+            hash: format!("{name}0000000000"),
+            subject: name.into(),
+        }
+    }
+
+    /// One session's run of the builds `good-*`, `mid-*`, `bad-*`: each
+    /// invocation's three repetitions around the given median (ns).
+    fn session(run_id: &str, medians: &[(&str, &[f64])]) -> RunData {
+        use crate::runs::manifest::{BuildRecord, HostInfo, RunManifest, Versions};
+        let mut kernel_rows = Vec::new();
+        let mut samples = Vec::new();
+        let mut records = Vec::new();
+        for (role, invocations) in medians {
+            let build = build_name(role, &commit(role));
+            let cell_id = format!("{CELL}@{build}");
+            let mut row = wire::rows::example_row(&cell_id);
+            row.run_id = run_id.into();
+            row.board = "b".into();
+            kernel_rows.push(row);
+            for (i, median) in invocations.iter().enumerate() {
+                for (r, f) in [1.0, 1.01, 0.99].iter().enumerate() {
+                    samples.push(wire::rows::SampleRow {
+                        run_id: run_id.into(),
+                        board: "b".into(),
+                        cell_id: cell_id.clone(),
+                        repetition: r as u32,
+                        ns: (median * f) as u64,
+                        invocation: i as u32,
+                        round: i as u32,
+                    });
+                }
+            }
+            records.push(BuildRecord {
+                profile: "local".into(),
+                hash: build.clone(),
+                target_triple: "x".into(),
+                seconds: 0.0,
+                build,
+                llama_cpp: None,
+                quantbench: None,
+            });
+        }
+        RunData {
+            dir: PathBuf::from(run_id),
+            manifest: RunManifest {
+                run_id: run_id.into(),
+                started_at: "2026-12-07T00:00:00Z".into(),
+                finished_at: None,
+                matrix: "tiny".into(),
+                matrices: Vec::new(),
+                config_path: "bench.toml".into(),
+                seed: 1,
+                git_commit: "abc".into(),
+                target: "local".into(),
+                versions: Versions {
+                    quantbench: "0".into(),
+                    llama_cpp_sys_2: "0".into(),
+                    rustc: "r".into(),
+                    agent_builds: records,
+                },
+                host: HostInfo::current(),
+                boards: Vec::new(),
+                resumed_at: Vec::new(),
+                rejected_rows: Vec::new(),
+            },
+            kernel_rows,
+            model_rows: Vec::new(),
+            samples,
+            sustained: Vec::new(),
+            importance: Vec::new(),
+            probes: Default::default(),
+            side: None,
+        }
+    }
+
+    fn decision_on(run: &RunData) -> Decision {
+        let (good, mid, bad) = (commit("good"), commit("mid"), commit("bad"));
+        let names = StepBuilds::of(&good, Some(&mid), &bad);
+        let step = judge_step(CELL, &names, run, Some(&mid), &bad).unwrap();
+        eprintln!(
+            "{}: against good {} {}; bad against it {:?}",
+            run.manifest.run_id,
+            step.versus_good.verdict.name(),
+            step.versus_good.change,
+            step.bad_versus_it
+        );
+        decide(
+            step.versus_good.verdict,
+            step.bad_versus_it.map(|j| j.verdict),
+        )
+    }
+
+    /// A midpoint as fast as the good end whose invocations swing by
+    /// +-60% (a busy neighbour in some of its processes) is undecided in
+    /// each session judged alone; judged on all three sessions'
+    /// invocations it is good: the bad end is clearly slower than it.
+    #[test]
+    fn a_step_measured_again_is_judged_on_every_session_together() {
+        let noisy_mid: &[f64] = &[100.0, 165.0, 60.0, 160.0, 63.0];
+        let measured = |i: usize| {
+            session(
+                &format!("s{i}"),
+                &[
+                    ("good", &[100.0, 101.0, 99.0, 100.5, 99.5]),
+                    ("mid", noisy_mid),
+                    ("bad", &[150.0, 151.0, 149.0, 150.5, 149.5]),
+                ],
+            )
+        };
+        let mut pooled = measured(0);
+        assert_eq!(decision_on(&pooled), Decision::Undecided);
+        for i in 1..3 {
+            let again = measured(i);
+            assert_eq!(decision_on(&again), Decision::Undecided);
+            pooled.pool(&again);
+        }
+        assert_eq!(decision_on(&pooled), Decision::Good);
+        // Every session's invocations are distinct invocations of the
+        // pooled cell, in rounds after the earlier sessions'.
+        let by_cell = pooled.invocations_by_cell();
+        let mid_cell = ("b".to_string(), format!("{CELL}@mid-mid0000000"));
+        assert_eq!(by_cell[&mid_cell].len(), 15);
+        let rounds: std::collections::BTreeSet<u32> =
+            pooled.samples.iter().map(|s| s.round).collect();
+        assert_eq!(rounds.len(), 15);
+    }
 
     #[test]
     fn a_midpoint_is_judged_against_both_neighbours() {

@@ -232,6 +232,70 @@ impl RunData {
         })
     }
 
+    /// Adds a later session's measurements of the same cells (the same
+    /// builds measured again) to this run's: its repetitions become
+    /// further invocations and rounds of each cell, numbered after this
+    /// run's own, so statistics over invocations judge one longer run
+    /// (a second session judged alone is as likely to be noisy as the
+    /// first, and its evidence would be thrown away with it). A cell this
+    /// run lacks takes the later row; a cell both have keeps this run's
+    /// row, flagged disturbed, throttled or unsettled when either was.
+    pub fn pool(&mut self, later: &RunData) {
+        let mut next: BTreeMap<BoardCell, (u32, u32)> = BTreeMap::new();
+        for s in &self.samples {
+            let (invocation, round) = next
+                .entry((s.board.clone(), s.cell_id.clone()))
+                .or_default();
+            *invocation = (*invocation).max(s.invocation + 1);
+            *round = (*round).max(s.round + 1);
+        }
+        // Rounds are shared by the cells of a board: the later session's
+        // round r becomes one after every round this run used there.
+        let mut board_rounds: BTreeMap<&str, u32> = BTreeMap::new();
+        for ((board, _), (_, round)) in &next {
+            let r = board_rounds.entry(board.as_str()).or_default();
+            *r = (*r).max(*round);
+        }
+        let board_rounds: BTreeMap<String, u32> = board_rounds
+            .into_iter()
+            .map(|(b, r)| (b.to_string(), r))
+            .collect();
+        for s in &later.samples {
+            let key = (s.board.clone(), s.cell_id.clone());
+            let first_invocation = next.get(&key).map_or(0, |n| n.0);
+            self.samples.push(SampleRow {
+                invocation: first_invocation + s.invocation,
+                round: board_rounds.get(&s.board).copied().unwrap_or(0) + s.round,
+                ..s.clone()
+            });
+        }
+        for row in &later.kernel_rows {
+            match self
+                .kernel_rows
+                .iter_mut()
+                .find(|r| r.board == row.board && r.cell_id == row.cell_id)
+            {
+                Some(mine) => {
+                    mine.disturbed |= row.disturbed;
+                    mine.thermal_noisy |= row.thermal_noisy;
+                    mine.settled &= row.settled;
+                }
+                None => self.kernel_rows.push(row.clone()),
+            }
+        }
+        for row in &later.model_rows {
+            let id = row.cell_id();
+            match self
+                .model_rows
+                .iter_mut()
+                .find(|r| r.board == row.board && r.build == row.build && r.cell_id() == id)
+            {
+                Some(mine) => mine.thermal_noisy |= row.thermal_noisy,
+                None => self.model_rows.push(row.clone()),
+            }
+        }
+    }
+
     /// The run's name as a comparison shows it: its id, `@<build>` for
     /// one side of an A/B run.
     pub fn label(&self) -> String {
