@@ -428,13 +428,13 @@ fn measure_until_decided(
     mid: Option<&Commit>,
     bad: &Commit,
 ) -> Result<(Step, Decision), BisectError> {
-    let names = StepBuilds::of(good, mid, bad);
+    let builds = StepBuilds::of(good, mid, bad);
     let mut evidence = StepEvidence::default();
     let mut attempt = 1;
     loop {
-        let run = measure(options, &names, good, mid, bad)?;
+        let run = measure(options, &builds)?;
         let judged_on = evidence.add(run, &options.cell);
-        let mut step = judge_step(&options.cell, &names, judged_on, mid, bad)?;
+        let mut step = judge_step(&options.cell, &builds, judged_on)?;
         step.sessions = evidence.sessions.clone();
         let decision = decide(
             step.versus_good.verdict,
@@ -502,46 +502,43 @@ fn build_name(role: &str, commit: &Commit) -> String {
     format!("{role}-{}", commit.short())
 }
 
-/// The build names of one step's session.
-struct StepBuilds {
-    good: String,
-    mid: Option<String>,
-    bad: String,
+/// One step's commits, each with the name its build takes in the
+/// step's sessions.
+struct StepBuilds<'a> {
+    good: (&'a Commit, String),
+    mid: Option<(&'a Commit, String)>,
+    bad: (&'a Commit, String),
 }
 
-impl StepBuilds {
-    fn of(good: &Commit, mid: Option<&Commit>, bad: &Commit) -> StepBuilds {
+impl<'a> StepBuilds<'a> {
+    fn of(good: &'a Commit, mid: Option<&'a Commit>, bad: &'a Commit) -> StepBuilds<'a> {
         StepBuilds {
-            good: build_name("good", good),
-            mid: mid.map(|m| build_name("mid", m)),
-            bad: build_name("bad", bad),
+            good: (good, build_name("good", good)),
+            mid: mid.map(|m| (m, build_name("mid", m))),
+            bad: (bad, build_name("bad", bad)),
         }
     }
 }
 
 /// One A/B session of the step's builds on the target; its run.
-fn measure(
-    options: &BisectOptions,
-    names: &StepBuilds,
-    good: &Commit,
-    mid: Option<&Commit>,
-    bad: &Commit,
-) -> Result<RunData, BisectError> {
+fn measure(options: &BisectOptions, builds: &StepBuilds) -> Result<RunData, BisectError> {
     let spec = |c: &Commit| options.over.build(&c.hash);
+    let (good, good_name) = &builds.good;
+    let (bad, bad_name) = &builds.bad;
     let mut session = options.session.clone();
-    session.build = names.good.clone();
+    session.build = good_name.clone();
     session.defined_builds = [
-        (names.good.clone(), spec(good)),
-        (names.bad.clone(), spec(bad)),
+        (good_name.clone(), spec(good)),
+        (bad_name.clone(), spec(bad)),
     ]
     .into_iter()
     .collect();
     session.versus = Vec::new();
-    if let (Some(name), Some(m)) = (&names.mid, mid) {
-        session.defined_builds.insert(name.clone(), spec(m));
+    if let Some((mid, name)) = &builds.mid {
+        session.defined_builds.insert(name.clone(), spec(mid));
         session.versus.push(name.clone());
     }
-    session.versus.push(names.bad.clone());
+    session.versus.push(bad_name.clone());
     session.only_cells = vec![options.cell.clone()];
     let report = run_bench(&session)?;
     Ok(RunData::load(&report.run_dir)?)
@@ -549,13 +546,7 @@ fn measure(
 
 /// The step's verdicts from its evidence (one session's run, or several
 /// pooled).
-fn judge_step(
-    cell: &str,
-    names: &StepBuilds,
-    run: &RunData,
-    mid: Option<&Commit>,
-    bad: &Commit,
-) -> Result<Step, BisectError> {
+fn judge_step(cell: &str, builds: &StepBuilds, run: &RunData) -> Result<Step, BisectError> {
     let judge = |base: &str, new: &str| -> Result<Judged, BisectError> {
         let comparison = compare(
             &run.build_side(base)?,
@@ -582,13 +573,14 @@ fn judge_step(
             },
         })
     };
-    let (commit, versus_good, bad_versus_it) = match (&names.mid, mid) {
-        (Some(name), Some(m)) => (
-            m.clone(),
-            judge(&names.good, name)?,
-            Some(judge(name, &names.bad)?),
+    let ((bad, bad_name), good_name) = (&builds.bad, &builds.good.1);
+    let (commit, versus_good, bad_versus_it) = match &builds.mid {
+        Some((mid, name)) => (
+            (*mid).clone(),
+            judge(good_name, name)?,
+            Some(judge(name, bad_name)?),
         ),
-        _ => (bad.clone(), judge(&names.good, &names.bad)?, None),
+        None => ((*bad).clone(), judge(good_name, bad_name)?, None),
     };
     Ok(Step {
         commit,
@@ -685,8 +677,8 @@ mod tests {
 
     fn decision_on(run: &RunData) -> Decision {
         let (good, mid, bad) = (commit("good"), commit("mid"), commit("bad"));
-        let names = StepBuilds::of(&good, Some(&mid), &bad);
-        let step = judge_step(CELL, &names, run, Some(&mid), &bad).unwrap();
+        let builds = StepBuilds::of(&good, Some(&mid), &bad);
+        let step = judge_step(CELL, &builds, run).unwrap();
         eprintln!(
             "{}: against good {} {}; bad against it {:?}",
             run.manifest.run_id,
@@ -750,8 +742,8 @@ mod tests {
         let mut rng = wire::stats::SeededRng::new(7);
         let (mut false_alarms, mut good, mut same_pooled, mut same_alone) = (0, 0, 0, 0);
         let steps = 200;
-        let (mid, bad) = (commit("mid"), commit("bad"));
-        let names = StepBuilds::of(&commit("good"), Some(&mid), &bad);
+        let ends = (commit("good"), commit("mid"), commit("bad"));
+        let builds = StepBuilds::of(&ends.0, Some(&ends.1), &ends.2);
         for step in 0..steps {
             let mut pooled: Option<RunData> = None;
             for s in 0..3 {
@@ -769,7 +761,7 @@ mod tests {
                 match pooled.as_mut() {
                     Some(p) => p.pool(&run),
                     None => {
-                        let alone = judge_step(CELL, &names, &run, Some(&mid), &bad).unwrap();
+                        let alone = judge_step(CELL, &builds, &run).unwrap();
                         if alone.versus_good.verdict == Verdict::Same {
                             same_alone += 1;
                         }
@@ -778,7 +770,7 @@ mod tests {
                 }
             }
             let run = pooled.unwrap();
-            let step = judge_step(CELL, &names, &run, Some(&mid), &bad).unwrap();
+            let step = judge_step(CELL, &builds, &run).unwrap();
             match step.versus_good.verdict {
                 Verdict::Regressed => false_alarms += 1,
                 Verdict::Same => same_pooled += 1,
